@@ -1,0 +1,1 @@
+"""The selective KD objective (SPEC §2)."""

@@ -1,0 +1,104 @@
+"""The selective objective of SPEC §2, dense flow (the reference every faster flow must equal).
+
+    l(t) = lam * T^2 * D_C(p_t, q_t) + (1 - lam) * CE(x_{t+1}, q_t)
+    L_i  = sum_t m_t w_t l(t) / sum_t m_t
+    L    = sum_i s_i L_i / sum_i s_i        (or, with batch_tokens, over all selected positions)
+
+The step returns the loss *sum* and the weight it is normalized by, so the trainer can divide the
+accumulated gradients once per optimizer step: the loss of an effective batch then does not depend
+on how it was split into micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sekd.selection import signals as S
+from sekd.selection.policies import Draws
+
+IGNORE = -100
+
+
+@dataclass
+class Selector:
+    """The position axis and criterion of one run, built once from config."""
+
+    signal: S.Signal | None
+    policy: Callable[..., Draws]
+    criterion: Callable[..., Tensor]
+    signal_normalization: str = "sum"
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_teacher_everywhere(self) -> bool:
+        return self.signal is not None and self.signal.needs_teacher
+
+
+@dataclass
+class StepOut:
+    loss_sum: Tensor  # sum_i s_i L_i (or sum of selected l(t) for batch_tokens), with grad
+    weight: float  # what loss_sum is normalized by over the effective batch
+    draws: Draws
+    u: Tensor | None  # [B,T] scores, -inf where invalid
+    metrics: dict[str, float]
+
+
+def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
+    """CE(x_{t+1}, q_t) = -log q_t(x_{t+1}).  [N,V],[N] -> [N]"""
+    return F.cross_entropy(s_logits.float(), targets, reduction="none")
+
+
+def selective_kd_loss(
+    s_logits: Tensor,
+    t_logits: Tensor | None,
+    labels: Tensor,
+    sel: Selector,
+    *,
+    lam: float,
+    temperature: float,
+    normalization: str = "per_sequence",
+    generator: torch.Generator | None = None,
+    step: int = 0,
+) -> StepOut:
+    valid = labels != IGNORE  # valid(t)                                  [B,T]
+    B, T = labels.shape
+    u = None
+    if sel.signal is not None:
+        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid,
+                    generator=generator, normalization=sel.signal_normalization)  # u(t)  [B,T]
+    draws = sel.policy(u if u is not None else torch.zeros(B, T, device=labels.device), valid,
+                       generator=generator, step=step)  # m_t, w_t as draws [B,K]
+    mw = draws.dense(T)  # m_t * w_t                                       [B,T]
+
+    rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
+    s_sel, y_sel = s_logits[rows, cols], labels[rows, cols]  #                 [N,V], [N]
+    ell = torch.zeros_like(y_sel, dtype=torch.float32)
+    if lam > 0:
+        if t_logits is None:
+            raise ValueError("lam > 0 needs teacher logits")
+        u_sel = u[rows, cols] if u is not None else None
+        D = sel.criterion(s_sel, t_logits[rows, cols], y_sel, temperature=temperature, row=rows, u=u_sel)
+        ell = ell + lam * temperature**2 * D
+    if lam < 1:
+        ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
+
+    per_row = torch.zeros(B, dtype=ell.dtype, device=ell.device).index_add(0, rows, mw[rows, cols] * ell)
+    n_sel = draws.count().to(ell.device)  # sum_t m_t                      [B]
+    s_i = (n_sel > 0).to(ell.dtype)  # rows with no valid target carry no weight
+    if normalization == "per_sequence":
+        L_i = per_row / n_sel.clamp_min(1)  #                                [B]
+        loss_sum, weight = (s_i * L_i).sum(), float(s_i.sum())
+    elif normalization == "batch_tokens":
+        loss_sum, weight = per_row.sum(), float(n_sel.sum())
+    else:
+        raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
+
+    metrics = {
+        "positions_valid": float(valid.sum()),
+        "positions_selected": float(n_sel.sum()),
+    }
+    return StepOut(loss_sum, weight, draws, u, metrics)
