@@ -10,8 +10,9 @@ class RegistryError(ValueError):
 
 
 class Registry:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, call_time: tuple[str, ...] = ()):
         self.kind = kind
+        self.call_time = set(call_time)  # keywords supplied at call time, not options
         self._entries: dict[str, Callable] = {}
 
     def register(self, name: str) -> Callable[[Callable], Callable]:
@@ -22,6 +23,15 @@ class Registry:
             return fn
 
         return add
+
+    def options(self, name: str) -> list[str]:
+        """The option names `build` accepts for this entry."""
+        fn = self.get(name)
+        params = inspect.signature(fn).parameters
+        kinds = (inspect.Parameter.KEYWORD_ONLY,)
+        if inspect.isclass(fn):
+            kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [n for n, p in params.items() if p.kind in kinds and n not in self.call_time]
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -39,11 +49,11 @@ class Registry:
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], key: str | None = None) -> None:
         """Fail at start-up, not at step ten thousand, when a keyword does not exist."""
-        sig = inspect.signature(self.get(name))
-        params = sig.parameters
+        fn = self.get(name)
+        params = inspect.signature(fn).parameters
         if any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return
-        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        allowed = self.options(name)
         for kw in kwargs:
             if kw not in allowed:
                 where = f"{key}.{kw}" if key else kw

@@ -37,6 +37,14 @@ class Selector:
     def needs_teacher_everywhere(self) -> bool:
         return self.signal is not None and self.signal.needs_teacher
 
+    def state_dict(self) -> dict[str, Any]:
+        """Training state of a stateful policy (GLS's queue); {} for stateless ones."""
+        return {"policy": self.policy.state_dict()} if hasattr(self.policy, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+
 
 @dataclass
 class StepOut:
@@ -47,9 +55,14 @@ class StepOut:
     metrics: dict[str, float]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Losses in at least float32 (float64 stays float64, for the reference tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
     """CE(x_{t+1}, q_t) = -log q_t(x_{t+1}).  [N,V],[N] -> [N]"""
-    return F.cross_entropy(s_logits.float(), targets, reduction="none")
+    return F.cross_entropy(upcast(s_logits), targets, reduction="none")
 
 
 def selective_kd_loss(
@@ -68,15 +81,15 @@ def selective_kd_loss(
     B, T = labels.shape
     u = None
     if sel.signal is not None:
-        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid,
-                    generator=generator, normalization=sel.signal_normalization)  # u(t)  [B,T]
+        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator,
+                    normalization=sel.signal_normalization, temperature=temperature)  # u(t)  [B,T]
     draws = sel.policy(u if u is not None else torch.zeros(B, T, device=labels.device), valid,
                        generator=generator, step=step)  # m_t, w_t as draws [B,K]
     mw = draws.dense(T)  # m_t * w_t                                       [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     s_sel, y_sel = s_logits[rows, cols], labels[rows, cols]  #                 [N,V], [N]
-    ell = torch.zeros_like(y_sel, dtype=torch.float32)
+    ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
     if lam > 0:
         if t_logits is None:
             raise ValueError("lam > 0 needs teacher logits")

@@ -2,12 +2,17 @@
 
 A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
 selected positions in draw order with one weight each (repeats allowed for sampling policies).
-All take keyword options bound at build time, plus `generator` and `step` at call time.
+All take keyword options bound at build time (k, Q, S, tau, coverage), plus `generator` and `step`
+at call time. A policy with state (GLS's queue) is a class with `state_dict`/`load_state_dict`.
+All randomness comes from the passed CPU `generator`; no global RNG.
+
+The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,9 +46,29 @@ class Draws:
         K = int(m.sum(-1).max().item()) if m.numel() else 0
         key = torch.arange(T, device=m.device).expand(B, T).float() if order is None else order.float()
         key = key.masked_fill(~m, float("inf"))
-        index = key.argsort(-1, stable=True)[:, :K]
+        index = key.argsort(dim=-1, stable=True)[:, :K]
         mask = torch.gather(m, 1, index)
         return Draws(index, torch.ones(B, K, device=m.device), mask)
+
+    @staticmethod
+    def cat(a: "Draws", b: "Draws") -> "Draws":
+        """a's draws then b's, per sequence, packed to the left (padding at the end).  [B,Ka+Kb]"""
+        index = torch.cat([a.index, b.index], 1)
+        weight = torch.cat([a.weight, b.weight.to(a.weight.dtype)], 1)
+        mask = torch.cat([a.mask, b.mask], 1)
+        K = int(mask.sum(-1).max().item()) if mask.numel() else 0
+        order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[:, :K]
+        return Draws(index.gather(1, order), weight.gather(1, order), mask.gather(1, order))
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def check_k(k: float) -> float:
+    """Budget k in (0, 1]."""
+    if not 0.0 < float(k) <= 1.0:
+        raise ValueError(f"policy budget k={k!r}; must be in (0, 1]")
+    return float(k)
 
 
 def n_select(valid: Tensor, k: float) -> Tensor:
@@ -55,8 +80,28 @@ def n_select(valid: Tensor, k: float) -> Tensor:
 
 def rank_desc(u: Tensor) -> Tensor:
     """Rank of each position by descending u, ties broken by lower position.  [B,T] -> [B,T]"""
-    order = u.argsort(-1, descending=True, stable=True)
+    order = u.argsort(dim=-1, descending=True, stable=True)
     return order.argsort(-1)
+
+
+def masked_rank(u: Tensor, valid: Tensor) -> Tensor:
+    """rank_desc with every valid position ahead of every invalid one.  [B,T] -> [B,T]"""
+    return rank_desc(u.float().masked_fill(~valid, float("-inf")))
+
+
+def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
+    """u on valid positions, 0 elsewhere; float round-off below 0 clamped, real negatives an error.  [B,T]"""
+    x = u.double().masked_fill(~valid, 0.0)
+    tol = 1e-5 * max(1.0, float(x.abs().max())) if x.numel() else 0.0
+    if bool((x < -tol).any()):
+        raise ValueError(
+            f"policy {who!r} samples positions with q(t) proportional to u(t), so u must be >= 0; "
+            f"got min u = {float(x.min()):.4g}. Use a non-negative signal (or normalization=minmax, not zscore)."
+        )
+    return x.clamp_min(0.0)
+
+
+# ---- deterministic policies -----------------------------------------------------------------
 
 
 @POLICIES.register("all")
@@ -67,9 +112,9 @@ def all_positions(u: Tensor, valid: Tensor, *, generator=None, step: int = 0) ->
 
 @POLICIES.register("top_k")
 def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
-    """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence."""
-    rank = rank_desc(u)
-    m = (rank < n_select(valid, k).unsqueeze(-1)) & valid
+    """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
+    rank = masked_rank(u, valid)
+    m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
     return Draws.from_mask(m, order=rank)
 
 
@@ -78,8 +123,157 @@ def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step
     """ceil(k * n_valid) valid positions uniformly without replacement."""
     noise = torch.rand(valid.shape, generator=generator).to(valid.device).masked_fill(~valid, -1.0)
     rank = rank_desc(noise)
-    m = (rank < n_select(valid, k).unsqueeze(-1)) & valid
+    m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
     return Draws.from_mask(m, order=rank)
+
+
+@POLICIES.register("curriculum")
+def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=None, step: int = 0) -> Draws:
+    """pi = min(1, step / S); the n_sel positions at ascending-u ranks [floor((n_valid - n_sel) pi), +n_sel).
+
+    Ascending order is the exact reverse of top_k's descending order, so pi = 1 gives top_k's draws.
+    """
+    if S <= 0:
+        raise ValueError(f"curriculum S={S!r}; must be > 0")
+    pi = min(1.0, max(0.0, step / S))
+    rank = masked_rank(u, valid)  # descending, ties by lower position        [B,T]
+    n_valid = valid.sum(-1, keepdim=True)  #                                     [B,1]
+    n_sel = n_select(valid, check_k(k)).unsqueeze(-1)  #                          [B,1]
+    asc = n_valid - 1 - rank  # ascending rank of valid positions               [B,T]
+    start = torch.floor((n_valid - n_sel).double() * pi + 1e-9).long()  #        [B,1]
+    m = (asc >= start) & (asc < start + n_sel) & valid
+    return Draws.from_mask(m, order=rank)
+
+
+@POLICIES.register("gls")
+class GLS:
+    """Global-level selection: m_t = 1[u(t) >= tau], tau = the (1 - k) quantile of a FIFO queue of the
+    last Q valid scores (numpy's default 'linear' quantile).
+
+    Order: threshold first, then enqueue. The batch is judged against the scores of earlier batches
+    only, so it never sets its own threshold; while the queue is empty (the first batch, or until a
+    batch with a valid position arrives) GLS falls back to top_k. A sequence may get no position.
+    """
+
+    def __init__(self, *, k: float, Q: int = 30_000):
+        if int(Q) < 1:
+            raise ValueError(f"gls Q={Q!r}; must be >= 1")
+        self.k = check_k(k)
+        self.Q = int(Q)
+        self.queue = torch.empty(0, dtype=torch.float32)  # last Q valid scores, oldest first
+
+    def threshold(self) -> float:
+        """tau = quantile(queue, 1 - k), or -inf while the queue is empty."""
+        if self.queue.numel() == 0:
+            return float("-inf")
+        return float(torch.quantile(self.queue.double(), 1.0 - self.k, interpolation="linear"))
+
+    def push(self, scores: Tensor) -> None:
+        """Append scores [N] (in position order) and keep the last Q."""
+        q = torch.cat([self.queue, scores.detach().float().cpu().reshape(-1)])
+        self.queue = q[-self.Q:].clone()
+
+    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
+        rank = masked_rank(u, valid)
+        if self.queue.numel() == 0:
+            draws = top_k(u, valid, k=self.k)
+        else:
+            m = (u.double() >= self.threshold()) & valid
+            draws = Draws.from_mask(m, order=rank)
+        self.push(u[valid])
+        return draws
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue.clone(), "k": self.k, "Q": self.Q}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["Q"]) != self.Q:
+            raise ValueError(f"gls checkpoint has Q={state['Q']}, this run Q={self.Q}")
+        self.queue = state["queue"].detach().float().cpu()[-self.Q:].clone()
+
+
+# ---- sampling policies (Pos RS-KD) ----------------------------------------------------------
+
+
+def _sample(w: Tensor, n: Tensor, generator) -> tuple[Tensor, Tensor]:
+    """n_i draws i.i.d. with replacement from q ∝ w of row i (rows with n_i = 0 may have w = 0).
+    w [B,T] >= 0, n [B] -> index [B,K], mask [B,K]"""
+    B, T = w.shape
+    K = int(n.max().item()) if n.numel() else 0
+    if K == 0 or T == 0:
+        z = torch.zeros(B, 0, dtype=torch.long, device=w.device)
+        return z, z.bool()
+    probs = w.detach().double().cpu()
+    probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, torch.ones_like(probs))  # empty rows
+    index = torch.multinomial(probs, K, replacement=True, generator=generator).to(w.device)
+    mask = torch.arange(K, device=w.device).unsqueeze(0) < n.unsqueeze(-1)
+    return index, mask
+
+
+def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> Draws:
+    """Shared body of pos_rs / pos_rs_star; see their docstrings."""
+    check_k(k)
+    if tau <= 0:
+        raise ValueError(f"{who} tau={tau!r}; must be > 0")
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"{who} coverage={coverage!r}; must be in [0, 1]")
+    x = nonneg_scores(u, valid, who)  # u(t) >= 0, 0 off valid                    [B,T]
+    # w(t) = u(t)^(1/tau), scaled by the row max (q is scale-free); all-zero rows -> uniform over valid
+    logw = torch.log(x) / tau
+    logw = logw - logw.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    w = logw.exp().masked_fill(~valid, 0.0)
+    w = torch.where(w.sum(-1, keepdim=True) > 0, w, valid.double())  #            [B,T]
+
+    n_valid = valid.sum(-1)  #                                                      [B]
+    K = n_select(valid, k)  # draws per sequence, n_sel                             [B]
+    n_cov = torch.minimum(torch.floor(K.double() * coverage + 1e-9).long(), (K - 1).clamp_min(0))
+    rank = masked_rank(x.float(), valid)
+    D = (rank < n_cov.unsqueeze(-1)) & valid  # deterministic top-u part            [B,T]
+    R = valid & ~D  # the rest, sampled                                              [B,T]
+    wR = w.masked_fill(~R, 0.0)
+    W, W_R = w.sum(-1), wR.sum(-1)  #                                               [B]
+    n_s = K - n_cov  # sampled draws, >= 1 when n_valid >= 1                         [B]
+
+    qR = torch.where(W_R.unsqueeze(-1) > 0, wR, R.double())  # all-zero R: uniform on R  [B,T]
+    qR = qR / qR.sum(-1, keepdim=True).clamp_min(1e-300)  # q_R(t)                  [B,T]
+    index, mask = _sample(qR, n_s, generator)  #                                    [B,Ks]
+    q_R = qR.gather(1, index)  # q_R(t_j)                                           [B,Ks]
+    Kf, nv, ns = K.double().unsqueeze(-1), n_valid.double().unsqueeze(-1), n_s.double().clamp_min(1).unsqueeze(-1)
+    if star:  # unbiased for mean_t l(t): D exactly, R by importance weights
+        w_D = (Kf / nv.clamp_min(1)).expand_as(D).double()
+        w_s = Kf / (ns * nv.clamp_min(1) * q_R.clamp_min(1e-300))
+    else:  # unbiased for sum_t w(t) l(t) / sum_t w(t)
+        w_D = Kf * w / W.clamp_min(1e-300).unsqueeze(-1)
+        w_s = (Kf * (W_R / W.clamp_min(1e-300)).unsqueeze(-1) / ns).expand_as(q_R)
+    det = Draws.from_mask(D, order=rank)
+    det.weight = w_D.gather(1, det.index).float()
+    sampled = Draws(index, torch.where(mask, w_s, torch.zeros_like(w_s)).float(), mask)
+    return Draws.cat(det, sampled)
+
+
+@POLICIES.register("pos_rs")
+def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
+           generator=None, step: int = 0) -> Draws:
+    """Pos RS-KD: K = n_sel draws i.i.d. from q(t) = w(t) / sum_j w(j), w = u^(1/tau); weight 1 each.
+
+    E[L_i] = sum_t w(t) l(t) / sum_t w(t): weighted KD (tau = 1: w = u). With `coverage` c, the
+    floor(c * K) positions of largest u (at most K - 1) are taken once with weight K w(t)/W, and the
+    rest of the draws come from q restricted to the other positions R with weight K (W_R/W) / n_s;
+    the estimator stays unbiased for the same weighted KD. A row whose u are all 0 samples uniformly.
+    """
+    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=False, who="pos_rs")
+
+
+@POLICIES.register("pos_rs_star")
+def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
+                generator=None, step: int = 0) -> Draws:
+    """Pos RS-KD*: pos_rs's draws, each weighted 1 / (n_valid q(t)); E[L_i] = mean_t l(t) (Full KD).
+
+    Unbiased where q(t) > 0 on every valid position (u > 0; tau does not change the support). With
+    `coverage` c the top floor(c * K) positions get weight K / n_valid and each of the n_s sampled
+    draws K / (n_s n_valid q_R(t)), which keeps the estimator unbiased for Full KD.
+    """
+    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=True, who="pos_rs_star")
 
 
 def budget_fraction(k: float) -> str:

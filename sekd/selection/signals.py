@@ -1,8 +1,11 @@
 """Importance signals u(t) (SPEC §4): per-position scores, computed without gradient in float32.
 
-Each signal maps flat positions to scores: (s_logits [N,V], t_logits [N,V] | None, targets [N]) -> [N].
+Each signal is a sum of terms; a term maps flat positions to scores:
+(s_logits [N,V], t_logits [N,V] | None, targets [N], *, temperature) -> [N].
 Working on flat positions keeps them chunk-friendly; `score` lays them back on [B,T] with
 invalid positions at -inf, and applies the optional per-sequence normalization of combined signals.
+
+Entropies use the raw logits (T = 1); divergences and cross-entropies use the KD temperature T.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import Tensor
 from sekd.registry import Registry
 
 SIGNALS = Registry("signal")
+CE_RATIO_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -33,19 +37,84 @@ def signal(name: str, *terms: Callable[..., Tensor], needs_teacher: bool, random
     return sig
 
 
+# ---- per-row quantities ---------------------------------------------------------------------
+
+
 def entropy(logits: Tensor) -> Tensor:
     """H(softmax(z)) per row.  [N,V] -> [N]"""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-def student_entropy_term(s: Tensor, t: Tensor | None, y: Tensor) -> Tensor:
-    """H(q_t)"""
+def cross_entropy(logits: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
+    """-log softmax(z / T)[y] per row.  [N,V],[N] -> [N]"""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -logp.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+
+
+def kl_div(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p || q) = sum_v p (log p - log q), p = softmax(z_p / T), q = softmax(z_q / T).  [N,V] -> [N]"""
+    logp = torch.log_softmax(p_logits.float() / temperature, dim=-1)
+    logq = torch.log_softmax(q_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _teacher(t: Tensor | None) -> Tensor:
+    if t is None:
+        raise ValueError("this signal term needs teacher logits")
+    return t
+
+
+# ---- terms: (s, t, y, *, temperature) -> [N] ------------------------------------------------
+
+
+def student_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """H(q_t), raw logits (T = 1)."""
     return entropy(s)
 
 
+def teacher_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """H(p_t), raw logits (T = 1)."""
+    return entropy(_teacher(t))
+
+
+def student_ce_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """CE_s = -log q_t(x_{t+1}) at temperature T."""
+    return cross_entropy(s, y, temperature)
+
+
+def teacher_ce_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """CE_t = -log p_t(x_{t+1}) at temperature T."""
+    return cross_entropy(_teacher(t), y, temperature)
+
+
+def kl_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """KL(p_t || q_t) at temperature T."""
+    return kl_div(_teacher(t), s, temperature)
+
+
+def reverse_kl_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """KL(q_t || p_t) at temperature T."""
+    return kl_div(s, _teacher(t), temperature)
+
+
+def ce_ratio_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """CE_s / (CE_t + 1e-6) at temperature T."""
+    return cross_entropy(s, y, temperature) / (cross_entropy(_teacher(t), y, temperature) + CE_RATIO_EPS)
+
+
 signal("student_entropy", student_entropy_term, needs_teacher=False)
+signal("teacher_entropy", teacher_entropy_term, needs_teacher=True)
+signal("student_ce", student_ce_term, needs_teacher=False)
+signal("teacher_ce", teacher_ce_term, needs_teacher=True)
+signal("kl", kl_term, needs_teacher=True)
+signal("reverse_kl", reverse_kl_term, needs_teacher=True)
+signal("kl_plus_student_entropy", kl_term, student_entropy_term, needs_teacher=True)
+signal("ce_ratio", ce_ratio_term, needs_teacher=True)
+signal("ce_ratio_plus_student_entropy", ce_ratio_term, student_entropy_term, needs_teacher=True)
 signal("random", needs_teacher=False, random=True)
+
+# ---- laying scores on [B,T] -----------------------------------------------------------------
 
 NORMALIZATIONS = ("sum", "zscore", "minmax")
 
@@ -60,9 +129,21 @@ def _normalize(x: Tensor, valid: Tensor, how: str) -> Tensor:
         mean = xv.sum(-1, keepdim=True) / n
         var = ((x - mean).masked_fill(~valid, 0.0) ** 2).sum(-1, keepdim=True) / n
         return (x - mean) / var.sqrt().clamp_min(1e-6)
-    lo = x.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
-    hi = x.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-6)
+    if how == "minmax":
+        lo = x.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+        hi = x.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-6)
+    raise ValueError(f"signal normalization {how!r}; allowed: {', '.join(NORMALIZATIONS)}")
+
+
+@torch.no_grad()
+def score_terms(sig: Signal, s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Each term of u on flat positions, float32.  [N,V],[N,V]|None,[N] -> [n_terms,N]"""
+    if sig.random:
+        raise ValueError(f"signal {sig.name!r} draws its scores; use `score`")
+    if sig.needs_teacher and t is None:
+        raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
+    return torch.stack([term(s, t, y, temperature=temperature).float() for term in sig.terms])
 
 
 @torch.no_grad()
@@ -75,21 +156,24 @@ def score(
     *,
     generator: torch.Generator | None = None,
     normalization: str = "sum",
+    temperature: float = 1.0,
 ) -> Tensor:
-    """u(t) on [B,T] (-inf where not valid) from dense logits [B,T,V]."""
+    """u(t) on [B,T] (-inf where not valid) from dense logits [B,T,V]; terms summed after normalization."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"signal normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
     if sig.needs_teacher and t_logits is None:
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     B, T = labels.shape
     if sig.random:
         u = torch.rand(B, T, generator=generator, device="cpu").to(labels.device)
         return u.masked_fill(~valid, float("-inf"))
-    rows, cols = valid.nonzero(as_tuple=True)
+    rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions            [N]
     y = labels[rows, cols]
-    s = s_logits[rows, cols].float()
-    t = t_logits[rows, cols].float() if t_logits is not None else None
+    s = s_logits[rows, cols]
+    t = t_logits[rows, cols] if t_logits is not None else None
     u = torch.zeros(B, T, dtype=torch.float32, device=labels.device)
-    for term in sig.terms:
+    for term in score_terms(sig, s, t, y, temperature=temperature):  # [N] each
         x = torch.zeros(B, T, dtype=torch.float32, device=labels.device)
-        x[rows, cols] = term(s, t, y).float()
+        x[rows, cols] = term
         u = u + _normalize(x, valid, normalization)
     return u.masked_fill(~valid, float("-inf"))

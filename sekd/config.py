@@ -1,0 +1,209 @@
+"""Validate the composed Hydra config once, at the entry point, before anything heavy happens.
+
+Validators raise `ConfigError` with one line naming the key and the allowed values; they never edit
+the config. The rest of the program reads plain values from the (read-only) DictConfig.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sekd.registry import RegistryError
+
+MODES = ("distill", "score_student", "score_teacher")
+
+# Keys each group may hold; anything else is a typo and fails with the key's name.
+SCHEMA: dict[str, set[str]] = {
+    "": {"defaults", "preset", "label", "mode", "seed", "force", "paths", "model", "data", "position",
+         "classes", "samples", "criterion", "train", "eval", "logging", "hydra", "experiment"},
+    "paths": {"root", "cache"},
+    "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded"},
+    "position": {"signal", "policy", "k", "normalization", "options"},
+    "classes": {"name"},
+    "samples": {"name", "l"},
+    "criterion": {"name", "options"},
+    "train": {"steps", "epochs", "micro_batch_size", "grad_accum", "optimizer", "lr", "weight_decay",
+              "betas", "lr_schedule", "warmup_steps", "max_grad_norm", "lam", "temperature",
+              "normalization", "precision", "device", "threads", "ckpt_every", "log_every",
+              "trace_selection_steps"},
+    "eval": {"suite", "split", "batch_size", "limit", "device"},
+    "logging": {"wandb", "project", "entity", "group"},
+}
+
+# Keys that do not change a run's result: left out of the config hash that names its folder.
+UNHASHED = ("paths", "logging", "force", "hydra", "train.device", "train.threads", "train.log_every",
+            "eval.batch_size", "eval.device", "label")
+
+
+class ConfigError(ValueError):
+    """One line: the offending key, what it holds, what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed: Any) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: Any, *, zero_ok: bool = False, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {'an integer' if integer else 'a number'} {bound}")
+
+
+def _fraction(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1]")
+
+
+def _known_keys(cfg: DictConfig) -> None:
+    for group, allowed in SCHEMA.items():
+        node = cfg if not group else cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            if key not in allowed and not (group == "" and key == "hydra"):
+                where = f"{group}.{key}" if group else str(key)
+                raise ConfigError(f"unknown key {where!r}; allowed in {group or 'the top level'}: "
+                                  f"{', '.join(sorted(allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that needs no model: keys, names, ranges, files. Raises ConfigError."""
+    from sekd.data.sources import SOURCES, check_source
+    from sekd.evaluation.suites import SUITES
+    from sekd.selection.criteria import CRITERIA
+    from sekd.selection.policies import POLICIES
+    from sekd.selection.signals import NORMALIZATIONS, SIGNALS
+
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} is required (set it on the command line: {key}=...)")
+    _known_keys(cfg)
+    _choice("mode", cfg.mode, MODES)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+
+    m = cfg.model
+    _choice("model.source", m.source, ("embedded", "pretrained"))
+    if m.source == "pretrained":
+        for who in ("teacher", "student"):
+            if not m.get(who):
+                raise ConfigError(f"model.{who} is required for model.source=pretrained (a hub name or a folder)")
+    elif not m.get("embedded"):
+        raise ConfigError("model.embedded is required for model.source=embedded")
+
+    d = cfg.data
+    _choice("data.name", d.name, SOURCES.names())
+    _positive("data.seq_len", d.seq_len, integer=True)
+    if d.token_budget is not None:
+        _positive("data.token_budget", d.token_budget, integer=True)
+    try:
+        check_source(d.name, source_options(cfg))
+    except (RegistryError, FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+    p = cfg.position
+    if p.signal is not None:
+        _choice("position.signal", p.signal, SIGNALS.names())
+    _choice("position.policy", p.policy, POLICIES.names())
+    _fraction("position.k", p.k)
+    _choice("position.normalization", p.normalization, NORMALIZATIONS)
+    try:
+        POLICIES.check_kwargs(p.policy, policy_options(cfg), key="position.options")
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
+    if p.policy != "all" and p.signal is None:
+        raise ConfigError(f"position.signal is required for position.policy={p.policy}")
+
+    _choice("classes.name", cfg.classes.name, ("full",))
+    _choice("samples.name", cfg.samples.name, ("all",))
+    _fraction("samples.l", cfg.samples.l)
+    _choice("criterion.name", cfg.criterion.name, CRITERIA.names())
+    try:
+        CRITERIA.check_kwargs(cfg.criterion.name, dict(cfg.criterion.options or {}), key="criterion.options")
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
+
+    t = cfg.train
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.micro_batch_size", t.micro_batch_size, integer=True)
+    _positive("train.grad_accum", t.grad_accum, integer=True)
+    if t.steps is not None:
+        _positive("train.steps", t.steps, integer=True)
+    _positive("train.epochs", t.epochs, integer=True)
+    _choice("train.optimizer", t.optimizer, ("adamw", "adam8bit"))
+    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True, integer=True)
+    if t.max_grad_norm is not None:
+        _positive("train.max_grad_norm", t.max_grad_norm)
+    if not isinstance(t.lam, (int, float)) or not 0 <= t.lam <= 1:
+        raise ConfigError(f"train.lam={t.lam!r} must be in [0, 1]")
+    _positive("train.temperature", t.temperature)
+    _choice("train.normalization", t.normalization, ("per_sequence", "batch_tokens"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _positive("train.ckpt_every", t.ckpt_every, zero_ok=True, integer=True)
+    _positive("train.log_every", t.log_every, integer=True)
+    _positive("train.trace_selection_steps", t.trace_selection_steps, zero_ok=True, integer=True)
+    if t.threads is not None:
+        _positive("train.threads", t.threads, integer=True)
+
+    e = cfg.eval
+    _choice("eval.suite", e.suite, [*SUITES, "none"])
+    _choice("eval.split", e.split, ("test", "validation"))
+    _positive("eval.batch_size", e.batch_size, integer=True)
+    if e.limit is not None:
+        _positive("eval.limit", e.limit, integer=True)
+    _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
+
+
+def source_options(cfg: DictConfig) -> dict[str, Any]:
+    """The data group's keys that belong to its source (everything but name, seq_len, budget)."""
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    return {k: v for k, v in d.items() if k not in ("name", "seq_len", "token_budget")}
+
+
+def policy_options(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword options for the position policy: k (where it takes one) plus position.options."""
+    from sekd.selection.policies import POLICIES
+
+    opts = dict(OmegaConf.to_container(cfg.position.options, resolve=True) or {})
+    if "k" in POLICIES.options(cfg.position.policy) and "k" not in opts:
+        opts["k"] = float(cfg.position.k)
+    return opts
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.get(p) or {}
+    tree.pop(leaf, None)
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain data, without Hydra's own node."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree.pop("hydra", None)
+    return tree
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus the keys that cannot change the result."""
+    tree = resolved(cfg)
+    for key in UNHASHED:
+        _drop(tree, key)
+    blob = json.dumps(tree, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{config_hash(cfg)}"

@@ -1,0 +1,140 @@
+"""Build packed datasets from a source and a tokenizer, cached on disk; and the deterministic batch order.
+
+Cache layout: `<cache_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
+fields hashed into `key`, for humans) and `<same>.pt.lock` (filelock). `key` hashes the source name
+and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
+split and FORMAT; change any and the cache misses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from sekd.data import packing
+from sekd.data.packing import PackedData, pack_documents
+from sekd.data.sources import SOURCES, DataError, check_source, source_signature
+
+TOKENIZE_BATCH = 256  # documents per tokenizer call; a streamed source is read at most this far past the budget
+
+
+def tokenizer_signature(tokenizer: Any) -> str:
+    """16 hex chars of sha256 over the tokenizer's full json (vocab, merges, normalizer, specials) + eos id."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: the vocabulary is the best we have
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(f"eos={tokenizer.eos_token_id}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_fields(
+    source: str, split: str, tokenizer: Any, *, seq_len: int, token_budget: int | None, source_opts: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything the packed result depends on (hashed into the cache key)."""
+    return {
+        "format": packing.FORMAT,
+        "source": source,
+        "options": {k: source_opts[k] for k in sorted(source_opts)},
+        "content": source_signature(source, split, source_opts),
+        "tokenizer": tokenizer_signature(tokenizer),
+        "seq_len": seq_len,
+        "token_budget": token_budget,
+        "split": split,
+    }
+
+
+def cache_path(cache_dir: Path, fields: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{fields['source']}-{fields['split']}-{key}.pt"
+
+
+def build_packed(
+    source: str,
+    split: str,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    token_budget: int | None,
+    cache_dir: Path,
+    **source_opts: Any,
+) -> PackedData:
+    """Tokenize and pack one split of a source (SPEC §1, §10), or load it from the cache."""
+    check_source(source, source_opts)
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token; packing needs one to end each document")
+    fields = cache_fields(source, split, tokenizer, seq_len=seq_len, token_budget=token_budget, source_opts=source_opts)
+    path = cache_path(cache_dir, fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one builder per key; the others wait, then load what it wrote
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return PackedData.load(path)
+        texts = SOURCES.get(source)(split, **source_opts)
+        with tqdm(total=token_budget, unit="tok", unit_scale=True, desc=f"pack {source}/{split}", leave=False) as bar:
+            data = pack_documents(_tokenize(texts, tokenizer, bar), seq_len, tokenizer.eos_token_id, token_budget)
+        if len(data) == 0:
+            raise DataError(f"data source {source!r} split {split!r} holds fewer than {seq_len + 1} tokens")
+        data.save(path)
+        _write_json(path.with_suffix(".json"), {**fields, "n_samples": len(data)})
+    return data
+
+
+def _tokenize(texts: Iterable[str], tokenizer: Any, bar: tqdm) -> Iterator[list[int]]:
+    """Batched tokenization, lazily: the packer stops pulling once its budget is met."""
+    it = iter(texts)
+    while raw := list(islice(it, TOKENIZE_BATCH)):
+        batch = [t for t in raw if t]  # an empty document would only add a lone eos
+        if not batch:
+            continue
+        enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        for ids in enc["input_ids"]:
+            bar.update(len(ids) + 1)
+            yield ids
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def epoch_order(n: int, *, seed: int, epoch: int = 0) -> torch.Tensor:
+    """A seeded permutation of range(n), fresh per epoch, independent of the global RNG.  [n]"""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:8], "big")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
+
+
+def batches(
+    data: PackedData | int,
+    *,
+    micro_batch_size: int,
+    seed: int,
+    epoch: int = 0,
+    start: int = 0,
+    drop_last: bool = False,
+) -> Iterator[list[int]]:
+    """Index lists of micro_batch_size from epoch_order, from sample offset `start` (resume) on."""
+    n = data if isinstance(data, int) else len(data)
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if start % micro_batch_size or not 0 <= start <= n:
+        # resuming mid-batch would shift every later batch boundary
+        raise ValueError(f"start={start} must be a multiple of micro_batch_size={micro_batch_size} in [0, {n}]")
+    order = epoch_order(n, seed=seed, epoch=epoch).tolist()
+    for i in range(start, n, micro_batch_size):
+        idx = order[i : i + micro_batch_size]
+        if drop_last and len(idx) < micro_batch_size:
+            return
+        yield idx

@@ -1,0 +1,161 @@
+"""Text sources by short name: each yields the document strings of one split (train/validation/test).
+
+Options come from the `data` config group; errors name the config key (`data.train_file`) or the
+file and line, in one line. `check_source` validates options cheaply, before anything downloads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from sekd.registry import Registry
+
+SOURCES = Registry("data source")
+SPLITS = ("train", "validation", "test")
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+
+
+class DataError(ValueError):
+    """A data option or input file that cannot work; the message names the key or file:line."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+
+
+@SOURCES.register("embedded")
+def embedded(split: str) -> Iterator[str]:
+    """Python's own pydoc prose, split by document (sekd.embedded.corpus)."""
+    from sekd.embedded import corpus
+
+    _check_split(split)
+    yield from corpus.load_split(split)
+
+
+@SOURCES.register("jsonl")
+def jsonl(
+    split: str,
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    text_field: str = "text",
+) -> Iterator[str]:
+    """One document per JSON line, its text under `text_field`; one file per split."""
+    _check_split(split)
+    path = _jsonl_file(split, {"train_file": train_file, "validation_file": validation_file, "test_file": test_file})
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise DataError(f"{path}:{lineno}: record has no field {text_field!r} (data.text_field)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            yield text
+
+
+def _jsonl_file(split: str, files: dict[str, str | None]) -> Path:
+    key = f"{split}_file"
+    if not files.get(key):
+        raise DataError(f"data.{key} is not set; the jsonl source needs it for the {split} split")
+    path = Path(files[key]).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.{key}: no such file {str(path)!r}")
+    return path
+
+
+@SOURCES.register("fineweb_edu")
+def fineweb_edu(
+    split: str,
+    *,
+    path: str = FINEWEB_EDU,
+    subset: str | None = "sample-10BT",
+    text_field: str = "text",
+    heldout_fraction: float = 0.001,
+) -> Iterator[str]:
+    """FineWeb-Edu, streamed; validation/test are carved off train by a hash of each document's id."""
+    import datasets
+
+    _check_split(split)
+    ds = datasets.load_dataset(path, name=_config_name(path, subset), split="train", streaming=True)
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise DataError(f"data.text_field: {path} has no column {text_field!r}; columns: {', '.join(columns)}")
+    for record in ds:
+        text = record[text_field]
+        if heldout_split(record.get("id") or text, heldout_fraction) == split:
+            yield text
+
+
+def _config_name(path: str, subset: str | None) -> str | None:
+    """The hub's subset name; a plain local folder of parquet shards has only 'default', so use that."""
+    if subset is None or not Path(path).expanduser().is_dir():
+        return subset
+    import datasets
+
+    names = datasets.get_dataset_config_names(str(Path(path).expanduser()))
+    if subset in names:
+        return subset  # a local mirror of the hub repo, README configs included
+    if names == ["default"]:
+        return None
+    raise DataError(f"data.subset: {subset!r} is not a config of {path}; known: {', '.join(names)}")
+
+
+def heldout_split(key: str, fraction: float) -> str:
+    """train, or validation/test for the first/second half of a `fraction` of hash space."""
+    # a content hash, not stream position, so the split does not depend on shard order or budget
+    x = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # uniform in [0,1)
+    if x >= fraction:
+        return "train"
+    return "validation" if x < fraction / 2 else "test"
+
+
+def check_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
+    """Validate a source's options without reading data: unknown names, unknown keys, missing files."""
+    SOURCES.check_kwargs(name, opts, key=key)  # also raises, listing known sources, on a bad name
+    if name == "jsonl":
+        files = {k: opts.get(k) for k in ("train_file", "validation_file", "test_file")}
+        _jsonl_file("train", files)  # the train file is required
+        for split in ("validation", "test"):
+            if files[f"{split}_file"]:
+                _jsonl_file(split, files)
+    if name == "fineweb_edu":
+        frac = opts.get("heldout_fraction", 0.001)
+        if not 0 < frac < 1:
+            raise DataError(f"{key}.heldout_fraction must be in (0, 1), got {frac!r}")
+        path = str(opts.get("path", FINEWEB_EDU))
+        looks_local = path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+        if looks_local and not Path(path).expanduser().is_dir():
+            raise DataError(f"{key}.path: no such folder {path!r}")
+
+
+def source_signature(name: str, split: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the source's content for caches: corpus hash, file size+mtime, or hub name."""
+    if name == "embedded":
+        from sekd.embedded import corpus
+
+        return {"corpus": corpus.signature()}
+    if name == "jsonl":
+        return {"file": _file_sig(_jsonl_file(split, opts))}
+    if name == "fineweb_edu":
+        path = Path(str(opts.get("path", FINEWEB_EDU))).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            return {"folder": str(path.resolve()), "files": [_file_sig(p) for p in files]}
+        return {"hub": str(opts.get("path", FINEWEB_EDU)), "subset": opts.get("subset", "sample-10BT")}
+    # a new source must say what its content is, or its caches would go stale silently
+    raise DataError(f"data source {name!r} has no cache signature; add one to source_signature")
+
+
+def _file_sig(p: Path) -> list:
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]

@@ -1,0 +1,110 @@
+"""Build the embedded default: a BPE tokenizer on the train split, and a teacher and a student
+pretrained on it (the teacher bigger and longer, so KD has something real to transfer).
+
+Every artifact is cached under a key of its inputs; only the first run pays for it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sekd.embedded import corpus
+from sekd.embedded.artifacts import cached
+
+EOS = "<|endoftext|>"
+
+
+def tokenizer(cache_dir: Path, vocab_size: int) -> Path:
+    """Byte-level BPE trained on the train split, saved as a fast HF tokenizer."""
+
+    def build(out: Path) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus.load_split("train"), trainer=trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+        fast.save_pretrained(out)
+
+    inputs = {"corpus": corpus.signature(), "vocab_size": vocab_size, "model": "bpe-bytelevel"}
+    return cached(cache_dir, "tokenizer", inputs, build)
+
+
+def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        head_dim=spec["hidden_size"] // spec["heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        attention_dropout=0.0,
+        torch_dtype="float32",
+    )
+
+
+def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
+    """A tiny Qwen3 pretrained with next-token CE on the train split (cosine lr), saved with its tokenizer."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        from sekd.data.dataset import batches, build_packed
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        data = build_packed("embedded", "train", tok, seq_len=seq_len, token_budget=None, cache_dir=cache_dir / "data")
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(qwen3_config(spec, len(tok), tok.eos_token_id))
+        opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+        steps, warm = spec["steps"], max(1, spec["steps"] // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        model.train()
+        it, epoch, t0 = iter(()), 0, time.time()
+        for _ in tqdm(range(steps), desc=f"pretrain {role}", leave=False):
+            idx = next(it, None)
+            if idx is None:
+                it = iter(batches(data, micro_batch_size=spec["batch_size"], seed=seed, epoch=epoch))
+                epoch, idx = epoch + 1, next(it)
+            x, y = data.input_ids[idx], data.labels[idx]
+            logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "pretrain.txt").write_text(f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f}\n")
+
+    inputs = {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
+              "corpus": corpus.signature()}
+    return cached(cache_dir, f"model-{role}", inputs, build)
+
+
+def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
+    """(teacher folder, student folder), each holding a model and the shared tokenizer."""
+    cache_dir = Path(cache_dir)
+    tok_dir = tokenizer(cache_dir, emb["vocab_size"])
+    with torch.random.fork_rng():
+        teacher = pretrained_model(cache_dir, "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
+        student = pretrained_model(cache_dir, "student", tok_dir, emb["student"], emb["seq_len"], emb["seed"] + 1)
+    return teacher, student

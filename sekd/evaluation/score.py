@@ -1,0 +1,135 @@
+"""Score a Hugging Face checkpoint folder on a suite with lm-eval; keep the raw output, return flat metrics.
+
+Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE before the first Hugging Face import
+(the entry point's job): set later they do nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sekd.evaluation.calibration import suite_ece
+from sekd.evaluation.suites import Suite, get_suite, lm_eval_tasks
+from sekd.evaluation.tasks import build_tasks, write_atomic
+
+
+def score_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    suite: str = "embedded",
+    split: str | None = None,
+    docs: list[str] | None = None,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 16,
+    limit: int | float | None = None,
+    device: str = "cpu",
+    seed: int = 1234,
+    dtype: str = "float32",
+    bootstrap_iters: int = 1000,
+) -> dict[str, float]:
+    """Run lm-eval on `model_dir` (model + tokenizer), write out_dir/lm_eval/, return flat metrics.
+
+    split=None is the suite's own split (embedded: test). For the embedded suite, docs=None takes
+    the held-out documents of `split` from the embedded corpus.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    s = get_suite(suite, split)
+    if s.embedded:
+        if docs is None:
+            from sekd.embedded.corpus import load_split
+
+            docs = load_split(s.split)
+        built = build_tasks(docs, cache_dir, split=s.split)
+        tm = TaskManager(include_path=str(built.include_path), include_defaults=False)  # skips the 8 s index
+    elif docs is not None:
+        raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
+    else:
+        tm = TaskManager()
+    res = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
+        tasks=lm_eval_tasks(s, tm),
+        task_manager=tm,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if res is None:
+        raise RuntimeError("lm-eval returned no results (not rank 0?)")
+    write_raw(res, Path(out_dir) / "lm_eval")
+    return flatten(res, s)
+
+
+def _number(v: Any) -> float | None:
+    """A float from lm-eval's values (numpy scalars, floats); None for 'N/A' and other strings."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    return float(v)
+
+
+def _metric(results: dict, task: str, key: str) -> float:
+    if task not in results or key not in results[task]:
+        raise KeyError(f"lm-eval results have no {key!r} for task {task!r}")
+    x = _number(results[task][key])
+    if x is None:
+        raise ValueError(f"lm-eval result {task}/{key} is not a number: {results[task][key]!r}")
+    return x
+
+
+def flatten(res: dict, suite: Suite) -> dict[str, float]:
+    """lm-eval's output -> our metric names: per-task `task/metric[,filter]`, then acc, ppl, ece, ifeval, gsm8k.
+
+    acc, ece, ifeval and gsm8k are x100 (the paper's columns); per-task values are lm-eval's own.
+    """
+    results = res["results"]
+    out: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, v in metrics.items():
+            x = _number(v)
+            if "," not in key or x is None:  # alias, and 'N/A' stderrs
+                continue
+            metric, flt = key.split(",", 1)
+            out[f"{task}/{metric}" if flt == "none" else f"{task}/{key}"] = x
+    out["acc"] = 100 * float(np.mean([_metric(results, t, k) for t, k in suite.acc]))
+    if suite.ppl:
+        out["ppl"] = _metric(results, *suite.ppl)
+    if suite.multiple_choice:
+        out["ece"] = 100 * suite_ece(res["samples"], suite.multiple_choice)
+    if suite.ifeval:
+        out["ifeval"] = 100 * _metric(results, *suite.ifeval)
+    if suite.gsm8k:
+        out["gsm8k"] = 100 * _metric(results, *suite.gsm8k)
+    return out
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=str)
+    return str(o)  # callables in configs, dtypes, paths
+
+
+def write_raw(res: dict, folder: Path) -> None:
+    """lm-eval's output as it is: results.json (all but samples) and samples_<task>.jsonl; results last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, rows in res.get("samples", {}).items():
+        write_atomic(folder / f"samples_{task}.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+    rest = {k: v for k, v in res.items() if k != "samples"}
+    write_atomic(folder / "results.json", json.dumps(rest, default=_jsonable, indent=2))
+

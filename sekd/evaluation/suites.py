@@ -1,0 +1,154 @@
+"""Evaluation suites: which lm-eval tasks run, and which result fills which reported column (SPEC §11).
+
+- `embedded`: the local tasks of `tasks.py` on the held-out corpus (split test or validation).
+- `paper`: arc_easy, hellaswag, piqa (acc), lambada_openai (acc, perplexity), gsm8k (exact_match,
+  strict-match), ifeval (prompt-level strict acc). Acc. = unweighted mean of the five accuracies x100;
+  IFEval is its own column; PPL = lambada_openai perplexity.
+- `validation` (choosing k and l): arc_easy, gsm8k, hellaswag, piqa on validation data.
+  lm-eval's hellaswag and piqa already score their validation splits (the test labels are hidden),
+  so they are the same runs as in `paper`. arc_easy scores its test split by default: we derive
+  `sekd_arc_easy_validation` with no test split, so lm-eval falls back to validation. GSM8K has no
+  validation split at all: `sekd_gsm8k_validation` scores the last 500 training problems and draws
+  its few-shot examples from the other training problems.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sekd.registry import Registry
+
+Metric = tuple[str, str]  # (task name in lm-eval's results, "metric,filter" key)
+
+GSM8K_HELD_OUT = 500
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Tasks to run and the columns they give; a `derived` task is a built-in config with overrides."""
+
+    name: str
+    split: str
+    tasks: tuple[str, ...]
+    acc: tuple[Metric, ...]  # averaged, unweighted, into Acc.
+    multiple_choice: tuple[str, ...]  # ECE is averaged over these
+    ppl: Metric | None = None
+    ifeval: Metric | None = None
+    gsm8k: Metric | None = None
+    derived: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    embedded: bool = False
+
+
+SUITES = Registry("suite")
+
+
+def _check_split(name: str, split: str | None, allowed: tuple[str, ...]) -> str:
+    """None means the suite's own split (the first allowed)."""
+    if split is None:
+        return allowed[0]
+    if split not in allowed:
+        raise ValueError(f"suite {name!r} runs on split {' or '.join(map(repr, allowed))}, not {split!r}")
+    return split
+
+
+def get_suite(name: str, split: str | None = None) -> Suite:
+    """The named suite on `split` (None: the suite's own split). Unknown names raise, listing the known."""
+    return SUITES.get(name)(split)
+
+
+@SUITES.register("embedded")
+def embedded(split: str | None) -> Suite:
+    split = _check_split("embedded", split, ("test", "validation"))
+    choice, lastword = f"sekd_choice_{split}", f"sekd_lastword_{split}"
+    return Suite(
+        name="embedded",
+        split=split,
+        tasks=(choice, lastword),
+        acc=((choice, "acc,none"), (lastword, "acc,none")),
+        multiple_choice=(choice,),
+        ppl=(lastword, "perplexity,none"),
+        embedded=True,
+    )
+
+
+@SUITES.register("paper")
+def paper(split: str | None) -> Suite:
+    split = _check_split("paper", split, ("test",))
+    return Suite(
+        name="paper",
+        split=split,
+        tasks=("arc_easy", "hellaswag", "piqa", "lambada_openai", "gsm8k", "ifeval"),
+        acc=(
+            ("arc_easy", "acc,none"),
+            ("hellaswag", "acc,none"),
+            ("piqa", "acc,none"),
+            ("lambada_openai", "acc,none"),
+            ("gsm8k", "exact_match,strict-match"),
+        ),
+        multiple_choice=("arc_easy", "hellaswag", "piqa"),
+        ppl=("lambada_openai", "perplexity,none"),
+        ifeval=("ifeval", "prompt_level_strict_acc,none"),
+        gsm8k=("gsm8k", "exact_match,strict-match"),
+    )
+
+
+def gsm8k_held_out(dataset: Any) -> Any:
+    """The last GSM8K_HELD_OUT training problems: our GSM8K validation set."""
+    n = len(dataset)
+    return dataset.select(range(n - GSM8K_HELD_OUT, n))
+
+
+def gsm8k_fewshot_pool(dataset: Any) -> Any:
+    """The training problems not held out, for few-shot examples."""
+    return dataset.select(range(len(dataset) - GSM8K_HELD_OUT))
+
+
+@SUITES.register("validation")
+def validation(split: str | None) -> Suite:
+    split = _check_split("validation", split, ("validation",))
+    arc, gsm = "sekd_arc_easy_validation", "sekd_gsm8k_validation"
+    return Suite(
+        name="validation",
+        split=split,
+        tasks=(arc, gsm, "hellaswag", "piqa"),
+        acc=((arc, "acc,none"), (gsm, "exact_match,strict-match"), ("hellaswag", "acc,none"), ("piqa", "acc,none")),
+        multiple_choice=(arc, "hellaswag", "piqa"),
+        gsm8k=(gsm, "exact_match,strict-match"),
+        derived={
+            arc: ("arc_easy", {"test_split": None}),
+            gsm: (
+                "gsm8k",
+                {
+                    "test_split": "train",
+                    "process_docs": gsm8k_held_out,
+                    "fewshot_config": {"process_docs": gsm8k_fewshot_pool},
+                },
+            ),
+        },
+    )
+
+
+def lm_eval_tasks(suite: Suite, task_manager: Any) -> list[str | dict[str, Any]]:
+    """What to pass as simple_evaluate(tasks=...): names, and inline configs for derived tasks."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    out: list[str | dict[str, Any]] = []
+    for name in suite.tasks:
+        if name not in suite.derived:
+            out.append(name)
+            continue
+        base, overrides = suite.derived[name]
+        entry = task_manager.task_index.get(base)
+        if entry is None or entry.yaml_path is None:
+            raise ValueError(f"{name}: lm-eval has no YAML task {base!r} to derive from")
+        cfg = load_yaml(entry.yaml_path, resolve_func=True)
+        for key in ("tag", "group", "task_alias"):  # the derived task joins none of the base's tags
+            cfg.pop(key, None)
+        out.append({**cfg, **overrides, "task": name})
+    return out
+
+
+def base_task_names(suite: Suite) -> list[str]:
+    """The built-in lm-eval task behind each of the suite's tasks."""
+    return [suite.derived[t][0] if t in suite.derived else t for t in suite.tasks]
+

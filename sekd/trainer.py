@@ -1,0 +1,220 @@
+"""The training loop: micro-batches -> selective KD loss -> one optimizer step per effective batch.
+
+Gradients of the loss *sums* are accumulated and divided once by the effective batch's weight
+(sum_i s_i, or the number of selected positions), so the step does not depend on the micro-batch
+split. Checkpoints hold everything a restart needs to end with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sekd.io import atomic_torch_save
+from sekd.kd.objective import Selector, selective_kd_loss
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer step, and the data position (epoch, sample offset in it)."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    tokens_seen: int = 0
+    tokens_supervised: int = 0
+
+
+def build_optimizer(params, t) -> torch.optim.Optimizer:
+    if t.optimizer == "adam8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("train.optimizer=adam8bit needs bitsandbytes (pip install 'sekd[adam8bit]')") from None
+        return bnb.optim.Adam8bit(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def build_schedule(opt, t, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = t.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if t.lr_schedule == "cosine":
+            frac = (step - warm) / max(1, total_steps - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def micro_batches(data, mb: int, seed: int, prog: Progress) -> Iterator[list[int]]:
+    """Seeded epochs of micro-batches, from the saved position on; advances `prog` as it goes."""
+    from sekd.data.dataset import batches
+
+    while True:
+        for idx in batches(data, micro_batch_size=mb, seed=seed, epoch=prog.epoch, start=prog.offset):
+            prog.offset += len(idx)
+            yield list(idx)
+        prog.epoch, prog.offset = prog.epoch + 1, 0
+
+
+def total_steps(n_samples: int, t) -> int:
+    if t.steps is not None:
+        return int(t.steps)
+    per_epoch = math.ceil(n_samples / t.micro_batch_size)
+    return max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "selection": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    gen.set_state(state["selection"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, *, student, teacher, data, selector: Selector, train_cfg, vocab: int, seed: int,
+                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None):
+        self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
+        self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
+        self.device, self.dtype, self.trace = device, dtype, trace
+        self.steps = total_steps(len(data), train_cfg)
+        self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
+        self.sched = build_schedule(self.opt, train_cfg, self.steps)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.prog = Progress()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> None:
+        atomic_torch_save(self.run.checkpoint, {
+            "student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rng_state(self.gen),
+            "selector": {k: v.state_dict() for k, v in self.sel.state.items()},
+        })
+
+    def resume(self) -> bool:
+        if not self.run.checkpoint.exists():
+            return False
+        ck = torch.load(self.run.checkpoint, map_location=self.device, weights_only=False)
+        self.student.load_state_dict(ck["student"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["schedule"])
+        self.prog = Progress(**ck["progress"])
+        set_rng_state(ck["rng"], self.gen)
+        for k, v in ck.get("selector", {}).items():
+            self.sel.state[k].load_state_dict(v)
+        self.run.truncate_metrics(self.prog.step)
+        return True
+
+    # -- one micro-batch ---------------------------------------------------------------------
+    def forward(self, idx: list[int]):
+        x = self.data.input_ids[idx].to(self.device)  # [B,T]
+        y = self.data.labels[idx].to(self.device)  # x_{t+1} or -100   [B,T]
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with autocast:
+            s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
+            t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
+        out = selective_kd_loss(s_logits, t_logits, y, self.sel, lam=self.t.lam, temperature=self.t.temperature,
+                                normalization=self.t.normalization, generator=self.gen, step=self.prog.step)
+        if self.trace is not None:
+            self.trace.write(self.prog.step, [self.data.sample_ids[i] for i in idx], y, out)
+        return out, x
+
+    def accumulate(self, stream) -> tuple[float, float, float]:
+        """Gradients of L over one effective batch (grad_accum micro-batches) in .grad; returns L."""
+        loss_sum, weight, sel_pos, valid_pos = 0.0, 0.0, 0.0, 0.0
+        for _ in range(self.t.grad_accum):
+            out, x = self.forward(next(stream))
+            out.loss_sum.backward()
+            loss_sum += float(out.loss_sum.detach())
+            weight += out.weight
+            sel_pos += out.metrics["positions_selected"]
+            valid_pos += out.metrics["positions_valid"]
+            self.prog.tokens_seen += x.numel()
+        scale = 1.0 / max(weight, 1e-12)  # L = sum_i s_i L_i / sum_i s_i over the effective batch
+        for p in self.student.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return loss_sum * scale, sel_pos, valid_pos
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> Progress:
+        resumed = self.resume()
+        crash_at = int(os.environ.get("SEKD_CRASH_AT_STEP", "0"))  # fault injection for resume tests
+        stream = micro_batches(self.data, self.t.micro_batch_size, self.seed, self.prog)
+        self.student.train()
+        bar = tqdm(total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True)
+        if resumed:
+            bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
+        t_last = time.time()
+        while self.prog.step < self.steps:
+            loss, sel_pos, valid_pos = self.accumulate(stream)
+            gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm)
+                     if self.t.max_grad_norm else torch.tensor(float("nan")))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.prog.step += 1
+            self.prog.tokens_supervised += int(sel_pos)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", sel=f"{sel_pos / max(valid_pos, 1):.2f}")
+            if self.prog.step % self.t.log_every == 0 or self.prog.step == self.steps:
+                now = time.time()
+                row = {"step": self.prog.step, "loss": loss, "grad_norm": float(gnorm),
+                       "lr": self.sched.get_last_lr()[0], "sel_frac": sel_pos / max(valid_pos, 1),
+                       "tokens_seen": self.prog.tokens_seen, "tokens_supervised": self.prog.tokens_supervised,
+                       "sec_per_step": (now - t_last) / self.t.log_every}
+                t_last = now
+                self.run.log_metrics(row)
+                self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
+            if self.t.ckpt_every and self.prog.step % self.t.ckpt_every == 0 and self.prog.step < self.steps:
+                self.save()
+            if crash_at and self.prog.step == crash_at:
+                bar.close()
+                os._exit(3)
+        bar.close()
+        return self.prog
+
+
+def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int) -> dict[str, Any]:
+    valid = (labels_row != -100).nonzero().flatten().tolist()
+    k = draws.mask[b]
+    return {"step": step, "sample": sample, "valid": valid,
+            "scores": [float(u_row[t]) for t in valid] if u_row is not None else [0.0] * len(valid),
+            "selected": draws.index[b][k].tolist(), "weights": [float(w) for w in draws.weight[b][k]]}
+
+
+class SelectionTrace:
+    """selection_trace.jsonl: one row per sequence per micro-step for the first N optimizer steps."""
+
+    def __init__(self, path, steps: int):
+        self.path, self.steps = path, steps
+
+    def write(self, step: int, samples: list[str], labels, out) -> None:
+        if step >= self.steps:
+            return
+        with open(self.path, "a") as f:
+            for b, sample in enumerate(samples):
+                u_row = out.u[b] if out.u is not None else None
+                f.write(json.dumps(selection_trace_row(step, sample, labels[b], u_row, out.draws, b)) + "\n")

@@ -1,0 +1,193 @@
+"""Importance signals u(t): float64 references, flags, normalization, and a contract over SIGNALS."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sekd.selection.signals import SIGNALS, score, score_terms
+
+IGNORE = -100
+B, T, V = 3, 9, 13
+
+
+def batch(seed: int = 0):
+    """Random logits [B,T,V], labels [B,T] with invalid positions (one row fully invalid)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g) * 2.0
+    t = torch.randn(B, T, V, generator=g) * 2.0
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, :2] = IGNORE
+    y[1, [3, 7]] = IGNORE
+    y[2, :] = IGNORE
+    return s, t, y, y != IGNORE
+
+
+# ---- float64 references, one position at a time ---------------------------------------------
+
+
+def log_softmax64(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z.astype(np.float64) / temperature
+    z = z - z.max()
+    return z - math.log(np.exp(z).sum())
+
+
+def H(z):
+    lp = log_softmax64(z)
+    return float(-(np.exp(lp) * lp).sum())
+
+
+def CE(z, y, T):
+    return float(-log_softmax64(z, T)[y])
+
+
+def KL(za, zb, T):
+    la, lb = log_softmax64(za, T), log_softmax64(zb, T)
+    return float((np.exp(la) * (la - lb)).sum())
+
+
+REFERENCE = {  # (s [V], t [V], y, T) -> u(t), written the obvious way
+    "student_entropy": lambda s, t, y, T: H(s),
+    "teacher_entropy": lambda s, t, y, T: H(t),
+    "student_ce": lambda s, t, y, T: CE(s, y, T),
+    "teacher_ce": lambda s, t, y, T: CE(t, y, T),
+    "kl": lambda s, t, y, T: KL(t, s, T),
+    "reverse_kl": lambda s, t, y, T: KL(s, t, T),
+    "kl_plus_student_entropy": lambda s, t, y, T: KL(t, s, T) + H(s),
+    "ce_ratio": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6),
+    "ce_ratio_plus_student_entropy": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s),
+}
+TERMS = {  # the per-term references, for normalization
+    "kl_plus_student_entropy": (REFERENCE["kl"], REFERENCE["student_entropy"]),
+    "ce_ratio_plus_student_entropy": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
+}
+NEEDS_TEACHER = {  # SPEC §4's table
+    "student_entropy": False, "teacher_entropy": True, "student_ce": False, "teacher_ce": True,
+    "kl": True, "reverse_kl": True, "kl_plus_student_entropy": True, "ce_ratio": True,
+    "ce_ratio_plus_student_entropy": True, "random": False,
+}
+
+
+def reference_u(fn, s, t, y, valid, temperature):
+    out = np.full((B, T), -np.inf)
+    for b in range(B):
+        for i in range(T):
+            if valid[b, i]:
+                out[b, i] = fn(s[b, i].numpy(), t[b, i].numpy(), int(y[b, i]), temperature)
+    return out
+
+
+def test_every_signal_has_a_reference_and_the_spec_flags():
+    assert set(SIGNALS.names()) == set(REFERENCE) | {"random"}
+    assert {n: SIGNALS.get(n).needs_teacher for n in SIGNALS} == NEEDS_TEACHER
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_signal_matches_float64_reference(name, temperature):
+    s, t, y, valid = batch()
+    u = score(SIGNALS.get(name), s, t, y, valid, temperature=temperature)
+    ref = reference_u(REFERENCE[name], s, t, y, valid, temperature)
+    assert u.dtype == torch.float32 and u.shape == (B, T)
+    assert torch.isneginf(u[~valid]).all()
+    np.testing.assert_allclose(u[valid].double().numpy(), ref[valid.numpy()], rtol=1e-5, atol=1e-5)
+
+
+def test_entropies_ignore_temperature_divergences_do_not():
+    s, t, y, valid = batch(1)
+    for name in ("student_entropy", "teacher_entropy"):
+        assert torch.equal(score(SIGNALS.get(name), s, t, y, valid, temperature=3.0),
+                           score(SIGNALS.get(name), s, t, y, valid))
+    kl1 = score(SIGNALS.get("kl"), s, t, y, valid)
+    kl3 = score(SIGNALS.get("kl"), s, t, y, valid, temperature=3.0)
+    assert not torch.allclose(kl1[valid], kl3[valid])
+
+
+@pytest.mark.parametrize("how", ["zscore", "minmax"])
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_combined_signal_normalizes_each_term_per_sequence(name, how):
+    s, t, y, valid = batch(2)
+    u = score(SIGNALS.get(name), s, t, y, valid, normalization=how)
+    expect = np.zeros((B, T))
+    for fn in TERMS[name]:
+        x = reference_u(fn, s, t, y, valid, 1.0)
+        for b in range(B):
+            v = valid[b].numpy()
+            if not v.any():
+                continue
+            xv = x[b, v]
+            if how == "zscore":
+                x[b, v] = (xv - xv.mean()) / max(xv.std(), 1e-6)
+            else:
+                x[b, v] = (xv - xv.min()) / max(xv.max() - xv.min(), 1e-6)
+        expect += np.where(valid.numpy(), x, 0.0)
+    np.testing.assert_allclose(u[valid].double().numpy(), expect[valid.numpy()], rtol=1e-4, atol=1e-5)
+    if how == "minmax":  # each term in [0, 1]
+        assert u[valid].min() >= -1e-6 and u[valid].max() <= len(TERMS[name]) + 1e-6
+
+
+def test_plain_sum_is_the_default():
+    s, t, y, valid = batch(3)
+    sig = SIGNALS.get("kl_plus_student_entropy")
+    both = score(sig, s, t, y, valid)
+    parts = score(SIGNALS.get("kl"), s, t, y, valid) + score(SIGNALS.get("student_entropy"), s, t, y, valid)
+    torch.testing.assert_close(both[valid], parts[valid])
+
+
+def test_unknown_normalization_fails():
+    s, t, y, valid = batch()
+    with pytest.raises(ValueError, match="normalization"):
+        score(SIGNALS.get("student_entropy"), s, t, y, valid, normalization="softmax")
+
+
+@pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if need])
+def test_teacher_signals_need_teacher_logits(name):
+    s, t, y, valid = batch()
+    with pytest.raises(ValueError, match="teacher"):
+        score(SIGNALS.get(name), s, None, y, valid)
+
+
+@pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if not need])
+def test_teacher_free_signals_run_without_teacher(name):
+    s, t, y, valid = batch()
+    g = torch.Generator().manual_seed(0)
+    with_t = score(SIGNALS.get(name), s, t, y, valid, generator=g)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(with_t, score(SIGNALS.get(name), s, None, y, valid, generator=g))
+
+
+def test_random_signal_is_uniform_and_seeded():
+    s, t, y, valid = batch()
+    sig = SIGNALS.get("random")
+    u1 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
+    u2 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
+    u3 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(u1, u2) and not torch.equal(u1[valid], u3[valid])
+    assert ((u1[valid] >= 0) & (u1[valid] < 1)).all() and torch.isneginf(u1[~valid]).all()
+
+
+def test_score_terms_on_flat_positions():
+    s, t, y, valid = batch()
+    r, c = valid.nonzero(as_tuple=True)
+    x = score_terms(SIGNALS.get("kl_plus_student_entropy"), s[r, c], t[r, c], y[r, c])
+    assert x.shape == (2, r.numel())
+    torch.testing.assert_close(x.sum(0), score(SIGNALS.get("kl_plus_student_entropy"), s, t, y, valid)[valid])
+
+
+# ---- contract over every registry entry -----------------------------------------------------
+
+
+@pytest.mark.parametrize("normalization", ["sum", "zscore", "minmax"])
+@pytest.mark.parametrize("name", SIGNALS.names())
+def test_signal_contract(name, normalization):
+    s, t, y, valid = batch(4)
+    s.requires_grad_(True)
+    sig = SIGNALS.get(name)
+    run = lambda seed: score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(seed),  # noqa: E731
+                             normalization=normalization, temperature=1.5)
+    u = run(0)
+    assert u.shape == (B, T) and u.dtype == torch.float32 and not u.requires_grad
+    assert torch.isfinite(u[valid]).all() and torch.isneginf(u[~valid]).all()
+    assert torch.equal(u, run(0))  # deterministic under a seeded generator
