@@ -129,9 +129,9 @@ def batches(
     n = data if isinstance(data, int) else len(data)
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if start % micro_batch_size or not 0 <= start <= n:
-        # resuming mid-batch would shift every later batch boundary
-        raise ValueError(f"start={start} must be a multiple of micro_batch_size={micro_batch_size} in [0, {n}]")
+    if not 0 <= start <= n or (start % micro_batch_size and start != n):
+        # resuming mid-batch would shift every later batch boundary; start == n is a finished epoch
+        raise ValueError(f"start={start} must be a multiple of micro_batch_size={micro_batch_size} in [0, {n}], or {n}")
     order = epoch_order(n, seed=seed, epoch=epoch).tolist()
     for i in range(start, n, micro_batch_size):
         idx = order[i : i + micro_batch_size]

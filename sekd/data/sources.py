@@ -141,9 +141,11 @@ def check_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
 def source_signature(name: str, split: str, opts: dict[str, Any]) -> dict[str, Any]:
     """What identifies the source's content for caches: corpus hash, file size+mtime, or hub name."""
     if name == "embedded":
-        from sekd.embedded import corpus
-
-        return {"corpus": corpus.signature()}
+        # this split's documents only (corpus.signature() hashes all of them, and takes ~1 s)
+        h = hashlib.sha256()
+        for text in embedded(split):
+            h.update(hashlib.sha256(text.encode()).digest())
+        return {"corpus": h.hexdigest()[:16]}
     if name == "jsonl":
         return {"file": _file_sig(_jsonl_file(split, opts))}
     if name == "fineweb_edu":

@@ -34,6 +34,12 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def other_tokenizer():
+    """A different vocabulary (400), for cache-key tests."""
+    return make_tokenizer(400)
+
+
 def fineweb_rows(shard: int, n: int) -> pd.DataFrame:
     """n documents with FineWeb-Edu's schema and column types."""
     rows = []

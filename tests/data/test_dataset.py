@@ -11,8 +11,6 @@ from sekd.data.dataset import batches, build_packed, epoch_order, tokenizer_sign
 from sekd.data.packing import IGNORE, PackedData, pack_documents
 from sekd.data.sources import SOURCES, DataError
 
-from .conftest import make_tokenizer
-
 
 class Counting:
     """Delegates to a tokenizer and counts the calls that tokenize."""
@@ -52,14 +50,14 @@ def test_build_matches_pack_and_caches(tmp_path, tokenizer):
     assert again.calls == 0 and same(d, e) and path.stat().st_mtime_ns == mtime
 
 
-def test_cache_key_covers_inputs(tmp_path, tokenizer):
+def test_cache_key_covers_inputs(tmp_path, tokenizer, other_tokenizer):
     kw = dict(token_budget=640, cache_dir=tmp_path)
     build_packed("embedded", "train", tokenizer, seq_len=32, **kw)
     for change in (
         lambda: build_packed("embedded", "train", tokenizer, seq_len=64, **kw),
         lambda: build_packed("embedded", "train", tokenizer, seq_len=32, token_budget=320, cache_dir=tmp_path),
         lambda: build_packed("embedded", "test", tokenizer, seq_len=32, **kw),
-        lambda: build_packed("embedded", "train", make_tokenizer(400), seq_len=32, **kw),
+        lambda: build_packed("embedded", "train", other_tokenizer, seq_len=32, **kw),
     ):
         before = len(list(tmp_path.glob("*.pt")))
         change()
@@ -138,7 +136,8 @@ def test_batches_accept_packed_data():
 @pytest.mark.parametrize("epoch", [0, 3])
 def test_resume_from_offset_sees_the_same_remaining_batches(epoch):
     full = list(batches(53, micro_batch_size=4, seed=7, epoch=epoch))
-    for k in range(len(full) + 1):
+    for k in range(len(full)):
         assert list(batches(53, micro_batch_size=4, seed=7, epoch=epoch, start=4 * k)) == full[k:]
+    assert list(batches(53, micro_batch_size=4, seed=7, epoch=epoch, start=53)) == []  # epoch finished
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         next(batches(53, micro_batch_size=4, seed=7, start=6))

@@ -1,0 +1,98 @@
+"""The loop: micro-batch split does not change the step; a killed run resumes to the same weights."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sekd.data.packing import PackedData
+from sekd.embedded.build import qwen3_config
+from sekd.kd.objective import IGNORE, Selector
+from sekd.selection.criteria import forward_kl
+from sekd.selection.policies import POLICIES
+from sekd.selection.signals import SIGNALS
+from sekd.trainer import Trainer
+from tests.helpers import TINY, sekd_train
+
+V, T = 64, 16
+
+
+def tiny_model(seed: int):
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    spec = {"hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 64}
+    return Qwen3ForCausalLM(qwen3_config(spec, V, 0))
+
+
+def packed(n=4, seed=0) -> PackedData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, V, (n, T), generator=g)
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = IGNORE
+    y[1, 5] = IGNORE  # a document boundary
+    return PackedData(input_ids=x, labels=y, sample_ids=[f"s{i}" for i in range(n)])
+
+
+def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence"):
+    t = SimpleNamespace(optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, lr_schedule="constant",
+                        warmup_steps=0, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum, lam=1.0,
+                        temperature=1.0, normalization=normalization, max_grad_norm=None, log_every=1,
+                        ckpt_every=0)
+    opts = {"k": 0.25} if policy != "all" else {}
+    sel = Selector(signal=SIGNALS.get(signal) if signal else None, policy=POLICIES.build(policy, **opts),
+                   criterion=forward_kl)
+    return Trainer(student=tiny_model(0), teacher=tiny_model(1).eval(), data=packed(), selector=sel, train_cfg=t,
+                   vocab=V, seed=0, run=None, tracker=None, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "student_entropy")])
+@pytest.mark.parametrize("normalization", ["per_sequence", "batch_tokens"])
+def test_gradient_accumulation_does_not_change_the_step(policy, signal, normalization):
+    """The effective batch of 4 split as 4x1, 2x2 and 1x4 gives the same loss and gradients."""
+    from sekd.trainer import micro_batches
+
+    results = []
+    for mb, accum in ((4, 1), (2, 2), (1, 4)):
+        tr = trainer(mb, accum, policy, signal, normalization)
+        loss, _, _ = tr.accumulate(micro_batches(tr.data, mb, tr.seed, tr.prog))
+        grads = {n: p.grad.clone() for n, p in tr.student.named_parameters()}
+        results.append((loss, grads))
+    (loss0, g0), *rest = results
+    for loss, g in rest:
+        assert loss == pytest.approx(loss0, rel=1e-5)
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], rtol=1e-4, atol=1e-7)
+
+
+def final_weights(root):
+    (model,) = list(root.glob("runs/*/model/model.safetensors"))
+    return load_file(model)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    cache = f"paths.cache={tmp_path}/cache"
+    args = [*TINY, "experiment=se_kd", "train.steps=5", "train.ckpt_every=2", "eval=none", cache]
+    done = sekd_train([*args, f"paths.root={tmp_path}/a"])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    crashed = sekd_train([*args, f"paths.root={tmp_path}/b"], env={"SEKD_CRASH_AT_STEP": "3"})
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    (run_b,) = list((tmp_path / "b" / "runs").iterdir())
+    assert (run_b / "checkpoint.pt").exists() and not (run_b / "record.json").exists()
+    assert torch.load(run_b / "checkpoint.pt", weights_only=False)["progress"]["step"] == 2
+
+    resumed = sekd_train([*args, f"paths.root={tmp_path}/b"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout + resumed.stderr
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(ln)["step"] for ln in (run_b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # the rows of the lost step 3 were replaced, not duplicated
+    assert not (run_b / "checkpoint.pt").exists()  # the final model supersedes it
+
+    again = sekd_train([*args, f"paths.root={tmp_path}/b"])
+    assert again.returncode == 0 and "already done" in again.stdout
