@@ -37,10 +37,13 @@ def score_checkpoint(
     split=None is the suite's own split (embedded: test). For the embedded suite, docs=None takes
     the held-out documents of `split` from the embedded corpus.
     """
+    s = get_suite(suite, split)
+    if docs is not None and not s.embedded:
+        raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
+
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    s = get_suite(suite, split)
     if s.embedded:
         if docs is None:
             from sekd.embedded.corpus import load_split
@@ -48,8 +51,6 @@ def score_checkpoint(
             docs = load_split(s.split)
         built = build_tasks(docs, cache_dir, split=s.split)
         tm = TaskManager(include_path=str(built.include_path), include_defaults=False)  # skips the 8 s index
-    elif docs is not None:
-        raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
     else:
         tm = TaskManager()
     res = lm_eval.simple_evaluate(

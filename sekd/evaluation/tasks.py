@@ -211,11 +211,13 @@ def _jsonl(items: list[dict]) -> str:
     return "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
 
 
-def build_tasks(docs: list[str], cache_dir: str | os.PathLike, *, split: str, params: TaskParams = TaskParams()) -> EmbeddedTasks:
+def build_tasks(
+    docs: list[str], cache_dir: str | os.PathLike, *, split: str, params: TaskParams = TaskParams()
+) -> EmbeddedTasks:
     """Build (or reuse) the two tasks for `docs`, named sekd_choice_<split> and sekd_lastword_<split>."""
     if not docs:
         raise ValueError("build_tasks needs at least one document")
-    root = Path(cache_dir) / "lm_eval_tasks"
+    root = Path(cache_dir).resolve() / "lm_eval_tasks"
     folder = root / f"{split}-{content_hash(docs, split, params)}"
     if not folder.exists():
         root.mkdir(parents=True, exist_ok=True)

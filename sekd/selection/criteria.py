@@ -129,5 +129,5 @@ def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=N
     n_rows = int(r.max().item()) + 1 if r.numel() else 0
     W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, w)  # sum_t w_t   [rows]
     n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, torch.ones_like(w))  # [rows]
-    scale = torch.where(W[r] > 0, n[r] * w / W[r].clamp_min(1e-300), torch.ones_like(w))  # [P]
+    scale = torch.where(W[r] > 0, w / W[r].clamp_min(1e-300), torch.ones_like(w))  # [P]
     return kl * scale.to(kl.dtype)

@@ -240,7 +240,7 @@ def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> D
     q_R = qR.gather(1, index)  # q_R(t_j)                                           [B,Ks]
     Kf, nv, ns = K.double().unsqueeze(-1), n_valid.double().unsqueeze(-1), n_s.double().clamp_min(1).unsqueeze(-1)
     if star:  # unbiased for mean_t l(t): D exactly, R by importance weights
-        w_D = (1 / nv.clamp_min(1)).expand_as(D).double()
+        w_D = (Kf / nv.clamp_min(1)).expand_as(D).double()
         w_s = Kf / (ns * nv.clamp_min(1) * q_R.clamp_min(1e-300))
     else:  # unbiased for sum_t w(t) l(t) / sum_t w(t)
         w_D = Kf * w / W.clamp_min(1e-300).unsqueeze(-1)

@@ -85,22 +85,23 @@ def weighted_kd(s, t, y, signal="student_entropy", power=1.0, temperature=1.0):
     return ((u * ell).sum(-1) / u.sum(-1)).mean().item()
 
 
-@pytest.mark.parametrize("opts", [{}, {"tau": 2.0}, {"coverage": 0.5}, {"tau": 0.5, "coverage": 0.3}])
+SAMPLING_OPTS = [{"k": 0.25}, {"k": 0.25, "tau": 2.0}, {"k": 0.5, "coverage": 0.5}, {"k": 0.5, "tau": 0.5, "coverage": 0.3}]
+
+
+@pytest.mark.parametrize("opts", SAMPLING_OPTS)
 def test_pos_rs_is_unbiased_for_weighted_kd(opts):
     s, t, y = batch(2)
-    mean, se = monte_carlo(s, t, y, "pos_rs", k=0.25, **opts)
+    mean, se = monte_carlo(s, t, y, "pos_rs", **opts)
     target = weighted_kd(s, t, y, power=1.0 / opts.get("tau", 1.0))
     assert abs(mean - target) < 4 * se, (mean, target, se)
 
 
-@pytest.mark.parametrize("signal, opts", [
-    ("student_entropy", {}), ("student_entropy", {"tau": 2.0}), ("student_entropy", {"coverage": 0.5}),
-    ("student_entropy", {"tau": 0.5, "coverage": 0.3}), ("teacher_ce", {"tau": 2.0, "coverage": 0.5}),
-])
+@pytest.mark.parametrize("signal, opts", [("student_entropy", o) for o in SAMPLING_OPTS]
+                         + [("teacher_ce", {"k": 0.25, "tau": 2.0, "coverage": 0.5})])
 def test_pos_rs_star_is_unbiased_for_full_kd(signal, opts):
     s, t, y = batch(3)
     full = loss(s, t, y, sel("all", None)).item()
-    mean, se = monte_carlo(s, t, y, "pos_rs_star", signal=signal, k=0.25, **opts)
+    mean, se = monte_carlo(s, t, y, "pos_rs_star", signal=signal, **opts)
     assert abs(mean - full) < 4 * se + 1e-6 * abs(full), (mean, full, se)  # l = u: a zero-variance case
 
 

@@ -86,7 +86,7 @@ def test_policy_rejects_bad_budget_and_unknown_options(name):
 # ---- top_k -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [0.0025, 0.01, 0.2, 0.25, 0.33, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("k", [0.0025, 0.01, 0.07, 0.2, 0.25, 0.33, 0.5, 0.7, 1.0])
 @pytest.mark.parametrize("n_valid", [0, 1, 3, 100, 400, 401, 512])
 def test_top_k_counts(k, n_valid):
     T = 512
@@ -99,7 +99,9 @@ def test_top_k_counts(k, n_valid):
 
 
 def test_top_k_fractional_budgets_by_hand():
-    assert n_select(torch.ones(1, 100, dtype=torch.bool), 0.33).item() == 33  # not 34 from 33.000000000000004
+    assert n_select(torch.ones(1, 100, dtype=torch.bool), 0.33).item() == 33
+    assert n_select(torch.ones(1, 100, dtype=torch.bool), 0.07).item() == 7  # not 8 from 7.000000000000001
+    assert n_select(torch.ones(1, 50, dtype=torch.bool), 0.14).item() == 7  # not 8 from 7.000000000000001
     assert n_select(torch.ones(1, 512, dtype=torch.bool), 0.0025).item() == 2  # ceil(1.28)
     assert n_select(torch.ones(1, 400, dtype=torch.bool), 0.0025).item() == 1
     assert n_select(torch.ones(1, 10, dtype=torch.bool), 0.0025).item() == 1  # at least 1
@@ -240,6 +242,14 @@ def test_curriculum_window_matches_reference(step):
     d = POLICIES.build("curriculum", k=k, S=S)(u, valid, step=step)
     ref = curriculum_reference(u, valid, k, min(1.0, step / S))
     assert [set(selected(d, b)) for b in range(4)] == ref
+
+
+def test_curriculum_ties_mirror_top_k():
+    """Ascending order is top_k's order reversed: among equal u the higher position counts as easier."""
+    u, valid = torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.ones(1, 4, dtype=torch.bool)
+    policy = POLICIES.build("curriculum", k=0.5, S=10)
+    assert set(selected(policy(u, valid, step=0), 0)) == {0, 2}
+    assert set(selected(policy(u, valid, step=10), 0)) == {1, 3} == set(selected(POLICIES.build("top_k", k=0.5)(u, valid), 0))
 
 
 def test_curriculum_starts_easiest_and_ends_at_top_k():
