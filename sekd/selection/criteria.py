@@ -21,9 +21,14 @@ from sekd.registry import Registry
 CRITERIA = Registry("criterion")
 
 
+def _up(z: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64, for the reference tests)."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
 def _log_softmax(z: Tensor, temperature: float) -> Tensor:
-    """log softmax(z / T) in float32.  [N,V] -> [N,V]"""
-    return torch.log_softmax(z.float() / temperature, dim=-1)
+    """log softmax(z / T) in at least float32.  [N,V] -> [N,V]"""
+    return torch.log_softmax(_up(z) / temperature, dim=-1)
 
 
 def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
@@ -129,5 +134,5 @@ def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=N
     n_rows = int(r.max().item()) + 1 if r.numel() else 0
     W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, w)  # sum_t w_t   [rows]
     n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, torch.ones_like(w))  # [rows]
-    scale = torch.where(W[r] > 0, w / W[r].clamp_min(1e-300), torch.ones_like(w))  # [P]
+    scale = torch.where(W[r] > 0, n[r] * w / W[r].clamp_min(1e-300), torch.ones_like(w))  # [P]
     return kl * scale.to(kl.dtype)
