@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sekd.registry import Registry
 
-CRITERIA = Registry("criterion")
+CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
 
 
 def _up(z: Tensor) -> Tensor:
@@ -74,7 +74,8 @@ def tckd(s: Tensor, t: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
 
 def nckd(s: Tensor, t: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
     """NCKD = KL(p^ || q^), p^(v) = p(v) / (1 - p(y)) over v != y, at temperature T.  [N]"""
-    return _kl_from_logp(_non_target_log(_log_softmax(t, temperature), y), _non_target_log(_log_softmax(s, temperature), y))
+    logp_hat = _non_target_log(_log_softmax(t, temperature), y)
+    return _kl_from_logp(logp_hat, _non_target_log(_log_softmax(s, temperature), y))
 
 
 @CRITERIA.register("dkd")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sekd.registry import Registry
 
-POLICIES = Registry("policy")
+POLICIES = Registry("policy", call_time=("generator", "step"))
 
 
 @dataclass
@@ -174,13 +174,13 @@ class GLS:
         self.queue = q[-self.Q:].clone()
 
     def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
-        rank = masked_rank(u, valid)
+        """m_t = 1[u(t) >= tau] against earlier batches (top_k while the queue is empty); then enqueue u."""
         if self.queue.numel() == 0:
             draws = top_k(u, valid, k=self.k)
         else:
             m = (u.double() >= self.threshold()) & valid
-            draws = Draws.from_mask(m, order=rank)
-        self.push(u[valid])
+            draws = Draws.from_mask(m, order=masked_rank(u, valid))
+        self.push(u[valid])  # row-major valid scores                                 [N]
         return draws
 
     def state_dict(self) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def weighted_kd(s, t, y, signal="student_entropy", power=1.0, temperature=1.0):
     return ((u * ell).sum(-1) / u.sum(-1)).mean().item()
 
 
-SAMPLING_OPTS = [{"k": 0.25}, {"k": 0.25, "tau": 2.0}, {"k": 0.5, "coverage": 0.5}, {"k": 0.5, "tau": 0.5, "coverage": 0.3}]
+SAMPLING_OPTS = [{"k": 0.25}, {"k": 0.25, "tau": 2.0}, {"k": 0.5, "coverage": 0.5},
+                 {"k": 0.5, "tau": 0.5, "coverage": 0.3}]
 
 
 @pytest.mark.parametrize("opts", SAMPLING_OPTS)

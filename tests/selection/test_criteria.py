@@ -213,6 +213,16 @@ def test_criterion_contract(name):
 
 
 @pytest.mark.parametrize("name", CRITERIA.names())
+def test_criterion_dtypes(name):
+    """Half-precision logits are computed in float32; float64 stays float64."""
+    s, t, y, row, u = flat(N=6, V=5, seed=5)
+    assert CRITERIA.get(name)(s.bfloat16(), t.bfloat16(), y, row=row, u=u).dtype == torch.float32
+    d64 = CRITERIA.get(name)(s.double(), t.double(), y, row=row, u=u)
+    assert d64.dtype == torch.float64
+    torch.testing.assert_close(d64.float(), CRITERIA.get(name)(s, t, y, row=row, u=u), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CRITERIA.names())
 def test_criterion_is_finite_on_peaked_logits(name):
     """Probabilities that underflow to 0 in float32 must give finite values and gradients."""
     s, t, y, row, u = flat(N=8, V=6, seed=4)
