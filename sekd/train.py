@@ -155,7 +155,10 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     return record
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ (editable install)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

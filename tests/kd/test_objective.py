@@ -78,7 +78,7 @@ def test_loss_is_additive_over_micro_batches():
             part = selective_kd_loss(s[start:start + n], t[start:start + n], y[start:start + n], full_kd(),
                                      lam=1.0, temperature=1.0)
             num, den, start = num + part.loss_sum, den + part.weight, start + n
-        assert math.isclose(float(num / den), float(whole.loss_sum / whole.weight), rel_tol=1e-12)
+        assert math.isclose(float((num / den).detach()), float(whole.loss_sum.detach() / whole.weight), rel_tol=1e-12)
 
 
 def test_identical_distributions_give_zero_kd():
