@@ -167,9 +167,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def source_options(cfg: DictConfig) -> dict[str, Any]:
-    """The data group's keys that belong to its source (everything but name, seq_len, budget)."""
+    """The data group's keys that belong to its source (all but name, seq_len, budget, separator)."""
     d = OmegaConf.to_container(cfg.data, resolve=True)
-    return {k: v for k, v in d.items() if k not in ("name", "seq_len", "token_budget")}
+    return {k: v for k, v in d.items() if k not in ("name", "seq_len", "token_budget", "separator")}
 
 
 def policy_options(cfg: DictConfig) -> dict[str, Any]:

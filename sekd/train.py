@@ -58,7 +58,7 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
     data = build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
-                        cache_dir=Path(cfg.paths.cache) / "data", **source_options(cfg))
+                        cache_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
     torch.manual_seed(cfg.seed)
     trc = cfg.model.trust_remote_code
     student = load_model(student_path, device, torch.float32, trc)  # fp32 master weights; autocast computes

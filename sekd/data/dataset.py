@@ -67,13 +67,24 @@ def build_packed(
     seq_len: int,
     token_budget: int | None,
     cache_dir: Path,
+    separator: str | None = None,
     **source_opts: Any,
 ) -> PackedData:
-    """Tokenize and pack one split of a source (SPEC §1, §10), or load it from the cache."""
+    """Tokenize and pack one split of a source (SPEC §1, §10), or load it from the cache.
+
+    Documents end with `separator` (a token of the tokenizer; default its eos token). Chat-tuned
+    tokenizers such as Qwen3's use <|im_end|> as eos, while <|endoftext|> separates documents.
+    """
     check_source(source, source_opts)
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos token; packing needs one to end each document")
+    sep_id = tokenizer.eos_token_id
+    if separator is not None:
+        sep_id = tokenizer.convert_tokens_to_ids(separator)
+        if sep_id is None or sep_id == tokenizer.unk_token_id:
+            raise DataError(f"data.separator={separator!r} is not a token of the tokenizer")
+    if sep_id is None:
+        raise DataError("the tokenizer has no eos token; set data.separator to the token that ends a document")
     fields = cache_fields(source, split, tokenizer, seq_len=seq_len, token_budget=token_budget, source_opts=source_opts)
+    fields["separator_id"] = sep_id
     path = cache_path(cache_dir, fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     # one builder per key; the others wait, then load what it wrote
@@ -82,7 +93,7 @@ def build_packed(
             return PackedData.load(path)
         texts = SOURCES.get(source)(split, **source_opts)
         with tqdm(total=token_budget, unit="tok", unit_scale=True, desc=f"pack {source}/{split}", leave=False) as bar:
-            data = pack_documents(_tokenize(texts, tokenizer, bar), seq_len, tokenizer.eos_token_id, token_budget)
+            data = pack_documents(_tokenize(texts, tokenizer, bar), seq_len, sep_id, token_budget)
         if len(data) == 0:
             raise DataError(f"data source {source!r} split {split!r} holds fewer than {seq_len + 1} tokens")
         data.save(path)

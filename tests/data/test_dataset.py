@@ -141,3 +141,17 @@ def test_resume_from_offset_sees_the_same_remaining_batches(epoch):
     assert list(batches(53, micro_batch_size=4, seed=7, epoch=epoch, start=53)) == []  # epoch finished
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         next(batches(53, micro_batch_size=4, seed=7, start=6))
+
+
+def test_separator_token_ends_documents(tmp_path, tokenizer):
+    """data.separator picks the token that ends each document (Qwen3: <|endoftext|>, not its eos)."""
+    sep = tokenizer.convert_ids_to_tokens(7)
+    d = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path,
+                     separator=sep)
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in SOURCES.get("embedded")("validation")]
+    assert same(d, pack_documents(docs, 64, 7))
+    default = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path)
+    assert not same(d, default)  # a different separator is a different cache entry
+    with pytest.raises(DataError, match="data.separator"):
+        build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path,
+                     separator="<no such token>")
