@@ -41,12 +41,13 @@ class RunDir:
         with self.metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume: forget the rows logged after the checkpoint we went back to."""
-        if not self.metrics.exists():
-            return
-        rows = [ln for ln in self.metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self.metrics, "".join(r + "\n" for r in rows))
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget the metrics logged after the checkpoint we went back to, and the trace
+        rows of the steps that will be redone (the trace counts steps from 0, metrics from 1)."""
+        for path, keep in ((self.metrics, lambda s: s <= step), (self.trace, lambda s: s < step)):
+            if path.exists():
+                rows = [ln for ln in path.read_text().splitlines() if ln and keep(json.loads(ln)["step"])]
+                atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def write_record(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.record, record)

@@ -32,10 +32,9 @@ def build_selector(cfg: DictConfig):
 
     p = cfg.position
     policy = POLICIES.build(p.policy, **policy_options(cfg))
-    state = {"policy": policy} if hasattr(policy, "state_dict") else {}
     criterion = CRITERIA.build(cfg.criterion.name, **dict(cfg.criterion.options or {}))
     return Selector(signal=SIGNALS.get(p.signal) if p.signal else None, policy=policy, criterion=criterion,
-                    signal_normalization=p.normalization, state=state)
+                    signal_normalization=p.normalization)
 
 
 def peak_memory_mb(device) -> float:

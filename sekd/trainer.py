@@ -107,7 +107,7 @@ class Trainer:
         atomic_torch_save(self.run.checkpoint, {
             "student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
             "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rng_state(self.gen),
-            "selector": {k: v.state_dict() for k, v in self.sel.state.items()},
+            "selector": self.sel.state_dict(),
         })
 
     def resume(self) -> bool:
@@ -119,9 +119,8 @@ class Trainer:
         self.sched.load_state_dict(ck["schedule"])
         self.prog = Progress(**ck["progress"])
         set_rng_state(ck["rng"], self.gen)
-        for k, v in ck.get("selector", {}).items():
-            self.sel.state[k].load_state_dict(v)
-        self.run.truncate_metrics(self.prog.step)
+        self.sel.load_state_dict(ck["selector"])
+        self.run.truncate_after(self.prog.step)
         return True
 
     # -- one micro-batch ---------------------------------------------------------------------

@@ -31,7 +31,6 @@ class Selector:
     policy: Callable[..., Draws]
     criterion: Callable[..., Tensor]
     signal_normalization: str = "sum"
-    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def needs_teacher_everywhere(self) -> bool:

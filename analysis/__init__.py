@@ -1,0 +1,1 @@
+"""Analyses that read models, data and results; they never train."""
