@@ -130,7 +130,7 @@ def signal_overlap(
     n = min(n_sequences, len(data))
     gen = torch.Generator().manual_seed(seed)  # one stream for the whole pass
     models = [m for m in (student, teacher) if m is not None]
-    modes = [m.training for m in models]
+    modes = [(mod, mod.training) for m in models for mod in m.modules()]  # restored exactly after
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     try:
         for m in models:
@@ -145,8 +145,8 @@ def signal_overlap(
             for name, m in batch.items():
                 parts[name].append(m.cpu())
     finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+        for mod, mode in modes:
+            mod.training = mode
     return jaccard_matrix({name: torch.cat(p) for name, p in parts.items()}, per_sequence=per_sequence)
 
 

@@ -71,9 +71,11 @@ def final_weights(root):
     return load_file(model)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("preset", ["se_kd", "gls"])  # gls: its score queue must survive the restart
+def test_killed_run_resumes_to_the_same_weights(tmp_path, preset):
     cache = f"paths.cache={tmp_path}/cache"
-    args = [*TINY, "experiment=se_kd", "train.steps=5", "train.ckpt_every=2", "eval=none", cache]
+    args = [*TINY, f"experiment={preset}", "train.steps=5", "train.ckpt_every=2", "train.trace_selection_steps=5",
+            "eval=none", cache]
     done = sekd_train([*args, f"paths.root={tmp_path}/a"])
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -92,6 +94,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(ln)["step"] for ln in (run_b / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # the rows of the lost step 3 were replaced, not duplicated
+    (run_a,) = list((tmp_path / "a" / "runs").iterdir())
+    assert (run_a / "selection_trace.jsonl").read_text() == (run_b / "selection_trace.jsonl").read_text()
     assert not (run_b / "checkpoint.pt").exists()  # the final model supersedes it
 
     again = sekd_train([*args, f"paths.root={tmp_path}/b"])

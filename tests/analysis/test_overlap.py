@@ -164,6 +164,7 @@ def test_signal_overlap_end_to_end(pair):
     torch.set_num_threads(1)
     student, teacher = pair
     student.train()
+    teacher.eval()
     data = random_data()
     df = signal_overlap(student, teacher, data, k=0.25, n_sequences=6, batch_size=4, vocab=37)
     names = SIGNALS.names()
