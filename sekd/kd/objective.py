@@ -10,7 +10,7 @@ on how it was split into micro-batches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sekd.selection import signals as S
+from sekd.selection.classes import SparseTarget, sparse_forward_kl
 from sekd.selection.policies import Draws
 
 IGNORE = -100
@@ -25,12 +26,13 @@ IGNORE = -100
 
 @dataclass
 class Selector:
-    """The position axis and criterion of one run, built once from config."""
+    """The position axis, class axis and criterion of one run, built once from config."""
 
     signal: S.Signal | None
     policy: Callable[..., Draws]
     criterion: Callable[..., Tensor]
     signal_normalization: str = "sum"
+    classes: Callable[..., SparseTarget] | None = None  # None: C_t = V (the dense teacher distribution)
 
     @property
     def needs_teacher_everywhere(self) -> bool:
@@ -64,6 +66,21 @@ def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(upcast(s_logits), targets, reduction="none")
 
 
+def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, temperature, generator, cached):
+    """D_C(p_t, q_t) at the selected positions (rows, cols).  -> [N]"""
+    if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
+        order = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+        order[labels != IGNORE] = torch.arange(int((labels != IGNORE).sum()), device=labels.device)
+        return sparse_forward_kl(s_sel, cached.take(order[rows, cols]).to(s_sel.device), temperature)
+    if t_logits is None:
+        raise ValueError("lam > 0 needs teacher logits or cached class targets")
+    t_sel = t_logits[rows, cols]  #                                               [N,V]
+    if sel.classes is not None:  # C_t subset of V
+        return sparse_forward_kl(s_sel, sel.classes(t_sel, temperature=temperature, generator=generator), temperature)
+    u_sel = u[rows, cols] if u is not None else None
+    return sel.criterion(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
+
+
 def selective_kd_loss(
     s_logits: Tensor,
     t_logits: Tensor | None,
@@ -75,7 +92,10 @@ def selective_kd_loss(
     normalization: str = "per_sequence",
     generator: torch.Generator | None = None,
     step: int = 0,
+    cached: SparseTarget | None = None,
 ) -> StepOut:
+    """`cached`: class-axis targets of every valid position, row-major (the offline teacher cache);
+    with it, no teacher logits are needed unless the signal asks for them."""
     valid = labels != IGNORE  # valid(t)                                  [B,T]
     B, T = labels.shape
     u = None
@@ -90,11 +110,8 @@ def selective_kd_loss(
     s_sel, y_sel = s_logits[rows, cols], labels[rows, cols]  #                 [N,V], [N]
     ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
     if lam > 0:
-        if t_logits is None:
-            raise ValueError("lam > 0 needs teacher logits")
-        u_sel = u[rows, cols] if u is not None else None
-        D = sel.criterion(s_sel, t_logits[rows, cols], y_sel, temperature=temperature, row=rows, u=u_sel)
-        ell = ell + lam * temperature**2 * D
+        ell = ell + lam * temperature**2 * divergence(s_sel, t_logits, labels, rows, cols, u, sel,
+                                                      temperature=temperature, generator=generator, cached=cached)
     if lam < 1:
         ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
 

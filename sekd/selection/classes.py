@@ -1,0 +1,70 @@
+"""The class axis (SPEC §6): which vocabulary classes C_t the divergence uses, and their target p~.
+
+`full` keeps the dense teacher distribution. The others turn the teacher's logits at the selected
+positions into a sparse target (ids, probabilities) over C_t:
+- `rs_kd`: N i.i.d. draws from p_t; p~(v) = c_v / N over the distinct draws. Unbiased for Full KD's
+  gradient, because the loss is linear in p~ and E[p~] = p.
+- `top_k_truncation`: the teacher's `top` classes, renormalized (a biased baseline).
+The divergence against a sparse target is `sparse_forward_kl`, with the student's full-vocabulary
+softmax (no renormalization over C_t).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sekd.registry import Registry
+
+CLASSES = Registry("class selector", call_time=("temperature", "generator"))
+
+
+@dataclass
+class SparseTarget:
+    """p~ over C_t per position: ids/probs/mask [N,K], padded where mask is False."""
+
+    ids: Tensor
+    probs: Tensor
+    mask: Tensor
+
+    def take(self, index: Tensor) -> "SparseTarget":
+        """The targets of a subset of positions.  index [M] -> [M,K]"""
+        return SparseTarget(self.ids[index], self.probs[index], self.mask[index])
+
+    def to(self, device) -> "SparseTarget":
+        return SparseTarget(self.ids.to(device), self.probs.to(device), self.mask.to(device))
+
+
+def sparse_forward_kl(s: Tensor, target: SparseTarget, temperature: float = 1.0) -> Tensor:
+    """sum_{v in C_t} p~(v) (log p~(v) - log q_t(v)), q_t the full-vocabulary softmax.  [N,V] -> [N]"""
+    s = s if s.dtype in (torch.float32, torch.float64) else s.float()
+    logq = torch.log_softmax(s / temperature, dim=-1).gather(1, target.ids)  # [N,K]
+    p = target.probs.to(logq.dtype).masked_fill(~target.mask, 0.0)
+    logp = torch.where(target.mask, p.clamp_min(1e-30).log(), torch.zeros_like(p))
+    return (p * (logp - logq)).sum(-1)
+
+
+@CLASSES.register("rs_kd")
+def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
+    """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]"""
+    from sekd.cache.draws import rs_kd_draws, to_sparse
+
+    ids, counts, offsets = rs_kd_draws(t, n_draws, temperature, generator)
+    ids_pad, probs_pad, mask = to_sparse(ids, counts, offsets, n_draws)
+    return SparseTarget(ids_pad.to(t.device), probs_pad.to(t.device), mask.to(t.device))
+
+
+@CLASSES.register("top_k_truncation")
+def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
+    """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
+    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    vals, ids = (t / temperature).topk(min(top, t.shape[-1]), dim=-1)
+    return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
+
+
+def build_classes(name: str, **opts):
+    """None for `full` (the dense distribution), else the bound class selector."""
+    if name == "full":
+        return None
+    return CLASSES.build(name, **opts)
