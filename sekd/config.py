@@ -23,8 +23,8 @@ SCHEMA: dict[str, set[str]] = {
     "paths": {"root", "cache"},
     "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded"},
     "position": {"signal", "policy", "k", "normalization", "options"},
-    "classes": {"name"},
-    "samples": {"name", "l"},
+    "classes": {"name", "options", "cache"},
+    "samples": {"name", "l", "batch_size"},
     "criterion": {"name", "options"},
     "train": {"steps", "epochs", "micro_batch_size", "grad_accum", "optimizer", "lr", "weight_decay",
               "betas", "lr_schedule", "warmup_steps", "max_grad_norm", "lam", "temperature",
@@ -78,7 +78,9 @@ def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: keys, names, ranges, files. Raises ConfigError."""
     from sekd.data.sources import SOURCES, check_source
     from sekd.evaluation.suites import SUITES
+    from sekd.selection.classes import CLASSES
     from sekd.selection.criteria import CRITERIA
+    from sekd.selection.samples import SAMPLERS
     from sekd.selection.policies import POLICIES
     from sekd.selection.signals import NORMALIZATIONS, SIGNALS
 
@@ -123,9 +125,27 @@ def validate(cfg: DictConfig) -> None:
     if p.policy != "all" and p.signal is None:
         raise ConfigError(f"position.signal is required for position.policy={p.policy}")
 
-    _choice("classes.name", cfg.classes.name, ("full",))
-    _choice("samples.name", cfg.samples.name, ("all",))
+    c = cfg.classes
+    _choice("classes.name", c.name, ["full", *CLASSES.names()])
+    if c.name != "full":
+        try:
+            CLASSES.check_kwargs(c.name, dict(c.options or {}), key="classes.options")
+        except RegistryError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.criterion.name != "forward_kl":
+            raise ConfigError(f"criterion.name={cfg.criterion.name!r} cannot use a sparse class target "
+                              f"(classes.name={c.name}); choose one of: forward_kl")
+    elif c.options:
+        raise ConfigError(f"classes.options={dict(c.options)} given, but classes.name=full takes none")
+    if c.cache is not None:
+        if c.name != "rs_kd":
+            raise ConfigError(f"classes.cache is only for classes.name=rs_kd (got {c.name!r})")
+        if c.cache != "auto" and not (Path(c.cache) / "manifest.json").exists():
+            raise ConfigError(f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "
+                              f"build one with `sekd-cache build` or use classes.cache=auto")
+    _choice("samples.name", cfg.samples.name, SAMPLERS.names())
     _fraction("samples.l", cfg.samples.l)
+    _positive("samples.batch_size", cfg.samples.batch_size, integer=True)
     _choice("criterion.name", cfg.criterion.name, CRITERIA.names())
     try:
         CRITERIA.check_kwargs(cfg.criterion.name, dict(cfg.criterion.options or {}), key="criterion.options")

@@ -75,3 +75,25 @@ def shared_vocab(tok, *models) -> int:
         if width < V:
             raise ConfigError(f"model {model.name_or_path!r} has {width} logits but the tokenizer has {V} tokens")
     return V
+
+
+def model_signature(path: str) -> str:
+    """Identity of a model for score and cache keys: a hub name as is; a local folder by the content
+    of its config and weight files (size + a hash of their first and last MiB, cheap even at 16 GB)."""
+    import hashlib
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return str(path)
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix not in (".json", ".safetensors", ".bin") or f.name.startswith("."):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(2**20))
+            if size > 2**21:
+                fh.seek(-(2**20), 2)
+                h.update(fh.read())
+    return f"{folder.name}:{h.hexdigest()[:16]}"

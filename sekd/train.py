@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import sys
@@ -16,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sekd.config import ConfigError, resolved, source_options, validate
+from sekd.io import atomic_write_json
 
 
 def fail(err: Exception) -> None:
@@ -26,6 +28,7 @@ def fail(err: Exception) -> None:
 def build_selector(cfg: DictConfig):
     from sekd.config import policy_options
     from sekd.kd.objective import Selector
+    from sekd.selection.classes import build_classes
     from sekd.selection.criteria import CRITERIA
     from sekd.selection.policies import POLICIES
     from sekd.selection.signals import SIGNALS
@@ -33,8 +36,9 @@ def build_selector(cfg: DictConfig):
     p = cfg.position
     policy = POLICIES.build(p.policy, **policy_options(cfg))
     criterion = CRITERIA.build(cfg.criterion.name, **dict(cfg.criterion.options or {}))
+    classes = build_classes(cfg.classes.name, **dict(cfg.classes.options or {}))
     return Selector(signal=SIGNALS.get(p.signal) if p.signal else None, policy=policy, criterion=criterion,
-                    signal_normalization=p.normalization)
+                    signal_normalization=p.normalization, classes=classes)
 
 
 def peak_memory_mb(device) -> float:
@@ -46,27 +50,63 @@ def peak_memory_mb(device) -> float:
 
 
 def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tracker) -> dict[str, Any]:
-    """Train the student with the run's selective KD; save it in Hugging Face format under run/model."""
+    """Select samples, get class targets, train the student with the run's selective KD; save it in
+    Hugging Face format under run/model. Returns training stats and costs (Table 7's columns)."""
     import torch
 
-    from sekd.data.dataset import build_packed
-    from sekd.models import load_model, pick_device, pick_dtype, shared_vocab
+    from sekd.data.dataset import build_packed, tokenizer_signature
+    from sekd.models import load_model, model_signature, pick_device, pick_dtype, shared_vocab
+    from sekd.selection.samples import SAMPLERS, select_samples
     from sekd.trainer import SelectionTrace, Trainer
 
-    t = cfg.train
+    t, trc = cfg.train, cfg.model.trust_remote_code
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
     data = build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
                         cache_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
+    n_train = len(data)
     torch.manual_seed(cfg.seed)
-    trc = cfg.model.trust_remote_code
+    selector = build_selector(cfg)
     student = load_model(student_path, device, torch.float32, trc)  # fp32 master weights; autocast computes
-    need_teacher = t.lam > 0 or build_selector(cfg).needs_teacher_everywhere
-    teacher = load_model(teacher_path, device, dtype, trc).eval().requires_grad_(False) if need_teacher else None
-    V = shared_vocab(tok, *(m for m in (student, teacher) if m is not None))
+    V = shared_vocab(tok, student)
+    teacher = None
+    costs: dict[str, Any] = {"teacher_loaded": False, "prepass_seconds": 0.0, "prepass_reused": False,
+                             "prepass_forward_tokens": {}, "cache_build_seconds": 0.0, "cache": None}
+
+    def get_teacher():
+        nonlocal teacher
+        if teacher is None:
+            teacher = load_model(teacher_path, device, dtype, trc).eval().requires_grad_(False)
+            shared_vocab(tok, teacher)
+            costs["teacher_loaded"] = True
+        return teacher
+
+    # sample axis: s_i, from a pre-pass of the frozen initial student (and teacher) or at random
+    if cfg.samples.name != "all":
+        needs = SAMPLERS.get(cfg.samples.name)
+        wants_teacher = getattr(needs, "needs_teacher", False)
+        picked = select_samples(
+            cfg.samples.name, data, l=cfg.samples.l, seed=cfg.seed, student=student,
+            teacher=get_teacher() if wants_teacher else None, student_sig=model_signature(student_path),
+            teacher_sig=model_signature(teacher_path) if wants_teacher else "", tokenizer_sig=tokenizer_signature(tok),
+            store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=cfg.samples.batch_size, device=str(device),
+            vocab=V, temperature=t.temperature)
+        data = data.subset(picked.indices)
+        costs.update(prepass_seconds=picked.prepass_seconds, prepass_reused=picked.reused,
+                     prepass_forward_tokens=picked.forward_tokens)
+
+    # class axis from the offline cache: C_t and p~ per sample, so training needs no teacher
+    cache = None
+    if cfg.classes.cache is not None:
+        cache = open_teacher_cache(cfg, data, teacher_path, tok, V, get_teacher, costs)
+
+    needs_teacher = (t.lam > 0 and cache is None) or selector.needs_teacher_everywhere
+    if not needs_teacher:
+        teacher = None  # built the cache or scored samples; not needed to train
     trace = SelectionTrace(run.trace, t.trace_selection_steps) if t.trace_selection_steps else None
-    trainer = Trainer(student=student, teacher=teacher, data=data, selector=build_selector(cfg), train_cfg=t,
-                      vocab=V, seed=cfg.seed, run=run, tracker=tracker, device=device, dtype=dtype, trace=trace)
+    trainer = Trainer(student=student, teacher=get_teacher() if needs_teacher else None, data=data,
+                      selector=selector, train_cfg=t, vocab=V, seed=cfg.seed, run=run, tracker=tracker,
+                      device=device, dtype=dtype, trace=trace, cache=cache)
     prog = trainer.fit()
 
     tmp = run.path / "model.tmp"
@@ -76,16 +116,49 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     shutil.rmtree(run.model, ignore_errors=True)
     tmp.rename(run.model)
     stats = {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
-             "train_samples": len(data), "peak_memory_mb": peak_memory_mb(device)}
+             "train_samples": len(data), "available_samples": n_train, "peak_memory_mb": peak_memory_mb(device),
+             "costs": {**costs, "teacher_forward_tokens": prog.teacher_tokens + sum(
+                 v for k, v in costs["prepass_forward_tokens"].items() if k == "teacher"),
+                 "cache_bytes_read": cache.bytes_read if cache is not None else 0}}
     run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
-    (run.path / "train_stats.json").write_text(__import__("json").dumps(stats))
+    atomic_write_json(run.path / "train_stats.json", stats)
     return stats
+
+
+def open_teacher_cache(cfg: DictConfig, data, teacher_path: str, tok, V: int, get_teacher, costs: dict):
+    """The run's offline teacher cache: `auto` builds (or finishes) one keyed by its signature and the
+    samples it covers; a folder is opened as it is. Either way a mismatch is refused."""
+    import hashlib
+    import time as _time
+
+    from sekd.cache.build import build_cache
+    from sekd.cache.store import TeacherCache
+    from sekd.data.dataset import tokenizer_signature
+    from sekd.models import model_signature
+
+    n_draws = int(cfg.classes.options.get("n_draws", 64))
+    expect = {"teacher": model_signature(teacher_path), "tokenizer": tokenizer_signature(tok), "vocab_size": V,
+              "temperature": float(cfg.train.temperature), "n_draws": n_draws}
+    if cfg.classes.cache == "auto":
+        key = hashlib.sha256(json.dumps({**expect, "samples": sorted(data.sample_ids)}, sort_keys=True).encode())
+        path = Path(cfg.paths.cache) / "teacher_cache" / key.hexdigest()[:16]
+        t0 = _time.time()
+        if not (path / "manifest.json").exists() or not TeacherCache.open(path).complete():
+            build_cache(get_teacher(), data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+                        n_draws=n_draws, temperature=expect["temperature"], seed=0, vocab_size=V,
+                        device=str(next(get_teacher().parameters()).device), batch_size=cfg.samples.batch_size)
+            costs["cache_build_seconds"] = round(_time.time() - t0, 2)
+    else:
+        path = Path(cfg.classes.cache)
+    costs["cache"] = str(path)
+    try:
+        return TeacherCache.open(path, expect=expect)
+    except ValueError as err:
+        raise ConfigError(f"classes.cache: {err}") from None
 
 
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """Run one configured job end to end; returns its record (None when it was already done)."""
-    import json
-
     try:
         validate(cfg)
     except ConfigError as err:
@@ -142,7 +215,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         "preset": cfg.preset, "label": cfg.label, "mode": cfg.mode, "seed": cfg.seed, "config_hash": run.hash,
         "run_dir": str(run.path), "model": scored, "metrics": metrics,
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
-        "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2),
+        "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2), "costs": stats.get("costs", {}),
+        "train_samples": stats.get("train_samples"),
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "git_commit": git_commit(), "overrides": list(overrides or []), "config": resolved(cfg),

@@ -31,6 +31,7 @@ class Progress:
     offset: int = 0
     tokens_seen: int = 0
     tokens_supervised: int = 0
+    teacher_tokens: int = 0  # tokens the teacher ran over (0 when training from the offline cache)
 
 
 def build_optimizer(params, t) -> torch.optim.Optimizer:
@@ -92,10 +93,10 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
 
 class Trainer:
     def __init__(self, *, student, teacher, data, selector: Selector, train_cfg, vocab: int, seed: int,
-                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None):
+                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None):
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
         self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
-        self.device, self.dtype, self.trace = device, dtype, trace
+        self.device, self.dtype, self.trace, self.cache = device, dtype, trace, cache
         self.steps = total_steps(len(data), train_cfg)
         self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
@@ -134,10 +135,14 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
+                self.prog.teacher_tokens += x.numel()
+        samples = [self.data.sample_ids[i] for i in idx]
+        cached = self.cache.targets(samples, y) if self.cache is not None else None  # p~ over C_t, valid positions
         out = selective_kd_loss(s_logits, t_logits, y, self.sel, lam=self.t.lam, temperature=self.t.temperature,
-                                normalization=self.t.normalization, generator=self.gen, step=self.prog.step)
+                                normalization=self.t.normalization, generator=self.gen, step=self.prog.step,
+                                cached=cached)
         if self.trace is not None:
-            self.trace.write(self.prog.step, [self.data.sample_ids[i] for i in idx], y, out)
+            self.trace.write(self.prog.step, samples, y, out)
         return out, x
 
     def accumulate(self, stream) -> tuple[float, float, float]:
