@@ -117,12 +117,22 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     tmp.rename(run.model)
     stats = {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
              "train_samples": len(data), "available_samples": n_train, "peak_memory_mb": peak_memory_mb(device),
-             "costs": {**costs, "teacher_forward_tokens": prog.teacher_tokens + sum(
-                 v for k, v in costs["prepass_forward_tokens"].items() if k == "teacher"),
-                 "cache_bytes_read": cache.bytes_read if cache is not None else 0}}
+             "costs": {**costs, "cache_bytes_read": cache.bytes_read if cache is not None else 0,
+                       # every token the teacher ran over: training, sample pre-pass, cache construction
+                       "teacher_forward_tokens": prog.teacher_tokens + costs["prepass_forward_tokens"].get("teacher", 0)
+                       + costs.get("cache_build_teacher_tokens", 0)}}
     run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
     atomic_write_json(run.path / "train_stats.json", stats)
     return stats
+
+
+def cache_expectation(cfg: DictConfig, teacher_path: str, tok) -> dict[str, Any]:
+    """What the run's offline cache must have been built with (checked against its signature)."""
+    from sekd.data.dataset import tokenizer_signature
+    from sekd.models import model_signature
+
+    return {"teacher": model_signature(teacher_path), "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
+            "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64))}
 
 
 def open_teacher_cache(cfg: DictConfig, data, teacher_path: str, tok, V: int, get_teacher, costs: dict):
@@ -132,28 +142,29 @@ def open_teacher_cache(cfg: DictConfig, data, teacher_path: str, tok, V: int, ge
     import time as _time
 
     from sekd.cache.build import build_cache
-    from sekd.cache.store import TeacherCache
-    from sekd.data.dataset import tokenizer_signature
-    from sekd.models import model_signature
+    from sekd.cache.store import CacheError, TeacherCache
 
-    n_draws = int(cfg.classes.options.get("n_draws", 64))
-    expect = {"teacher": model_signature(teacher_path), "tokenizer": tokenizer_signature(tok), "vocab_size": V,
-              "temperature": float(cfg.train.temperature), "n_draws": n_draws}
+    expect = cache_expectation(cfg, teacher_path, tok)
+    n_draws = expect["n_draws"]
     if cfg.classes.cache == "auto":
         key = hashlib.sha256(json.dumps({**expect, "samples": sorted(data.sample_ids)}, sort_keys=True).encode())
         path = Path(cfg.paths.cache) / "teacher_cache" / key.hexdigest()[:16]
-        t0 = _time.time()
-        if not (path / "manifest.json").exists() or not TeacherCache.open(path).complete():
-            build_cache(get_teacher(), data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+        try:  # a finished cache for these samples: reuse it, the teacher stays unloaded
+            TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)
+        except CacheError:
+            t0 = _time.time()
+            teacher = get_teacher()
+            build_cache(teacher, data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
                         n_draws=n_draws, temperature=expect["temperature"], seed=0, vocab_size=V,
-                        device=str(next(get_teacher().parameters()).device), batch_size=cfg.samples.batch_size)
+                        device=str(next(teacher.parameters()).device), batch_size=cfg.samples.batch_size)
             costs["cache_build_seconds"] = round(_time.time() - t0, 2)
+            costs["cache_build_teacher_tokens"] = int(data.input_ids.numel())
     else:
         path = Path(cfg.classes.cache)
     costs["cache"] = str(path)
     try:
-        return TeacherCache.open(path, expect=expect)
-    except ValueError as err:
+        return TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)
+    except CacheError as err:
         raise ConfigError(f"classes.cache: {err}") from None
 
 
@@ -180,6 +191,13 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     teacher_path, student_path, tok_path = resolve_pair(cfg)
     try:
         tok = check_same_tokenizer(teacher_path, student_path, tok_path, cfg.model.trust_remote_code)
+        if cfg.mode == "distill" and cfg.classes.cache not in (None, "auto"):  # refuse a wrong cache up front
+            from sekd.cache.store import CacheError, TeacherCache
+
+            try:
+                TeacherCache.open(cfg.classes.cache, expect=cache_expectation(cfg, teacher_path, tok))
+            except CacheError as err:
+                raise ConfigError(f"classes.cache: {err}") from None
     except ConfigError as err:
         fail(err)
 
@@ -204,9 +222,11 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
             from sekd.evaluation.score import score_checkpoint
             from sekd.models import pick_device
 
+            device = pick_device(cfg.eval.device)
             metrics = score_checkpoint(scored, run.lm_eval.parent, suite=cfg.eval.suite, split=cfg.eval.split,
                                        cache_dir=Path(cfg.paths.cache) / "eval", batch_size=cfg.eval.batch_size,
-                                       limit=cfg.eval.limit, device=str(pick_device(cfg.eval.device)), seed=cfg.seed)
+                                       limit=cfg.eval.limit, device=str(device), seed=cfg.seed,
+                                       dtype="bfloat16" if device.type == "cuda" else "float32")
         tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
     finally:
         tracker.finish()
@@ -216,7 +236,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         "run_dir": str(run.path), "model": scored, "metrics": metrics,
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
         "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2), "costs": stats.get("costs", {}),
-        "train_samples": stats.get("train_samples"),
+        "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "git_commit": git_commit(), "overrides": list(overrides or []), "config": resolved(cfg),

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from sekd.io import atomic_torch_save
 from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.selection.classes import SparseTarget
 
 
 @dataclass
@@ -137,7 +138,9 @@ class Trainer:
                     t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
                 self.prog.teacher_tokens += x.numel()
         samples = [self.data.sample_ids[i] for i in idx]
-        cached = self.cache.targets(samples, y) if self.cache is not None else None  # p~ over C_t, valid positions
+        cached = None
+        if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
+            cached = SparseTarget(*self.cache.targets(samples, y.cpu())).to(self.device)
         out = selective_kd_loss(s_logits, t_logits, y, self.sel, lam=self.t.lam, temperature=self.t.temperature,
                                 normalization=self.t.normalization, generator=self.gen, step=self.prog.step,
                                 cached=cached)

@@ -12,14 +12,17 @@ DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "disti
 PAPER = ROOT.parent / "shared" / "paper_tables.csv"
 
 
-def test_paper_rows_map_every_row_of_t2_t3_v1_v2_to_a_preset():
+TABLES = ("T2", "T3", "T4", "V1", "V2")
+
+
+def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
     mapping = list(csv.DictReader((ROOT / "analysis" / "paper_rows.csv").open()))
     assert all(r["preset"] in PRESETS for r in mapping)
     mapped = {(r["table"], r["method"]) for r in mapping}
     if PAPER.exists():  # the paper's numbers sit beside the repo (shared/)
-        paper = {(r["table"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in ("T2", "T3", "V1", "V2")}
+        paper = {(r["table"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
         assert paper == mapped
-    assert len(mapped) == len(mapping) == 38
+    assert len(mapped) == len(mapping) == 48
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +82,6 @@ def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
     if cfg.position.policy not in ("all",):
         frac = record["tokens_supervised"] / sum(len(r["valid"]) for r in rows)
         assert frac < 0.5  # 20% budgets supervise far fewer positions than Full KD
+        assert all(len(set(r["selected"])) < len(r["valid"]) for r in rows if len(r["valid"]) > 1)  # strict subset
+    if cfg.samples.name != "all":  # training iterates over the kept samples only
+        assert record["train_samples"] == math.floor(cfg.samples.l * record["available_samples"])

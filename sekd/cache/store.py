@@ -24,14 +24,14 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from sekd.cache import format as fmt
-from sekd.cache.draws import to_sparse
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FORMAT = 1  # bump when the manifest or shard layout changes
 MAGIC = b"SEKDRSKD"
@@ -159,7 +159,8 @@ class Shard:
         starts = np.concatenate([[end_index], ends[:-1]]).astype(np.int64)
         if n and (np.any(self.index["nbytes"].astype(np.int64) != expect) or np.any(self.index["offset"] != starts)):
             raise CacheError(f"{path}: corrupt index (block sizes or offsets inconsistent)")
-        if n and np.any(np.diff(self.index["sid"].astype(np.uint64)) <= 0):
+        sid = self.index["sid"]
+        if n and np.any(sid[1:] <= sid[:-1]):  # (np.diff of uint64 would wrap instead of going negative)
             raise CacheError(f"{path}: corrupt index (sample ids not strictly ascending)")
         last = int(ends[-1]) if n else end_index
         if size != last:
@@ -323,6 +324,10 @@ class TeacherCache:
     def targets(self, sample_ids: list[str], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """p~ at the valid positions (labels != -100) of the batch, row-major over [B,T].
         -> ids_pad [P,K] long, probs_pad [P,K] float32, mask [P,K] bool (CPU), P = valid positions."""
+        import torch  # here, so verify / ls / stats start without torch
+
+        from sekd.cache.draws import to_sparse
+
         if len(sample_ids) != labels.shape[0]:
             raise ValueError(f"{len(sample_ids)} sample ids for {labels.shape[0]} rows of labels")
         valid = (labels != IGNORE).cpu().numpy()  # [B,T]
@@ -379,7 +384,7 @@ def storage_rows(vocab_size: int, *, tokens: float = 100e9, sample_fraction: flo
     fraction); Vanilla CE: one 3-byte id; this cache: measured (distinct draws only).
     """
     rows = [
-        ("full", f"Full KD (|V|={vocab_size:,} float16)", 2.0 * vocab_size),
+        ("full", f"Full KD (V={vocab_size:,} classes, float16)", 2.0 * vocab_size),  # no "|": it splits a cell
         ("rs_kd_12", "RS-KD (U=12)", 3.0 * 12),
         ("rs_kd_64", "RS-KD (U=64)", 3.0 * 64),
         ("sekd3x_12", f"SE-KD3X (U=12, l={sample_fraction:.0%})", 3.0 * 12 * sample_fraction),

@@ -1,0 +1,343 @@
+"""The selective objective of SPEC §2 from hidden states: chunked scoring and a selective LM head (SPEC §9).
+
+Same semantics as the dense reference `selective_kd_loss` on the logits the heads would give,
+z = F.linear(h, W, b)[..., :V], but no [B,T,V] tensor ever exists:
+
+    u(t)   from the heads over chunks of valid positions, no grad, reduced to scalars   [B,T]
+    m_t, w_t = policy(u)                                  (same generator order as the dense flow)
+    l(t)   = lam * T^2 * D_C(p_t, q_t) + (1 - lam) * CE(x_{t+1}, q_t)   at selected positions only
+    loss   = sum_n c_n l(t_n),  c_n = m w / n_sel_i (per_sequence) or m w (batch_tokens)
+
+The student head runs with gradient only at the N selected positions, C at a time; the forward
+computes each chunk's gradients at once (`SelectedHeadLoss`), so forward and backward hold
+O(C x V) logits. The teacher head runs at every valid position only when the signal needs the
+teacher there; otherwise only at the selected positions.
+
+Batch-level criteria stay exact: `weighted` (w_t normalized per sequence) and `atkd` (hard/easy
+split over all selected positions) get their batch-level quantities from a no-grad first pass
+(u and the teacher's target probability); any criterion not known here runs as one chunk.
+The class axis: `top_k_truncation` and cached targets match the dense flow exactly; `rs_kd`
+draws per chunk, so its draws equal the dense flow's only when everything fits one chunk.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sekd.kd.objective import IGNORE, Selector, StepOut, token_ce, upcast
+from sekd.selection import signals as S
+from sekd.selection.classes import SparseTarget, sparse_forward_kl
+from sekd.selection.criteria import atkd, dkd, forward_kl, hard_mask, nckd, reverse_kl, tckd, weighted
+
+POINTWISE = (forward_kl, reverse_kl, dkd)  # D_t depends on position t alone: any chunking is exact
+
+
+# ---- heads ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Head:
+    """An LM head cut to the shared vocabulary: z = h W[:V]^T + b[:V].  [N,d] -> [N,V]"""
+
+    weight: Tensor  # [V_head, d] (may be tied to the input embedding)
+    bias: Tensor | None
+    vocab: int
+
+    @staticmethod
+    def of(module, vocab: int) -> "Head":
+        """From an nn.Linear-like module (`model.get_output_embeddings()`)."""
+        W = module.weight
+        if vocab > W.shape[0]:
+            raise ValueError(f"vocab={vocab} is wider than the LM head ({W.shape[0]} rows)")
+        return Head(W, getattr(module, "bias", None), vocab)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        b = self.bias[: self.vocab] if self.bias is not None else None
+        return F.linear(h, self.weight[: self.vocab], b)
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """[0, n) in consecutive slices of at most `size`."""
+    if size < 1:
+        raise ValueError(f"chunk_size={size!r}; must be >= 1")
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def accumulation_dtype(h: Tensor, head: Head) -> torch.dtype:
+    """Losses in float64 for float64 inputs (the reference tests), else float32 (as `upcast`)."""
+    return torch.float64 if h.dtype == head.weight.dtype == torch.float64 else torch.float32
+
+
+# ---- position axis: chunked scoring ---------------------------------------------------------
+
+
+@torch.no_grad()
+def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
+                  labels: Tensor, valid: Tensor, *, generator, temperature: float, chunk_size: int) -> Tensor | None:
+    """u(t) on [B,T] as `signals.score`, from heads over chunks of valid positions; never [B,T,V]."""
+    sig, how = sel.signal, sel.signal_normalization
+    if sig is None:
+        return None
+    if sig.random:  # torch.rand(B,T) on the generator, exactly as the dense flow
+        return S.score(sig, None, None, labels, valid, generator=generator, normalization=how)
+    if how not in S.NORMALIZATIONS:
+        raise ValueError(f"signal normalization {how!r}; allowed: {', '.join(S.NORMALIZATIONS)}")
+    if sig.needs_teacher and (h_t is None or teacher is None):
+        raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
+    rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions                [P]
+    y = labels[rows, cols]
+    parts = [torch.zeros(len(sig.terms), 0, device=labels.device)]
+    for sl in chunks(rows.numel(), chunk_size):
+        r, c = rows[sl], cols[sl]
+        t = teacher(h_t[r, c]) if sig.needs_teacher else None  #                    [C,V]
+        parts.append(S.score_terms(sig, student(h_s[r, c]), t, y[sl], temperature=temperature))  # [n_terms,C]
+    terms = torch.cat(parts, dim=1)  #                                              [n_terms,P]
+    u = torch.zeros(valid.shape, dtype=torch.float32, device=labels.device)
+    for term in terms:
+        x = torch.zeros_like(u)
+        x[rows, cols] = term
+        u = u + S._normalize(x, valid, how)
+    return u.masked_fill(~valid, float("-inf"))
+
+
+# ---- criterion, chunk by chunk --------------------------------------------------------------
+
+
+def unbind(crit: Callable) -> tuple[Callable, dict]:
+    """The registered function under a built criterion, and its options (bound or default)."""
+    if isinstance(crit, functools.partial):
+        fn, opts = crit.func, dict(crit.keywords)
+    elif hasattr(crit, "__wrapped__"):  # Registry.build binds options in a closure
+        fn, opts = crit.__wrapped__, dict(inspect.getclosurevars(crit).nonlocals.get("kwargs", {}))
+    else:
+        fn, opts = crit, {}
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+    return fn, {**defaults, **opts}
+
+
+def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
+    """n_i w_t / sum_{t' in i} w_t' (1 where a sequence's w are all 0), w = u >= 0: weighted KD's factor.  [N]"""
+    w = u.detach().double()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("criterion 'weighted': u(t) must be finite at the positions passed in")
+    if bool((w < -1e-5 * max(1.0, float(w.abs().max()))).any()):
+        raise ValueError("criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
+                         "(or normalization=minmax, not zscore)")
+    w = w.clamp_min(0.0)
+    n_rows = int(row.max().item()) + 1 if row.numel() else 0
+    W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)  # sum_t w_t      [rows]
+    n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, torch.ones_like(w))  # [rows]
+    return torch.where(W[row] > 0, n[row] * w / W[row].clamp_min(1e-300), torch.ones_like(w))
+
+
+def chunk_criterion(sel: Selector, *, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
+                    teacher_at: Callable[[slice], Tensor], temperature: float,
+                    parts: list[slice]) -> tuple[Callable[[Tensor, Tensor, slice], Tensor], bool]:
+    """D(s_c, t_c, sl) -> [C] for one chunk of selected positions, exact for the batch-level criteria;
+    and whether the criterion must see every selected position at once (an unknown one)."""
+    crit = sel.criterion
+    fn, opts = unbind(crit)
+    if fn in POINTWISE:
+        return (lambda s, t, sl: crit(s, t, y[sl], temperature=temperature)), False
+    if fn is weighted:  # sum_t w_t KL_t / sum_t w_t per sequence: the factor needs only u and rows
+        if u is None:
+            raise ValueError("criterion 'weighted' needs a signal: w_t = u(t)")
+        scale = weighted_scale(u[rows, cols], rows)  #                                  [N]
+
+        def d_weighted(s: Tensor, t: Tensor, sl: slice) -> Tensor:
+            kl = forward_kl(s, t, y[sl], temperature=temperature)
+            return kl * scale[sl].to(kl.dtype)
+
+        return d_weighted, False
+    if fn is atkd:  # hard = the top hard_fraction of u_t = 1 - p_t(x_{t+1}) over all selected positions
+        hf, ew = opts["hard_fraction"], opts["easy_weight"]
+        if not 0.0 <= hf <= 1.0 or not 0.0 <= ew <= 1.0:
+            raise ValueError(f"atkd hard_fraction={hf!r}, easy_weight={ew!r}; both must be in [0, 1]")
+        hard = hard_mask(atkd_u(teacher_at, y, temperature, parts), hf)  #                bool[N]
+
+        def d_atkd(s: Tensor, t: Tensor, sl: slice) -> Tensor:
+            nc = nckd(s, t, y[sl], temperature)
+            return torch.where(hard[sl], (1.0 - ew) * (tckd(s, t, y[sl], temperature) + nc), ew * nc)
+
+        return d_atkd, False
+
+    def d_whole(s: Tensor, t: Tensor, sl: slice) -> Tensor:  # one chunk: the dense call
+        return crit(s, t, y[sl], temperature=temperature, row=rows[sl],
+                    u=u[rows[sl], cols[sl]] if u is not None else None)
+
+    return d_whole, True
+
+
+@torch.no_grad()
+def atkd_u(teacher_at: Callable[[slice], Tensor], y: Tensor, temperature: float, parts: list[slice]) -> Tensor:
+    """u_t = 1 - p_t(x_{t+1}) at every selected position, a no-grad first pass of the teacher head.  [N]"""
+    u_t = []
+    for sl in parts:
+        logp = torch.log_softmax(upcast(teacher_at(sl)) / temperature, dim=-1)  #      [C,V]
+        u_t.append(1.0 - logp.gather(1, y[sl].long().unsqueeze(-1)).squeeze(-1).exp())
+    return torch.cat(u_t) if u_t else torch.zeros(0, device=y.device)
+
+
+# ---- the selective student head with chunked gradients --------------------------------------
+
+
+class SelectedHeadLoss(torch.autograd.Function):
+    """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, loss_chunk: Callable, parts: list[slice]):
+        need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        Wv = W.detach()[:vocab].requires_grad_(need_W)  #                          [V,d]
+        bv = b.detach()[:vocab].requires_grad_(need_b) if b is not None else None
+        g_h = torch.zeros_like(h) if need_h else None  #                            [N,d]
+        g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
+        g_b = torch.zeros_like(b) if need_b else None
+        total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
+                            device=h.device)
+        for sl in parts:
+            h_c = h[sl].detach().requires_grad_(need_h)  #                            [C,d]
+            with torch.enable_grad():
+                loss_c = loss_chunk(F.linear(h_c, Wv, bv), sl)  # sum_n c_n l(t_n)   []
+                wrt = [x for x, need in ((h_c, need_h), (Wv, need_W), (bv, need_b)) if need]
+                grads = iter(torch.autograd.grad(loss_c, wrt)) if wrt else iter(())
+            if need_h:
+                g_h[sl] = next(grads)
+            if need_W:
+                g_W[:vocab] += next(grads)
+            if need_b:
+                g_b[:vocab] += next(grads)
+            total += loss_c.detach()
+        ctx.grads = (g_h, g_W, g_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        grads = ctx.grads
+        del ctx.grads
+        return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None)
+
+
+# ---- the step ------------------------------------------------------------------------------
+
+
+def chunked_kd_loss(
+    h_s: Tensor,
+    head_s,
+    h_t: Tensor | None,
+    head_t,
+    labels: Tensor,
+    sel: Selector,
+    *,
+    vocab: int,
+    lam: float,
+    temperature: float,
+    normalization: str = "per_sequence",
+    generator: torch.Generator | None = None,
+    step: int = 0,
+    cached: SparseTarget | None = None,
+    chunk_size: int = 1024,
+) -> StepOut:
+    """`selective_kd_loss` on z = head(h)[..., :vocab], never holding [B,T,V]: O(chunk_size x V) logits at once.
+
+    h_s [B,T,d] student final hidden states (with grad), head_s its output Linear (weight [V_s,d], maybe
+    tied); h_t [B,T,d_t] / head_t the teacher's (no grad), or None; `cached`: class targets of every
+    valid position, row-major (the offline teacher cache).
+    """
+    if normalization not in ("per_sequence", "batch_tokens"):
+        raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
+    valid = labels != IGNORE  # valid(t)                                        [B,T]
+    B, T = labels.shape
+    student = Head.of(head_s, vocab)
+    teacher = Head.of(head_t, vocab) if head_t is not None and h_t is not None else None
+    u = chunked_score(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
+                      temperature=temperature, chunk_size=chunk_size)  # u(t)   [B,T]
+    draws = sel.policy(u if u is not None else torch.zeros(B, T, device=labels.device), valid,
+                       generator=generator, step=step)  # m_t, w_t as draws  [B,K]
+    mw = draws.dense(T)  # m_t * w_t                                             [B,T]
+
+    rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
+    y = labels[rows, cols]  #                                                      [N]
+    n_sel = draws.count().to(labels.device)  # sum_t m_t                          [B]
+    acc = accumulation_dtype(h_s, student)
+    c = mw[rows, cols].to(acc)  # c_n = m_t w_t                                   [N]
+    if normalization == "per_sequence":  # L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i
+        c = c / n_sel[rows].to(acc).clamp_min(1)
+        weight = float((n_sel > 0).sum())
+    else:  # sum over the batch's selected positions
+        weight = float(n_sel.sum())
+
+    parts = chunks(rows.numel(), chunk_size)
+    teacher_at = selective_teacher(h_t, teacher, rows, cols)  # z_t at selected positions only
+    D, one_chunk = (divergence_chunk(sel, labels, rows, cols, y, u, teacher_at, temperature=temperature,
+                                     generator=generator, cached=cached, parts=parts) if lam > 0 else (None, False))
+    if one_chunk:
+        parts = [slice(0, rows.numel())]
+
+    def loss_chunk(s_c: Tensor, sl: slice) -> Tensor:
+        """sum_n c_n l(t_n), l = lam T^2 D_C(p, q) + (1 - lam) CE, over one chunk.  [C,V] -> []"""
+        ell = torch.zeros(s_c.shape[0], dtype=acc, device=s_c.device)  #           [C]
+        if lam > 0:
+            ell = ell + lam * temperature**2 * D(s_c, sl)
+        if lam < 1:
+            ell = ell + (1 - lam) * token_ce(s_c, y[sl])
+        return (c[sl] * ell).sum()
+
+    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, loss_chunk, parts)
+    metrics = {
+        "positions_valid": float(valid.sum()),
+        "positions_selected": float(n_sel.sum()),
+        **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached),
+    }
+    return StepOut(loss_sum, weight, draws, u, metrics)
+
+
+def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor, cols: Tensor) -> Callable[[slice], Tensor]:
+    """The selective teacher head: z_t at the selected positions rows[sl], cols[sl], no grad.  -> [C,V]"""
+
+    @torch.no_grad()
+    def at(sl: slice) -> Tensor:
+        if teacher is None:
+            raise ValueError("lam > 0 needs teacher logits or cached class targets")
+        return teacher(h_t[rows[sl], cols[sl]])
+
+    return at
+
+
+def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
+                     teacher_at: Callable[[slice], Tensor], *, temperature: float, generator,
+                     cached: SparseTarget | None, parts: list[slice]) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
+    """D_C(p_t, q_t) on one chunk of selected positions, as `objective.divergence`: (s_c [C,V], sl) -> [C];
+    and whether it must run as one chunk."""
+    if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
+        order = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+        order[labels != IGNORE] = torch.arange(int((labels != IGNORE).sum()), device=labels.device)
+        idx = order[rows, cols]  #                                                  [N]
+        return (lambda s, sl: sparse_forward_kl(s, cached.take(idx[sl]).to(s.device), temperature)), False
+    if sel.classes is not None:  # C_t subset of V, from the teacher's logits at the chunk
+        return (lambda s, sl: sparse_forward_kl(
+            s, sel.classes(teacher_at(sl), temperature=temperature, generator=generator), temperature)), False
+    d, one_chunk = chunk_criterion(sel, rows=rows, cols=cols, y=y, u=u, teacher_at=teacher_at,
+                                   temperature=temperature, parts=parts)
+    return (lambda s, sl: d(s, teacher_at(sl), sl)), one_chunk
+
+
+def head_positions(sel: Selector, valid: Tensor, n: int, *, lam: float, cached) -> dict[str, float]:
+    """How many positions each LM head ran at (the selective head's saving, vs B*T for the dense flow)."""
+    n_valid = int(valid.sum())
+    scored = sel.signal is not None and not sel.signal.random
+    teacher = n_valid if sel.needs_teacher_everywhere else 0
+    if lam > 0 and cached is None:
+        atkd_pass = sel.classes is None and unbind(sel.criterion)[0] is atkd
+        teacher += n * (2 if atkd_pass else 1)
+    return {"head_positions_student": float(n + (n_valid if scored else 0)), "head_positions_teacher": float(teacher)}
+
+
+def floor_loss(h_s: Tensor) -> Tensor:
+    """mean(h^2): a loss of the body alone, the benchmark's floor (no LM head, no KD)."""
+    return upcast(h_s).square().mean()

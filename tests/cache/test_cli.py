@@ -1,0 +1,93 @@
+"""sekd/cache/cli.py: sekd-cache build (two workers) / verify / ls / stats on a tiny teacher folder, in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sekd.cache.store import MANIFEST, TeacherCache, shard_name
+from tests.cache.helpers import ROOT
+
+
+def sekd_cache(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "sekd.cache.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cli_cache(teacher_dir, tmp_path_factory):
+    """Built by two workers, one after the other; returns (out, the first worker's results)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "cache"
+    base = ["build", "--teacher", str(teacher_dir), "--data", "embedded", "--split", "train", "--seq-len", "32",
+            "--token-budget", "640", "--out", str(out), "--cache", str(tmp / "harness"), "--n-draws", "16",
+            "--num-shards", "2", "--num-workers", "2", "--device", "cpu", "--threads", "1", "--quiet"]
+    first = sekd_cache(*base, "--worker", "0")
+    half_verify = sekd_cache("verify", str(out))
+    second = sekd_cache(*base, "--worker", "1")
+    assert second.returncode == 0, second.stderr
+    return out, first, half_verify, second
+
+
+def test_build_by_two_workers(cli_cache, teacher_dir):
+    from transformers import AutoTokenizer
+
+    from sekd.data.dataset import tokenizer_signature
+
+    out, first, half_verify, second = cli_cache
+    assert first.returncode == 0, first.stderr
+    assert "1/2 shards" in first.stdout and "2/2 shards" in second.stdout
+    assert half_verify.returncode == 1 and "missing shard" in half_verify.stderr
+    assert len(half_verify.stderr.strip().splitlines()) == 1
+    sig = json.loads((out / MANIFEST).read_text())["signature"]
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    assert sig["tokenizer"] == tokenizer_signature(tok) and sig["vocab_size"] == len(tok)
+    assert sig["teacher"] == str(teacher_dir) and sig["n_draws"] == 16 and sig["seq_len"] == 32
+    cache = TeacherCache.open(out, expect={"tokenizer": tokenizer_signature(tok), "n_draws": 16}, verify=True)
+    assert cache.stats()["samples"] == 20  # 640 tokens / 32
+
+
+def test_verify_ok_then_refuses_a_flipped_byte(cli_cache, tmp_path):
+    import shutil
+
+    out = cli_cache[0]
+    ok = sekd_cache("verify", str(out))
+    assert ok.returncode == 0 and ok.stdout.startswith("OK") and len(ok.stdout.strip().splitlines()) == 1
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = bad / shard_name(1, 2)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    shard.write_bytes(bytes(raw))
+    res = sekd_cache("verify", str(bad))
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(shard) in lines[0] and "checksum" in lines[0]
+
+
+def test_ls(cli_cache):
+    res = sekd_cache("ls", str(cli_cache[0]))
+    assert res.returncode == 0, res.stderr
+    assert "complete" in res.stdout and "n_draws: 16" in res.stdout
+    assert shard_name(0, 2) in res.stdout and shard_name(1, 2) in res.stdout
+    assert "| shard | file | samples |" in res.stdout
+
+
+def test_stats(cli_cache):
+    res = sekd_cache("stats", str(cli_cache[0]), "--tokens", "100e9", "--sample-fraction", "0.2")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for row in ("Full KD", "RS-KD (U=12)", "RS-KD (U=64)", "SE-KD3X (U=12, l=20%)", "SE-KD3X (U=64, l=20%)",
+                "Vanilla CE", "this cache, records only"):
+        assert row in out, out
+    assert "| 3.60 |" in out and "| 19.20 |" in out and "| 0.72 |" in out and "| 3.84 |" in out and "| 0.30 |" in out
+    measured = next(l for l in out.splitlines() if "records only" in l)
+    bpp = float(measured.split("|")[2].replace(",", ""))
+    assert 0 < bpp < 3 * 16  # distinct draws only: below U * 3 bytes
+
+
+def test_stats_and_verify_refuse_missing_folder(tmp_path):
+    res = sekd_cache("stats", str(tmp_path))
+    assert res.returncode == 1 and MANIFEST in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,301 @@
+"""The chunked flow (sekd/kd/flows.py) equals the dense reference on the heads' logits, in float64:
+loss, weight, draws, scores and every gradient (hidden states, head weight and bias); and it holds
+far less memory at a logit-heavy shape."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sekd.kd.flows import chunked_kd_loss, floor_loss
+from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.selection.classes import CLASSES, SparseTarget
+from sekd.selection.criteria import CRITERIA
+from sekd.selection.policies import POLICIES
+from sekd.selection.signals import SIGNALS
+
+B, T, D_S, D_T, V, PAD = 3, 13, 6, 8, 17, 3  # heads have V + PAD rows (Qwen-style padding), cut to V
+
+
+def heads(seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    head_s = torch.nn.Linear(D_S, V + PAD, bias=bias, dtype=torch.float64)
+    head_t = torch.nn.Linear(D_T, V + PAD, bias=bias, dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        for p in [*head_s.parameters(), *head_t.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 1.5)
+    return head_s, head_t
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 100)
+    h_s = torch.randn(B, T, D_S, generator=g, dtype=torch.float64)
+    h_t = torch.randn(B, T, D_T, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[torch.rand(B, T, generator=g) < 0.25] = IGNORE
+    y[1, :4] = IGNORE
+    return h_s, h_t, y
+
+
+def sel(policy="all", signal=None, criterion="forward_kl", classes=None, normalization="sum", crit_opts=None, **opts):
+    return Selector(SIGNALS.get(signal) if signal else None, POLICIES.build(policy, **opts),
+                    CRITERIA.build(criterion, **(crit_opts or {})), signal_normalization=normalization,
+                    classes=classes)
+
+
+def both(selector_fn, *, lam=1.0, temperature=1.0, normalization="per_sequence", chunk_size=7, seed=0,
+         cached=None, gen_seed=5, teacher=True):
+    """(dense, chunked): StepOut and grads (h_s, W, b) of loss_sum / weight for each flow."""
+    head_s, head_t = heads(seed)
+    h_s, h_t, y = batch(seed)
+    h_t = h_t if teacher else None
+    results = []
+    for flow in ("dense", "chunked"):
+        head_s.zero_grad()
+        h = h_s.clone().requires_grad_()
+        kw = dict(lam=lam, temperature=temperature, normalization=normalization, cached=cached,
+                  generator=torch.Generator().manual_seed(gen_seed))
+        if flow == "dense":
+            s_logits = F.linear(h, head_s.weight, head_s.bias)[..., :V]
+            t_logits = F.linear(h_t, head_t.weight, head_t.bias)[..., :V] if h_t is not None else None
+            out = selective_kd_loss(s_logits, t_logits, y, selector_fn(), **kw)
+        else:
+            out = chunked_kd_loss(h, head_s, h_t, head_t if h_t is not None else None, y, selector_fn(), vocab=V,
+                                  chunk_size=chunk_size, **kw)
+        (out.loss_sum / max(out.weight, 1e-12)).backward()
+        results.append((out, (h.grad, head_s.weight.grad.clone(), head_s.bias.grad.clone())))
+    return results
+
+
+def assert_same(dense, chunked, exact_draws=True):
+    (d, d_grads), (c, c_grads) = dense, chunked
+    assert c.loss_sum.dtype == torch.float64
+    assert c.weight == d.weight
+    assert c.metrics["positions_valid"] == d.metrics["positions_valid"]
+    assert c.metrics["positions_selected"] == d.metrics["positions_selected"]
+    if exact_draws:
+        torch.testing.assert_close(c.draws.index, d.draws.index, rtol=0, atol=0)
+        torch.testing.assert_close(c.draws.weight, d.draws.weight, rtol=0, atol=0)
+    if d.u is not None:
+        torch.testing.assert_close(c.u, d.u, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c.loss_sum, d.loss_sum, rtol=1e-10, atol=1e-12)
+    for name, gc, gd in zip(("h_s", "W", "b"), c_grads, d_grads):
+        torch.testing.assert_close(gc, gd, rtol=1e-9, atol=1e-12, msg=name)
+
+
+CASES = {
+    "full_kd": lambda: sel("all"),
+    "se_kd": lambda: sel("top_k", "student_entropy", k=0.3),
+    "kl_top_k": lambda: sel("top_k", "kl", k=0.3),
+    "zscore_kl_plus_entropy": lambda: sel("top_k", "kl_plus_student_entropy", normalization="zscore", k=0.4),
+    "ce_ratio_curriculum": lambda: sel("curriculum", "ce_ratio", k=0.3, S=10),
+    "pos_rs_star": lambda: sel("pos_rs_star", "student_entropy", k=0.3),
+    "pos_rs_coverage": lambda: sel("pos_rs", "teacher_entropy", k=0.5, coverage=0.5, tau=0.5),
+    "random_signal": lambda: sel("top_k", "random", k=0.3),
+    "random_policy": lambda: sel("random", None, k=0.3),
+    "reverse_kl": lambda: sel("top_k", "student_entropy", "reverse_kl", k=0.5),
+    "dkd": lambda: sel("all", None, "dkd", crit_opts={"beta": 4.0}),
+    "atkd": lambda: sel("all", None, "atkd"),
+    "atkd_options": lambda: sel("top_k", "student_entropy", "atkd", k=0.6,
+                                crit_opts={"hard_fraction": 0.3, "easy_weight": 0.1}),
+    "weighted": lambda: sel("top_k", "student_entropy", "weighted", k=0.5),
+    "weighted_all": lambda: sel("all", "teacher_ce", "weighted"),
+    "top_k_truncation": lambda: sel("top_k", "student_entropy", k=0.4,
+                                    classes=CLASSES.build("top_k_truncation", top=5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("normalization", ["per_sequence", "batch_tokens"])
+def test_chunked_equals_dense(case, normalization):
+    assert_same(*both(CASES[case], normalization=normalization, chunk_size=3))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("case", ["full_kd", "se_kd", "atkd", "weighted", "kl_top_k"])
+def test_any_chunk_size(chunk_size, case):
+    assert_same(*both(CASES[case], chunk_size=chunk_size, seed=chunk_size))
+
+
+@pytest.mark.parametrize("lam,temperature", [(0.5, 2.0), (0.0, 1.0), (0.3, 1.5)])
+@pytest.mark.parametrize("case", ["full_kd", "se_kd", "dkd", "top_k_truncation"])
+def test_lam_and_temperature(lam, temperature, case):
+    assert_same(*both(CASES[case], lam=lam, temperature=temperature, seed=2))
+
+
+def test_pure_ce_needs_no_teacher():
+    assert_same(*both(CASES["se_kd"], lam=0.0, teacher=False))
+
+
+def cached_targets(seed=3, K=6):
+    """Sparse targets for every valid position of `batch(seed)`, row-major; with padded slots."""
+    _, _, y = batch(seed)
+    P = int((y != IGNORE).sum())
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(P)])
+    mask = torch.rand(P, K, generator=g) < 0.7
+    mask[:, 0] = True
+    probs = torch.rand(P, K, generator=g).masked_fill(~mask, 0.0)
+    return SparseTarget(ids, probs / probs.sum(-1, keepdim=True), mask)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+@pytest.mark.parametrize("case", ["se_kd", "full_kd", "pos_rs_star"])
+def test_cached_targets_need_no_teacher(chunk_size, case):
+    d, c = both(CASES[case], cached=cached_targets(), teacher=False, seed=3, chunk_size=chunk_size, lam=0.7)
+    assert_same(d, c)
+    assert c[0].metrics["head_positions_teacher"] == 0
+
+
+def test_rs_kd_in_one_chunk_draws_as_dense():
+    """rs_kd draws per chunk: one chunk consumes the generator exactly as the dense flow does."""
+    case = lambda: sel("top_k", "student_entropy", k=0.4, classes=CLASSES.build("rs_kd", n_draws=8))  # noqa: E731
+    assert_same(*both(case, chunk_size=1000))
+    d, c = both(case, chunk_size=2)  # other draws, same objective: finite, close in expectation
+    assert torch.isfinite(c[0].loss_sum) and all(torch.isfinite(g).all() for g in c[1])
+
+
+def test_unknown_criterion_runs_as_one_chunk():
+    """A criterion this module does not know may couple positions: it sees all of them at once."""
+    seen = []
+
+    def batch_mean_kl(s, t, y, *, temperature=1.0, row=None, u=None):
+        seen.append(s.shape[0])
+        kl = CRITERIA.get("forward_kl")(s, t, y, temperature=temperature)
+        return kl * (1 + kl.detach().mean())  # couples every position through the batch mean
+
+    case = lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.5), batch_mean_kl)  # noqa
+    d, c = both(case, chunk_size=2)
+    assert_same(d, c)
+    assert seen[0] == seen[1]  # dense call, then the chunked flow's single chunk
+
+
+def test_selective_heads_run_only_where_needed():
+    h_s, h_t, y = batch()
+    head_s, head_t = heads()
+    n_valid = int((y != IGNORE).sum())
+
+    def run(selector):
+        return chunked_kd_loss(h_s.clone().requires_grad_(), head_s, h_t, head_t, y, selector, vocab=V,
+                               lam=1.0, temperature=1.0, chunk_size=4).metrics
+
+    m = run(sel("top_k", "student_entropy", k=0.2))  # SE-KD: teacher head at the selected positions only
+    assert m["head_positions_teacher"] == m["positions_selected"] < n_valid
+    assert m["head_positions_student"] == n_valid + m["positions_selected"]
+    m = run(sel("top_k", "kl", k=0.2))  # a teacher signal: teacher head everywhere, then at the selection
+    assert m["head_positions_teacher"] == n_valid + m["positions_selected"]
+    m = run(sel("all"))  # Full KD: no scoring pass
+    assert m["head_positions_student"] == m["head_positions_teacher"] == n_valid
+
+
+def test_tied_head_and_frozen_head():
+    """A tied head sums the gradients of both uses; a frozen head gets none and costs none."""
+    h_s, h_t, y = batch()
+    head_s, head_t = heads(bias=False)
+    emb = torch.nn.Embedding(V + PAD, D_S, dtype=torch.float64)
+    emb.weight = head_s.weight  # tied
+    x = y.clamp_min(0)
+    for flow in ("dense", "chunked"):
+        head_s.zero_grad()
+        h = h_s + emb(x)
+        if flow == "dense":
+            out = selective_kd_loss(F.linear(h, head_s.weight)[..., :V], F.linear(h_t, head_t.weight)[..., :V], y,
+                                    sel("top_k", "student_entropy", k=0.3), lam=1.0, temperature=1.0)
+        else:
+            out = chunked_kd_loss(h, head_s, h_t, head_t, y, sel("top_k", "student_entropy", k=0.3), vocab=V,
+                                  lam=1.0, temperature=1.0, chunk_size=5)
+        out.loss_sum.backward()
+        grads = grads if flow == "chunked" else head_s.weight.grad.clone()
+    torch.testing.assert_close(head_s.weight.grad, grads, rtol=1e-9, atol=1e-12)
+
+    head_s.zero_grad()
+    head_s.requires_grad_(False)
+    h = h_s.clone().requires_grad_()
+    out = chunked_kd_loss(h, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0, chunk_size=5)
+    out.loss_sum.backward()
+    assert h.grad is not None and head_s.weight.grad is None
+
+
+def test_floor_loss_reaches_the_body():
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    floor_loss(h).backward()
+    torch.testing.assert_close(h.grad, 2 * h.detach() / h.numel())
+
+
+def test_errors_match_the_dense_flow():
+    h_s, h_t, y = batch()
+    head_s, head_t = heads()
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        chunked_kd_loss(h_s, head_s, None, None, y, sel("all"), vocab=V, lam=1.0, temperature=1.0)
+    with pytest.raises(ValueError, match="needs teacher logits at every position"):
+        chunked_kd_loss(h_s, head_s, None, None, y, sel("top_k", "kl", k=0.2), vocab=V, lam=0.0, temperature=1.0)
+    with pytest.raises(ValueError, match="wider than the LM head"):
+        chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel("all"), vocab=V + PAD + 1, lam=1.0, temperature=1.0)
+    with pytest.raises(ValueError, match="normalization"):
+        chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0,
+                        normalization="mean")
+
+
+def test_no_valid_target_gives_zero_loss_and_grads():
+    h_s, h_t, y = batch()
+    head_s, head_t = heads()
+    h = h_s.clone().requires_grad_()
+    out = chunked_kd_loss(h, head_s, h_t, head_t, torch.full_like(y, IGNORE), sel("top_k", "student_entropy", k=0.2),
+                          vocab=V, lam=1.0, temperature=1.0)
+    out.loss_sum.backward()
+    assert out.weight == 0.0 and float(out.loss_sum) == 0.0 and not h.grad.any()
+
+
+# ---- memory: the point of the flow -------------------------------------------------------------
+
+PEAK = textwrap.dedent("""
+    import json, resource, sys, torch, torch.nn.functional as F
+    from sekd.kd.flows import chunked_kd_loss
+    from sekd.kd.objective import Selector, selective_kd_loss
+    from sekd.selection.criteria import forward_kl
+    from sekd.selection.policies import POLICIES
+    from sekd.selection.signals import SIGNALS
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the heads' init
+    flow, signal = sys.argv[1], sys.argv[2]
+    B, T, d, V = 4, 256, 64, 32768
+    g = torch.Generator().manual_seed(0)
+    head_s, head_t = torch.nn.Linear(d, V, bias=False), torch.nn.Linear(d, V, bias=False).requires_grad_(False)
+    h_s = torch.randn(B, T, d, generator=g, requires_grad=True)
+    h_t = torch.randn(B, T, d, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    sel = Selector(SIGNALS.get(signal) if signal != "none" else None,
+                   POLICIES.build("top_k", k=0.2) if signal != "none" else POLICIES.build("all"), forward_kl)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if flow == "dense":
+        out = selective_kd_loss(head_s(h_s), head_t(h_t), y, sel, lam=1.0, temperature=1.0)
+    else:
+        out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel, vocab=V, lam=1.0, temperature=1.0, chunk_size=128)
+    out.loss_sum.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kib": base, "peak_kib": peak, "loss": float(out.loss_sum.detach())}))
+""")
+
+
+def peak_rss(flow: str, signal: str) -> dict:
+    from tests.helpers import ROOT
+
+    res = subprocess.run([sys.executable, "-c", PEAK, flow, signal], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("signal", ["none", "student_entropy"])  # Full KD, SE-KD
+def test_chunked_peak_memory_is_far_below_dense(signal):
+    """[4,256,32768] float32 logits are 128 MiB a tensor; the chunked flow holds [128,32768] at a time."""
+    dense, chunked = peak_rss("dense", signal), peak_rss("chunked", signal)
+    assert chunked["loss"] == pytest.approx(dense["loss"], rel=1e-4)
+    above = {k: r["peak_kib"] - r["base_kib"] for k, r in (("dense", dense), ("chunked", chunked))}
+    assert above["chunked"] < 0.3 * above["dense"], above
+    assert chunked["peak_kib"] < 0.7 * dense["peak_kib"], (chunked, dense)
