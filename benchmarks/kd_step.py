@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sekd.kd.flows import chunked_kd_loss, floor_loss  # noqa: E402
+from sekd.kd.flows import auto_chunk_size, chunked_kd_loss, floor_loss  # noqa: E402
 from sekd.kd.objective import IGNORE, Selector, selective_kd_loss  # noqa: E402
 from sekd.selection.classes import SparseTarget  # noqa: E402
 from sekd.selection.criteria import forward_kl  # noqa: E402
@@ -134,8 +134,9 @@ class Bench:
         self.shape, self.device, self.chunk_size, self.V = shape, torch.device(device), chunk_size, shape.vocab
         self.dtype = getattr(torch, dtype)
         self.student = qwen3(shape.student, self.V, torch.float32, device).train()
-        needs_teacher = any(v != "cache_se_kd" for v in variants)
-        self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False) if needs_teacher else None
+        self.teacher = None  # cache_se_kd alone runs without one
+        if any(v != "cache_se_kd" for v in variants):
+            self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = (torch.optim.AdamW(params, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-5))
         g = torch.Generator().manual_seed(seed + 1)
@@ -274,7 +275,8 @@ def parse(argv=None):
     p.add_argument("--device", help="default: the shape's (cuda shapes fall back to nothing: they need a GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the shape's")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--chunk-size", type=int, default=256, help="positions per LM-head chunk of the chunked flow")
+    p.add_argument("--chunk-size", type=int, help="positions per LM-head chunk of the chunked flow "
+                   "(default: sekd.kd.flows.auto_chunk_size: 16 MiB of float32 logits on CPU, 256 MiB on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--fresh-process", action="store_true", help="each variant in its own process (per-variant peaks)")
     p.add_argument("--json", type=Path, help="write machine info, options and results here")
@@ -285,8 +287,10 @@ def parse(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse(argv)
     shape = SHAPES[args.shape]
+    info = machine(args.device or shape.device)  # load average before we add to it
     args.batch, args.seq = args.batch or shape.batch, args.seq or shape.seq
     args.device, args.dtype = args.device or shape.device, args.dtype or shape.dtype
+    args.chunk_size = args.chunk_size or auto_chunk_size(shape.vocab, torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -309,7 +313,8 @@ def main(argv=None) -> list[dict]:
         print(table(rows))
     if args.json:
         opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "one_variant"}
-        report = {"machine": machine(args.device), "options": opts, "shape": asdict(shape), "results": rows}
+        report = {"machine": {**info, "threads": torch.get_num_threads()}, "options": opts, "shape": asdict(shape),
+                  "results": rows}
         args.json.write_text(json.dumps(report, indent=2))
     return rows
 

@@ -28,14 +28,14 @@ SCHEMA: dict[str, set[str]] = {
     "criterion": {"name", "options"},
     "train": {"steps", "epochs", "micro_batch_size", "grad_accum", "optimizer", "lr", "weight_decay",
               "betas", "lr_schedule", "warmup_steps", "max_grad_norm", "lam", "temperature",
-              "normalization", "precision", "device", "threads", "ckpt_every", "log_every",
+              "normalization", "precision", "device", "threads", "flow", "chunk_size", "ckpt_every", "log_every",
               "trace_selection_steps"},
     "eval": {"suite", "split", "batch_size", "limit", "device"},
     "logging": {"wandb", "project", "entity", "group"},
 }
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
-UNHASHED = ("paths", "logging", "force", "hydra", "train.device", "train.threads", "train.log_every",
+UNHASHED = ("paths", "logging", "force", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
 
 
@@ -170,6 +170,9 @@ def validate(cfg: DictConfig) -> None:
     _positive("train.temperature", t.temperature)
     _choice("train.normalization", t.normalization, ("per_sequence", "batch_tokens"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.flow", t.flow, ("chunked", "dense"))
+    if t.chunk_size != "auto":
+        _positive("train.chunk_size", t.chunk_size, integer=True)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _positive("train.ckpt_every", t.ckpt_every, zero_ok=True, integer=True)
     _positive("train.log_every", t.log_every, integer=True)
@@ -180,6 +183,13 @@ def validate(cfg: DictConfig) -> None:
     e = cfg.eval
     _choice("eval.suite", e.suite, [*SUITES, "none"])
     _choice("eval.split", e.split, ("test", "validation"))
+    if e.suite == "paper":  # IFEval's scorer imports packages lm-eval[hf] does not bring
+        import importlib.util
+
+        lacking = [m for m in ("langdetect", "immutabledict", "nltk") if importlib.util.find_spec(m) is None]
+        if lacking:
+            raise ConfigError(f"eval.suite=paper scores IFEval, which needs {', '.join(lacking)}: "
+                              f"pip install 'sekd[paper]' (and NLTK's punkt_tab data on offline nodes)")
     _positive("eval.batch_size", e.batch_size, integer=True)
     if e.limit is not None:
         _positive("eval.limit", e.limit, integer=True)

@@ -76,4 +76,5 @@ class Registry:
         bound.__name__ = getattr(fn, "__name__", name)
         bound.__doc__ = fn.__doc__
         bound.__wrapped__ = fn  # type: ignore[attr-defined]
+        bound.options = dict(kwargs)  # type: ignore[attr-defined]
         return bound

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sekd.io import atomic_torch_save
+from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss
 from sekd.selection.classes import SparseTarget
 
@@ -98,6 +99,8 @@ class Trainer:
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
         self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
         self.device, self.dtype, self.trace, self.cache = device, dtype, trace, cache
+        size = getattr(train_cfg, "chunk_size", "auto")
+        self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg)
         self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
@@ -130,20 +133,31 @@ class Trainer:
         x = self.data.input_ids[idx].to(self.device)  # [B,T]
         y = self.data.labels[idx].to(self.device)  # x_{t+1} or -100   [B,T]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        with autocast:
-            s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
-            t_logits = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
-                self.prog.teacher_tokens += x.numel()
         samples = [self.data.sample_ids[i] for i in idx]
         cached = None
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
             cached = SparseTarget(*self.cache.targets(samples, y.cpu())).to(self.device)
-        out = selective_kd_loss(s_logits, t_logits, y, self.sel, lam=self.t.lam, temperature=self.t.temperature,
-                                normalization=self.t.normalization, generator=self.gen, step=self.prog.step,
-                                cached=cached)
+        opts = dict(lam=self.t.lam, temperature=self.t.temperature, normalization=self.t.normalization,
+                    generator=self.gen, step=self.prog.step, cached=cached)
+        with autocast:
+            if self.t.flow == "chunked":  # bodies only; heads run in chunks, at the positions that need them
+                h_s = self.student.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
+                h_t = head_t = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        h_t = self.teacher.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_t]
+                    head_t = self.teacher.get_output_embeddings()
+                out = chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, y, self.sel,
+                                      vocab=self.V, chunk_size=self.chunk_size, **opts)
+            else:  # the dense reference: full [B,T,V] logits from both models
+                s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
+                t_logits = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
+                out = selective_kd_loss(s_logits, t_logits, y, self.sel, **opts)
+        if self.teacher is not None:
+            self.prog.teacher_tokens += x.numel()
         if self.trace is not None:
             self.trace.write(self.prog.step, samples, y, out)
         return out, x

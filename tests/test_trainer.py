@@ -35,8 +35,8 @@ def packed(n=4, seed=0) -> PackedData:
     return PackedData(input_ids=x, labels=y, sample_ids=[f"s{i}" for i in range(n)])
 
 
-def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence"):
-    t = SimpleNamespace(optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, lr_schedule="constant",
+def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense"):
+    t = SimpleNamespace(flow=flow, chunk_size=5, optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, lr_schedule="constant",
                         warmup_steps=0, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum, lam=1.0,
                         temperature=1.0, normalization=normalization, max_grad_norm=None, log_every=1,
                         ckpt_every=0)
@@ -49,13 +49,14 @@ def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_s
 
 @pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "student_entropy")])
 @pytest.mark.parametrize("normalization", ["per_sequence", "batch_tokens"])
-def test_gradient_accumulation_does_not_change_the_step(policy, signal, normalization):
+@pytest.mark.parametrize("flow", ["dense", "chunked"])
+def test_gradient_accumulation_does_not_change_the_step(policy, signal, normalization, flow):
     """The effective batch of 4 split as 4x1, 2x2 and 1x4 gives the same loss and gradients."""
     from sekd.trainer import micro_batches
 
     results = []
     for mb, accum in ((4, 1), (2, 2), (1, 4)):
-        tr = trainer(mb, accum, policy, signal, normalization)
+        tr = trainer(mb, accum, policy, signal, normalization, flow)
         loss, _, _ = tr.accumulate(micro_batches(tr.data, mb, tr.seed, tr.prog))
         grads = {n: p.grad.clone() for n, p in tr.student.named_parameters()}
         results.append((loss, grads))
@@ -64,6 +65,21 @@ def test_gradient_accumulation_does_not_change_the_step(policy, signal, normaliz
         assert loss == pytest.approx(loss0, rel=1e-5)
         for n in g0:
             torch.testing.assert_close(g[n], g0[n], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "kl")])
+def test_chunked_flow_takes_the_same_step_as_the_dense_flow(policy, signal):
+    """Through real HF models: every student gradient of the chunked flow equals the dense one."""
+    from sekd.trainer import micro_batches
+
+    grads = {}
+    for flow in ("dense", "chunked"):
+        tr = trainer(2, 2, policy, signal, "per_sequence", flow)
+        loss, _, _ = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog))
+        grads[flow] = (loss, {n: p.grad.clone() for n, p in tr.student.named_parameters()})
+    assert grads["chunked"][0] == pytest.approx(grads["dense"][0], rel=1e-5)
+    for n, g in grads["dense"][1].items():
+        torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-4, atol=1e-6)
 
 
 def final_weights(root):

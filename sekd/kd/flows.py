@@ -33,7 +33,7 @@ from torch import Tensor
 from sekd.kd.objective import IGNORE, Selector, StepOut, token_ce, upcast
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget, sparse_forward_kl
-from sekd.selection.criteria import atkd, dkd, forward_kl, hard_mask, nckd, reverse_kl, tckd, weighted
+from sekd.selection.criteria import atkd, dkd, forward_kl, hard_mask, nckd, reverse_kl, tckd, weighted, weighted_scale
 
 POINTWISE = (forward_kl, reverse_kl, dkd)  # D_t depends on position t alone: any chunking is exact
 
@@ -67,6 +67,13 @@ def chunks(n: int, size: int) -> list[slice]:
     if size < 1:
         raise ValueError(f"chunk_size={size!r}; must be >= 1")
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def auto_chunk_size(vocab: int, device_type: str) -> int:
+    """Positions per chunk so that one float32 [C,V] tensor stays <= 16 MiB on CPU (under glibc's mmap
+    threshold: bigger blocks are mapped and unmapped every time, page faults dominate) or 256 MiB on CUDA."""
+    budget = 2**24 if device_type == "cpu" else 2**28
+    return max(1, budget // (4 * vocab))
 
 
 def accumulation_dtype(h: Tensor, head: Head) -> torch.dtype:
@@ -113,27 +120,12 @@ def unbind(crit: Callable) -> tuple[Callable, dict]:
     """The registered function under a built criterion, and its options (bound or default)."""
     if isinstance(crit, functools.partial):
         fn, opts = crit.func, dict(crit.keywords)
-    elif hasattr(crit, "__wrapped__"):  # Registry.build binds options in a closure
-        fn, opts = crit.__wrapped__, dict(inspect.getclosurevars(crit).nonlocals.get("kwargs", {}))
+    elif hasattr(crit, "__wrapped__"):  # Registry.build: the function and the options it bound
+        fn, opts = crit.__wrapped__, dict(crit.options)
     else:
         fn, opts = crit, {}
     defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
     return fn, {**defaults, **opts}
-
-
-def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
-    """n_i w_t / sum_{t' in i} w_t' (1 where a sequence's w are all 0), w = u >= 0: weighted KD's factor.  [N]"""
-    w = u.detach().double()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("criterion 'weighted': u(t) must be finite at the positions passed in")
-    if bool((w < -1e-5 * max(1.0, float(w.abs().max()))).any()):
-        raise ValueError("criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
-                         "(or normalization=minmax, not zscore)")
-    w = w.clamp_min(0.0)
-    n_rows = int(row.max().item()) + 1 if row.numel() else 0
-    W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)  # sum_t w_t      [rows]
-    n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, torch.ones_like(w))  # [rows]
-    return torch.where(W[row] > 0, n[row] * w / W[row].clamp_min(1e-300), torch.ones_like(w))
 
 
 def chunk_criterion(sel: Selector, *, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
@@ -199,7 +191,7 @@ class SelectedHeadLoss(torch.autograd.Function):
         g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
         g_b = torch.zeros_like(b) if need_b else None
         total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
-                            device=h.device)
+                            device=h.device)  # sum_n c_n l(t_n)
         for sl in parts:
             h_c = h[sl].detach().requires_grad_(need_h)  #                            [C,d]
             with torch.enable_grad():
@@ -297,7 +289,8 @@ def chunked_kd_loss(
     return StepOut(loss_sum, weight, draws, u, metrics)
 
 
-def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor, cols: Tensor) -> Callable[[slice], Tensor]:
+def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor,
+                      cols: Tensor) -> Callable[[slice], Tensor]:
     """The selective teacher head: z_t at the selected positions rows[sl], cols[sl], no grad.  -> [C,V]"""
 
     @torch.no_grad()

@@ -115,6 +115,21 @@ def atkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, hard_frac
 # ---- weighted KD ----------------------------------------------------------------------------
 
 
+def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
+    """n_i w_t / sum_{t' in i} w_t' (1 where a sequence's w are all 0), w = u >= 0: weighted KD's factor.  [P]"""
+    w = u.detach().double()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("criterion 'weighted': u(t) must be finite at the positions passed in")
+    if bool((w < -1e-5 * max(1.0, float(w.abs().max()))).any()):
+        raise ValueError("criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
+                         "(or normalization=minmax, not zscore)")
+    w = w.clamp_min(0.0)
+    n_rows = int(row.max().item()) + 1 if row.numel() else 0
+    W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)  # sum_t w_t      [rows]
+    n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, torch.ones_like(w))  # [rows]
+    return torch.where(W[row] > 0, n[row] * w / W[row].clamp_min(1e-300), torch.ones_like(w))
+
+
 @CRITERIA.register("weighted")
 def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """D_t = n_i w_t KL_t / sum_{t' in i} w_t', w_t = u(t) detached, n_i = positions of sequence i passed in,
@@ -124,16 +139,6 @@ def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=N
     if u is None:
         raise ValueError("criterion 'weighted' needs a signal: w_t = u(t)")
     kl = forward_kl(s, t, y, temperature=temperature)  # KL_t                         [P]
-    w = u.detach().double()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("criterion 'weighted': u(t) must be finite at the positions passed in")
-    if bool((w < -1e-5 * max(1.0, float(w.abs().max()))).any()):
-        raise ValueError("criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
-                         "(or normalization=minmax, not zscore)")
-    w = w.clamp_min(0.0)
     r = torch.zeros_like(y, dtype=torch.long) if row is None else row.long()
-    n_rows = int(r.max().item()) + 1 if r.numel() else 0
-    W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, w)  # sum_t w_t   [rows]
-    n = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, r, torch.ones_like(w))  # [rows]
-    scale = torch.where(W[r] > 0, n[r] * w / W[r].clamp_min(1e-300), torch.ones_like(w))  # [P]
+    scale = weighted_scale(u, r)  # n_i w_t / sum_t' w_t'                                 [P]
     return kl * scale.to(kl.dtype)

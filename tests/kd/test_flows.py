@@ -248,7 +248,7 @@ def test_no_valid_target_gives_zero_loss_and_grads():
     out = chunked_kd_loss(h, head_s, h_t, head_t, torch.full_like(y, IGNORE), sel("top_k", "student_entropy", k=0.2),
                           vocab=V, lam=1.0, temperature=1.0)
     out.loss_sum.backward()
-    assert out.weight == 0.0 and float(out.loss_sum) == 0.0 and not h.grad.any()
+    assert out.weight == 0.0 and float(out.loss_sum.detach()) == 0.0 and not h.grad.any()
 
 
 # ---- memory: the point of the flow -------------------------------------------------------------
@@ -299,3 +299,39 @@ def test_chunked_peak_memory_is_far_below_dense(signal):
     above = {k: r["peak_kib"] - r["base_kib"] for k, r in (("dense", dense), ("chunked", chunked))}
     assert above["chunked"] < 0.3 * above["dense"], above
     assert chunked["peak_kib"] < 0.7 * dense["peak_kib"], (chunked, dense)
+
+
+def test_tiny_qwen3_pair_trainer_recipe():
+    """The trainer's call: body hidden states + get_output_embeddings() equals model(x).logits[..., :V],
+    in every student parameter's gradient (tied embedding included), float64, padded vocabulary."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    def model(d, layers, seed):
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=V + PAD, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=d // 2, tie_word_embeddings=True,
+                          use_cache=False)
+        return Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
+
+    student, teacher = model(16, 1, 0), model(32, 2, 1).requires_grad_(False)
+    _, _, y = batch(4)
+    x = torch.randint(0, V, y.shape, generator=torch.Generator().manual_seed(4))
+    selector = lambda: sel("top_k", "student_entropy", k=0.4)  # noqa: E731
+    grads = {}
+    for flow in ("dense", "chunked"):
+        student.zero_grad()
+        kw = dict(lam=0.8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        if flow == "dense":
+            out = selective_kd_loss(student(input_ids=x).logits[..., :V], teacher(input_ids=x).logits[..., :V], y,
+                                    selector(), **kw)
+        else:
+            h_s = student.get_decoder()(input_ids=x).last_hidden_state  # [B,T,d]
+            with torch.no_grad():
+                h_t = teacher.get_decoder()(input_ids=x).last_hidden_state
+            out = chunked_kd_loss(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(), y,
+                                  selector(), vocab=V, chunk_size=4, **kw)
+        (out.loss_sum / out.weight).backward()
+        grads[flow] = {n: p.grad.clone() for n, p in student.named_parameters()}
+    assert grads["dense"].keys() == grads["chunked"].keys()
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(grads["chunked"][name], g, rtol=1e-9, atol=1e-12, msg=name)
