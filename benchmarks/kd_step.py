@@ -82,6 +82,9 @@ SHAPES = {
     # small bodies, Qwen3's vocabulary: the LM heads and the softmaxes dominate
     "logit_heavy": Shape(Body(128, 256, 2, 4, 2, 32, False), Body(64, 128, 2, 4, 2, 16, True), vocab=151936,
                          batch=2, seq=256, device="cpu", dtype="float32"),
+    # a teacher ~5x the student's body, as Qwen3-8B is to 1.7B: what the offline cache saves
+    "teacher_heavy": Shape(Body(512, 1536, 8, 8, 4, 64, False), Body(128, 384, 2, 4, 2, 32, True), vocab=32768,
+                           batch=2, seq=256, device="cpu", dtype="float32"),
     # Qwen3-8B -> Qwen3-1.7B, the paper's pair (B = 2, L = 512); for a GPU
     "qwen3_8b_to_1.7b": Shape(Body(4096, 12288, 36, 32, 8, 128, False), Body(2048, 6144, 28, 16, 8, 128, True),
                               vocab=151936, batch=2, seq=512, device="cuda", dtype="bfloat16"),

@@ -29,14 +29,16 @@ def load_records(folders: list[Path]) -> pd.DataFrame:
                 continue
             row = {k: rec.get(k) for k in ("preset", "label", "mode", "seed", "config_hash", "steps",
                                             "tokens_seen", "tokens_supervised", "train_time_s", "wall_time_s",
-                                            "peak_memory_mb", "git_commit", "run_dir")}
+                                            "peak_memory_mb", "git_commit", "run_dir", "finished_at", "train_samples")}
             row.update({k: v for k, v in rec.get("metrics", {}).items() if isinstance(v, (int, float))})
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df["_order"] = df["mode"].map(MODE_ORDER).fillna(3)
-    return df.sort_values(["_order", "label", "seed"]).drop(columns="_order").reset_index(drop=True)
+    # the undistilled student and the teacher first, then methods in the order they were run (the grid's)
+    df["_mode"] = df["mode"].map(MODE_ORDER).fillna(3)
+    df["_first"] = df.groupby("preset")["finished_at"].transform("min")
+    return df.sort_values(["_mode", "_first", "seed"]).drop(columns=["_mode", "_first"]).reset_index(drop=True)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
