@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import socket
 import shutil
 import sys
 import time
@@ -240,6 +242,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "git_commit": git_commit(), "overrides": list(overrides or []), "config": resolved(cfg),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "host": socket.gethostname(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     run.write_record(record)
