@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sekd.data.packing import IGNORE, PackedData
+from sekd.io import atomic_write_text
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS, score
 
@@ -169,47 +169,11 @@ def markdown(df: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def _atomic(path: Path, write) -> Path:
-    """Call write(tmp) on a temp file beside `path`, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def plot_overlap(df: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:
     """Heatmap PNG of the Jaccard matrix, each cell annotated with 2 decimals; written atomically."""
-    import matplotlib
+    from analysis.plots import overlap_heatmap, save
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    S = len(df)
-    side = max(4.0, 0.75 * S + 2.5)
-    fig = Figure(figsize=(side + 1.0, side), dpi=120)
-    ax = fig.add_subplot()
-    im = ax.imshow(df.values, cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(S), [label(c) for c in df.columns], rotation=40, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(S), [label(c) for c in df.index])
-    for i in range(S):
-        for j in range(S):
-            v = df.values[i, j]
-            ax.text(j, i, "n/a" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if v == v and v > 0.6 else "white")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Jaccard |A ∩ B| / |A ∪ B|")
-    ax.set_title(title or "Overlap of selected positions")
-    fig.tight_layout()
-    return _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    return save(overlap_heatmap(df, title=title), Path(path))
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -273,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     print(title.replace("\n", ": ") + "\n\n" + markdown(df))
     plot_overlap(df, args.out, title=title)
     if args.csv:
-        _atomic(Path(args.csv), lambda tmp: df.to_csv(tmp, float_format="%.6f"))
+        atomic_write_text(Path(args.csv), df.to_csv(float_format="%.6f"))
     print(f"\nwrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
     return df
 
