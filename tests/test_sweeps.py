@@ -41,7 +41,9 @@ def test_there_is_a_sweep_per_table_and_figure():
 @pytest.mark.parametrize("name", NAMES)
 def test_a_sweep_names_presets_and_the_values_that_vary(name):
     spec = sweep_file(name)
-    assert set(spec) == {"defaults", "hydra"}, "a sweep never copies a preset's (or a group's) values"
+    assert set(spec) <= {"defaults", "hydra", "logging"}, "a sweep never copies a preset's (or a group's) values"
+    assert set(spec.get("logging", {})) <= {"group"}  # only its wandb group: the sweep's own name
+    assert spec.get("logging", {}).get("group", name) == name
     assert {"profile": "embedded"} in spec["defaults"]
     params = spec["hydra"]["sweeper"]["params"]
     assert set(params) <= GRID_KEYS and "experiment" in params
