@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo slurm
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# A one-node Slurm cluster on this machine (Debian, as root) for `hydra/launcher=slurm`; stop it with
+# `scripts/slurm-local.sh stop`.
+slurm:
+	bash scripts/slurm-local.sh install
+	bash scripts/slurm-local.sh start
 
 clean-demo:
 	rm -rf outputs/demo

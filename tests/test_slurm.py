@@ -1,0 +1,174 @@
+"""A real Slurm: the one-node cluster of scripts/slurm-local.sh runs sweeps through hydra/launcher=slurm.
+
+Nothing is skipped: without Slurm installed these tests fail and say how to install it (CI does).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sekd.config import validate
+from tests.helpers import ROOT, compose_cfg, sekd_train
+
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+SMOKE = ["--config-dir", "sweeps", "--config-name", "smoke_slurm"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def compose_sweep(name: str, overrides: list[str] = (), hydra_node: bool = True):
+    """A sweep file as the CLI composes it (`--config-dir sweeps` beside the app's conf/)."""
+    return compose_cfg([f"hydra.searchpath=[file://{ROOT / 'conf'}]", *overrides], config_dir=ROOT / "sweeps",
+                       name=name, hydra_node=hydra_node)
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_configs_give_each_job_one_thread_per_cpu(launcher, target, monkeypatch):
+    monkeypatch.setenv("SEKD_SLURM_PARTITION", "gpu-short")
+    cfg = compose_sweep("demo", [f"hydra/launcher={launcher}"])
+    lc = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert lc["_target_"] == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert lc["submitit_folder"].startswith(str(cfg.hydra.sweep.dir))
+    env = OmegaConf.to_container(cfg.hydra.job.env_set, resolve=True)
+    assert env["OMP_NUM_THREADS"] == str(lc["cpus_per_task"]) == "1"
+    assert env["DISABLE_MULTIPROC"] == "1"  # lm-eval's SIGTERM-ended pool hangs under submitit's handlers
+    if launcher == "slurm":
+        assert lc["partition"] == "gpu-short" and lc["gpus_per_node"] == 0
+        assert lc["max_num_timeout"] > 0 and lc["mem_gb"] and lc["timeout_min"]
+
+
+def test_smoke_sweep_has_two_tiny_cells_on_the_slurm_launcher():
+    cfg = compose_sweep("smoke_slurm")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    cells = cfg.hydra.sweeper.params.experiment.split(",")
+    assert cells == ["full_kd", "se_kd"]
+    for preset in cells:
+        cell = compose_sweep("smoke_slurm", [f"experiment={preset}"], hydra_node=False)
+        validate(cell)
+        assert (cell.model.name, cell.data.seq_len, cell.train.steps, cell.eval.limit) == ("tiny", 64, 2, 16)
+        assert cell.logging.wandb == "disabled"
+
+
+def test_the_cli_finds_the_launcher_configs_beside_a_sweep_dir():
+    """`--config-dir sweeps` adds a search path; hydra/launcher/*.yaml are still found in the app's conf/."""
+    res = sekd_train(["--config-dir", "sweeps", "--config-name", "demo", "hydra/launcher=slurm", "--cfg", "hydra",
+                      "--package", "hydra.launcher"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "SlurmLauncher" in res.stdout and "max_num_timeout: 3" in res.stdout
+
+
+def slurm_cli(*args: str, timeout: int = 30) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def submitted_jobs(root: Path) -> list[str]:
+    """Slurm job ids of every sweep under root: submitit names its folders <job id>[_<array index>]."""
+    return sorted({p.name.split("_")[0] for p in root.glob("hydra/*/.submitit/*") if p.is_dir()})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Starts the local cluster (or finds one running); stops only the daemons it started, and cancels
+    the jobs its tests submitted."""
+    if not (shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()) or not shutil.which("sbatch"):
+        pytest.fail("Slurm is not installed: run `scripts/slurm-local.sh install` (as root; CI runs it)")
+    env = {**os.environ, "SEKD_SLURM_STATE": str(tmp_path_factory.mktemp("slurm-state"))}
+    roots: list[Path] = []
+    try:
+        start = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+        assert start.returncode == 0, f"scripts/slurm-local.sh start failed:\n{start.stdout}{start.stderr}"
+        yield roots
+    finally:
+        jobs = [j for r in roots for j in submitted_jobs(r)]
+        if jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+        stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One artifact cache for every job; the tiny pair is built here once, before any job starts."""
+    from sekd.models import resolve_pair
+
+    path = tmp_path_factory.mktemp("slurm-cache")
+    resolve_pair(compose_cfg(["model=tiny", f"paths.cache={path}"]))
+    return path
+
+
+def sweep(root: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    res = sekd_train([*SMOKE, f"paths.root={root}", f"paths.cache={cache}", *overrides], env=OFFLINE, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def job_logs(root: Path, sweep_dir: Path | None = None) -> str:
+    base = sweep_dir or root / "hydra"
+    return "".join(p.read_text() for p in sorted(base.glob("**/.submitit/*/*_log.out")))
+
+
+def test_smoke_sweep_runs_each_cell_as_a_slurm_job_and_reruns_nothing(cluster, cache, tmp_path):
+    cluster.append(tmp_path)
+    sweep(tmp_path, cache)
+    records = {p: json.loads(p.read_text()) for p in sorted(tmp_path.glob("runs/*/record.json"))}
+    assert sorted(r["preset"] for r in records.values()) == ["full_kd", "se_kd"]
+    ids = [r["slurm_job_id"] for r in records.values()]
+    assert all(ids) and len(set(ids)) == 2, ids  # each cell ran as its own Slurm job (array task)
+    assert sorted(r["slurm_array_task_id"] for r in records.values()) == ["0", "1"]
+    for r in records.values():
+        assert r["steps"] == 2 and r["config"]["model"]["name"] == "tiny" and r["metrics"]["acc"] >= 0
+    first_sweep = next((tmp_path / "hydra").glob("multirun-*"))
+
+    time.sleep(1.1)  # a new sweep folder (named by the second)
+    before = {p: p.read_bytes() for p in records}
+    sweep(tmp_path, cache)
+    assert sorted(tmp_path.glob("runs/*/record.json")) == sorted(records)
+    assert all(p.read_bytes() == b for p, b in before.items())  # no record rewritten
+    second_sweep = next(p for p in (tmp_path / "hydra").glob("multirun-*") if p != first_sweep)
+    assert job_logs(tmp_path, second_sweep).count("is already done (record.json exists); skipping") == 2
+
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, cache, tmp_path):
+    """USR2 is the job's --signal (sent before a time-out, and on preemption with a grace time): submitit
+    checkpoints the launcher's call and requeues the job; the requeued job runs the same cell and resumes
+    from checkpoint.pt."""
+    cluster.append(tmp_path)
+    args = [*SMOKE, f"paths.root={tmp_path}", f"paths.cache={cache}", "experiment=full_kd", "train.steps=150",
+            "train.ckpt_every=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, env={**os.environ, **OFFLINE},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while not any(tmp_path.glob("runs/*/checkpoint.pt")):  # trained 5 steps, saved, still training
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint.pt appeared"
+            time.sleep(0.05)
+        [job] = submitted_jobs(tmp_path)
+        slurm_cli("scancel", "--signal=USR2", job)
+        # Slurm holds a requeued job for about two minutes (BeginTime); let it start now
+        while slurm_cli("squeue", "-h", "-j", job, "-o", "%T").strip() != "PENDING":
+            assert time.time() < deadline, "the job was not requeued"
+            time.sleep(0.2)
+        slurm_cli("scontrol", "update", f"JobId={job}", "StartTime=now")
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+
+    logs = job_logs(tmp_path)
+    assert "this job is preempted" in logs and f"Requeued job {job}" in logs
+    assert "resumed from step" in logs
+    [run] = tmp_path.glob("runs/*")
+    record = json.loads((run / "record.json").read_text())
+    assert record["slurm_job_id"] == job and record["steps"] == 150
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 151, 5))  # the redone steps were logged once
+    assert not (run / "checkpoint.pt").exists()
