@@ -21,21 +21,27 @@ HEADLINE = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8
 MODE_ORDER = {"score_student": 0, "score_teacher": 1, "distill": 2}
 
 
-def load_records(folders: list[Path]) -> pd.DataFrame:
-    """One row per run: identity, flattened metrics (`metric` columns) and costs."""
-    rows = []
+def read_records(folders: list[Path]) -> list[dict]:
+    """Every record.json under `folders` (recursively), parsed; a broken one is reported and skipped."""
+    recs = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("record.json")):
             try:
-                rec = json.loads(path.read_text())
+                recs.append(json.loads(path.read_text()))
             except json.JSONDecodeError as err:
                 print(f"sekd-report: skipping {path}: not valid JSON ({err})", file=sys.stderr)
-                continue
-            row = {k: rec.get(k) for k in ("preset", "label", "mode", "seed", "config_hash", "steps",
-                                            "tokens_seen", "tokens_supervised", "train_time_s", "wall_time_s",
-                                            "peak_memory_mb", "git_commit", "run_dir", "finished_at", "train_samples")}
-            row.update({k: v for k, v in rec.get("metrics", {}).items() if isinstance(v, (int, float))})
-            rows.append(row)
+    return recs
+
+
+def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.DataFrame:
+    """One row per run: identity, flattened metrics (`metric` columns) and costs."""
+    rows = []
+    for rec in read_records(folders) if recs is None else recs:
+        row = {k: rec.get(k) for k in ("preset", "label", "mode", "seed", "config_hash", "steps",
+                                        "tokens_seen", "tokens_supervised", "train_time_s", "wall_time_s",
+                                        "peak_memory_mb", "git_commit", "run_dir", "finished_at", "train_samples")}
+        row.update({k: v for k, v in rec.get("metrics", {}).items() if isinstance(v, (int, float))})
+        rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -84,17 +90,10 @@ def flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return {prefix: tree}
 
 
-def load_details(folders: list[Path]) -> pd.DataFrame:
+def load_details(recs: list[dict]) -> pd.DataFrame:
     """Per run (by run_dir): its resolved config as `config.*` and its costs as `costs.*` columns."""
-    rows = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("record.json")):
-            try:
-                rec = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue  # load_records already said so
-            rows.append({"run_dir": rec.get("run_dir"), **flatten(rec.get("config") or {}, "config"),
-                         **flatten(rec.get("costs") or {}, "costs")})
+    rows = [{"run_dir": rec.get("run_dir"), **flatten(rec.get("config") or {}, "config"),
+             **flatten(rec.get("costs") or {}, "costs")} for rec in recs]
     return pd.DataFrame(rows).drop_duplicates("run_dir") if rows else pd.DataFrame(columns=["run_dir"])
 
 
@@ -127,8 +126,9 @@ def preset_axes(presets: list[str]) -> pd.DataFrame:
 
 def load_table_records(folders: list[Path]) -> pd.DataFrame:
     """load_records' rows plus each run's config and costs, for the paper-layout tables."""
-    df = load_records(folders)
-    return df.merge(load_details(folders), on="run_dir", how="left") if not df.empty else df
+    recs = read_records(folders)  # read once, for both views
+    df = load_records(folders, recs)
+    return df.merge(load_details(recs), on="run_dir", how="left") if not df.empty else df
 
 
 def write_tables(df: pd.DataFrame, names: list[str], out: Path | None) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 from sekd.data import packing
 from sekd.data.packing import PackedData, pack_documents
 from sekd.data.sources import SOURCES, DataError, check_source, source_signature
+from sekd.io import atomic_write_json
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call; a streamed source is read at most this far past the budget
 
@@ -97,7 +96,7 @@ def build_packed(
         if len(data) == 0:
             raise DataError(f"data source {source!r} split {split!r} holds fewer than {seq_len + 1} tokens")
         data.save(path)
-        _write_json(path.with_suffix(".json"), {**fields, "n_samples": len(data)})
+        atomic_write_json(path.with_suffix(".json"), {**fields, "n_samples": len(data)})
     return data
 
 
@@ -112,13 +111,6 @@ def _tokenize(texts: Iterable[str], tokenizer: Any, bar: tqdm) -> Iterator[list[
         for ids in enc["input_ids"]:
             bar.update(len(ids) + 1)
             yield ids
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def epoch_order(n: int, *, seed: int, epoch: int = 0) -> torch.Tensor:

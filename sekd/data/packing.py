@@ -11,8 +11,6 @@ Empty documents are skipped.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from sekd.io import atomic_torch_save
 
 IGNORE = -100  # the same value as sekd.kd.objective.IGNORE; kept here so data does not import kd
 FORMAT = 1  # bump when the saved layout changes
@@ -70,16 +70,7 @@ class PackedData:
             "labels": self.labels.to(torch.int32),
             "sample_ids": list(self.sample_ids),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> "PackedData":

@@ -14,7 +14,8 @@ import numpy as np
 
 from sekd.evaluation.calibration import suite_ece
 from sekd.evaluation.suites import Suite, get_suite, lm_eval_tasks
-from sekd.evaluation.tasks import build_tasks, write_atomic
+from sekd.evaluation.tasks import build_tasks
+from sekd.io import atomic_write_text
 
 
 def score_checkpoint(
@@ -130,7 +131,7 @@ def write_raw(res: dict, folder: Path) -> None:
     """lm-eval's output as it is: results.json (all but samples) and samples_<task>.jsonl; results last."""
     folder.mkdir(parents=True, exist_ok=True)
     for task, rows in res.get("samples", {}).items():
-        write_atomic(folder / f"samples_{task}.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+        atomic_write_text(folder / f"samples_{task}.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
     rest = {k: v for k, v in res.items() if k != "samples"}
-    write_atomic(folder / "results.json", json.dumps(rest, default=_jsonable, indent=2))
+    atomic_write_text(folder / "results.json", json.dumps(rest, default=_jsonable, indent=2))
 

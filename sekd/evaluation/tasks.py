@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from sekd.io import atomic_write_text
+
 BUILDER_VERSION = 1
 
 
@@ -187,24 +189,13 @@ def task_configs(folder: Path, split: str) -> dict[str, dict]:
     return {f"{cfg['task']}.yaml": cfg for cfg in (choice, lastword)}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then os.replace: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_configs(folder: Path, target: Path, split: str) -> None:
     """Write the YAMLs into `folder` for data that will live in `target`; skip files already equal."""
     for name, cfg in task_configs(target, split).items():
         text = yaml.safe_dump(cfg, sort_keys=False)
         path = folder / name
         if not path.exists() or path.read_text() != text:
-            write_atomic(path, text)
+            atomic_write_text(path, text)
 
 
 def _jsonl(items: list[dict]) -> str:
