@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from sekd.registry import RegistryError
 
 MODES = ("distill", "score_student", "score_teacher")
+STAGES = ("all", "train", "score")  # one job does both, or training and scoring run as separate jobs
 
 # Keys each group may hold; anything else is a typo and fails with the key's name.
 SCHEMA: dict[str, set[str]] = {
-    "": {"defaults", "preset", "label", "mode", "seed", "force", "paths", "model", "data", "position",
+    "": {"defaults", "preset", "label", "mode", "stage", "seed", "force", "paths", "model", "data", "position",
          "classes", "samples", "criterion", "train", "eval", "logging", "hydra", "experiment"},
     "paths": {"root", "cache"},
     "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded"},
@@ -35,7 +36,7 @@ SCHEMA: dict[str, set[str]] = {
 }
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
-UNHASHED = ("paths", "logging", "force", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
+UNHASHED = ("paths", "logging", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
 
 
@@ -90,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{key} is required (set it on the command line: {key}=...)")
     _known_keys(cfg)
     _choice("mode", cfg.mode, MODES)
+    _choice("stage", cfg.stage, STAGES)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
 
@@ -226,14 +228,33 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     return tree
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus the keys that cannot change the result."""
-    tree = resolved(cfg)
+def _hash(tree: dict) -> str:
     for key in UNHASHED:
         _drop(tree, key)
     blob = json.dumps(tree, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus the keys that cannot change the result: names one record."""
+    return _hash(resolved(cfg))
+
+
+def train_hash(cfg: DictConfig) -> str:
+    """The same without `eval`: names the run folder, so one trained student serves every scoring."""
+    tree = resolved(cfg)
+    tree.pop("eval", None)
+    return _hash(tree)
+
+
+def eval_hash(cfg: DictConfig) -> str:
+    """Hash of the scoring config alone (its hashed keys): names the scores folder inside a run."""
+    return _hash({"eval": resolved(cfg).get("eval", {})})[:8]
+
+
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{config_hash(cfg)}"
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg)}"
+
+
+def scores_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"

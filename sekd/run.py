@@ -1,8 +1,12 @@
 """The run folder: the one place that writes a run's config, metrics, checkpoints, model and record.
 
-    <paths.root>/runs/<preset>-s<seed>-<config hash>/
-        config.yaml  overrides.yaml  metrics.jsonl  checkpoint.pt  selection_trace.jsonl
-        model/  (Hugging Face checkpoint)   lm_eval/  (raw lm-eval output)   wandb/   record.json
+    <paths.root>/runs/<preset>-s<seed>-<train hash>/          (everything but `eval` is hashed)
+        metrics.jsonl  checkpoint.pt  selection_trace.jsonl  train_stats.json  .train.lock
+        model/  (Hugging Face checkpoint)   wandb/
+        eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
+
+One trained student is scored by as many eval configs as ask for it (Table 2 on test, V1 on
+validation) without training it again; each scoring writes its own record.
 """
 from __future__ import annotations
 
@@ -13,29 +17,37 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.config import config_hash, resolved, run_dir
+from sekd.config import config_hash, resolved, run_dir, scores_dir
 from sekd.io import atomic_write_json, atomic_write_text
 
 
 class RunDir:
     def __init__(self, cfg: DictConfig):
         self.path = run_dir(cfg)
+        self.scores = scores_dir(cfg)
         self.hash = config_hash(cfg)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)  # the scores folder is made when scoring starts
 
-    record = property(lambda self: self.path / "record.json")
+    record = property(lambda self: self.scores / "record.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     model = property(lambda self: self.path / "model")
-    lm_eval = property(lambda self: self.path / "lm_eval")
+    lm_eval = property(lambda self: self.scores / "lm_eval")
+    train_stats = property(lambda self: self.path / "train_stats.json")
     trace = property(lambda self: self.path / "selection_trace.jsonl")
 
     def done(self) -> bool:
         return self.record.exists()
 
+    def trained(self) -> bool:
+        """The distilled student is saved (training finished), whether or not it was scored yet."""
+        return (self.model / "config.json").exists() and self.train_stats.exists()
+
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
-        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved(cfg))))
-        atomic_write_text(self.path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        """The full config (eval included) beside the record it produces."""
+        self.scores.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.scores / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved(cfg))))
+        atomic_write_text(self.scores / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
@@ -50,7 +62,20 @@ class RunDir:
                 atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def write_record(self, record: dict[str, Any]) -> None:
+        self.scores.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record, record)
+
+
+def is_finished(cfg: DictConfig) -> bool:
+    """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
+    Reads only the file system: creates nothing."""
+    if cfg.force:
+        return False
+    if cfg.stage == "train":
+        path = run_dir(cfg)
+        return cfg.mode != "distill" or ((path / "model" / "config.json").exists()
+                                          and (path / "train_stats.json").exists())
+    return (scores_dir(cfg) / "record.json").exists()
 
 
 def git_commit() -> str | None:

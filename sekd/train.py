@@ -23,6 +23,13 @@ from sekd.io import atomic_write_json
 
 
 def fail(err: Exception) -> None:
+    """A single run stops with one line and exit status 2. In a multirun the error is raised instead:
+    Hydra records it as that cell's failure and the sweep goes on with the other cells."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
     print(f"sekd: config error: {err}", file=sys.stderr)
     sys.exit(2)
 
@@ -177,13 +184,18 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     except ConfigError as err:
         fail(err)
     from sekd.models import check_same_tokenizer, resolve_pair
-    from sekd.run import RunDir, git_commit
+    from sekd.config import run_dir
+    from sekd.run import RunDir, git_commit, is_finished
     from sekd.tracking import Tracker
 
-    run = RunDir(cfg)
-    if run.done() and not cfg.force:
-        print(f"sekd: {run.path} is already done (record.json exists); skipping. Use force=true to redo it.")
+    if is_finished(cfg):
+        what = "trained (model/ exists)" if cfg.stage == "train" else "done (record.json exists)"
+        print(f"sekd: {run_dir(cfg)} is already {what}; skipping. Use force=true to redo it.")
         return None
+    run = RunDir(cfg)
+    if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
+        fail(ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
+                         "(or stage=all) first"))
     if cfg.train.threads:
         import torch
 
@@ -209,12 +221,20 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     stats: dict[str, Any] = {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0}
     try:
         if cfg.mode == "distill":
-            stats_file = run.path / "train_stats.json"
-            if (run.model / "config.json").exists() and stats_file.exists():
-                stats = json.loads(stats_file.read_text())  # trained before; only scoring was left
-            else:
-                stats = distill(cfg, run, teacher_path, student_path, tok, tracker)
+            from filelock import FileLock
+
+            # two sweeps scoring the same student (T2 on test, V1 on validation) may both reach here at
+            # once: one trains, the other waits and then only scores
+            with FileLock(str(run.path / ".train.lock")):
+                if run.trained() and not cfg.force:
+                    stats = json.loads(run.train_stats.read_text())  # trained before (another job or eval)
+                else:
+                    stats = distill(cfg, run, teacher_path, student_path, tok, tracker)
             scored = str(run.model)
+            if cfg.stage == "train":
+                print(f"sekd: {cfg.preset} seed={cfg.seed} trained -> {run.model} (stage=train: scoring left "
+                      "to a stage=score job)")
+                return None
         else:
             scored = student_path if cfg.mode == "score_student" else teacher_path
         t_train = time.time() - t0
@@ -225,7 +245,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
             from sekd.models import pick_device
 
             device = pick_device(cfg.eval.device)
-            metrics = score_checkpoint(scored, run.lm_eval.parent, suite=cfg.eval.suite, split=cfg.eval.split,
+            run.scores.mkdir(parents=True, exist_ok=True)
+            metrics = score_checkpoint(scored, run.scores, suite=cfg.eval.suite, split=cfg.eval.split,
                                        cache_dir=Path(cfg.paths.cache) / "eval", batch_size=cfg.eval.batch_size,
                                        limit=cfg.eval.limit, device=str(device), seed=cfg.seed,
                                        dtype="bfloat16" if device.type == "cuda" else "float32")
@@ -235,7 +256,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
 
     record = {
         "preset": cfg.preset, "label": cfg.label, "mode": cfg.mode, "seed": cfg.seed, "config_hash": run.hash,
-        "run_dir": str(run.path), "model": scored, "metrics": metrics,
+        "stage": cfg.stage, "run_dir": str(run.path), "scores_dir": str(run.scores), "model": scored, "metrics": metrics,
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
         "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2), "costs": stats.get("costs", {}),
         "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),

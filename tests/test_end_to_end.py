@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
 
 
 def records(root):
-    return [json.loads(p.read_text()) for p in sorted(root.glob("runs/*/record.json"))]
+    return [json.loads(p.read_text()) for p in sorted(root.glob("runs/*/eval-*/record.json"))]
 
 
 def test_record_holds_what_the_issue_lists(runs):
@@ -45,9 +45,10 @@ def test_run_folder_has_checkpoint_lm_eval_output_and_wandb_files(runs):
 
     for r in records(runs):
         run = runs / "runs" / r["run_dir"].split("/")[-1]
-        raw = json.loads((run / "lm_eval" / "results.json").read_text())
+        scores = run / r["scores_dir"].split("/")[-1]
+        raw = json.loads((scores / "lm_eval" / "results.json").read_text())
         assert set(raw["results"]) >= {"sekd_choice_test", "sekd_lastword_test"}
-        assert (run / "config.yaml").exists() and (run / "overrides.yaml").exists()
+        assert (scores / "config.yaml").exists() and (scores / "overrides.yaml").exists()
         assert any((run / "wandb").glob("offline-run-*/run-*.wandb"))
         if r["mode"] == "distill":
             model = AutoModelForCausalLM.from_pretrained(run / "model")

@@ -15,7 +15,7 @@ def shared(tmp_path_factory):
 
 
 def record(root):
-    (path,) = list(root.glob("runs/*/record.json"))
+    (path,) = list(root.glob("runs/*/eval-*/record.json"))
     return json.loads(path.read_text())
 
 

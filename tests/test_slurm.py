@@ -115,25 +115,33 @@ def job_logs(root: Path, sweep_dir: Path | None = None) -> str:
     return "".join(p.read_text() for p in sorted(base.glob("**/.submitit/*/*_log.out")))
 
 
-def test_smoke_sweep_runs_each_cell_as_a_slurm_job_and_reruns_nothing(cluster, cache, tmp_path):
+def test_train_and_score_run_as_separate_slurm_jobs_and_a_finished_sweep_submits_nothing(cluster, cache, tmp_path):
     cluster.append(tmp_path)
-    sweep(tmp_path, cache)
-    records = {p: json.loads(p.read_text()) for p in sorted(tmp_path.glob("runs/*/record.json"))}
+    trained = sweep(tmp_path, cache, "stage=train")
+    assert "2 cells: 0 already finished, 2 to run" in trained.stdout
+    assert len(list(tmp_path.glob("runs/*/model/config.json"))) == 2
+    assert not list(tmp_path.glob("runs/*/eval-*/record.json"))  # stage=train scores nothing
+    train_jobs = submitted_jobs(tmp_path)
+
+    sweep(tmp_path, cache, "stage=score")
+    records = {p: json.loads(p.read_text()) for p in sorted(tmp_path.glob("runs/*/eval-*/record.json"))}
     assert sorted(r["preset"] for r in records.values()) == ["full_kd", "se_kd"]
     ids = [r["slurm_job_id"] for r in records.values()]
     assert all(ids) and len(set(ids)) == 2, ids  # each cell ran as its own Slurm job (array task)
+    assert not set(ids) & set(train_jobs)  # scored by other jobs than the ones that trained
     assert sorted(r["slurm_array_task_id"] for r in records.values()) == ["0", "1"]
     for r in records.values():
-        assert r["steps"] == 2 and r["config"]["model"]["name"] == "tiny" and r["metrics"]["acc"] >= 0
-    first_sweep = next((tmp_path / "hydra").glob("multirun-*"))
+        assert r["stage"] == "score" and r["steps"] == 2 and r["config"]["model"]["name"] == "tiny"
+        assert r["metrics"]["acc"] >= 0
+    jobs_before = submitted_jobs(tmp_path)
 
-    time.sleep(1.1)  # a new sweep folder (named by the second)
     before = {p: p.read_bytes() for p in records}
-    sweep(tmp_path, cache)
-    assert sorted(tmp_path.glob("runs/*/record.json")) == sorted(records)
+    for stage in ("score", "all", "train"):  # every stage of a finished sweep: nothing to submit
+        again = sweep(tmp_path, cache, f"stage={stage}")
+        assert "2 already finished, 0 to run" in again.stdout and "nothing to do" in again.stdout
+    assert submitted_jobs(tmp_path) == jobs_before  # no new Slurm job
+    assert sorted(tmp_path.glob("runs/*/eval-*/record.json")) == sorted(records)
     assert all(p.read_bytes() == b for p, b in before.items())  # no record rewritten
-    second_sweep = next(p for p in (tmp_path / "hydra").glob("multirun-*") if p != first_sweep)
-    assert job_logs(tmp_path, second_sweep).count("is already done (record.json exists); skipping") == 2
 
 
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, cache, tmp_path):
@@ -167,7 +175,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, ca
     assert "this job is preempted" in logs and f"Requeued job {job}" in logs
     assert "resumed from step" in logs
     [run] = tmp_path.glob("runs/*")
-    record = json.loads((run / "record.json").read_text())
+    [record] = [json.loads(p.read_text()) for p in run.glob("eval-*/record.json")]
     assert record["slurm_job_id"] == job and record["steps"] == 150
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 151, 5))  # the redone steps were logged once

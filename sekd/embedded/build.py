@@ -108,3 +108,83 @@ def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
         teacher = pretrained_model(cache_dir, "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
         student = pretrained_model(cache_dir, "student", tok_dir, emb["student"], emb["seq_len"], emb["seed"] + 1)
     return teacher, student
+
+
+# The embedded task teacher's fine-tune (SPEC §10 task-specific regime at CPU scale); ~1-2 min, 1 thread.
+TASK = {"steps": 400, "lr": 3.0e-3, "batch_size": 32, "seq_len": 64}
+
+
+def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], seed: int) -> Path:
+    """`base` (a model folder with its tokenizer) fine-tuned on the arith train split, CE on answer tokens."""
+    from sekd.data import arith
+
+    task = {**TASK, **task}
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from sekd.data.dataset import batches
+        from sekd.data.qa import build_qa
+
+        tok = AutoTokenizer.from_pretrained(base)
+        data = build_qa("arith", "train", tok, seq_len=task["seq_len"], cache_dir=Path(cache_dir) / "data")
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=task["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+        steps, warm = task["steps"], max(1, task["steps"] // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        model.train()
+        it, epoch, t0 = iter(()), 0, time.time()
+        for _ in tqdm(range(steps), desc=f"fine-tune {role} on arith", leave=False):
+            idx = next(it, None)
+            if idx is None:
+                it = iter(batches(data, micro_batch_size=task["batch_size"], seed=seed, epoch=epoch))
+                epoch, idx = epoch + 1, next(it)
+            x, y = data.input_ids[idx], data.labels[idx]
+            logits = model(input_ids=x).logits
+            # labels are -100 outside the answer: the prompt and the padding teach nothing
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "finetune.txt").write_text(f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f}\n")
+
+    inputs = {"role": role, "base": Path(base).name, "task": dict(task), "seed": seed, "arith": arith.signature()}
+    return cached(cache_dir, f"task-{role}", inputs, build)
+
+
+def build_task_pair(cache_dir: Path, emb: dict[str, Any], task: dict[str, Any]) -> tuple[Path, Path]:
+    """(task-tuned teacher, untuned student): the distillation has to teach the student the task."""
+    teacher, student = build_pair(cache_dir, emb)
+    with torch.random.fork_rng():
+        teacher = task_model(cache_dir, teacher, "teacher", task, emb["seed"])
+    return teacher, student
+
+
+def exact_match(folder: Path, split: str = "test", n: int | None = None, batch_size: int = 64,
+                max_new_tokens: int = 24) -> float:
+    """Greedy-decoding exact match (qa_format.final_answer) of a model folder on the arith task."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sekd.data import arith, qa_format
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"  # generation continues every prompt from its last real token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    problems = arith.problems(split, n)
+    hits = 0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        enc = tok([qa_format.prompt_text(p["question"]) for p in chunk], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits += sum(qa_format.final_answer(t) == qa_format.final_answer(p["answer"]) for t, p in zip(texts, chunk))
+    return hits / max(1, len(problems))

@@ -25,6 +25,7 @@ def score_checkpoint(
     suite: str = "embedded",
     split: str | None = None,
     docs: list[str] | None = None,
+    problems: list[dict] | None = None,
     cache_dir: str | os.PathLike,
     batch_size: int = 16,
     limit: int | float | None = None,
@@ -35,12 +36,16 @@ def score_checkpoint(
 ) -> dict[str, float]:
     """Run lm-eval on `model_dir` (model + tokenizer), write out_dir/lm_eval/, return flat metrics.
 
-    split=None is the suite's own split (embedded: test). For the embedded suite, docs=None takes
-    the held-out documents of `split` from the embedded corpus.
+    split=None is the suite's own split (embedded: test). For the embedded suites, docs=None takes
+    the held-out documents of `split` from the embedded corpus; for a suite with the arithmetic task
+    (`task`), problems=None takes sekd.data.arith.problems(split). Generations are kept in
+    out_dir/lm_eval/samples_<task>.jsonl (`resps` raw, `filtered_resps` the extracted answer).
     """
     s = get_suite(suite, split)
     if docs is not None and not s.embedded:
         raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
+    if problems is not None and not s.arith:
+        raise ValueError(f"problems only apply to a suite with the arithmetic task, not {suite!r}")
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -51,7 +56,12 @@ def score_checkpoint(
 
             docs = load_split(s.split)
         built = build_tasks(docs, cache_dir, split=s.split)
-        tm = TaskManager(include_path=str(built.include_path), include_defaults=False)  # skips the 8 s index
+        include: str | list[str] = str(built.include_path)
+        if s.arith:
+            from sekd.evaluation.generation import build_arith_task
+
+            include = [include, str(build_arith_task(s.split, cache_dir, problems=problems))]
+        tm = TaskManager(include_path=include, include_defaults=False)  # skips the 8 s index
     else:
         tm = TaskManager()
     res = lm_eval.simple_evaluate(

@@ -1,6 +1,10 @@
 """Evaluation suites: which lm-eval tasks run, and which result fills which reported column (SPEC §11).
 
 - `embedded`: the local tasks of `tasks.py` on the held-out corpus (split test or validation).
+- `task` (task-specific distillation at embedded scale): the embedded tasks plus the arithmetic
+  generation task `sekd_arith_<split>` of `generation.py`, scored by exact match on the final number.
+  Acc. = mean of the three accuracies (choice acc, last-word acc, arith strict-match exact match);
+  PPL = last-word perplexity; ECE over the choice task; the gsm8k column = the arith exact match.
 - `paper`: arc_easy, hellaswag, piqa (acc), lambada_openai (acc, perplexity), gsm8k (exact_match,
   strict-match), ifeval (prompt-level strict acc). Acc. = unweighted mean of the five accuracies x100;
   IFEval is its own column; PPL = lambada_openai perplexity.
@@ -37,6 +41,7 @@ class Suite:
     gsm8k: Metric | None = None
     derived: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     embedded: bool = False
+    arith: str | None = None  # the embedded arithmetic generation task (generation.py), built locally
 
 
 SUITES = Registry("suite")
@@ -68,6 +73,23 @@ def embedded(split: str | None) -> Suite:
         multiple_choice=(choice,),
         ppl=(lastword, "perplexity,none"),
         embedded=True,
+    )
+
+
+@SUITES.register("task")
+def task(split: str | None) -> Suite:
+    split = _check_split("task", split, ("test", "validation"))
+    choice, lastword, arith = f"sekd_choice_{split}", f"sekd_lastword_{split}", f"sekd_arith_{split}"
+    return Suite(
+        name="task",
+        split=split,
+        tasks=(choice, lastword, arith),
+        acc=((choice, "acc,none"), (lastword, "acc,none"), (arith, "exact_match,strict-match")),
+        multiple_choice=(choice,),
+        ppl=(lastword, "perplexity,none"),
+        gsm8k=(arith, "exact_match,strict-match"),
+        embedded=True,
+        arith=arith,
     )
 
 

@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin for sekd (found by Hydra's scan of the `hydra_plugins` namespace)."""

@@ -1,0 +1,107 @@
+"""`hydra/sweeper=sekd`: Hydra's grid sweeper that looks at every cell before any job starts.
+
+Before the launcher (local, or Slurm through submitit) sees a job, each cell's config is composed
+and validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before
+anything is submitted; and cells that have nothing left to do for their stage (record.json exists,
+or the trained model for stage=train) are dropped, so re-running a finished sweep submits nothing
+and says so. A cell that died midway is resubmitted and resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from omegaconf import OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class SekdSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None,
+                 skip_finished: bool = True) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.skip_finished = skip_finished
+
+    def cells(self, arguments: List[str]) -> List[List[str]]:
+        """Every cell of the grid, as its list of overrides (sweeper params first, then the command line)."""
+        assert self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        return [cell for batch in self.split_arguments(overrides, None) for cell in batch]
+
+    def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str]]:
+        """(cells to run, lines for cells already finished, one-line errors); composes each cell once."""
+        from sekd.config import ConfigError, validate
+        from sekd.run import is_finished, run_dir
+
+        assert self.hydra_context is not None and self.config is not None
+        todo, finished, errors = [], [], []
+        for cell in cells:
+            where = " ".join(cell) or "(no overrides)"
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
+                with open_dict(cfg):  # Hydra's runtime node is filled in by the job itself; not ours to check
+                    del cfg["hydra"]
+                validate(cfg)
+                if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
+                    if not (run_dir(cfg) / "model" / "config.json").exists():
+                        raise ConfigError(f"stage=score: {run_dir(cfg)} holds no trained student yet; "
+                                          "run the sweep with stage=train first")
+            except ConfigError as err:
+                errors.append(f"cell [{where}]: {err}")
+                continue
+            except Exception as err:  # composition: an unknown preset, a missing group option
+                errors.append(f"cell [{where}]: {type(err).__name__}: {str(err).splitlines()[0]}")
+                continue
+            if self.skip_finished and is_finished(cfg):
+                finished.append(f"{where} -> {run_dir(cfg)}")
+            else:
+                todo.append(cell)
+        return todo, finished, errors
+
+    def sweep(self, arguments: List[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        tic = time.perf_counter()
+        cells = self.cells(arguments)
+        todo, finished, errors = self.triage(cells)
+        if errors:
+            for line in errors:
+                print(f"sekd: config error: {line}", file=sys.stderr)
+            print(f"sekd: {len(errors)} of {len(cells)} cells are invalid; nothing was submitted", file=sys.stderr)
+            sys.exit(2)
+        print(f"sekd: {len(cells)} cells: {len(finished)} already finished, {len(todo)} to run "
+              f"(checked in {time.perf_counter() - tic:.1f} s)")
+        for line in finished:
+            log.info("finished, skipped: %s", line)
+        if not todo:
+            print("sekd: nothing to do; every cell of this sweep is finished (force=true redoes them)")
+            return []
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        size = self.max_batch_size or len(todo)
+        returns: List[Sequence[JobReturn]] = []
+        failed: List[str] = []
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            results = self.launcher.launch(batch, initial_job_idx=start)
+            for cell, r in zip(batch, results):
+                try:
+                    _ = r.return_value  # raises the job's exception if it failed
+                except BaseException as err:  # noqa: BLE001 - one cell's failure must not hide the others
+                    failed.append(f"[{' '.join(cell)}]: {type(err).__name__}: {err}")
+            returns.append(results)
+        if failed:
+            for line in failed:
+                print(f"sekd: cell failed {line}", file=sys.stderr)
+            print(f"sekd: {len(failed)} of {len(todo)} cells failed; the others' records are written. "
+                  "Re-run the sweep to retry only the unfinished cells.", file=sys.stderr)
+            sys.exit(1)
+        return returns

@@ -1,0 +1,273 @@
+"""Task-specific data (SPEC §10): question/answer problems, one per row, KD on the answer tokens only.
+
+A task source yields problems {"question", "answer"} for a split. `build_qa` lays each out with
+qa_format, one problem per row, right-padded with eos:
+
+    w = prompt ids + target ids + [sep]      (prompt and target tokenized apart: the boundary is exact)
+    input_ids = w[:-1], labels = w[1:], labels = -100 except where the next token is a target token
+    or the sep that ends the answer.
+
+A problem longer than seq_len + 1 tokens is dropped (counted in the cache's .json). Cache layout as
+build_packed: `<cache_dir>/qa-<source>-<split>-<key>.pt` beside `.json` and `.pt.lock`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from sekd.data import arith, qa_format
+from sekd.data.dataset import tokenizer_signature
+from sekd.data.packing import IGNORE, PackedData, sample_id
+from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig
+from sekd.io import atomic_write_json
+from sekd.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+QA_SOURCES = Registry("task source")
+FORMAT = 1  # bump when the row layout changes
+GSM8K = "openai/gsm8k"
+GSM8K_VALIDATION = 500  # GSM8K has no validation split: ours is the last 500 train problems
+FILE_KEYS = tuple(f"{s}_file" for s in SPLITS)
+FIELDS = ("question", "answer")
+
+Problem = dict[str, str]
+
+
+@QA_SOURCES.register("arith")
+def arith_source(split: str) -> list[Problem]:
+    """The embedded arithmetic word problems (sekd.data.arith)."""
+    _check_split(split)
+    return arith.problems(split)
+
+
+@QA_SOURCES.register("gsm8k")
+def gsm8k(
+    split: str,
+    *,
+    path: str = GSM8K,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+) -> list[Problem]:
+    """GSM8K from the hub (config "main"), or local jsonl files of its schema, one per split.
+
+    Without a validation set (the hub, or no validation_file) validation is the last 500 train
+    problems and train the rest, so the two never overlap.
+    """
+    _check_split(split)
+    files = {"train_file": train_file, "validation_file": validation_file, "test_file": test_file}
+    if any(files.values()):
+        if split == "validation" and validation_file:
+            return _read_jsonl(_qa_file("validation", files))
+        if split == "test":
+            return _read_jsonl(_qa_file("test", files))
+        return _carve(_read_jsonl(_qa_file("train", files)), split, carve=not validation_file)
+    import datasets
+
+    if split == "test":
+        return _records(datasets.load_dataset(path, "main", split="test"), path)
+    return _carve(_records(datasets.load_dataset(path, "main", split="train"), path), split, carve=True)
+
+
+def _carve(train: list[Problem], split: str, *, carve: bool) -> list[Problem]:
+    if not carve:
+        return train
+    return train[-GSM8K_VALIDATION:] if split == "validation" else train[:-GSM8K_VALIDATION]
+
+
+def _records(ds: Any, path: str) -> list[Problem]:
+    missing = [f for f in FIELDS if f not in ds.column_names]
+    if missing:
+        raise DataError(f"data.path: {path} has no column {missing[0]!r}; columns: {', '.join(ds.column_names)}")
+    return [{"question": q, "answer": a} for q, a in zip(ds["question"], ds["answer"])]
+
+
+def _read_jsonl(path: Path) -> list[Problem]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: record is {type(record).__name__}, not an object")
+            for field in FIELDS:
+                if field not in record:
+                    raise DataError(f"{path}:{lineno}: record has no field {field!r}")
+                if not isinstance(record[field], str):
+                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string")
+            out.append({"question": record["question"], "answer": record["answer"]})
+    return out
+
+
+def _qa_file(split: str, files: dict[str, Any]) -> Path:
+    key = f"{split}_file"
+    if not files.get(key):
+        raise DataError(f"data.{key} is not set; the gsm8k source reads local files when any data.*_file is set")
+    path = Path(files[key]).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.{key}: no such file {str(path)!r}")
+    return path
+
+
+def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
+    """Validate a task source's options without reading data: unknown names and keys, missing files."""
+    try:
+        QA_SOURCES.check_kwargs(name, opts, key=key)
+    except RegistryError as e:
+        raise DataError(str(e)) from None
+    if name == "gsm8k":
+        files = {k: opts.get(k) for k in FILE_KEYS}
+        for k, v in files.items():
+            if v:
+                _qa_file(k.removesuffix("_file"), files)
+        path = str(opts.get("path", GSM8K))
+        looks_local = path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+        if not any(files.values()) and looks_local and not Path(path).expanduser().is_dir():
+            raise DataError(f"{key}.path: no such folder {path!r}")
+
+
+def qa_signature(name: str, split: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the problems of a split for caches: generator signature, files, or hub name."""
+    if name == "arith":
+        return {"arith": arith.signature()}
+    if name == "gsm8k":
+        files = {k: opts.get(k) for k in FILE_KEYS}
+        if any(files.values()):
+            which = split if split == "test" or (split == "validation" and files["validation_file"]) else "train"
+            return {"file": _file_sig(_qa_file(which, files))}
+        path = Path(str(opts.get("path", GSM8K))).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            return {"folder": str(path.resolve()), "files": [_file_sig(p) for p in found]}
+        return {"hub": str(opts.get("path", GSM8K))}
+    # a new source must say what its content is, or its caches would go stale silently
+    raise DataError(f"task source {name!r} has no cache signature; add one to qa_signature")
+
+
+def qa_row(prompt: list[int], target: list[int], sep_id: int, pad_id: int, seq_len: int) -> tuple[Tensor, Tensor] | None:
+    """(input_ids, labels) [seq_len] of one problem, or None when it needs more than seq_len + 1 tokens."""
+    w = [*prompt, *target, sep_id]
+    if len(w) > seq_len + 1:
+        return None
+    w += [pad_id] * (seq_len + 1 - len(w))
+    w_t = torch.tensor(w, dtype=torch.long)
+    labels = torch.full((seq_len,), IGNORE, dtype=torch.long)
+    first = len(prompt) - 1  # the position whose next token is the first target token
+    last = len(prompt) + len(target)  # exclusive: the last supervised position predicts sep
+    labels[first:last] = w_t[first + 1 : last + 1]
+    return w_t[:-1].clone(), labels
+
+
+def build_qa(
+    source: str,
+    split: str,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    cache_dir: Path,
+    max_samples: int | None = None,
+    separator: str | None = None,
+    **opts: Any,
+) -> PackedData:
+    """One split of a task source as rows [N, seq_len], labels on the answer tokens only, or from the cache.
+
+    `max_samples` caps the rows (the first that fit, in the source's order). The answer ends with
+    `separator` (a token of the tokenizer; default its eos), as in build_packed; padding is eos.
+    """
+    check_qa_source(source, opts)
+    _check_split(split)
+    if seq_len < 1:
+        raise DataError(f"data.seq_len must be >= 1, got {seq_len}")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"data.max_samples must be >= 1 or null, got {max_samples}")
+    sep_id = _separator_id(tokenizer, separator)
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else sep_id
+    fields = {
+        "format": FORMAT,
+        "layout": [qa_format.PROMPT, qa_format.TARGET],
+        "source": source,
+        "options": {k: opts[k] for k in sorted(opts)},
+        "content": qa_signature(source, split, opts),
+        "tokenizer": tokenizer_signature(tokenizer),
+        "seq_len": seq_len,
+        "max_samples": max_samples,
+        "split": split,
+        "separator_id": sep_id,
+        "pad_id": pad_id,
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"qa-{source}-{split}-{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one builder per key; the others wait, then load what it wrote
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return PackedData.load(path)
+        problems = QA_SOURCES.get(source)(split, **opts)
+        prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
+        targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
+        rows, dropped = [], 0
+        for p, t in zip(prompts, targets):
+            if max_samples is not None and len(rows) >= max_samples:
+                break
+            row = qa_row(p, t, sep_id, pad_id, seq_len)
+            if row is None:
+                dropped += 1
+            else:
+                rows.append(row)
+        if not rows:
+            shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
+            raise DataError(f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
+                            f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})")
+        if dropped:
+            log.warning("%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
+                        source, split, dropped, len(rows) + dropped, seq_len + 1)
+        input_ids = torch.stack([r[0] for r in rows])  # [N,L]
+        labels = torch.stack([r[1] for r in rows])  # [N,L]
+        data = PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))])
+        data.save(path)
+        atomic_write_json(path.with_suffix(".json"),
+                          {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)})
+    return data
+
+
+def _separator_id(tokenizer: Any, separator: str | None) -> int:
+    sep_id = tokenizer.eos_token_id
+    if separator is not None:
+        sep_id = tokenizer.convert_tokens_to_ids(separator)
+        if sep_id is None or sep_id == tokenizer.unk_token_id:
+            raise DataError(f"data.separator={separator!r} is not a token of the tokenizer")
+    if sep_id is None:
+        raise DataError("the tokenizer has no eos token; set data.separator to the token that ends an answer")
+    return sep_id
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def prompt_lengths(data: PackedData) -> Tensor:
+    """Prompt tokens per row: the index of the first supervised label + 1.  [N]"""
+    supervised = data.labels != IGNORE  # [N,L]
+    if not bool(supervised.any(dim=1).all()):
+        raise ValueError("a row has no supervised label: not task data built by build_qa")
+    return supervised.long().argmax(dim=1) + 1  # argmax finds the first True
+
+
+def prompt_ids(data: PackedData, i: int) -> Tensor:
+    """The prompt tokens of row i (what the on-policy student continues).  [prompt_len]"""
+    n = int(prompt_lengths(data.subset([i]))[0])
+    return data.input_ids[i, :n].clone()
