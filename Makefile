@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/sekd-train --config-dir sweeps --config-name demo
+	$(BIN)/sekd-train --config-dir sweeps --config-name demo $(DEMO_ARGS)
 	$(BIN)/sekd-report outputs/demo/runs --out outputs/demo
 
 test: install
