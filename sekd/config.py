@@ -15,18 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 from sekd.registry import RegistryError
 
 MODES = ("distill", "score_student", "score_teacher")
-STAGES = ("all", "train", "score")  # one job does both, or training and scoring run as separate jobs
+STAGES = ("all", "train", "score")
+REGIMES = ("off_policy", "on_policy")  # one job does both, or training and scoring run as separate jobs
 
 # Keys each group may hold; anything else is a typo and fails with the key's name.
 SCHEMA: dict[str, set[str]] = {
     "": {"defaults", "preset", "label", "mode", "stage", "seed", "force", "paths", "model", "data", "position",
-         "classes", "samples", "criterion", "train", "eval", "logging", "hydra", "experiment"},
+         "classes", "samples", "criterion", "regime", "train", "eval", "logging", "hydra", "experiment"},
     "paths": {"root", "cache"},
-    "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded"},
+    "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded", "task"},
     "position": {"signal", "policy", "k", "normalization", "options"},
     "classes": {"name", "options", "cache"},
     "samples": {"name", "l", "batch_size"},
     "criterion": {"name", "options"},
+    "regime": {"name", "mix", "temperature", "top_p", "max_new_tokens"},
     "train": {"steps", "epochs", "micro_batch_size", "grad_accum", "optimizer", "lr", "weight_decay",
               "betas", "lr_schedule", "warmup_steps", "max_grad_norm", "lam", "temperature",
               "normalization", "precision", "device", "threads", "flow", "chunk_size", "ckpt_every", "log_every",
@@ -77,6 +79,7 @@ def _known_keys(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: keys, names, ranges, files. Raises ConfigError."""
+    from sekd.data.qa import QA_SOURCES, check_qa_source
     from sekd.data.sources import SOURCES, check_source
     from sekd.evaluation.suites import SUITES
     from sekd.selection.classes import CLASSES
@@ -105,12 +108,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.embedded is required for model.source=embedded")
 
     d = cfg.data
-    _choice("data.name", d.name, SOURCES.names())
+    _choice("data.name", d.name, [*SOURCES.names(), *QA_SOURCES.names()])
     _positive("data.seq_len", d.seq_len, integer=True)
-    if d.token_budget is not None:
+    if d.get("token_budget") is not None:
         _positive("data.token_budget", d.token_budget, integer=True)
+    if d.get("max_samples") is not None:
+        _positive("data.max_samples", d.max_samples, integer=True)
     try:
-        check_source(d.name, source_options(cfg))
+        (check_qa_source if is_task_data(cfg) else check_source)(d.name, source_options(cfg))
     except (RegistryError, FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
@@ -182,6 +187,21 @@ def validate(cfg: DictConfig) -> None:
     if t.threads is not None:
         _positive("train.threads", t.threads, integer=True)
 
+    r = cfg.regime
+    _choice("regime.name", r.name, REGIMES)
+    if r.name == "on_policy":
+        if not is_task_data(cfg):
+            raise ConfigError(f"regime=on_policy samples answers to task prompts: it needs task data "
+                              f"(data=arith or data=gsm8k), not data={d.name}")
+        if not isinstance(r.mix, (int, float)) or isinstance(r.mix, bool) or not 0 <= r.mix <= 1:
+            raise ConfigError(f"regime.mix={r.mix!r} must be a fraction in [0, 1]")
+        _positive("regime.temperature", r.temperature, zero_ok=True)
+        _fraction("regime.top_p", r.top_p)
+        _positive("regime.max_new_tokens", r.max_new_tokens, integer=True)
+        if c.name == "rs_kd" or c.cache is not None:  # SPEC §10
+            raise ConfigError(f"classes.name={c.name} (cache={c.cache}) does not apply on-policy: the student's "
+                              "sampled answers are not in the data the teacher's classes were drawn for; use classes=full")
+
     e = cfg.eval
     _choice("eval.suite", e.suite, [*SUITES, "none"])
     _choice("eval.split", e.split, ("test", "validation"))
@@ -198,10 +218,18 @@ def validate(cfg: DictConfig) -> None:
     _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
 
 
+def is_task_data(cfg: DictConfig) -> bool:
+    """Task-specific data (question/answer problems, KD on answer tokens) rather than packed documents."""
+    from sekd.data.qa import QA_SOURCES
+
+    return cfg.data.name in QA_SOURCES.names()
+
+
 def source_options(cfg: DictConfig) -> dict[str, Any]:
-    """The data group's keys that belong to its source (all but name, seq_len, budget, separator)."""
+    """The data group's keys that belong to its source (all but name, seq_len, budget, caps, separator)."""
     d = OmegaConf.to_container(cfg.data, resolve=True)
-    return {k: v for k, v in d.items() if k not in ("name", "seq_len", "token_budget", "separator")}
+    return {k: v for k, v in d.items()
+            if k not in ("name", "seq_len", "token_budget", "max_samples", "separator", "answer_tokens")}
 
 
 def policy_options(cfg: DictConfig) -> dict[str, Any]:

@@ -18,6 +18,14 @@ def resolve_pair(cfg: DictConfig) -> tuple[str, str, str]:
         from sekd.embedded.build import build_pair
 
         emb = OmegaConf.to_container(m.embedded, resolve=True)
+        from sekd.config import is_task_data
+
+        if is_task_data(cfg) and m.get("task"):  # a teacher that can do the task it is to teach (SPEC §10)
+            from sekd.embedded.build import build_task_pair
+
+            task = OmegaConf.to_container(m.task, resolve=True)
+            teacher, student = build_task_pair(Path(cfg.paths.cache) / "embedded", emb, task)
+            return str(teacher), str(student), str(student)
         teacher, student = build_pair(Path(cfg.paths.cache) / "embedded", emb)
         return str(teacher), str(student), str(student)
     return str(m.teacher), str(m.student), str(m.tokenizer or m.student)

@@ -63,7 +63,7 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     Hugging Face format under run/model. Returns training stats and costs (Table 7's columns)."""
     import torch
 
-    from sekd.data.dataset import build_packed, tokenizer_signature
+    from sekd.data.dataset import tokenizer_signature
     from sekd.models import load_model, model_signature, pick_device, pick_dtype, shared_vocab
     from sekd.selection.samples import SAMPLERS, select_samples
     from sekd.trainer import SelectionTrace, Trainer
@@ -71,8 +71,7 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     t, trc = cfg.train, cfg.model.trust_remote_code
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
-    data = build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
-                        cache_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
+    data = training_data(cfg, tok)
     n_train = len(data)
     torch.manual_seed(cfg.seed)
     selector = build_selector(cfg)
@@ -115,7 +114,7 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     trace = SelectionTrace(run.trace, t.trace_selection_steps) if t.trace_selection_steps else None
     trainer = Trainer(student=student, teacher=get_teacher() if needs_teacher else None, data=data,
                       selector=selector, train_cfg=t, vocab=V, seed=cfg.seed, run=run, tracker=tracker,
-                      device=device, dtype=dtype, trace=trace, cache=cache)
+                      device=device, dtype=dtype, trace=trace, cache=cache, on_policy=on_policy(cfg, data, tok))
     prog = trainer.fit()
 
     tmp = run.path / "model.tmp"
@@ -126,6 +125,7 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     tmp.rename(run.model)
     stats = {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
              "train_samples": len(data), "available_samples": n_train, "peak_memory_mb": peak_memory_mb(device),
+             "on_policy_batches": prog.on_policy_batches,
              "costs": {**costs, "cache_bytes_read": cache.bytes_read if cache is not None else 0,
                        # every token the teacher ran over: training, sample pre-pass, cache construction
                        "teacher_forward_tokens": prog.teacher_tokens + costs["prepass_forward_tokens"].get("teacher", 0)
@@ -133,6 +133,36 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
     run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
     atomic_write_json(run.path / "train_stats.json", stats)
     return stats
+
+
+def training_data(cfg: DictConfig, tok):
+    """The train split: packed documents (general-purpose) or one problem per row (task-specific)."""
+    from sekd.config import is_task_data
+
+    cache_dir = Path(cfg.paths.cache) / "data"
+    if is_task_data(cfg):
+        from sekd.data.qa import build_qa
+
+        return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, cache_dir=cache_dir,
+                        max_samples=cfg.data.get("max_samples"), separator=cfg.data.separator, **source_options(cfg))
+    from sekd.data.dataset import build_packed
+
+    return build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
+                        cache_dir=cache_dir, separator=cfg.data.separator, **source_options(cfg))
+
+
+def on_policy(cfg: DictConfig, data, tok):
+    """regime=on_policy: the kept samples' prompts, answered by the student (None off-policy)."""
+    r = cfg.regime
+    if r.name != "on_policy":
+        return None
+    from sekd.data.qa import prompt_ids
+    from sekd.trainer import OnPolicy
+
+    stop = tok.convert_tokens_to_ids(cfg.data.separator) if cfg.data.separator else tok.eos_token_id
+    return OnPolicy(prompts=lambda idx: [prompt_ids(data, i) for i in idx], pad_id=tok.eos_token_id, eos_id=stop,
+                    mix=float(r.mix), temperature=float(r.temperature), top_p=float(r.top_p),
+                    max_new_tokens=int(r.max_new_tokens))
 
 
 def cache_expectation(cfg: DictConfig, teacher_path: str, tok) -> dict[str, Any]:

@@ -6,6 +6,7 @@ split. Checkpoints hold everything a restart needs to end with the same weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ class Progress:
     tokens_seen: int = 0
     tokens_supervised: int = 0
     teacher_tokens: int = 0  # tokens the teacher ran over (0 when training from the offline cache)
+    on_policy_batches: int = 0  # micro-batches the student generated (regime=on_policy)
 
 
 def build_optimizer(params, t) -> torch.optim.Optimizer:
@@ -93,10 +95,33 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class OnPolicy:
+    """SPEC §10 on-policy regime: on the steps `on_policy_step(step, mix)` picks, the student samples
+    answers to the batch's prompts and the KD runs on those (generated tokens only)."""
+
+    prompts: Any  # idx -> list of prompt token tensors (task data)
+    pad_id: int
+    eos_id: int
+    mix: float
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    def batch(self, student, idx: list[int], seed: int):
+        from sekd.kd.on_policy import rollout
+
+        r = rollout(student, self.prompts(idx), pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
+                    top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
+        return r.input_ids, r.labels
+
+
 class Trainer:
     def __init__(self, *, student, teacher, data, selector: Selector, train_cfg, vocab: int, seed: int,
-                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None):
+                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None,
+                 on_policy: OnPolicy | None = None):
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
+        self.on_policy = on_policy
         self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
         self.device, self.dtype, self.trace, self.cache = device, dtype, trace, cache
         size = getattr(train_cfg, "chunk_size", "auto")
@@ -129,10 +154,23 @@ class Trainer:
         return True
 
     # -- one micro-batch ---------------------------------------------------------------------
-    def forward(self, idx: list[int]):
-        x = self.data.input_ids[idx].to(self.device)  # [B,T]
-        y = self.data.labels[idx].to(self.device)  # x_{t+1} or -100   [B,T]
+    def tokens(self, idx: list[int], micro: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's tokens and targets: the data's own, or (on-policy steps) the student's
+        answers to its prompts, with targets on the generated tokens only."""
+        from sekd.kd.on_policy import on_policy_step
+
+        if self.on_policy is not None and on_policy_step(self.prog.step, self.on_policy.mix):
+            # a fresh, reproducible draw per (run, step, micro-batch): a resumed run samples the same answers
+            seed = int(hashlib.sha256(f"{self.seed}/{self.prog.step}/{micro}".encode()).hexdigest()[:15], 16)
+            with autocast:
+                x, y = self.on_policy.batch(self.student, idx, seed)
+            self.prog.on_policy_batches += 1
+            return x.to(self.device), y.to(self.device)
+        return self.data.input_ids[idx].to(self.device), self.data.labels[idx].to(self.device)
+
+    def forward(self, idx: list[int], micro: int = 0):
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        x, y = self.tokens(idx, micro, autocast)  # [B,T]; y: x_{t+1} or -100
         samples = [self.data.sample_ids[i] for i in idx]
         cached = None
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
@@ -165,8 +203,8 @@ class Trainer:
     def accumulate(self, stream) -> tuple[float, float, float]:
         """Gradients of L over one effective batch (grad_accum micro-batches) in .grad; returns L."""
         loss_sum, weight, sel_pos, valid_pos = 0.0, 0.0, 0.0, 0.0
-        for _ in range(self.t.grad_accum):
-            out, x = self.forward(next(stream))
+        for micro in range(self.t.grad_accum):
+            out, x = self.forward(next(stream), micro)
             out.loss_sum.backward()
             loss_sum += float(out.loss_sum.detach())
             weight += out.weight
