@@ -49,11 +49,7 @@ VARIANTS: dict[tuple[str, str], Callable[[pd.DataFrame], pd.Series]] = {
     ("T7", "SE-KD3X (reuse offline cache)"): lambda r: r["costs.cache_build_seconds"].fillna(0) == 0,
 }
 
-# Rows of paper_tables.csv / paper_efficiency.csv that analysis/paper_rows.csv does not map.
-T5_PRESETS = {  # off-policy only: the harness has no on-policy mode, so on-policy rows stay unmapped
-    "Qwen3-1.7B (no distillation)": "student", "Qwen3-8B (teacher)": "teacher", "Full KD": "full_kd",
-    "RandomPos 20%": "random_pos", "SE-KD": "se_kd", "Pos RS-KD 20%": "pos_rs", "Pos RS-KD* 20%": "pos_rs_star",
-    "TopSmp 20%": "top_smp", "SE-KD + TopSmp 20%": "se_kd_top_smp", "SE-KD3X": "se_kd3x"}
+# Rows of paper_efficiency.csv (T7) that analysis/paper_rows.csv does not map.
 T7_PRESETS = {
     "Full KD (100% positions)": "full_kd", "RandomPos 20%": "random_pos", "TopSmp CE ratio": "top_smp_ce_ratio",
     "TopSmp KL": "top_smp_kl", "TopSmp student entropy": "top_smp", "SE-KD3X (cache construction)": "se_kd3x",
@@ -75,9 +71,8 @@ def _note(pattern: str, notes: pd.Series) -> pd.Series:
 def build_reference(tables: pd.DataFrame, efficiency: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """paper_tables.csv (T2-T5, V1, V2) + paper_efficiency.csv (T7) + paper_rows.csv -> paper_reference.csv rows."""
     main = tables[tables["table"].isin(["T2", "T3", "T4", "T5", "V1", "V2"])].rename(columns={"gsm8k_acc": "gsm8k"})
-    main = main.merge(rows[["table", "method", "preset"]], on=["table", "method"], how="left")
-    off = main["table"].eq("T5") & main["section"].eq("off-policy")
-    main.loc[off, "preset"] = main.loc[off, "method"].map(T5_PRESETS)
+    # T5 names its methods twice (off-policy, on-policy): the section tells the rows apart
+    main = main.merge(rows[["table", "section", "method", "preset"]], on=["table", "section", "method"], how="left")
     eff = efficiency[efficiency["table"].eq("T7")]
     t7 = pd.DataFrame({
         "table": "T7", "section": "runtime", "method": eff["configuration"],

@@ -100,6 +100,8 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
             store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=cfg.samples.batch_size, device=str(device),
             vocab=V, temperature=t.temperature)
         data = data.subset(picked.indices)
+        atomic_write_json(run.path / "samples.json", {"selector": cfg.samples.name, "l": cfg.samples.l,
+                                                      "kept": data.sample_ids})  # which samples training saw
         costs.update(prepass_seconds=picked.prepass_seconds, prepass_reused=picked.reused,
                      prepass_forward_tokens=picked.forward_tokens)
 
@@ -290,6 +292,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
         "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2), "costs": stats.get("costs", {}),
         "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
+        "on_policy_batches": stats.get("on_policy_batches", 0),
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "git_commit": git_commit(), "overrides": list(overrides or []), "config": resolved(cfg),

@@ -12,22 +12,33 @@ DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "disti
 PAPER = ROOT.parent / "shared" / "paper_tables.csv"
 
 
-TABLES = ("T2", "T3", "T4", "V1", "V2")
+TABLES = ("T2", "T3", "T4", "T5", "V1", "V2")
 
 
 def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
     mapping = list(csv.DictReader((ROOT / "analysis" / "paper_rows.csv").open()))
     assert all(r["preset"] in PRESETS for r in mapping)
-    mapped = {(r["table"], r["method"]) for r in mapping}
+    mapped = {(r["table"], r["section"], r["method"]) for r in mapping}
     if PAPER.exists():  # the paper's numbers sit beside the repo (shared/)
-        paper = {(r["table"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
+        paper = {(r["table"], r["section"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
         assert paper == mapped
-    assert len(mapped) == len(mapping) == 48
+    assert len(mapped) == len(mapping) == 48 + 17  # T2-T4, V1, V2; T5's 10 off-policy and 7 on-policy rows
+    on_policy = [r["preset"] for r in mapping if r["section"] == "on-policy"]
+    assert len(on_policy) == 7 and all(compose_cfg([f"experiment={p}"]).regime.name == "on_policy" for p in on_policy)
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+def prompt_lengths_by_sample(cfg) -> dict[str, int]:
+    from sekd.data.qa import prompt_lengths
+    from sekd.models import load_tokenizer, resolve_pair
+    from sekd.train import training_data
+
+    data = training_data(cfg, load_tokenizer(resolve_pair(cfg)[2]))
+    return dict(zip(data.sample_ids, prompt_lengths(data).tolist()))
 
 
 def n_select(n_valid, k):
@@ -67,6 +78,9 @@ def check_trace_row(row, policy, k, S):
 def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
     over = [*TINY, f"experiment={preset}", "train.steps=2", "train.trace_selection_steps=2", "eval=none",
             f"paths.root={tmp_path}", f"paths.cache={cache}"]
+    on_policy = compose_cfg([f"experiment={preset}"]).regime.name == "on_policy"
+    if on_policy:  # Table 5's on-policy rows answer task prompts
+        over += ["data=arith", "data.seq_len=128", "regime.max_new_tokens=12"]
     cfg = compose_cfg(over)
     if cfg.position.policy == "curriculum":
         cfg = compose_cfg([*over, "position.options.S=2"])  # reach the middle of the curriculum in 2 steps
@@ -85,3 +99,11 @@ def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
         assert all(len(set(r["selected"])) < len(r["valid"]) for r in rows if len(r["valid"]) > 1)  # strict subset
     if cfg.samples.name != "all":  # training iterates over the kept samples only
         assert record["train_samples"] == math.floor(cfg.samples.l * record["available_samples"])
+        kept = json.loads(next(tmp_path.glob("runs/*/samples.json")).read_text())["kept"]
+        assert len(kept) == record["train_samples"] and {r["sample"] for r in rows} <= set(kept)
+    if on_policy:  # every batch was the student's own answers; only generated tokens are supervised
+        assert record["on_policy_batches"] == 2 * cfg.train.grad_accum
+        plen = prompt_lengths_by_sample(cfg)
+        for row in rows:  # a contiguous run from the prompt's last token (which predicts the first answer token)
+            assert row["valid"] and row["valid"] == list(range(plen[row["sample"]] - 1, row["valid"][-1] + 1))
+            assert len(row["valid"]) <= cfg.regime.max_new_tokens

@@ -35,7 +35,7 @@ def grid(name):
 
 
 def test_there_is_a_sweep_per_table_and_figure():
-    assert set(NAMES) == {"t2", "t3", "t4", "t7", "v1", "v2", "k_budget", "l_budget"}
+    assert set(NAMES) == {"t2", "t3", "t4", "t5", "t7", "v1", "v2", "k_budget", "l_budget"}
 
 
 @pytest.mark.parametrize("name", NAMES)
