@@ -80,7 +80,7 @@ def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
             f"paths.root={tmp_path}", f"paths.cache={cache}"]
     on_policy = compose_cfg([f"experiment={preset}"]).regime.name == "on_policy"
     if on_policy:  # Table 5's on-policy rows answer task prompts
-        over += ["data=arith", "data.seq_len=128", "regime.max_new_tokens=12"]
+        over += ["data.seq_len=128", "regime.max_new_tokens=12"]  # the preset brings data=arith
     cfg = compose_cfg(over)
     if cfg.position.policy == "curriculum":
         cfg = compose_cfg([*over, "position.options.S=2"])  # reach the middle of the curriculum in 2 steps

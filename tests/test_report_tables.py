@@ -243,10 +243,11 @@ def test_the_reference_is_regenerated_from_the_papers_csvs():
                         "configuration": ["TopSmp KL", "SE-KD3X (reuse offline cache)", "z"],
                         "wall": ["14h42m", "3h58m", "1 min"],
                         "notes": ["sample-selection scoring 9h37m; acc 64.2", "acc 64.4", None]})
-    rows = pd.DataFrame({"table": ["T2"], "method": ["Full KD"], "preset": ["full_kd"]})
+    rows = pd.DataFrame({"table": ["T2", "T5", "T5"], "section": ["baseline", "off-policy", "on-policy"],
+                         "method": ["Full KD", "SE-KD", "SE-KD"], "preset": ["full_kd", "se_kd", "on_policy_se_kd"]})
     ref = build_reference(tables, eff, rows)
     assert ref["table"].tolist() == ["T2", "T5", "T5", "T7", "T7"]
-    assert ref["preset"].iloc[:2].tolist() == ["full_kd", "se_kd"] and pd.isna(ref["preset"].iloc[2])
+    assert ref["preset"].iloc[:3].tolist() == ["full_kd", "se_kd", "on_policy_se_kd"]  # the section tells them apart
     t7 = ref[ref["table"].eq("T7")].set_index("method")
     assert t7.loc["TopSmp KL", ["acc", "wall_s", "selection_s"]].tolist() == [64.2, 52920.0, 34620.0]
     assert t7.loc["SE-KD3X (reuse offline cache)", "preset"] == "se_kd3x"
