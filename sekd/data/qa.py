@@ -60,7 +60,7 @@ def gsm8k(
     """GSM8K from the hub (config "main"), or local jsonl files of its schema, one per split.
 
     Without a validation set (the hub, or no validation_file) validation is the last 500 train
-    problems and train the rest, so the two never overlap.
+    problems (at most a tenth of them) and train the rest, so the two never overlap.
     """
     _check_split(split)
     files = {"train_file": train_file, "validation_file": validation_file, "test_file": test_file}
@@ -78,9 +78,11 @@ def gsm8k(
 
 
 def _carve(train: list[Problem], split: str, *, carve: bool) -> list[Problem]:
+    """train's last 500 problems (at most a tenth of them, for small files) as validation, or all as train."""
     if not carve:
         return train
-    return train[-GSM8K_VALIDATION:] if split == "validation" else train[:-GSM8K_VALIDATION]
+    cut = len(train) - min(GSM8K_VALIDATION, len(train) // 10)
+    return train[cut:] if split == "validation" else train[:cut]
 
 
 def _records(ds: Any, path: str) -> list[Problem]:
@@ -156,7 +158,9 @@ def qa_signature(name: str, split: str, opts: dict[str, Any]) -> dict[str, Any]:
     raise DataError(f"task source {name!r} has no cache signature; add one to qa_signature")
 
 
-def qa_row(prompt: list[int], target: list[int], sep_id: int, pad_id: int, seq_len: int) -> tuple[Tensor, Tensor] | None:
+def qa_row(
+    prompt: list[int], target: list[int], sep_id: int, pad_id: int, seq_len: int
+) -> tuple[Tensor, Tensor] | None:
     """(input_ids, labels) [seq_len] of one problem, or None when it needs more than seq_len + 1 tokens."""
     w = [*prompt, *target, sep_id]
     if len(w) > seq_len + 1:

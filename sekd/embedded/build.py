@@ -1,10 +1,12 @@
 """Build the embedded default: a BPE tokenizer on the train split, and a teacher and a student
 pretrained on it (the teacher bigger and longer, so KD has something real to transfer).
 
-Every artifact is cached under a key of its inputs; only the first run pays for it.
+Every artifact is cached under a key of its inputs; only the first run pays for it. For the
+task-specific regime, `build_task_pair` fine-tunes the teacher on the embedded arithmetic task.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -155,7 +157,8 @@ def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], see
             sched.step()
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        (out / "finetune.txt").write_text(f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f}\n")
+        (out / "finetune.txt").write_text(
+            f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f} task={json.dumps(task)}\n")
 
     inputs = {"role": role, "base": Path(base).name, "task": dict(task), "seed": seed, "arith": arith.signature()}
     return cached(cache_dir, f"task-{role}", inputs, build)
