@@ -87,18 +87,22 @@ def final_weights(root):
     return load_file(model)
 
 
-@pytest.mark.parametrize("preset", ["se_kd", "gls"])  # gls: its score queue must survive the restart
-def test_killed_run_resumes_to_the_same_weights(tmp_path, preset):
+@pytest.mark.parametrize("preset,extra", [
+    ("se_kd", []),
+    ("gls", []),  # its score queue must survive the restart
+    ("on_policy_se_kd", ["data.seq_len=128", "regime.max_new_tokens=8"]),  # the same sampled answers after it
+])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, preset, extra):
     cache = f"paths.cache={tmp_path}/cache"
     args = [*TINY, f"experiment={preset}", "train.steps=5", "train.ckpt_every=2", "train.trace_selection_steps=5",
-            "eval=none", cache]
+            "eval=none", cache, *extra]
     done = sekd_train([*args, f"paths.root={tmp_path}/a"])
     assert done.returncode == 0, done.stderr[-3000:]
 
     crashed = sekd_train([*args, f"paths.root={tmp_path}/b"], env={"SEKD_CRASH_AT_STEP": "3"})
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     (run_b,) = list((tmp_path / "b" / "runs").iterdir())
-    assert (run_b / "checkpoint.pt").exists() and not (run_b / "record.json").exists()
+    assert (run_b / "checkpoint.pt").exists() and not list(run_b.glob("*/record.json"))
     assert torch.load(run_b / "checkpoint.pt", weights_only=False)["progress"]["step"] == 2
 
     resumed = sekd_train([*args, f"paths.root={tmp_path}/b"])
