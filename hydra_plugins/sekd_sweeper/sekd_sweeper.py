@@ -91,7 +91,13 @@ class SekdSweeper(BasicSweeper):
         failed: List[str] = []
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            results = self.launcher.launch(batch, initial_job_idx=start)
+            try:
+                results = self.launcher.launch(batch, initial_job_idx=start)
+            except Exception as err:  # a job killed outright (OOM, scancel): submitit has no result for it
+                print(f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
+                      "write their own records. Re-run the sweep to retry the unfinished cells.", file=sys.stderr)
+                sys.exit(1)
             for cell, r in zip(batch, results):
                 try:
                     _ = r.return_value  # raises the job's exception if it failed

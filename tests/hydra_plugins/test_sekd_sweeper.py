@@ -92,3 +92,20 @@ def test_stage_score_before_training_is_refused_and_train_then_score_gives_the_r
     assert scored.returncode == 0, scored.stderr[-2000:]
     [rec] = records(tmp_path).values()
     assert rec["stage"] == "score" and rec["steps"] == 2 and rec["metrics"]["acc"] >= 0
+
+
+def test_a_job_killed_outright_is_reported_and_its_checkpoint_kept_for_the_rerun(tmp_path):
+    """On the submitit launcher a job that dies without a result (here os._exit mid-training) makes
+    submitit raise; the sweep says so in one line, and a re-run resumes the cell from its checkpoint."""
+    args = ["-m", *FAST, "train.steps=4", "train.ckpt_every=2", "experiment=se_kd", "hydra/launcher=local",
+            f"paths.root={tmp_path}"]
+    killed = sekd_train(args, env={**OFFLINE, "SEKD_CRASH_AT_STEP": "2"}, timeout=300)
+    assert killed.returncode == 1
+    assert "died without a result" in killed.stderr and "Re-run the sweep" in killed.stderr
+    assert list(tmp_path.glob("runs/*/checkpoint.pt")) and not records(tmp_path)
+    rerun = sekd_train(args, env=OFFLINE, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    [rec] = records(tmp_path).values()
+    assert rec["steps"] == 4
+    logs = "".join(p.read_text() for p in tmp_path.glob("hydra/*/.submitit/*/*_log.*"))
+    assert "resumed from step 2" in logs
