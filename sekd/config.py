@@ -21,7 +21,8 @@ REGIMES = ("off_policy", "on_policy")  # one job does both, or training and scor
 # Keys each group may hold; anything else is a typo and fails with the key's name.
 SCHEMA: dict[str, set[str]] = {
     "": {"defaults", "preset", "label", "mode", "stage", "seed", "force", "paths", "model", "data", "position",
-         "classes", "samples", "criterion", "regime", "train", "eval", "logging", "hydra", "experiment"},
+         "classes", "samples", "criterion", "regime", "train", "eval", "logging", "resources", "hydra",
+         "experiment"},
     "paths": {"root", "cache"},
     "model": {"name", "source", "teacher", "student", "tokenizer", "trust_remote_code", "embedded", "task"},
     "position": {"signal", "policy", "k", "normalization", "options"},
@@ -35,10 +36,11 @@ SCHEMA: dict[str, set[str]] = {
               "trace_selection_steps"},
     "eval": {"suite", "split", "batch_size", "limit", "device"},
     "logging": {"wandb", "project", "entity", "group"},
+    "resources": {"partition", "gpus", "cpus", "mem_gb", "timeout_min", "array_parallelism"},
 }
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
-UNHASHED = ("paths", "logging", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
+UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
 
 
@@ -216,6 +218,11 @@ def validate(cfg: DictConfig) -> None:
     if e.limit is not None:
         _positive("eval.limit", e.limit, integer=True)
     _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
+    res = cfg.get("resources")
+    if res is not None:
+        _positive("resources.gpus", res.gpus, zero_ok=True, integer=True)
+        for key in ("cpus", "mem_gb", "timeout_min", "array_parallelism"):
+            _positive(f"resources.{key}", res[key], integer=True)
 
 
 def is_task_data(cfg: DictConfig) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.config import validate
+from sekd.config import config_hash, validate
 from tests.helpers import ROOT, compose_cfg, sekd_train
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -43,6 +43,27 @@ def test_launcher_configs_give_each_job_one_thread_per_cpu(launcher, target, mon
     if launcher == "slurm":
         assert lc["partition"] == "gpu-short" and lc["gpus_per_node"] == 0
         assert lc["max_num_timeout"] > 0 and lc["mem_gb"] and lc["timeout_min"]
+
+
+def test_the_profile_sizes_each_slurm_job():
+    def hydra_node(overrides):
+        h = compose_sweep("t2", overrides).hydra
+        return {"launcher": OmegaConf.to_container(h.launcher, resolve=True),
+                "job": {"env_set": OmegaConf.to_container(h.job.env_set, resolve=True)}}
+
+    embedded = hydra_node(["hydra/launcher=slurm"])
+    paper = hydra_node(["hydra/launcher=slurm", "profile=paper"])
+    size = lambda h: {k: h["launcher"][k] for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+                                                     "array_parallelism")}
+    assert size(embedded) == {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 60,
+                              "array_parallelism": 64}
+    assert size(paper) == {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 96, "timeout_min": 1440,
+                           "array_parallelism": 8}
+    assert paper["job"]["env_set"]["OMP_NUM_THREADS"] == "8"
+    custom = compose_sweep("t2", ["hydra/launcher=slurm", "profile=paper", "resources.gpus=2"])
+    assert custom.hydra.launcher.gpus_per_node == 2
+    a, b = (compose_sweep("t2", ["experiment=se_kd", *o], hydra_node=False) for o in ([], ["resources.gpus=2"]))
+    assert config_hash(a) == config_hash(b)  # what a job asks the cluster for is not part of its result
 
 
 def test_smoke_sweep_has_two_tiny_cells_on_the_slurm_launcher():
