@@ -50,6 +50,14 @@ def build_selector(cfg: DictConfig):
                     signal_normalization=p.normalization, classes=classes)
 
 
+def job_threads(cfg: DictConfig) -> int | None:
+    """torch CPU threads: train.threads if set, else one per CPU Slurm allocated to the job (torch would
+    otherwise use every core of the node), else torch's default."""
+    if cfg.train.threads:
+        return int(cfg.train.threads)
+    return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
+
+
 def peak_memory_mb(device) -> float:
     import torch
 
@@ -228,10 +236,11 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
         fail(ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
                          "(or stage=all) first"))
-    if cfg.train.threads:
+    threads = job_threads(cfg)
+    if threads:
         import torch
 
-        torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(threads)
     t0 = time.time()
     run.write_config(cfg, overrides or [])
     teacher_path, student_path, tok_path = resolve_pair(cfg)
