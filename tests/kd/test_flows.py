@@ -254,7 +254,7 @@ def test_no_valid_target_gives_zero_loss_and_grads():
 # ---- memory: the point of the flow -------------------------------------------------------------
 
 PEAK = textwrap.dedent("""
-    import json, resource, sys, torch, torch.nn.functional as F
+    import json, re, sys, torch, torch.nn.functional as F
     from sekd.kd.flows import chunked_kd_loss
     from sekd.kd.objective import Selector, selective_kd_loss
     from sekd.selection.criteria import forward_kl
@@ -271,13 +271,16 @@ PEAK = textwrap.dedent("""
     y = torch.randint(0, V, (B, T), generator=g)
     sel = Selector(SIGNALS.get(signal) if signal != "none" else None,
                    POLICIES.build("top_k", k=0.2) if signal != "none" else POLICIES.build("all"), forward_kl)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, this process's own peak RSS: ru_maxrss would carry over the forking pytest's (Linux keeps it
+    # across exec), which can dwarf what the flows use
+    hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1])  # KiB
+    base = hwm()
     if flow == "dense":
         out = selective_kd_loss(head_s(h_s), head_t(h_t), y, sel, lam=1.0, temperature=1.0)
     else:
         out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel, vocab=V, lam=1.0, temperature=1.0, chunk_size=128)
     out.loss_sum.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = hwm()
     print(json.dumps({"base_kib": base, "peak_kib": peak, "loss": float(out.loss_sum.detach())}))
 """)
 
