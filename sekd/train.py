@@ -166,10 +166,11 @@ def on_policy(cfg: DictConfig, data, tok):
     r = cfg.regime
     if r.name != "on_policy":
         return None
+    from sekd.data.dataset import separator_id
     from sekd.data.qa import prompt_ids
     from sekd.trainer import OnPolicy
 
-    stop = tok.convert_tokens_to_ids(cfg.data.separator) if cfg.data.separator else tok.eos_token_id
+    stop = separator_id(tok, cfg.data.separator, ends="an answer")  # the token the task rows end answers with
     return OnPolicy(prompts=lambda idx: [prompt_ids(data, i) for i in idx], pad_id=tok.eos_token_id, eos_id=stop,
                     mix=float(r.mix), temperature=float(r.temperature), top_p=float(r.top_p),
                     max_new_tokens=int(r.max_new_tokens))

@@ -37,6 +37,18 @@ def tokenizer_signature(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def separator_id(tokenizer: Any, separator: str | None, *, ends: str) -> int:
+    """The id of `separator` (a token of the tokenizer), or the tokenizer's eos when it is None."""
+    sep_id = tokenizer.eos_token_id
+    if separator is not None:
+        sep_id = tokenizer.convert_tokens_to_ids(separator)
+        if sep_id is None or sep_id == tokenizer.unk_token_id:
+            raise DataError(f"data.separator={separator!r} is not a token of the tokenizer")
+    if sep_id is None:
+        raise DataError(f"the tokenizer has no eos token; set data.separator to the token that ends {ends}")
+    return sep_id
+
+
 def cache_fields(
     source: str, split: str, tokenizer: Any, *, seq_len: int, token_budget: int | None, source_opts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -75,13 +87,7 @@ def build_packed(
     tokenizers such as Qwen3's use <|im_end|> as eos, while <|endoftext|> separates documents.
     """
     check_source(source, source_opts)
-    sep_id = tokenizer.eos_token_id
-    if separator is not None:
-        sep_id = tokenizer.convert_tokens_to_ids(separator)
-        if sep_id is None or sep_id == tokenizer.unk_token_id:
-            raise DataError(f"data.separator={separator!r} is not a token of the tokenizer")
-    if sep_id is None:
-        raise DataError("the tokenizer has no eos token; set data.separator to the token that ends a document")
+    sep_id = separator_id(tokenizer, separator, ends="a document")
     fields = cache_fields(source, split, tokenizer, seq_len=seq_len, token_budget=token_budget, source_opts=source_opts)
     fields["separator_id"] = sep_id
     path = cache_path(cache_dir, fields)

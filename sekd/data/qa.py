@@ -23,9 +23,9 @@ from filelock import FileLock
 from torch import Tensor
 
 from sekd.data import arith, qa_format
-from sekd.data.dataset import tokenizer_signature
+from sekd.data.dataset import separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig
+from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, jsonl_records
 from sekd.io import atomic_write_json
 from sekd.registry import Registry, RegistryError
 
@@ -93,24 +93,7 @@ def _records(ds: Any, path: str) -> list[Problem]:
 
 
 def _read_jsonl(path: Path) -> list[Problem]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: record is {type(record).__name__}, not an object")
-            for field in FIELDS:
-                if field not in record:
-                    raise DataError(f"{path}:{lineno}: record has no field {field!r}")
-                if not isinstance(record[field], str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string")
-            out.append({"question": record["question"], "answer": record["answer"]})
-    return out
+    return [{"question": r["question"], "answer": r["answer"]} for r in jsonl_records(path, FIELDS)]
 
 
 def _qa_file(split: str, files: dict[str, Any]) -> Path:
@@ -196,7 +179,7 @@ def build_qa(
         raise DataError(f"data.seq_len must be >= 1, got {seq_len}")
     if max_samples is not None and max_samples < 1:
         raise DataError(f"data.max_samples must be >= 1 or null, got {max_samples}")
-    sep_id = _separator_id(tokenizer, separator)
+    sep_id = separator_id(tokenizer, separator, ends="an answer")
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else sep_id
     fields = {
         "format": FORMAT,
@@ -244,17 +227,6 @@ def build_qa(
         atomic_write_json(path.with_suffix(".json"),
                           {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)})
     return data
-
-
-def _separator_id(tokenizer: Any, separator: str | None) -> int:
-    sep_id = tokenizer.eos_token_id
-    if separator is not None:
-        sep_id = tokenizer.convert_tokens_to_ids(separator)
-        if sep_id is None or sep_id == tokenizer.unk_token_id:
-            raise DataError(f"data.separator={separator!r} is not a token of the tokenizer")
-    if sep_id is None:
-        raise DataError("the tokenizer has no eos token; set data.separator to the token that ends an answer")
-    return sep_id
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -47,6 +47,13 @@ def jsonl(
     """One document per JSON line, its text under `text_field`; one file per split."""
     _check_split(split)
     path = _jsonl_file(split, {"train_file": train_file, "validation_file": validation_file, "test_file": test_file})
+    for record in jsonl_records(path, (text_field,), hint=" (data.text_field)"):
+        yield record[text_field]
+
+
+def jsonl_records(path: Path, fields: tuple[str, ...], hint: str = "") -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (blank lines skipped), each checked to hold every one of
+    `fields` as a string; a bad line raises DataError naming file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -55,12 +62,15 @@ def jsonl(
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{path}:{lineno}: record has no field {text_field!r} (data.text_field)")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield text
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: record is {type(record).__name__}, not an object")
+            for field in fields:
+                if field not in record:
+                    raise DataError(f"{path}:{lineno}: record has no field {field!r}{hint}")
+                if not isinstance(record[field], str):
+                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, "
+                                    "not a string")
+            yield record
 
 
 def _jsonl_file(split: str, files: dict[str, str | None]) -> Path:

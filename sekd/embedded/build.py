@@ -62,40 +62,54 @@ def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
     )
 
 
+def fit_lm(model, data, spec: dict[str, Any], seed: int, *, desc: str,
+           trim_padding: bool = False) -> tuple[float, int, float]:
+    """Next-token CE on `data` (labels -100 ignored) for spec["steps"] batches of spec["batch_size"]:
+    AdamW, 5% warm-up then cosine at spec["lr"], clipped gradients. Returns (final loss, epochs, seconds).
+    trim_padding drops each batch's columns after its last label (right padding only: same loss)."""
+    from sekd.data.dataset import batches
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    steps, warm = spec["steps"], max(1, spec["steps"] // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    it, epoch, t0 = iter(()), 0, time.time()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        idx = next(it, None)
+        if idx is None:
+            it = iter(batches(data, micro_batch_size=spec["batch_size"], seed=seed, epoch=epoch))
+            epoch, idx = epoch + 1, next(it)
+        x, y = data.input_ids[idx], data.labels[idx]
+        if trim_padding:
+            end = int((y != -100).nonzero()[:, 1].max()) + 1
+            x, y = x[:, :end], y[:, :end]
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return loss.item(), epoch, time.time() - t0
+
+
 def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
     """A tiny Qwen3 pretrained with next-token CE on the train split (cosine lr), saved with its tokenizer."""
 
     def build(out: Path) -> None:
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-        from sekd.data.dataset import batches, build_packed
+        from sekd.data.dataset import build_packed
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
         data = build_packed("embedded", "train", tok, seq_len=seq_len, token_budget=None, cache_dir=cache_dir / "data")
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(qwen3_config(spec, len(tok), tok.eos_token_id))
-        opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-        steps, warm = spec["steps"], max(1, spec["steps"] // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        model.train()
-        it, epoch, t0 = iter(()), 0, time.time()
-        for _ in tqdm(range(steps), desc=f"pretrain {role}", leave=False):
-            idx = next(it, None)
-            if idx is None:
-                it = iter(batches(data, micro_batch_size=spec["batch_size"], seed=seed, epoch=epoch))
-                epoch, idx = epoch + 1, next(it)
-            x, y = data.input_ids[idx], data.labels[idx]
-            logits = model(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+        loss, epochs, seconds = fit_lm(model, data, spec, seed, desc=f"pretrain {role}")
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        (out / "pretrain.txt").write_text(f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f}\n")
+        (out / "pretrain.txt").write_text(f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f}\n")
 
     inputs = {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
               "corpus": corpus.signature()}
@@ -126,39 +140,18 @@ def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], see
     def build(out: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sekd.data.dataset import batches
         from sekd.data.qa import build_qa
 
         tok = AutoTokenizer.from_pretrained(base)
         data = build_qa("arith", "train", tok, seq_len=task["seq_len"], cache_dir=Path(cache_dir) / "data")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=task["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-        steps, warm = task["steps"], max(1, task["steps"] // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        model.train()
-        it, epoch, t0 = iter(()), 0, time.time()
-        for _ in tqdm(range(steps), desc=f"fine-tune {role} on arith", leave=False):
-            idx = next(it, None)
-            if idx is None:
-                it = iter(batches(data, micro_batch_size=task["batch_size"], seed=seed, epoch=epoch))
-                epoch, idx = epoch + 1, next(it)
-            x, y = data.input_ids[idx], data.labels[idx]
-            end = int((y != -100).nonzero()[:, 1].max()) + 1  # after the batch's last answer only padding: skip it
-            x, y = x[:, :end], y[:, :end]
-            logits = model(input_ids=x).logits
-            # labels are -100 outside the answer: the prompt and the padding teach nothing
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+        # labels are -100 outside the answer: the prompt and the padding teach nothing
+        loss, epochs, seconds = fit_lm(model, data, task, seed, desc=f"fine-tune {role} on arith", trim_padding=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         (out / "finetune.txt").write_text(
-            f"final_loss={loss.item():.4f} epochs={epoch} seconds={time.time() - t0:.1f} task={json.dumps(task)}\n")
+            f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f} task={json.dumps(task)}\n")
 
     inputs = {"role": role, "base": Path(base).name, "task": dict(task), "seed": seed, "arith": arith.signature()}
     return cached(cache_dir, f"task-{role}", inputs, build)

@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from sekd.data.qa_format import PROMPT, final_answer
-from sekd.io import atomic_write_text
+from sekd.io import atomic_folder, atomic_write_text
 
 GENERATION_VERSION = 1
 DATA_FILE = "problems.jsonl"
@@ -119,19 +117,12 @@ def build_exact_match_task(
     rows = _rows(problems)
     root = Path(cache_dir).resolve() / "lm_eval_tasks"
     folder = root / f"{name}-{content_hash(rows, name, max_gen_toks)}"
-    if not folder.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
-        try:
-            (tmp / DATA_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            _write_config(tmp, folder, name, max_gen_toks)
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():  # a real failure, not a concurrent builder that won the rename
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        (tmp / DATA_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        _write_config(tmp, folder, name, max_gen_toks)
+
+    atomic_folder(folder, fill)
     _write_config(folder, folder, name, max_gen_toks)  # keep the data path absolute and current
     return folder
 

@@ -12,14 +12,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from sekd.io import atomic_write_text
+from sekd.io import atomic_folder, atomic_write_text
 
 BUILDER_VERSION = 1
 
@@ -210,23 +208,16 @@ def build_tasks(
         raise ValueError("build_tasks needs at least one document")
     root = Path(cache_dir).resolve() / "lm_eval_tasks"
     folder = root / f"{split}-{content_hash(docs, split, params)}"
-    if not folder.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
-        try:
-            choice, lastword = choice_items(docs, params), lastword_items(docs, params)
-            if not choice or not lastword:
-                raise ValueError(f"documents too short: {len(choice)} choice, {len(lastword)} last-word items")
-            (tmp / "choice.jsonl").write_text(_jsonl(choice))
-            (tmp / "lastword.jsonl").write_text(_jsonl(lastword))
-            _write_configs(tmp, folder, split)
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():  # a real failure, not a concurrent builder that won the rename
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        choice, lastword = choice_items(docs, params), lastword_items(docs, params)
+        if not choice or not lastword:
+            raise ValueError(f"documents too short: {len(choice)} choice, {len(lastword)} last-word items")
+        (tmp / "choice.jsonl").write_text(_jsonl(choice))
+        (tmp / "lastword.jsonl").write_text(_jsonl(lastword))
+        _write_configs(tmp, folder, split)
+
+    atomic_folder(folder, fill)
     # the cache may have been moved since it was built: keep data paths absolute and current
     _write_configs(folder, folder, split)
     return EmbeddedTasks(folder, f"sekd_choice_{split}", f"sekd_lastword_{split}")
