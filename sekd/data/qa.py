@@ -25,7 +25,7 @@ from torch import Tensor
 from sekd.data import arith, qa_format
 from sekd.data.dataset import separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, jsonl_records
+from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, _jsonl_file, jsonl_records
 from sekd.io import atomic_write_json
 from sekd.registry import Registry, RegistryError
 
@@ -97,13 +97,7 @@ def _read_jsonl(path: Path) -> list[Problem]:
 
 
 def _qa_file(split: str, files: dict[str, Any]) -> Path:
-    key = f"{split}_file"
-    if not files.get(key):
-        raise DataError(f"data.{key} is not set; the gsm8k source reads local files when any data.*_file is set")
-    path = Path(files[key]).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.{key}: no such file {str(path)!r}")
-    return path
+    return _jsonl_file(split, files, why="the gsm8k source reads local files when any data.*_file is set")
 
 
 def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:

@@ -73,10 +73,12 @@ def jsonl_records(path: Path, fields: tuple[str, ...], hint: str = "") -> Iterat
             yield record
 
 
-def _jsonl_file(split: str, files: dict[str, str | None]) -> Path:
+def _jsonl_file(split: str, files: dict[str, str | None],
+                why: str = "the jsonl source needs it for the {split} split") -> Path:
+    """The existing file `data.<split>_file` names; `why` completes the error when it is unset."""
     key = f"{split}_file"
     if not files.get(key):
-        raise DataError(f"data.{key} is not set; the jsonl source needs it for the {split} split")
+        raise DataError(f"data.{key} is not set; {why.format(split=split)}")
     path = Path(files[key]).expanduser()
     if not path.is_file():
         raise DataError(f"data.{key}: no such file {str(path)!r}")

@@ -8,26 +8,9 @@ import pytest
 import torch
 
 from sekd.data.dataset import batches, build_packed, epoch_order, tokenizer_signature
-from sekd.data.packing import IGNORE, PackedData, pack_documents
+from sekd.data.packing import IGNORE, pack_documents
 from sekd.data.sources import SOURCES, DataError
-
-
-class Counting:
-    """Delegates to a tokenizer and counts the calls that tokenize."""
-
-    def __init__(self, tok):
-        self._tok, self.calls = tok, 0
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self._tok(*a, **kw)
-
-
-def same(a: PackedData, b: PackedData) -> bool:
-    return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and a.sample_ids == b.sample_ids
+from tests.data.helpers import Counting, same
 
 
 def test_build_matches_pack_and_caches(tmp_path, tokenizer):

@@ -9,6 +9,7 @@ from sekd.data import arith, qa_format
 from sekd.data.packing import IGNORE, PackedData
 from sekd.data.qa import QA_SOURCES, build_qa, check_qa_source, gsm8k, prompt_ids, prompt_lengths
 from sekd.data.sources import DataError
+from tests.data.helpers import Counting, same
 
 L = 96  # every arith problem fits the test tokenizer (500-token BPE) at 96
 
@@ -27,24 +28,6 @@ GSM8K_ROWS = [
      "answer": "He writes each friend 3*2=<<3*2=6>>6 pages a week\nSo he writes 6*2=<<6*2=12>>12 pages every "
                "week\nThat means he writes 12*52=<<12*52=624>>624 pages a year\n#### 624"},
 ]
-
-
-class Counting:
-    """Delegates to a tokenizer and counts the calls that tokenize."""
-
-    def __init__(self, tok):
-        self._tok, self.calls = tok, 0
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self._tok(*a, **kw)
-
-
-def same(a: PackedData, b: PackedData) -> bool:
-    return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and a.sample_ids == b.sample_ids
 
 
 def encode(tok, text: str) -> list[int]:
