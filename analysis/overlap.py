@@ -1,7 +1,7 @@
 """Do the importance signals pick the same positions? Pairwise Jaccard overlap of top_k selections.
 
-For a batch of held-out sequences, each signal u (SPEC §4) ranks the valid positions and top_k keeps
-ceil(k * n_valid) per sequence (SPEC §5). For two signals a, b with selections A, B:
+For a batch of held-out sequences, each signal u (docs/method.md §4) ranks the valid positions and top_k keeps
+ceil(k * n_valid) per sequence (docs/method.md §5). For two signals a, b with selections A, B:
 
     J(a, b) = |A ∩ B| / |A ∪ B|,   per sequence and averaged (default), or pooled over the batch.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on this machine, for trying and testing `hydra/launcher=slurm`.
-# Debian, root, no systemd needed (see /work/shared/slurm-notes.md for the facts it is built on).
+# Debian, root, no systemd needed (docs/slurm.md explains the set-up).
 #
 #   scripts/slurm-local.sh install   apt-install slurmctld slurmd slurm-client munge (if missing)
 #   scripts/slurm-local.sh start     write slurm.conf, start munged, slurmctld, slurmd; wait for `idle`

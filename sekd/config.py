@@ -200,7 +200,7 @@ def validate(cfg: DictConfig) -> None:
         _positive("regime.temperature", r.temperature, zero_ok=True)
         _fraction("regime.top_p", r.top_p)
         _positive("regime.max_new_tokens", r.max_new_tokens, integer=True)
-        if c.name == "rs_kd" or c.cache is not None:  # SPEC §10
+        if c.name == "rs_kd" or c.cache is not None:  # docs/method.md §10
             raise ConfigError(f"classes.name={c.name} (cache={c.cache}) does not apply on-policy: the student's "
                               "sampled answers are not in the data the teacher's classes were drawn for; use classes=full")
 

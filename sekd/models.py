@@ -20,7 +20,7 @@ def resolve_pair(cfg: DictConfig) -> tuple[str, str, str]:
         emb = OmegaConf.to_container(m.embedded, resolve=True)
         from sekd.config import is_task_data
 
-        if is_task_data(cfg) and m.get("task"):  # a teacher that can do the task it is to teach (SPEC §10)
+        if is_task_data(cfg) and m.get("task"):  # a teacher that can do the task it is to teach (docs/method.md §10)
             from sekd.embedded.build import build_task_pair
 
             task = OmegaConf.to_container(m.task, resolve=True)
@@ -38,7 +38,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remote_code: bool = False):
-    """Teacher and student must share the tokenizer (SPEC §1); returns it. Cheap: no weights load."""
+    """Teacher and student must share the tokenizer (docs/method.md §1); returns it. Cheap: no weights load."""
     tok = load_tokenizer(tokenizer, trust_remote_code)
     for key, path in (("model.teacher", teacher), ("model.student", student)):
         if path == tokenizer:

@@ -40,7 +40,7 @@ LOWER_IS_BETTER = {"ppl", "ece", "wall_s", "selection_s", "teacher_tokens"}
 SOURCE = {"wall_s": "wall_time_s", "selection_s": "costs.prepass_seconds",
           "teacher_tokens": "costs.teacher_forward_tokens"}
 VALIDATION = {"V1", "V2"}
-GENERAL_DATA = ("embedded", "fineweb_edu")  # the general-purpose regime (SPEC §10); anything else is task data
+GENERAL_DATA = ("embedded", "fineweb_edu")  # the general-purpose regime (docs/method.md §10); anything else is task data
 MISSING = "–"
 
 # The offline cache's two T7 rows are one preset; a run's costs say which it was.

@@ -97,7 +97,7 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
 
 @dataclass
 class OnPolicy:
-    """SPEC §10 on-policy regime: on the steps `on_policy_step(step, mix)` picks, the student samples
+    """docs/method.md §10 on-policy regime: on the steps `on_policy_step(step, mix)` picks, the student samples
     answers to the batch's prompts and the KD runs on those (generated tokens only)."""
 
     prompts: Any  # idx -> list of prompt token tensors (task data)

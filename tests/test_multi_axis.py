@@ -1,5 +1,5 @@
 """All three axes at once: sample scores reused, an offline cache that serves training without the
-teacher, and SE-KD3X's position selection applied on top of cached classes (SPEC §7-§9, §13)."""
+teacher, and SE-KD3X's position selection applied on top of cached classes (docs/method.md §7-§9, §13)."""
 import json
 import subprocess
 import sys

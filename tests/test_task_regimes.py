@@ -1,4 +1,4 @@
-"""SPEC §10's task-specific and on-policy regimes end to end: a short run of each on the embedded task
+"""docs/method.md §10's task-specific and on-policy regimes end to end: a short run of each on the embedded task
 produces a record whose GSM8K column is lm-eval's exact match; the real GSM8K loader trains from a local
 file of its schema; the regimes' config errors are one line naming the key."""
 from __future__ import annotations

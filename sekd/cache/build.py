@@ -1,4 +1,4 @@
-"""Build the offline teacher cache (SPEC §9): one teacher pass, RS-KD draws per sample, shard by shard.
+"""Build the offline teacher cache (docs/method.md §9): one teacher pass, RS-KD draws per sample, shard by shard.
 
 Resumable and shareable between workers:
 - a shard is written whole and atomically (temp file + os.replace), then entered in manifest.json

@@ -1,4 +1,4 @@
-"""sekd-cache: build, verify, list and measure an offline teacher cache (SPEC §9).
+"""sekd-cache: build, verify, list and measure an offline teacher cache (docs/method.md §9).
 
     sekd-cache build --teacher <HF folder> --data embedded --split train --seq-len 128 --out <dir>
                      [--n-draws 64 --temperature 1 --seed 0 --num-shards 8 --worker I --num-workers W]

@@ -1,4 +1,4 @@
-"""RS-KD draws (SPEC §6): N i.i.d. classes per position from p = softmax(z / T), kept as distinct ids
+"""RS-KD draws (docs/method.md §6): N i.i.d. classes per position from p = softmax(z / T), kept as distinct ids
 with their counts, so the target is p~(v) = c_v / N over C_t = the distinct draws.
 
 The flat form (ids, counts, offsets) is what the cache stores; `to_sparse` pads it into the [P,K]

@@ -4,7 +4,7 @@ Narrow record (vocab_size <= 2^18 and n_draws <= 64), 3 bytes, little-endian:
     r = id | (count - 1) << 18        bits 0-17 the id (Qwen3's 151,936 ids need 18), bits 18-23 count - 1
 Wide record (otherwise), 6 bytes: id as uint32 LE, then count as uint16 LE.
 
-The paper's code packs 17-bit ids, which corrupts Qwen3 ids >= 131,072 (SPEC §13); 18 bits do not.
+The paper's code packs 17-bit ids, which corrupts Qwen3 ids >= 131,072 (docs/method.md §13); 18 bits do not.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cache on disk (SPEC §9): a manifest plus shard files, and the reader the trainer uses.
+"""The cache on disk (docs/method.md §9): a manifest plus shard files, and the reader the trainer uses.
 
 Folder layout:
     manifest.json                 signature, num_shards, one entry per finished shard (sha256, bytes, counts)
@@ -14,7 +14,7 @@ Shard file, all little-endian:
               valid  ceil(L/8) bytes, packbits(labels != -100, bitorder="little")
               lens   n_pos x u8 (u16 when n_draws > 255): distinct classes at each valid position
               recs   n_rec records (format.py), positions in order, ids ascending within a position
-A shard is keyed by content (sample id), never by batch, step or position in the dataset (SPEC §13).
+A shard is keyed by content (sample id), never by batch, step or position in the dataset (docs/method.md §13).
 """
 from __future__ import annotations
 

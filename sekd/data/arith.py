@@ -1,4 +1,4 @@
-"""The embedded task (SPEC §10 task-specific regime, at CPU scale): short arithmetic word problems.
+"""The embedded task (docs/method.md §10 task-specific regime, at CPU scale): short arithmetic word problems.
 
 Every problem is one (a, op, b, template) with operands 0..MAX_OPERAND, + or -, and a result >= 0:
 

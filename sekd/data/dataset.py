@@ -81,7 +81,7 @@ def build_packed(
     separator: str | None = None,
     **source_opts: Any,
 ) -> PackedData:
-    """Tokenize and pack one split of a source (SPEC §1, §10), or load it from the cache.
+    """Tokenize and pack one split of a source (docs/method.md §1, §10), or load it from the cache.
 
     Documents end with `separator` (a token of the tokenizer; default its eos token). Chat-tuned
     tokenizers such as Qwen3's use <|im_end|> as eos, while <|endoftext|> separates documents.

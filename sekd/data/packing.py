@@ -1,4 +1,4 @@
-"""Pack tokenized documents into fixed-length samples with document-boundary masks (SPEC §1 valid(t)).
+"""Pack tokenized documents into fixed-length samples with document-boundary masks (docs/method.md §1 valid(t)).
 
 Every document gets eos appended; the documents form one stream, cut into windows of L+1 tokens that
 overlap by one, so every stream token after the first is a target exactly once:

@@ -1,4 +1,4 @@
-"""Task-specific data (SPEC §10): question/answer problems, one per row, KD on the answer tokens only.
+"""Task-specific data (docs/method.md §10): question/answer problems, one per row, KD on the answer tokens only.
 
 A task source yields problems {"question", "answer"} for a split. `build_qa` lays each out with
 qa_format, one problem per row, right-padded with eos:

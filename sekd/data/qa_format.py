@@ -1,4 +1,4 @@
-"""The one prompt/answer layout of task-specific data (SPEC §10), shared by training and scoring.
+"""The one prompt/answer layout of task-specific data (docs/method.md §10), shared by training and scoring.
 
 A problem is {"question": str, "answer": str}; GSM8K's answers end in "#### <number>", and the
 embedded arithmetic task writes its answers the same way, so one exact-match rule scores both.

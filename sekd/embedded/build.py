@@ -126,7 +126,7 @@ def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
     return teacher, student
 
 
-# The embedded task teacher's fine-tune (SPEC §10 task-specific regime at CPU scale); ~1-2 min, 1 thread.
+# The embedded task teacher's fine-tune (docs/method.md §10 task-specific regime at CPU scale); ~1-2 min, 1 thread.
 # 500 steps at lr 2e-3 give ~60% greedy exact match on arith test (the untuned pair: 0%).
 TASK = {"steps": 500, "lr": 2.0e-3, "batch_size": 32, "seq_len": 64}
 

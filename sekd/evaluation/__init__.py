@@ -1,1 +1,1 @@
-"""Evaluation (SPEC §11): lm-eval suites, local tasks from held-out prose, calibration error, scoring."""
+"""Evaluation (docs/method.md §11): lm-eval suites, local tasks from held-out prose, calibration error, scoring."""

@@ -1,4 +1,4 @@
-"""Expected calibration error of multiple-choice answers (SPEC §11).
+"""Expected calibration error of multiple-choice answers (docs/method.md §11).
 
 confidence = max softmax over an item's per-choice log-likelihoods; correct = argmax is gold;
 ECE = sum_b (n_b / n) |acc_b - conf_b| over 15 equal-width confidence bins ((b-1)/15, b/15].

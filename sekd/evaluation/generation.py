@@ -1,4 +1,4 @@
-"""Local lm-eval generation tasks scored by exact match on the final number (GSM8K-style, SPEC §10).
+"""Local lm-eval generation tasks scored by exact match on the final number (GSM8K-style, docs/method.md §10).
 
 A task is built from problems {"question", "answer"} whose answers end in "#### <number>"
 (`sekd.data.qa_format`). The model sees exactly `qa_format.prompt_text(question)`, generates greedily

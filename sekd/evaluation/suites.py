@@ -1,4 +1,4 @@
-"""Evaluation suites: which lm-eval tasks run, and which result fills which reported column (SPEC §11).
+"""Evaluation suites: which lm-eval tasks run, and which result fills which reported column (docs/method.md §11).
 
 - `embedded`: the local tasks of `tasks.py` on the held-out corpus (split test or validation).
 - `task` (task-specific distillation at embedded scale): the embedded tasks plus the arithmetic

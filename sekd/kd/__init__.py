@@ -1,1 +1,1 @@
-"""The selective KD objective (SPEC §2)."""
+"""The selective KD objective (docs/method.md §2)."""

@@ -1,4 +1,4 @@
-"""The selective objective of SPEC §2 from hidden states: chunked scoring and a selective LM head (SPEC §9).
+"""The selective objective of docs/method.md §2 from hidden states: chunked scoring and a selective LM head (docs/method.md §9).
 
 Same semantics as the dense reference `selective_kd_loss` on the logits the heads would give,
 z = F.linear(h, W, b)[..., :V], but no [B,T,V] tensor ever exists:

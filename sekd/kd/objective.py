@@ -1,4 +1,4 @@
-"""The selective objective of SPEC §2, dense flow (the reference every faster flow must equal).
+"""The selective objective of docs/method.md §2, dense flow (the reference every faster flow must equal).
 
     l(t) = lam * T^2 * D_C(p_t, q_t) + (1 - lam) * CE(x_{t+1}, q_t)
     L_i  = sum_t m_t w_t l(t) / sum_t m_t

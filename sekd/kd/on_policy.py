@@ -1,4 +1,4 @@
-"""On-policy rollouts (SPEC §10; Agarwal et al. 2024, "On-policy distillation of language models").
+"""On-policy rollouts (docs/method.md §10; Agarwal et al. 2024, "On-policy distillation of language models").
 
 For a batch of training prompts the student samples answers (paper: temperature 0.7, top-p 0.9, up to
 256 new tokens); the teacher then scores the student's own tokens and the selective objective (reverse

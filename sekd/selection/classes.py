@@ -1,4 +1,4 @@
-"""The class axis (SPEC §6): which vocabulary classes C_t the divergence uses, and their target p~.
+"""The class axis (docs/method.md §6): which vocabulary classes C_t the divergence uses, and their target p~.
 
 `full` keeps the dense teacher distribution. The others turn the teacher's logits at the selected
 positions into a sparse target (ids, probabilities) over C_t:

@@ -1,4 +1,4 @@
-"""Alignment criteria D(p_t, q_t) (SPEC §3), per selected position.
+"""Alignment criteria D(p_t, q_t) (docs/method.md §3), per selected position.
 
 A criterion maps flat selected positions to a divergence each:
 (s_logits [N,V], t_logits [N,V], targets [N], *, temperature, row [N], u [N]) -> D [N].
@@ -101,7 +101,7 @@ def atkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, hard_frac
          easy_weight: float = 0.2, row=None, u=None) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
     D = easy_weight * NCKD (easy), (1 - easy_weight) * (TCKD + NCKD) (hard), so that
-    mean_t D = (0.2 sum_easy NCKD + 0.8 sum_hard (TCKD + NCKD)) / P. SPEC runs it at T = 1.
+    mean_t D = (0.2 sum_easy NCKD + 0.8 sum_hard (TCKD + NCKD)) / P. The paper runs it at T = 1.
     """
     if not 0.0 <= hard_fraction <= 1.0 or not 0.0 <= easy_weight <= 1.0:
         raise ValueError(f"atkd hard_fraction={hard_fraction!r}, easy_weight={easy_weight!r}; both must be in [0, 1]")

@@ -1,4 +1,4 @@
-"""Selection policies m_t (SPEC §5): which positions of each sequence get teacher supervision.
+"""Selection policies m_t (docs/method.md §5): which positions of each sequence get teacher supervision.
 
 A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
 selected positions in draw order with one weight each (repeats allowed for sampling policies).

@@ -1,7 +1,7 @@
-"""Sample selection (SPEC §7): which packed samples s_i training iterates over, budget l.
+"""Sample selection (docs/method.md §7): which packed samples s_i training iterates over, budget l.
 
 A scorer runs one pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) and
-gives each sample U_i = mean over its valid positions of a position signal u(t) of SPEC §4; the
+gives each sample U_i = mean over its valid positions of a position signal u(t) of docs/method.md §4; the
 floor(l * N) samples with the largest U_i are kept, ties by lower index.
 
 Scores are stored per sample content hash (never by batch, step or order), one JSON file per key
@@ -11,7 +11,7 @@ Scores are stored per sample content hash (never by batch, step or order), one J
 
 where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
 signature, vocab cut, and T for signals that use it. A later run with the same key (any subset or
-order of the same samples) reads them and scores only the samples the file lacks (SPEC §13: the
+order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
 paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
 """
 from __future__ import annotations
@@ -255,7 +255,7 @@ def select_samples(
     vocab: int | None = None,
     temperature: float = 1.0,
 ) -> SampleSelection:
-    """The samples training iterates over (SPEC §7): floor(l * N) of them (all for `all` or l = 1)."""
+    """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1)."""
     smp = SAMPLERS.get(name)
     n, n_keep = len(data), sample_budget(len(data), l)
     if smp.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost

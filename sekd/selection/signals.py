@@ -1,4 +1,4 @@
-"""Importance signals u(t) (SPEC §4): per-position scores, computed without gradient in float32.
+"""Importance signals u(t) (docs/method.md §4): per-position scores, computed without gradient in float32.
 
 Each signal is a sum of terms; a term maps flat positions to scores:
 (s_logits [N,V], t_logits [N,V] | None, targets [N], *, temperature) -> [N].

@@ -49,7 +49,7 @@ def test_exhaustive_every_id_and_every_count():
 
 
 def test_qwen3_ids_above_2_17_survive():
-    """SPEC §13: 17-bit ids corrupt Qwen3 ids >= 131,072; 18 bits keep them."""
+    """docs/method.md §13: 17-bit ids corrupt Qwen3 ids >= 131,072; 18 bits keep them."""
     ids = np.array([131_071, 131_072, 140_000, QWEN3_V - 1])
     counts = np.array([64, 1, 33, 7])
     assert fmt.bytes_per_record(QWEN3_V, 64) == 3

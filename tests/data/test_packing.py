@@ -1,4 +1,4 @@
-"""sekd/data/packing.py: boundary masks (SPEC §1 valid(t)), token budget, content ids, save/load."""
+"""sekd/data/packing.py: boundary masks (docs/method.md §1 valid(t)), token budget, content ids, save/load."""
 import hashlib
 import random
 

@@ -1,4 +1,4 @@
-"""The selective objective (SPEC §2) against a dense float64 reference, values and gradients."""
+"""The selective objective (docs/method.md §2) against a dense float64 reference, values and gradients."""
 import math
 
 import pytest

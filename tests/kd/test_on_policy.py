@@ -1,4 +1,4 @@
-"""On-policy rollouts (SPEC §10): the KD mask covers exactly the student's generated tokens, the
+"""On-policy rollouts (docs/method.md §10): the KD mask covers exactly the student's generated tokens, the
 right-aligned rows give every real position its unpadded logits, sampling is reproducible and leaves
 the global RNG and the model's mode alone, reverse KL and selection act on generated positions only,
 and the on/off-policy mixing schedule."""

@@ -1,5 +1,5 @@
-"""Sample selection (SPEC §7): U_i against float64 references, exact budgets, seeded random, the
-score store's reuse (SPEC §13), and a contract over every SAMPLERS entry."""
+"""Sample selection (docs/method.md §7): U_i against float64 references, exact budgets, seeded random, the
+score store's reuse (docs/method.md §13), and a contract over every SAMPLERS entry."""
 from __future__ import annotations
 
 import copy

@@ -63,7 +63,7 @@ TERMS = {  # the per-term references, for normalization
     "kl_plus_student_entropy": (REFERENCE["kl"], REFERENCE["student_entropy"]),
     "ce_ratio_plus_student_entropy": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
 }
-NEEDS_TEACHER = {  # SPEC §4's table
+NEEDS_TEACHER = {  # docs/method.md §4's table
     "student_entropy": False, "teacher_entropy": True, "student_ce": False, "teacher_ce": True,
     "kl": True, "reverse_kl": True, "kl_plus_student_entropy": True, "ce_ratio": True,
     "ce_ratio_plus_student_entropy": True, "random": False,
