@@ -6,9 +6,12 @@ Working on flat positions keeps them chunk-friendly; `score` lays them back on [
 invalid positions at -inf, and applies the optional per-sequence normalization of combined signals.
 
 Entropies use the raw logits (T = 1); divergences and cross-entropies use the KD temperature T.
+`ce_ratio_plus_student_entropy` adds H(q_t) / ln|V|, as the paper's runs computed it (docs/method.md §4);
+`ce_ratio_plus_student_entropy_unscaled` is the plain sum ce_ratio + H(q_t).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sekd.registry import Registry
+from sekd.rng import uniform
 
 SIGNALS = Registry("signal")
 CE_RATIO_EPS = 1e-6
@@ -73,6 +77,11 @@ def student_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature:
     return entropy(s)
 
 
+def student_entropy_per_log_v_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """H(q_t) / ln|V|, raw logits (T = 1): entropy in [0, 1]. |V| is the logits' width, whole in every chunk."""
+    return entropy(s) / math.log(s.shape[-1])
+
+
 def teacher_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """H(p_t), raw logits (T = 1)."""
     return entropy(_teacher(t))
@@ -111,7 +120,8 @@ signal("kl", kl_term, needs_teacher=True)
 signal("reverse_kl", reverse_kl_term, needs_teacher=True)
 signal("kl_plus_student_entropy", kl_term, student_entropy_term, needs_teacher=True)
 signal("ce_ratio", ce_ratio_term, needs_teacher=True)
-signal("ce_ratio_plus_student_entropy", ce_ratio_term, student_entropy_term, needs_teacher=True)
+signal("ce_ratio_plus_student_entropy", ce_ratio_term, student_entropy_per_log_v_term, needs_teacher=True)
+signal("ce_ratio_plus_student_entropy_unscaled", ce_ratio_term, student_entropy_term, needs_teacher=True)
 signal("random", needs_teacher=False, random=True)
 
 # ---- laying scores on [B,T] -----------------------------------------------------------------
@@ -165,7 +175,7 @@ def score(
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     B, T = labels.shape
     if sig.random:
-        u = torch.rand(B, T, generator=generator, device="cpu").to(labels.device)
+        u = uniform((B, T), generator, labels.device, who="random signal")
         return u.masked_fill(~valid, float("-inf"))
     rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions            [N]
     y = labels[rows, cols]

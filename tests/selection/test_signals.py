@@ -57,16 +57,19 @@ REFERENCE = {  # (s [V], t [V], y, T) -> u(t), written the obvious way
     "reverse_kl": lambda s, t, y, T: KL(s, t, T),
     "kl_plus_student_entropy": lambda s, t, y, T: KL(t, s, T) + H(s),
     "ce_ratio": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6),
-    "ce_ratio_plus_student_entropy": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s),
+    # the paper's runs: entropy over ln|V|; the plain sum is the _unscaled variant
+    "ce_ratio_plus_student_entropy": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s) / math.log(len(s)),
+    "ce_ratio_plus_student_entropy_unscaled": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s),
 }
 TERMS = {  # the per-term references, for normalization
     "kl_plus_student_entropy": (REFERENCE["kl"], REFERENCE["student_entropy"]),
-    "ce_ratio_plus_student_entropy": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
+    "ce_ratio_plus_student_entropy": (REFERENCE["ce_ratio"], lambda s, t, y, T: H(s) / math.log(len(s))),
+    "ce_ratio_plus_student_entropy_unscaled": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
 }
 NEEDS_TEACHER = {  # docs/method.md §4's table
     "student_entropy": False, "teacher_entropy": True, "student_ce": False, "teacher_ce": True,
     "kl": True, "reverse_kl": True, "kl_plus_student_entropy": True, "ce_ratio": True,
-    "ce_ratio_plus_student_entropy": True, "random": False,
+    "ce_ratio_plus_student_entropy": True, "ce_ratio_plus_student_entropy_unscaled": True, "random": False,
 }
 
 
@@ -134,6 +137,42 @@ def test_plain_sum_is_the_default():
     both = score(sig, s, t, y, valid)
     parts = score(SIGNALS.get("kl"), s, t, y, valid) + score(SIGNALS.get("student_entropy"), s, t, y, valid)
     torch.testing.assert_close(both[valid], parts[valid])
+
+
+def test_ce_ratio_plus_entropy_scales_entropy_by_log_vocab():
+    """The paper's form adds H(q_t) / ln|V| (in [0, 1]); the _unscaled variant adds H(q_t)."""
+    s, t, y, valid = batch(5)
+    ratio = score(SIGNALS.get("ce_ratio"), s, t, y, valid)[valid]
+    ent = score(SIGNALS.get("student_entropy"), s, t, y, valid)[valid]
+    paper = score(SIGNALS.get("ce_ratio_plus_student_entropy"), s, t, y, valid)[valid]
+    plain = score(SIGNALS.get("ce_ratio_plus_student_entropy_unscaled"), s, t, y, valid)[valid]
+    torch.testing.assert_close(paper - ratio, ent / math.log(V))
+    torch.testing.assert_close(plain - ratio, ent)
+    assert ((paper - ratio) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ["ce_ratio_plus_student_entropy", "ce_ratio_plus_student_entropy_unscaled"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
+    """The chunked flow scores chunks of positions; |V| is the head's cut vocabulary in every chunk."""
+    from sekd.kd.flows import Head, chunked_score
+    from sekd.kd.objective import Selector
+    from sekd.selection.criteria import forward_kl
+    from sekd.selection.policies import POLICIES
+
+    g = torch.Generator().manual_seed(6)
+    d, pad = 5, 3  # heads wider than V (Qwen-style padding rows), cut to V
+    h_s, h_t = torch.randn(B, T, d, generator=g), torch.randn(B, T, d, generator=g)
+    student = Head(torch.randn(V + pad, d, generator=g), torch.randn(V + pad, generator=g), V)
+    teacher = Head(torch.randn(V + pad, d, generator=g), None, V)
+    _, _, y, valid = batch(6)
+    sel = Selector(SIGNALS.get(name), POLICIES.build("top_k", k=0.5), forward_kl)
+    chunked = chunked_score(sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0,
+                            chunk_size=chunk_size)
+    dense = score(SIGNALS.get(name), student(h_s), teacher(h_t), y, valid)
+    ref = reference_u(REFERENCE[name], student(h_s).detach(), teacher(h_t), y, valid, 1.0)
+    torch.testing.assert_close(chunked, dense)
+    np.testing.assert_allclose(chunked[valid].double().numpy(), ref[valid.numpy()], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_normalization_fails():
