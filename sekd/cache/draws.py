@@ -4,6 +4,8 @@ with their counts, so the target is p~(v) = c_v / N over C_t = the distinct draw
 The flat form (ids, counts, offsets) is what the cache stores; `to_sparse` pads it into the [P,K]
 form the loss consumes. `sample_generator` seeds a generator from (sample id, seed) alone, so the
 draws of a sample never depend on its batch, its position in the data, or the worker that built it.
+The generator is a CPU one whatever the teacher's device (sekd/rng.py): a CUDA build draws what a CPU
+build draws.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import hashlib
 import torch
 from torch import Tensor
 
+from sekd.rng import categorical
 
-def sample_generator(sample_id: str, seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded with the first 8 bytes of sha256(f"{sample_id}/{seed}")."""
+
+def sample_generator(sample_id: str, seed: int) -> torch.Generator:
+    """A CPU generator seeded with the first 8 bytes of sha256(f"{sample_id}/{seed}")."""
     mixed = int.from_bytes(hashlib.sha256(f"{sample_id}/{seed}".encode()).digest()[:8], "big")
-    return torch.Generator(device=device).manual_seed(mixed)
+    return torch.Generator().manual_seed(mixed)
 
 
 def rs_kd_draws(
@@ -37,7 +41,7 @@ def rs_kd_draws(
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty.clone(), torch.zeros(1, dtype=torch.long, device=dev)
     p = torch.softmax(t_logits.float() / temperature, dim=-1)  # float32 whatever the teacher's dtype  [P,V]
-    draws = torch.multinomial(p, n_draws, replacement=True, generator=generator)  # [P,N]
+    draws = categorical(p, n_draws, generator, who="rs_kd draws")  # [P,N]
     s = draws.sort(dim=-1).values  # equal ids are adjacent                                           [P,N]
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]  # first of each run of equal ids; column 0 starts every row   [P,N]

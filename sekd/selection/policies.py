@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sekd.registry import Registry
+from sekd.rng import categorical, uniform
 
 POLICIES = Registry("policy", call_time=("generator", "step"))
 
@@ -121,7 +122,7 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
 @POLICIES.register("random")
 def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement."""
-    noise = torch.rand(valid.shape, generator=generator).to(valid.device).masked_fill(~valid, -1.0)
+    noise = uniform(valid.shape, generator, valid.device, who="random policy").masked_fill(~valid, -1.0)
     rank = rank_desc(noise)
     m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
     return Draws.from_mask(m, order=rank)
@@ -203,9 +204,7 @@ def _sample(w: Tensor, n: Tensor, generator) -> tuple[Tensor, Tensor]:
     if K == 0 or T == 0:
         z = torch.zeros(B, 0, dtype=torch.long, device=w.device)
         return z, z.bool()
-    probs = w.detach().double().cpu()
-    probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, torch.ones_like(probs))  # empty rows
-    index = torch.multinomial(probs, K, replacement=True, generator=generator).to(w.device)
+    index = categorical(w.detach(), K, generator, who="pos_rs draws")  # on w's device; empty rows uniform
     mask = torch.arange(K, device=w.device).unsqueeze(0) < n.unsqueeze(-1)
     return index, mask
 

@@ -26,6 +26,19 @@ def test_frequencies_match_p(T):
     assert torch.allclose(p_tilde, freq, atol=1e-6)
 
 
+def test_peaked_p_with_impossible_classes():
+    """A peaked p with classes of probability 0 (logit -inf): those are never drawn, and the target's
+    expectation over many positions is still p (the inverse CDF's edges are where they belong)."""
+    z = torch.tensor([float("-inf"), 9.0, 0.0, float("-inf"), 4.0, -3.0, float("-inf"), 1.0, -12.0])
+    V, P, N = z.numel(), 6000, 32
+    p = torch.softmax(z.double(), -1)
+    ids, counts, offsets = rs_kd_draws(z.expand(P, V), N, 1.0, torch.Generator().manual_seed(7))
+    p_tilde = dense(*to_sparse(ids, counts, offsets, N), V).double().mean(0)  # E[p~] = p
+    se = (p * (1 - p) / (P * N)).sqrt()
+    assert ((p_tilde - p).abs() <= 5 * se + 1e-7).all(), (p_tilde, p)
+    assert not torch.isin(ids, torch.tensor([0, 3, 6])).any()
+
+
 def test_flat_form_is_distinct_sorted_and_sums_to_n():
     P, V, N = 50, 40, 64
     z = torch.randn(P, V, generator=torch.Generator().manual_seed(1))
