@@ -67,6 +67,33 @@ def _fraction(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1]")
 
 
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+def _betas(key: str, value: Any) -> None:
+    """Adam's (beta1, beta2), each in [0, 1)."""
+    pair = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else None
+    if pair is None or len(pair) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in pair):
+        shown = pair if pair is not None else value
+        raise ConfigError(f"{key}={shown!r} must be two numbers [beta1, beta2], each in [0, 1)")
+
+
+def _name(key: str, value: Any) -> None:
+    """A name that becomes part of a folder name: a non-empty string without path separators."""
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ConfigError(f"{key}={value!r} must be a plain name (letters, digits, -, _; no '/')")
+
+
+def unknown_key(key: str, allowed: Any) -> ConfigError:
+    """The one line for a key that does not exist: it and the keys its node allows."""
+    group, _, _ = key.rpartition(".")
+    return ConfigError(f"unknown key {key!r}; allowed in {group or 'the top level'}: "
+                       f"{', '.join(sorted(map(str, allowed))) or 'none'}")
+
+
 def _known_keys(cfg: DictConfig) -> None:
     for group, allowed in SCHEMA.items():
         node = cfg if not group else cfg.get(group)
@@ -74,9 +101,7 @@ def _known_keys(cfg: DictConfig) -> None:
             continue
         for key in node.keys():
             if key not in allowed and not (group == "" and key == "hydra"):
-                where = f"{group}.{key}" if group else str(key)
-                raise ConfigError(f"unknown key {where!r}; allowed in {group or 'the top level'}: "
-                                  f"{', '.join(sorted(allowed))}")
+                raise unknown_key(f"{group}.{key}" if group else str(key), allowed)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -97,11 +122,14 @@ def validate(cfg: DictConfig) -> None:
     _known_keys(cfg)
     _choice("mode", cfg.mode, MODES)
     _choice("stage", cfg.stage, STAGES)
-    if not isinstance(cfg.seed, int):
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+    _flag("force", cfg.force)
+    _name("preset", cfg.preset)
 
     m = cfg.model
     _choice("model.source", m.source, ("embedded", "pretrained"))
+    _flag("model.trust_remote_code", m.trust_remote_code)
     if m.source == "pretrained":
         for who in ("teacher", "student"):
             if not m.get(who):
@@ -114,6 +142,9 @@ def validate(cfg: DictConfig) -> None:
     _positive("data.seq_len", d.seq_len, integer=True)
     if d.get("token_budget") is not None:
         _positive("data.token_budget", d.token_budget, integer=True)
+        if d.token_budget < d.seq_len:  # packing makes token_budget // seq_len sequences
+            raise ConfigError(f"data.token_budget={d.token_budget} is less than one sequence of "
+                              f"data.seq_len={d.seq_len} tokens: training would see no data")
     if d.get("max_samples") is not None:
         _positive("data.max_samples", d.max_samples, integer=True)
     try:
@@ -164,6 +195,7 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.train
     _positive("train.lr", t.lr)
     _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _betas("train.betas", t.betas)
     _positive("train.micro_batch_size", t.micro_batch_size, integer=True)
     _positive("train.grad_accum", t.grad_accum, integer=True)
     if t.steps is not None:
@@ -223,6 +255,114 @@ def validate(cfg: DictConfig) -> None:
         _positive("resources.gpus", res.gpus, zero_ok=True, integer=True)
         for key in ("cpus", "mem_gb", "timeout_min", "array_parallelism"):
             _positive(f"resources.{key}", res[key], integer=True)
+
+
+# ---- the command line, before Hydra starts a job ---------------------------------------------
+
+INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun", "config_path")
+
+
+def check_command_line(argv: list[str], config_dir: str, config_name: str) -> None:
+    """Compose the config a `sekd-train` command line asks for, as Hydra will, and raise ConfigError with
+    one line before Hydra makes a run folder: an unknown key names the keys its node allows (Hydra's own
+    refusal is six lines and a hint about HYDRA_FULL_ERROR), any other composition error is folded into
+    one line, and a single run's config is validated. A multirun's cells are validated by the sweeper.
+    Flags that only print (--help, --cfg, --info, ...) are left to Hydra."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.types import RunMode
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in INFO_FLAGS):
+        return
+    loader = _config_loader(config_dir, args.config_dir)
+    name, overrides = args.config_name or config_name, list(args.overrides)
+    cfg = _compose(loader, name, overrides, RunMode.MULTIRUN)  # how Hydra reads hydra.mode
+    if args.multirun or cfg.hydra.get("mode") == RunMode.MULTIRUN:
+        return
+    validate(without_hydra(_compose(loader, name, overrides, RunMode.RUN)))
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """The run's own keys: Hydra's node is filled in by the job itself (its ??? are not ours to check)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _config_loader(config_dir: str, extra_dir: str | None):
+    """Hydra's config loader over the same search path its app uses (plus --config-dir)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    search_path = create_config_search_path(config_dir)
+    if extra_dir is not None:
+        if not Path(extra_dir).is_dir():
+            raise ConfigError(f"--config-dir {extra_dir}: no such folder")
+        search_path.prepend(provider="command-line", path=f"file://{Path(extra_dir).resolve()}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def _compose(loader, name: str, overrides: list[str], mode) -> DictConfig:
+    """Compose as Hydra does in `mode` (a single run refuses sweeps like `seed=1,2`)."""
+    from hydra.errors import HydraException, OverrideParseException
+    from hydra.types import RunMode
+
+    try:
+        return loader.load_configuration(config_name=name, overrides=list(overrides), run_mode=mode,
+                                         validate_sweep_overrides=mode == RunMode.RUN)
+    except OverrideParseException as err:  # its message does not say which override
+        raise ConfigError(f"cannot parse the override {err.override!r}: {_one_line(str(err))}") from None
+    except HydraException as err:
+        raise _composition_error(err, loader, name, overrides, mode) from None
+
+
+def _composition_error(err: Exception, loader, name: str, overrides: list[str], mode) -> ConfigError:
+    """One line for a failed composition. An override of a key that does not exist is composed again as
+    an append (`+key=value`), so `validate` names it exactly as it names an appended unknown key."""
+    import re
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    missing = re.match(r"Could not override '([^']+)'", str(err))
+    if missing is None:
+        return ConfigError(_one_line(str(err)))
+    key = missing.group(1)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    appended = [f"+{o.input_line}" if o.key_or_group == key and not o.is_add() else o.input_line for o in parsed]
+    try:
+        cfg = without_hydra(loader.load_configuration(config_name=name, overrides=appended, run_mode=mode,
+                                                      validate_sweep_overrides=False))
+        validate(cfg)
+    except ConfigError as named:
+        if key in str(named):
+            return named
+    except Exception:  # noqa: BLE001 - the plain line below still names the key
+        pass
+    others = [o.input_line for o in parsed if o.key_or_group != key]
+    parent = OmegaConf.select(loader.load_configuration(config_name=name, overrides=others, run_mode=mode,
+                                                        validate_sweep_overrides=False),
+                              key.rpartition(".")[0] or ".", default=None)
+    return unknown_key(key, parent.keys() if isinstance(parent, DictConfig) else [])
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line message as one line: its lines joined by '; ', a listing after a line that ends
+    in ':' (Hydra's "Available options in 'experiment':") joined by commas."""
+    pieces: list[str] = []
+    listing = False
+    for line in filter(None, (ln.strip() for ln in message.splitlines())):
+        if line.startswith(("Config search path", "See https://")):
+            break  # Hydra's own debugging aids
+        if listing:
+            pieces[-1] += (" " if pieces[-1].endswith(":") else ", ") + line
+        else:
+            pieces.append(line)
+        listing = listing or line.endswith(":")
+    return "; ".join(pieces) or "the config cannot be composed"
 
 
 def is_task_data(cfg: DictConfig) -> bool:

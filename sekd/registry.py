@@ -1,7 +1,26 @@
-"""One registry per axis: short stable names -> small functions (or classes with state)."""
+"""One registry per axis: short stable names -> small functions (or classes with state).
+
+A piece that takes options declares them where it is registered, as a small dataclass:
+
+    @dataclass(frozen=True)
+    class GLSOptions(BudgetOptions):
+        Q: int = 30_000
+        def __post_init__(self): ...; at_least("Q", self.Q, 1)
+
+    @POLICIES.register("gls", options=GLSOptions)
+
+Its fields are the option names, types and defaults; `__post_init__` checks ranges with the helpers
+below. `check_kwargs` / `build` construct it, so a wrong name, type or range fails at start-up with one
+line naming the config key (`position.options.Q='abc' must be an integer (policy 'gls')`). Keywords
+supplied at call time (generator, step, temperature, ...) are not options.
+"""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
+import types
+import typing
 from typing import Any, Callable
 
 
@@ -9,23 +28,90 @@ class RegistryError(ValueError):
     """An unknown name, a duplicate name or a bad keyword for a registered component."""
 
 
+class OptionError(RegistryError):
+    """One option's value breaks its declared type or range; `check_kwargs` adds the config key."""
+
+    def __init__(self, option: str, value: Any, rule: str):
+        super().__init__(f"{option}={value!r} must be {rule}")
+        self.option, self.value, self.rule = option, value, rule
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A piece that takes no options (declared, so an option given to it is refused by name)."""
+
+
+# ---- range checks for options' __post_init__ ------------------------------------------------
+
+
+def at_least(option: str, value: float, lo: float) -> None:
+    if not value >= lo:
+        raise OptionError(option, value, f">= {lo:g}")
+
+
+def positive(option: str, value: float) -> None:
+    if not value > 0:
+        raise OptionError(option, value, "> 0")
+
+
+def in_range(option: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    """lo <= value <= hi, or lo < value <= hi with open_lo."""
+    if not ((lo < value) if open_lo else (lo <= value)) or not value <= hi:
+        raise OptionError(option, value, f"in {'(' if open_lo else '['}{lo:g}, {hi:g}]")
+
+
+def _typed(option: str, hint: Any, value: Any) -> Any:
+    """value as the declared type: ints for int, finite numbers for float (ints widen), no bools for
+    either; command-line values arrive as whatever YAML made of them (`Q=abc` is a string)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X], X | None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        hint = args[0] if len(args) == 1 else Any
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:
+        if not number or not math.isfinite(value):
+            raise OptionError(option, value, "a finite number")
+        return float(value)
+    if hint is int and not (number and isinstance(value, int)):
+        raise OptionError(option, value, "an integer")
+    if hint in (bool, str) and not isinstance(value, hint):
+        raise OptionError(option, value, "true or false" if hint is bool else "a string")
+    return value
+
+
 class Registry:
     def __init__(self, kind: str, call_time: tuple[str, ...] = ()):
         self.kind = kind
         self.call_time = set(call_time)  # keywords supplied at call time, not options
         self._entries: dict[str, Callable] = {}
+        self._declared: dict[str, type] = {}  # name -> its options dataclass
 
-    def register(self, name: str) -> Callable[[Callable], Callable]:
+    def register(self, name: str, options: type | None = None) -> Callable[[Callable], Callable]:
+        """Add an entry; `options` is the dataclass declaring its options (None: read the signature)."""
+        if options is not None and not dataclasses.is_dataclass(options):
+            raise RegistryError(f"{self.kind} {name!r}: options must be a dataclass, not {options!r}")
+
         def add(fn: Callable) -> Callable:
             if name in self._entries:
                 raise RegistryError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = fn
+            if options is not None:
+                self._declared[name] = options
             return fn
 
         return add
 
+    def declared(self, name: str) -> type | None:
+        """The options dataclass the entry was registered with (None when it declared none)."""
+        self.get(name)
+        return self._declared.get(name)
+
     def options(self, name: str) -> list[str]:
         """The option names `build` accepts for this entry."""
+        spec = self.declared(name)
+        if spec is not None:
+            return [f.name for f in dataclasses.fields(spec)]
         fn = self.get(name)
         params = inspect.signature(fn).parameters
         kinds = (inspect.Parameter.KEYWORD_ONLY,)
@@ -47,34 +133,52 @@ class Registry:
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]
 
-    def check_kwargs(self, name: str, kwargs: dict[str, Any], key: str | None = None) -> None:
-        """Fail at start-up, not at step ten thousand, when a keyword does not exist."""
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        """Fail at start-up, not at step ten thousand, on an option that does not exist or whose value
+        breaks its declared type or range; `key` (e.g. `position.options`) prefixes the option's name.
+        Returns the options to bind: for a declared entry checked, typed and completed by its defaults."""
         fn = self.get(name)
-        params = inspect.signature(fn).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return
+        spec = self._declared.get(name)
+        if spec is None and any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+            return dict(kwargs)
+
+        def where(kw: str) -> str:
+            return f"{key}.{kw}" if key else kw
+
         allowed = self.options(name)
         for kw in kwargs:
             if kw not in allowed:
-                where = f"{key}.{kw}" if key else kw
                 raise RegistryError(
-                    f"{where}: {self.kind} {name!r} takes no option {kw!r}; allowed: {', '.join(allowed) or 'none'}"
+                    f"{where(kw)}: {self.kind} {name!r} takes no option {kw!r}; allowed: {', '.join(allowed) or 'none'}"
                 )
+        if spec is None:
+            return dict(kwargs)
+        for f in dataclasses.fields(spec):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in kwargs:
+                raise RegistryError(f"{where(f.name)} is required: {self.kind} {name!r} has no default for it")
+        hints = typing.get_type_hints(spec)
+        try:
+            opts = spec(**{kw: _typed(kw, hints[kw], v) for kw, v in kwargs.items()})
+        except OptionError as err:
+            shown = kwargs.get(err.option, err.value)  # as the user wrote it (0, not 0.0)
+            raise RegistryError(f"{where(err.option)}={shown!r} must be {err.rule} ({self.kind} {name!r})") from None
+        return {f.name: getattr(opts, f.name) for f in dataclasses.fields(spec)}
 
     def build(self, name: str, **kwargs: Any) -> Callable:
         """Bind keyword options now (checked), call later with tensors."""
-        self.check_kwargs(name, kwargs)
+        opts = self.check_kwargs(name, kwargs)
         fn = self.get(name)
         if inspect.isclass(fn):
-            return fn(**kwargs)
-        if not kwargs:
+            return fn(**opts)
+        if not opts:
             return fn
 
         def bound(*args: Any, **more: Any) -> Any:
-            return fn(*args, **kwargs, **more)
+            return fn(*args, **opts, **more)
 
         bound.__name__ = getattr(fn, "__name__", name)
         bound.__doc__ = fn.__doc__
         bound.__wrapped__ = fn  # type: ignore[attr-defined]
-        bound.options = dict(kwargs)  # type: ignore[attr-defined]
+        bound.options = dict(opts)  # type: ignore[attr-defined]
         return bound

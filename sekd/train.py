@@ -320,10 +320,23 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ 
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
+    """The Hydra app: one job, or one cell of a multirun."""
     from hydra.core.hydra_config import HydraConfig
 
     execute(cfg, list(HydraConfig.get().overrides.task))
+
+
+def main() -> None:
+    """`sekd-train`: a bad command line (an unknown key, a value out of range) stops with one line and
+    exit status 2 before Hydra starts a job or makes its folder; then Hydra runs the app."""
+    from sekd.config import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:], CONF, "config")
+    except ConfigError as err:
+        fail(err)
+    app()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry
+from sekd.registry import Registry, at_least
 
 CLASSES = Registry("class selector", call_time=("temperature", "generator"))
 
@@ -45,7 +45,27 @@ def sparse_forward_kl(s: Tensor, target: SparseTarget, temperature: float = 1.0)
     return (p * (logp - logq)).sum(-1)
 
 
-@CLASSES.register("rs_kd")
+@dataclass(frozen=True)
+class RSKDOptions:
+    """n_draws: N, the draws from p_t per position, >= 1."""
+
+    n_draws: int = 64
+
+    def __post_init__(self):
+        at_least("n_draws", self.n_draws, 1)
+
+
+@dataclass(frozen=True)
+class TruncationOptions:
+    """top: how many of the teacher's most likely classes to keep, >= 1 (0 would train on nothing)."""
+
+    top: int = 64
+
+    def __post_init__(self):
+        at_least("top", self.top, 1)
+
+
+@CLASSES.register("rs_kd", options=RSKDOptions)
 def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]"""
     from sekd.cache.draws import rs_kd_draws, to_sparse
@@ -55,7 +75,7 @@ def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=N
     return SparseTarget(ids_pad.to(t.device), probs_pad.to(t.device), mask.to(t.device))
 
 
-@CLASSES.register("top_k_truncation")
+@CLASSES.register("top_k_truncation", options=TruncationOptions)
 def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = t if t.dtype in (torch.float32, torch.float64) else t.float()

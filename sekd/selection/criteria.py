@@ -12,11 +12,12 @@ batch-level criteria return per-position values whose mean gives their formula.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry
+from sekd.registry import NoOptions, OptionError, Registry, at_least, in_range
 
 CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
 
@@ -38,13 +39,13 @@ def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
-@CRITERIA.register("forward_kl")
+@CRITERIA.register("forward_kl", options=NoOptions)
 def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
     return _kl_from_logp(_log_softmax(t, temperature), _log_softmax(s, temperature))
 
 
-@CRITERIA.register("reverse_kl")
+@CRITERIA.register("reverse_kl", options=NoOptions)
 def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
     return _kl_from_logp(_log_softmax(s, temperature), _log_softmax(t, temperature))
@@ -78,7 +79,21 @@ def nckd(s: Tensor, t: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
     return _kl_from_logp(logp_hat, _non_target_log(_log_softmax(s, temperature), y))
 
 
-@CRITERIA.register("dkd")
+@dataclass(frozen=True)
+class DKDOptions:
+    """alpha, beta >= 0: the weights of TCKD and NCKD, not both 0 (that would train on nothing)."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+
+    def __post_init__(self):
+        at_least("alpha", self.alpha, 0)
+        at_least("beta", self.beta, 0)
+        if self.alpha == 0 and self.beta == 0:
+            raise OptionError("beta", self.beta, "> 0 when alpha=0 (the loss would be 0)")
+
+
+@CRITERIA.register("dkd", options=DKDOptions)
 def dkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
         row=None, u=None) -> Tensor:
     """D = alpha * TCKD + beta * NCKD (Zhao et al. 2022), at temperature T; the objective adds T^2."""
@@ -96,7 +111,19 @@ def hard_mask(u_t: Tensor, hard_fraction: float) -> Tensor:
     return torch.zeros(P, dtype=torch.bool, device=u_t.device).index_fill_(0, order[:n_hard], True)
 
 
-@CRITERIA.register("atkd")
+@dataclass(frozen=True)
+class ATKDOptions:
+    """hard_fraction: the share of positions that are hard; easy_weight: the easy positions' weight; both in [0, 1]."""
+
+    hard_fraction: float = 0.5
+    easy_weight: float = 0.2
+
+    def __post_init__(self):
+        in_range("hard_fraction", self.hard_fraction, 0, 1)
+        in_range("easy_weight", self.easy_weight, 0, 1)
+
+
+@CRITERIA.register("atkd", options=ATKDOptions)
 def atkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, hard_fraction: float = 0.5,
          easy_weight: float = 0.2, row=None, u=None) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
@@ -130,7 +157,7 @@ def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
     return torch.where(W[row] > 0, n[row] * w / W[row].clamp_min(1e-300), torch.ones_like(w))
 
 
-@CRITERIA.register("weighted")
+@CRITERIA.register("weighted", options=NoOptions)
 def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """D_t = n_i w_t KL_t / sum_{t' in i} w_t', w_t = u(t) detached, n_i = positions of sequence i passed in,
     so the objective's per-sequence mean gives sum_t w_t KL_t / sum_t w_t. Meant for unit-weight policies

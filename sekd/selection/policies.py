@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry
+from sekd.registry import NoOptions, Registry, at_least, in_range, positive
 from sekd.rng import categorical, uniform
 
 POLICIES = Registry("policy", call_time=("generator", "step"))
@@ -60,6 +60,54 @@ class Draws:
         K = int(mask.sum(-1).max().item()) if mask.numel() else 0
         order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[:, :K]
         return Draws(index.gather(1, order), weight.gather(1, order), mask.gather(1, order))
+
+
+# ---- options, declared at registration (checked by POLICIES.check_kwargs / build) --------------
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """k: the fraction of each sequence's valid positions to select, in (0, 1]."""
+
+    k: float
+
+    def __post_init__(self):
+        in_range("k", self.k, 0, 1, open_lo=True)
+
+
+@dataclass(frozen=True)
+class CurriculumOptions(BudgetOptions):
+    """S: optimizer steps over which the window moves from the easiest positions to top_k's, >= 1."""
+
+    S: int = 4000
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least("S", self.S, 1)
+
+
+@dataclass(frozen=True)
+class GLSOptions(BudgetOptions):
+    """Q: length of the FIFO queue of earlier scores that sets the threshold, >= 1."""
+
+    Q: int = 30_000
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least("Q", self.Q, 1)
+
+
+@dataclass(frozen=True)
+class PosRSOptions(BudgetOptions):
+    """tau > 0 smooths q ~ u^(1/tau); coverage in [0, 1] is the share of the budget taken by top_k first."""
+
+    tau: float = 1.0
+    coverage: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive("tau", self.tau)
+        in_range("coverage", self.coverage, 0, 1)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -105,13 +153,13 @@ def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
 # ---- deterministic policies -----------------------------------------------------------------
 
 
-@POLICIES.register("all")
+@POLICIES.register("all", options=NoOptions)
 def all_positions(u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
     """m_t = valid(t): Full KD."""
     return Draws.from_mask(valid)
 
 
-@POLICIES.register("top_k")
+@POLICIES.register("top_k", options=BudgetOptions)
 def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
     """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
     rank = masked_rank(u, valid)
@@ -119,7 +167,7 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("random")
+@POLICIES.register("random", options=BudgetOptions)
 def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement."""
     noise = uniform(valid.shape, generator, valid.device, who="random policy").masked_fill(~valid, -1.0)
@@ -128,7 +176,7 @@ def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("curriculum")
+@POLICIES.register("curriculum", options=CurriculumOptions)
 def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=None, step: int = 0) -> Draws:
     """pi = min(1, step / S); the n_sel positions at ascending-u ranks [floor((n_valid - n_sel) pi), +n_sel).
 
@@ -146,7 +194,7 @@ def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=N
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("gls")
+@POLICIES.register("gls", options=GLSOptions)
 class GLS:
     """Global-level selection: m_t = 1[u(t) >= tau], tau = the (1 - k) quantile of a FIFO queue of the
     last Q valid scores (numpy's default 'linear' quantile).
@@ -250,7 +298,7 @@ def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> D
     return Draws.cat(det, sampled)
 
 
-@POLICIES.register("pos_rs")
+@POLICIES.register("pos_rs", options=PosRSOptions)
 def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
            generator=None, step: int = 0) -> Draws:
     """Pos RS-KD: K = n_sel draws i.i.d. from q(t) = w(t) / sum_j w(j), w = u^(1/tau); weight 1 each.
@@ -263,7 +311,7 @@ def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: fl
     return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=False, who="pos_rs")
 
 
-@POLICIES.register("pos_rs_star")
+@POLICIES.register("pos_rs_star", options=PosRSOptions)
 def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
                 generator=None, step: int = 0) -> Draws:
     """Pos RS-KD*: pos_rs's draws, each weighted 1 / (n_valid q(t)); E[L_i] = mean_t l(t) (Full KD).
