@@ -27,7 +27,8 @@ LOWER_IS_BETTER = {"ppl", "ece"}
 BUDGETS = {"k": "k (fraction of positions kept)", "l": "l (fraction of samples kept)"}
 COSTS = {
     "wall_time_s": ("wall time", "s"),
-    "train_time_s": ("train time", "s"),
+    "train_wall_s": ("training wall time", "s"),
+    "train_time_s": ("distillation time", "s"),
     "teacher_forward_tokens": ("teacher forward tokens", ""),
     "cache_bytes_read": ("teacher-cache bytes read", "B"),
     "prepass_seconds": ("sample pre-pass time", "s"),
@@ -55,6 +56,14 @@ def _one_setting(df: pd.DataFrame) -> None:
     if "setting" in df.columns and df["setting"].dropna().nunique() > 1:
         raise ValueError(f"runs from several settings ({', '.join(sorted(df['setting'].dropna().unique()))}): "
                          "keep one, e.g. with analysis.results_io.one_setting")
+
+
+def _limit_note(df: pd.DataFrame) -> str:
+    """' (limit=50)' when the figure's runs were scored on the first N examples only: a title must say so."""
+    if "setting" not in df.columns:
+        return ""
+    marks = {m for s in df["setting"].dropna() for m in str(s).split() if m.startswith("limit=")}
+    return f" ({', '.join(sorted(marks))})" if marks else ""
 
 
 def _distilled(df: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +181,8 @@ def budget_curve(df: pd.DataFrame, param: str = "k", metric: str = "acc", *, ref
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))  # 0.025 -> 2.5%
     ax.set_xlabel(BUDGETS[param])
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against the {param} budget (mean ± std over seeds)")
+    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against the {param} budget (mean ± std over seeds)"
+                 + _limit_note(df))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -199,19 +209,23 @@ def pareto_front(cost: Sequence[float], value: Sequence[float], *, maximize: boo
 
 def pareto_table(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
                  modes: Sequence[str] | None = ("distill",)) -> pd.DataFrame:
-    """Per method (and per budget k / l where a method ran at several): cost and metric mean ± std over seeds,
-    n seeds, a display name, and whether it is on the Pareto front."""
+    """Per method (and per budget k / l where a method ran at several, and per `cache_role` where some of its
+    runs built the teacher cache and others reused it): cost and metric mean ± std over seeds, n seeds, a
+    display name, and whether it is on the Pareto front."""
     _need(df, [cost, metric, *GROUP])
     _one_setting(df)
     d = df[df["mode"].isin(modes)] if modes is not None and "mode" in df.columns else df
     d = d.dropna(subset=[cost, metric])
-    # a method run at several budgets is one point per budget, named by it
-    varying = [b for b in OTHER if b in d.columns and len(d) and d.groupby(GROUP, sort=False)[b].nunique().max() > 1]
+    # a method run at several budgets is one point per budget, named by it; building the offline cache is a
+    # cost of the run that built it: its runs and those that reused the cache are separate points
+    varying = [b for b in (*OTHER, "cache_role") if b in d.columns and len(d)
+               and d.groupby(GROUP, sort=False)[b].nunique().max() > 1]
     t = aggregate(d, [*GROUP, *varying], [cost, metric])
     t.insert(2, "name", t["label"].astype(str))
     for b in varying:
         several = t.groupby(GROUP, sort=False)[b].transform("nunique") > 1
-        t.loc[several, "name"] += [f" {b}={v:.0%}" for v in t.loc[several, b]]
+        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role" else f" {b}={v:.0%}"
+                                   for v in t.loc[several, b]]
     t["on_front"] = pareto_front(t[f"{cost}_mean"], t[f"{metric}_mean"], maximize=higher_is_better(metric))
     return t
 
@@ -253,7 +267,7 @@ def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
         ax.xaxis.set_major_formatter(EngFormatter(unit=unit, sep=" "))
     ax.set_xlabel(f"{name} ↓" + (f" ({unit})" if unit and logx else ""))
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)")
+    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)" + _limit_note(df))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -2,21 +2,29 @@
 
 `sekd.report.load_table_records` gives one row per run with its metrics and, flattened, its resolved config
 (`config.*`) and costs (`costs.*`). The figures need a few of those under short names: the budgets
-`k` and `l`, the costs, and the `setting` a run was scored in (model and evaluation split: a curve must
-not average test and validation accuracies). `load_results` accepts run folders or a results CSV.
+`k` and `l`, the costs, and the `setting` a run was scored in (model, evaluation split and eval.limit: a
+curve must not average test and validation accuracies, nor a 50-example score with a full one).
+`load_results` accepts run folders or a results CSV.
 
     from analysis.results_io import load_results
     df = load_results("outputs/embedded")      # record.json files below it, else its results.csv
+
+Costs, per run: `train_wall_s` (sample selection, cache build and distillation; not pretraining the embedded
+pair, not scoring: sekd.tables.training_costs), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
+('built' or 'reused' for a run with an offline teacher cache), which keeps the run that built the cache apart.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
 import pandas as pd
 
-from sekd.report import load_table_records as table_records
+from sekd.report import limit_mark
+from sekd.report import load_records as table_records
+from sekd.tables import training_costs
 
 ALIASES = {  # short name -> the flattened column of record.json it copies
     "k": "config.position.k",
@@ -30,12 +38,38 @@ ALIASES = {  # short name -> the flattened column of record.json it copies
     "cache_bytes_read": "costs.cache_bytes_read",
     "prepass_seconds": "costs.prepass_seconds",
     "cache_build_seconds": "costs.cache_build_seconds",
+    "pretrain_seconds": "costs.pretrain_seconds",
+    "train_wall_s": "_train_wall_s",
 }
-NUMERIC = ["k", "l", "teacher_forward_tokens", "cache_bytes_read", "prepass_seconds", "cache_build_seconds"]
+NUMERIC = ["k", "l", "teacher_forward_tokens", "cache_bytes_read", "prepass_seconds", "cache_build_seconds",
+           "pretrain_seconds", "train_wall_s"]
+
+
+def env_path(name: str, default: str | Path) -> Path:
+    """The path in environment variable `name` (else `default`); a relative one is taken from the folder the
+    user ran the command in ($PWD, which the shell sets and Jupyter leaves as it was when it starts a kernel in
+    the notebook's own folder), not from the kernel's working directory."""
+    value = os.environ.get(name)
+    if not value:
+        return Path(default)
+    path = Path(value).expanduser()
+    invoked = os.environ.get("PWD")
+    base = Path(invoked) if invoked and Path(invoked).is_dir() else Path.cwd()
+    return path if path.is_absolute() else base / path
+
+
+def cache_role(df: pd.DataFrame) -> pd.Series:
+    """'built' for a run that built its offline teacher cache, 'reused' for one that read a cache built
+    before, None for a run without one."""
+    cache = df["config.classes.cache"] if "config.classes.cache" in df.columns else pd.Series(None, index=df.index)
+    seconds = df["costs.cache_build_seconds"] if "costs.cache_build_seconds" in df.columns else pd.Series(0.0, index=df.index)
+    built = pd.to_numeric(seconds, errors="coerce").fillna(0) > 0
+    role = pd.Series("reused", index=df.index, dtype=object).where(~built, "built")
+    return role.where(cache.notna(), None)
 
 
 def _with_aliases(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
+    df = training_costs(df)
     for short, col in ALIASES.items():
         if short not in df.columns:
             df[short] = df[col] if col in df.columns else None
@@ -45,7 +79,12 @@ def _with_aliases(df: pd.DataFrame) -> pd.DataFrame:
         parts = [df[c].astype("string") if c in df.columns else pd.Series(pd.NA, index=df.index, dtype="string")
                  for c in ("config.model.name", "config.eval.suite", "config.eval.split")]
         df["setting"] = (parts[0] + " " + parts[1] + "/" + parts[2]).astype(object)  # 'embedded embedded/test'
+        if "config.eval.limit" in df.columns:  # 'embedded embedded/test limit=50': never beside a full score
+            marks = df["config.eval.limit"].map(limit_mark)
+            df["setting"] = [s if s is None or pd.isna(s) or not m else f"{s} {m}" for s, m in zip(df["setting"], marks)]
         df.loc[df["setting"].isna(), "setting"] = None
+    if "cache_role" not in df.columns:
+        df["cache_role"] = cache_role(df)
     return df
 
 
@@ -58,8 +97,8 @@ def load_runs(folders: Iterable[str | Path]) -> pd.DataFrame:
 def load_results(source: str | Path) -> pd.DataFrame:
     """Rows from a results CSV, or from the record.json files under a folder (its results.csv if it has none).
 
-    A CSV written by `sekd-report` has no config or cost columns: k, l, the costs and `setting` come back
-    empty (NaN / None), so callers test for data, not for columns.
+    A CSV without config or cost columns (from an older `sekd-report`) gives k, l, the costs and `setting`
+    back empty (NaN / None), so callers test for data, not for columns.
     """
     source = Path(source)
     if source.is_file():

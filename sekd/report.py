@@ -1,4 +1,7 @@
-"""`sekd-report`: gather every run's record.json into one pandas table; mean ± std over seeds per method.
+"""`sekd-report`: gather every run's record.json into one pandas table; mean ± std over seeds per configuration.
+
+Runs that differ in anything but the seed and the keys that cannot change a result (sekd.config.UNHASHED)
+are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`).
 
     sekd-report outputs/demo --out outputs/demo
     sekd-report outputs/embedded --table T2 --table T7 --out outputs/embedded/tables   # the paper's layout
@@ -15,32 +18,69 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sekd import tables
+from sekd.config import UNHASHED
 from sekd.io import atomic_write_text
 
 HEADLINE = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K"}
 MODE_ORDER = {"score_student": 0, "score_teacher": 1, "distill": 2}
 
 
+# Fields a record must hold with these types (or null) for the report to read it; anything else in it is optional.
+SHAPE: dict[str, tuple[type, ...]] = {
+    "preset": (str,), "mode": (str,), "seed": (int,), "label": (str,), "metrics": (dict,), "config": (dict,),
+    "costs": (dict,), "train_time_s": (int, float), "wall_time_s": (int, float), "tokens_seen": (int, float),
+    "steps": (int, float), "peak_memory_mb": (int, float)}
+REQUIRED = ("preset", "mode", "seed")
+RECORD_FIELDS = ("preset", "label", "mode", "seed", "config_hash", "steps", "tokens_seen", "tokens_supervised",
+                 "train_time_s", "wall_time_s", "peak_memory_mb", "git_commit", "run_dir", "finished_at",
+                 "train_samples")
+
+
+def shape_problem(rec: Any) -> str | None:
+    """Why `rec` is not a record sekd-train writes (None when it is one)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    for key, kinds in SHAPE.items():
+        value = rec.get(key)
+        if value is None:
+            if key in REQUIRED:
+                return f"no {key!r}"
+        elif not isinstance(value, kinds) or isinstance(value, bool):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            return f"{key!r} is {type(value).__name__} {json.dumps(value)[:40]}, not {wanted}"
+    return None
+
+
 def read_records(folders: list[Path]) -> list[dict]:
-    """Every record.json under `folders` (recursively), parsed; a broken one is reported and skipped."""
+    """Every record.json under `folders` (recursively), parsed; a broken one is skipped with one line on stderr."""
     recs = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("record.json")):
             try:
-                recs.append(json.loads(path.read_text()))
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                problem = shape_problem(rec)
+            except UnicodeDecodeError:
+                problem = "not UTF-8 text"
             except json.JSONDecodeError as err:
-                print(f"sekd-report: skipping {path}: not valid JSON ({err})", file=sys.stderr)
+                problem = f"not valid JSON ({err})"
+            except OSError as err:
+                problem = f"unreadable ({err.strerror or err})"
+            if problem:
+                print(f"sekd-report: skipping {path}: {problem}", file=sys.stderr)
+            else:
+                recs.append(rec)
     return recs
 
 
 def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.DataFrame:
-    """One row per run: identity, flattened metrics (`metric` columns) and costs."""
+    """One row per run: identity, metrics (own columns), costs (`costs.*`) and resolved config (`config.*`)."""
     rows = []
     for rec in read_records(folders) if recs is None else recs:
-        row = {k: rec.get(k) for k in ("preset", "label", "mode", "seed", "config_hash", "steps",
-                                        "tokens_seen", "tokens_supervised", "train_time_s", "wall_time_s",
-                                        "peak_memory_mb", "git_commit", "run_dir", "finished_at", "train_samples")}
-        row.update({k: v for k, v in rec.get("metrics", {}).items() if isinstance(v, (int, float))})
+        row = {k: rec.get(k) for k in RECORD_FIELDS}
+        row.update({k: v for k, v in (rec.get("metrics") or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        row.update(flatten(rec.get("costs") or {}, "costs"))
+        row.update(flatten(rec.get("config") or {}, "config"))
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -48,39 +88,11 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
     # the undistilled student and the teacher first, then methods in the order they were run (the grid's)
     df["_mode"] = df["mode"].map(MODE_ORDER).fillna(3)
     df["_first"] = df.groupby("preset")["finished_at"].transform("min")
-    return df.sort_values(["_mode", "_first", "seed"]).drop(columns=["_mode", "_first"]).reset_index(drop=True)
+    return (df.sort_values(["_mode", "_first", "seed"], kind="stable").drop(columns=["_mode", "_first"])
+            .reset_index(drop=True))
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean and std over seeds of every numeric column, and the number of seeds."""
-    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and c != "seed"]
-    g = df.groupby(["preset", "label"], sort=False)
-    out = g[numeric].agg(["mean", "std"])
-    out[("seeds", "n")] = g["seed"].nunique()
-    return out
-
-
-def fmt(mean: float, std: float, digits: int = 1) -> str:
-    if pd.isna(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """The headline table: Method | Acc. | PPL | ECE | (per-task accuracies) | seeds."""
-    s = summarize(df)
-    metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
-    tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
-    rows = []
-    for (preset, label), r in s.iterrows():
-        row = {"Method": label, "preset": preset}
-        for m in metrics:
-            row[HEADLINE[m]] = fmt(r[(m, "mean")], r[(m, "std")], 2 if m == "ppl" else 1)
-        for tcol in tasks:
-            row[tcol.removesuffix("/acc")] = fmt(100 * r[(tcol, "mean")], 100 * r[(tcol, "std")])
-        row["seeds"] = int(r[("seeds", "n")])
-        rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False)
+load_table_records = load_records  # the paper-layout tables read the same rows
 
 
 def flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -90,11 +102,112 @@ def flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return {prefix: tree}
 
 
-def load_details(recs: list[dict]) -> pd.DataFrame:
-    """Per run (by run_dir): its resolved config as `config.*` and its costs as `costs.*` columns."""
-    rows = [{"run_dir": rec.get("run_dir"), **flatten(rec.get("config") or {}, "config"),
-             **flatten(rec.get("costs") or {}, "costs")} for rec in recs]
-    return pd.DataFrame(rows).drop_duplicates("run_dir") if rows else pd.DataFrame(columns=["run_dir"])
+# ---- one row per configuration ----------------------------------------------------------------
+
+# Config keys that cannot change a result (sekd.config.UNHASHED: paths, logging, resources, devices, the
+# scoring batch size, the label) and the seed, which a row averages over.
+NOT_GROUPED = (*UNHASHED, "seed")
+
+
+def grouped_key(key: str) -> bool:
+    """Is `config.<key>` part of what makes two runs the same configuration?"""
+    return not any(key == k or key.startswith(k + ".") for k in NOT_GROUPED)
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """The metrics' columns (everything numeric that is not identity, cost or config)."""
+    return [c for c in df.columns if c not in RECORD_FIELDS and not c.startswith(("config.", "costs.", "_"))
+            and c != "method" and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def scored(df: pd.DataFrame) -> pd.Series:
+    """Runs that hold at least one metric (a run with eval.suite=none trained but was never scored)."""
+    cols = metric_columns(df)
+    return df[cols].notna().any(axis=1) if cols else pd.Series(False, index=df.index)
+
+
+def differing_keys(configs: pd.DataFrame) -> list[str]:
+    """Config keys whose values differ among `configs` (one row per configuration, canonical strings);
+    a group's `name` stands for the rest of that group (model.name=tiny, not its twenty sizes)."""
+    keys = [k for k in configs.columns if configs[k].nunique(dropna=False) > 1]
+    names = {k.removesuffix(".name") for k in keys if k.endswith(".name")}
+    return [k for k in keys if not any(k.startswith(n + ".") and k != n + ".name" for n in names)]
+
+
+def limit_mark(limit: Any) -> str:
+    """'limit=50' for a run scored on the first N examples only; '' for the full evaluation set."""
+    return "" if limit is None or pd.isna(limit) else f"limit={int(limit)}"
+
+
+def _shown(canonical: str) -> str:
+    value = json.loads(canonical)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Add `_group` (the run's configuration minus NOT_GROUPED, one string) and `method`: its label, plus
+    `key=value` for each key whose value differs among the configurations of its preset, plus 'limit=N'."""
+    df = df.copy()
+    df["label"] = df["label"].fillna(df["preset"]) if "label" in df.columns else df["preset"]
+    cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config."):])]
+    canon = df[cols].map(tables.canon) if cols else pd.DataFrame(index=df.index)
+    df["_group"] = [json.dumps(r, sort_keys=True) for r in canon.to_dict("records")] if cols else ""
+    bare = ~df[cols].notna().any(axis=1) if cols else pd.Series(True, index=df.index)
+    df.loc[bare, "_group"] = "label:" + df.loc[bare, "label"].astype(str)  # a record without its config
+    label = df.groupby(["preset", "_group"], sort=False)["label"].transform("first").astype(str)
+    suffix = pd.Series("", index=df.index)
+    for _, part in df[~bare].groupby("preset", sort=False):
+        configs = canon.loc[part.index].drop_duplicates()
+        keys = [k for k in differing_keys(configs) if k != "config.eval.limit"]
+        if keys:
+            suffix[part.index] = [", ".join(f"{k[len('config.'):]}={_shown(v)}" for k, v in zip(keys, vals))
+                                  for vals in canon.loc[part.index, keys].itertuples(index=False)]
+    limit = df["config.eval.limit"] if "config.eval.limit" in df.columns else pd.Series(None, index=df.index)
+    marks = [", ".join(m for m in (s, limit_mark(lim)) if m) for s, lim in zip(suffix, limit)]
+    df["method"] = [f"{lab} ({m})" if m else lab for lab, m in zip(label, marks)]
+    return df
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (runs differing only in the seed and NOT_GROUPED keys): mean and std over seeds of
+    every metric and cost, its `method` label, and the number of seeds that were scored."""
+    df = assign_methods(df)
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and c != "seed"
+               and not c.startswith(("config.", "_"))]
+    keys = ["preset", "_group"]
+    g = df.groupby(keys, sort=False)
+    out = g[numeric].agg(["mean", "std"])
+    out[("method", "")] = g["method"].first()
+    out[("seeds", "n")] = df[scored(df)].groupby(keys, sort=False)["seed"].nunique().reindex(out.index, fill_value=0)
+    return out
+
+
+def fmt(mean: float, std: float, digits: int = 1) -> str:
+    """'12.30 ± 0.40'; one seed: '12.30 ± –' (same decimals, never a bare or scientific number); none: '–'."""
+    if pd.isna(mean):
+        return tables.MISSING
+    spread = tables.MISSING if pd.isna(std) else f"{std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """The headline table: Method | Acc. | PPL | ECE | (per-task accuracies) | seeds, one row per configuration."""
+    s = summarize(df)
+    metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
+    tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
+    rows = []
+    for (preset, _), r in s.iterrows():
+        row = {"Method": r[("method", "")], "preset": preset}
+        for m in metrics:
+            row[HEADLINE[m]] = fmt(r[(m, "mean")], r[(m, "std")], 2 if m == "ppl" else 1)
+        for tcol in tasks:
+            row[tcol.removesuffix("/acc")] = fmt(100 * r[(tcol, "mean")], 100 * r[(tcol, "std")])
+        row["seeds"] = str(int(r[("seeds", "n")]))
+        rows.append(row)
+    # the cells as written: tabulate would reparse '83362304.00' as 8.33623e+07 and '0.0' as 0
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 # The keys that make a method: the three selection axes, the criterion and the mode. Where a cache
@@ -122,13 +235,6 @@ def preset_axes(presets: list[str]) -> pd.DataFrame:
             flat = flatten(OmegaConf.to_container(cfg, resolve=True), "")
             rows[preset] = {k[1:]: tables.canon(v) for k, v in flat.items() if is_axis(k[1:])}
     return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def load_table_records(folders: list[Path]) -> pd.DataFrame:
-    """load_records' rows plus each run's config and costs, for the paper-layout tables."""
-    recs = read_records(folders)  # read once, for both views
-    df = load_records(folders, recs)
-    return df.merge(load_details(recs), on="run_dir", how="left") if not df.empty else df
 
 
 def write_tables(df: pd.DataFrame, names: list[str], out: Path | None) -> str:
@@ -161,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if not f.exists():
             print(f"sekd-report: {f}: no such folder", file=sys.stderr)
             return 2
-    df = load_table_records(args.folders) if args.table else load_records(args.folders)
+    df = load_records(args.folders)
     if df.empty:
         print(f"sekd-report: no record.json under {', '.join(map(str, args.folders))}", file=sys.stderr)
         return 1
@@ -176,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(df)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "results.csv", df.to_csv(index=False))
+        runs = assign_methods(df).drop(columns="_group")  # each run with the table row ("method") it went into
+        atomic_write_text(args.out / "results.csv", runs.to_csv(index=False))
         atomic_write_text(args.out / "table.md", table + "\n")
     print(table)
     return 0

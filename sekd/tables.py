@@ -1,9 +1,10 @@
 """The paper's tables from our runs: its rows in its order, its columns, our mean ± std over seeds beside its value.
 
 Pure functions over DataFrames; `sekd-report --table T2` (sekd/report.py) loads the records and writes
-the files. The paper's numbers live in analysis/paper_reference.csv, regenerated from the paper's CSVs by
+the files. The paper's numbers live in analysis/paper_reference.csv, regenerated from the paper's published
+tables (analysis/paper/paper_tables.csv, analysis/paper/paper_efficiency.csv) and analysis/paper_rows.csv by
 
-    python -m sekd.tables ../shared          # reads paper_tables.csv, paper_efficiency.csv
+    python -m sekd.tables
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "analysis" / "paper_reference.csv"
 PAPER_ROWS = ROOT / "analysis" / "paper_rows.csv"
+PAPER_DIR = ROOT / "analysis" / "paper"  # the paper's published numbers, as its tables print them
 REFERENCE_COLUMNS = ["table", "section", "method", "preset", "acc", "ifeval", "ppl", "ece", "gsm8k", "wall_s",
                      "selection_s", "notes"]
 
@@ -36,9 +38,11 @@ TABLES = tuple(COLUMNS)
 HEADER = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K", "wall_s": "Wall time",
           "selection_s": "Sample selection", "teacher_tokens": "Teacher tokens"}
 LOWER_IS_BETTER = {"ppl", "ece", "wall_s", "selection_s", "teacher_tokens"}
-# column -> the record column holding ours (metrics are their own column)
-SOURCE = {"wall_s": "wall_time_s", "selection_s": "costs.prepass_seconds",
-          "teacher_tokens": "costs.teacher_forward_tokens"}
+# column -> the record column holding ours (metrics are their own column; training_costs adds the _ ones)
+SOURCE = {"wall_s": "_train_wall_s", "selection_s": "_selection_s", "teacher_tokens": "costs.teacher_forward_tokens"}
+METRICS = ("acc", "ifeval", "ppl", "ece", "gsm8k")  # a run holding one of them was scored
+# what a sample pre-pass costs depends on: runs sharing these share one stored set of sample scores
+PREPASS_KEY = ("config.samples.name", "config.model.name", "config.data.name", "config.data.seq_len")
 VALIDATION = {"V1", "V2"}
 GENERAL_DATA = ("embedded", "fineweb_edu")  # the general-purpose regime (docs/method.md §10); anything else is task data
 MISSING = "–"
@@ -132,6 +136,37 @@ def table_records(records: pd.DataFrame, table: str, axes: pd.DataFrame | None =
     return r[keep & method_matches(r, axes)]
 
 
+def _num(df: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(_col(df, name), errors="coerce")
+
+
+def training_costs(records: pd.DataFrame) -> pd.DataFrame:
+    """Add `_selection_s` and `_train_wall_s`, the training pipeline's cost per run.
+
+    `_selection_s`: the sample pre-pass's seconds in runs that ran it (NaN where the scores were reused
+    from an earlier run). `_train_wall_s`: distillation (`train_time_s`) + the cache build this run paid +
+    the pre-pass at the mean of the runs that ran it (same sampler, model and data), so the run that
+    happened to go first does not carry it alone. Not the embedded pair's pretraining, not scoring.
+    Records from before `costs.pretrain_seconds` existed timed all of that together: their wall_time_s.
+    """
+    r = records.copy()
+    reused = _col(r, "costs.prepass_reused").astype("boolean").fillna(False).astype(bool)
+    r["_selection_s"] = _num(r, "costs.prepass_seconds").where(~reused)
+    keys = [r[c].map(canon) for c in PREPASS_KEY if c in r.columns]
+    paid = r["_selection_s"].groupby(keys, dropna=False).transform("mean") if keys else r["_selection_s"]
+    wall = _num(r, "train_time_s") + _num(r, "costs.cache_build_seconds").fillna(0) + paid.fillna(0)
+    r["_train_wall_s"] = wall.where(_col(r, "costs.pretrain_seconds").notna(), _num(r, "wall_time_s"))
+    return r
+
+
+def full_evaluations(m: pd.DataFrame) -> pd.DataFrame:
+    """Per paper row, only its runs scored on the most examples (the full set beats any eval.limit): a
+    limited evaluation never averages with a full one. Adds `limit` (NaN: the full set)."""
+    limit = _num(m, "config.eval.limit")
+    size = limit.fillna(math.inf)
+    return m[size.eq(size.groupby(m["row"]).transform("max"))].assign(limit=limit)
+
+
 def match_rows(ref: pd.DataFrame, records: pd.DataFrame, table: str) -> pd.DataFrame:
     """One row per (paper row, run of its preset), the row's variant filter applied (T7's SE-KD3X)."""
     m = ref[["method", "preset"]].reset_index(names="row").merge(records, on="preset")
@@ -139,7 +174,7 @@ def match_rows(ref: pd.DataFrame, records: pd.DataFrame, table: str) -> pd.DataF
     for (t, method), pred in VARIANTS.items():
         if t == table and not m.empty:
             keep &= ~m["method"].eq(method) | pred(m)
-    return m[keep]
+    return full_evaluations(m[keep])
 
 
 def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
@@ -149,20 +184,27 @@ def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
         raise ValueError(f"unknown table {table!r}; choose one of: {', '.join(TABLES)}")
     ref = reference_rows(reference, table)
     cols = COLUMNS[table]
-    recs = records.assign(**{c: records[SOURCE[c]] if SOURCE.get(c) in records else records.get(c, math.nan)
-                             for c in cols})
+    recs = training_costs(records)
+    recs = recs.assign(**{c: recs[SOURCE[c]] if SOURCE.get(c) in recs else recs.get(c, math.nan) for c in cols})
     m = match_rows(ref, table_records(recs, table, axes), table)
     g = m.groupby("row")
     stats = g[cols].agg(["mean", "std"]).reindex(ref.index)
     distilled = m["mode"].eq("distill").groupby(m["row"]).all().reindex(ref.index, fill_value=False)
     out = ref[["table", "section", "method", "label", "preset"]].copy()
-    out["n_seeds"] = g["seed"].nunique().reindex(ref.index).fillna(0).astype(int)
+    limit = g["limit"].first().reindex(ref.index)
+    out["label"] = [lab if pd.isna(n) else f"{lab} (limit={int(n)})" for lab, n in zip(out["label"], limit)]
+    out["eval_limit"] = limit
+    metrics = [c for c in METRICS if c in m.columns]
+    was_scored = m[metrics].notna().any(axis=1) if metrics else pd.Series(False, index=m.index)
+    out["n_seeds"] = m[was_scored].groupby("row")["seed"].nunique().reindex(ref.index).fillna(0).astype(int)
+    full = limit.isna() & out["n_seeds"].gt(0)
+    comparable = limit.isna() if full.any() else pd.Series(True, index=ref.index)  # a limited score is no rival
     for c in cols:
         mean = stats[(c, "mean")].astype(float)
         out[f"{c}_ours_mean"] = mean
         out[f"{c}_ours_std"] = stats[(c, "std")].astype(float)
         out[f"{c}_paper"] = pd.to_numeric(ref[c], errors="coerce")
-        ours = mean.where(distilled)  # bold only among our distilled rows, as the paper does
+        ours = mean.where(distilled & comparable)  # bold only among our distilled rows, as the paper does
         best = ours.min() if c in LOWER_IS_BETTER else ours.max()
         out[f"{c}_best"] = ours.eq(best) & ours.notna()
     return out
@@ -200,11 +242,12 @@ def fmt_value(col: str, x: float) -> str:
 
 def cell(col: str, mean: float, std: float, paper: float, best: bool, *, pm: str = "±", bold=("**", "**"),
          missing: str = MISSING) -> str:
-    """'64.8 ± 0.2 (64.4)': ours (bold when best), the paper's value in parentheses; '–' where there is none."""
+    """'64.8 ± 0.2 (64.4)': ours (bold when best), the paper's value in parentheses; '–' where there is none
+    (a single seed's spread too: '64.8 ± – (64.4)')."""
     if pd.isna(mean):
         ours = missing
-    else:
-        ours = fmt_value(col, mean) + ("" if pd.isna(std) else f" {pm} {fmt_value(col, std)}")
+    else:  # one seed: 'x ± –', like every other cell
+        ours = f"{fmt_value(col, mean)} {pm} {missing if pd.isna(std) else fmt_value(col, std)}"
         ours = f"{bold[0]}{ours}{bold[1]}" if best else ours
     theirs = fmt_value(col, paper).replace(MISSING, missing)
     return ours if ours == missing and theirs == missing else f"{ours} ({theirs})"
@@ -223,12 +266,18 @@ def display(frame: pd.DataFrame, *, method: Callable[[str], str] = str, **style)
 
 
 def caption(table: str) -> str:
-    return (f"Table {table}: ours as mean ± std over n seeds, the paper's value in parentheses; "
-            f"the best of our distilled rows per column in bold; {MISSING} where there is no run or no number.")
+    text = (f"Table {table}: ours as mean ± std over n scored seeds, the paper's value in parentheses; "
+            f"the best of our distilled rows per column in bold; {MISSING} where there is no run or no number; "
+            "'limit=N': scored on the first N examples only.")
+    if table == "T7":
+        text += (" Wall time: sample selection, teacher-cache build and distillation (not pretraining the "
+                 "embedded pair, not scoring); the cache build counts only in the row of the runs that built it.")
+    return text
 
 
 def to_markdown(frame: pd.DataFrame, table: str) -> str:
-    return f"{caption(table)}\n\n{display(frame).to_markdown(index=False)}"
+    # the cells as written: tabulate would reparse a number-like string ('0.0' as 0)
+    return f"{caption(table)}\n\n{display(frame).to_markdown(index=False, disable_numparse=True)}"
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -249,15 +298,16 @@ def to_latex(frame: pd.DataFrame, table: str) -> str:
 # ---- regenerate analysis/paper_reference.csv ------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m sekd.tables SHARED_DIR [--out analysis/paper_reference.csv]"""
+    """python -m sekd.tables [--paper DIR] [--out analysis/paper_reference.csv]"""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m sekd.tables", description="regenerate analysis/paper_reference.csv")
-    ap.add_argument("shared", type=Path, help="folder holding paper_tables.csv and paper_efficiency.csv")
+    ap.add_argument("--paper", type=Path, default=PAPER_DIR,
+                    help="folder holding the paper's paper_tables.csv and paper_efficiency.csv (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=REFERENCE)
     args = ap.parse_args(argv)
-    ref = build_reference(pd.read_csv(args.shared / "paper_tables.csv"),
-                          pd.read_csv(args.shared / "paper_efficiency.csv"), pd.read_csv(PAPER_ROWS))
+    ref = build_reference(pd.read_csv(args.paper / "paper_tables.csv"),
+                          pd.read_csv(args.paper / "paper_efficiency.csv"), pd.read_csv(PAPER_ROWS))
     from sekd.io import atomic_write_text
 
     atomic_write_text(args.out, ref.to_csv(index=False))

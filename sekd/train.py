@@ -218,6 +218,13 @@ def open_teacher_cache(cfg: DictConfig, data, teacher_path: str, tok, V: int, ge
         raise ConfigError(f"classes.cache: {err}") from None
 
 
+def built_since(t: float, *folders: str) -> bool:
+    """Did resolve_pair build (pretrain, fine-tune) one of `folders` after time t? An embedded model folder's
+    inputs.json is written when its build ends; a hub model or a reused folder is older or has none."""
+    marks = [Path(f) / "inputs.json" for f in folders]
+    return any(m.is_file() and m.stat().st_mtime >= t for m in marks)
+
+
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """Run one configured job end to end; returns its record (None when it was already done)."""
     try:
@@ -244,7 +251,9 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         torch.set_num_threads(threads)
     t0 = time.time()
     run.write_config(cfg, overrides or [])
+    t_pair = time.time()
     teacher_path, student_path, tok_path = resolve_pair(cfg)
+    pretrain_s = round(time.time() - t_pair, 2) if built_since(t_pair, teacher_path, student_path) else 0.0
     try:
         tok = check_same_tokenizer(teacher_path, student_path, tok_path, cfg.model.trust_remote_code)
         if cfg.mode == "distill" and cfg.classes.cache not in (None, "auto"):  # refuse a wrong cache up front
@@ -260,7 +269,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     tracker = Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg),
                       project=cfg.logging.project, entity=cfg.logging.entity,
                       group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")
-    stats: dict[str, Any] = {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0}
+    stats: dict[str, Any] = {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0, "train_time_s": 0.0,
+                             "costs": {"pretrain_seconds": pretrain_s}}
     try:
         if cfg.mode == "distill":
             from filelock import FileLock
@@ -271,7 +281,14 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
                 if run.trained() and not cfg.force:
                     stats = json.loads(run.train_stats.read_text())  # trained before (another job or eval)
                 else:
+                    t_distill = time.time()
                     stats = distill(cfg, run, teacher_path, student_path, tok, tracker)
+                    # distillation alone: pretraining, the sample pre-pass and the cache build are costs of their own
+                    c = stats["costs"]
+                    c["pretrain_seconds"] = pretrain_s
+                    stats["train_time_s"] = round(time.time() - t_distill - c["prepass_seconds"]
+                                                  - c["cache_build_seconds"], 2)
+                    atomic_write_json(run.train_stats, stats)
             scored = str(run.model)
             if cfg.stage == "train":
                 print(f"sekd: {cfg.preset} seed={cfg.seed} trained -> {run.model} (stage=train: scoring left "
@@ -279,7 +296,6 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
                 return None
         else:
             scored = student_path if cfg.mode == "score_student" else teacher_path
-        t_train = time.time() - t0
 
         metrics: dict[str, Any] = {}
         if cfg.eval.suite != "none":
@@ -300,7 +316,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         "preset": cfg.preset, "label": cfg.label, "mode": cfg.mode, "seed": cfg.seed, "config_hash": run.hash,
         "stage": cfg.stage, "run_dir": str(run.path), "scores_dir": str(run.scores), "model": scored, "metrics": metrics,
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
-        "steps": stats.get("steps", 0), "train_time_s": round(t_train, 2), "costs": stats.get("costs", {}),
+        "steps": stats.get("steps", 0), "train_time_s": stats.get("train_time_s"), "costs": stats.get("costs", {}),
         "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
         "on_policy_batches": stats.get("on_policy_batches", 0),
         "wall_time_s": round(time.time() - t0, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,12 +176,12 @@ def test_budget_curves_notebook_keeps_to_one_setting(tmp_path, python3_kernel, m
 def test_pareto_notebook(tmp_path, python3_kernel, monkeypatch):
     results, figs = write_grid(tmp_path / "results"), tmp_path / "figs"
     execute("pareto", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)}, monkeypatch)
-    for cost in ("wall_time_s", "teacher_forward_tokens", "cache_bytes_read"):
+    for cost in ("train_wall_s", "teacher_forward_tokens", "cache_bytes_read"):
         assert_png(figs / f"pareto_{cost}.png")
 
 
 def test_pareto_notebook_on_a_report_csv(tmp_path, python3_kernel, monkeypatch):
-    """A results.csv from sekd-report has wall time but no costs: one figure, two messages."""
+    """A results.csv from sekd-report carries each run's costs and config: the same figures as the folders."""
     from sekd.report import load_records
 
     results = write_grid(tmp_path / "results", sweeps=False)
@@ -188,9 +189,26 @@ def test_pareto_notebook_on_a_report_csv(tmp_path, python3_kernel, monkeypatch):
     load_records([results]).to_csv(csv, index=False)
     figs = tmp_path / "figs"
     out = execute("pareto", python3_kernel, {"SEKD_RESULTS": str(csv), "SEKD_FIGURES": str(figs)}, monkeypatch)
-    assert_png(figs / "pareto_wall_time_s.png")
-    assert not (figs / "pareto_teacher_forward_tokens.png").exists()
-    assert "no run has both teacher_forward_tokens" in "\n".join(out)
+    for cost in ("train_wall_s", "teacher_forward_tokens", "cache_bytes_read"):
+        assert_png(figs / f"pareto_{cost}.png")
+    assert "setting 'embedded embedded/test'" in "\n".join(out)
+
+
+def test_relative_sekd_paths_are_taken_from_where_the_command_ran(tmp_path, python3_kernel):
+    """`cd somewhere && SEKD_RESULTS=results SEKD_FIGURES=figs jupyter ...`: the kernel starts in analysis/, the
+    paths still mean somewhere/results and somewhere/figs."""
+    write_grid(tmp_path / "results")
+    script = ("import nbclient, nbformat; "
+              f"nb = nbformat.read({str(ANALYSIS / 'pareto.ipynb')!r}, as_version=4); "
+              f"nbclient.NotebookClient(nb, timeout={TIMEOUT}, kernel_name={python3_kernel!r}, "
+              f"resources={{'metadata': {{'path': {str(ANALYSIS)!r}}}}}).execute()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEKD_")}
+    res = subprocess.run(["bash", "-c", f'cd "{tmp_path}" && SEKD_RESULTS=results SEKD_FIGURES=figs '
+                          f'MPLBACKEND=Agg JUPYTER_PREFER_ENV_PATH=1 "{sys.executable}" -c "$0"', script],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_png(tmp_path / "figs" / "pareto_train_wall_s.png")
+    assert not (ANALYSIS / "figs").exists()
 
 
 def test_signal_overlap_notebook(tmp_path, python3_kernel, monkeypatch):

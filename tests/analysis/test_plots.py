@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -231,3 +232,79 @@ def test_load_results_from_a_report_csv(tmp_path):
         assert len(df) == len(GRID) and df[["k", "l", "teacher_forward_tokens"]].isna().all().all()
         assert df["setting"].isna().all()
     assert load_results(tmp_path / "nothing").empty
+
+
+# ---- unlike runs stay apart ------------------------------------------------------------------
+
+
+def _write(root, recs):
+    for i, r in enumerate(recs):
+        d = root / "runs" / f"r{i}"
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps(r))
+
+
+def test_cache_built_and_cache_reused_runs_are_separate_pareto_points(tmp_path):
+    """The run that built the offline teacher cache pays for it; the runs that reused it are another point."""
+    recs = []
+    for seed, build in ((0, 300.0), (1, 0.0), (2, 0.0)):
+        r = _record("se_kd3x", seed, 0.2, 0.2, 60.0 + seed, {"cache_build_seconds": build, "prepass_seconds": 0.0,
+                                                            "pretrain_seconds": 0.0, "teacher_forward_tokens": 10})
+        r["config"]["classes"]["cache"] = "auto"
+        r["train_time_s"] = 50.0
+        recs.append(r)
+    recs.append(_record("full_kd", 0, 1.0, 1.0, 62.0, {"cache_build_seconds": 0.0, "pretrain_seconds": 0.0}))
+    recs[-1]["train_time_s"] = 200.0
+    _write(tmp_path, recs)
+    df = load_runs([tmp_path])
+    assert df.set_index("seed").query("preset == 'se_kd3x'")["cache_role"].to_dict() == {
+        0: "built", 1: "reused", 2: "reused"}
+    assert df[df.preset == "full_kd"]["cache_role"].isna().all()
+    t = plots.pareto_table(df, "train_wall_s", "acc").set_index("name")
+    assert t.loc["SE_KD3X (cache built)", ["train_wall_s_mean", "n"]].tolist() == [350.0, 1]
+    assert t.loc["SE_KD3X (cache reused)", ["train_wall_s_mean", "n"]].tolist() == [50.0, 2]
+    assert t.loc["FULL_KD", "train_wall_s_mean"] == 200.0
+    fig = plots.pareto(df, "train_wall_s", "acc")
+    assert len(fig.axes[0].containers) == 3
+
+
+def test_train_wall_leaves_out_pretraining_and_scoring(tmp_path):
+    first = _record("se_kd", 0, 0.2, 1.0, 60.0, {"pretrain_seconds": 1200.0, "cache_build_seconds": 0.0,
+                                                 "prepass_seconds": 0.0})
+    first.update(train_time_s=40.0, wall_time_s=1300.0)  # the cell that happened to pretrain the embedded pair
+    later = _record("se_kd", 1, 0.2, 1.0, 61.0, {"pretrain_seconds": 0.0, "cache_build_seconds": 0.0,
+                                                 "prepass_seconds": 0.0})
+    later.update(train_time_s=42.0, wall_time_s=60.0)
+    _write(tmp_path, [first, later])
+    df = load_runs([tmp_path]).set_index("seed")
+    assert df["train_wall_s"].tolist() == [40.0, 42.0] and df["pretrain_seconds"].tolist() == [1200.0, 0.0]
+
+
+def test_limited_evaluations_are_another_setting_and_the_figure_says_so(tmp_path):
+    recs = [_record("se_kd", s, k, 1.0, 60.0 + k, {}) for s in (0, 1) for k in (0.1, 0.2)]
+    for r in recs[:2]:
+        r["config"]["eval"]["limit"] = 50
+    _write(tmp_path, recs)
+    df = load_runs([tmp_path])
+    assert sorted(df["setting"].unique()) == ["embedded embedded/test", "embedded embedded/test limit=50"]
+    with pytest.raises(ValueError, match="several settings"):
+        plots.budget_curve(df, "k")
+    _, limited = one_setting(df, want="embedded embedded/test limit=50")
+    assert limited["seed"].tolist() == [0, 0]
+    limited = pd.concat([limited, limited.assign(seed=1, acc=limited.acc + 1)])
+    assert "(limit=50)" in plots.budget_curve(limited, "k", references=False).axes[0].get_title()
+    _, full = one_setting(df, want="embedded embedded/test")
+    assert "limit" not in plots.pareto(full, "wall_time_s", references=False).axes[0].get_title()
+
+
+def test_env_path_takes_a_relative_path_from_where_the_command_ran(tmp_path, monkeypatch):
+    from analysis.results_io import env_path
+
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.chdir("/")  # as a Jupyter kernel started in analysis/
+    monkeypatch.setenv("SEKD_RESULTS", "outputs/x")
+    assert env_path("SEKD_RESULTS", "d") == tmp_path / "outputs" / "x"
+    monkeypatch.setenv("SEKD_RESULTS", "/abs/x")
+    assert env_path("SEKD_RESULTS", "d") == Path("/abs/x")
+    monkeypatch.delenv("SEKD_RESULTS")
+    assert env_path("SEKD_RESULTS", "/default") == Path("/default")
