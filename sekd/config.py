@@ -34,7 +34,7 @@ SCHEMA: dict[str, set[str]] = {
               "betas", "lr_schedule", "warmup_steps", "max_grad_norm", "lam", "temperature",
               "normalization", "precision", "device", "threads", "flow", "chunk_size", "ckpt_every", "log_every",
               "trace_selection_steps"},
-    "eval": {"suite", "split", "batch_size", "limit", "device"},
+    "eval": {"suite", "split", "batch_size", "seed", "limit", "device"},
     "logging": {"wandb", "project", "entity", "group"},
     "resources": {"partition", "gpus", "cpus", "mem_gb", "timeout_min", "array_parallelism"},
 }
@@ -247,6 +247,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.suite=paper scores IFEval, which needs {', '.join(lacking)}: "
                               f"pip install 'sekd[paper]' (and NLTK's punkt_tab data on offline nodes)")
     _positive("eval.batch_size", e.batch_size, integer=True)
+    _positive("eval.seed", e.seed, zero_ok=True, integer=True)
+    if e.suite == "validation" and d.get("validation_size") == 0:
+        raise ConfigError("eval.suite=validation scores GSM8K's held-out train problems, but data.validation_size=0 "
+                          "holds none out")
     if e.limit is not None:
         _positive("eval.limit", e.limit, integer=True)
     _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))

@@ -300,13 +300,15 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         metrics: dict[str, Any] = {}
         if cfg.eval.suite != "none":
             from sekd.evaluation.score import score_checkpoint
+            from sekd.evaluation.suites import GSM8K_HELD_OUT
             from sekd.models import pick_device
 
             device = pick_device(cfg.eval.device)
             run.scores.mkdir(parents=True, exist_ok=True)
             metrics = score_checkpoint(scored, run.scores, suite=cfg.eval.suite, split=cfg.eval.split,
                                        cache_dir=Path(cfg.paths.cache) / "eval", batch_size=cfg.eval.batch_size,
-                                       limit=cfg.eval.limit, device=str(device), seed=cfg.seed,
+                                       limit=cfg.eval.limit, device=str(device), seed=cfg.eval.seed,
+                                       gsm8k_validation_size=cfg.data.get("validation_size", GSM8K_HELD_OUT),
                                        dtype="bfloat16" if device.type == "cuda" else "float32")
         tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
     finally:

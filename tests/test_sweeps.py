@@ -47,7 +47,8 @@ def test_a_sweep_names_presets_and_the_values_that_vary(name):
     assert {"profile": "embedded"} in spec["defaults"]
     params = spec["hydra"]["sweeper"]["params"]
     assert set(params) <= GRID_KEYS and "experiment" in params
-    assert str(params["seed"]).split(",") == ["1337", "1338", "1339"]
+    # the paper's seeds; Table 5 (GSM8K) ran 1340-1342
+    assert str(params["seed"]).split(",") == (["1340", "1341", "1342"] if name == "t5" else ["1337", "1338", "1339"])
     assert spec["hydra"]["mode"] == "MULTIRUN"
 
 

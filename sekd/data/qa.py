@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 QA_SOURCES = Registry("task source")
 FORMAT = 1  # bump when the row layout changes
 GSM8K = "openai/gsm8k"
-GSM8K_VALIDATION = 500  # GSM8K has no validation split: ours is the last 500 train problems
+GSM8K_VALIDATION = 500  # GSM8K has no validation split: ours is the last 500 train problems (data.validation_size)
 FILE_KEYS = tuple(f"{s}_file" for s in SPLITS)
 FIELDS = ("question", "answer")
 
@@ -56,11 +56,13 @@ def gsm8k(
     train_file: str | None = None,
     validation_file: str | None = None,
     test_file: str | None = None,
+    validation_size: int = GSM8K_VALIDATION,
 ) -> list[Problem]:
     """GSM8K from the hub (config "main"), or local jsonl files of its schema, one per split.
 
-    Without a validation set (the hub, or no validation_file) validation is the last 500 train
-    problems (at most a tenth of them) and train the rest, so the two never overlap.
+    Without a validation set (the hub, or no validation_file) validation is the last `validation_size`
+    train problems (at most a tenth of them) and train the rest, so the two never overlap: the hub's
+    7,473 train problems give 6,973 to train on. validation_size=0 trains on all of them.
     """
     _check_split(split)
     files = {"train_file": train_file, "validation_file": validation_file, "test_file": test_file}
@@ -69,19 +71,20 @@ def gsm8k(
             return _read_jsonl(_qa_file("validation", files))
         if split == "test":
             return _read_jsonl(_qa_file("test", files))
-        return _carve(_read_jsonl(_qa_file("train", files)), split, carve=not validation_file)
+        return _carve(_read_jsonl(_qa_file("train", files)), split, validation_size if not validation_file else 0)
     import datasets
 
     if split == "test":
         return _records(datasets.load_dataset(path, "main", split="test"), path)
-    return _carve(_records(datasets.load_dataset(path, "main", split="train"), path), split, carve=True)
+    return _carve(_records(datasets.load_dataset(path, "main", split="train"), path), split, validation_size)
 
 
-def _carve(train: list[Problem], split: str, *, carve: bool) -> list[Problem]:
-    """train's last 500 problems (at most a tenth of them, for small files) as validation, or all as train."""
-    if not carve:
-        return train
-    cut = len(train) - min(GSM8K_VALIDATION, len(train) // 10)
+def _carve(train: list[Problem], split: str, size: int) -> list[Problem]:
+    """train's last `size` problems (at most a tenth of them, for small files) as validation, the rest as
+    train; size 0: all of them as train (a validation file, or validation_size=0)."""
+    if not size:
+        return train if split == "train" else []
+    cut = len(train) - min(size, len(train) // 10)
     return train[cut:] if split == "validation" else train[:cut]
 
 
@@ -107,6 +110,10 @@ def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
     except RegistryError as e:
         raise DataError(str(e)) from None
     if name == "gsm8k":
+        size = opts.get("validation_size", GSM8K_VALIDATION)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DataError(f"{key}.validation_size={size!r} must be an integer >= 0 (the last train problems "
+                            "held out as validation; 0 trains on all)")
         files = {k: opts.get(k) for k in FILE_KEYS}
         for k, v in files.items():
             if v:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from sekd.evaluation.calibration import suite_ece
-from sekd.evaluation.suites import Suite, get_suite, lm_eval_tasks
+from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tasks
 from sekd.evaluation.tasks import build_tasks
 from sekd.io import atomic_write_text
 
@@ -30,9 +30,10 @@ def score_checkpoint(
     batch_size: int = 16,
     limit: int | float | None = None,
     device: str = "cpu",
-    seed: int = 1234,
+    seed: int = 42,
     dtype: str = "float32",
     bootstrap_iters: int = 1000,
+    gsm8k_validation_size: int = GSM8K_HELD_OUT,
 ) -> dict[str, float]:
     """Run lm-eval on `model_dir` (model + tokenizer), write out_dir/lm_eval/, return flat metrics.
 
@@ -40,8 +41,11 @@ def score_checkpoint(
     the held-out documents of `split` from the embedded corpus; for a suite with the arithmetic task
     (`task`), problems=None takes sekd.data.arith.problems(split). Generations are kept in
     out_dir/lm_eval/samples_<task>.jsonl (`resps` raw, `filtered_resps` the extracted answer).
+    `seed` sets lm-eval's seeds (few-shot examples, python/numpy/torch): the run passes eval.seed, fixed
+    across training seeds, so that a spread over seeds is training variance alone.
+    `gsm8k_validation_size`: the GSM8K training problems the validation suite holds out (data.validation_size).
     """
-    s = get_suite(suite, split)
+    s = get_suite(suite, split, gsm8k_validation_size=gsm8k_validation_size)
     if docs is not None and not s.embedded:
         raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
     if problems is not None and not s.arith:

@@ -7,16 +7,18 @@
   PPL = last-word perplexity; ECE over the choice task; the gsm8k column = the arith exact match.
 - `paper`: arc_easy, hellaswag, piqa (acc), lambada_openai (acc, perplexity), gsm8k (exact_match,
   strict-match), ifeval (prompt-level strict acc). Acc. = unweighted mean of the five accuracies x100;
-  IFEval is its own column; PPL = lambada_openai perplexity.
+  IFEval is its own column; PPL = lambada_openai perplexity. IFEval generates at most 512 new tokens,
+  as the paper's runs did (lm-eval's own config allows 1280).
 - `validation` (choosing k and l): arc_easy, gsm8k, hellaswag, piqa on validation data.
   lm-eval's hellaswag and piqa already score their validation splits (the test labels are hidden),
   so they are the same runs as in `paper`. arc_easy scores its test split by default: we derive
   `sekd_arc_easy_validation` with no test split, so lm-eval falls back to validation. GSM8K has no
-  validation split at all: `sekd_gsm8k_validation` scores the last 500 training problems and draws
-  its few-shot examples from the other training problems.
+  validation split at all: `sekd_gsm8k_validation` scores the last 500 training problems (the
+  run's data.validation_size when it trains on GSM8K) and draws its few-shot examples from the others.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from sekd.registry import Registry
 Metric = tuple[str, str]  # (task name in lm-eval's results, "metric,filter" key)
 
 GSM8K_HELD_OUT = 500
+IFEVAL_MAX_GEN_TOKS = 512  # the paper's runs; lm-eval's ifeval.yaml says 1280
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,13 @@ def _check_split(name: str, split: str | None, allowed: tuple[str, ...]) -> str:
     return split
 
 
-def get_suite(name: str, split: str | None = None) -> Suite:
-    """The named suite on `split` (None: the suite's own split). Unknown names raise, listing the known."""
-    return SUITES.get(name)(split)
+def get_suite(name: str, split: str | None = None, *, gsm8k_validation_size: int = GSM8K_HELD_OUT) -> Suite:
+    """The named suite on `split` (None: the suite's own split). Unknown names raise, listing the known.
+    `gsm8k_validation_size`: how many of GSM8K's last training problems the validation suite scores."""
+    fn = SUITES.get(name)
+    if "gsm8k_validation_size" in SUITES.options(name):
+        return fn(split, gsm8k_validation_size=gsm8k_validation_size)
+    return fn(split)
 
 
 @SUITES.register("embedded")
@@ -111,22 +118,24 @@ def paper(split: str | None) -> Suite:
         ppl=("lambada_openai", "perplexity,none"),
         ifeval=("ifeval", "prompt_level_strict_acc,none"),
         gsm8k=("gsm8k", "exact_match,strict-match"),
+        # the same task name, lm-eval's config with the generation length capped (merged into its kwargs)
+        derived={"ifeval": ("ifeval", {"generation_kwargs": {"max_gen_toks": IFEVAL_MAX_GEN_TOKS}})},
     )
 
 
-def gsm8k_held_out(dataset: Any) -> Any:
-    """The last GSM8K_HELD_OUT training problems: our GSM8K validation set."""
+def gsm8k_held_out(dataset: Any, n_held: int = GSM8K_HELD_OUT) -> Any:
+    """The last n_held training problems: our GSM8K validation set."""
     n = len(dataset)
-    return dataset.select(range(n - GSM8K_HELD_OUT, n))
+    return dataset.select(range(n - n_held, n))
 
 
-def gsm8k_fewshot_pool(dataset: Any) -> Any:
+def gsm8k_fewshot_pool(dataset: Any, n_held: int = GSM8K_HELD_OUT) -> Any:
     """The training problems not held out, for few-shot examples."""
-    return dataset.select(range(len(dataset) - GSM8K_HELD_OUT))
+    return dataset.select(range(len(dataset) - n_held))
 
 
 @SUITES.register("validation")
-def validation(split: str | None) -> Suite:
+def validation(split: str | None, *, gsm8k_validation_size: int = GSM8K_HELD_OUT) -> Suite:
     split = _check_split("validation", split, ("validation",))
     arc, gsm = "sekd_arc_easy_validation", "sekd_gsm8k_validation"
     return Suite(
@@ -142,8 +151,8 @@ def validation(split: str | None) -> Suite:
                 "gsm8k",
                 {
                     "test_split": "train",
-                    "process_docs": gsm8k_held_out,
-                    "fewshot_config": {"process_docs": gsm8k_fewshot_pool},
+                    "process_docs": functools.partial(gsm8k_held_out, n_held=gsm8k_validation_size),
+                    "fewshot_config": {"process_docs": functools.partial(gsm8k_fewshot_pool, n_held=gsm8k_validation_size)},
                 },
             ),
         },
@@ -166,7 +175,9 @@ def lm_eval_tasks(suite: Suite, task_manager: Any) -> list[str | dict[str, Any]]
         cfg = load_yaml(entry.yaml_path, resolve_func=True)
         for key in ("tag", "group", "task_alias"):  # the derived task joins none of the base's tags
             cfg.pop(key, None)
-        out.append({**cfg, **overrides, "task": name})
+        merged = {k: {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+                  for k, v in overrides.items()}  # a dict override updates the base's dict (generation_kwargs)
+        out.append({**cfg, **merged, "task": name})
     return out
 
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sekd.evaluation.suites import GSM8K_HELD_OUT, SUITES, base_task_names, get_suite, lm_eval_tasks
+from sekd.evaluation.suites import (GSM8K_HELD_OUT, IFEVAL_MAX_GEN_TOKS, SUITES, base_task_names, get_suite,
+                                   lm_eval_tasks)
 from sekd.evaluation.tasks import task_configs
 
 
@@ -78,6 +79,23 @@ def test_real_lm_eval_tasks_and_metrics(name, task_manager):
         assert cfgs[task]["output_type"] == "multiple_choice"
 
 
+def test_paper_suite_caps_ifeval_at_512_new_tokens(task_manager):
+    """The paper's runs generated at most 512 tokens for IFEval (lm-eval's config says 1280); the task keeps
+    its name and the rest of lm-eval's config, gsm8k stays as lm-eval has it."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    specs = lm_eval_tasks(get_suite("paper"), task_manager)
+    (ifeval,) = [s for s in specs if isinstance(s, dict)]
+    base = load_yaml(task_manager.task_index["ifeval"].yaml_path, resolve_func=False)
+    assert ifeval["task"] == "ifeval" and IFEVAL_MAX_GEN_TOKS == 512
+    assert ifeval["generation_kwargs"] == {**base["generation_kwargs"], "max_gen_toks": 512}
+    assert base["generation_kwargs"]["max_gen_toks"] == 1280
+    assert set(ifeval) == set(base)
+    for key in ("dataset_path", "output_type", "test_split", "doc_to_text", "num_fewshot"):
+        assert ifeval[key] == base[key], key
+    assert "gsm8k" in specs
+
+
 def test_embedded_metrics_exist():
     s = get_suite("embedded")
     cfgs = {c["task"]: c for c in task_configs(Path("/data"), s.split).values()}
@@ -89,6 +107,30 @@ def test_embedded_metrics_exist():
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def gsm8k_validation_task(task_manager, tmp_path, n_rows, **suite_opts):
+    """The derived sekd_gsm8k_validation task over n_rows stand-in training problems (the hub is out of reach)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    specs = {s["task"]: s for s in lm_eval_tasks(get_suite("validation", **suite_opts), task_manager)
+             if isinstance(s, dict)}
+    gsm_rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(n_rows)]
+    return ConfigurableTask(
+        config={
+            **specs["sekd_gsm8k_validation"],
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"train": _jsonl(tmp_path / "train.jsonl", gsm_rows)}},
+        }
+    )
+
+
+def test_gsm8k_validation_follows_the_data_validation_size(task_manager, tmp_path):
+    """A run trained on GSM8K with data.validation_size=30 is validated on those 30 problems."""
+    gsm = gsm8k_validation_task(task_manager, tmp_path, 100, gsm8k_validation_size=30)
+    assert [d["question"] for d in gsm.eval_docs] == [f"q{i}" for i in range(70, 100)]
+    assert [d["question"] for d in gsm.fewshot_docs()] == [f"q{i}" for i in range(70)]
 
 
 def test_derived_validation_tasks_on_local_data(task_manager, tmp_path):
