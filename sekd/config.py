@@ -87,6 +87,13 @@ def _name(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} must be a plain name (letters, digits, -, _; no '/')")
 
 
+def _mapping(key: str, value: Any) -> None:
+    """An `options` node: a mapping of option to value ({} for none)."""
+    if not isinstance(value, DictConfig) or value._is_none():
+        raise ConfigError(f"{key}={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r} "
+                          "must be a mapping of option: value ({} for none)")
+
+
 def unknown_key(key: str, allowed: Any) -> ConfigError:
     """The one line for a key that does not exist: it and the keys its node allows."""
     group, _, _ = key.rpartition(".")
@@ -153,6 +160,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
     p = cfg.position
+    for group in ("position", "classes", "criterion"):
+        _mapping(f"{group}.options", cfg[group].get("options"))
     if p.signal is not None:
         _choice("position.signal", p.signal, SIGNALS.names())
     _choice("position.policy", p.policy, POLICIES.names())

@@ -40,6 +40,8 @@ ROWS = [
     (["position=top_k", "+position.options.tau=1"], "position.options.tau: policy 'top_k' takes no option 'tau'",
      False),
     (["position.options.S=4000"], "position.options.S: policy 'all' takes no option 'S'; allowed: none", False),
+    (["position.options=5"], "position.options=5 must be a mapping of option: value ({} for none)", False),
+    (["classes=rs_kd", "classes.options=null"], "classes.options=None must be a mapping of option: value", False),
     # values of plain keys
     (["train.betas=[2.0,3.0]"], "train.betas=[2.0, 3.0] must be two numbers [beta1, beta2], each in [0, 1)", False),
     (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers", False),
