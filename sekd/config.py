@@ -409,11 +409,40 @@ def _drop(tree: dict, dotted: str) -> None:
     tree.pop(leaf, None)
 
 
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    """The run's config as plain data, without Hydra's own node."""
+def resolved(cfg: DictConfig, keep_env: bool = False) -> dict[str, Any]:
+    """The run's config as plain data, without Hydra's own node. `keep_env`: what records, config files
+    and wandb get: a value read from the environment (${oc.env:NAME,default}, maybe a token) stays that
+    text, in every value that interpolates it too. Hashes use the resolved values, as they always did."""
+    if keep_env:
+        cfg = _env_as_text(cfg)
     tree = OmegaConf.to_container(cfg, resolve=True)
     tree.pop("hydra", None)
     return tree
+
+
+def _env_as_text(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose values that read ${oc.env:...} are their own text (escaped, so it is not
+    resolved again)."""
+    import copy
+
+    from omegaconf import ListConfig, open_dict, read_write
+
+    cfg = copy.deepcopy(cfg)
+
+    def walk(node) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                if not child._is_none() and not child._is_missing() and not child._is_interpolation():
+                    walk(child)
+                continue
+            raw = child._value()
+            if isinstance(raw, str) and "oc.env" in raw:
+                with open_dict(node), read_write(node):
+                    node[key] = raw.replace("${", "\\${")
+    walk(cfg)
+    return cfg
 
 
 def _hash(tree: dict) -> str:

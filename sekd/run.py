@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sekd.config import config_hash, resolved, run_dir, scores_dir
-from sekd.io import atomic_write_json, atomic_write_text
+from sekd.io import atomic_write_json, atomic_write_text, sweep_tmp
 
 
 class RunDir:
@@ -46,7 +46,8 @@ class RunDir:
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
         """The full config (eval included) beside the record it produces."""
         self.scores.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.scores / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved(cfg))))
+        recorded = resolved(cfg, keep_env=True)  # ${oc.env:...} values stay text: no token lands in a file
+        atomic_write_text(self.scores / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded)))
         atomic_write_text(self.scores / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
@@ -60,6 +61,18 @@ class RunDir:
             if path.exists():
                 rows = [ln for ln in path.read_text().splitlines() if ln and keep(json.loads(ln)["step"])]
                 atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+    def start_over(self) -> None:
+        """force=true: train from scratch; the checkpoint, metrics and trace of an earlier attempt go."""
+        self.checkpoint.unlink(missing_ok=True)
+        self.truncate_after(0)
+
+    def sweep(self) -> None:
+        """Delete the temporary files a killed writer left in the run and scores folders (held under the
+        run's training lock, so no live writer of the run folder is interrupted)."""
+        for folder in (self.path, self.scores):
+            if folder.is_dir():
+                sweep_tmp(folder)
 
     def write_record(self, record: dict[str, Any]) -> None:
         self.scores.mkdir(parents=True, exist_ok=True)

@@ -266,23 +266,30 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     except ConfigError as err:
         fail(err)
 
-    tracker = Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg),
+    tracker = Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg, keep_env=True),
                       project=cfg.logging.project, entity=cfg.logging.entity,
                       group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")
     stats: dict[str, Any] = {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0, "train_time_s": 0.0,
                              "costs": {"pretrain_seconds": pretrain_s}}
     try:
         if cfg.mode == "distill":
-            from filelock import FileLock
+            from sekd.io import folder_lock
 
             # two sweeps scoring the same student (T2 on test, V1 on validation) may both reach here at
-            # once: one trains, the other waits and then only scores
-            with FileLock(str(run.path / ".train.lock")):
+            # once: one trains, the other waits and then only scores. The lock file goes on release (a
+            # crashed holder's with the next run), and so do the temporary files a killed run left.
+            with folder_lock(run.path / ".train.lock"):
+                run.sweep()
                 if run.trained() and not cfg.force:
                     stats = json.loads(run.train_stats.read_text())  # trained before (another job or eval)
                 else:
+                    if cfg.force:
+                        run.start_over()  # force=true trains from scratch, never from a checkpoint
                     t_distill = time.time()
-                    stats = distill(cfg, run, teacher_path, student_path, tok, tracker)
+                    try:
+                        stats = distill(cfg, run, teacher_path, student_path, tok, tracker)
+                    except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.trainer.CheckpointError)
+                        fail(err)
                     # distillation alone: pretraining, the sample pre-pass and the cache build are costs of their own
                     c = stats["costs"]
                     c["pretrain_seconds"] = pretrain_s
@@ -314,16 +321,17 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     finally:
         tracker.finish()
 
+    kept = resolved(cfg, keep_env=True)  # what records say: an ${oc.env:...} value stays its text
     record = {
-        "preset": cfg.preset, "label": cfg.label, "mode": cfg.mode, "seed": cfg.seed, "config_hash": run.hash,
-        "stage": cfg.stage, "run_dir": str(run.path), "scores_dir": str(run.scores), "model": scored, "metrics": metrics,
+        "preset": kept["preset"], "label": kept["label"], "mode": kept["mode"], "seed": cfg.seed, "config_hash": run.hash,
+        "stage": kept["stage"], "run_dir": str(run.path), "scores_dir": str(run.scores), "model": scored, "metrics": metrics,
         "tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
         "steps": stats.get("steps", 0), "train_time_s": stats.get("train_time_s"), "costs": stats.get("costs", {}),
         "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
         "on_policy_batches": stats.get("on_policy_batches", 0),
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "git_commit": git_commit(), "overrides": list(overrides or []), "config": resolved(cfg),
+        "git_commit": git_commit(), "overrides": list(overrides or []), "config": kept,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "host": socket.gethostname(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -342,7 +350,8 @@ def app(cfg: DictConfig) -> None:
     """The Hydra app: one job, or one cell of a multirun."""
     from hydra.core.hydra_config import HydraConfig
 
-    execute(cfg, list(HydraConfig.get().overrides.task))
+    # as typed: reading the items would resolve an ${oc.env:...} in them, and the records must not hold it
+    execute(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sekd.config import ConfigError
 from sekd.io import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss
@@ -81,7 +83,10 @@ def total_steps(n_samples: int, t) -> int:
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors and plain data, which torch.load(weights_only=True) reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "selection": gen.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -89,10 +94,40 @@ def rng_state(gen: torch.Generator) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     gen.set_state(state["selection"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ConfigError):
+    """checkpoint.pt cannot be resumed from; one line naming the file and the way out."""
+
+
+CHECKPOINT_KEYS = ("student", "optimizer", "schedule", "progress", "rng", "selector")
+
+
+def load_checkpoint(path) -> dict[str, Any]:
+    """checkpoint.pt with weights_only=True: tensors and plain data only, so a planted pickle cannot run
+    code on resume. A truncated, foreign or unsafe file is refused in one line. Loaded on the CPU: RNG
+    states must be CPU tensors, and load_state_dict moves weights and optimizer state to their device."""
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); delete it, or rerun with "
+                               "force=true to train this run from scratch")
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message suggests loading it anyway: not here
+        raise refuse("UnpicklingError: it holds objects other than tensors and plain data, and loading them "
+                     "could run code") from None
+    except Exception as err:  # RuntimeError (a truncated zip), EOFError, OSError, ...
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]  # its first sentence
+        raise refuse(f"{type(err).__name__}: {first}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise refuse(f"it holds no {', '.join(missing)}")
+    return ck
 
 
 @dataclass
@@ -141,9 +176,12 @@ class Trainer:
         })
 
     def resume(self) -> bool:
+        """Continue from checkpoint.pt; without one, start clean: the metrics and trace rows of a run
+        killed before its first checkpoint are dropped, so every step is logged once."""
         if not self.run.checkpoint.exists():
+            self.run.truncate_after(0)
             return False
-        ck = torch.load(self.run.checkpoint, map_location=self.device, weights_only=False)
+        ck = load_checkpoint(self.run.checkpoint)
         self.student.load_state_dict(ck["student"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["schedule"])
