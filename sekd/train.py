@@ -176,41 +176,93 @@ def on_policy(cfg: DictConfig, data, tok):
                     max_new_tokens=int(r.max_new_tokens))
 
 
-def cache_expectation(cfg: DictConfig, teacher_path: str, tok) -> dict[str, Any]:
-    """What the run's offline cache must have been built with (checked against its signature)."""
+def cache_expectation(cfg: DictConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
+    """Every signature field that changes the draws, as this run would build them (docs/method.md §9):
+    format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, N, the draw seed
+    (the run's own, so seeds do not share draws) and, given the data the cache must cover, its identity
+    and sequence length. Not the builder's dtype or device, nor the number of shards."""
+    from sekd.cache.store import FORMAT, data_signature
     from sekd.data.dataset import tokenizer_signature
     from sekd.models import model_signature
 
-    return {"teacher": model_signature(teacher_path), "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
-            "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64))}
+    expect = {"format": FORMAT, "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
+              "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64)),
+              "seed": int(cfg.seed)}
+    if teacher_path is not None:
+        expect["teacher"] = model_signature(teacher_path)
+    if data is not None:
+        expect.update(data=data_signature(data.sample_ids), seq_len=int(data.seq_len))
+    return expect
+
+
+def run_tokenizer(cfg: DictConfig):
+    """The run's tokenizer, without building or loading any model (the embedded pair's is built alone)."""
+    from sekd.models import load_tokenizer
+
+    m = cfg.model
+    if m.source == "embedded":
+        from sekd.embedded.build import tokenizer
+
+        return load_tokenizer(str(tokenizer(Path(cfg.paths.cache) / "embedded", int(m.embedded.vocab_size))))
+    path = str(m.tokenizer or m.student)
+    try:
+        return load_tokenizer(path, m.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"model.tokenizer={path!r}: cannot load its tokenizer ({type(err).__name__})") from None
+
+
+def check_cache_before_models(cfg: DictConfig) -> None:
+    """A cache folder named by classes.cache, checked before any model is built or loaded: the tokenizer
+    (cheap) packs the run's training data, and the cache's signature (all but the teacher, checked once
+    the pair is resolved) and its sample ids must match that data."""
+    if cfg.mode != "distill" or cfg.stage == "score" or cfg.classes.cache in (None, "auto"):
+        return
+    from sekd.cache.store import CacheError, TeacherCache
+    from sekd.data.sources import DataError
+
+    tok = run_tokenizer(cfg)
+    try:
+        data = training_data(cfg, tok)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        TeacherCache.open(cfg.classes.cache, expect=cache_expectation(cfg, None, tok, data), sample_ids=data.sample_ids)
+    except CacheError as err:
+        raise ConfigError(f"classes.cache: {err}") from None
 
 
 def open_teacher_cache(cfg: DictConfig, data, teacher_path: str, tok, V: int, get_teacher, costs: dict):
-    """The run's offline teacher cache: `auto` builds (or finishes) one keyed by its signature and the
-    samples it covers; a folder is opened as it is. Either way a mismatch is refused."""
+    """The run's offline teacher cache, for `data` (the samples it trains on). `auto` builds (or
+    finishes) one keyed by its whole signature, the seed and these samples included; a folder is opened
+    as it is (its data was checked against the whole train split before the models loaded). Either way
+    a mismatch is refused in one line."""
     import hashlib
     import time as _time
 
     from sekd.cache.build import build_cache
     from sekd.cache.store import CacheError, TeacherCache
 
-    expect = cache_expectation(cfg, teacher_path, tok)
-    n_draws = expect["n_draws"]
     if cfg.classes.cache == "auto":
-        key = hashlib.sha256(json.dumps({**expect, "samples": sorted(data.sample_ids)}, sort_keys=True).encode())
+        expect = cache_expectation(cfg, teacher_path, tok, data)
+        key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode())
         path = Path(cfg.paths.cache) / "teacher_cache" / key.hexdigest()[:16]
         try:  # a finished cache for these samples: reuse it, the teacher stays unloaded
             TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)
         except CacheError:
             t0 = _time.time()
             teacher = get_teacher()
-            build_cache(teacher, data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
-                        n_draws=n_draws, temperature=expect["temperature"], seed=0, vocab_size=V,
-                        device=str(next(teacher.parameters()).device), batch_size=cfg.samples.batch_size)
+            try:  # resumes a killed build, rebuilds a corrupt shard; refuses an edited manifest
+                build_cache(teacher, data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+                            n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
+                            vocab_size=V, device=str(next(teacher.parameters()).device),
+                            batch_size=cfg.samples.batch_size)
+            except CacheError as err:
+                raise ConfigError(f"classes.cache: {err}") from None
             costs["cache_build_seconds"] = round(_time.time() - t0, 2)
             costs["cache_build_teacher_tokens"] = int(data.input_ids.numel())
     else:
         path = Path(cfg.classes.cache)
+        expect = cache_expectation(cfg, teacher_path, tok)
     costs["cache"] = str(path)
     try:
         return TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)
@@ -251,6 +303,10 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         torch.set_num_threads(threads)
     t0 = time.time()
     run.write_config(cfg, overrides or [])
+    try:
+        check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
+    except ConfigError as err:
+        fail(err)
     t_pair = time.time()
     teacher_path, student_path, tok_path = resolve_pair(cfg)
     pretrain_s = round(time.time() - t_pair, 2) if built_since(t_pair, teacher_path, student_path) else 0.0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, TINY, compose_cfg, sekd_train
+from tests.helpers import ROOT, TINY, sekd_train
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +47,9 @@ def test_se_kd3x_builds_once_then_trains_without_the_teacher(shared):
 
 def test_a_cache_from_sekd_cache_build_serves_training(shared, tmp_path):
     """Built once by the CLI over the whole train split: any class-axis run reads it, teacher unloaded."""
-    from omegaconf import OmegaConf
-
-    from sekd.embedded.build import build_pair
-
-    emb = OmegaConf.to_container(compose_cfg(["model=tiny"]).model.embedded)
-    teacher, _ = build_pair(shared / "cache" / "embedded", emb)
-    out = tmp_path / "cache"
-    res = subprocess.run([sys.executable, "-m", "sekd.cache.cli", "build", "--teacher", str(teacher), "--data",
-                          "embedded", "--split", "train", "--seq-len", "64", "--out", str(out),
-                          "--cache", str(shared / "cache")],
+    out = tmp_path / "cache"  # built with the run's own overrides (sekd-cache composes them as sekd-train)
+    res = subprocess.run([sys.executable, "-m", "sekd.cache.cli", "build", "--out", str(out), *TINY,
+                          f"paths.cache={shared}/cache"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rec = run("rs_kd", shared, "from_cli", f"classes.cache={out}")

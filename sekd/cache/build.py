@@ -5,8 +5,9 @@ Resumable and shareable between workers:
   with its sha256; a shard already entered with a matching checksum is skipped, so a killed build
   resumes where it stopped and ends byte-identical to an uninterrupted one;
 - the manifest is read, merged and rewritten atomically under a file lock, so concurrent builders
-  never drop each other's entries; each shard is built under its own lock, so two builders given
-  the same shards split them instead of both building (or overwriting) the same one;
+  never drop each other's entries, and sealed with its own checksum, so an edit is refused on read;
+  each shard is built under its own lock, so two builders given the same shards split them instead
+  of both building (or overwriting) the same one;
 - a folder holding another signature is refused, never overwritten.
 Draws use a generator seeded by (sample id, seed) only; shard membership is int(sample_id, 16) % S.
 """
@@ -22,9 +23,9 @@ from tqdm.auto import tqdm
 from sekd.cache import format as fmt
 from sekd.cache.draws import rs_kd_draws, sample_generator
 from sekd.cache.store import (FORMAT, IGNORE, MANIFEST, check_signature, data_signature, encode_block,
-                              encode_shard, file_sha256, read_manifest, shard_name, shard_of)
+                              encode_shard, file_sha256, read_manifest, shard_name, shard_of, write_manifest)
 from sekd.data.packing import PackedData
-from sekd.io import atomic_write_bytes, atomic_write_json
+from sekd.io import atomic_write_bytes
 
 
 def worker_shards(num_shards: int, worker_index: int, num_workers: int) -> list[int]:
@@ -79,8 +80,7 @@ def _merge_manifest(out: Path, sig: dict[str, Any], n_samples: int, entry: dict[
             shards[entry["index"]] = entry
             man["shards"] = [shards[i] for i in sorted(shards)]
         man["complete"] = len(man["shards"]) == sig["num_shards"]
-        atomic_write_json(mpath, man)
-    return man
+        return write_manifest(out, man)
 
 
 def _done(out: Path, i: int, num_shards: int) -> bool:

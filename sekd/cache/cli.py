@@ -1,7 +1,9 @@
 """sekd-cache: build, verify, list and measure an offline teacher cache (docs/method.md §9).
 
-    sekd-cache build --teacher <HF folder> --data embedded --split train --seq-len 128 --out <dir>
-                     [--n-draws 64 --temperature 1 --seed 0 --num-shards 8 --worker I --num-workers W]
+    sekd-cache build --out <dir> [--num-shards 8 --worker I --num-workers W --batch-size B] [OVERRIDE ...]
+        OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): the teacher,
+        tokenizer, data (packed by the trainer's own code), N (classes.options.n_draws), T (train.temperature),
+        the draw seed (seed), device and precision are the run's, so the cache serves exactly that run
     sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
     sekd-cache ls <dir>              signature and shards table
     sekd-cache stats <dir> [--tokens 100e9] [--sample-fraction 0.2]   the paper's Table 6, measured
@@ -16,31 +18,65 @@ from pathlib import Path
 from sekd.cache.store import CacheError, TeacherCache, read_manifest, shard_name, storage_markdown, storage_rows
 
 
+class BuildConfigError(ValueError):
+    """A build refused before any work: bad overrides or a bad config (exit 2, as sekd-train's)."""
+
+
+def run_config(overrides: list[str]):
+    """The run's config composed and validated exactly as sekd-train does, with classes=rs_kd unless the
+    overrides choose the classes group themselves (a cache holds RS-KD draws)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sekd.config import ConfigError, check_command_line
+    from sekd.train import CONF
+
+    if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
+        overrides = ["classes=rs_kd", *overrides]  # before the run's own, so it may still set classes.options
+    try:
+        check_command_line(overrides, CONF, "config")  # composed and validated, one line naming the key
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        raise BuildConfigError(" ".join(str(err).split()) or type(err).__name__) from None
+    if cfg.classes.name != "rs_kd":
+        raise BuildConfigError(f"classes={cfg.classes.name}: a teacher cache holds RS-KD draws; use classes=rs_kd")
+    return cfg
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # the packer's and the model loader's bars too
+    cfg = run_config(args.overrides)
     import torch
 
     from sekd.cache.build import build_cache, worker_shards
-    from sekd.data.dataset import build_packed, tokenizer_signature
-    from sekd.models import model_signature
-    from sekd.models import load_model, load_tokenizer, pick_device, pick_dtype
+    from sekd.config import ConfigError
+    from sekd.models import check_same_tokenizer, load_model, pick_device, pick_dtype, resolve_pair, shared_vocab
+    from sekd.train import cache_expectation, job_threads, training_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tok = load_tokenizer(args.teacher)
-    data = build_packed(args.data, args.split, tok, seq_len=args.seq_len, token_budget=args.token_budget,
-                        cache_dir=Path(args.cache) / "data")
-    device = pick_device(args.device)
-    teacher = load_model(args.teacher, device, pick_dtype(args.precision, device))
-    shards = worker_shards(args.num_shards, args.worker, args.num_workers)
-    man = build_cache(teacher, data, args.out, teacher_name=args.teacher_name or model_signature(args.teacher),
-                      tokenizer_sig=tokenizer_signature(tok), n_draws=args.n_draws, temperature=args.temperature,
-                      seed=args.seed, num_shards=args.num_shards, batch_size=args.batch_size, device=device,
-                      vocab_size=len(tok), shards=shards, progress=not args.quiet)
+    threads = job_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    try:  # the trainer's own steps: pair, tokenizer, packed train split
+        shards = worker_shards(args.num_shards, args.worker, args.num_workers)
+        teacher_path, student_path, tok_path = resolve_pair(cfg)
+        tok = check_same_tokenizer(teacher_path, student_path, tok_path, cfg.model.trust_remote_code)
+        data = training_data(cfg, tok)
+        device = pick_device(cfg.train.device)
+    except (ConfigError, ValueError) as err:
+        raise BuildConfigError(str(err)) from None
+    teacher = load_model(teacher_path, device, pick_dtype(cfg.train.precision, device), cfg.model.trust_remote_code)
+    expect = cache_expectation(cfg, teacher_path, tok, data)
+    man = build_cache(teacher, data, args.out, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+                      n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
+                      num_shards=args.num_shards, batch_size=args.batch_size or int(cfg.samples.batch_size),
+                      device=device, vocab_size=shared_vocab(tok, teacher), shards=shards, progress=not args.quiet)
     done = len(man["shards"])
     print(f"{args.out}: {done}/{args.num_shards} shards built"
-          + ("" if man["complete"] else " (other workers' shards still missing)"))
+          + (f"; train with classes.cache={args.out} and the same overrides" if man["complete"]
+             else " (other workers' shards still missing)"))
     return 0
 
 
@@ -86,27 +122,17 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sekd-cache", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build", help="run the teacher once and write the RS-KD draws")
-    b.add_argument("--teacher", required=True, help="HF model folder (or hub name) holding the teacher and its tokenizer")
-    b.add_argument("--teacher-name", default=None, help="name recorded in the signature (default: the teacher's content signature, as training checks it)")
-    b.add_argument("--data", default="embedded", help="data source name (sekd.data.sources)")
-    b.add_argument("--split", default="train")
-    b.add_argument("--seq-len", type=int, required=True)
-    b.add_argument("--token-budget", type=float, default=None)
+    b = sub.add_parser("build", help="run the teacher once and write the RS-KD draws of a run's training data",
+                       description="Build (or resume) the cache a sekd-train run with the same OVERRIDEs reads "
+                                   "with classes.cache=<out>: same teacher, tokenizer, packed data, N, T and seed.")
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--cache", default=os.environ.get("SEKD_CACHE_DIR", ".sekd_cache"),
-                   help="harness cache folder; packed data goes to <cache>/data")
-    b.add_argument("--n-draws", type=int, default=64)
-    b.add_argument("--temperature", type=float, default=1.0)
-    b.add_argument("--seed", type=int, default=0)
     b.add_argument("--num-shards", type=int, default=8)
     b.add_argument("--worker", type=int, default=0, help="this worker's index (builds shards I, I+W, ...)")
     b.add_argument("--num-workers", type=int, default=1)
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--device", default="auto")
-    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--batch-size", type=int, default=0, help="teacher batch size (0: samples.batch_size)")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="sekd-train overrides, e.g. experiment=se_kd3x model=tiny data=fineweb_edu seed=1338")
     b.set_defaults(fn=cmd_build)
 
     v = sub.add_parser("verify", help="check every shard's checksum and decodability")
@@ -128,10 +154,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "token_budget", None) is not None:
-        args.token_budget = int(args.token_budget)
     try:
         return args.fn(args)
+    except BuildConfigError as e:
+        print(f"sekd-cache {args.cmd}: config error: {e}", file=sys.stderr)
+        return 2
     except CacheError as e:
         print(f"sekd-cache {args.cmd}: {e}", file=sys.stderr)
         return 1

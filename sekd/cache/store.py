@@ -1,7 +1,8 @@
 """The cache on disk (docs/method.md §9): a manifest plus shard files, and the reader the trainer uses.
 
 Folder layout:
-    manifest.json                 signature, num_shards, one entry per finished shard (sha256, bytes, counts)
+    manifest.json                 signature, num_shards, one entry per finished shard (sha256, bytes, counts),
+                                  and `checksum`: sha256 over the rest of the manifest as canonical JSON
     shard-00003-of-00008.bin      the samples with int(sample_id, 16) % num_shards == 3
     .manifest.lock, .shard-*.lock builders' file locks (hidden, like the temp files of atomic writes)
 
@@ -33,7 +34,7 @@ from sekd.cache import format as fmt
 if TYPE_CHECKING:
     from torch import Tensor
 
-FORMAT = 1  # bump when the manifest or shard layout changes
+FORMAT = 2  # bump when the manifest or shard layout changes (2: the manifest carries its own checksum)
 MAGIC = b"SEKDRSKD"
 HEADER = struct.Struct("<8sHHIIIII")  # 32 bytes
 INDEX = np.dtype([("sid", "<u8"), ("offset", "<u8"), ("nbytes", "<u8"), ("n_pos", "<u4"), ("n_rec", "<u4")])
@@ -205,8 +206,25 @@ class Shard:
             raise CacheError(f"{self.path}: sample {sid}: ids not ascending within a position")
 
 
+def manifest_checksum(man: dict[str, Any]) -> str:
+    """sha256 of the manifest without its `checksum` key, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in man.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(root: Path, man: dict[str, Any]) -> dict[str, Any]:
+    """Seal the manifest with its checksum and write it atomically; returns it as written."""
+    from sekd.io import atomic_write_json
+
+    man = json.loads(json.dumps({k: v for k, v in man.items() if k != "checksum"}))  # as it will read back
+    man["checksum"] = manifest_checksum(man)
+    atomic_write_json(Path(root) / MANIFEST, man)
+    return man
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """manifest.json of a cache folder; one-line CacheError when it is missing or unreadable."""
+    """manifest.json of a cache folder; one-line CacheError when it is missing, unreadable, of another
+    format, or edited after it was written (its checksum no longer matches)."""
     mpath = Path(path) / MANIFEST
     if not mpath.exists():
         raise CacheError(f"{mpath}: no cache manifest (build one with `sekd-cache build`)")
@@ -214,16 +232,28 @@ def read_manifest(path: Path) -> dict[str, Any]:
         man = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{mpath}: unreadable manifest ({type(e).__name__})") from None
-    if man.get("format") != FORMAT:
-        raise CacheError(f"{mpath}: manifest format {man.get('format')!r}, this sekd reads {FORMAT}")
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        found = man.get("format") if isinstance(man, dict) else type(man).__name__
+        raise CacheError(f"{mpath}: manifest format {found!r}, this sekd reads {FORMAT} "
+                         f"(rebuild the cache with `sekd-cache build`)")
+    digest = manifest_checksum(man)
+    if man.get("checksum") != digest:
+        raise CacheError(f"{mpath}: manifest checksum mismatch: sha256 {digest[:16]}..., the manifest records "
+                         f"{str(man.get('checksum'))[:16]}... (edited after it was written; rebuild the cache)")
     return man
+
+
+# why a field differs, for the refusal's one line
+HINTS = {"data": " (the cache was built on other data: build it with the run's data settings)",
+         "seed": " (the draws follow the run's seed: build one cache per seed)"}
 
 
 def check_signature(mpath: Path, found: dict[str, Any], expect: dict[str, Any]) -> None:
     """Every key of `expect` must equal the cache's; the first that differs is named."""
     for key in sorted(expect):
         if key not in found or found[key] != expect[key]:
-            raise CacheError(f"{mpath}: signature mismatch: {key} expected {expect[key]!r}, found {found.get(key, '<missing>')!r}")
+            raise CacheError(f"{mpath}: signature mismatch: {key} expected {expect[key]!r}, "
+                             f"found {found.get(key, '<missing>')!r}{HINTS.get(key, '')}")
 
 
 class TeacherCache:
@@ -289,7 +319,9 @@ class TeacherCache:
             raise CacheError(f"{path}: checksum mismatch: sha256 {digest[:16]}..., {MANIFEST} says {self.entries[i]['sha256'][:16]}...")
 
     def verify(self) -> None:
-        """Every shard: checksum, header, index and every block decodable; raises CacheError on the first failure."""
+        """Every shard: checksum, header, index and every block decodable; then the signature's data and
+        sample count against the ids the shards hold. Raises CacheError on the first failure."""
+        ids: list[str] = []
         for i in range(self.num_shards):
             self.check_checksum(i)
             shard = self._shards.get(i) or Shard(self.root / shard_name(i, self.num_shards), self.signature)
@@ -301,6 +333,15 @@ class TeacherCache:
                                  f"{MANIFEST} says {(entry['samples'], entry['positions'], entry['records'])}")
             for j in range(len(shard)):
                 shard.check_block(j)
+            ids += shard.sample_ids()
+        mpath = self.root / MANIFEST
+        if self.signature.get("format") != FORMAT:
+            raise CacheError(f"{mpath}: signature format {self.signature.get('format')!r}, this sekd reads {FORMAT}")
+        if data_signature(ids) != self.signature.get("data"):
+            raise CacheError(f"{mpath}: signature data {self.signature.get('data')!r} is not the shards' samples "
+                             f"(their data signature is {data_signature(ids)!r})")
+        if len(ids) != self.manifest.get("samples"):
+            raise CacheError(f"{mpath}: the shards hold {len(ids)} samples, the manifest says {self.manifest.get('samples')}")
 
     def locate(self, sample_id: str) -> tuple[Shard, int]:
         s = shard_of(sample_id, self.num_shards)

@@ -23,3 +23,18 @@ def run_py(code: str, *args: str, timeout: int = 120, wait: bool = True):
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def edit_manifest(root: Path, edit, reseal: bool) -> None:
+    """Apply `edit` (a function of the manifest dict) to root/manifest.json. reseal=True recomputes its
+    checksum, as a builder's own write would (a consistent edit); False leaves it stale (plain tampering)."""
+    import json
+
+    from sekd.cache.store import MANIFEST, write_manifest
+
+    man = json.loads((root / MANIFEST).read_text())
+    edit(man)
+    if reseal:
+        write_manifest(root, man)
+    else:
+        (root / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")

@@ -8,7 +8,7 @@ import torch
 from sekd.cache.build import build_cache, worker_shards
 from sekd.cache.draws import rs_kd_draws, sample_generator, to_sparse
 from sekd.cache.store import MANIFEST, CacheError, TeacherCache, shard_name
-from tests.cache.helpers import BUILD, folder_bytes, run_py
+from tests.cache.helpers import BUILD, edit_manifest, folder_bytes, run_py
 
 # A builder in a subprocess: argv = teacher folder, data file, out, vocab, build options (json), shards (json).
 BUILDER = """
@@ -59,9 +59,7 @@ def test_partial_build_resumes_byte_identical(built, teacher, data, vocab, tmp_p
 
 def test_stale_or_corrupt_shards_are_rebuilt(built, teacher, data, vocab, cache_copy):
     """A shard written but never entered (killed between the two), and one that fails its checksum."""
-    man = json.loads((cache_copy / MANIFEST).read_text())
-    man["shards"] = [e for e in man["shards"] if e["index"] != 1]
-    (cache_copy / MANIFEST).write_text(json.dumps(man))
+    edit_manifest(cache_copy, lambda man: man.update(shards=[e for e in man["shards"] if e["index"] != 1]), reseal=True)
     (cache_copy / shard_name(1, 4)).write_bytes(b"half a shard")
     raw = bytearray((cache_copy / shard_name(3, 4)).read_bytes())
     raw[-1] ^= 1

@@ -1,4 +1,5 @@
-"""sekd/cache/cli.py: sekd-cache build (two workers) / verify / ls / stats on a tiny teacher folder, in subprocesses."""
+"""sekd/cache/cli.py: sekd-cache build (two workers) / verify / ls / stats on a tiny teacher folder, in subprocesses.
+The build takes sekd-train's overrides; verify refuses every tampering in one line."""
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from sekd.cache.store import MANIFEST, TeacherCache, shard_name
-from tests.cache.helpers import ROOT
+from tests.cache.helpers import ROOT, edit_manifest
 
 
 def sekd_cache(*args: str) -> subprocess.CompletedProcess:
@@ -21,12 +22,13 @@ def cli_cache(teacher_dir, tmp_path_factory):
     """Built by two workers, one after the other; returns (out, the first worker's results)."""
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "cache"
-    base = ["build", "--teacher", str(teacher_dir), "--data", "embedded", "--split", "train", "--seq-len", "32",
-            "--token-budget", "640", "--out", str(out), "--cache", str(tmp / "harness"), "--n-draws", "16",
-            "--num-shards", "2", "--num-workers", "2", "--device", "cpu", "--threads", "1", "--quiet"]
-    first = sekd_cache(*base, "--worker", "0")
+    base = ["build", "--out", str(out), "--num-shards", "2", "--num-workers", "2", "--quiet"]
+    run = [f"model.source=pretrained", f"model.teacher={teacher_dir}", f"model.student={teacher_dir}",
+           "data.seq_len=32", "data.token_budget=640", f"paths.cache={tmp / 'harness'}", "classes.options.n_draws=16",
+           "train.device=cpu", "train.threads=1", "seed=5"]
+    first = sekd_cache(*base, "--worker", "0", *run)
     half_verify = sekd_cache("verify", str(out))
-    second = sekd_cache(*base, "--worker", "1")
+    second = sekd_cache(*base, "--worker", "1", *run)
     assert second.returncode == 0, second.stderr
     return out, first, half_verify, second
 
@@ -46,7 +48,7 @@ def test_build_by_two_workers(cli_cache, teacher_dir):
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     assert sig["tokenizer"] == tokenizer_signature(tok) and sig["vocab_size"] == len(tok)
     assert sig["teacher"] == model_signature(str(teacher_dir))  # what training checks the cache against
-    assert sig["n_draws"] == 16 and sig["seq_len"] == 32
+    assert sig["n_draws"] == 16 and sig["seq_len"] == 32 and sig["seed"] == 5  # the run's keys
     cache = TeacherCache.open(out, expect={"tokenizer": tokenizer_signature(tok), "n_draws": 16}, verify=True)
     assert cache.stats()["samples"] == 20  # 640 tokens / 32
 
@@ -93,3 +95,42 @@ def test_stats(cli_cache):
 def test_stats_and_verify_refuse_missing_folder(tmp_path):
     res = sekd_cache("stats", str(tmp_path))
     assert res.returncode == 1 and MANIFEST in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_build_refuses_a_bad_override_in_one_line(tmp_path):
+    res = sekd_cache("build", "--out", str(tmp_path / "c"), "--quiet", "train.temperature=0")
+    assert res.returncode == 2 and not (tmp_path / "c").exists()
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sekd-cache build: config error:") and "train.temperature" in lines[0]
+
+
+TAMPER = {  # signature field -> an edited value
+    "teacher": "another-teacher", "temperature": 2.0, "seed": 7, "data": "0123456789abcdef", "n_draws": 12,
+    "vocab_size": 299,
+}
+
+
+@pytest.mark.parametrize("key", sorted(TAMPER))
+def test_verify_refuses_an_edited_signature(cli_cache, tmp_path, key):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cli_cache[0], bad)
+    edit_manifest(bad, lambda man: man["signature"].update({key: TAMPER[key]}), reseal=False)
+    res = sekd_cache("verify", str(bad))
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad / MANIFEST) in lines[0] and "checksum mismatch" in lines[0]
+
+
+def test_verify_refuses_a_flipped_manifest_byte(cli_cache, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cli_cache[0], bad)
+    raw = bytearray((bad / MANIFEST).read_bytes())
+    raw[raw.index(b'"temperature": ') + len(b'"temperature": ')] ^= 0x02  # 1.0 -> 3.0
+    (bad / MANIFEST).write_bytes(bytes(raw))
+    res = sekd_cache("verify", str(bad))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and str(bad / MANIFEST) in lines[0] and "checksum" in lines[0]

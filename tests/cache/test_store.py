@@ -8,7 +8,7 @@ import torch
 from sekd.cache.draws import rs_kd_draws, sample_generator, to_sparse
 from sekd.cache.store import (MANIFEST, PAPER_TABLE6_TB, CacheError, TeacherCache, shard_name, shard_of,
                               storage_markdown, storage_rows)
-from tests.cache.helpers import BUILD
+from tests.cache.helpers import BUILD, edit_manifest
 
 N = BUILD["n_draws"]
 
@@ -112,9 +112,8 @@ def test_truncated_shard_with_matching_manifest_refused(cache_copy):
 
     path = cache_copy / shard_name(2, 4)
     path.write_bytes(path.read_bytes()[:-3])
-    man = json.loads((cache_copy / MANIFEST).read_text())
-    man["shards"][2].update(bytes=path.stat().st_size, sha256=file_sha256(path))
-    (cache_copy / MANIFEST).write_text(json.dumps(man))
+    edit_manifest(cache_copy, lambda man: man["shards"][2].update(bytes=path.stat().st_size, sha256=file_sha256(path)),
+                  reseal=True)
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy, verify=True)
     one_line_error(e, path, "truncated")
@@ -131,18 +130,15 @@ def test_signature_mismatch_refused(built):
 
 
 def test_changed_manifest_signature_refused(cache_copy):
-    man = json.loads((cache_copy / MANIFEST).read_text())
-    man["signature"]["temperature"] = 2.0
-    (cache_copy / MANIFEST).write_text(json.dumps(man))
+    """Resealed (checksum recomputed), the edit still differs from what the run expects."""
+    edit_manifest(cache_copy, lambda man: man["signature"].update(temperature=2.0), reseal=True)
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy, expect={"temperature": 1.0})
-    one_line_error(e, cache_copy / MANIFEST, "temperature")
+    one_line_error(e, cache_copy / MANIFEST, "temperature", "1.0", "2.0")
 
 
 def test_missing_shard_refused(cache_copy):
-    man = json.loads((cache_copy / MANIFEST).read_text())
-    man["shards"] = [s for s in man["shards"] if s["index"] != 3]
-    (cache_copy / MANIFEST).write_text(json.dumps(man))
+    edit_manifest(cache_copy, lambda man: man.update(shards=[s for s in man["shards"] if s["index"] != 3]), reseal=True)
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy)
     one_line_error(e, cache_copy / shard_name(3, 4), "missing shard")
@@ -198,3 +194,70 @@ def test_storage_markdown_with_measured(built):
     assert md.splitlines()[0].startswith("| Storage |") and "this cache" in md and len(md.splitlines()) == 2 + 8
     measured = {r["key"]: r for r in rows}["measured_records"]
     assert measured["bytes_per_position"] < 3 * N and measured["tb"] == pytest.approx(measured["bytes_per_position"] * 0.1)
+
+
+# ---------------------------------------------------------------- the manifest refuses every edit
+
+EDITS = {  # signature field -> an edited value (each changes the draws the cache claims to hold)
+    "teacher": "another-teacher", "tokenizer": "another-tokenizer", "vocab_size": 299, "temperature": 2.0,
+    "n_draws": 12, "seed": 7, "data": "0123456789abcdef", "format": 1,
+}
+
+
+@pytest.mark.parametrize("key", sorted(EDITS))
+def test_an_edited_signature_fails_the_manifest_checksum(cache_copy, key):
+    """Edited by hand (checksum left as written): refused on open and by verify, naming the manifest."""
+    edit_manifest(cache_copy, lambda man: man["signature"].update({key: EDITS[key]}), reseal=False)
+    for kwargs in ({}, {"verify": True}):
+        with pytest.raises(CacheError) as e:
+            TeacherCache.open(cache_copy, **kwargs)
+        one_line_error(e, cache_copy / MANIFEST, "checksum mismatch")
+
+
+@pytest.mark.parametrize("key", sorted(EDITS))
+def test_a_resealed_signature_edit_is_named_with_expected_and_found(cache_copy, key):
+    """Even with the checksum recomputed, a run's expectation names the field, expected vs found."""
+    sig = json.loads((cache_copy / MANIFEST).read_text())["signature"]
+    edit_manifest(cache_copy, lambda man: man["signature"].update({key: EDITS[key]}), reseal=True)
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(cache_copy, expect={key: sig[key]})
+    one_line_error(e, cache_copy / MANIFEST, f"{key} expected {sig[key]!r}, found {EDITS[key]!r}")
+
+
+@pytest.mark.parametrize("key,what", [("data", "not the shards' samples"), ("n_draws", "header n_draws"),
+                                      ("vocab_size", "header vocab_size")])
+def test_verify_sees_a_resealed_edit_the_shards_contradict(cache_copy, key, what):
+    edit_manifest(cache_copy, lambda man: man["signature"].update({key: EDITS[key]}), reseal=True)
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(cache_copy, verify=True)
+    one_line_error(e, what)
+
+
+def test_a_flipped_manifest_byte_is_refused(cache_copy):
+    raw = (cache_copy / MANIFEST).read_bytes()
+    at = raw.index(b'"records": ') + len(b'"records": ')  # a digit: still valid JSON, another count
+    flipped = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+    (cache_copy / MANIFEST).write_bytes(flipped)
+    json.loads(flipped)  # the edit is not a syntax error: only the checksum sees it
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(cache_copy)
+    one_line_error(e, cache_copy / MANIFEST, "checksum mismatch")
+
+
+def test_a_cache_of_the_previous_format_is_refused(cache_copy):
+    """Caches written before the manifest carried a checksum (format 1) are refused by their format."""
+    def to_format_1(man):
+        man.pop("checksum", None)
+        man["format"] = man["signature"]["format"] = 1
+
+    edit_manifest(cache_copy, to_format_1, reseal=False)
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(cache_copy)
+    one_line_error(e, cache_copy / MANIFEST, "manifest format 1", "reads 2")
+
+
+def test_the_built_manifest_is_sealed(built):
+    from sekd.cache.store import manifest_checksum
+
+    man = json.loads((built / MANIFEST).read_text())
+    assert man["checksum"] == manifest_checksum(man) and len(man["checksum"]) == 64
