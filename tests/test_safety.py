@@ -130,5 +130,36 @@ def test_hashes_still_read_the_resolved_values(monkeypatch):
     tree.pop("hydra", None)
     assert config_hash(cfg) == _hash(tree) and resolved(cfg)["preset"] == "p-abc"
     assert resolved(cfg, keep_env=True)["preset"] == "p-${oc.env:SEKD_TEST_LABEL}"
-    monkeypatch.setenv("SEKD_TEST_LABEL", "xyz")
-    assert train_hash(compose_cfg(["preset=p-${oc.env:SEKD_TEST_LABEL}"])) != train_hash(cfg)
+    lr = ["train.lr=${oc.env:SEKD_TEST_LR}"]
+    monkeypatch.setenv("SEKD_TEST_LR", "0.002")
+    before = train_hash(compose_cfg(lr))
+    monkeypatch.setenv("SEKD_TEST_LR", "0.5")
+    assert train_hash(compose_cfg(lr)) != before
+
+
+def test_the_folder_lock_is_exclusive_and_leaves_no_file(tmp_path):
+    """Holders never overlap, though each release deletes the file others wait on (they retry on the
+    new one), and nothing is left afterwards."""
+    import threading
+    import time
+
+    from sekd.io import folder_lock
+
+    path, inside, overlaps, done = tmp_path / ".train.lock", [], [], []
+
+    def hold(i: int) -> None:
+        for _ in range(20):
+            with folder_lock(path):
+                inside.append(i)
+                if len(inside) > 1:
+                    overlaps.append(list(inside))
+                time.sleep(0.0005)
+                inside.remove(i)
+        done.append(i)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(done) == 6 and overlaps == [] and not path.exists()
