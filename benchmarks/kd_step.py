@@ -292,7 +292,13 @@ def main(argv=None) -> list[dict]:
     shape = SHAPES[args.shape]
     info = machine(args.device or shape.device)  # load average before we add to it
     args.batch, args.seq = args.batch or shape.batch, args.seq or shape.seq
+    asked = args.device
     args.device, args.dtype = args.device or shape.device, args.dtype or shape.dtype
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        given = f"--device {asked}" if asked else f"--shape {args.shape} (a GPU shape)"
+        print(f"kd_step: {given} needs CUDA, but this machine has no CUDA device; run it on a GPU machine, "
+              "or pass --device cpu (and a smaller --batch/--seq) to run it here", file=sys.stderr)
+        sys.exit(2)
     args.chunk_size = args.chunk_size or auto_chunk_size(shape.vocab, torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -156,7 +156,7 @@ def validate(cfg: DictConfig) -> None:
         _positive("data.max_samples", d.max_samples, integer=True)
     try:
         (check_qa_source if is_task_data(cfg) else check_source)(d.name, source_options(cfg))
-    except (RegistryError, FileNotFoundError, ValueError) as err:
+    except (RegistryError, OSError, ValueError) as err:  # DataError, or a data file that cannot be read
         raise ConfigError(str(err)) from None
 
     p = cfg.position

@@ -1,10 +1,11 @@
 """Teacher and student: where they come from, that they share a tokenizer, and loading them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sekd.config import ConfigError
 
@@ -39,14 +40,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remote_code: bool = False):
     """Teacher and student must share the tokenizer (docs/method.md §1); returns it. Cheap: no weights load."""
-    tok = load_tokenizer(tokenizer, trust_remote_code)
+    tok = _tokenizer_of("model.tokenizer" if tokenizer not in (teacher, student) else "model.student",
+                        tokenizer, trust_remote_code)
     for key, path in (("model.teacher", teacher), ("model.student", student)):
         if path == tokenizer:
             continue
-        try:
-            other = load_tokenizer(path, trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{key}={path!r}: cannot load its tokenizer ({type(err).__name__})") from None
+        other = _tokenizer_of(key, path, trust_remote_code)
         if other.get_vocab() != tok.get_vocab():
             diff = len(set(other.get_vocab().items()) ^ set(tok.get_vocab().items()))
             raise ConfigError(f"{key}={path!r}: its tokenizer differs from {tokenizer!r} "
@@ -54,12 +53,68 @@ def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remot
     return tok
 
 
-def pick_device(name: str) -> torch.device:
+def _tokenizer_of(key: str, path: str, trust_remote_code: bool):
+    try:
+        return load_tokenizer(path, trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # no tokenizer files, or files transformers cannot read
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ConfigError(f"{key}={path!r}: cannot load its tokenizer ({type(err).__name__}: {first})") from None
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device for `<key>=name` (auto: CUDA when there is one); cuda without CUDA is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; choose one of: auto, cpu")
+        raise ConfigError(f"{key}=cuda but this machine has no CUDA device (torch.cuda.is_available() is False); "
+                          "choose one of: auto, cpu")
     return torch.device(name)
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """What this machine must offer the run, checked before anything loads: CUDA where a device key asks
+    for it, and every pretrained model and tokenizer on local disk when the hub is offline. Raises
+    ConfigError. (A sweep's submitting host checks this only for local launchers: a Slurm job's node
+    may have the GPU the login node lacks; the job checks again.)"""
+    train = cfg.mode == "distill" and cfg.stage != "score"
+    score = cfg.eval.suite != "none" and cfg.stage != "train"
+    for key, used in (("train.device", train), ("eval.device", score)):
+        if used:
+            pick_device(str(OmegaConf.select(cfg, key)), key)
+    m = cfg.model
+    if m.source == "pretrained":
+        wanted = {"model.teacher": m.teacher, "model.student": m.student}
+        if m.get("tokenizer"):
+            wanted["model.tokenizer"] = m.tokenizer
+        for key, name in wanted.items():
+            check_on_disk(key, str(name), tokenizer_only=key == "model.tokenizer")
+
+
+def check_on_disk(key: str, name: str, *, tokenizer_only: bool = False) -> None:
+    """A model named by `key` is a local folder, or a hub name; offline, the hub name must be in the
+    local Hugging Face cache. Downloads nothing."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    need = "tokenizer_config.json" if tokenizer_only else "config.json"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = ("tokenizer_config.json", "tokenizer.json") if tokenizer_only else ("config.json",)
+        if not any((folder / f).is_file() for f in files):
+            raise ConfigError(f"{key}={name!r} is a folder without {' or '.join(files)}: not a Hugging Face "
+                              f"{'tokenizer' if tokenizer_only else 'model'} folder")
+        return
+    if name.startswith(("/", ".", "~")) or folder.exists():
+        raise ConfigError(f"{key}={name!r}: no such folder")
+    try:
+        cached = try_to_load_from_cache(name, need)
+    except HFValidationError:
+        raise ConfigError(f"{key}={name!r} is neither a local folder nor a hub name (owner/name)") from None
+    if is_offline_mode() and not isinstance(cached, str):
+        var = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)), "HF_HUB_OFFLINE")
+        raise ConfigError(f"{key}={name!r} is not on local disk and the hub is offline ({var}="
+                          f"{os.environ.get(var, '1')}): download it on a connected machine "
+                          f"(`hf download {name}`, into this machine's HF_HOME) or set {key} to a local folder")
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -26,7 +26,7 @@ class RunDir:
         self.path = run_dir(cfg)
         self.scores = scores_dir(cfg)
         self.hash = config_hash(cfg)
-        self.path.mkdir(parents=True, exist_ok=True)  # the scores folder is made when scoring starts
+        # nothing is created yet: write_config makes the folders once the run's checks have passed
 
     record = property(lambda self: self.scores / "record.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
@@ -44,7 +44,7 @@ class RunDir:
         return (self.model / "config.json").exists() and self.train_stats.exists()
 
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
-        """The full config (eval included) beside the record it produces."""
+        """The full config (eval included) beside the record it produces; creates the run's folders."""
         self.scores.mkdir(parents=True, exist_ok=True)
         recorded = resolved(cfg, keep_env=True)  # ${oc.env:...} values stay text: no token lands in a file
         atomic_write_text(self.scores / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded)))

@@ -31,7 +31,25 @@ def fail(err: Exception) -> None:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise err
     print(f"sekd: config error: {err}", file=sys.stderr)
+    _remove_empty_run_log()
     sys.exit(2)
+
+
+def _remove_empty_run_log() -> None:
+    """A refused run leaves nothing behind: Hydra made its output folder (hydra.run.dir, under
+    <paths.root>/hydra/) and an empty train.log before the job started; remove them while empty."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    for log in out.glob("*.log"):
+        if log.stat().st_size == 0:
+            log.unlink()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        if out.parent.name == "hydra" and not any(out.parent.iterdir()):
+            out.parent.rmdir()
 
 
 def build_selector(cfg: DictConfig):
@@ -283,7 +301,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         validate(cfg)
     except ConfigError as err:
         fail(err)
-    from sekd.models import check_same_tokenizer, resolve_pair
+    from sekd.models import check_environment, check_same_tokenizer, resolve_pair
     from sekd.config import run_dir
     from sekd.run import RunDir, git_commit, is_finished
     from sekd.tracking import Tracker
@@ -296,13 +314,16 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
         fail(ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
                          "(or stage=all) first"))
+    try:
+        check_environment(cfg)  # CUDA, and models on local disk when offline: before anything loads
+    except ConfigError as err:
+        fail(err)
     threads = job_threads(cfg)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     t0 = time.time()
-    run.write_config(cfg, overrides or [])
     try:
         check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
     except ConfigError as err:
@@ -321,6 +342,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
                 raise ConfigError(f"classes.cache: {err}") from None
     except ConfigError as err:
         fail(err)
+    run.write_config(cfg, overrides or [])  # the run's folder appears only once every check has passed
 
     tracker = Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg, keep_env=True),
                       project=cfg.logging.project, entity=cfg.logging.entity,
@@ -366,7 +388,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
             from sekd.evaluation.suites import GSM8K_HELD_OUT
             from sekd.models import pick_device
 
-            device = pick_device(cfg.eval.device)
+            device = pick_device(cfg.eval.device, "eval.device")
             run.scores.mkdir(parents=True, exist_ok=True)
             metrics = score_checkpoint(scored, run.scores, suite=cfg.eval.suite, split=cfg.eval.split,
                                        cache_dir=Path(cfg.paths.cache) / "eval", batch_size=cfg.eval.batch_size,

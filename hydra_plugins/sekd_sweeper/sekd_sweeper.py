@@ -4,11 +4,14 @@ Before the launcher (local, or Slurm through submitit) sees a job, each cell's c
 and validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before
 anything is submitted; and cells that have nothing left to do for their stage (record.json exists,
 or the trained model for stage=train) are dropped, so re-running a finished sweep submits nothing
-and says so. A cell that died midway is resubmitted and resumes from its checkpoint.
+and says so. A cell that died midway is resubmitted and resumes from its checkpoint. With a local
+launcher each cell's environment is checked too (CUDA, models on local disk); with Slurm, that
+`sbatch` exists.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,11 @@ class SekdSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.skip_finished = skip_finished
 
+    def on_slurm(self) -> bool:
+        """Whether the launcher submits to Slurm (submitit's SlurmLauncher): jobs run on other nodes."""
+        assert self.config is not None
+        return str(self.config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
+
     def cells(self, arguments: List[str]) -> List[List[str]]:
         """Every cell of the grid, as its list of overrides (sweeper params first, then the command line)."""
         assert self.hydra_context is not None
@@ -38,6 +46,7 @@ class SekdSweeper(BasicSweeper):
     def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str]]:
         """(cells to run, lines for cells already finished, one-line errors); composes each cell once."""
         from sekd.config import ConfigError, validate
+        from sekd.models import check_environment
         from sekd.run import is_finished, run_dir
 
         assert self.hydra_context is not None and self.config is not None
@@ -61,8 +70,14 @@ class SekdSweeper(BasicSweeper):
                 continue
             if self.skip_finished and is_finished(cfg):
                 finished.append(f"{where} -> {run_dir(cfg)}")
-            else:
-                todo.append(cell)
+                continue
+            if not self.on_slurm():  # the job runs on this machine: it must have what the job needs
+                try:
+                    check_environment(cfg)
+                except ConfigError as err:
+                    errors.append(f"cell [{where}]: {err}")
+                    continue
+            todo.append(cell)
         return todo, finished, errors
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -82,6 +97,11 @@ class SekdSweeper(BasicSweeper):
         if not todo:
             print("sekd: nothing to do; every cell of this sweep is finished (force=true redoes them)")
             return []
+        if self.on_slurm() and shutil.which("sbatch") is None:
+            print("sekd: config error: hydra/launcher=slurm submits with sbatch, which is not on this machine's PATH; "
+                  "run the sweep on a Slurm login node, start the local cluster (scripts/slurm-local.sh install), "
+                  "or use hydra/launcher=local", file=sys.stderr)
+            sys.exit(2)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

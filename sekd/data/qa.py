@@ -25,7 +25,8 @@ from torch import Tensor
 from sekd.data import arith, qa_format
 from sekd.data.dataset import separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, _jsonl_file, jsonl_records
+from sekd.data.sources import (SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file,
+                               jsonl_records)
 from sekd.io import atomic_write_json
 from sekd.registry import Registry, RegistryError
 
@@ -104,7 +105,8 @@ def _qa_file(split: str, files: dict[str, Any]) -> Path:
 
 
 def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
-    """Validate a task source's options without reading data: unknown names and keys, missing files."""
+    """Validate a task source's options: unknown names and keys, missing or malformed local files
+    (read through; nothing is downloaded)."""
     try:
         QA_SOURCES.check_kwargs(name, opts, key=key)
     except RegistryError as e:
@@ -116,8 +118,8 @@ def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
                             "held out as validation; 0 trains on all)")
         files = {k: opts.get(k) for k in FILE_KEYS}
         for k, v in files.items():
-            if v:
-                _qa_file(k.removesuffix("_file"), files)
+            if v:  # every record of every file given, read now: a bad line stops the run before models load
+                check_jsonl_file(_qa_file(k.removesuffix("_file"), files), FIELDS)
         path = str(opts.get("path", GSM8K))
         looks_local = path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
         if not any(files.values()) and looks_local and not Path(path).expanduser().is_dir():

@@ -1,10 +1,12 @@
 """Text sources by short name: each yields the document strings of one split (train/validation/test).
 
 Options come from the `data` config group; errors name the config key (`data.train_file`) or the
-file and line, in one line. `check_source` validates options cheaply, before anything downloads.
+file and line, in one line. `check_source` validates options and reads local files through, before
+any model loads or anything downloads.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -53,9 +55,16 @@ def jsonl(
 
 def jsonl_records(path: Path, fields: tuple[str, ...], hint: str = "") -> Iterator[dict[str, Any]]:
     """The JSON objects of a JSON-lines file (blank lines skipped), each checked to hold every one of
-    `fields` as a string; a bad line raises DataError naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    `fields` as a string; a bad line (not UTF-8, not JSON, a missing or non-string field) or a file
+    without any record raises DataError naming file:line."""
+    n = 0
+    with open(path, "rb") as f:  # bytes, so a non-UTF-8 line is reported with its number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({where})") from None
             if not line.strip():
                 continue
             try:
@@ -70,7 +79,23 @@ def jsonl_records(path: Path, fields: tuple[str, ...], hint: str = "") -> Iterat
                 if not isinstance(record[field], str):
                     raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, "
                                     "not a string")
+            n += 1
             yield record
+    if not n:
+        raise DataError(f"{path}: holds no records (the file is empty or blank)")
+
+
+def check_jsonl_file(path: Path, fields: tuple[str, ...], hint: str = "") -> None:
+    """Read every record of `path` now (validation), so a bad line stops the run before any model
+    loads; remembered per file size and mtime, so a sweep's cells read each file once."""
+    st = Path(path).stat()
+    _checked_jsonl(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tuple(fields), hint, str(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_jsonl(resolved: str, size: int, mtime_ns: int, fields: tuple[str, ...], hint: str, shown: str) -> None:
+    for _ in jsonl_records(Path(shown), fields, hint):
+        pass
 
 
 def _jsonl_file(split: str, files: dict[str, str | None],
@@ -132,14 +157,15 @@ def heldout_split(key: str, fraction: float) -> str:
 
 
 def check_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
-    """Validate a source's options without reading data: unknown names, unknown keys, missing files."""
+    """Validate a source's options: unknown names, unknown keys, missing or malformed local files
+    (every line of a jsonl file is read; nothing is downloaded)."""
     SOURCES.check_kwargs(name, opts, key=key)  # also raises, listing known sources, on a bad name
     if name == "jsonl":
         files = {k: opts.get(k) for k in ("train_file", "validation_file", "test_file")}
-        _jsonl_file("train", files)  # the train file is required
-        for split in ("validation", "test"):
-            if files[f"{split}_file"]:
-                _jsonl_file(split, files)
+        field = str(opts.get("text_field", "text"))
+        for split in SPLITS:  # the train file is required; every file given is read through
+            if split == "train" or files[f"{split}_file"]:
+                check_jsonl_file(_jsonl_file(split, files), (field,), hint=f" ({key}.text_field)")
     if name == "fineweb_edu":
         frac = opts.get("heldout_fraction", 0.001)
         if not 0 < frac < 1:

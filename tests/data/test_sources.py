@@ -140,3 +140,22 @@ def test_fineweb_streams_and_packing_stops_early(fineweb_dir, tokenizer):
     assert d.input_ids.shape == (20, 32)
     assert 0 < len(pulled) < 100  # of ~400 documents in the stream
     assert (d.labels == tokenizer.eos_token_id).any() and (d.labels == -100).any()
+
+
+def test_check_source_reads_every_line_and_sees_a_fixed_file(tmp_path):
+    """Validation reads the file through (a bad last line stops the run up front); the reading is
+    remembered per size and mtime, so a file the user fixes is read again."""
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(50)]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(lines + ["{oops"]) + "\n")
+    with pytest.raises(DataError) as e:
+        check_source("jsonl", {"train_file": str(f)})
+    assert one_line(e) == f"{f}:51: not valid JSON (Expecting property name enclosed in double quotes)"
+    with pytest.raises(DataError, match=r"v.jsonl: holds no records"):
+        (tmp_path / "v.jsonl").write_text("\n\n")
+        check_source("jsonl", {"train_file": str(tmp_path / "v.jsonl")})
+    f.write_text("\n".join(lines) + "\n")
+    check_source("jsonl", {"train_file": str(f)})
+    f.write_bytes(f.read_bytes() + b'{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"t.jsonl:51: not UTF-8 \(byte 0xff at column 11\)"):
+        check_source("jsonl", {"train_file": str(f)})
