@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from sekd.cache import format as fmt
 from sekd.cache.draws import rs_kd_draws, sample_generator
-from sekd.cache.store import (FORMAT, IGNORE, MANIFEST, check_signature, data_signature, encode_block,
+from sekd.cache.store import (FORMAT, MANIFEST, check_signature, data_signature, encode_block,
                               encode_shard, file_sha256, read_manifest, shard_name, shard_of, write_manifest)
 from sekd.data.packing import PackedData
 from sekd.io import atomic_write_bytes
+from sekd.tensors import IGNORE
 
 
 def worker_shards(num_shards: int, worker_index: int, num_workers: int) -> list[int]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sekd.cache import format as fmt
+from sekd.tensors import IGNORE
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,7 +40,6 @@ MAGIC = b"SEKDRSKD"
 HEADER = struct.Struct("<8sHHIIIII")  # 32 bytes
 INDEX = np.dtype([("sid", "<u8"), ("offset", "<u8"), ("nbytes", "<u8"), ("n_pos", "<u4"), ("n_rec", "<u4")])
 MANIFEST = "manifest.json"
-IGNORE = -100
 
 
 class CacheError(ValueError):

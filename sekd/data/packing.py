@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from sekd.io import atomic_torch_save
+from sekd.tensors import IGNORE
 
-IGNORE = -100  # the same value as sekd.kd.objective.IGNORE; kept here so data does not import kd
 FORMAT = 1  # bump when the saved layout changes
 
 

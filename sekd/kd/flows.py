@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sekd.kd.objective import IGNORE, Selector, StepOut, token_ce, upcast
+from sekd.kd.objective import Selector, StepOut, token_ce
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget, sparse_forward_kl
 from sekd.selection.criteria import atkd, dkd, forward_kl, hard_mask, nckd, reverse_kl, tckd, weighted, weighted_scale
+from sekd.tensors import IGNORE, upcast
 
 POINTWISE = (forward_kl, reverse_kl, dkd)  # D_t depends on position t alone: any chunking is exact
 

@@ -20,8 +20,7 @@ from torch import Tensor
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget, sparse_forward_kl
 from sekd.selection.policies import Draws
-
-IGNORE = -100
+from sekd.tensors import IGNORE, upcast
 
 
 @dataclass
@@ -54,11 +53,6 @@ class StepOut:
     draws: Draws
     u: Tensor | None  # [B,T] scores, -inf where invalid
     metrics: dict[str, float]
-
-
-def upcast(x: Tensor) -> Tensor:
-    """Losses in at least float32 (float64 stays float64, for the reference tests)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-IGNORE = -100
+from sekd.tensors import IGNORE
 
 
 @dataclass

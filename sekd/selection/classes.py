@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sekd.registry import Registry, at_least
+from sekd.tensors import upcast
 
 CLASSES = Registry("class selector", call_time=("temperature", "generator"))
 
@@ -38,7 +39,7 @@ class SparseTarget:
 
 def sparse_forward_kl(s: Tensor, target: SparseTarget, temperature: float = 1.0) -> Tensor:
     """sum_{v in C_t} p~(v) (log p~(v) - log q_t(v)), q_t the full-vocabulary softmax.  [N,V] -> [N]"""
-    s = s if s.dtype in (torch.float32, torch.float64) else s.float()
+    s = upcast(s)
     logq = torch.log_softmax(s / temperature, dim=-1).gather(1, target.ids)  # [N,K]
     p = target.probs.to(logq.dtype).masked_fill(~target.mask, 0.0)
     logp = torch.where(target.mask, p.clamp_min(1e-30).log(), torch.zeros_like(p))
@@ -78,7 +79,7 @@ def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=N
 @CLASSES.register("top_k_truncation", options=TruncationOptions)
 def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
-    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    t = upcast(t)
     vals, ids = (t / temperature).topk(min(top, t.shape[-1]), dim=-1)
     return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
 

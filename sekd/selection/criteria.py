@@ -18,18 +18,14 @@ import torch
 from torch import Tensor
 
 from sekd.registry import NoOptions, OptionError, Registry, at_least, in_range
+from sekd.tensors import upcast
 
 CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
 
 
-def _up(z: Tensor) -> Tensor:
-    """At least float32 (float64 stays float64, for the reference tests)."""
-    return z if z.dtype in (torch.float32, torch.float64) else z.float()
-
-
 def _log_softmax(z: Tensor, temperature: float) -> Tensor:
     """log softmax(z / T) in at least float32.  [N,V] -> [N,V]"""
-    return torch.log_softmax(_up(z) / temperature, dim=-1)
+    return torch.log_softmax(upcast(z) / temperature, dim=-1)
 
 
 def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
