@@ -1,0 +1,89 @@
+"""Run folders and records are named by `config_hash`, `train_hash` and `eval_hash`: a refactor of the config
+must not move them. tests/fixtures/config_hashes.json holds today's hashes of every preset (alone, and under
+each profile) and of every cell of every sweep under each profile, plus a few common overrides; this test
+composes each again and compares. Regenerate the fixture ONLY for a deliberate, documented hash migration:
+    python -m tests.test_config_hashes --write
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sekd.config import config_hash, eval_hash, train_hash
+from tests.helpers import CONF, PRESETS, ROOT
+from tests.test_sweeps import NAMES, SWEEPS, grid
+
+FIXTURE = ROOT / "tests" / "fixtures" / "config_hashes.json"
+PROFILES = ("embedded", "paper")
+SEARCH = f"hydra.searchpath=[file://{CONF}]"
+# Overrides users commonly give beside a preset: other data sources, regimes, criteria, class samplers.
+EXTRA = [["data=arith"], ["data=gsm8k"], ["data=fineweb_edu"], ["data=gsm8k", "data.train_file=x.jsonl"],
+         ["regime=on_policy", "data=arith"], ["regime=on_policy", "data=gsm8k", "regime.mix=0.5"],
+         ["criterion=dkd"], ["criterion=atkd"], ["criterion=weighted", "position=top_k"],
+         ["classes=top_k_truncation"], ["classes=rs_kd", "classes.cache=auto"], ["position=gls"],
+         ["position=curriculum"], ["position=pos_rs", "position.options.tau=2.0"], ["samples=kl"],
+         ["model=tiny"], ["model=qwen3_8b_to_1.7b"], ["train=paper"], ["eval=paper"], ["eval=validation"],
+         ["eval=none"], ["eval=task"], ["logging=disabled"], ["train.lr=0.5", "seed=7"], ["stage=train"],
+         ["mode=score_student"], ["train.steps=3", "eval.limit=5"], ["data.token_budget=1000"]]
+
+
+def cases() -> dict[str, tuple[str, list[str]]]:
+    """id -> (config name in conf/ or sweeps/, overrides)."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for preset in PRESETS:
+        out[f"config experiment={preset}"] = ("config", [f"experiment={preset}"])
+        for profile in PROFILES:  # a preset under a profile: through a sweep file, which selects the profile
+            out[f"t4 profile={profile} experiment={preset}"] = ("t4", [f"profile={profile}", f"experiment={preset}"])
+    for extra in EXTRA:
+        out["config " + " ".join(extra)] = ("config", extra)
+    for name in NAMES:
+        for profile in PROFILES:
+            for cell in grid(name):
+                overrides = [f"profile={profile}", *cell]
+                out[f"{name} " + " ".join(overrides)] = (name, overrides)
+    return out
+
+
+def all_hashes() -> dict[str, dict[str, str]]:
+    """id -> its three hashes. A seed is a plain value: each cell is composed once and its seeds set on it."""
+    by_config: dict[tuple, dict[str, int | None]] = {}
+    for case, (name, overrides) in cases().items():
+        seeds = [int(o.removeprefix("seed=")) for o in overrides if o.startswith("seed=")]
+        rest = tuple(o for o in overrides if not o.startswith("seed="))
+        by_config.setdefault((name, rest), {})[case] = seeds[0] if seeds else None
+    out = {}
+    for (name, rest), seeded in by_config.items():
+        where = CONF if name == "config" else SWEEPS
+        with initialize_config_dir(config_dir=str(where), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=[*([] if name == "config" else [SEARCH]), *rest])
+        default_seed = cfg.seed
+        for case, seed in seeded.items():
+            cfg.seed = default_seed if seed is None else seed
+            out[case] = {"config_hash": config_hash(cfg), "train_hash": train_hash(cfg), "eval_hash": eval_hash(cfg)}
+    return out
+
+
+def test_the_fixture_covers_every_preset_and_sweep_cell():
+    assert set(json.loads(FIXTURE.read_text())) == set(cases())
+
+
+def test_every_hash_is_what_it_was():
+    expected, now = json.loads(FIXTURE.read_text()), all_hashes()
+    changed = [f"{case}: {now[case]} != {expected[case]}" for case in expected if now.get(case) != expected[case]]
+    assert not changed, f"{len(changed)} of {len(expected)} hashes moved, e.g. {changed[:3]}"
+
+
+def write() -> None:
+    FIXTURE.parent.mkdir(exist_ok=True)
+    table = all_hashes()
+    FIXTURE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"{len(table)} cases -> {FIXTURE}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(pytest.main([__file__, "-q"]))
+    write()
