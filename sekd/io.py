@@ -5,7 +5,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -108,23 +107,3 @@ def folder_lock(path: Path) -> Iterator[None]:
         path.unlink(missing_ok=True)  # while still held: a waiter on this file sees it gone and retries
         os.close(fd)
 
-
-def atomic_folder(folder: Path, fill) -> Path:
-    """Create `folder` whole or not at all: `fill(tmp)` writes into a temporary sibling that is then
-    renamed into place. If another process renamed its copy first, that copy is kept (same content:
-    callers name folders by a hash of what goes in). Returns `folder`."""
-    folder = Path(folder)
-    if folder.exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; caches are shared
-    try:
-        fill(tmp)
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.exists():  # a real failure, not a concurrent builder that won the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

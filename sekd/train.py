@@ -91,7 +91,8 @@ def distill(cfg: DictConfig, run, teacher_path: str, student_path: str, tok, tra
 
     from sekd.data.dataset import tokenizer_signature
     from sekd.models import load_model, model_signature, pick_device, pick_dtype, shared_vocab
-    from sekd.selection.samples import SAMPLERS, select_samples
+    from sekd.scores import select_samples
+    from sekd.selection.samples import SAMPLERS
     from sekd.trainer import SelectionTrace, Trainer
 
     t, trc = cfg.train, cfg.model.trust_remote_code

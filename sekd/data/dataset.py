@@ -3,7 +3,7 @@
 Cache layout: `<cache_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
 fields hashed into `key`, for humans) and `<same>.pt.lock` (filelock). `key` hashes the source name
 and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
-split and FORMAT; change any and the cache misses.
+split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.artifacts.build_once.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import hashlib
 import json
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from filelock import FileLock
 from tqdm.auto import tqdm
 
+from sekd.artifacts import build_once, content_key
 from sekd.data import packing
 from sekd.data.packing import PackedData, pack_documents
 from sekd.data.sources import SOURCES, DataError, check_source, source_signature
@@ -66,8 +66,7 @@ def cache_fields(
 
 
 def cache_path(cache_dir: Path, fields: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{fields['source']}-{fields['split']}-{key}.pt"
+    return Path(cache_dir) / f"{fields['source']}-{fields['split']}-{content_key(fields)}.pt"
 
 
 def build_packed(
@@ -90,20 +89,31 @@ def build_packed(
     sep_id = separator_id(tokenizer, separator, ends="a document")
     fields = cache_fields(source, split, tokenizer, seq_len=seq_len, token_budget=token_budget, source_opts=source_opts)
     fields["separator_id"] = sep_id
-    path = cache_path(cache_dir, fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one builder per key; the others wait, then load what it wrote
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            return PackedData.load(path)
+
+    def pack() -> tuple[PackedData, dict[str, Any]]:
         texts = SOURCES.get(source)(split, **source_opts)
         with tqdm(total=token_budget, unit="tok", unit_scale=True, desc=f"pack {source}/{split}", leave=False) as bar:
             data = pack_documents(_tokenize(texts, tokenizer, bar), seq_len, sep_id, token_budget)
         if len(data) == 0:
             raise DataError(f"data source {source!r} split {split!r} holds fewer than {seq_len + 1} tokens")
-        data.save(path)
-        atomic_write_json(path.with_suffix(".json"), {**fields, "n_samples": len(data)})
-    return data
+        return data, {**fields, "n_samples": len(data)}
+
+    return cached_packed(cache_path(cache_dir, fields), pack)
+
+
+def cached_packed(path: Path, make: Callable[[], tuple[PackedData, dict[str, Any]]]) -> PackedData:
+    """The PackedData at `path`, or `make()`'s (data, description), stored there once (sekd.artifacts)
+    with the description beside it as `<path>.json`, for humans."""
+    made: list[PackedData] = []
+
+    def build(tmp: Path) -> None:
+        data, about = make()
+        data.save(tmp)
+        atomic_write_json(path.with_suffix(".json"), about)
+        made.append(data)
+
+    build_once(path, build)
+    return made[0] if made else PackedData.load(path)
 
 
 def _tokenize(texts: Iterable[str], tokenizer: Any, bar: tqdm) -> Iterator[list[int]]:

@@ -12,22 +12,19 @@ build_packed: `<cache_dir>/qa-<source>-<split>-<key>.pt` beside `.json` and `.pt
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from torch import Tensor
 
+from sekd.artifacts import content_key
 from sekd.data import arith, qa_format
-from sekd.data.dataset import separator_id, tokenizer_signature
+from sekd.data.dataset import cached_packed, separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
 from sekd.data.sources import (SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file,
                                jsonl_records)
-from sekd.io import atomic_write_json
 from sekd.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -197,13 +194,9 @@ def build_qa(
         "separator_id": sep_id,
         "pad_id": pad_id,
     }
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"qa-{source}-{split}-{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one builder per key; the others wait, then load what it wrote
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            return PackedData.load(path)
+    path = Path(cache_dir) / f"qa-{source}-{split}-{content_key(fields)}.pt"
+
+    def pack() -> tuple[PackedData, dict[str, Any]]:
         problems = QA_SOURCES.get(source)(split, **opts)
         prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
         targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
@@ -226,10 +219,9 @@ def build_qa(
         input_ids = torch.stack([r[0] for r in rows])  # [N,L]
         labels = torch.stack([r[1] for r in rows])  # [N,L]
         data = PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))])
-        data.save(path)
-        atomic_write_json(path.with_suffix(".json"),
-                          {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)})
-    return data
+        return data, {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)}
+
+    return cached_packed(path, pack)
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -30,8 +30,8 @@ def _check_split(split: str) -> None:
 
 @SOURCES.register("embedded")
 def embedded(split: str) -> Iterator[str]:
-    """Python's own pydoc prose, split by document (sekd.embedded.corpus)."""
-    from sekd.embedded import corpus
+    """Python's own pydoc prose, split by document (sekd.data.corpus)."""
+    from sekd.data import corpus
 
     _check_split(split)
     yield from corpus.load_split(split)

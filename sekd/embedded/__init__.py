@@ -1,1 +1,1 @@
-"""The embedded default: a corpus every CPython carries, a tokenizer and tiny Qwen3 models built from it."""
+"""The embedded default's models: a tokenizer and tiny Qwen3 models built from the embedded corpus (sekd.data.corpus)."""

@@ -1,7 +1,7 @@
 """Build the embedded default: a BPE tokenizer on the train split, and a teacher and a student
 pretrained on it (the teacher bigger and longer, so KD has something real to transfer).
 
-Every artifact is cached under a key of its inputs; only the first run pays for it. For the
+Every artifact is built once under a key of its inputs (sekd.artifacts); only the first run pays for it. For the
 task-specific regime, `build_task_pair` fine-tunes the teacher on the embedded arithmetic task.
 """
 from __future__ import annotations
@@ -10,15 +10,27 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from sekd.embedded import corpus
-from sekd.embedded.artifacts import cached
+from sekd.artifacts import build_once, content_key
+from sekd.data import corpus
 
 EOS = "<|endoftext|>"
+FORMAT = 1  # in every artifact's key: bump to rebuild them all
+
+
+def cached(cache_dir: Path, kind: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """`<cache_dir>/<kind>-<hash of inputs>/`, built by `build(folder)` once; its inputs.json marks it complete."""
+    final = Path(cache_dir) / f"{kind}-{content_key({'format': FORMAT, **inputs})}"
+
+    def fill(tmp: Path) -> None:
+        build(tmp)
+        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+
+    return build_once(final, fill, folder=True, ready=lambda p: (p / "inputs.json").exists())
 
 
 def tokenizer(cache_dir: Path, vocab_size: int) -> Path:

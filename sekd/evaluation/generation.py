@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from sekd.artifacts import build_once
 from sekd.data.qa_format import PROMPT, final_answer
-from sekd.io import atomic_folder, atomic_write_text
+from sekd.io import atomic_write_text
 
 GENERATION_VERSION = 1
 DATA_FILE = "problems.jsonl"
@@ -122,7 +123,7 @@ def build_exact_match_task(
         (tmp / DATA_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         _write_config(tmp, folder, name, max_gen_toks)
 
-    atomic_folder(folder, fill)
+    build_once(folder, fill, folder=True)
     _write_config(folder, folder, name, max_gen_toks)  # keep the data path absolute and current
     return folder
 

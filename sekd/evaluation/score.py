@@ -56,7 +56,7 @@ def score_checkpoint(
 
     if s.embedded:
         if docs is None:
-            from sekd.embedded.corpus import load_split
+            from sekd.data.corpus import load_split
 
             docs = load_split(s.split)
         built = build_tasks(docs, cache_dir, split=s.split)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from sekd.io import atomic_folder, atomic_write_text
+from sekd.artifacts import build_once
+from sekd.io import atomic_write_text
 
 BUILDER_VERSION = 1
 
@@ -217,7 +218,7 @@ def build_tasks(
         (tmp / "lastword.jsonl").write_text(_jsonl(lastword))
         _write_configs(tmp, folder, split)
 
-    atomic_folder(folder, fill)
+    build_once(folder, fill, folder=True)
     # the cache may have been moved since it was built: keep data paths absolute and current
     _write_configs(folder, folder, split)
     return EmbeddedTasks(folder, f"sekd_choice_{split}", f"sekd_lastword_{split}")

@@ -128,7 +128,7 @@ def test_each_seed_draws_its_own_auto_cache(root):
 
 def test_a_cli_cache_serves_jsonl_data_with_its_separator_and_options(root, tmp_path):
     """Source options (train_file, text_field) and a non-default separator: the CLI packs as training does."""
-    from sekd.embedded import corpus
+    from sekd.data import corpus
 
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": t}) + "\n" for t in corpus.load_split("train")[:200]))

@@ -17,7 +17,7 @@ def make_tokenizer(vocab_size: int = 500):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sekd.embedded import corpus
+    from sekd.data import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

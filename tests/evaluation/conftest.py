@@ -13,7 +13,7 @@ def build_tiny_checkpoint(folder) -> None:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from sekd.embedded.corpus import load_split
+    from sekd.data.corpus import load_split
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

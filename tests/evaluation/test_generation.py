@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from sekd.data.qa_format import FINAL_ANSWER, final_answer, prompt_text
-from sekd.embedded.corpus import load_split
+from sekd.data.corpus import load_split
 from sekd.evaluation.generation import (
     DATA_FILE,
     arith_task_name,

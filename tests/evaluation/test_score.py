@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from sekd.embedded.corpus import load_split
+from sekd.data.corpus import load_split
 from sekd.evaluation.suites import get_suite
 from sekd.evaluation.score import flatten, score_checkpoint, write_raw
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sekd.embedded.corpus import load_split
+from sekd.data.corpus import load_split
 from sekd.evaluation.tasks import TaskParams, build_tasks, content_hash, load_items, prose_runs
 
 
