@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sekd.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from sekd.registry import RegistryError
 
 MODES = ("distill", "score_student", "score_teacher")
@@ -42,10 +43,6 @@ SCHEMA: dict[str, set[str]] = {
 # Keys that do not change a run's result: left out of the config hash that names its folder.
 UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
-
-
-class ConfigError(ValueError):
-    """One line: the offending key, what it holds, what is allowed."""
 
 
 def _choice(key: str, value: Any, allowed: Any) -> None:

@@ -7,21 +7,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.config import ConfigError
+from sekd.data.qa import is_task_source
+from sekd.errors import ConfigError
 
 
 def resolve_pair(cfg: DictConfig) -> tuple[str, str, str]:
     """(teacher, student, tokenizer) as hub names or folders; builds the embedded pair if needed."""
     m = cfg.model
     if m.source == "embedded":
-        from omegaconf import OmegaConf
-
         from sekd.embedded.build import build_pair
 
         emb = OmegaConf.to_container(m.embedded, resolve=True)
-        from sekd.config import is_task_data
-
-        if is_task_data(cfg) and m.get("task"):  # a teacher that can do the task it is to teach (docs/method.md §10)
+        if is_task_source(cfg.data.name) and m.get("task"):  # a teacher that can do the task it is to teach (docs/method.md §10)
             from sekd.embedded.build import build_task_pair
 
             task = OmegaConf.to_container(m.task, resolve=True)

@@ -101,6 +101,11 @@ def _qa_file(split: str, files: dict[str, Any]) -> Path:
     return _jsonl_file(split, files, why="the gsm8k source reads local files when any data.*_file is set")
 
 
+def is_task_source(name: str) -> bool:
+    """Task-specific data (question/answer problems, KD on answer tokens) rather than packed documents."""
+    return name in QA_SOURCES.names()
+
+
 def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
     """Validate a task source's options: unknown names and keys, missing or malformed local files
     (read through; nothing is downloaded)."""
