@@ -5,8 +5,6 @@ the config. The rest of the program reads plain values from the (read-only) Dict
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sekd.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from sekd.registry import RegistryError
+# the run's identity (resolved config, hashes, folders) lives with the run folder; re-exported for callers
+from sekd.run import (UNHASHED, config_hash, eval_hash, resolved, run_dir,  # noqa: F401
+                      scores_dir, train_hash)
 
 MODES = ("distill", "score_student", "score_teacher")
 STAGES = ("all", "train", "score")
@@ -39,10 +40,6 @@ SCHEMA: dict[str, set[str]] = {
     "logging": {"wandb", "project", "entity", "group"},
     "resources": {"partition", "gpus", "cpus", "mem_gb", "timeout_min", "array_parallelism"},
 }
-
-# Keys that do not change a run's result: left out of the config hash that names its folder.
-UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
-            "eval.batch_size", "eval.device", "label")
 
 
 def _choice(key: str, value: Any, allowed: Any) -> None:
@@ -397,78 +394,3 @@ def policy_options(cfg: DictConfig) -> dict[str, Any]:
     if "k" in POLICIES.options(cfg.position.policy) and "k" not in opts:
         opts["k"] = float(cfg.position.k)
     return opts
-
-
-def _drop(tree: dict, dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.get(p) or {}
-    tree.pop(leaf, None)
-
-
-def resolved(cfg: DictConfig, keep_env: bool = False) -> dict[str, Any]:
-    """The run's config as plain data, without Hydra's own node. `keep_env`: what records, config files
-    and wandb get: a value read from the environment (${oc.env:NAME,default}, maybe a token) stays that
-    text, in every value that interpolates it too. Hashes use the resolved values, as they always did."""
-    if keep_env:
-        cfg = _env_as_text(cfg)
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    tree.pop("hydra", None)
-    return tree
-
-
-def _env_as_text(cfg: DictConfig) -> DictConfig:
-    """A copy of `cfg` whose values that read ${oc.env:...} are their own text (escaped, so it is not
-    resolved again)."""
-    import copy
-
-    from omegaconf import ListConfig, open_dict, read_write
-
-    cfg = copy.deepcopy(cfg)
-
-    def walk(node) -> None:
-        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
-        for key in keys:
-            child = node._get_node(key)
-            if isinstance(child, (DictConfig, ListConfig)):
-                if not child._is_none() and not child._is_missing() and not child._is_interpolation():
-                    walk(child)
-                continue
-            raw = child._value()
-            if isinstance(raw, str) and "oc.env" in raw:
-                with open_dict(node), read_write(node):
-                    node[key] = raw.replace("${", "\\${")
-    walk(cfg)
-    return cfg
-
-
-def _hash(tree: dict) -> str:
-    for key in UNHASHED:
-        _drop(tree, key)
-    blob = json.dumps(tree, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus the keys that cannot change the result: names one record."""
-    return _hash(resolved(cfg))
-
-
-def train_hash(cfg: DictConfig) -> str:
-    """The same without `eval`: names the run folder, so one trained student serves every scoring."""
-    tree = resolved(cfg)
-    tree.pop("eval", None)
-    return _hash(tree)
-
-
-def eval_hash(cfg: DictConfig) -> str:
-    """Hash of the scoring config alone (its hashed keys): names the scores folder inside a run."""
-    return _hash({"eval": resolved(cfg).get("eval", {})})[:8]
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg)}"
-
-
-def scores_dir(cfg: DictConfig) -> Path:
-    return run_dir(cfg) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"

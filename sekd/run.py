@@ -6,7 +6,8 @@
         eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
 
 One trained student is scored by as many eval configs as ask for it (Table 2 on test, V1 on
-validation) without training it again; each scoring writes its own record.
+validation) without training it again; each scoring writes its own record. The folder names come
+from the run's identity, defined here too: its resolved config and the hashes of that config.
 """
 from __future__ import annotations
 
@@ -17,8 +18,86 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.config import config_hash, resolved, run_dir, scores_dir
+from sekd.artifacts import content_key
 from sekd.io import atomic_write_json, atomic_write_text, sweep_tmp
+
+# Keys that do not change a run's result: left out of the config hash that names its folder.
+UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
+            "eval.batch_size", "eval.device", "label")
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.get(p) or {}
+    tree.pop(leaf, None)
+
+
+def resolved(cfg: DictConfig, keep_env: bool = False) -> dict[str, Any]:
+    """The run's config as plain data, without Hydra's own node. `keep_env`: what records, config files
+    and wandb get: a value read from the environment (${oc.env:NAME,default}, maybe a token) stays that
+    text, in every value that interpolates it too. Hashes use the resolved values, as they always did."""
+    if keep_env:
+        cfg = _env_as_text(cfg)
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree.pop("hydra", None)
+    return tree
+
+
+def _env_as_text(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose values that read ${oc.env:...} are their own text (escaped, so it is not
+    resolved again)."""
+    import copy
+
+    from omegaconf import ListConfig, open_dict, read_write
+
+    cfg = copy.deepcopy(cfg)
+
+    def walk(node) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                if not child._is_none() and not child._is_missing() and not child._is_interpolation():
+                    walk(child)
+                continue
+            raw = child._value()
+            if isinstance(raw, str) and "oc.env" in raw:
+                with open_dict(node), read_write(node):
+                    node[key] = raw.replace("${", "\\${")
+    walk(cfg)
+    return cfg
+
+
+def _hash(tree: dict) -> str:
+    for key in UNHASHED:
+        _drop(tree, key)
+    return content_key(tree, 12)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus the keys that cannot change the result: names one record."""
+    return _hash(resolved(cfg))
+
+
+def train_hash(cfg: DictConfig) -> str:
+    """The same without `eval`: names the run folder, so one trained student serves every scoring."""
+    tree = resolved(cfg)
+    tree.pop("eval", None)
+    return _hash(tree)
+
+
+def eval_hash(cfg: DictConfig) -> str:
+    """Hash of the scoring config alone (its hashed keys): names the scores folder inside a run."""
+    return _hash({"eval": resolved(cfg).get("eval", {})})[:8]
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg)}"
+
+
+def scores_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
 
 
 class RunDir:
@@ -40,8 +119,7 @@ class RunDir:
         return self.record.exists()
 
     def trained(self) -> bool:
-        """The distilled student is saved (training finished), whether or not it was scored yet."""
-        return (self.model / "config.json").exists() and self.train_stats.exists()
+        return trained(self.path)
 
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
         """The full config (eval included) beside the record it produces; creates the run's folders."""
@@ -79,15 +157,19 @@ class RunDir:
         atomic_write_json(self.record, record)
 
 
+def trained(path: Path) -> bool:
+    """The distilled student is saved in the run folder `path` (training finished), scored or not.
+    The one "is this run trained?" check: the app, is_finished and the sweeper ask it."""
+    return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
+
+
 def is_finished(cfg: DictConfig) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
     Reads only the file system: creates nothing."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        path = run_dir(cfg)
-        return cfg.mode != "distill" or ((path / "model" / "config.json").exists()
-                                          and (path / "train_stats.json").exists())
+        return cfg.mode != "distill" or trained(run_dir(cfg))
     return (scores_dir(cfg) / "record.json").exists()
 
 

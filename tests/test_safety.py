@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sekd.config import _hash, config_hash, resolved, run_dir, train_hash
+from sekd.run import _hash, config_hash, resolved, run_dir, train_hash
 from tests.helpers import TINY, compose_cfg, sekd_train
 
 RUN = [*TINY, "train.steps=3", "eval=none"]

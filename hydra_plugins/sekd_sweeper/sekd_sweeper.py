@@ -47,7 +47,7 @@ class SekdSweeper(BasicSweeper):
         """(cells to run, lines for cells already finished, one-line errors); composes each cell once."""
         from sekd.config import ConfigError, validate
         from sekd.models import check_environment
-        from sekd.run import is_finished, run_dir
+        from sekd.run import is_finished, run_dir, trained
 
         assert self.hydra_context is not None and self.config is not None
         todo, finished, errors = [], [], []
@@ -59,7 +59,7 @@ class SekdSweeper(BasicSweeper):
                     del cfg["hydra"]
                 validate(cfg)
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
-                    if not (run_dir(cfg) / "model" / "config.json").exists():
+                    if not trained(run_dir(cfg)):
                         raise ConfigError(f"stage=score: {run_dir(cfg)} holds no trained student yet; "
                                           "run the sweep with stage=train first")
             except ConfigError as err:
