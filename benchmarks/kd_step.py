@@ -5,8 +5,8 @@
     python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json h100.json
 
 Teacher and student are Qwen3ForCausalLM built from config alone (random weights, nothing downloads).
-The student keeps float32 master weights and computes under autocast in --dtype (as sekd's trainer);
-the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the trainer's default; --optimizer sgd
+The student keeps float32 master weights and computes under autocast in --dtype (as sekd/loop.py);
+the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the training loop's default; --optimizer sgd
 for plain SGD). Each variant times --steps steps after --warmup; the table gives the median.
 
 Variants (SE-KD = top_k 20% by student entropy, forward KL, lam = 1, T = 1):

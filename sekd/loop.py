@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pickle
 import random
 import time
@@ -159,7 +158,7 @@ class Trainer:
         self.on_policy = on_policy
         self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
         self.device, self.dtype, self.trace, self.cache = device, dtype, trace, cache
-        size = getattr(train_cfg, "chunk_size", "auto")
+        size = train_cfg.chunk_size
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg)
         self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
@@ -216,27 +215,32 @@ class Trainer:
         opts = dict(lam=self.t.lam, temperature=self.t.temperature, normalization=self.t.normalization,
                     generator=self.gen, step=self.prog.step, cached=cached)
         with autocast:
-            if self.t.flow == "chunked":  # bodies only; heads run in chunks, at the positions that need them
-                h_s = self.student.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
-                h_t = head_t = None
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        h_t = self.teacher.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_t]
-                    head_t = self.teacher.get_output_embeddings()
-                out = chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, y, self.sel,
-                                      vocab=self.V, chunk_size=self.chunk_size, **opts)
-            else:  # the dense reference: full [B,T,V] logits from both models
-                s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
-                t_logits = None
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
-                out = selective_kd_loss(s_logits, t_logits, y, self.sel, **opts)
+            out = self.chunked_loss(x, y, opts) if self.t.flow == "chunked" else self.dense_loss(x, y, opts)
         if self.teacher is not None:
             self.prog.teacher_tokens += x.numel()
         if self.trace is not None:
             self.trace.write(self.prog.step, samples, y, out)
         return out, x
+
+    def chunked_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
+        """Bodies only; the heads run in chunks, at the positions that need them."""
+        h_s = self.student.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
+        h_t = head_t = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                h_t = self.teacher.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_t]
+            head_t = self.teacher.get_output_embeddings()
+        return chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, y, self.sel,
+                               vocab=self.V, chunk_size=self.chunk_size, **opts)
+
+    def dense_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
+        """The reference: full [B,T,V] logits from both models."""
+        s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
+        t_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
+        return selective_kd_loss(s_logits, t_logits, y, self.sel, **opts)
 
     def accumulate(self, stream) -> tuple[float, float, float]:
         """Gradients of L over one effective batch (grad_accum micro-batches) in .grad; returns L."""
@@ -256,9 +260,27 @@ class Trainer:
         return loss_sum * scale, sel_pos, valid_pos
 
     # -- the loop ----------------------------------------------------------------------------
+    def step(self, stream) -> tuple[float, float, float, float]:
+        """One optimizer step over one effective batch; returns its loss, grad norm and position counts."""
+        loss, sel_pos, valid_pos = self.accumulate(stream)
+        gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm)
+                 if self.t.max_grad_norm else torch.tensor(float("nan")))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.prog.step += 1
+        self.prog.tokens_supervised += int(sel_pos)
+        return loss, float(gnorm), sel_pos, valid_pos
+
+    def log(self, loss: float, gnorm: float, sel_pos: float, valid_pos: float, sec_per_step: float) -> None:
+        row = {"step": self.prog.step, "loss": loss, "grad_norm": gnorm, "lr": self.sched.get_last_lr()[0],
+               "sel_frac": sel_pos / max(valid_pos, 1), "tokens_seen": self.prog.tokens_seen,
+               "tokens_supervised": self.prog.tokens_supervised, "sec_per_step": sec_per_step}
+        self.run.log_metrics(row)
+        self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
+
     def fit(self) -> Progress:
         resumed = self.resume()
-        crash_at = int(os.environ.get("SEKD_CRASH_AT_STEP", "0"))  # fault injection for resume tests
         stream = micro_batches(self.data, self.t.micro_batch_size, self.seed, self.prog)
         self.student.train()
         bar = tqdm(total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True)
@@ -266,30 +288,15 @@ class Trainer:
             bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
         t_last = time.time()
         while self.prog.step < self.steps:
-            loss, sel_pos, valid_pos = self.accumulate(stream)
-            gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm)
-                     if self.t.max_grad_norm else torch.tensor(float("nan")))
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.prog.step += 1
-            self.prog.tokens_supervised += int(sel_pos)
+            loss, gnorm, sel_pos, valid_pos = self.step(stream)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", sel=f"{sel_pos / max(valid_pos, 1):.2f}")
             if self.prog.step % self.t.log_every == 0 or self.prog.step == self.steps:
                 now = time.time()
-                row = {"step": self.prog.step, "loss": loss, "grad_norm": float(gnorm),
-                       "lr": self.sched.get_last_lr()[0], "sel_frac": sel_pos / max(valid_pos, 1),
-                       "tokens_seen": self.prog.tokens_seen, "tokens_supervised": self.prog.tokens_supervised,
-                       "sec_per_step": (now - t_last) / self.t.log_every}
+                self.log(loss, gnorm, sel_pos, valid_pos, (now - t_last) / self.t.log_every)
                 t_last = now
-                self.run.log_metrics(row)
-                self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
             if self.t.ckpt_every and self.prog.step % self.t.ckpt_every == 0 and self.prog.step < self.steps:
                 self.save()
-            if crash_at and self.prog.step == crash_at:
-                bar.close()
-                os._exit(3)
         bar.close()
         return self.prog
 

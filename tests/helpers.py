@@ -1,10 +1,15 @@
 """Shared test helpers: compose the real Hydra config, run the real CLI in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 from hydra import compose, initialize_config_dir
 
@@ -26,3 +31,65 @@ def sekd_train(args: list[str], env: dict[str, str] | None = None, timeout: int 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sekd_train_killed(args: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None,
+                      timeout: int = 600, victims: Callable[[int], list[int]] | None = None
+                      ) -> subprocess.CompletedProcess:
+    """Run the real CLI until `ready()` holds (polled every 10 ms; e.g. a checkpoint is written), then
+    SIGKILL it, as a crash or a lost node would: `victims(pid)` names the processes to kill (default: the
+    CLI itself). Returns the ended process (returncode -9 when killed; its own code when it ended first)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block it
+        proc = subprocess.Popen([sys.executable, "-m", "sekd.train", *args], cwd=ROOT,
+                                env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True)
+        try:
+            deadline = time.time() + timeout
+            while proc.poll() is None and not ready():
+                assert time.time() < deadline, "the run never got there"
+                time.sleep(0.01)
+            if proc.poll() is None:
+                for pid in victims(proc.pid) if victims else [proc.pid]:
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=max(1, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+
+
+def logged_steps(root: Path) -> list[int]:
+    """The steps in the metrics.jsonl of the one run under <paths.root> (complete lines only)."""
+    rows = [ln for p in Path(root).glob("runs/*/metrics.jsonl") for ln in p.read_text().split("\n")[:-1]]
+    return [json.loads(ln)["step"] for ln in rows]
+
+
+def checkpoint_step(root: Path) -> int | None:
+    """The step of the checkpoint.pt under <paths.root> (None while there is none)."""
+    import torch
+
+    for ck in Path(root).glob("runs/*/checkpoint.pt"):
+        try:
+            return int(torch.load(ck, map_location="cpu", weights_only=True)["progress"]["step"])
+        except (OSError, RuntimeError, EOFError):  # replaced while being read: ask again
+            return None
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [pid]
+    while todo:
+        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        found += kids
+        todo += kids
+    return found

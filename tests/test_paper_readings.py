@@ -184,7 +184,7 @@ def test_gsm8k_validation_size_is_a_data_key(tmp_path):
 def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path):
     """Through the config: data.validation_size=7 trains on the other 93 problems (and names a new cache)."""
     from sekd.models import load_tokenizer, resolve_pair
-    from sekd.train import training_data
+    from sekd.app.training import training_data
 
     train, _ = write_problems(tmp_path / "train.jsonl", 100)
     sizes = {}

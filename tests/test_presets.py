@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from sekd.train import execute
+from sekd.app import execute
 from tests.helpers import PRESETS, ROOT, TINY, compose_cfg
 
 DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "distill"]
@@ -35,7 +35,7 @@ def cache(tmp_path_factory):
 def prompt_lengths_by_sample(cfg) -> dict[str, int]:
     from sekd.data.qa import prompt_lengths
     from sekd.models import load_tokenizer, resolve_pair
-    from sekd.train import training_data
+    from sekd.app.training import training_data
 
     data = training_data(cfg, load_tokenizer(resolve_pair(cfg)[2]))
     return dict(zip(data.sample_ids, prompt_lengths(data).tolist()))

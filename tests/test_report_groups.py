@@ -1,6 +1,6 @@
 """`sekd-report` without --table: one row per configuration (never a tiny-model run averaged with an embedded
 one, nor a 50-example score with a full one), seeds counting scored runs, every cell formatted alike, and a
-broken record skipped with one line. Records as sekd/train.py writes them (tests/test_report_tables.record)."""
+broken record skipped with one line. Records as sekd/app/record.py writes them (tests/test_report_tables.record)."""
 import copy
 import json
 

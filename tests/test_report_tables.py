@@ -38,7 +38,7 @@ def deep_update(tree, change):
 
 
 def record(config, preset, seed, values, root, *, gsm8k=None, costs=None, wall=10.0):
-    """What sekd/train.py writes (same keys), with made-up numbers."""
+    """What sekd/app/record.py writes (same keys), with made-up numbers."""
     acc, ppl, ece = values
     h = hashlib.sha256(json.dumps([config, seed], sort_keys=True).encode()).hexdigest()[:12]
     run = root / "runs" / f"{preset}-s{seed}-{h}"

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sekd.config import config_hash, validate
-from sekd.train import job_threads
+from sekd.app.compose import job_threads
 from tests.helpers import ROOT, compose_cfg, sekd_train
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"

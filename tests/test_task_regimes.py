@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sekd.config import ConfigError, validate
-from sekd.train import execute
+from sekd.app import execute
 from tests.helpers import TINY, compose_cfg
 
 TASK = [*TINY, "data=arith", "data.seq_len=128", "eval=task", "eval.limit=8", "train.grad_accum=1",
@@ -35,7 +35,7 @@ def generations(tmp_path) -> list[dict]:
 def test_task_specific_run_supervises_answers_only_and_reports_exact_match(tmp_path, cache):
     from sekd.data.qa import prompt_lengths
     from sekd.models import load_tokenizer, resolve_pair
-    from sekd.train import training_data
+    from sekd.app.training import training_data
 
     cfg, record, trace = run(tmp_path, cache, "experiment=full_kd", "train.steps=2")
     assert 0 <= record["metrics"]["gsm8k"] <= 100 and record["on_policy_batches"] == 0

@@ -30,7 +30,7 @@ def run_config(overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from sekd.config import ConfigError, check_command_line
-    from sekd.train import CONF
+    from sekd.app.compose import CONF
 
     if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
         overrides = ["classes=rs_kd", *overrides]  # before the run's own, so it may still set classes.options
@@ -54,7 +54,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from sekd.cache.build import build_cache, worker_shards
     from sekd.config import ConfigError
     from sekd.models import check_same_tokenizer, load_model, pick_device, pick_dtype, resolve_pair, shared_vocab
-    from sekd.train import cache_expectation, job_threads, training_data
+    from sekd.app.compose import job_threads
+    from sekd.app.training import cache_expectation, training_data
 
     threads = job_threads(cfg)
     if threads:

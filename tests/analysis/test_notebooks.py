@@ -83,7 +83,7 @@ def assert_png(path: Path) -> None:
     assert not list(path.parent.glob("*.tmp")), "a temp file was left behind"
 
 
-# ---- synthetic results, in the schema sekd/train.py writes --------------------------------------
+# ---- synthetic results, in the schema sekd/app/record.py writes ---------------------------------
 
 SEEDS = (1337, 1338)
 
@@ -91,7 +91,7 @@ SEEDS = (1337, 1338)
 def record(preset: str, label: str, seed: int, *, mode: str = "distill", k: float = 1.0, l: float = 1.0,
            acc: float = 60.0, wall: float = 100.0, teacher_tokens: int | None = 1000, cache_bytes: int = 0,
            split: str = "test") -> dict:
-    """A record.json as sekd.train.execute writes it (the fields the analysis reads, and the usual others)."""
+    """A record.json as sekd/app/record.py writes it (the fields the analysis reads, and the usual others)."""
     h = hashlib.sha256(repr((preset, seed, k, l, split)).encode()).hexdigest()[:12]
     costs = {} if mode != "distill" else {
         "teacher_loaded": teacher_tokens > 0, "prepass_seconds": 0.0, "prepass_reused": False,

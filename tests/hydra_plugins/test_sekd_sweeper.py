@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import TINY, sekd_train
+from tests.helpers import TINY, descendants, sekd_train, sekd_train_killed
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 FAST = [*TINY, "train.steps=2", "eval.limit=16"]
@@ -95,13 +95,26 @@ def test_stage_score_before_training_is_refused_and_train_then_score_gives_the_r
     assert rec["stage"] == "score" and rec["steps"] == 2 and rec["metrics"]["acc"] >= 0
 
 
+def job_processes(sweep_pid: int) -> list[int]:
+    """The submitit job processes (each runs one cell) below the sweep's process."""
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    return [p for p in descendants(sweep_pid) if b"submitit.core._submit" in cmdline(p)]
+
+
 def test_a_job_killed_outright_is_reported_and_its_checkpoint_kept_for_the_rerun(tmp_path):
-    """On the submitit launcher a job that dies without a result (here os._exit mid-training) makes
-    submitit raise; the sweep says so in one line, and a re-run resumes the cell from its checkpoint."""
+    """On the submitit launcher a job that dies without a result (here SIGKILLed once its step-2 checkpoint
+    is written) makes submitit raise; the sweep says so in one line, and a re-run resumes the cell from
+    its checkpoint."""
     args = ["-m", *FAST, "train.steps=4", "train.ckpt_every=2", "experiment=se_kd", "hydra/launcher=local",
             f"paths.root={tmp_path}"]
-    killed = sekd_train(args, env={**OFFLINE, "SEKD_CRASH_AT_STEP": "2"}, timeout=300)
-    assert killed.returncode == 1
+    killed = sekd_train_killed(args, ready=lambda: any(tmp_path.glob("runs/*/checkpoint.pt")), env=OFFLINE,
+                               timeout=300, victims=job_processes)
+    assert killed.returncode == 1, killed.stderr[-2000:]
     assert "died without a result" in killed.stderr and "Re-run the sweep" in killed.stderr
     assert list(tmp_path.glob("runs/*/checkpoint.pt")) and not records(tmp_path)
     rerun = sekd_train(args, env=OFFLINE, timeout=300)

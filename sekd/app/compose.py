@@ -1,0 +1,192 @@
+"""Composing a run: everything before anything trains.
+
+Each check comes before the costlier step after it (the config, then the environment, then a named
+cache against the tokenizer and data, then the teacher/student pair), so a run that would fail is
+refused in one line before any model is built or loaded, and its folder appears only once every
+check has passed. The result, a `Job`, holds what the training and scoring stages need.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sekd.app.training import cache_expectation, training_data
+from sekd.config import ConfigError, resolved, run_dir, validate
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
+
+
+def fail(err: Exception) -> None:
+    """A single run stops with one line and exit status 2. In a multirun the error is raised instead:
+    Hydra records it as that cell's failure and the sweep goes on with the other cells."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
+    print(f"sekd: config error: {err}", file=sys.stderr)
+    _remove_empty_run_log()
+    sys.exit(2)
+
+
+def _remove_empty_run_log() -> None:
+    """A refused run leaves nothing behind: Hydra made its output folder (hydra.run.dir, under
+    <paths.root>/hydra/) and an empty train.log before the job started; remove them while empty."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    for log in out.glob("*.log"):
+        if log.stat().st_size == 0:
+            log.unlink()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        if out.parent.name == "hydra" and not any(out.parent.iterdir()):
+            out.parent.rmdir()
+
+
+@dataclass
+class Job:
+    """One composed run: its config and folder, the resolved pair and their shared tokenizer."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    run: Any  # sekd.run.RunDir
+    teacher_path: str  # model folders (or hub names)
+    student_path: str
+    tok: Any
+    pretrain_s: float  # building the embedded pair: a cost of its own, never training time
+    started: float  # time.time() when the run's work began (the record's wall_time_s)
+
+
+def compose(cfg: DictConfig, overrides: list[str]) -> Job | None:
+    """Check and resolve everything the run needs; None when the cell has nothing left to do.
+    A refusal raises ConfigError (one line, naming the key or file)."""
+    from sekd.models import check_environment
+    from sekd.run import RunDir
+
+    validate(cfg)
+    if already_finished(cfg):
+        return None
+    run = RunDir(cfg)
+    check_stage(cfg, run)
+    check_environment(cfg)  # CUDA, and models on local disk when offline: before anything loads
+    set_threads(cfg)
+    started = time.time()
+    check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
+    teacher_path, student_path, tok, pretrain_s = resolve(cfg)
+    run.write_config(cfg, overrides)  # the run's folder appears only once every check has passed
+    return Job(cfg=cfg, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
+               tok=tok, pretrain_s=pretrain_s, started=started)
+
+
+def already_finished(cfg: DictConfig) -> bool:
+    from sekd.run import is_finished
+
+    if not is_finished(cfg):
+        return False
+    what = "trained (model/ exists)" if cfg.stage == "train" else "done (record.json exists)"
+    print(f"sekd: {run_dir(cfg)} is already {what}; skipping. Use force=true to redo it.")
+    return True
+
+
+def check_stage(cfg: DictConfig, run) -> None:
+    if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
+        raise ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
+                          "(or stage=all) first")
+
+
+def job_threads(cfg: DictConfig) -> int | None:
+    """torch CPU threads: train.threads if set, else one per CPU Slurm allocated to the job (torch would
+    otherwise use every core of the node), else torch's default."""
+    if cfg.train.threads:
+        return int(cfg.train.threads)
+    return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
+
+
+def set_threads(cfg: DictConfig) -> None:
+    threads = job_threads(cfg)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_tokenizer(cfg: DictConfig):
+    """The run's tokenizer, without building or loading any model (the embedded pair's is built alone)."""
+    from sekd.models import load_tokenizer
+
+    m = cfg.model
+    if m.source == "embedded":
+        from sekd.embedded.build import tokenizer
+
+        return load_tokenizer(str(tokenizer(Path(cfg.paths.cache) / "embedded", int(m.embedded.vocab_size))))
+    path = str(m.tokenizer or m.student)
+    try:
+        return load_tokenizer(path, m.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"model.tokenizer={path!r}: cannot load its tokenizer ({type(err).__name__})") from None
+
+
+def check_cache_before_models(cfg: DictConfig) -> None:
+    """A cache folder named by classes.cache, checked before any model is built or loaded: the tokenizer
+    (cheap) packs the run's training data, and the cache's signature (all but the teacher, checked once
+    the pair is resolved) and its sample ids must match that data."""
+    if cfg.mode != "distill" or cfg.stage == "score" or cfg.classes.cache in (None, "auto"):
+        return
+    from sekd.data.sources import DataError
+
+    tok = run_tokenizer(cfg)
+    try:
+        data = training_data(cfg, tok)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    open_named_cache(cfg.classes.cache, cache_expectation(cfg, None, tok, data), data.sample_ids)
+
+
+def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
+    """classes.cache=<folder> opened against what this run expects; a mismatch is one line."""
+    from sekd.cache.store import CacheError, TeacherCache
+
+    try:
+        TeacherCache.open(path, expect=expect, sample_ids=sample_ids)
+    except CacheError as err:
+        raise ConfigError(f"classes.cache: {err}") from None
+
+
+def resolve(cfg: DictConfig) -> tuple[str, str, Any, float]:
+    """The teacher/student pair (built when embedded; that time is returned as its own cost) and their
+    shared tokenizer; a named cache is then checked against the resolved teacher."""
+    from sekd.models import check_same_tokenizer, resolve_pair
+
+    t_pair = time.time()
+    teacher, student, tok_path = resolve_pair(cfg)
+    pretrain_s = round(time.time() - t_pair, 2) if built_since(t_pair, teacher, student) else 0.0
+    tok = check_same_tokenizer(teacher, student, tok_path, cfg.model.trust_remote_code)
+    if cfg.mode == "distill" and cfg.classes.cache not in (None, "auto"):  # refuse a wrong cache up front
+        open_named_cache(cfg.classes.cache, cache_expectation(cfg, teacher, tok))
+    return teacher, student, tok, pretrain_s
+
+
+def built_since(t: float, *folders: str) -> bool:
+    """Did resolve_pair build (pretrain, fine-tune) one of `folders` after time t? An embedded model folder's
+    inputs.json is written when its build ends; a hub model or a reused folder is older or has none."""
+    marks = [Path(f) / "inputs.json" for f in folders]
+    return any(m.is_file() and m.stat().st_mtime >= t for m in marks)
+
+
+def open_tracker(job: Job):
+    """wandb (offline by default) for the run; ${oc.env:...} values stay text in its config."""
+    from sekd.tracking import Tracker
+
+    cfg, run = job.cfg, job.run
+    return Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg, keep_env=True),
+                   project=cfg.logging.project, entity=cfg.logging.entity,
+                   group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")

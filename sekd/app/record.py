@@ -1,0 +1,46 @@
+"""The record: one JSON per scored run (record.json), what the reports and tables read."""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from typing import Any
+
+from sekd.app.scoring import scored_model
+from sekd.config import resolved
+
+
+def build_record(job, stats: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's config (an ${oc.env:...} value stays its text), metrics, training stats and costs, and
+    where and when it ran."""
+    from sekd.run import git_commit
+
+    cfg, run = job.cfg, job.run
+    kept = resolved(cfg, keep_env=True)
+    return {
+        "preset": kept["preset"], "label": kept["label"], "mode": kept["mode"], "seed": cfg.seed,
+        "config_hash": run.hash, "stage": kept["stage"], "run_dir": str(run.path), "scores_dir": str(run.scores),
+        "model": scored_model(job), "metrics": metrics, **stats_fields(stats),
+        "wall_time_s": round(time.time() - job.started, 2),
+        "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                                               / 1024, 1),  # Linux reports KiB
+        "git_commit": git_commit(), "overrides": list(job.overrides), "config": kept,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "host": socket.gethostname(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def stats_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    """The training stats a record carries (zeros and None for a run that trained nothing)."""
+    return {"tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
+            "steps": stats.get("steps", 0), "train_time_s": stats.get("train_time_s"), "costs": stats.get("costs", {}),
+            "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
+            "on_policy_batches": stats.get("on_policy_batches", 0)}
+
+
+def summary_line(job, record: dict[str, Any]) -> str:
+    """What the run prints last: where its record went and its headline metrics."""
+    return (f"sekd: {job.cfg.preset} seed={job.cfg.seed} -> {job.run.record}  " +
+            "  ".join(f"{k}={v:.3g}" for k, v in record["metrics"].items() if k in ("acc", "ppl", "ece")))

@@ -1,0 +1,36 @@
+"""The scoring stage: the run's model (the distilled student, or the pretrained student or teacher for
+the score_* modes) through its eval suite; the metrics go to the record and to wandb's summary."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def scored_model(job) -> str:
+    """The model this run scores."""
+    mode = job.cfg.mode
+    if mode == "distill":
+        return str(job.run.model)
+    return job.student_path if mode == "score_student" else job.teacher_path
+
+
+def score(job, tracker) -> dict[str, Any]:
+    """lm-eval over eval.suite (nothing for eval=none); raw outputs go under the run's scores folder."""
+    metrics = run_suite(job) if job.cfg.eval.suite != "none" else {}
+    tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def run_suite(job) -> dict[str, Any]:
+    from sekd.evaluation.score import score_checkpoint
+    from sekd.evaluation.suites import GSM8K_HELD_OUT
+    from sekd.models import pick_device
+
+    cfg, e = job.cfg, job.cfg.eval
+    device = pick_device(e.device, "eval.device")
+    job.run.scores.mkdir(parents=True, exist_ok=True)
+    return score_checkpoint(scored_model(job), job.run.scores, suite=e.suite, split=e.split,
+                            cache_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
+                            device=str(device), seed=e.seed,
+                            gsm8k_validation_size=getattr(cfg.data, "validation_size", GSM8K_HELD_OUT),
+                            dtype="bfloat16" if device.type == "cuda" else "float32")

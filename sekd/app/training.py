@@ -1,0 +1,306 @@
+"""The training stage: select samples, get class targets, distill the student under the run folder's
+lock, and save it with its stats (docs/method.md §6-§10). Other modes train nothing."""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sekd.config import ConfigError, source_options
+from sekd.io import atomic_write_json
+
+
+def train(job, tracker) -> dict[str, Any]:
+    """The run's training stats: distilled now, or read back from an earlier job that trained this
+    student. Two sweeps scoring the same student (T2 on test, V1 on validation) may both reach here at
+    once: one trains, the other waits and then only scores. The lock file goes on release (a crashed
+    holder's with the next run), and so do the temporary files a killed run left."""
+    from sekd.io import folder_lock
+
+    cfg, run = job.cfg, job.run
+    if cfg.mode != "distill":
+        return {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0, "train_time_s": 0.0,
+                "costs": {"pretrain_seconds": job.pretrain_s}}
+    with folder_lock(run.path / ".train.lock"):
+        run.sweep()
+        if run.trained() and not cfg.force:
+            return json.loads(run.train_stats.read_text())  # trained before (another job or eval)
+        if cfg.force:
+            run.start_over()  # force=true trains from scratch, never from a checkpoint
+        return timed_distill(job, tracker)
+
+
+def timed_distill(job, tracker) -> dict[str, Any]:
+    """distill, with train_time_s the distillation alone: pretraining the pair, the sample pre-pass and
+    the cache build are costs of their own."""
+    t0 = time.time()
+    stats = distill(job, tracker)
+    c = stats["costs"]
+    c["pretrain_seconds"] = job.pretrain_s
+    stats["train_time_s"] = round(time.time() - t0 - c["prepass_seconds"] - c["cache_build_seconds"], 2)
+    atomic_write_json(job.run.train_stats, stats)
+    return stats
+
+
+class Teacher:
+    """The frozen teacher, loaded on first use: a run from the offline cache, or one whose samples the
+    student alone scores, never loads it."""
+
+    def __init__(self, path: str, tok, device, dtype, trust_remote_code: bool):
+        self.path, self.tok, self.device, self.dtype, self.trc = path, tok, device, dtype, trust_remote_code
+        self.model, self.loaded = None, False
+
+    def get(self):
+        from sekd.models import load_model, shared_vocab
+
+        if self.model is None:
+            self.model = load_model(self.path, self.device, self.dtype, self.trc).eval().requires_grad_(False)
+            shared_vocab(self.tok, self.model)
+            self.loaded = True
+        return self.model
+
+    def release(self) -> None:
+        self.model = None
+
+
+@dataclass
+class Parts:
+    """What distill builds before the loop runs."""
+
+    device: Any
+    dtype: Any  # what autocast computes in (and the teacher is stored in)
+    student: Any
+    vocab: int
+    teacher: Teacher
+    selector: Any
+    data: Any  # the samples training sees (after the sample axis)
+    available: int  # samples in the train split
+    costs: dict[str, Any] = field(default_factory=lambda: {
+        "teacher_loaded": False, "prepass_seconds": 0.0, "prepass_reused": False, "prepass_forward_tokens": {},
+        "cache_build_seconds": 0.0, "cache": None})
+
+
+def distill(job, tracker) -> dict[str, Any]:
+    """Select samples, get class targets, train the student with the run's selective KD; save it in
+    Hugging Face format under run/model. Returns training stats and costs (Table 7's columns)."""
+    parts = build_parts(job)
+    pick_samples(job, parts)
+    cache = open_teacher_cache(job, parts) if job.cfg.classes.cache is not None else None
+    prog = fit(job, parts, cache, tracker)
+    save_student(job.run, parts.student, job.tok)
+    job.run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
+    return train_stats(parts, prog, cache)
+
+
+def build_parts(job) -> Parts:
+    """The train split, the selector and the student (fp32 master weights; autocast computes), seeded
+    in this order so a run's numbers do not move."""
+    import torch
+
+    from sekd.models import load_model, pick_device, pick_dtype, shared_vocab
+
+    cfg = job.cfg
+    device = pick_device(cfg.train.device)
+    dtype = pick_dtype(cfg.train.precision, device)
+    data = training_data(cfg, job.tok)
+    torch.manual_seed(cfg.seed)
+    selector = build_selector(cfg)
+    student = load_model(job.student_path, device, torch.float32, cfg.model.trust_remote_code)
+    return Parts(device=device, dtype=dtype, student=student, vocab=shared_vocab(job.tok, student), selector=selector,
+                 teacher=Teacher(job.teacher_path, job.tok, device, dtype, cfg.model.trust_remote_code),
+                 data=data, available=len(data))
+
+
+def pick_samples(job, parts: Parts) -> None:
+    """The sample axis: s_i from a pre-pass of the frozen initial student (and teacher) or at random;
+    keeps the picked samples in parts.data and says which in samples.json."""
+    from sekd.data.dataset import tokenizer_signature
+    from sekd.models import model_signature
+    from sekd.selection.samples import SAMPLERS, select_samples
+
+    cfg, s = job.cfg, job.cfg.samples
+    if s.name == "all":
+        return
+    wants_teacher = SAMPLERS.get(s.name).needs_teacher
+    picked = select_samples(
+        s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
+        teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
+        teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
+        tokenizer_sig=tokenizer_signature(job.tok),
+        store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
+        vocab=parts.vocab, temperature=cfg.train.temperature)
+    parts.data = parts.data.subset(picked.indices)
+    atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
+                                                      "kept": parts.data.sample_ids})  # which samples training saw
+    parts.costs.update(prepass_seconds=picked.prepass_seconds, prepass_reused=picked.reused,
+                       prepass_forward_tokens=picked.forward_tokens)
+
+
+def fit(job, parts: Parts, cache, tracker):
+    """The training loop over the kept samples; the teacher runs only where no cache stands in for it."""
+    from sekd.loop import SelectionTrace, Trainer
+
+    cfg, t = job.cfg, job.cfg.train
+    needs_teacher = (t.lam > 0 and cache is None) or parts.selector.needs_teacher_everywhere
+    if not needs_teacher:
+        parts.teacher.release()  # built the cache or scored samples; not needed to train
+    trace = SelectionTrace(job.run.trace, t.trace_selection_steps) if t.trace_selection_steps else None
+    trainer = Trainer(student=parts.student, teacher=parts.teacher.get() if needs_teacher else None,
+                      data=parts.data, selector=parts.selector, train_cfg=t, vocab=parts.vocab, seed=cfg.seed,
+                      run=job.run, tracker=tracker, device=parts.device, dtype=parts.dtype, trace=trace,
+                      cache=cache, on_policy=on_policy(cfg, parts.data, job.tok))
+    return trainer.fit()
+
+
+def save_student(run, student, tok) -> None:
+    """run/model in Hugging Face format, swapped in whole (a kill leaves the old one or none)."""
+    tmp = run.path / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(run.model, ignore_errors=True)
+    tmp.rename(run.model)
+
+
+def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:
+    costs = {**parts.costs, "teacher_loaded": parts.teacher.loaded,
+             "cache_bytes_read": cache.bytes_read if cache is not None else 0,
+             # every token the teacher ran over: training, sample pre-pass, cache construction
+             "teacher_forward_tokens": prog.teacher_tokens + parts.costs["prepass_forward_tokens"].get("teacher", 0)
+             + parts.costs.get("cache_build_teacher_tokens", 0)}
+    return {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
+            "train_samples": len(parts.data), "available_samples": parts.available,
+            "peak_memory_mb": peak_memory_mb(parts.device), "on_policy_batches": prog.on_policy_batches,
+            "costs": costs}
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_selector(cfg: DictConfig):
+    """The position axis (signal + policy), the criterion and the class axis, from the registries."""
+    from sekd.config import policy_options
+    from sekd.kd.objective import Selector
+    from sekd.selection.classes import build_classes
+    from sekd.selection.criteria import CRITERIA
+    from sekd.selection.policies import POLICIES
+    from sekd.selection.signals import SIGNALS
+
+    p = cfg.position
+    policy = POLICIES.build(p.policy, **policy_options(cfg))
+    criterion = CRITERIA.build(cfg.criterion.name, **dict(cfg.criterion.options or {}))
+    classes = build_classes(cfg.classes.name, **dict(cfg.classes.options or {}))
+    return Selector(signal=SIGNALS.get(p.signal) if p.signal else None, policy=policy, criterion=criterion,
+                    signal_normalization=p.normalization, classes=classes)
+
+
+def training_data(cfg: DictConfig, tok):
+    """The train split: packed documents (general-purpose) or one problem per row (task-specific)."""
+    from sekd.config import is_task_data
+
+    cache_dir = Path(cfg.paths.cache) / "data"
+    if is_task_data(cfg):
+        from sekd.data.qa import build_qa
+
+        return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, cache_dir=cache_dir,
+                        max_samples=getattr(cfg.data, "max_samples", None), separator=cfg.data.separator,
+                        **source_options(cfg))
+    from sekd.data.dataset import build_packed
+
+    return build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
+                        cache_dir=cache_dir, separator=cfg.data.separator, **source_options(cfg))
+
+
+def on_policy(cfg: DictConfig, data, tok):
+    """regime=on_policy: the kept samples' prompts, answered by the student (None off-policy)."""
+    r = cfg.regime
+    if r.name != "on_policy":
+        return None
+    from sekd.data.dataset import separator_id
+    from sekd.data.qa import prompt_ids
+    from sekd.loop import OnPolicy
+
+    stop = separator_id(tok, cfg.data.separator, ends="an answer")  # the token the task rows end answers with
+    return OnPolicy(prompts=lambda idx: [prompt_ids(data, i) for i in idx], pad_id=tok.eos_token_id, eos_id=stop,
+                    mix=float(r.mix), temperature=float(r.temperature), top_p=float(r.top_p),
+                    max_new_tokens=int(r.max_new_tokens))
+
+
+def cache_expectation(cfg: DictConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
+    """Every signature field that changes the draws, as this run would build them (docs/method.md §9):
+    format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, N, the draw seed
+    (the run's own, so seeds do not share draws) and, given the data the cache must cover, its identity
+    and sequence length. Not the builder's dtype or device, nor the number of shards."""
+    from sekd.cache.store import FORMAT, data_signature
+    from sekd.data.dataset import tokenizer_signature
+    from sekd.models import model_signature
+
+    expect = {"format": FORMAT, "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
+              "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64)),
+              "seed": int(cfg.seed)}
+    if teacher_path is not None:
+        expect["teacher"] = model_signature(teacher_path)
+    if data is not None:
+        expect.update(data=data_signature(data.sample_ids), seq_len=int(data.seq_len))
+    return expect
+
+
+def open_teacher_cache(job, parts: Parts):
+    """The run's offline teacher cache, for the samples it trains on. `auto` builds (or finishes) one
+    keyed by its whole signature, the seed and these samples included; a folder is opened as it is (its
+    data was checked against the whole train split before the models loaded). Either way a mismatch is
+    refused in one line."""
+    from sekd.cache.store import CacheError, TeacherCache
+
+    cfg, data = job.cfg, parts.data
+    if cfg.classes.cache == "auto":
+        expect = cache_expectation(cfg, job.teacher_path, job.tok, data)
+        path = auto_cache(cfg, expect, parts)
+    else:
+        path, expect = Path(cfg.classes.cache), cache_expectation(cfg, job.teacher_path, job.tok)
+    parts.costs["cache"] = str(path)
+    try:
+        return TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)
+    except CacheError as err:
+        raise ConfigError(f"classes.cache: {err}") from None
+
+
+def auto_cache(cfg: DictConfig, expect: dict[str, Any], parts: Parts) -> Path:
+    """classes.cache=auto: the cache folder keyed by `expect`. A finished one is reused and the teacher
+    stays unloaded; otherwise the teacher builds it (resuming a killed build, rebuilding a corrupt shard,
+    refusing an edited manifest)."""
+    import hashlib
+
+    from sekd.cache.build import build_cache
+    from sekd.cache.store import CacheError, TeacherCache
+
+    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cfg.paths.cache) / "teacher_cache" / key
+    try:
+        TeacherCache.open(path, expect=expect, sample_ids=parts.data.sample_ids)
+        return path
+    except CacheError:
+        pass
+    t0 = time.time()
+    teacher = parts.teacher.get()
+    try:
+        build_cache(teacher, parts.data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+                    n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
+                    vocab_size=parts.vocab, device=str(next(teacher.parameters()).device),
+                    batch_size=cfg.samples.batch_size)
+    except CacheError as err:
+        raise ConfigError(f"classes.cache: {err}") from None
+    parts.costs.update(cache_build_seconds=round(time.time() - t0, 2),
+                       cache_build_teacher_tokens=int(parts.data.input_ids.numel()))
+    return path
