@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sekd.config import ConfigError
+from sekd.errors import ConfigError
 from sekd.io import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss

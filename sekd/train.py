@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sekd.app import execute
 from sekd.app.compose import CONF, fail
-from sekd.config import ConfigError
+from sekd.errors import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")

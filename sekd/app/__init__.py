@@ -13,7 +13,7 @@ from sekd.app.compose import compose, fail, open_tracker
 from sekd.app.record import build_record, summary_line
 from sekd.app.scoring import score
 from sekd.app.training import train
-from sekd.config import ConfigError
+from sekd.errors import ConfigError
 
 
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:

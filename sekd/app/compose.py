@@ -17,7 +17,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sekd.app.training import cache_expectation, training_data
-from sekd.config import ConfigError, resolved, run_dir, validate
+from sekd.config import validate
+from sekd.errors import ConfigError
+from sekd.run import resolved, run_dir
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from sekd.app.scoring import scored_model
-from sekd.config import resolved
+from sekd.run import resolved
 
 
 def build_record(job, stats: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

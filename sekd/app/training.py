@@ -12,7 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sekd.config import ConfigError, source_options
+from sekd.config import source_options
+from sekd.errors import ConfigError
 from sekd.io import atomic_write_json
 
 
