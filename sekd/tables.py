@@ -1,8 +1,9 @@
 """The paper's tables from our runs: its rows in its order, its columns, our mean ± std over seeds beside its value.
 
 Pure functions over DataFrames; `sekd-report --table T2` (sekd/report.py) loads the records and writes
-the files. The paper's numbers live in analysis/paper_reference.csv, regenerated from the paper's published
-tables (analysis/paper/paper_tables.csv, analysis/paper/paper_efficiency.csv) and analysis/paper_rows.csv by
+the files. The paper's numbers ship with the package (sekd/paper/, package data, so nothing reads the
+repository at run time): paper_reference.csv, regenerated from the paper's published tables
+(paper_tables.csv, paper_efficiency.csv) and paper_rows.csv (which preset each paper row is) by
 
     python -m sekd.tables
 """
@@ -17,10 +18,9 @@ from typing import Any, Callable
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "analysis" / "paper_reference.csv"
-PAPER_ROWS = ROOT / "analysis" / "paper_rows.csv"
-PAPER_DIR = ROOT / "analysis" / "paper"  # the paper's published numbers, as its tables print them
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, as its tables print them
+REFERENCE = PAPER_DIR / "paper_reference.csv"
+PAPER_ROWS = PAPER_DIR / "paper_rows.csv"
 REFERENCE_COLUMNS = ["table", "section", "method", "preset", "acc", "ifeval", "ppl", "ece", "gsm8k", "wall_s",
                      "selection_s", "notes"]
 
@@ -53,7 +53,7 @@ VARIANTS: dict[tuple[str, str], Callable[[pd.DataFrame], pd.Series]] = {
     ("T7", "SE-KD3X (reuse offline cache)"): lambda r: r["costs.cache_build_seconds"].fillna(0) == 0,
 }
 
-# Rows of paper_efficiency.csv (T7) that analysis/paper_rows.csv does not map.
+# Rows of paper_efficiency.csv (T7) that paper_rows.csv does not map.
 T7_PRESETS = {
     "Full KD (100% positions)": "full_kd", "RandomPos 20%": "random_pos", "TopSmp CE ratio": "top_smp_ce_ratio",
     "TopSmp KL": "top_smp_kl", "TopSmp student entropy": "top_smp", "SE-KD3X (cache construction)": "se_kd3x",
@@ -295,13 +295,13 @@ def to_latex(frame: pd.DataFrame, table: str) -> str:
     return f"% {latex_escape(caption(table))}\n{body}"
 
 
-# ---- regenerate analysis/paper_reference.csv ------------------------------------------------
+# ---- regenerate sekd/paper/paper_reference.csv ----------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m sekd.tables [--paper DIR] [--out analysis/paper_reference.csv]"""
+    """python -m sekd.tables [--paper DIR] [--out sekd/paper/paper_reference.csv]"""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m sekd.tables", description="regenerate analysis/paper_reference.csv")
+    ap = argparse.ArgumentParser(prog="python -m sekd.tables", description="regenerate sekd/paper/paper_reference.csv")
     ap.add_argument("--paper", type=Path, default=PAPER_DIR,
                     help="folder holding the paper's paper_tables.csv and paper_efficiency.csv (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=REFERENCE)

@@ -9,19 +9,18 @@ from sekd.app import execute
 from tests.helpers import PRESETS, ROOT, TINY, compose_cfg
 
 DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "distill"]
-PAPER = ROOT.parent / "shared" / "paper_tables.csv"
+PAPER = ROOT / "sekd" / "paper" / "paper_tables.csv"
 
 
 TABLES = ("T2", "T3", "T4", "T5", "V1", "V2")
 
 
 def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
-    mapping = list(csv.DictReader((ROOT / "analysis" / "paper_rows.csv").open()))
+    mapping = list(csv.DictReader((ROOT / "sekd" / "paper" / "paper_rows.csv").open()))
     assert all(r["preset"] in PRESETS for r in mapping)
     mapped = {(r["table"], r["section"], r["method"]) for r in mapping}
-    if PAPER.exists():  # the paper's numbers sit beside the repo (shared/)
-        paper = {(r["table"], r["section"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
-        assert paper == mapped
+    paper = {(r["table"], r["section"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
+    assert paper == mapped
     assert len(mapped) == len(mapping) == 48 + 17  # T2-T4, V1, V2; T5's 10 off-policy and 7 on-policy rows
     on_policy = [r["preset"] for r in mapping if r["section"] == "on-policy"]
     assert len(on_policy) == 7 and all(compose_cfg([f"experiment={p}"]).regime.name == "on_policy" for p in on_policy)

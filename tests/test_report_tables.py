@@ -122,7 +122,7 @@ def test_every_table_renders_the_papers_rows_in_order(report, t):
     csv = table_csv(out, t)
     assert csv["method"].tolist() == ref["method"].tolist()
     if t in ("T2", "T3", "T4", "T5", "V1", "V2"):
-        rows = pd.read_csv(ROOT / "analysis" / "paper_rows.csv").query("table == @t")
+        rows = pd.read_csv(ROOT / "sekd" / "paper" / "paper_rows.csv").query("table == @t")
         assert csv["method"].tolist() == rows["method"].tolist()
     assert {"n_seeds", *(f"{c}_{s}" for c in COLUMNS[t] for s in ("ours_mean", "ours_std", "paper", "best"))} \
         <= set(csv.columns)
@@ -257,7 +257,7 @@ def test_the_reference_is_regenerated_from_the_papers_csvs():
 def test_the_committed_reference_is_what_the_script_builds_from_the_papers_tables_in_the_repo(tmp_path, capsys):
     from sekd.tables import PAPER_DIR, main as tables_main
 
-    assert PAPER_DIR == ROOT / "analysis" / "paper" and (PAPER_DIR / "paper_tables.csv").is_file()
+    assert PAPER_DIR == ROOT / "sekd" / "paper" and (PAPER_DIR / "paper_tables.csv").is_file()
     assert tables_main(["--out", str(tmp_path / "ref.csv")]) == 0  # no argument: the repo's own copy
     assert (tmp_path / "ref.csv").read_bytes() == REFERENCE.read_bytes()
 
