@@ -1,6 +1,6 @@
 """`sekd-report`: gather every run's record.json into one pandas table; mean ± std over seeds per configuration.
 
-Runs that differ in anything but the seed and the keys that cannot change a result (sekd.config.UNHASHED)
+Runs that differ in anything but the seed and the keys that cannot change a result (sekd.run.UNHASHED)
 are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`).
 
     sekd-report outputs/demo --out outputs/demo
@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sekd import tables
-from sekd.config import UNHASHED
+from sekd.run import UNHASHED
 from sekd.io import atomic_write_text
 
 HEADLINE = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K"}
@@ -104,7 +104,7 @@ def flatten(tree: Any, prefix: str) -> dict[str, Any]:
 
 # ---- one row per configuration ----------------------------------------------------------------
 
-# Config keys that cannot change a result (sekd.config.UNHASHED: paths, logging, resources, devices, the
+# Config keys that cannot change a result (sekd.run.UNHASHED: paths, logging, resources, devices, the
 # scoring batch size, the label) and the seed, which a row averages over.
 NOT_GROUPED = (*UNHASHED, "seed")
 
