@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
     from sekd.data.sources import SOURCES, check_source
     from sekd.evaluation.suites import SUITES
     from sekd.selection.classes import CLASSES
-    from sekd.selection.criteria import CRITERIA
+    from sekd.selection.criteria import CRITERIA, sparse_capable
     from sekd.selection.samples import SAMPLERS
     from sekd.selection.policies import POLICIES
     from sekd.selection.signals import NORMALIZATIONS, SIGNALS
@@ -175,9 +175,9 @@ def validate(cfg: DictConfig) -> None:
             CLASSES.check_kwargs(c.name, dict(c.options or {}), key="classes.options")
         except RegistryError as err:
             raise ConfigError(str(err)) from None
-        if cfg.criterion.name != "forward_kl":
+        if cfg.criterion.name not in sparse_capable():  # what each criterion declares (its `sparse` form)
             raise ConfigError(f"criterion.name={cfg.criterion.name!r} cannot use a sparse class target "
-                              f"(classes.name={c.name}); choose one of: forward_kl")
+                              f"(classes.name={c.name}); choose one of: {', '.join(sparse_capable())}")
     elif c.options:
         raise ConfigError(f"classes.options={dict(c.options)} given, but classes.name=full takes none")
     if c.cache is not None:

@@ -17,11 +17,12 @@ supplied at call time (generator, step, temperature, ...) are not options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import types
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 
 class RegistryError(ValueError):
@@ -34,6 +35,16 @@ class OptionError(RegistryError):
     def __init__(self, option: str, value: Any, rule: str):
         super().__init__(f"{option}={value!r} must be {rule}")
         self.option, self.value, self.rule = option, value, rule
+
+
+@runtime_checkable
+class Piece(Protocol):
+    """A registered entry that declares what kind of piece it is (a criterion's coupling, a policy's state,
+    ...) and binds its own options, so what `build` returns still says what it declared."""
+
+    name: str
+
+    def bind(self, **options: Any) -> "Piece": ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,19 +177,15 @@ class Registry:
         return {f.name: getattr(opts, f.name) for f in dataclasses.fields(spec)}
 
     def build(self, name: str, **kwargs: Any) -> Callable:
-        """Bind keyword options now (checked), call later with tensors."""
+        """Bind keyword options now (checked), call later with tensors. A class is constructed with them;
+        a `Piece` (an entry that declares its protocol, e.g. a `Criterion`) binds them itself, keeping
+        what it declares; a plain function gets them through `functools.partial`."""
         opts = self.check_kwargs(name, kwargs)
         fn = self.get(name)
         if inspect.isclass(fn):
             return fn(**opts)
         if not opts:
             return fn
-
-        def bound(*args: Any, **more: Any) -> Any:
-            return fn(*args, **opts, **more)
-
-        bound.__name__ = getattr(fn, "__name__", name)
-        bound.__doc__ = fn.__doc__
-        bound.__wrapped__ = fn  # type: ignore[attr-defined]
-        bound.options = dict(opts)  # type: ignore[attr-defined]
-        return bound
+        if isinstance(fn, Piece):
+            return fn.bind(**opts)
+        return functools.partial(fn, **opts)

@@ -13,16 +13,16 @@ computes each chunk's gradients at once (`SelectedHeadLoss`), so forward and bac
 O(C x V) logits. The teacher head runs at every valid position only when the signal needs the
 teacher there; otherwise only at the selected positions.
 
-Batch-level criteria stay exact: `weighted` (w_t normalized per sequence) and `atkd` (hard/easy
-split over all selected positions) get their batch-level quantities from a no-grad first pass
-(u and the teacher's target probability); any criterion not known here runs as one chunk.
-The class axis: `top_k_truncation` and cached targets match the dense flow exactly; `rs_kd`
-draws per chunk, so its draws equal the dense flow's only when everything fits one chunk.
+The criterion says how it may be chunked (selection/criteria.py `Criterion`): a pointwise one runs
+chunk by chunk as it is; a batch-level one (`weighted`, `atkd`) first runs its prepare step, a no-grad
+pass over all selected positions for what it declares it needs (u, or the teacher head's target
+probability), and is then pointwise; an undeclared callable runs as one chunk. The class axis: the
+criterion's sparse form, against a deterministic selector's targets or cached ones, matches the dense
+flow exactly; a random selector (`rs_kd`) draws per chunk, in chunk order (tests/kd/test_protocols.py
+checks its draws equal the dense flow's with all positions in one chunk).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,14 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sekd.kd.objective import Selector, StepOut, token_ce
+from sekd.kd.objective import Selector, StepOut, token_ce, valid_order
 from sekd.selection import signals as S
-from sekd.selection.classes import SparseTarget, sparse_forward_kl
-from sekd.selection.criteria import atkd, dkd, forward_kl, hard_mask, nckd, reverse_kl, tckd, weighted, weighted_scale
+from sekd.selection.classes import SparseTarget
+from sekd.selection.criteria import Selected, sparse_divergence
 from sekd.tensors import IGNORE, upcast
-
-POINTWISE = (forward_kl, reverse_kl, dkd)  # D_t depends on position t alone: any chunking is exact
-
 
 # ---- heads ----------------------------------------------------------------------------------
 
@@ -110,71 +107,8 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
     for term in terms:
         x = torch.zeros_like(u)
         x[rows, cols] = term
-        u = u + S._normalize(x, valid, how)
+        u = u + S.normalize(x, valid, how)
     return u.masked_fill(~valid, float("-inf"))
-
-
-# ---- criterion, chunk by chunk --------------------------------------------------------------
-
-
-def unbind(crit: Callable) -> tuple[Callable, dict]:
-    """The registered function under a built criterion, and its options (bound or default)."""
-    if isinstance(crit, functools.partial):
-        fn, opts = crit.func, dict(crit.keywords)
-    elif hasattr(crit, "__wrapped__"):  # Registry.build: the function and the options it bound
-        fn, opts = crit.__wrapped__, dict(crit.options)
-    else:
-        fn, opts = crit, {}
-    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
-    return fn, {**defaults, **opts}
-
-
-def chunk_criterion(sel: Selector, *, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
-                    teacher_at: Callable[[slice], Tensor], temperature: float,
-                    parts: list[slice]) -> tuple[Callable[[Tensor, Tensor, slice], Tensor], bool]:
-    """D(s_c, t_c, sl) -> [C] for one chunk of selected positions, exact for the batch-level criteria;
-    and whether the criterion must see every selected position at once (an unknown one)."""
-    crit = sel.criterion
-    fn, opts = unbind(crit)
-    if fn in POINTWISE:
-        return (lambda s, t, sl: crit(s, t, y[sl], temperature=temperature)), False
-    if fn is weighted:  # sum_t w_t KL_t / sum_t w_t per sequence: the factor needs only u and rows
-        if u is None:
-            raise ValueError("criterion 'weighted' needs a signal: w_t = u(t)")
-        scale = weighted_scale(u[rows, cols], rows)  #                                  [N]
-
-        def d_weighted(s: Tensor, t: Tensor, sl: slice) -> Tensor:
-            kl = forward_kl(s, t, y[sl], temperature=temperature)
-            return kl * scale[sl].to(kl.dtype)
-
-        return d_weighted, False
-    if fn is atkd:  # hard = the top hard_fraction of u_t = 1 - p_t(x_{t+1}) over all selected positions
-        hf, ew = opts["hard_fraction"], opts["easy_weight"]
-        if not 0.0 <= hf <= 1.0 or not 0.0 <= ew <= 1.0:
-            raise ValueError(f"atkd hard_fraction={hf!r}, easy_weight={ew!r}; both must be in [0, 1]")
-        hard = hard_mask(atkd_u(teacher_at, y, temperature, parts), hf)  #                bool[N]
-
-        def d_atkd(s: Tensor, t: Tensor, sl: slice) -> Tensor:
-            nc = nckd(s, t, y[sl], temperature)
-            return torch.where(hard[sl], (1.0 - ew) * (tckd(s, t, y[sl], temperature) + nc), ew * nc)
-
-        return d_atkd, False
-
-    def d_whole(s: Tensor, t: Tensor, sl: slice) -> Tensor:  # one chunk: the dense call
-        return crit(s, t, y[sl], temperature=temperature, row=rows[sl],
-                    u=u[rows[sl], cols[sl]] if u is not None else None)
-
-    return d_whole, True
-
-
-@torch.no_grad()
-def atkd_u(teacher_at: Callable[[slice], Tensor], y: Tensor, temperature: float, parts: list[slice]) -> Tensor:
-    """u_t = 1 - p_t(x_{t+1}) at every selected position, a no-grad first pass of the teacher head.  [N]"""
-    u_t = []
-    for sl in parts:
-        logp = torch.log_softmax(upcast(teacher_at(sl)) / temperature, dim=-1)  #      [C,V]
-        u_t.append(1.0 - logp.gather(1, y[sl].long().unsqueeze(-1)).squeeze(-1).exp())
-    return torch.cat(u_t) if u_t else torch.zeros(0, device=y.device)
 
 
 # ---- the selective student head with chunked gradients --------------------------------------
@@ -307,18 +241,17 @@ def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, 
                      teacher_at: Callable[[slice], Tensor], *, temperature: float, generator,
                      cached: SparseTarget | None, parts: list[slice]) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
     """D_C(p_t, q_t) on one chunk of selected positions, as `objective.divergence`: (s_c [C,V], sl) -> [C];
-    and whether it must run as one chunk."""
+    and whether it must run as one chunk (a criterion that declares it sees all positions at once)."""
+    crit = sel.criterion
     if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
-        order = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
-        order[labels != IGNORE] = torch.arange(int((labels != IGNORE).sum()), device=labels.device)
-        idx = order[rows, cols]  #                                                  [N]
-        return (lambda s, sl: sparse_forward_kl(s, cached.take(idx[sl]).to(s.device), temperature)), False
-    if sel.classes is not None:  # C_t subset of V, from the teacher's logits at the chunk
-        return (lambda s, sl: sparse_forward_kl(
+        D, idx = sparse_divergence(crit, "the teacher cache"), valid_order(labels)[rows, cols]  #   [N]
+        return (lambda s, sl: D(s, cached.take(idx[sl]).to(s.device), temperature)), False
+    if sel.classes is not None:  # C_t subset of V, drawn from the teacher's logits at the chunk
+        return (lambda s, sl: crit.sparse(
             s, sel.classes(teacher_at(sl), temperature=temperature, generator=generator), temperature)), False
-    d, one_chunk = chunk_criterion(sel, rows=rows, cols=cols, y=y, u=u, teacher_at=teacher_at,
-                                   temperature=temperature, parts=parts)
-    return (lambda s, sl: d(s, teacher_at(sl), sl)), one_chunk
+    u_sel = u[rows, cols] if u is not None else None
+    d = crit.over(Selected(y, rows, u_sel, teacher_at, tuple(parts), temperature))  # batch-level: prepared here
+    return (lambda s, sl: d(s, teacher_at(sl), sl)), crit.coupling == "all"
 
 
 def head_positions(sel: Selector, valid: Tensor, n: int, *, lam: float, cached) -> dict[str, float]:
@@ -327,8 +260,8 @@ def head_positions(sel: Selector, valid: Tensor, n: int, *, lam: float, cached) 
     scored = sel.signal is not None and not sel.signal.random
     teacher = n_valid if sel.needs_teacher_everywhere else 0
     if lam > 0 and cached is None:
-        atkd_pass = sel.classes is None and unbind(sel.criterion)[0] is atkd
-        teacher += n * (2 if atkd_pass else 1)
+        first_pass = sel.classes is None and "teacher" in sel.criterion.needs  # a prepare step's teacher pass
+        teacher += n * (2 if first_pass else 1)
     return {"head_positions_student": float(n + (n_valid if scored else 0)), "head_positions_teacher": float(teacher)}
 
 

@@ -11,27 +11,36 @@ on how it was split into micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sekd.selection import signals as S
-from sekd.selection.classes import SparseTarget, sparse_forward_kl
-from sekd.selection.policies import Draws
+from sekd.selection.classes import ClassSampler, SparseTarget
+from sekd.selection.criteria import Criterion, as_criterion, sparse_divergence
+from sekd.selection.policies import Draws, PolicyPiece, as_policy
 from sekd.tensors import IGNORE, upcast
 
 
 @dataclass
 class Selector:
-    """The position axis, class axis and criterion of one run, built once from config."""
+    """The position axis, class axis and criterion of one run, built once from config. Each piece says
+    what it is (its protocol); an undeclared callable is taken as the most careful kind (`as_policy`,
+    `as_criterion`), and a criterion that cannot consume the class axis' sparse target is refused here."""
 
     signal: S.Signal | None
-    policy: Callable[..., Draws]
-    criterion: Callable[..., Tensor]
+    policy: PolicyPiece
+    criterion: Criterion
     signal_normalization: str = "sum"
-    classes: Callable[..., SparseTarget] | None = None  # None: C_t = V (the dense teacher distribution)
+    classes: ClassSampler | None = None  # None: C_t = V (the dense teacher distribution)
+
+    def __post_init__(self):
+        self.policy = as_policy(self.policy)
+        self.criterion = as_criterion(self.criterion)
+        if self.classes is not None:
+            sparse_divergence(self.criterion, f"classes {self.classes.name!r}")
 
     @property
     def needs_teacher_everywhere(self) -> bool:
@@ -39,10 +48,10 @@ class Selector:
 
     def state_dict(self) -> dict[str, Any]:
         """Training state of a stateful policy (GLS's queue); {} for stateless ones."""
-        return {"policy": self.policy.state_dict()} if hasattr(self.policy, "state_dict") else {}
+        return {"policy": self.policy.state_dict()} if self.policy.stateful else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "policy" in state:
+        if self.policy.stateful and "policy" in state:
             self.policy.load_state_dict(state["policy"])
 
 
@@ -61,18 +70,26 @@ def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, temperature, generator, cached):
-    """D_C(p_t, q_t) at the selected positions (rows, cols).  -> [N]"""
+    """D_C(p_t, q_t) at the selected positions (rows, cols), all at once.  -> [N]"""
+    crit = sel.criterion
     if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
-        order = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
-        order[labels != IGNORE] = torch.arange(int((labels != IGNORE).sum()), device=labels.device)
-        return sparse_forward_kl(s_sel, cached.take(order[rows, cols]).to(s_sel.device), temperature)
+        D = sparse_divergence(crit, "the teacher cache")
+        return D(s_sel, cached.take(valid_order(labels)[rows, cols]).to(s_sel.device), temperature)
     if t_logits is None:
         raise ValueError("lam > 0 needs teacher logits or cached class targets")
     t_sel = t_logits[rows, cols]  #                                               [N,V]
-    if sel.classes is not None:  # C_t subset of V
-        return sparse_forward_kl(s_sel, sel.classes(t_sel, temperature=temperature, generator=generator), temperature)
+    if sel.classes is not None:  # C_t subset of V: the criterion's sparse form (Selector checked it has one)
+        return crit.sparse(s_sel, sel.classes(t_sel, temperature=temperature, generator=generator), temperature)
     u_sel = u[rows, cols] if u is not None else None
-    return sel.criterion(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
+    return crit(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
+
+
+def valid_order(labels: Tensor) -> Tensor:
+    """Each valid position's index in row-major valid order (the teacher cache's order), -1 elsewhere.  [B,T]"""
+    valid = labels != IGNORE
+    order = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+    order[valid] = torch.arange(int(valid.sum()), device=labels.device)
+    return order
 
 
 def selective_kd_loss(

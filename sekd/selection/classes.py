@@ -6,11 +6,16 @@ positions into a sparse target (ids, probabilities) over C_t:
   gradient, because the loss is linear in p~ and E[p~] = p.
 - `top_k_truncation`: the teacher's `top` classes, renormalized (a biased baseline).
 The divergence against a sparse target is `sparse_forward_kl`, with the student's full-vocabulary
-softmax (no renormalization over C_t).
+softmax (no renormalization over C_t); a criterion declares whether it consumes one (criteria.py).
+
+Each selector is registered as a `ClassSampler`, which declares what it is to a flow: it reads the
+teacher's logits at the selected positions (z_t [N,V]) and nothing else, and `random` says whether it
+draws from the generator on each call (so a flow that calls it chunk by chunk draws in chunk order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -66,7 +71,34 @@ class TruncationOptions:
         at_least("top", self.top, 1)
 
 
-@CLASSES.register("rs_kd", options=RSKDOptions)
+@dataclass(frozen=True)
+class ClassSampler:
+    """A registered class selector: (z_t [N,V], *, temperature, generator) -> p~ over C_t [N,K]."""
+
+    name: str
+    fn: Callable[..., SparseTarget]
+    random: bool  # draws from the generator on each call
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, t: Tensor, **kw: Any) -> SparseTarget:
+        return self.fn(t, **{**self.options, **kw})
+
+    def bind(self, **options: Any) -> "ClassSampler":
+        return replace(self, options=dict(options))
+
+
+def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callable], ClassSampler]:
+    """Register `fn` as the class selector `name`, with what it declares (see `ClassSampler`)."""
+
+    def add(fn: Callable[..., SparseTarget]) -> ClassSampler:
+        piece = ClassSampler(name, fn, random)
+        CLASSES.register(name, options=options)(piece)
+        return piece
+
+    return add
+
+
+@class_sampler("rs_kd", RSKDOptions, random=True)
 def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]"""
     from sekd.cache.draws import rs_kd_draws, to_sparse
@@ -76,7 +108,7 @@ def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=N
     return SparseTarget(ids_pad.to(t.device), probs_pad.to(t.device), mask.to(t.device))
 
 
-@CLASSES.register("top_k_truncation", options=TruncationOptions)
+@class_sampler("top_k_truncation", TruncationOptions, random=False)
 def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = upcast(t)
@@ -84,7 +116,7 @@ def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, gene
     return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
 
 
-def build_classes(name: str, **opts):
+def build_classes(name: str, **opts) -> ClassSampler | None:
     """None for `full` (the dense distribution), else the bound class selector."""
     if name == "full":
         return None

@@ -5,6 +5,13 @@ A criterion maps flat selected positions to a divergence each:
 `row` (the sequence of each position) and `u` (its score) are there for batch-level criteria
 (AT-KD's hard/easy split, weighted KD); simple divergences ignore them.
 
+Each is registered as a `Criterion`, which declares how it couples positions (so a flow that cuts the
+selected positions into chunks knows what it may do) and whether it consumes a sparse class target:
+- pointwise: D_t depends on position t alone; any chunking is exact (forward_kl, reverse_kl, dkd).
+- batch: D_t also depends on batch-level quantities, computed by the criterion's `prepare` step in a
+  first no-grad pass over all selected positions; given them, D is pointwise again (atkd: the hard/easy
+  split by the teacher's target probability; weighted: the per-sequence normalization of u).
+
 No criterion multiplies by T^2: the objective does (l(t) = lam T^2 D + ...).
 The objective averages D over each sequence's selected positions, L_i = sum_t m_t w_t D_t / sum_t m_t;
 batch-level criteria return per-position values whose mean gives their formula.
@@ -12,15 +19,126 @@ batch-level criteria return per-position values whose mean gives their formula.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from sekd.registry import NoOptions, OptionError, Registry, at_least, in_range
+from sekd.selection.classes import sparse_forward_kl
 from sekd.tensors import upcast
 
 CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
+
+COUPLINGS = ("pointwise", "batch", "all")
+NEEDS = {"u": "the scores u(t) at the selected positions", "teacher": "a no-grad teacher pass over them"}
+
+ChunkD = Callable[[Tensor, Tensor, slice], Tensor]  # (s_c [C,V], t_c [C,V], sl) -> D at positions sl  [C]
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A batch's selected positions, as a batch-level criterion's prepare step sees them (no grad)."""
+
+    y: Tensor  # x_{t+1}                                                                   [N]
+    row: Tensor  # the sequence of each position                                           [N]
+    u: Tensor | None  # u(t), None without a signal                                        [N]
+    teacher: Callable[[slice], Tensor]  # z_t at positions [sl], no grad (a selective head)  -> [C,V]
+    parts: tuple[slice, ...]  # the chunks the flow reads positions in
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered D and what it declares about itself; calling it is the dense flow's D on the positions
+    passed in, as one batch.
+
+    coupling: "pointwise" (D_t from position t alone), "batch" (needs `prepare`: a first no-grad pass over
+      the selected positions, reading `needs` of NEEDS, returns the pointwise D of this batch), or "all"
+      (must see every selected position at once: only what `as_criterion` makes of an undeclared callable).
+    sparse: D against a sparse class target p~ over C_t, (s [N,V], SparseTarget, temperature) -> [N];
+      None: the criterion cannot use one (classes other than full, or the teacher cache, are refused).
+    (A closed-form gradient per chunk would be one more optional declaration here.)
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    coupling: str = "pointwise"
+    needs: frozenset[str] = frozenset()
+    prepare: Callable[..., ChunkD] | None = None  # (Selected, **options) -> ChunkD
+    sparse: Callable[..., Tensor] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"criterion {self.name!r}: coupling={self.coupling!r}; allowed: {', '.join(COUPLINGS)}")
+        if self.coupling == "batch" and self.prepare is None:
+            raise ValueError(f"criterion {self.name!r} is batch-level but declares no prepare step: a chunked "
+                             f"flow could only run it as one [N,V] chunk")
+        if self.coupling != "batch" and (self.prepare is not None or self.needs):
+            raise ValueError(f"criterion {self.name!r}: only a batch-level criterion has a prepare step and needs")
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"criterion {self.name!r} needs {sorted(unknown)}; known: {', '.join(NEEDS)}")
+
+    def __call__(self, s: Tensor, t: Tensor, y: Tensor, **kw: Any) -> Tensor:
+        return self.fn(s, t, y, **{**self.options, **kw})
+
+    def bind(self, **options: Any) -> "Criterion":
+        return replace(self, options=dict(options))
+
+    def over(self, sel: Selected) -> ChunkD:
+        """D chunk by chunk over `sel`'s positions, exact under any chunking (one chunk for coupling "all")."""
+        T = sel.temperature
+        if self.coupling == "pointwise":
+            return lambda s, t, sl: self(s, t, sel.y[sl], temperature=T)
+        if self.coupling == "batch":
+            if "u" in self.needs and sel.u is None:
+                raise ValueError(f"criterion {self.name!r} needs a signal: it reads u(t)")
+            return self.prepare(sel, **self.options)
+        return lambda s, t, sl: self(s, t, sel.y[sl], temperature=T, row=sel.row[sl],
+                                     u=sel.u[sl] if sel.u is not None else None)
+
+
+def criterion(name: str, options: type = NoOptions, **declared: Any) -> Callable[[Callable], Criterion]:
+    """Register `fn` as the criterion `name`, with what it declares (see `Criterion`)."""
+
+    def add(fn: Callable[..., Tensor]) -> Criterion:
+        piece = Criterion(name, fn, **declared)
+        CRITERIA.register(name, options=options)(piece)
+        return piece
+
+    return add
+
+
+def as_criterion(fn: Callable[..., Tensor]) -> Criterion:
+    """A registered criterion as it is; an undeclared callable (s, t, y, *, temperature, row, u) -> [N]
+    may couple positions in any way, so it is declared to see all of them at once."""
+    if isinstance(fn, Criterion):
+        return fn
+    return Criterion(getattr(fn, "__name__", "criterion"), fn, coupling="all")
+
+
+def sparse_capable() -> list[str]:
+    """The registered criteria that consume a sparse class target."""
+    return [n for n in CRITERIA.names() if CRITERIA.get(n).sparse is not None]
+
+
+def sparse_divergence(crit: Criterion, source: str) -> Callable[..., Tensor]:
+    """crit's D against a sparse class target from `source`; refused where it declares none."""
+    if crit.sparse is None:
+        raise ValueError(f"criterion {crit.name!r} cannot use a sparse class target ({source}); "
+                         f"choose one of: {', '.join(sparse_capable())}")
+    return crit.sparse
+
+
+@torch.no_grad()
+def teacher_target_prob(sel: Selected) -> Tensor:
+    """p_t(x_{t+1}) at temperature T at every selected position, from a no-grad teacher pass.  [N]"""
+    p = [_log_softmax(sel.teacher(sl), sel.temperature).gather(1, sel.y[sl].long().unsqueeze(-1)).squeeze(-1).exp()
+         for sl in sel.parts]
+    return torch.cat(p) if p else torch.zeros(0, device=sel.y.device)
 
 
 def _log_softmax(z: Tensor, temperature: float) -> Tensor:
@@ -35,13 +153,13 @@ def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
-@CRITERIA.register("forward_kl", options=NoOptions)
+@criterion("forward_kl", sparse=sparse_forward_kl)
 def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
     return _kl_from_logp(_log_softmax(t, temperature), _log_softmax(s, temperature))
 
 
-@CRITERIA.register("reverse_kl", options=NoOptions)
+@criterion("reverse_kl")
 def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
     return _kl_from_logp(_log_softmax(s, temperature), _log_softmax(t, temperature))
@@ -89,7 +207,7 @@ class DKDOptions:
             raise OptionError("beta", self.beta, "> 0 when alpha=0 (the loss would be 0)")
 
 
-@CRITERIA.register("dkd", options=DKDOptions)
+@criterion("dkd", options=DKDOptions)
 def dkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
         row=None, u=None) -> Tensor:
     """D = alpha * TCKD + beta * NCKD (Zhao et al. 2022), at temperature T; the objective adds T^2."""
@@ -119,7 +237,20 @@ class ATKDOptions:
         in_range("easy_weight", self.easy_weight, 0, 1)
 
 
-@CRITERIA.register("atkd", options=ATKDOptions)
+def atkd_prepare(sel: Selected, *, hard_fraction: float, easy_weight: float) -> ChunkD:
+    """AT-KD's split over the batch: hard = the top hard_fraction of u_t = 1 - p_t(x_{t+1}) over all
+    selected positions (a no-grad teacher pass); then D_t is pointwise."""
+    hard = hard_mask(1.0 - teacher_target_prob(sel), hard_fraction)  #                     bool[N]
+
+    def d_atkd(s: Tensor, t: Tensor, sl: slice) -> Tensor:
+        y, T = sel.y[sl], sel.temperature
+        nc = nckd(s, t, y, T)
+        return torch.where(hard[sl], (1.0 - easy_weight) * (tckd(s, t, y, T) + nc), easy_weight * nc)
+
+    return d_atkd
+
+
+@criterion("atkd", options=ATKDOptions, coupling="batch", needs=frozenset({"teacher"}), prepare=atkd_prepare)
 def atkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, hard_fraction: float = 0.5,
          easy_weight: float = 0.2, row=None, u=None) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
@@ -153,7 +284,18 @@ def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
     return torch.where(W[row] > 0, n[row] * w / W[row].clamp_min(1e-300), torch.ones_like(w))
 
 
-@CRITERIA.register("weighted", options=NoOptions)
+def weighted_prepare(sel: Selected) -> ChunkD:
+    """Weighted KD's factor n_i w_t / sum_{t' in i} w_t' needs only u and the rows; then D_t is pointwise."""
+    scale = weighted_scale(sel.u, sel.row)  #                                                  [N]
+
+    def d_weighted(s: Tensor, t: Tensor, sl: slice) -> Tensor:
+        kl = forward_kl(s, t, sel.y[sl], temperature=sel.temperature)
+        return kl * scale[sl].to(kl.dtype)
+
+    return d_weighted
+
+
+@criterion("weighted", coupling="batch", needs=frozenset({"u"}), prepare=weighted_prepare)
 def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """D_t = n_i w_t KL_t / sum_{t' in i} w_t', w_t = u(t) detached, n_i = positions of sequence i passed in,
     so the objective's per-sequence mean gives sum_t w_t KL_t / sum_t w_t. Meant for unit-weight policies

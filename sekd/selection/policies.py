@@ -3,16 +3,20 @@
 A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
 selected positions in draw order with one weight each (repeats allowed for sampling policies).
 All take keyword options bound at build time (k, Q, S, tau, coverage), plus `generator` and `step`
-at call time. A policy with state (GLS's queue) is a class with `state_dict`/`load_state_dict`.
-All randomness comes from the passed CPU `generator`; no global RNG.
+at call time. All randomness comes from the passed CPU `generator`; no global RNG.
+
+Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws from the generator),
+`stepped` (it reads the optimizer step: curriculum's window) and `stateful` (it keeps state that goes
+into the checkpoint: GLS's queue, a class with `state_dict`/`load_state_dict`). Stateless policies are
+plain functions registered as a `Policy`.
 
 The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -60,6 +64,55 @@ class Draws:
         K = int(mask.sum(-1).max().item()) if mask.numel() else 0
         order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[:, :K]
         return Draws(index.gather(1, order), weight.gather(1, order), mask.gather(1, order))
+
+
+# ---- what a policy declares -----------------------------------------------------------------
+
+
+@runtime_checkable
+class PolicyPiece(Protocol):
+    """(u [B,T], valid [B,T], *, generator, step) -> Draws, and what the policy declares about itself."""
+
+    name: str
+    random: bool  # draws from the generator
+    stepped: bool  # reads the optimizer step
+    stateful: bool  # keeps state for the checkpoint (state_dict / load_state_dict)
+
+    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A stateless registered policy: a plain function and its declared traits."""
+
+    name: str
+    fn: Callable[..., Draws]
+    random: bool = False
+    stepped: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stateful: ClassVar[bool] = False
+
+    def __call__(self, u: Tensor, valid: Tensor, **kw: Any) -> Draws:
+        return self.fn(u, valid, **{**self.options, **kw})
+
+    def bind(self, **options: Any) -> "Policy":
+        return replace(self, options=dict(options))
+
+
+def policy(name: str, options: type, *, random: bool = False, stepped: bool = False) -> Callable[[Callable], Policy]:
+    """Register the function as the stateless policy `name`, with what it declares."""
+
+    def add(fn: Callable[..., Draws]) -> Policy:
+        piece = Policy(name, fn, random=random, stepped=stepped)
+        POLICIES.register(name, options=options)(piece)
+        return piece
+
+    return add
+
+
+def as_policy(fn: Callable[..., Draws]) -> PolicyPiece:
+    """A registered policy as it is; an undeclared callable as a stateless, deterministic `Policy`."""
+    return fn if isinstance(fn, PolicyPiece) else Policy(getattr(fn, "__name__", "policy"), fn)
 
 
 # ---- options, declared at registration (checked by POLICIES.check_kwargs / build) --------------
@@ -153,13 +206,13 @@ def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
 # ---- deterministic policies -----------------------------------------------------------------
 
 
-@POLICIES.register("all", options=NoOptions)
+@policy("all", NoOptions)
 def all_positions(u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
     """m_t = valid(t): Full KD."""
     return Draws.from_mask(valid)
 
 
-@POLICIES.register("top_k", options=BudgetOptions)
+@policy("top_k", BudgetOptions)
 def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
     """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
     rank = masked_rank(u, valid)
@@ -167,7 +220,7 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("random", options=BudgetOptions)
+@policy("random", BudgetOptions, random=True)
 def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement."""
     noise = uniform(valid.shape, generator, valid.device, who="random policy").masked_fill(~valid, -1.0)
@@ -176,7 +229,7 @@ def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("curriculum", options=CurriculumOptions)
+@policy("curriculum", CurriculumOptions, stepped=True)
 def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=None, step: int = 0) -> Draws:
     """pi = min(1, step / S); the n_sel positions at ascending-u ranks [floor((n_valid - n_sel) pi), +n_sel).
 
@@ -203,6 +256,11 @@ class GLS:
     only, so it never sets its own threshold; while the queue is empty (the first batch, or until a
     batch with a valid position arrives) GLS falls back to top_k. A sequence may get no position.
     """
+
+    name: ClassVar[str] = "gls"
+    random: ClassVar[bool] = False
+    stepped: ClassVar[bool] = False
+    stateful: ClassVar[bool] = True  # the queue goes into the checkpoint
 
     def __init__(self, *, k: float, Q: int = 30_000):
         if int(Q) < 1:
@@ -298,7 +356,7 @@ def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> D
     return Draws.cat(det, sampled)
 
 
-@POLICIES.register("pos_rs", options=PosRSOptions)
+@policy("pos_rs", PosRSOptions, random=True)
 def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
            generator=None, step: int = 0) -> Draws:
     """Pos RS-KD: K = n_sel draws i.i.d. from q(t) = w(t) / sum_j w(j), w = u^(1/tau); weight 1 each.
@@ -311,7 +369,7 @@ def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: fl
     return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=False, who="pos_rs")
 
 
-@POLICIES.register("pos_rs_star", options=PosRSOptions)
+@policy("pos_rs_star", PosRSOptions, random=True)
 def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
                 generator=None, step: int = 0) -> Draws:
     """Pos RS-KD*: pos_rs's draws, each weighted 1 / (n_valid q(t)); E[L_i] = mean_t l(t) (Full KD).

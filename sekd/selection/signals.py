@@ -27,10 +27,13 @@ CE_RATIO_EPS = 1e-6
 
 @dataclass(frozen=True)
 class Signal:
-    """A named sum of per-position terms; `needs_teacher` means teacher logits at every position."""
+    """A named sum of per-position terms, and what it declares to a flow: with `terms`, u(t) is pointwise
+    (any chunking of positions gives the same terms; only the per-sequence normalization, `normalize`,
+    needs the whole row); `needs_teacher`: the teacher's logits at every valid position, not only the
+    selected ones; `random`: u(t) is drawn from the generator ([B,T] uniforms), not computed from logits."""
 
     name: str
-    terms: tuple[Callable[..., Tensor], ...]
+    terms: tuple[Callable[..., Tensor], ...]  # (s [N,V], t [N,V] | None, y [N], *, temperature) -> [N]
     needs_teacher: bool
     random: bool = False
 
@@ -129,7 +132,7 @@ signal("random", needs_teacher=False, random=True)
 NORMALIZATIONS = ("sum", "zscore", "minmax")
 
 
-def _normalize(x: Tensor, valid: Tensor, how: str) -> Tensor:
+def normalize(x: Tensor, valid: Tensor, how: str) -> Tensor:
     """Per-sequence normalization of one term over its valid positions.  [B,T] -> [B,T]"""
     if how == "sum":
         return x
@@ -185,5 +188,5 @@ def score(
     for term in score_terms(sig, s, t, y, temperature=temperature):  # [N] each
         x = torch.zeros(B, T, dtype=torch.float32, device=labels.device)
         x[rows, cols] = term
-        u = u + _normalize(x, valid, normalization)
+        u = u + normalize(x, valid, normalization)
     return u.masked_fill(~valid, float("-inf"))
