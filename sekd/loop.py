@@ -260,8 +260,9 @@ class Trainer:
         return loss_sum * scale, sel_pos, valid_pos
 
     # -- the loop ----------------------------------------------------------------------------
-    def step(self, stream) -> tuple[float, float, float, float]:
-        """One optimizer step over one effective batch; returns its loss, grad norm and position counts."""
+    def step(self, stream) -> tuple[float, torch.Tensor, float, float]:
+        """One optimizer step over one effective batch; returns its loss, grad norm (a tensor: reading it
+        waits for the device, so only logged steps do) and position counts."""
         loss, sel_pos, valid_pos = self.accumulate(stream)
         gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm)
                  if self.t.max_grad_norm else torch.tensor(float("nan")))
@@ -270,10 +271,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.prog.step += 1
         self.prog.tokens_supervised += int(sel_pos)
-        return loss, float(gnorm), sel_pos, valid_pos
+        return loss, gnorm, sel_pos, valid_pos
 
-    def log(self, loss: float, gnorm: float, sel_pos: float, valid_pos: float, sec_per_step: float) -> None:
-        row = {"step": self.prog.step, "loss": loss, "grad_norm": gnorm, "lr": self.sched.get_last_lr()[0],
+    def log(self, loss: float, gnorm: torch.Tensor, sel_pos: float, valid_pos: float, sec_per_step: float) -> None:
+        row = {"step": self.prog.step, "loss": loss, "grad_norm": float(gnorm), "lr": self.sched.get_last_lr()[0],
                "sel_frac": sel_pos / max(valid_pos, 1), "tokens_seen": self.prog.tokens_seen,
                "tokens_supervised": self.prog.tokens_supervised, "sec_per_step": sec_per_step}
         self.run.log_metrics(row)

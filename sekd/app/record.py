@@ -5,13 +5,16 @@ import os
 import resource
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sekd.app.scoring import scored_model
 from sekd.run import resolved
 
+if TYPE_CHECKING:
+    from sekd.app.compose import Job
 
-def build_record(job, stats: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+
+def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """The run's config (an ${oc.env:...} value stays its text), metrics, training stats and costs, and
     where and when it ran."""
     from sekd.run import git_commit
@@ -40,7 +43,7 @@ def stats_fields(stats: dict[str, Any]) -> dict[str, Any]:
             "on_policy_batches": stats.get("on_policy_batches", 0)}
 
 
-def summary_line(job, record: dict[str, Any]) -> str:
+def summary_line(job: Job, record: dict[str, Any]) -> str:
     """What the run prints last: where its record went and its headline metrics."""
     return (f"sekd: {job.cfg.preset} seed={job.cfg.seed} -> {job.run.record}  " +
             "  ".join(f"{k}={v:.3g}" for k, v in record["metrics"].items() if k in ("acc", "ppl", "ece")))

@@ -3,10 +3,13 @@ the score_* modes) through its eval suite; the metrics go to the record and to w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sekd.app.compose import Job
 
 
-def scored_model(job) -> str:
+def scored_model(job: Job) -> str:
     """The model this run scores."""
     mode = job.cfg.mode
     if mode == "distill":
@@ -14,14 +17,14 @@ def scored_model(job) -> str:
     return job.student_path if mode == "score_student" else job.teacher_path
 
 
-def score(job, tracker) -> dict[str, Any]:
+def score(job: Job, tracker) -> dict[str, Any]:
     """lm-eval over eval.suite (nothing for eval=none); raw outputs go under the run's scores folder."""
     metrics = run_suite(job) if job.cfg.eval.suite != "none" else {}
     tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
     return metrics
 
 
-def run_suite(job) -> dict[str, Any]:
+def run_suite(job: Job) -> dict[str, Any]:
     from sekd.evaluation.score import score_checkpoint
     from sekd.evaluation.suites import GSM8K_HELD_OUT
     from sekd.models import pick_device

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -16,8 +16,11 @@ from sekd.config import source_options
 from sekd.errors import ConfigError
 from sekd.io import atomic_write_json
 
+if TYPE_CHECKING:
+    from sekd.app.compose import Job
 
-def train(job, tracker) -> dict[str, Any]:
+
+def train(job: Job, tracker) -> dict[str, Any]:
     """The run's training stats: distilled now, or read back from an earlier job that trained this
     student. Two sweeps scoring the same student (T2 on test, V1 on validation) may both reach here at
     once: one trains, the other waits and then only scores. The lock file goes on release (a crashed
@@ -37,7 +40,7 @@ def train(job, tracker) -> dict[str, Any]:
         return timed_distill(job, tracker)
 
 
-def timed_distill(job, tracker) -> dict[str, Any]:
+def timed_distill(job: Job, tracker) -> dict[str, Any]:
     """distill, with train_time_s the distillation alone: pretraining the pair, the sample pre-pass and
     the cache build are costs of their own."""
     t0 = time.time()
@@ -87,7 +90,7 @@ class Parts:
         "cache_build_seconds": 0.0, "cache": None})
 
 
-def distill(job, tracker) -> dict[str, Any]:
+def distill(job: Job, tracker) -> dict[str, Any]:
     """Select samples, get class targets, train the student with the run's selective KD; save it in
     Hugging Face format under run/model. Returns training stats and costs (Table 7's columns)."""
     parts = build_parts(job)
@@ -99,7 +102,7 @@ def distill(job, tracker) -> dict[str, Any]:
     return train_stats(parts, prog, cache)
 
 
-def build_parts(job) -> Parts:
+def build_parts(job: Job) -> Parts:
     """The train split, the selector and the student (fp32 master weights; autocast computes), seeded
     in this order so a run's numbers do not move."""
     import torch
@@ -118,7 +121,7 @@ def build_parts(job) -> Parts:
                  data=data, available=len(data))
 
 
-def pick_samples(job, parts: Parts) -> None:
+def pick_samples(job: Job, parts: Parts) -> None:
     """The sample axis: s_i from a pre-pass of the frozen initial student (and teacher) or at random;
     keeps the picked samples in parts.data and says which in samples.json."""
     from sekd.data.dataset import tokenizer_signature
@@ -143,7 +146,7 @@ def pick_samples(job, parts: Parts) -> None:
                        prepass_forward_tokens=picked.forward_tokens)
 
 
-def fit(job, parts: Parts, cache, tracker):
+def fit(job: Job, parts: Parts, cache, tracker):
     """The training loop over the kept samples; the teacher runs only where no cache stands in for it."""
     from sekd.loop import SelectionTrace, Trainer
 
@@ -257,7 +260,7 @@ def cache_expectation(cfg: DictConfig, teacher_path: str | None, tok, data=None)
     return expect
 
 
-def open_teacher_cache(job, parts: Parts):
+def open_teacher_cache(job: Job, parts: Parts):
     """The run's offline teacher cache, for the samples it trains on. `auto` builds (or finishes) one
     keyed by its whole signature, the seed and these samples included; a folder is opened as it is (its
     data was checked against the whole train split before the models loaded). Either way a mismatch is
