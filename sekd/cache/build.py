@@ -14,7 +14,7 @@ Draws use a generator seeded by (sample id, seed) only; shard membership is int(
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from filelock import FileLock, Timeout
@@ -137,44 +137,78 @@ def build_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    teacher = teacher.to(device).eval()
-    width = teacher.get_output_embeddings().weight.shape[0]
-    vocab_size = int(vocab_size or width)
-    if vocab_size > width:
-        raise ValueError(f"vocab_size={vocab_size} exceeds the teacher's {width} logits")
-    first: dict[str, int] = {}
-    for r, sid in enumerate(data.sample_ids):
-        first.setdefault(sid, r)  # identical windows have one id and one entry
+    teacher, vocab_size = _ready_teacher(teacher, device, vocab_size)
+    first = first_rows(data)
     sig = make_signature(teacher_name=teacher_name, tokenizer_sig=tokenizer_sig, vocab_size=vocab_size,
                          temperature=temperature, n_draws=n_draws, seed=seed, sample_ids=list(first),
                          seq_len=data.seq_len, num_shards=num_shards,
                          teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
                          device_type=device.type)
     _merge_manifest(out, sig, len(first), None)  # refuses a folder of another signature before any work
+    members = shard_members(first, _checked_shards(shards, num_shards), num_shards)
+    draw = {"n_draws": n_draws, "temperature": temperature, "seed": seed, "vocab_size": vocab_size,
+            "batch_size": batch_size, "device": device}
+    with tqdm(total=sum(len(m) for m in members.values()), unit="sample", desc=f"cache {out.name}",
+              disable=not progress, leave=False) as bar:
+        _each_shard_once(out, sorted(members), lambda i: _build_shard(
+            out, i, members[i], sig, len(first), teacher, data, bar, **draw))
+    return read_manifest(out)
+
+
+def _ready_teacher(teacher, device: torch.device, vocab_size: int | None):
+    """The teacher on `device` in eval mode, and the vocabulary to draw from (default: all its logits)."""
+    teacher = teacher.to(device).eval()
+    width = teacher.get_output_embeddings().weight.shape[0]
+    vocab_size = int(vocab_size or width)
+    if vocab_size > width:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the teacher's {width} logits")
+    return teacher, vocab_size
+
+
+def first_rows(data: PackedData) -> dict[str, int]:
+    """sample id -> its first row: identical windows have one id, and one entry in the cache."""
+    first: dict[str, int] = {}
+    for r, sid in enumerate(data.sample_ids):
+        first.setdefault(sid, r)
+    return first
+
+
+def _checked_shards(shards: list[int] | None, num_shards: int) -> list[int]:
     todo = sorted(set(range(num_shards) if shards is None else shards))
     if any(not 0 <= i < num_shards for i in todo):
         raise ValueError(f"shards must be in [0, {num_shards}), got {todo}")
+    return todo
+
+
+def shard_members(first: dict[str, int], todo: list[int], num_shards: int) -> dict[int, list[int]]:
+    """shard -> the rows it holds (by sample id, sorted), for the shards in `todo`."""
     members: dict[int, list[int]] = {i: [] for i in todo}
     for sid, r in sorted(first.items()):
         s = shard_of(sid, num_shards)
         if s in members:
             members[s].append(r)
-    bar = tqdm(total=sum(len(m) for m in members.values()), unit="sample", desc=f"cache {out.name}",
-               disable=not progress, leave=False)
+    return members
 
-    def build_one(i: int) -> None:
-        if _done(out, i, num_shards):
-            bar.update(len(members[i]))
-            return
-        blob, counts = shard_bytes(teacher, data, members[i], n_draws=n_draws, temperature=temperature, seed=seed,
-                                   vocab_size=vocab_size, batch_size=batch_size, device=device, bar=bar)
-        path = out / shard_name(i, num_shards)
-        atomic_write_bytes(path, blob)
-        entry = {"index": i, "file": path.name, "sha256": file_sha256(path), "bytes": len(blob), **counts}
-        _merge_manifest(out, sig, len(first), entry)
 
+def _build_shard(out: Path, i: int, rows: list[int], sig: dict[str, Any], n_samples: int, teacher,
+                 data: PackedData, bar, **draw: Any) -> None:
+    """Shard i, unless the manifest already holds it intact: encoded, written atomically, then entered."""
+    num_shards = sig["num_shards"]
+    if _done(out, i, num_shards):
+        bar.update(len(rows))
+        return
+    blob, counts = shard_bytes(teacher, data, rows, bar=bar, **draw)
+    path = out / shard_name(i, num_shards)
+    atomic_write_bytes(path, blob)
+    entry = {"index": i, "file": path.name, "sha256": file_sha256(path), "bytes": len(blob), **counts}
+    _merge_manifest(out, sig, n_samples, entry)
+
+
+def _each_shard_once(out: Path, todo: list[int], build: Callable[[int], None]) -> None:
+    """build(i) for every shard, each under its lock: first the shards no other builder holds, then
+    (waiting for their locks) the others, so a shard whose builder died is built here."""
     deferred = []
-    for i in todo:  # first pass: skip shards another builder holds
+    for i in todo:
         lock = _shard_lock(out, i)
         try:
             lock.acquire(timeout=0)
@@ -182,11 +216,9 @@ def build_cache(
             deferred.append(i)
             continue
         try:
-            build_one(i)
+            build(i)
         finally:
             lock.release()
-    for i in deferred:  # then wait for them; build any whose builder died
+    for i in deferred:
         with _shard_lock(out, i):
-            build_one(i)
-    bar.close()
-    return read_manifest(out)
+            build(i)
