@@ -145,8 +145,3 @@ def build_arith_task(
 
         problems = arith_problems(split)
     return build_exact_match_task(problems, cache_dir, name=arith_task_name(split), max_gen_toks=max_gen_toks)
-
-
-def load_problems(folder: str | os.PathLike) -> list[dict]:
-    """The built rows {question, answer, final}, for inspection and tests."""
-    return [json.loads(line) for line in (Path(folder) / DATA_FILE).read_text().splitlines()]

@@ -179,9 +179,3 @@ def lm_eval_tasks(suite: Suite, task_manager: Any) -> list[str | dict[str, Any]]
                   for k, v in overrides.items()}  # a dict override updates the base's dict (generation_kwargs)
         out.append({**cfg, **merged, "task": name})
     return out
-
-
-def base_task_names(suite: Suite) -> list[str]:
-    """The built-in lm-eval task behind each of the suite's tasks."""
-    return [suite.derived[t][0] if t in suite.derived else t for t in suite.tasks]
-

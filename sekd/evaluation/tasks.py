@@ -222,12 +222,3 @@ def build_tasks(
     # the cache may have been moved since it was built: keep data paths absolute and current
     _write_configs(folder, folder, split)
     return EmbeddedTasks(folder, f"sekd_choice_{split}", f"sekd_lastword_{split}")
-
-
-def load_items(tasks: EmbeddedTasks) -> tuple[list[dict], list[dict]]:
-    """The built items (choice, lastword), for inspection and tests."""
-
-    def read(name: str) -> list[dict]:
-        return [json.loads(line) for line in (tasks.include_path / name).read_text().splitlines()]
-
-    return read("choice.jsonl"), read("lastword.jsonl")

@@ -11,7 +11,6 @@ from sekd.evaluation.generation import (
     arith_task_name,
     build_arith_task,
     build_exact_match_task,
-    load_problems,
 )
 from sekd.evaluation.score import score_checkpoint
 from sekd.evaluation.suites import get_suite
@@ -43,7 +42,7 @@ def task(built):
 
 
 def test_build_writes_data_and_yaml(built, tmp_path):
-    rows = load_problems(built)
+    rows = [json.loads(line) for line in (built / DATA_FILE).read_text().splitlines()]
     assert [r["question"] for r in rows] == [p["question"].strip() for p in PROBLEMS]
     assert [r["final"] for r in rows] == ["7", "1234", "-3", "42", "18"]
     cfg = yaml.safe_load((built / "sekd_arith_x.yaml").read_text())

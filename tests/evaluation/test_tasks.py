@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -5,7 +6,16 @@ import pytest
 import yaml
 
 from sekd.data.corpus import load_split
-from sekd.evaluation.tasks import TaskParams, build_tasks, content_hash, load_items, prose_runs
+from sekd.evaluation.tasks import EmbeddedTasks, TaskParams, build_tasks, content_hash, prose_runs
+
+
+def load_items(tasks: EmbeddedTasks) -> tuple[list[dict], list[dict]]:
+    """The built items (choice, lastword), read back from the task folder."""
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tasks.include_path / name).read_text().splitlines()]
+
+    return read("choice.jsonl"), read("lastword.jsonl")
 
 
 def fold(text: str) -> str:
