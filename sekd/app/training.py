@@ -126,7 +126,8 @@ def pick_samples(job: Job, parts: Parts) -> None:
     keeps the picked samples in parts.data and says which in samples.json."""
     from sekd.data.dataset import tokenizer_signature
     from sekd.models import model_signature
-    from sekd.selection.samples import SAMPLERS, select_samples
+    from sekd.scores import select_samples
+    from sekd.selection.samples import SAMPLERS
 
     cfg, s = job.cfg, job.cfg.samples
     if s.name == "all":
