@@ -24,6 +24,10 @@ from sekd.io import atomic_write_json, atomic_write_text, sweep_tmp
 # Keys that do not change a run's result: left out of the config hash that names its folder.
 UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
+# Keys the schema (sekd/schema.py) declares that some group's YAML leaves out (model.task: only the embedded
+# pair has one): null there means what the key's absence meant, so it is left out of the hash too, and the
+# schema moved no run folder.
+NULL_IS_ABSENT = ("model.task",)
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -72,6 +76,10 @@ def _env_as_text(cfg: DictConfig) -> DictConfig:
 def _hash(tree: dict) -> str:
     for key in UNHASHED:
         _drop(tree, key)
+    for key in NULL_IS_ABSENT:
+        group, _, leaf = key.rpartition(".")
+        if leaf in (tree.get(group) or {}) and tree[group][leaf] is None:
+            _drop(tree, key)
     return content_key(tree, 12)
 
 

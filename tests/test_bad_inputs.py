@@ -51,11 +51,19 @@ ROWS = [
     (["force=maybe"], "force='maybe' must be true or false", False),
     (["model.trust_remote_code=yes"], "model.trust_remote_code='yes' must be true or false", False),
     (["preset=a/b"], "preset='a/b' must be a plain name", False),
+    # a value of the wrong type, refused by Hydra against the schema (sekd/schema.py) while composing
+    (["train.lr=abc"], "train.lr='abc' must be a number", CLI),
+    (["data.seq_len=abc"], "data.seq_len='abc' must be an integer > 0", False),
+    (["eval.limit=1.5"], "eval.limit=1.5 must be an integer", False),
+    (["train.betas=abc"], "train.betas='abc' must be a list", False),
+    (["regime=on_policy", "data=arith", "regime.mix=2"], "regime.mix=2.0 must be a fraction in [0, 1]", False),
     # unknown keys, set or appended, in a single run or a multirun: the allowed keys of their node
     (["train.learning_rate=0.1"], f"unknown key 'train.learning_rate'; {TRAIN_KEYS}", CLI),
     (["+train.learning_rate=0.1"], f"unknown key 'train.learning_rate'; {TRAIN_KEYS}", CLI),
     (["-m", "train.learning_rate=0.1", "seed=1,2"], f"unknown key 'train.learning_rate'; {TRAIN_KEYS}", CLI),
     (["model.nam=x"], "unknown key 'model.nam'; allowed in model: embedded, name,", False),
+    (["regime.mix=0.5"], "unknown key 'regime.mix'; allowed in regime: name", False),  # off-policy has no mix
+    (["+eval.suit=paper"], "unknown key 'eval.suit'; allowed in eval: batch_size, device, limit,", False),
     (["learning_rate=0.1"], "unknown key 'learning_rate'; allowed in the top level: classes, criterion,", False),
     (["hydra.job.nam=x"], "unknown key 'hydra.job.nam'; allowed in hydra.job: chdir,", False),
     # what Hydra refuses while composing, folded into one line

@@ -5,15 +5,84 @@ import pytest
 from omegaconf import OmegaConf
 
 from sekd.config import ConfigError, config_hash, validate
-from tests.helpers import PRESETS, ROOT, compose_cfg, sekd_train
+from sekd.schema import (DataConfig, OnPolicyRegime, PositionConfig, RegimeConfig, RunConfig, TrainConfig,
+                         rule)
+from tests.helpers import CONF, PRESETS, ROOT, compose_cfg, sekd_train
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset):
     cfg = compose_cfg([f"experiment={preset}"])
-    validate(cfg)
-    assert cfg.preset == preset
-    assert cfg.label
+    assert OmegaConf.get_type(cfg) is RunConfig  # composed against the schema
+    run = validate(cfg)
+    assert isinstance(run, RunConfig) and isinstance(run.train, TrainConfig) and isinstance(run.data, DataConfig)
+    assert run.preset == cfg.preset == preset
+    assert run.label
+    assert isinstance(run.regime, OnPolicyRegime) == preset.startswith("on_policy")
+
+
+@pytest.mark.parametrize("group", ["model", "data", "position", "classes", "samples", "criterion", "regime",
+                                   "train", "eval", "logging"])
+def test_every_group_option_composes_to_its_own_keys(group):
+    """Every option of every group composes against its class (data: a mapping, each source has its own
+    keys), and every key its YAML writes is one the class types. tests/test_config_hashes.py checks that
+    the schema added no key to what they compose to."""
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_cfg([f"{group}={option}", *(["data=arith"] if group == "regime" else [])])
+        written = set(OmegaConf.load(CONF / group / f"{option}.yaml").keys()) - {"defaults"}
+        assert written <= set(cfg[group].keys()), (group, option)
+        if group != "data":
+            assert OmegaConf.get_type(cfg[group]).__module__ == "sekd.schema", (group, option)
+            assert all(rule(f"{group}.{k}") for k in written), (group, option)
+
+
+@pytest.mark.parametrize("overrides,key,text", [
+    (["train.lr=abc"], "train.lr", "could not be converted to Float"),
+    (["seed=true"], "seed", "could not be converted to Integer"),
+    (["position.options=5"], "position.options", "Dict"),
+    (["regime.mix=0.5"], "regime.mix", "Could not override"),  # off-policy has no mix
+    (["train.lrr=1"], "train.lrr", "Could not override"),
+])
+def test_hydra_itself_refuses_wrong_types_and_unknown_keys(overrides, key, text):
+    """Hydra refuses these while composing, against the schema; check_command_line turns each into one
+    line (tests/test_bad_inputs.py)."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(overrides)
+    assert text in str(err.value) + str(err.value.__cause__)
+
+
+def test_a_key_appended_past_hydra_is_refused_when_converted():
+    cfg = compose_cfg(["+train.lrr=1"])  # Hydra lets `+` add a key to a typed node
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.lrr'; allowed in train: betas, chunk_size"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: TrainConfig(lr=-1.0), "train.lr=-1.0 must be a number > 0"),
+    (lambda: TrainConfig(betas=[0.9]), "train.betas=[0.9] must be two numbers [beta1, beta2], each in [0, 1)"),
+    (lambda: TrainConfig(chunk_size="big"), "train.chunk_size='big' must be an integer > 0"),
+    (lambda: TrainConfig(optimizer="sgd"), "train.optimizer='sgd' is not allowed; choose one of: adamw, adam8bit"),
+    (lambda: PositionConfig(k=0.0), "position.k=0.0 must be a fraction in (0, 1]"),
+    (lambda: PositionConfig(policy="top_k"), "position.signal is required for position.policy=top_k"),
+    (lambda: OnPolicyRegime(top_p=0.0), "regime.top_p=0.0 must be a fraction in (0, 1]"),
+    (lambda: RegimeConfig(name="on_policy"), "regime.name=on_policy needs the on-policy keys"),
+    (lambda: DataConfig(seq_len=128, token_budget=100), "data.token_budget=100 is less than one sequence"),
+    (lambda: RunConfig(mode="train"), "mode='train' is not allowed; choose one of: distill"),
+])
+def test_each_dataclass_checks_its_own_values(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_data_keys_split_into_shared_fields_and_the_sources_own():
+    run = validate(compose_cfg(["data=gsm8k", "data.max_samples=7"]))
+    assert (run.data.name, run.data.seq_len, run.data.max_samples, run.data.answer_tokens) == ("gsm8k", 512, 7, 256)
+    assert run.data.options == {"path": "openai/gsm8k", "train_file": None, "validation_file": None,
+                                "test_file": None, "validation_size": 500}
+    assert TrainConfig() == validate(compose_cfg([])).train  # the classes' defaults are the embedded profile's
 
 
 def test_paper_scale_configs_compose():
