@@ -20,7 +20,6 @@ from sekd.run import (UNHASHED, config_hash, eval_hash, resolved, run_dir,  # no
                       scores_dir, train_hash)
 
 
-
 def unknown_key(key: str, allowed: Any) -> ConfigError:
     """The one line for a key that does not exist: it and the keys its node allows."""
     group, _, _ = key.rpartition(".")
@@ -41,8 +40,13 @@ def typed(cfg: DictConfig) -> RunConfig:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} is required (set it on the command line: {key}=...)")
     if OmegaConf.get_type(cfg) is not RunConfig:
+        from sekd.schema import OnPolicyRegime
+
+        schema = OmegaConf.structured(RunConfig)
+        if OmegaConf.select(cfg, "regime.name") == "on_policy":  # what conf/regime/on_policy.yaml extends
+            schema = OmegaConf.merge(schema, {"regime": OmegaConf.structured(OnPolicyRegime)})
         try:
-            cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+            cfg = OmegaConf.merge(schema, cfg)
         except (ConfigKeyError, ValidationError) as err:
             raise schema_error(err) from None
     _known_keys(cfg)

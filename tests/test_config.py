@@ -159,3 +159,15 @@ def test_tokenizer_mismatch_is_refused_before_weights_load(tmp_path):
     assert "model.teacher" in last and "tokenizer" in last
     record = tmp_path / "out" / "runs"
     assert not any(record.rglob("record.json")) if record.exists() else True
+
+
+@pytest.mark.parametrize("preset", ["on_policy_se_kd", "se_kd3x"])
+def test_a_saved_config_converts_again(preset):
+    """A run's config.yaml (plain, composed long ago) goes through the same schema and checks."""
+    from sekd.config import resolved
+
+    saved = OmegaConf.create(resolved(compose_cfg([f"experiment={preset}"])))
+    run = validate(saved)
+    assert isinstance(run.regime, OnPolicyRegime) == preset.startswith("on_policy")
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.lrr'; allowed in train: "):
+        validate(OmegaConf.merge(saved, {"train": {"lrr": 1}}))
