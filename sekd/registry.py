@@ -13,6 +13,11 @@ Its fields are the option names, types and defaults; `__post_init__` checks rang
 below. `check_kwargs` / `build` construct it, so a wrong name, type or range fails at start-up with one
 line naming the config key (`position.options.Q='abc' must be an integer (policy 'gls')`). Keywords
 supplied at call time (generator, step, temperature, ...) are not options.
+
+What a piece is beyond its options (a criterion's coupling of positions, a policy's state, a class
+selector's randomness) is declared by the kind's own protocol, where the piece is registered: an entry
+that is a `Piece` binds its options itself and keeps its declaration (selection/criteria.py `Criterion`,
+selection/classes.py `ClassSampler`, selection/policies.py `Policy`); flows read only that.
 """
 from __future__ import annotations
 

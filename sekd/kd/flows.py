@@ -17,9 +17,9 @@ The criterion says how it may be chunked (selection/criteria.py `Criterion`): a 
 chunk by chunk as it is; a batch-level one (`weighted`, `atkd`) first runs its prepare step, a no-grad
 pass over all selected positions for what it declares it needs (u, or the teacher head's target
 probability), and is then pointwise; an undeclared callable runs as one chunk. The class axis: the
-criterion's sparse form, against a deterministic selector's targets or cached ones, matches the dense
-flow exactly; a random selector (`rs_kd`) draws per chunk, in chunk order (tests/kd/test_protocols.py
-checks its draws equal the dense flow's with all positions in one chunk).
+criterion's sparse form (a criterion without one is refused) against the selector's targets, drawn chunk
+by chunk in chunk order, or cached ones. tests/kd/test_protocols.py holds both flows equal for every
+registered criterion x policy x class selector.
 """
 from __future__ import annotations
 

@@ -41,6 +41,8 @@ class Selector:
         self.criterion = as_criterion(self.criterion)
         if self.classes is not None:
             sparse_divergence(self.criterion, f"classes {self.classes.name!r}")
+        elif "u" in self.criterion.needs and self.signal is None:
+            raise ValueError(f"criterion {self.criterion.name!r} needs a signal: it reads u(t)")
 
     @property
     def needs_teacher_everywhere(self) -> bool:

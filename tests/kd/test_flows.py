@@ -49,7 +49,7 @@ def sel(policy="all", signal=None, criterion="forward_kl", classes=None, normali
 
 
 def both(selector_fn, *, lam=1.0, temperature=1.0, normalization="per_sequence", chunk_size=7, seed=0,
-         cached=None, gen_seed=5, teacher=True):
+         cached=None, gen_seed=5, teacher=True, step=0):
     """(dense, chunked): StepOut and grads (h_s, W, b) of loss_sum / weight for each flow."""
     head_s, head_t = heads(seed)
     h_s, h_t, y = batch(seed)
@@ -59,7 +59,7 @@ def both(selector_fn, *, lam=1.0, temperature=1.0, normalization="per_sequence",
         head_s.zero_grad()
         h = h_s.clone().requires_grad_()
         kw = dict(lam=lam, temperature=temperature, normalization=normalization, cached=cached,
-                  generator=torch.Generator().manual_seed(gen_seed))
+                  generator=torch.Generator().manual_seed(gen_seed), step=step)
         if flow == "dense":
             s_logits = F.linear(h, head_s.weight, head_s.bias)[..., :V]
             t_logits = F.linear(h_t, head_t.weight, head_t.bias)[..., :V] if h_t is not None else None
