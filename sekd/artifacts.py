@@ -1,7 +1,8 @@
 """Build once under a content hash: the one helper behind every derived cache of the package.
 
     <name>-<key>          the artifact (a file or a folder); `key` hashes everything it depends on
-    <name>-<key>.lock     held while it is built (filelock), so concurrent builders build it once
+    <name>-<key>.lock     held while it is built (sekd.io.folder_lock: gone once released), so
+                          concurrent builders build it once
 
 It is built into a hidden temporary sibling and renamed into place, so a reader sees all of it or
 nothing, and a killed builder leaves no half artifact. Users: packed data (sekd.data.dataset,
@@ -18,9 +19,9 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
-from filelock import FileLock
+from sekd.io import folder_lock
 
 
 def content_key(fields: Any, length: int = 16) -> str:
@@ -28,9 +29,9 @@ def content_key(fields: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def lock(path: Path) -> FileLock:
-    """The lock beside `path` (`<path>.lock`) that its builders and writers take."""
-    return FileLock(str(path) + ".lock")
+def lock(path: Path) -> ContextManager[None]:
+    """The lock beside `path` (`<path>.lock`) that its builders and writers hold; its parent must exist."""
+    return folder_lock(Path(str(path) + ".lock"))
 
 
 def build_once(final: Path, build: Callable[[Path], None], *, folder: bool = False,

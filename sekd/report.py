@@ -225,8 +225,10 @@ def preset_axes(presets: list[str]) -> pd.DataFrame:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    from sekd.app.compose import CONF
+
     rows = {}
-    with initialize_config_dir(config_dir=str(tables.ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for preset in presets:
             try:
                 cfg = compose(config_name="config", overrides=[f"experiment={preset}"])

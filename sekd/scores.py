@@ -6,7 +6,7 @@ U_i (sekd.selection.samples.mean_signal); the pure rules there pick the kept sam
 Scores are stored per sample content hash (never by batch, step or order), one JSON file per key
 
     <store_dir>/<sampler>-<key>.json   {"format", "fields", "scores": {sample_id: U_i | null}}
-    <store_dir>/<sampler>-<key>.json.lock   (filelock, sekd.artifacts.lock)
+    <store_dir>/<sampler>-<key>.json.lock   (held while written: sekd.artifacts.lock)
 
 where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
 signature, vocab cut, and T for signals that use it. A later run with the same key (any subset or

@@ -1,7 +1,7 @@
 """Build packed datasets from a source and a tokenizer, cached on disk; and the deterministic batch order.
 
 Cache layout: `<cache_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
-fields hashed into `key`, for humans) and `<same>.pt.lock` (filelock). `key` hashes the source name
+fields hashed into `key`, for humans) and `<same>.pt.lock` (while it is built). `key` hashes the source name
 and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
 split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.artifacts.build_once.
 """

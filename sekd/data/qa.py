@@ -8,7 +8,7 @@ qa_format, one problem per row, right-padded with eos:
     or the sep that ends the answer.
 
 A problem longer than seq_len + 1 tokens is dropped (counted in the cache's .json). Cache layout as
-build_packed: `<cache_dir>/qa-<source>-<split>-<key>.pt` beside `.json` and `.pt.lock`.
+build_packed: `<cache_dir>/qa-<source>-<split>-<key>.pt` beside `.json` (and `.pt.lock` while it is built).
 """
 from __future__ import annotations
 
