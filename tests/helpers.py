@@ -91,7 +91,8 @@ def descendants(pid: int) -> list[int]:
         parent[int(stat.parent.name)] = int(fields[1])
     found, todo = [], [pid]
     while todo:
-        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        here = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == here]
         found += kids
         todo += kids
     return found
