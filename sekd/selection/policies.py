@@ -379,9 +379,3 @@ def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverag
     draws K / (n_s n_valid q_R(t)), which keeps the estimator unbiased for Full KD.
     """
     return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=True, who="pos_rs_star")
-
-
-def budget_fraction(k: float) -> str:
-    """k as the paper writes it (0.2 -> '20%')."""
-    pct = k * 100
-    return f"{pct:g}%" if not math.isclose(pct, round(pct)) else f"{round(pct)}%"
