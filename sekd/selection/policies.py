@@ -14,7 +14,6 @@ The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of dra
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
