@@ -183,7 +183,7 @@ def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None
     """Compose conf/ for model=<model>; load the pair, the tokenizer and the held-out split."""
     from hydra import compose, initialize_config_dir
 
-    from sekd.config import source_options
+    from sekd.config import source_options, typed
     from sekd.data.dataset import build_packed
     from sekd.models import check_same_tokenizer, load_model, resolve_pair, shared_vocab
 
@@ -191,7 +191,7 @@ def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None
     overrides += [f"data.seq_len={seq_len}"] if seq_len else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    teacher_path, student_path, tok_path = resolve_pair(cfg)
+    teacher_path, student_path, tok_path = resolve_pair(typed(cfg))
     trc = cfg.model.trust_remote_code
     tok = check_same_tokenizer(teacher_path, student_path, tok_path, trc)
     dev = torch.device(device)

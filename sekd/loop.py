@@ -23,6 +23,7 @@ from sekd.errors import ConfigError
 from sekd.io import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.schema import TrainConfig
 from sekd.selection.classes import SparseTarget
 
 
@@ -39,7 +40,7 @@ class Progress:
     on_policy_batches: int = 0  # micro-batches the student generated (regime=on_policy)
 
 
-def build_optimizer(params, t) -> torch.optim.Optimizer:
+def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adam8bit":
         try:
             import bitsandbytes as bnb
@@ -49,7 +50,7 @@ def build_optimizer(params, t) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
 
-def build_schedule(opt, t, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(opt, t: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warm = t.warmup_steps
 
     def factor(step: int) -> float:
@@ -74,7 +75,7 @@ def micro_batches(data, mb: int, seed: int, prog: Progress) -> Iterator[list[int
         prog.epoch, prog.offset = prog.epoch + 1, 0
 
 
-def total_steps(n_samples: int, t) -> int:
+def total_steps(n_samples: int, t: TrainConfig) -> int:
     if t.steps is not None:
         return int(t.steps)
     per_epoch = math.ceil(n_samples / t.micro_batch_size)
@@ -151,7 +152,7 @@ class OnPolicy:
 
 
 class Trainer:
-    def __init__(self, *, student, teacher, data, selector: Selector, train_cfg, vocab: int, seed: int,
+    def __init__(self, *, student, teacher, data, selector: Selector, train_cfg: TrainConfig, vocab: int, seed: int,
                  run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None,
                  on_policy: OnPolicy | None = None):
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector

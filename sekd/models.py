@@ -5,24 +5,23 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from sekd.data.qa import is_task_source
 from sekd.errors import ConfigError
+from sekd.schema import RunConfig
 
 
-def resolve_pair(cfg: DictConfig) -> tuple[str, str, str]:
+def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
     """(teacher, student, tokenizer) as hub names or folders; builds the embedded pair if needed."""
     m = cfg.model
     if m.source == "embedded":
         from sekd.embedded.build import build_pair
 
-        emb = OmegaConf.to_container(m.embedded, resolve=True)
-        if is_task_source(cfg.data.name) and m.get("task"):  # a teacher that can do the task it is to teach (docs/method.md §10)
+        emb = m.embedded
+        if is_task_source(cfg.data.name) and m.task:  # a teacher that can do the task it is to teach (docs/method.md §10)
             from sekd.embedded.build import build_task_pair
 
-            task = OmegaConf.to_container(m.task, resolve=True)
-            teacher, student = build_task_pair(Path(cfg.paths.cache) / "embedded", emb, task)
+            teacher, student = build_task_pair(Path(cfg.paths.cache) / "embedded", emb, m.task)
             return str(teacher), str(student), str(student)
         teacher, student = build_pair(Path(cfg.paths.cache) / "embedded", emb)
         return str(teacher), str(student), str(student)
@@ -68,20 +67,20 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-def check_environment(cfg: DictConfig) -> None:
+def check_environment(cfg: RunConfig) -> None:
     """What this machine must offer the run, checked before anything loads: CUDA where a device key asks
     for it, and every pretrained model and tokenizer on local disk when the hub is offline. Raises
     ConfigError. (A sweep's submitting host checks this only for local launchers: a Slurm job's node
     may have the GPU the login node lacks; the job checks again.)"""
     train = cfg.mode == "distill" and cfg.stage != "score"
     score = cfg.eval.suite != "none" and cfg.stage != "train"
-    for key, used in (("train.device", train), ("eval.device", score)):
+    for key, device, used in (("train.device", cfg.train.device, train), ("eval.device", cfg.eval.device, score)):
         if used:
-            pick_device(str(OmegaConf.select(cfg, key)), key)
+            pick_device(str(device), key)
     m = cfg.model
     if m.source == "pretrained":
         wanted = {"model.teacher": m.teacher, "model.student": m.student}
-        if m.get("tokenizer"):
+        if m.tokenizer:
             wanted["model.tokenizer"] = m.tokenizer
         for key, name in wanted.items():
             check_on_disk(key, str(name), tokenizer_only=key == "model.tokenizer")

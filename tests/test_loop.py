@@ -1,8 +1,6 @@
 """The training loop (sekd/loop.py): the micro-batch split does not change the step; a run killed after a
 checkpoint resumes to the same weights."""
 import json
-from types import SimpleNamespace
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +12,7 @@ from sekd.selection.criteria import forward_kl
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS
 from sekd.loop import Trainer
+from sekd.schema import TrainConfig
 from tests.helpers import TINY, checkpoint_step, logged_steps, sekd_train, sekd_train_killed
 
 V, T = 64, 16
@@ -37,10 +36,8 @@ def packed(n=4, seed=0) -> PackedData:
 
 
 def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense"):
-    t = SimpleNamespace(flow=flow, chunk_size=5, optimizer="adamw", lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, lr_schedule="constant",
-                        warmup_steps=0, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum, lam=1.0,
-                        temperature=1.0, normalization=normalization, max_grad_norm=None, log_every=1,
-                        ckpt_every=0)
+    t = TrainConfig(flow=flow, chunk_size=5, lr=1e-3, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum,
+                    normalization=normalization, max_grad_norm=None, log_every=1, ckpt_every=0)
     opts = {"k": 0.25} if policy != "all" else {}
     sel = Selector(signal=SIGNALS.get(signal) if signal else None, policy=POLICIES.build(policy, **opts),
                    criterion=forward_kl)

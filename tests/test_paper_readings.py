@@ -183,13 +183,14 @@ def test_gsm8k_validation_size_is_a_data_key(tmp_path):
 
 def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path):
     """Through the config: data.validation_size=7 trains on the other 93 problems (and names a new cache)."""
+    from sekd.config import typed
     from sekd.models import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
     train, _ = write_problems(tmp_path / "train.jsonl", 100)
     sizes = {}
     for size in (7, 0):
-        cfg = compose_cfg(["model=tiny", "data=gsm8k", f"data.train_file={train}", "data.seq_len=32",
-                           f"data.validation_size={size}", f"paths.cache={tmp_path / 'cache'}"])
+        cfg = typed(compose_cfg(["model=tiny", "data=gsm8k", f"data.train_file={train}", "data.seq_len=32",
+                                 f"data.validation_size={size}", f"paths.cache={tmp_path / 'cache'}"]))
         sizes[size] = len(training_data(cfg, load_tokenizer(resolve_pair(cfg)[2])))
     assert sizes == {7: 93, 0: 100}

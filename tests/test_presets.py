@@ -31,11 +31,13 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def prompt_lengths_by_sample(cfg) -> dict[str, int]:
+def prompt_lengths_by_sample(tree) -> dict[str, int]:
+    from sekd.config import typed
     from sekd.data.qa import prompt_lengths
     from sekd.models import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
+    cfg = typed(tree)
     data = training_data(cfg, load_tokenizer(resolve_pair(cfg)[2]))
     return dict(zip(data.sample_ids, prompt_lengths(data).tolist()))
 

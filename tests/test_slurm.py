@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.config import config_hash, validate
+from sekd.config import config_hash, typed, validate
 from sekd.app.compose import job_threads
 from tests.helpers import ROOT, compose_cfg, sekd_train
 
@@ -69,8 +69,8 @@ def test_the_profile_sizes_each_slurm_job(monkeypatch):
                            "array_parallelism": 8}
     assert "OMP_NUM_THREADS" not in paper["job"]["env_set"]  # the job resolves env_set without our keys
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # what Slurm tells a job with cpus_per_task=8
-    assert job_threads(compose_cfg(["experiment=se_kd"])) == 8
-    assert job_threads(compose_cfg(["experiment=se_kd", "train.threads=2"])) == 2
+    assert job_threads(typed(compose_cfg(["experiment=se_kd"]))) == 8
+    assert job_threads(typed(compose_cfg(["experiment=se_kd", "train.threads=2"]))) == 2
     custom = compose_sweep("t2", ["hydra/launcher=slurm", "profile=paper", "resources.gpus=2"])
     assert custom.hydra.launcher.gpus_per_node == 2
     a, b = (compose_sweep("t2", ["experiment=se_kd", *o], hydra_node=False) for o in ([], ["resources.gpus=2"]))
@@ -183,7 +183,7 @@ def cache(tmp_path_factory):
     from sekd.models import resolve_pair
 
     path = tmp_path_factory.mktemp("slurm-cache")
-    resolve_pair(compose_cfg(["model=tiny", f"paths.cache={path}"]))
+    resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={path}"])))
     return path
 
 

@@ -34,6 +34,7 @@ def generations(tmp_path) -> list[dict]:
 
 def test_task_specific_run_supervises_answers_only_and_reports_exact_match(tmp_path, cache):
     from sekd.data.qa import prompt_lengths
+    from sekd.config import typed
     from sekd.models import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
@@ -41,7 +42,8 @@ def test_task_specific_run_supervises_answers_only_and_reports_exact_match(tmp_p
     assert 0 <= record["metrics"]["gsm8k"] <= 100 and record["on_policy_batches"] == 0
     assert record["metrics"]["gsm8k"] == 100 * record["metrics"]["sekd_arith_test/exact_match,strict-match"]
     assert len({g["doc_id"] for g in generations(tmp_path)}) == 8  # eval.limit problems, generated and scored
-    data = training_data(cfg, load_tokenizer(resolve_pair(cfg)[2]))
+    run_cfg = typed(cfg)
+    data = training_data(run_cfg, load_tokenizer(resolve_pair(run_cfg)[2]))
     plen = dict(zip(data.sample_ids, prompt_lengths(data).tolist()))
     labels = dict(zip(data.sample_ids, data.labels))
     for row in trace:  # KD on the answer tokens (and the eos ending them), from the prompt's last position

@@ -57,7 +57,7 @@ class SekdSweeper(BasicSweeper):
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
                 with open_dict(cfg):  # Hydra's runtime node is filled in by the job itself; not ours to check
                     del cfg["hydra"]
-                validate(cfg)
+                run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
                     if not trained(run_dir(cfg)):
                         raise ConfigError(f"stage=score: {run_dir(cfg)} holds no trained student yet; "
@@ -73,7 +73,7 @@ class SekdSweeper(BasicSweeper):
                 continue
             if not self.on_slurm():  # the job runs on this machine: it must have what the job needs
                 try:
-                    check_environment(cfg)
+                    check_environment(run)
                 except ConfigError as err:
                     errors.append(f"cell [{where}]: {err}")
                     continue

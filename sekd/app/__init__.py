@@ -26,8 +26,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         tracker = open_tracker(job)
         try:
             stats = train(job, tracker)
-            if cfg.stage == "train" and cfg.mode == "distill":
-                print(f"sekd: {cfg.preset} seed={cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
+            if job.cfg.stage == "train" and job.cfg.mode == "distill":
+                print(f"sekd: {job.cfg.preset} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
                       "to a stage=score job)")
                 return None
             metrics = score(job, tracker)

@@ -20,6 +20,7 @@ from sekd.app.training import cache_expectation, training_data
 from sekd.config import validate
 from sekd.errors import ConfigError
 from sekd.run import resolved, run_dir
+from sekd.schema import RunConfig
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
 
@@ -58,7 +59,8 @@ def _remove_empty_run_log() -> None:
 class Job:
     """One composed run: its config and folder, the resolved pair and their shared tokenizer."""
 
-    cfg: DictConfig
+    cfg: RunConfig  # the typed config every stage reads
+    tree: DictConfig  # Hydra's composed tree: the hashes naming the run's folders, config.yaml, the record
     overrides: list[str]
     run: Any  # sekd.run.RunDir
     teacher_path: str  # model folders (or hub names)
@@ -68,24 +70,25 @@ class Job:
     started: float  # time.time() when the run's work began (the record's wall_time_s)
 
 
-def compose(cfg: DictConfig, overrides: list[str]) -> Job | None:
+def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     """Check and resolve everything the run needs; None when the cell has nothing left to do.
-    A refusal raises ConfigError (one line, naming the key or file)."""
+    Hydra's tree is converted once, here, to the typed config the stages read. A refusal raises
+    ConfigError (one line, naming the key or file)."""
     from sekd.models import check_environment
     from sekd.run import RunDir
 
-    validate(cfg)
-    if already_finished(cfg):
+    cfg = validate(tree)
+    if already_finished(tree):
         return None
-    run = RunDir(cfg)
+    run = RunDir(tree)
     check_stage(cfg, run)
     check_environment(cfg)  # CUDA, and models on local disk when offline: before anything loads
     set_threads(cfg)
     started = time.time()
     check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
     teacher_path, student_path, tok, pretrain_s = resolve(cfg)
-    run.write_config(cfg, overrides)  # the run's folder appears only once every check has passed
-    return Job(cfg=cfg, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
+    run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
+    return Job(cfg=cfg, tree=tree, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
                tok=tok, pretrain_s=pretrain_s, started=started)
 
 
@@ -99,13 +102,13 @@ def already_finished(cfg: DictConfig) -> bool:
     return True
 
 
-def check_stage(cfg: DictConfig, run) -> None:
+def check_stage(cfg: RunConfig, run) -> None:
     if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
         raise ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
                           "(or stage=all) first")
 
 
-def job_threads(cfg: DictConfig) -> int | None:
+def job_threads(cfg: RunConfig) -> int | None:
     """torch CPU threads: train.threads if set, else one per CPU Slurm allocated to the job (torch would
     otherwise use every core of the node), else torch's default."""
     if cfg.train.threads:
@@ -113,7 +116,7 @@ def job_threads(cfg: DictConfig) -> int | None:
     return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
 
 
-def set_threads(cfg: DictConfig) -> None:
+def set_threads(cfg: RunConfig) -> None:
     threads = job_threads(cfg)
     if threads:
         import torch
@@ -121,7 +124,7 @@ def set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def run_tokenizer(cfg: DictConfig):
+def run_tokenizer(cfg: RunConfig):
     """The run's tokenizer, without building or loading any model (the embedded pair's is built alone)."""
     from sekd.models import load_tokenizer
 
@@ -129,7 +132,7 @@ def run_tokenizer(cfg: DictConfig):
     if m.source == "embedded":
         from sekd.embedded.build import tokenizer
 
-        return load_tokenizer(str(tokenizer(Path(cfg.paths.cache) / "embedded", int(m.embedded.vocab_size))))
+        return load_tokenizer(str(tokenizer(Path(cfg.paths.cache) / "embedded", int(m.embedded["vocab_size"]))))
     path = str(m.tokenizer or m.student)
     try:
         return load_tokenizer(path, m.trust_remote_code)
@@ -137,7 +140,7 @@ def run_tokenizer(cfg: DictConfig):
         raise ConfigError(f"model.tokenizer={path!r}: cannot load its tokenizer ({type(err).__name__})") from None
 
 
-def check_cache_before_models(cfg: DictConfig) -> None:
+def check_cache_before_models(cfg: RunConfig) -> None:
     """A cache folder named by classes.cache, checked before any model is built or loaded: the tokenizer
     (cheap) packs the run's training data, and the cache's signature (all but the teacher, checked once
     the pair is resolved) and its sample ids must match that data."""
@@ -163,7 +166,7 @@ def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
         raise ConfigError(f"classes.cache: {err}") from None
 
 
-def resolve(cfg: DictConfig) -> tuple[str, str, Any, float]:
+def resolve(cfg: RunConfig) -> tuple[str, str, Any, float]:
     """The teacher/student pair (built when embedded; that time is returned as its own cost) and their
     shared tokenizer; a named cache is then checked against the resolved teacher."""
     from sekd.models import check_same_tokenizer, resolve_pair
@@ -189,6 +192,6 @@ def open_tracker(job: Job):
     from sekd.tracking import Tracker
 
     cfg, run = job.cfg, job.run
-    return Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(cfg, keep_env=True),
+    return Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(job.tree, keep_env=True),
                    project=cfg.logging.project, entity=cfg.logging.entity,
                    group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")

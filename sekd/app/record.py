@@ -20,7 +20,7 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
     from sekd.run import git_commit
 
     cfg, run = job.cfg, job.run
-    kept = resolved(cfg, keep_env=True)
+    kept = resolved(job.tree, keep_env=True)
     return {
         "preset": kept["preset"], "label": kept["label"], "mode": kept["mode"], "seed": cfg.seed,
         "config_hash": run.hash, "stage": kept["stage"], "run_dir": str(run.path), "scores_dir": str(run.scores),

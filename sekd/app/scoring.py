@@ -35,5 +35,5 @@ def run_suite(job: Job) -> dict[str, Any]:
     return score_checkpoint(scored_model(job), job.run.scores, suite=e.suite, split=e.split,
                             cache_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
                             device=str(device), seed=e.seed,
-                            gsm8k_validation_size=getattr(cfg.data, "validation_size", GSM8K_HELD_OUT),
+                            gsm8k_validation_size=cfg.data.options.get("validation_size", GSM8K_HELD_OUT),
                             dtype="bfloat16" if device.type == "cuda" else "float32")

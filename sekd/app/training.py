@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
-
 from sekd.config import source_options
 from sekd.errors import ConfigError
 from sekd.io import atomic_write_json
+from sekd.schema import RunConfig
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
@@ -193,7 +192,7 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build_selector(cfg: DictConfig):
+def build_selector(cfg: RunConfig):
     """The position axis (signal + policy), the criterion and the class axis, from the registries."""
     from sekd.config import policy_options
     from sekd.kd.objective import Selector
@@ -204,13 +203,13 @@ def build_selector(cfg: DictConfig):
 
     p = cfg.position
     policy = POLICIES.build(p.policy, **policy_options(cfg))
-    criterion = CRITERIA.build(cfg.criterion.name, **dict(cfg.criterion.options or {}))
-    classes = build_classes(cfg.classes.name, **dict(cfg.classes.options or {}))
+    criterion = CRITERIA.build(cfg.criterion.name, **cfg.criterion.options)
+    classes = build_classes(cfg.classes.name, **cfg.classes.options)
     return Selector(signal=SIGNALS.get(p.signal) if p.signal else None, policy=policy, criterion=criterion,
                     signal_normalization=p.normalization, classes=classes)
 
 
-def training_data(cfg: DictConfig, tok):
+def training_data(cfg: RunConfig, tok):
     """The train split: packed documents (general-purpose) or one problem per row (task-specific)."""
     from sekd.config import is_task_data
 
@@ -219,7 +218,7 @@ def training_data(cfg: DictConfig, tok):
         from sekd.data.qa import build_qa
 
         return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, cache_dir=cache_dir,
-                        max_samples=getattr(cfg.data, "max_samples", None), separator=cfg.data.separator,
+                        max_samples=cfg.data.max_samples, separator=cfg.data.separator,
                         **source_options(cfg))
     from sekd.data.dataset import build_packed
 
@@ -227,7 +226,7 @@ def training_data(cfg: DictConfig, tok):
                         cache_dir=cache_dir, separator=cfg.data.separator, **source_options(cfg))
 
 
-def on_policy(cfg: DictConfig, data, tok):
+def on_policy(cfg: RunConfig, data, tok):
     """regime=on_policy: the kept samples' prompts, answered by the student (None off-policy)."""
     r = cfg.regime
     if r.name != "on_policy":
@@ -242,7 +241,7 @@ def on_policy(cfg: DictConfig, data, tok):
                     max_new_tokens=int(r.max_new_tokens))
 
 
-def cache_expectation(cfg: DictConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
+def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
     """Every signature field that changes the draws, as this run would build them (docs/method.md §9):
     format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, N, the draw seed
     (the run's own, so seeds do not share draws) and, given the data the cache must cover, its identity
@@ -281,7 +280,7 @@ def open_teacher_cache(job: Job, parts: Parts):
         raise ConfigError(f"classes.cache: {err}") from None
 
 
-def auto_cache(cfg: DictConfig, expect: dict[str, Any], parts: Parts) -> Path:
+def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts) -> Path:
     """classes.cache=auto: the cache folder keyed by `expect`. A finished one is reused and the teacher
     stays unloaded; otherwise the teacher builds it (resuming a killed build, rebuilding a corrupt shard,
     refusing an edited manifest)."""

@@ -29,7 +29,7 @@ def run_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from sekd.config import ConfigError, check_command_line
+    from sekd.config import ConfigError, check_command_line, typed
     from sekd.app.compose import CONF
 
     if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
@@ -42,7 +42,7 @@ def run_config(overrides: list[str]):
         raise BuildConfigError(" ".join(str(err).split()) or type(err).__name__) from None
     if cfg.classes.name != "rs_kd":
         raise BuildConfigError(f"classes={cfg.classes.name}: a teacher cache holds RS-KD draws; use classes=rs_kd")
-    return cfg
+    return typed(cfg)  # validated above: the typed config the build reads, as training does
 
 
 def cmd_build(args: argparse.Namespace) -> int:
