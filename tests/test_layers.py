@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LADDER: list[tuple[str, list[list[str]]]] = [
     ("base", [
         ["sekd", "sekd.errors", "sekd.tensors", "sekd.rng"],
-        ["sekd.registry", "sekd.io"],
-        ["sekd.artifacts", "sekd.schema"],
+        ["sekd.registry", "sekd.io", "sekd.launch"],
+        ["sekd.artifacts", "sekd.schema", "sekd.distributed"],
     ]),
     ("math", [
         ["sekd.cache.draws", "sekd.cache.format"],
