@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -28,6 +29,8 @@ from sekd.errors import ConfigError
 MODES = ("distill", "score_student", "score_teacher")
 STAGES = ("all", "train", "score")
 REGIMES = ("off_policy", "on_policy")  # one job does both, or training and scoring run as separate jobs
+DISTRIBUTED = ("none", "ddp", "fsdp")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # torch's spelling of the devices the harness runs on
 
 # ---- one-line checks for __post_init__ ---------------------------------------------------------
 
@@ -69,6 +72,12 @@ def plain_name(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} must be a plain name (letters, digits, -, _; no '/')")
 
 
+def device_name(key: str, value: Any) -> None:
+    """None, or a device as torch spells it (cpu, cuda, cuda:N); whether it exists is sekd.config's check."""
+    if value is not None and not (isinstance(value, str) and DEVICE.fullmatch(value)):
+        raise ConfigError(f"{key}={value!r} is not a device; use cpu, cuda or cuda:N (null = the student's device)")
+
+
 def mapping(key: str, value: Any) -> None:
     """An `options` node: a mapping of option to value ({} for none)."""
     if not isinstance(value, dict):
@@ -93,9 +102,13 @@ class Resources:
     mem_gb: int = 4
     timeout_min: int = 60
     array_parallelism: int = 64
+    nodes: int = 1  # nodes one run spans
+    tasks_per_node: Optional[int] = None  # processes (ranks) per node; None = one per GPU (one without GPUs)
 
     def __post_init__(self) -> None:
         positive("resources.gpus", self.gpus, zero_ok=True, integer=True)
+        positive("resources.nodes", self.nodes, integer=True)
+        positive("resources.tasks_per_node", self.tasks_per_node, integer=True, optional=True)
         for key in ("cpus", "mem_gb", "timeout_min", "array_parallelism"):
             positive(f"resources.{key}", getattr(self, key), integer=True)
 
@@ -110,10 +123,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     embedded: Optional[Dict[str, Any]] = field(default_factory=dict)  # the embedded pair's sizes (conf/model/)
     task: Optional[Dict[str, Any]] = None  # with task data: the embedded teacher's fine-tuning first
+    teacher_device: Optional[str] = None  # the teacher's own device (cuda:1); None = the student's
 
     def __post_init__(self) -> None:
         choice("model.source", self.source, ("embedded", "pretrained"))
         flag("model.trust_remote_code", self.trust_remote_code)
+        device_name("model.teacher_device", self.teacher_device)
         if self.source == "pretrained":
             for who in ("teacher", "student"):
                 if not getattr(self, who):
@@ -260,8 +275,10 @@ class TrainConfig:
     ckpt_every: int = 25  # optimizer steps between resumable checkpoints; 0 = only at the end
     log_every: int = 5
     trace_selection_steps: int = 0
+    distributed: str = "none"  # none | ddp | fsdp: how one run spans the ranks a launcher (torchrun, Slurm) starts
 
     def __post_init__(self) -> None:
+        choice("train.distributed", self.distributed, DISTRIBUTED)
         positive("train.lr", self.lr)
         positive("train.weight_decay", self.weight_decay, zero_ok=True)
         self._check_betas()
