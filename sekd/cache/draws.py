@@ -24,9 +24,11 @@ def sample_generator(sample_id: str, seed: int) -> torch.Generator:
 
 
 def rs_kd_draws(
-    t_logits: Tensor, n_draws: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    t_logits: Tensor, n_draws: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """N draws per row from softmax(z / T), reduced to distinct ids (ascending) and counts c_v.
+    """N draws per row from softmax(z / T), reduced to distinct ids (ascending) and counts c_v; the
+    uniforms come from `generator`, or are given (u [P,N], per-position keyed ones in training).
 
     [P,V] -> ids [R] long, counts [R] long (sum per row = N), offsets [P+1] long (row p is
     ids[offsets[p]:offsets[p+1]]); R = total distinct classes. All on t_logits' device.
@@ -41,7 +43,7 @@ def rs_kd_draws(
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty.clone(), torch.zeros(1, dtype=torch.long, device=dev)
     p = torch.softmax(t_logits.float() / temperature, dim=-1)  # float32 whatever the teacher's dtype  [P,V]
-    draws = categorical(p, n_draws, generator, who="rs_kd draws")  # [P,N]
+    draws = categorical(p, n_draws, generator, who="rs_kd draws", u=u)  # [P,N]
     s = draws.sort(dim=-1).values  # equal ids are adjacent                                           [P,N]
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]  # first of each run of equal ids; column 0 starts every row   [P,N]

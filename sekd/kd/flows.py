@@ -4,7 +4,7 @@ Same semantics as the dense reference `selective_kd_loss` on the logits the head
 z = F.linear(h, W, b)[..., :V], but no [B,T,V] tensor ever exists:
 
     u(t)   from the heads over chunks of valid positions, no grad, reduced to scalars   [B,T]
-    m_t, w_t = policy(u)                                  (same generator order as the dense flow)
+    m_t, w_t = policy(u)                                  (the same per-row keys as the dense flow)
     l(t)   = lam * T^2 * D_C(p_t, q_t) + (1 - lam) * CE(x_{t+1}, q_t)   at selected positions only
     loss   = sum_n c_n l(t_n),  c_n = m w / n_sel_i (per_sequence) or m w (batch_tokens)
 
@@ -18,19 +18,21 @@ chunk by chunk as it is; a batch-level one (`weighted`, `atkd`) first runs its p
 pass over all selected positions for what it declares it needs (u, or the teacher head's target
 probability), and is then pointwise; an undeclared callable runs as one chunk. The class axis: the
 criterion's sparse form (a criterion without one is refused) against the selector's targets, drawn chunk
-by chunk in chunk order, or cached ones. tests/kd/test_protocols.py holds both flows equal for every
+by chunk from the positions' keys (the same numbers whatever the chunking), or cached ones. tests/kd/test_protocols.py holds both flows equal for every
 registered criterion x policy x class selector.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sekd.kd.objective import Selector, StepOut, token_ce, valid_order
+from sekd.kd.objective import Selector, StepOut, draw_classes, token_ce, valid_order
+from sekd.rng import PositionKeys, RowKeys
+from sekd.selection.policies import call_policy
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget
 from sekd.selection.criteria import Selected, sparse_divergence
@@ -84,13 +86,14 @@ def accumulation_dtype(h: Tensor, head: Head) -> torch.dtype:
 
 @torch.no_grad()
 def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
-                  labels: Tensor, valid: Tensor, *, generator, temperature: float, chunk_size: int) -> Tensor | None:
+                  labels: Tensor, valid: Tensor, *, generator, temperature: float, chunk_size: int,
+                  keys: RowKeys | None = None) -> Tensor | None:
     """u(t) on [B,T] as `signals.score`, from heads over chunks of valid positions; never [B,T,V]."""
     sig, how = sel.signal, sel.signal_normalization
     if sig is None:
         return None
-    if sig.random:  # torch.rand(B,T) on the generator, exactly as the dense flow
-        return S.score(sig, None, None, labels, valid, generator=generator, normalization=how)
+    if sig.random:  # T uniforms per row from its key, exactly as the dense flow
+        return S.score(sig, None, None, labels, valid, generator=generator, normalization=how, keys=keys)
     if how not in S.NORMALIZATIONS:
         raise ValueError(f"signal normalization {how!r}; allowed: {', '.join(S.NORMALIZATIONS)}")
     if sig.needs_teacher and (h_t is None or teacher is None):
@@ -169,12 +172,14 @@ def chunked_kd_loss(
     step: int = 0,
     cached: SparseTarget | None = None,
     chunk_size: int = 1024,
+    rows: Sequence[int] | Tensor | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> StepOut:
     """`selective_kd_loss` on z = head(h)[..., :vocab], never holding [B,T,V]: O(chunk_size x V) logits at once.
 
     h_s [B,T,d] student final hidden states (with grad), head_s its output Linear (weight [V_s,d], maybe
     tied); h_t [B,T,d_t] / head_t the teacher's (no grad), or None; `cached`: class targets of every
-    valid position, row-major (the offline teacher cache).
+    valid position, row-major (the offline teacher cache). `rows`, `gather`: as `selective_kd_loss`.
     """
     if normalization not in ("per_sequence", "batch_tokens"):
         raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
@@ -182,10 +187,11 @@ def chunked_kd_loss(
     B, T = labels.shape
     student = Head.of(head_s, vocab)
     teacher = Head.of(head_t, vocab) if head_t is not None and h_t is not None else None
+    keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
     u = chunked_score(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
-                      temperature=temperature, chunk_size=chunk_size)  # u(t)   [B,T]
-    draws = sel.policy(u if u is not None else torch.zeros(B, T, device=labels.device), valid,
-                       generator=generator, step=step)  # m_t, w_t as draws  [B,K]
+                      temperature=temperature, chunk_size=chunk_size, keys=keys)  # u(t)   [B,T]
+    draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
+                        generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws  [B,K]
     mw = draws.dense(T)  # m_t * w_t                                             [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
@@ -201,8 +207,10 @@ def chunked_kd_loss(
 
     parts = chunks(rows.numel(), chunk_size)
     teacher_at = selective_teacher(h_t, teacher, rows, cols)  # z_t at selected positions only
+    pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
     D, one_chunk = (divergence_chunk(sel, labels, rows, cols, y, u, teacher_at, temperature=temperature,
-                                     generator=generator, cached=cached, parts=parts) if lam > 0 else (None, False))
+                                     generator=generator, cached=cached, parts=parts, keys=pkeys)
+                    if lam > 0 else (None, False))
     if one_chunk:
         parts = [slice(0, rows.numel())]
 
@@ -239,7 +247,8 @@ def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor,
 
 def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
                      teacher_at: Callable[[slice], Tensor], *, temperature: float, generator,
-                     cached: SparseTarget | None, parts: list[slice]) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
+                     cached: SparseTarget | None, parts: list[slice],
+                     keys: PositionKeys | None = None) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
     """D_C(p_t, q_t) on one chunk of selected positions, as `objective.divergence`: (s_c [C,V], sl) -> [C];
     and whether it must run as one chunk (a criterion that declares it sees all positions at once)."""
     crit = sel.criterion
@@ -247,8 +256,9 @@ def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, 
         D, idx = sparse_divergence(crit, "the teacher cache"), valid_order(labels)[rows, cols]  #   [N]
         return (lambda s, sl: D(s, cached.take(idx[sl]).to(s.device), temperature)), False
     if sel.classes is not None:  # C_t subset of V, drawn from the teacher's logits at the chunk
-        return (lambda s, sl: crit.sparse(
-            s, sel.classes(teacher_at(sl), temperature=temperature, generator=generator), temperature)), False
+        return (lambda s, sl: crit.sparse(s, draw_classes(
+            sel, teacher_at(sl), temperature=temperature, generator=generator,
+            keys=keys.take(sl) if keys is not None else None), temperature)), False
     u_sel = u[rows, cols] if u is not None else None
     d = crit.over(Selected(y, rows, u_sel, teacher_at, tuple(parts), temperature))  # batch-level: prepared here
     return (lambda s, sl: d(s, teacher_at(sl), sl)), crit.coupling == "all"

@@ -11,7 +11,7 @@ on how it was split into micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from torch import Tensor
 from sekd.selection import signals as S
 from sekd.selection.classes import ClassSampler, SparseTarget
 from sekd.selection.criteria import Criterion, as_criterion, sparse_divergence
-from sekd.selection.policies import Draws, PolicyPiece, as_policy
+from sekd.rng import PositionKeys, RowKeys, step_keys
+from sekd.selection.policies import Draws, PolicyPiece, as_policy, call_policy
 from sekd.tensors import IGNORE, upcast
 
 
@@ -43,6 +44,16 @@ class Selector:
             sparse_divergence(self.criterion, f"classes {self.classes.name!r}")
         elif "u" in self.criterion.needs and self.signal is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs a signal: it reads u(t)")
+
+    @property
+    def random(self) -> bool:
+        """Whether any piece draws (the random signal, a sampling policy, a class sampler)."""
+        return bool((self.signal is not None and self.signal.random) or self.policy.random
+                    or (self.classes is not None and self.classes.random))
+
+    def keys(self, B: int, *, generator, step: int, rows) -> RowKeys | None:
+        """The micro-batch's per-row keys (sekd/rng.py `step_keys`) when a piece draws, else None."""
+        return step_keys(B, generator=generator, step=step, rows=rows) if self.random else None
 
     @property
     def needs_teacher_everywhere(self) -> bool:
@@ -71,7 +82,8 @@ def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(upcast(s_logits), targets, reduction="none")
 
 
-def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, temperature, generator, cached):
+def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, temperature, generator, cached,
+               keys: PositionKeys | None = None):
     """D_C(p_t, q_t) at the selected positions (rows, cols), all at once.  -> [N]"""
     crit = sel.criterion
     if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
@@ -81,9 +93,17 @@ def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, tempera
         raise ValueError("lam > 0 needs teacher logits or cached class targets")
     t_sel = t_logits[rows, cols]  #                                               [N,V]
     if sel.classes is not None:  # C_t subset of V: the criterion's sparse form (Selector checked it has one)
-        return crit.sparse(s_sel, sel.classes(t_sel, temperature=temperature, generator=generator), temperature)
+        return crit.sparse(s_sel, draw_classes(sel, t_sel, temperature=temperature, generator=generator, keys=keys),
+                           temperature)
     u_sel = u[rows, cols] if u is not None else None
     return crit(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
+
+
+def draw_classes(sel: Selector, t_sel: Tensor, *, temperature: float, generator,
+                 keys: PositionKeys | None) -> SparseTarget:
+    """The class selector's targets at positions t_sel [N,V]; a random one draws from the positions' keys."""
+    kw = {"keys": keys} if sel.classes.random and keys is not None else {}
+    return sel.classes(t_sel, temperature=temperature, generator=generator, **kw)
 
 
 def valid_order(labels: Tensor) -> Tensor:
@@ -106,25 +126,35 @@ def selective_kd_loss(
     generator: torch.Generator | None = None,
     step: int = 0,
     cached: SparseTarget | None = None,
+    rows: Sequence[int] | Tensor | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> StepOut:
     """`cached`: class-axis targets of every valid position, row-major (the offline teacher cache);
-    with it, no teacher logits are needed unless the signal asks for them."""
+    with it, no teacher logits are needed unless the signal asks for them.
+
+    `rows`: the global sample index of each row; every draw of row i is keyed by (the generator's seed,
+    `step`, rows[i]) (sekd/rng.py `RowKeys`), so it does not depend on the batch, the rank or the
+    chunking; without rows, fresh keys come from `generator`. `gather`: concatenates a tensor across
+    ranks (identity in one process); a stateful policy (GLS) sees the whole global batch's scores through it."""
     valid = labels != IGNORE  # valid(t)                                  [B,T]
     B, T = labels.shape
+    keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
     u = None
     if sel.signal is not None:
-        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator,
+        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator, keys=keys,
                     normalization=sel.signal_normalization, temperature=temperature)  # u(t)  [B,T]
-    draws = sel.policy(u if u is not None else torch.zeros(B, T, device=labels.device), valid,
-                       generator=generator, step=step)  # m_t, w_t as draws [B,K]
+    draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
+                        generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws [B,K]
     mw = draws.dense(T)  # m_t * w_t                                       [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     s_sel, y_sel = s_logits[rows, cols], labels[rows, cols]  #                 [N,V], [N]
     ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
     if lam > 0:
+        pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
         ell = ell + lam * temperature**2 * divergence(s_sel, t_logits, labels, rows, cols, u, sel,
-                                                      temperature=temperature, generator=generator, cached=cached)
+                                                      temperature=temperature, generator=generator, cached=cached,
+                                                      keys=pkeys)
     if lam < 1:
         ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
 

@@ -10,7 +10,9 @@ softmax (no renormalization over C_t); a criterion declares whether it consumes 
 
 Each selector is registered as a `ClassSampler`, which declares what it is to a flow: it reads the
 teacher's logits at the selected positions (z_t [N,V]) and nothing else, and `random` says whether it
-draws from the generator on each call (so a flow that calls it chunk by chunk draws in chunk order).
+draws on each call. A random one takes the positions' keys (`keys`, sekd/rng.py `PositionKeys`: position
+(r, c) draws from row r's per-sample key), so its draws do not depend on the chunk, the batch or the
+rank; without keys it draws from the generator (in chunk order).
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import torch
 from torch import Tensor
 
 from sekd.registry import Registry, at_least
+from sekd.rng import PositionKeys
 from sekd.tensors import upcast
 
-CLASSES = Registry("class selector", call_time=("temperature", "generator"))
+CLASSES = Registry("class selector", call_time=("temperature", "generator", "keys"))
 
 
 @dataclass
@@ -99,17 +102,21 @@ def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callab
 
 
 @class_sampler("rs_kd", RSKDOptions, random=True)
-def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
-    """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]"""
+def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None,
+          keys: PositionKeys | None = None) -> SparseTarget:
+    """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]
+    With `keys` (one per row of t), position n's N uniforms come from its row's per-sample key."""
     from sekd.cache.draws import rs_kd_draws, to_sparse
 
-    ids, counts, offsets = rs_kd_draws(t, n_draws, temperature, generator)
+    u = keys.uniform(n_draws, "rs_kd classes", t.device) if keys is not None else None
+    ids, counts, offsets = rs_kd_draws(t, n_draws, temperature, generator, u=u)
     ids_pad, probs_pad, mask = to_sparse(ids, counts, offsets, n_draws)
     return SparseTarget(ids_pad.to(t.device), probs_pad.to(t.device), mask.to(t.device))
 
 
 @class_sampler("top_k_truncation", TruncationOptions, random=False)
-def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None) -> SparseTarget:
+def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None,
+                     keys: PositionKeys | None = None) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = upcast(t)
     vals, ids = (t / temperature).topk(min(top, t.shape[-1]), dim=-1)

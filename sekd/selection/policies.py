@@ -3,12 +3,15 @@
 A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
 selected positions in draw order with one weight each (repeats allowed for sampling policies).
 All take keyword options bound at build time (k, Q, S, tau, coverage), plus `generator` and `step`
-at call time. All randomness comes from the passed CPU `generator`; no global RNG.
+at call time, and what they declare they use: `keys` (random ones) and `gather` (stateful ones).
 
-Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws from the generator),
-`stepped` (it reads the optimizer step: curriculum's window) and `stateful` (it keeps state that goes
-into the checkpoint: GLS's queue, a class with `state_dict`/`load_state_dict`). Stateless policies are
-plain functions registered as a `Policy`.
+Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws: row i's numbers come
+from its per-sample `keys`, sekd/rng.py `RowKeys`, or, without keys, from keys drawn from the CPU
+`generator`; no global RNG), `stepped` (it reads the optimizer step: curriculum's window, a global
+count) and `stateful` (it keeps state that goes into the checkpoint: GLS's queue, a class with
+`state_dict`/`load_state_dict`; it sees the scores of every rank through `gather`, so its state is the
+same on every rank). Stateless policies are plain functions registered as a `Policy`; they act row by
+row, so a row's draws do not depend on the other rows of its batch or on which rank holds it.
 
 The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
 """
@@ -21,9 +24,9 @@ import torch
 from torch import Tensor
 
 from sekd.registry import NoOptions, Registry, at_least, in_range, positive
-from sekd.rng import categorical, uniform
+from sekd.rng import RowKeys, categorical, row_keys
 
-POLICIES = Registry("policy", call_time=("generator", "step"))
+POLICIES = Registry("policy", call_time=("generator", "step", "keys", "gather"))
 
 
 @dataclass
@@ -70,10 +73,11 @@ class Draws:
 
 @runtime_checkable
 class PolicyPiece(Protocol):
-    """(u [B,T], valid [B,T], *, generator, step) -> Draws, and what the policy declares about itself."""
+    """(u [B,T], valid [B,T], *, generator, step, [keys], [gather]) -> Draws, and what the policy declares
+    about itself: a random one also takes `keys` (per-row RowKeys), a stateful one `gather`."""
 
     name: str
-    random: bool  # draws from the generator
+    random: bool  # draws (per-row keys, or keys drawn from the generator)
     stepped: bool  # reads the optimizer step
     stateful: bool  # keeps state for the checkpoint (state_dict / load_state_dict)
 
@@ -112,6 +116,17 @@ def policy(name: str, options: type, *, random: bool = False, stepped: bool = Fa
 def as_policy(fn: Callable[..., Draws]) -> PolicyPiece:
     """A registered policy as it is; an undeclared callable as a stateless, deterministic `Policy`."""
     return fn if isinstance(fn, PolicyPiece) else Policy(getattr(fn, "__name__", "policy"), fn)
+
+
+def call_policy(policy: PolicyPiece, u: Tensor, valid: Tensor, *, generator=None, step: int = 0,
+                keys: RowKeys | None = None, gather: Callable[[Tensor], Tensor] | None = None) -> Draws:
+    """Call `policy` with the call-time keywords it declares it uses: `keys` if random, `gather` if stateful."""
+    kw: dict[str, Any] = {"generator": generator, "step": step}
+    if policy.random and keys is not None:
+        kw["keys"] = keys
+    if policy.stateful and gather is not None:
+        kw["gather"] = gather
+    return policy(u, valid, **kw)
 
 
 # ---- options, declared at registration (checked by POLICIES.check_kwargs / build) --------------
@@ -220,9 +235,12 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
 
 
 @policy("random", BudgetOptions, random=True)
-def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
-    """ceil(k * n_valid) valid positions uniformly without replacement."""
-    noise = uniform(valid.shape, generator, valid.device, who="random policy").masked_fill(~valid, -1.0)
+def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0,
+                     keys: RowKeys | None = None) -> Draws:
+    """ceil(k * n_valid) valid positions uniformly without replacement (row i: T uniforms of its key)."""
+    B, T = valid.shape
+    keys = row_keys(B, keys=keys, generator=generator, who="random policy")
+    noise = keys.uniform([T] * B, "random policy", valid.device).masked_fill(~valid, -1.0)  # [B,T]
     rank = rank_desc(noise)
     m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
     return Draws.from_mask(m, order=rank)
@@ -279,14 +297,18 @@ class GLS:
         q = torch.cat([self.queue, scores.detach().float().cpu().reshape(-1)])
         self.queue = q[-self.Q:].clone()
 
-    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
-        """m_t = 1[u(t) >= tau] against earlier batches (top_k while the queue is empty); then enqueue u."""
+    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0,
+                 gather: Callable[[Tensor], Tensor] | None = None) -> Draws:
+        """m_t = 1[u(t) >= tau] against earlier batches (top_k while the queue is empty); then enqueue the
+        scores of the whole global micro-batch: `gather` concatenates every rank's row-major valid scores
+        in rank order (identity in one process), so every rank pushes the same scores and keeps one queue."""
         if self.queue.numel() == 0:
             draws = top_k(u, valid, k=self.k)
         else:
             m = (u.double() >= self.threshold()) & valid
             draws = Draws.from_mask(m, order=masked_rank(u, valid))
-        self.push(u[valid])  # row-major valid scores                                 [N]
+        local = u[valid].detach().float()  # row-major valid scores                   [N]
+        self.push(gather(local) if gather is not None else local)  # all ranks'        [N_global]
         return draws
 
     def state_dict(self) -> dict[str, Any]:
@@ -301,20 +323,21 @@ class GLS:
 # ---- sampling policies (Pos RS-KD) ----------------------------------------------------------
 
 
-def _sample(w: Tensor, n: Tensor, generator) -> tuple[Tensor, Tensor]:
-    """n_i draws i.i.d. with replacement from q ∝ w of row i (rows with n_i = 0 may have w = 0).
-    w [B,T] >= 0, n [B] -> index [B,K], mask [B,K]"""
+def _sample(w: Tensor, n: Tensor, keys: RowKeys) -> tuple[Tensor, Tensor]:
+    """n_i draws i.i.d. with replacement from q ∝ w of row i (rows with n_i = 0 may have w = 0); row i's
+    uniforms are the first n_i of its key's stream.  w [B,T] >= 0, n [B] -> index [B,K], mask [B,K]"""
     B, T = w.shape
     K = int(n.max().item()) if n.numel() else 0
     if K == 0 or T == 0:
         z = torch.zeros(B, 0, dtype=torch.long, device=w.device)
         return z, z.bool()
-    index = categorical(w.detach(), K, generator, who="pos_rs draws")  # on w's device; empty rows uniform
+    u = keys.uniform(n.tolist(), "pos_rs draws", w.device, torch.float64)  # padding 0: masked below  [B,K]
+    index = categorical(w.detach(), K, None, who="pos_rs draws", u=u)  # on w's device; empty rows uniform
     mask = torch.arange(K, device=w.device).unsqueeze(0) < n.unsqueeze(-1)
     return index, mask
 
 
-def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> Draws:
+def _pos_rs(u, valid, *, k, tau, coverage, keys: RowKeys, star: bool, who: str) -> Draws:
     """Shared body of pos_rs / pos_rs_star; see their docstrings."""
     check_k(k)
     if tau <= 0:
@@ -340,7 +363,7 @@ def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> D
 
     qR = torch.where(W_R.unsqueeze(-1) > 0, wR, R.double())  # all-zero R: uniform on R  [B,T]
     qR = qR / qR.sum(-1, keepdim=True).clamp_min(1e-300)  # q_R(t)                  [B,T]
-    index, mask = _sample(qR, n_s, generator)  #                                    [B,Ks]
+    index, mask = _sample(qR, n_s, keys)  #                                    [B,Ks]
     q_R = qR.gather(1, index)  # q_R(t_j)                                           [B,Ks]
     Kf, nv, ns = K.double().unsqueeze(-1), n_valid.double().unsqueeze(-1), n_s.double().clamp_min(1).unsqueeze(-1)
     if star:  # unbiased for mean_t l(t): D exactly, R by importance weights
@@ -357,7 +380,7 @@ def _pos_rs(u, valid, *, k, tau, coverage, generator, star: bool, who: str) -> D
 
 @policy("pos_rs", PosRSOptions, random=True)
 def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
-           generator=None, step: int = 0) -> Draws:
+           generator=None, step: int = 0, keys: RowKeys | None = None) -> Draws:
     """Pos RS-KD: K = n_sel draws i.i.d. from q(t) = w(t) / sum_j w(j), w = u^(1/tau); weight 1 each.
 
     E[L_i] = sum_t w(t) l(t) / sum_t w(t): weighted KD (tau = 1: w = u). With `coverage` c, the
@@ -365,16 +388,18 @@ def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: fl
     rest of the draws come from q restricted to the other positions R with weight K (W_R/W) / n_s;
     the estimator stays unbiased for the same weighted KD. A row whose u are all 0 samples uniformly.
     """
-    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=False, who="pos_rs")
+    keys = row_keys(u.shape[0], keys=keys, generator=generator, who="pos_rs")
+    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, keys=keys, star=False, who="pos_rs")
 
 
 @policy("pos_rs_star", PosRSOptions, random=True)
 def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
-                generator=None, step: int = 0) -> Draws:
+                generator=None, step: int = 0, keys: RowKeys | None = None) -> Draws:
     """Pos RS-KD*: pos_rs's draws, each weighted 1 / (n_valid q(t)); E[L_i] = mean_t l(t) (Full KD).
 
     Unbiased where q(t) > 0 on every valid position (u > 0; tau does not change the support). With
     `coverage` c the top floor(c * K) positions get weight K / n_valid and each of the n_s sampled
     draws K / (n_s n_valid q_R(t)), which keeps the estimator unbiased for Full KD.
     """
-    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, generator=generator, star=True, who="pos_rs_star")
+    keys = row_keys(u.shape[0], keys=keys, generator=generator, who="pos_rs_star")
+    return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, keys=keys, star=True, who="pos_rs_star")

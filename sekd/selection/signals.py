@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sekd.registry import Registry
-from sekd.rng import uniform
+from sekd.rng import RowKeys, row_keys
 
 SIGNALS = Registry("signal")
 CE_RATIO_EPS = 1e-6
@@ -30,7 +30,8 @@ class Signal:
     """A named sum of per-position terms, and what it declares to a flow: with `terms`, u(t) is pointwise
     (any chunking of positions gives the same terms; only the per-sequence normalization, `normalize`,
     needs the whole row); `needs_teacher`: the teacher's logits at every valid position, not only the
-    selected ones; `random`: u(t) is drawn from the generator ([B,T] uniforms), not computed from logits."""
+    selected ones; `random`: u(t) is drawn (T uniforms per row from its per-sample key, sekd/rng.py
+    `RowKeys`, or from keys drawn from the generator), not computed from logits."""
 
     name: str
     terms: tuple[Callable[..., Tensor], ...]  # (s [N,V], t [N,V] | None, y [N], *, temperature) -> [N]
@@ -170,6 +171,7 @@ def score(
     generator: torch.Generator | None = None,
     normalization: str = "sum",
     temperature: float = 1.0,
+    keys: RowKeys | None = None,
 ) -> Tensor:
     """u(t) on [B,T] (-inf where not valid) from dense logits [B,T,V]; terms summed after normalization."""
     if normalization not in NORMALIZATIONS:
@@ -178,7 +180,8 @@ def score(
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     B, T = labels.shape
     if sig.random:
-        u = uniform((B, T), generator, labels.device, who="random signal")
+        keys = row_keys(B, keys=keys, generator=generator, who="random signal")
+        u = keys.uniform([T] * B, "random signal", labels.device)  # [B,T]
         return u.masked_fill(~valid, float("-inf"))
     rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions            [N]
     y = labels[rows, cols]
