@@ -106,7 +106,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     that span nodes or ask a registry. Returns the typed config; raises ConfigError."""
     run = typed(cfg)
     for check in (check_data, check_position, check_classes, check_samples, check_criterion, check_regime,
-                  check_eval):
+                  check_eval, check_placement):
         check(run)
     return run
 
@@ -201,6 +201,16 @@ def check_eval(run: RunConfig) -> None:
     if e.suite == "validation" and run.data.options.get("validation_size") == 0:
         raise ConfigError("eval.suite=validation scores GSM8K's held-out train problems, but data.validation_size=0 "
                           "holds none out")
+
+
+def check_placement(run: RunConfig) -> None:
+    """model.teacher_device places the teacher of one process; ranks each hold their own teacher beside
+    their student (cuda:LOCAL_RANK), so one fixed device for every rank's teacher would stack them on one
+    card. Whether the device exists is sekd.models.check_environment's (this machine's) question."""
+    if run.model.teacher_device is not None and run.train.distributed != "none":
+        raise ConfigError(f"model.teacher_device={run.model.teacher_device} places the teacher of one process; with "
+                          f"train.distributed={run.train.distributed} each rank holds its teacher on its own device: "
+                          "leave model.teacher_device null")
 
 
 # ---- the command line, before Hydra starts a job ---------------------------------------------

@@ -51,6 +51,14 @@ ROWS = [
     (["force=maybe"], "force='maybe' must be true or false", False),
     (["model.trust_remote_code=yes"], "model.trust_remote_code='yes' must be true or false", False),
     (["preset=a/b"], "preset='a/b' must be a plain name", False),
+    # scaling out: the distributed mode, the teacher's device, the cluster's shape
+    (["train.distributed=mpi"], "train.distributed='mpi' is not allowed; choose one of: none, ddp, fsdp", False),
+    (["model.teacher_device=gpu1"], "model.teacher_device='gpu1' is not a device; use cpu, cuda or cuda:N", CLI),
+    (["model.teacher_device=cuda:x"], "model.teacher_device='cuda:x' is not a device", False),
+    (["model.teacher_device=cpu", "train.distributed=ddp"],
+     "model.teacher_device=cpu places the teacher of one process; with train.distributed=ddp each rank", CLI),
+    (["resources.nodes=0"], "resources.nodes=0 must be an integer > 0", False),
+    (["resources.tasks_per_node=0"], "resources.tasks_per_node=0 must be an integer > 0", False),
     # a value of the wrong type, refused by Hydra against the schema (sekd/schema.py) while composing
     (["train.lr=abc"], "train.lr='abc' must be a number", CLI),
     (["data.seq_len=abc"], "data.seq_len='abc' must be an integer > 0", False),

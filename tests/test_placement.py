@@ -1,0 +1,67 @@
+"""The teacher on its own device (model.teacher_device, sekd.models.PlacedTeacher): its outputs reach the
+student's device, and the loss and gradients are those of the teacher beside the student."""
+import pytest
+import torch
+
+from sekd.errors import ConfigError
+from sekd.loop import micro_batches
+from sekd.models import PlacedTeacher, place_teacher, teacher_device
+from tests.test_loop import V, packed, tiny_model, trainer
+
+
+def grads_of(tr):
+    loss, _, _ = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog))
+    return loss, {n: p.grad.clone() for n, p in tr.student.named_parameters()}
+
+
+@pytest.mark.parametrize("flow", ["dense", "chunked"])
+@pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "student_entropy"), ("top_k", "kl")])
+def test_a_placed_teacher_gives_the_same_loss_and_gradients(flow, policy, signal):
+    """Wrapped (inputs to its device, hidden states or logits back, a copy of its head on the student's
+    device) it computes exactly what the teacher itself does: with the selective head (top_k by the
+    student's entropy), and with a signal that needs the teacher everywhere (kl)."""
+    here = trainer(2, 2, policy, signal, "per_sequence", flow)
+    placed = trainer(2, 2, policy, signal, "per_sequence", flow)
+    placed.teacher = PlacedTeacher(placed.teacher, torch.device("cpu"))  # forced: cpu is its own device too
+    loss0, g0 = grads_of(here)
+    loss1, g1 = grads_of(placed)
+    assert loss1 == loss0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0)
+
+
+def test_the_teachers_outputs_land_on_the_students_device():
+    """The teacher computes on its own device (cpu); what the loss reads arrives on the student's (meta
+    here: a second device every machine has), and the teacher's weights stay where they are."""
+    teacher = tiny_model(1).eval()
+    placed = PlacedTeacher(teacher, torch.device("meta"))
+    x = packed().input_ids[:2]
+    with torch.no_grad():
+        h = placed.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
+        z = placed(input_ids=x).logits
+    assert h.device.type == "meta" and h.shape == (2, x.shape[1], 32)
+    assert z.device.type == "meta" and z.shape[-1] >= V
+    head = placed.get_output_embeddings()
+    assert head.weight.device.type == "meta" and not head.weight.requires_grad
+    assert placed.get_output_embeddings() is head  # copied once
+    assert all(p.device.type == "cpu" for p in teacher.parameters())
+
+
+def test_a_teacher_beside_the_student_is_not_wrapped():
+    teacher = tiny_model(1)
+    assert place_teacher(teacher, torch.device("cpu")) is teacher
+    assert isinstance(place_teacher(teacher, torch.device("meta")), PlacedTeacher)
+
+
+def test_teacher_device_names_the_key():
+    cpu = torch.device("cpu")
+    assert teacher_device(None, cpu) == cpu
+    assert teacher_device("cpu", torch.device("meta")) == cpu
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:3"):
+            with pytest.raises(ConfigError, match=rf"^model.teacher_device={name} but this machine has no CUDA"):
+                teacher_device(name, cpu)
+    else:
+        count = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=rf"has {count} CUDA device\(s\)"):
+            teacher_device(f"cuda:{count}", cpu)
