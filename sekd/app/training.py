@@ -55,15 +55,24 @@ class Teacher:
     """The frozen teacher, loaded on first use: a run from the offline cache, or one whose samples the
     student alone scores, never loads it."""
 
-    def __init__(self, path: str, tok, device, dtype, trust_remote_code: bool):
+    def __init__(self, path: str, tok, device, dtype, trust_remote_code: bool, home=None):
         self.path, self.tok, self.device, self.dtype, self.trc = path, tok, device, dtype, trust_remote_code
+        self.home = home or device  # its own device (model.teacher_device); `device`: where the loss is
         self.model, self.loaded = None, False
 
     def get(self):
+        """The teacher as the loss uses it: on another device than the student, its outputs come back
+        to the student's (sekd.models.PlacedTeacher)."""
+        from sekd.models import place_teacher
+
+        return place_teacher(self.raw(), self.device)
+
+    def raw(self):
+        """The model itself, on its own device (the cache builder runs it there)."""
         from sekd.models import load_model, shared_vocab
 
         if self.model is None:
-            self.model = load_model(self.path, self.device, self.dtype, self.trc).eval().requires_grad_(False)
+            self.model = load_model(self.path, self.home, self.dtype, self.trc).eval().requires_grad_(False)
             shared_vocab(self.tok, self.model)
             self.loaded = True
         return self.model
@@ -106,7 +115,7 @@ def build_parts(job: Job) -> Parts:
     in this order so a run's numbers do not move."""
     import torch
 
-    from sekd.models import load_model, pick_device, pick_dtype, shared_vocab
+    from sekd.models import load_model, pick_device, pick_dtype, shared_vocab, teacher_device
 
     cfg = job.cfg
     device = pick_device(cfg.train.device)
@@ -116,7 +125,8 @@ def build_parts(job: Job) -> Parts:
     selector = build_selector(cfg)
     student = load_model(job.student_path, device, torch.float32, cfg.model.trust_remote_code)
     return Parts(device=device, dtype=dtype, student=student, vocab=shared_vocab(job.tok, student), selector=selector,
-                 teacher=Teacher(job.teacher_path, job.tok, device, dtype, cfg.model.trust_remote_code),
+                 teacher=Teacher(job.teacher_path, job.tok, device, dtype, cfg.model.trust_remote_code,
+                                 home=teacher_device(cfg.model.teacher_device, device)),
                  data=data, available=len(data))
 
 
@@ -297,7 +307,7 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts) -> Path:
     except CacheError:
         pass
     t0 = time.time()
-    teacher = parts.teacher.get()
+    teacher = parts.teacher.raw()
     try:
         build_cache(teacher, parts.data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
                     n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
