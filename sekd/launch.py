@@ -105,3 +105,11 @@ def _int(environ: Mapping[str, str], key: str, default=...):
         return int(value)
     except ValueError:
         raise ConfigError(f"environment variable {key}={value!r} must be an integer") from None
+
+
+def tasks_per_node(gpus: int, tasks: Optional[int] = None) -> int:
+    """How many tasks (ranks) a Slurm job starts on each node: `tasks` when given (resources.tasks_per_node,
+    e.g. 2 one-CPU ranks on a CPU node), else one per GPU, and one on a node without GPUs."""
+    if tasks is not None:
+        return int(tasks)
+    return max(int(gpus or 0), 1)

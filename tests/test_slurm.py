@@ -77,6 +77,35 @@ def test_the_profile_sizes_each_slurm_job(monkeypatch):
     assert config_hash(a) == config_hash(b)  # what a job asks the cluster for is not part of its result
 
 
+def test_a_job_asks_for_one_task_per_gpu_on_each_of_its_nodes():
+    def shape(*overrides):
+        lc = OmegaConf.to_container(compose_sweep("t2", ["hydra/launcher=slurm", *overrides]).hydra.launcher,
+                                    resolve=True)
+        return lc["nodes"], lc["tasks_per_node"], lc["gpus_per_node"], lc["cpus_per_task"]
+
+    assert shape() == (1, 1, 0, 1)  # a CPU job: one task, as before
+    assert shape("profile=paper") == (1, 1, 1, 8)
+    assert shape("resources.gpus=4", "resources.nodes=2") == (2, 4, 4, 1)  # 8 ranks over 2 nodes
+    assert shape("resources.tasks_per_node=2") == (1, 2, 0, 1)  # 2 one-CPU ranks on a CPU node
+    assert shape("resources.gpus=8", "resources.tasks_per_node=1") == (1, 1, 8, 1)  # one process, eight GPUs
+
+
+def test_the_paper_profile_has_an_eight_gpu_variant_with_the_same_global_batch():
+    lc = OmegaConf.to_container(compose_sweep("t2", ["hydra/launcher=slurm", "profile=paper_8gpu"]).hydra.launcher,
+                                resolve=True)
+    assert (lc["nodes"], lc["tasks_per_node"], lc["gpus_per_node"]) == (1, 8, 8)
+    one, eight = (compose_sweep("t2", ["experiment=se_kd", f"profile={p}"], hydra_node=False)
+                  for p in ("paper", "paper_8gpu"))
+    run = validate(eight)
+    assert run.train.distributed == "ddp" and one.train.distributed == "none"
+    ranks = eight.resources.nodes * eight.resources.tasks_per_node
+    assert ranks == 8
+    global_batch = lambda c, n: c.train.micro_batch_size * c.train.grad_accum * n
+    assert global_batch(eight, ranks) == global_batch(one, 1) == 16  # the paper's batch (docs/method.md §12)
+    for key in ("model", "data", "eval", "paths"):  # the same pair, data, suite and root as profile=paper
+        assert eight[key] == one[key]
+
+
 def test_smoke_sweep_has_two_tiny_cells_on_the_slurm_launcher():
     cfg = compose_sweep("smoke_slurm")
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
@@ -263,3 +292,4 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, ca
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 151, 5))  # the redone steps were logged once
     assert not (run / "checkpoint.pt").exists()
+
