@@ -33,7 +33,7 @@ SHAPE: dict[str, tuple[type, ...]] = {
 REQUIRED = ("preset", "mode", "seed")
 RECORD_FIELDS = ("preset", "label", "mode", "seed", "config_hash", "steps", "tokens_seen", "tokens_supervised",
                  "train_time_s", "wall_time_s", "peak_memory_mb", "git_commit", "run_dir", "finished_at",
-                 "train_samples")
+                 "train_samples", "world_size", "device_count", "tokens_per_s_per_device")
 
 
 def shape_problem(rec: Any) -> str | None:

@@ -30,16 +30,18 @@ COLUMNS = {
     "T3": ["acc", "ifeval", "ppl", "ece"],
     "T4": ["acc", "ifeval", "ppl", "ece"],
     "T5": ["acc", "ppl", "gsm8k"],
-    "T7": ["wall_s", "selection_s", "teacher_tokens", "acc"],
+    "T7": ["wall_s", "selection_s", "teacher_tokens", "tokens_per_s_device", "acc"],
     "V1": ["acc"],
     "V2": ["acc"],
 }
 TABLES = tuple(COLUMNS)
 HEADER = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K", "wall_s": "Wall time",
-          "selection_s": "Sample selection", "teacher_tokens": "Teacher tokens"}
+          "selection_s": "Sample selection", "teacher_tokens": "Teacher tokens",
+          "tokens_per_s_device": "Tokens/s per device"}
 LOWER_IS_BETTER = {"ppl", "ece", "wall_s", "selection_s", "teacher_tokens"}
 # column -> the record column holding ours (metrics are their own column; training_costs adds the _ ones)
-SOURCE = {"wall_s": "_train_wall_s", "selection_s": "_selection_s", "teacher_tokens": "costs.teacher_forward_tokens"}
+SOURCE = {"wall_s": "_train_wall_s", "selection_s": "_selection_s", "teacher_tokens": "costs.teacher_forward_tokens",
+          "tokens_per_s_device": "_tokens_per_s_device"}
 METRICS = ("acc", "ifeval", "ppl", "ece", "gsm8k")  # a run holding one of them was scored
 # what a sample pre-pass costs depends on: runs sharing these share one stored set of sample scores
 PREPASS_KEY = ("config.samples.name", "config.model.name", "config.data.name", "config.data.seq_len")
@@ -143,6 +145,9 @@ def _num(df: pd.DataFrame, name: str) -> pd.Series:
 def training_costs(records: pd.DataFrame) -> pd.DataFrame:
     """Add `_selection_s` and `_train_wall_s`, the training pipeline's cost per run.
 
+    `_tokens_per_s_device`: training tokens per second of distillation per device (`_devices`: every
+    rank's, and a teacher's own), so runs at different world sizes compare.
+
     `_selection_s`: the sample pre-pass's seconds in runs that ran it (NaN where the scores were reused
     from an earlier run). `_train_wall_s`: distillation (`train_time_s`) + the cache build this run paid +
     the pre-pass at the mean of the runs that ran it (same sampler, model and data), so the run that
@@ -156,6 +161,8 @@ def training_costs(records: pd.DataFrame) -> pd.DataFrame:
     paid = r["_selection_s"].groupby(keys, dropna=False).transform("mean") if keys else r["_selection_s"]
     wall = _num(r, "train_time_s") + _num(r, "costs.cache_build_seconds").fillna(0) + paid.fillna(0)
     r["_train_wall_s"] = wall.where(_col(r, "costs.pretrain_seconds").notna(), _num(r, "wall_time_s"))
+    r["_devices"] = _num(r, "device_count").fillna(1)  # records from before world sizes: one process
+    r["_tokens_per_s_device"] = _num(r, "tokens_seen") / _num(r, "train_time_s").where(lambda s: s > 0) / r["_devices"]
     return r
 
 
@@ -193,6 +200,10 @@ def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
     out = ref[["table", "section", "method", "label", "preset"]].copy()
     limit = g["limit"].first().reindex(ref.index)
     out["label"] = [lab if pd.isna(n) else f"{lab} (limit={int(n)})" for lab, n in zip(out["label"], limit)]
+    if table == "T7":  # runs of a row may have spanned different numbers of devices: say how many
+        devices = m.groupby("row")["_devices"].agg(lambda d: sorted({int(x) for x in d})).reindex(ref.index)
+        out["devices"] = devices.map(lambda d: "/".join(map(str, d)) if isinstance(d, list) else "")
+        out["label"] = [lab if d in ("", "1") else f"{lab} ({d} devices)" for lab, d in zip(out["label"], out["devices"])]
     out["eval_limit"] = limit
     metrics = [c for c in METRICS if c in m.columns]
     was_scored = m[metrics].notna().any(axis=1) if metrics else pd.Series(False, index=m.index)
@@ -235,7 +246,7 @@ def fmt_value(col: str, x: float) -> str:
         return MISSING
     if col in ("wall_s", "selection_s"):
         return fmt_duration(x)
-    if col == "teacher_tokens":
+    if col in ("teacher_tokens", "tokens_per_s_device"):
         return fmt_tokens(x)
     return f"{x:.1f}"
 
@@ -271,7 +282,9 @@ def caption(table: str) -> str:
             "'limit=N': scored on the first N examples only.")
     if table == "T7":
         text += (" Wall time: sample selection, teacher-cache build and distillation (not pretraining the "
-                 "embedded pair, not scoring); the cache build counts only in the row of the runs that built it.")
+                 "embedded pair, not scoring); the cache build counts only in the row of the runs that built it. "
+                 "Tokens/s per device: training tokens over distillation time and the devices a run spanned (every "
+                 "rank's, and a teacher's own); a row whose runs spanned several devices says how many.")
     return text
 
 

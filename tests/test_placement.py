@@ -65,3 +65,20 @@ def test_teacher_device_names_the_key():
         count = torch.cuda.device_count()
         with pytest.raises(ConfigError, match=rf"has {count} CUDA device\(s\)"):
             teacher_device(f"cuda:{count}", cpu)
+
+
+def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throughput(tmp_path):
+    """Through the real CLI: model.teacher_device=cpu (the student's device here) trains, and the record
+    says one process, both devices and the tokens per second per device."""
+    import json
+
+    from tests.helpers import TINY, sekd_train
+
+    res = sekd_train([*TINY, "train.steps=2", "eval.suite=none", "model.teacher_device=cpu",
+                      f"paths.root={tmp_path}/root", f"paths.cache={tmp_path}/cache"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = (tmp_path / "root").rglob("record.json")
+    rec = json.loads(path.read_text())
+    assert rec["world_size"] == 1 and rec["device_count"] == 1
+    assert rec["devices"] == {"student": "cpu", "teacher": "cpu"}
+    assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_seen"] / rec["train_time_s"], rel=0.02)

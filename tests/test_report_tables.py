@@ -158,7 +158,7 @@ def test_missing_runs_and_metrics_are_dashes_never_zero(report):
     assert md.loc["AT-KD", "n"] == "0" and csv.loc["AT-KD", ["acc_ours_mean", "acc_ours_std"]].isna().all()
     assert md["IFEval"].str.startswith("– (").all()  # the embedded suite has no IFEval
     t7 = cells(out, "T7")
-    assert t7.loc["TopSmp KL"].drop("n").tolist() == ["– (14h42m)", "– (9h37m)", "–", "– (64.2)"]
+    assert t7.loc["TopSmp KL"].drop("n").tolist() == ["– (14h42m)", "– (9h37m)", "–", "–", "– (64.2)"]
 
 
 def test_bold_marks_the_best_of_our_distilled_rows(report):
@@ -305,3 +305,31 @@ def test_seeds_count_scored_runs_and_limited_evaluations_stay_out_of_full_rows(t
     md = cells(tmp_path / "out", "T2")
     assert md.loc["Student entropy (SE-KD) (limit=50)", "Acc."] == "70.0 ± – (64.8)"  # no rival of full scores
     assert md.loc["Full KD", "Acc."] == "**61.5 ± 0.7** (64.4)"
+
+
+def test_t7_compares_runs_by_tokens_per_second_per_device_and_says_the_world_size(tmp_path):
+    """Full KD on one device, on two ranks and with the teacher on its own device: T7's throughput column
+    divides each run's tokens/s by the devices it spanned (what sekd/app/record.py writes), and the row
+    says how many devices its runs used; RandomPos, one process from before world sizes were recorded,
+    says nothing and counts one device."""
+    from sekd.app.record import throughput
+
+    cfg = resolved(compose_cfg(["experiment=full_kd"]))
+    runs = [(1, 40.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": None}}),  # 1000 tok/s/device
+            (2, 10.0, {"world_size": 2, "devices": {"student": "cuda:0", "teacher": "cuda:0"}}),  # 2000
+            (3, 8.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": "cuda:1"}})]  # 2500
+    for seed, seconds, placed in runs:
+        rec = record(cfg, "full_kd", seed, (60.0, 8.0, 20.0), tmp_path)
+        rec.update(train_time_s=seconds, tokens_seen=40000,
+                   **throughput({"tokens_seen": 40000, "train_time_s": seconds, **placed}))
+        (tmp_path / "runs" / rec["run_dir"].split("/")[-1] / "record.json").write_text(json.dumps(rec))
+    assert [rec["device_count"], rec["tokens_per_s_per_device"]] == [2, 2500.0]
+    record(resolved(compose_cfg(["experiment=random_pos"])), "random_pos", 1, (60.0, 8.0, 20.0), tmp_path, wall=12.0)
+    assert report_main([str(tmp_path), "--table", "T7", "--out", str(tmp_path / "out")]) == 0
+    t7 = table_csv(tmp_path / "out", "T7").set_index("method")
+    assert t7.loc["Full KD (100% positions)", "tokens_per_s_device_ours_mean"] == pytest.approx(5500 / 3)
+    assert t7.loc["RandomPos 20%", "tokens_per_s_device_ours_mean"] == pytest.approx(40704 / 10.0)
+    md = cells(tmp_path / "out", "T7")
+    assert "Full KD (100% positions) (1/2 devices)" in md.index and "RandomPos 20%" in md.index
+    assert md.loc["RandomPos 20%", "Tokens/s per device"] == "**4.1K ± –** (–)"  # higher is better: bold
+    assert "Tokens/s per device" in (tmp_path / "out" / "table_T7.md").read_text().splitlines()[0]

@@ -40,7 +40,20 @@ def stats_fields(stats: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
             "steps": stats.get("steps", 0), "train_time_s": stats.get("train_time_s"), "costs": stats.get("costs", {}),
             "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
-            "on_policy_batches": stats.get("on_policy_batches", 0)}
+            "on_policy_batches": stats.get("on_policy_batches", 0), **throughput(stats)}
+
+
+def throughput(stats: dict[str, Any]) -> dict[str, Any]:
+    """World size, devices (rank 0's student and teacher) and training tokens per second per device, so
+    runs compare across world sizes (T7, the Pareto plot). Devices: every rank's, and the teacher's own
+    where model.teacher_device gave it one. Stats from before these existed ran one process."""
+    world = int(stats.get("world_size") or 1)
+    devices = stats.get("devices") or {}
+    own_teacher = devices.get("teacher") not in (None, devices.get("student"))
+    count = world * (2 if own_teacher else 1)
+    seconds, tokens = stats.get("train_time_s"), stats.get("tokens_seen", 0)
+    rate = round(tokens / seconds / count, 2) if seconds and tokens else None
+    return {"world_size": world, "devices": devices or None, "device_count": count, "tokens_per_s_per_device": rate}
 
 
 def summary_line(job: Job, record: dict[str, Any]) -> str:

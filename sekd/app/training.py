@@ -191,7 +191,17 @@ def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:
     return {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
             "train_samples": len(parts.data), "available_samples": parts.available,
             "peak_memory_mb": peak_memory_mb(parts.device), "on_policy_batches": prog.on_policy_batches,
-            "costs": costs}
+            "costs": costs, **placement(parts)}
+
+
+def placement(parts: Parts) -> dict[str, Any]:
+    """The world size and rank 0's devices (the teacher's where it was loaded), for tokens/s per device
+    (sekd.app.record.throughput)."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    teacher = str(parts.teacher.home) if parts.teacher.loaded else None
+    return {"world_size": world, "devices": {"student": str(parts.device), "teacher": teacher}}
 
 
 def peak_memory_mb(device) -> float:
