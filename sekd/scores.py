@@ -12,15 +12,21 @@ where `key` hashes `fields`: sampler, signal, the student / teacher signatures i
 signature, vocab cut, and T for signals that use it. A later run with the same key (any subset or
 order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
 paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
+
+Across ranks (`dist`: rank, world_size, all_gather_objects, as sekd.distributed.Dist) the pre-pass is
+sharded: the missing samples are cut into the single process's batches, rank r scores batches r::world,
+and every rank gathers all scores. Rank 0 alone holds the store's lock, reads it and writes it; the
+others get what it read. Each batch is the one a single process scores, so the stored file is the same.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -44,6 +50,34 @@ class SampleSelection:
     reused: bool = False  # every score came from the store: no forward pass ran
     forward_tokens: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
     n_scored: int = 0  # samples the pre-pass ran over in this call
+
+
+# ---- ranks ----------------------------------------------------------------------------------
+
+
+class Ranks(Protocol):
+    """What the pre-pass needs of a process group (sekd.distributed.Dist has it)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_objects(self, obj: Any) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    """The single-process group: rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+def from_main(dist: Ranks, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (the others pass None)."""
+    return dist.all_gather_objects(obj if dist.rank == 0 else None)[0]
 
 
 # ---- the pre-pass ----------------------------------------------------------------------------
@@ -133,31 +167,55 @@ def save_scores(path: Path, fields: dict[str, Any], scores: dict[str, float]) ->
 
 
 def sample_scores(smp: Sampler, data: PackedData, *, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                  fields: dict[str, Any] | None, store_dir: Path | None, **run: Any) -> SampleSelection:
+                  fields: dict[str, Any] | None, store_dir: Path | None, dist: Ranks | None = None,
+                  **run: Any) -> SampleSelection:
     """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
+    dist = dist or OneProcess()
     if store_dir is None:
-        return _score_missing(smp, data, list(range(len(data))), {}, student, teacher, **run)
+        return _score_missing(smp, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
     path = store_path(store_dir, fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one scorer per key; a run sharing it waits, then finds the scores and pays nothing
-    with lock(path):
-        stored = load_scores(path, fields)
+    main = dist.rank == 0
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # one scorer per key; a run sharing it waits, then finds the scores and pays nothing. Only rank 0
+    # touches the file: it locks, reads and writes; the other ranks get what it read.
+    with lock(path) if main else nullcontext():
+        got = None
+        if main:
+            try:
+                got = (load_scores(path, fields), None)
+            except ValueError as e:  # every rank stops with rank 0's one line
+                got = (None, str(e))
+        stored, error = from_main(dist, got)
+        if error is not None:
+            raise ValueError(error)
         missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
-        out = _score_missing(smp, data, missing, stored, student, teacher, **run)
-        if missing:
+        out = _score_missing(smp, data, missing, stored, student, teacher, dist=dist, **run)
+        if missing and main:
             save_scores(path, fields, stored)
     return out
 
 
+def shard_batches(missing: list[int], batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The samples rank `rank` scores: batches r::world of the single process's batches of `missing`,
+    so each batch (and its U_i, to the bit) is the one a single process computes."""
+    batches = [missing[a:a + batch_size] for a in range(0, len(missing), batch_size)]
+    return [i for b in batches[rank::world_size] for i in b]
+
+
 def _score_missing(smp: Sampler, data: PackedData, missing: list[int], stored: dict[str, float],
-                   student: torch.nn.Module, teacher: torch.nn.Module | None, **run: Any) -> SampleSelection:
-    """Runs the pre-pass over `missing` only, adds its scores to `stored`, returns U for all of `data`."""
+                   student: torch.nn.Module, teacher: torch.nn.Module | None, *, dist: Ranks,
+                   **run: Any) -> SampleSelection:
+    """Runs the pre-pass over `missing` only (this rank's share), gathers every rank's scores into
+    `stored`, returns U for all of `data`."""
     seconds = 0.0
     if missing:
         t0 = time.perf_counter()
-        U_new = prepass(smp, data.subset(missing), student, teacher, **run)
+        mine = shard_batches(missing, int(run.get("batch_size", 16)), dist.rank, dist.world_size)
+        U_mine = prepass(smp, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
         seconds = time.perf_counter() - t0
-        stored.update({data.sample_ids[i]: u for i, u in zip(missing, U_new.tolist())})
+        for part in dist.all_gather_objects(list(zip(mine, U_mine.tolist()))):  # every rank's, in rank order
+            stored.update({data.sample_ids[i]: u for i, u in part})
     U = torch.tensor([stored[sid] for sid in data.sample_ids], dtype=torch.float32)
     tokens = len(missing) * data.seq_len
     return SampleSelection([], U, seconds, reused=not missing, n_scored=len(missing),
@@ -181,8 +239,10 @@ def select_samples(
     device: str | torch.device = "cpu",
     vocab: int | None = None,
     temperature: float = 1.0,
+    dist: Ranks | None = None,
 ) -> SampleSelection:
-    """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1)."""
+    """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1).
+    `dist`: the ranks that share the pre-pass (one process when None); every rank gets the same selection."""
     smp = SAMPLERS.get(name)
     n, n_keep = len(data), sample_budget(len(data), l)
     if smp.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost
@@ -196,6 +256,6 @@ def select_samples(
         fields = store_fields(smp, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
                               vocab=vocab, temperature=temperature)
     sel = sample_scores(smp, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
-                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature)
+                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dist=dist)
     sel.indices = top_samples(sel.scores, n_keep)
     return sel
