@@ -9,7 +9,9 @@ sekd.distributed does the init):
   task of a job computes the same address without talking to the others; MASTER_ADDR/MASTER_PORT, when
   set, win;
 - neither: one process, world size 1.
-A one-task Slurm job is a single process too, so every existing one-GPU job runs as before.
+A one-task Slurm job is a single process too, so every existing one-GPU job runs as before; so is a job's
+batch script, which Slurm gives SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: only the
+tasks `srun` starts are ranks.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Launch:
     else a single process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return _torchrun(environ)
-    if _int(environ, "SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in environ:
-        return _slurm(environ)
+    if _int(environ, "SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        return _slurm(environ)  # a task of an srun step; the batch script itself has no SLURM_STEP_ID
     return Launch()
 
 

@@ -20,7 +20,7 @@ def test_torchrun_environment():
 
 def slurm_env(procid: int, **extra) -> dict:
     """What srun gives task `procid` of a 2-task, one-node job 4242 (submitit's jobs are srun steps)."""
-    return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(procid),
+    return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(procid), "SLURM_STEP_ID": "0",
             "SLURM_LOCALID": str(procid), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2",
             "PATH": "", **extra}  # no scontrol on PATH: the list is read directly
 
@@ -39,6 +39,8 @@ def test_single_process_when_no_launcher_or_one_slurm_task():
     one_task = {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "cpu1"}
     assert from_env(one_task) == Launch()  # every one-GPU job of before
     assert from_env({"SLURM_NTASKS": "2"}) == Launch()  # an allocation's shell (salloc), not one of its tasks
+    batch_script = {k: v for k, v in slurm_env(0).items() if k != "SLURM_STEP_ID"}  # sbatch -n 2, no srun
+    assert from_env(batch_script) == Launch()
 
 
 def test_job_ports_are_in_a_safe_range_and_differ_for_neighbouring_jobs():
