@@ -32,7 +32,13 @@ COSTS = {
     "teacher_forward_tokens": ("teacher forward tokens", ""),
     "cache_bytes_read": ("teacher-cache bytes read", "B"),
     "prepass_seconds": ("sample pre-pass time", "s"),
+    "tokens_per_s_device": ("training tokens/s per device", "tok/s"),
 }
+SPEEDS = {"tokens_per_s_device"}  # x axes where more is better: the front runs to the right
+
+
+def cost_arrow(cost: str) -> str:
+    return "↑" if cost in SPEEDS else "↓"
 
 
 def higher_is_better(metric: str) -> bool:
@@ -64,6 +70,15 @@ def _limit_note(df: pd.DataFrame) -> str:
         return ""
     marks = {m for s in df["setting"].dropna() for m in str(s).split() if m.startswith("limit=")}
     return f" ({', '.join(sorted(marks))})" if marks else ""
+
+
+def _devices_note(df: pd.DataFrame) -> str:
+    """', 1-2 devices per run' when some run spanned more than one device (world size x a teacher's own): the
+    figure says so. Nothing for one-device runs, or results without the column."""
+    if "devices" not in df.columns or not (df["devices"].dropna() > 1).any():
+        return ""
+    counts = sorted({int(n) for n in df["devices"].dropna()})
+    return f", {counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "") + " devices per run"
 
 
 def _distilled(df: pd.DataFrame) -> pd.DataFrame:
@@ -218,15 +233,16 @@ def pareto_table(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc
     d = d.dropna(subset=[cost, metric])
     # a method run at several budgets is one point per budget, named by it; building the offline cache is a
     # cost of the run that built it: its runs and those that reused the cache are separate points
-    varying = [b for b in (*OTHER, "cache_role") if b in d.columns and len(d)
+    varying = [b for b in (*OTHER, "cache_role", "devices") if b in d.columns and len(d)
                and d.groupby(GROUP, sort=False)[b].nunique().max() > 1]
     t = aggregate(d, [*GROUP, *varying], [cost, metric])
     t.insert(2, "name", t["label"].astype(str))
     for b in varying:
         several = t.groupby(GROUP, sort=False)[b].transform("nunique") > 1
-        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role" else f" {b}={v:.0%}"
-                                   for v in t.loc[several, b]]
-    t["on_front"] = pareto_front(t[f"{cost}_mean"], t[f"{metric}_mean"], maximize=higher_is_better(metric))
+        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role" else f" ({v:g} device{'s' * (v != 1)})" if b == "devices"
+                                   else f" {b}={v:.0%}" for v in t.loc[several, b]]
+    spent = -t[f"{cost}_mean"] if cost in SPEEDS else t[f"{cost}_mean"]
+    t["on_front"] = pareto_front(spent, t[f"{metric}_mean"], maximize=higher_is_better(metric))
     return t
 
 
@@ -237,6 +253,9 @@ def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
 
     Only `modes` runs are points (by default the distilled ones: scoring the student or the teacher has no
     training cost); the undistilled student and teacher become dashed horizontal references.
+    `cost=tokens_per_s_device` (training throughput per device, fair across world sizes) is a speed: more is
+    better, the front runs to the right; a method's runs on different numbers of devices are separate points,
+    and the title says how many devices the runs spanned.
     `annotate`: name "all" points, only the "front", or "auto" (all up to 10 points, else the front).
     Raises ValueError when no run has both the cost and the metric.
     """
@@ -265,9 +284,10 @@ def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
         ax.set_xscale("symlog" if (t[f"{cost}_mean"] <= 0).any() else "log")
     else:
         ax.xaxis.set_major_formatter(EngFormatter(unit=unit, sep=" "))
-    ax.set_xlabel(f"{name} ↓" + (f" ({unit})" if unit and logx else ""))
+    ax.set_xlabel(f"{name} {cost_arrow(cost)}" + (f" ({unit})" if unit and logx else ""))
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)" + _limit_note(df))
+    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)" + _limit_note(df)
+                 + _devices_note(df))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -10,7 +10,8 @@ curve must not average test and validation accuracies, nor a 50-example score wi
     df = load_results("outputs/embedded")      # record.json files below it, else its results.csv
 
 Costs, per run: `train_wall_s` (sample selection, cache build and distillation; not pretraining the embedded
-pair, not scoring: sekd.tables.training_costs), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
+pair, not scoring: sekd.tables.training_costs), `tokens_per_s_device` and `devices` (training throughput per
+device, and how many devices the run spanned), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
 ('built' or 'reused' for a run with an offline teacher cache), which keeps the run that built the cache apart.
 """
 from __future__ import annotations
@@ -40,9 +41,11 @@ ALIASES = {  # short name -> the flattened column of record.json it copies
     "cache_build_seconds": "costs.cache_build_seconds",
     "pretrain_seconds": "costs.pretrain_seconds",
     "train_wall_s": "_train_wall_s",
+    "tokens_per_s_device": "_tokens_per_s_device",  # training tokens/s per device: fair across world sizes
+    "devices": "_devices",  # devices a run spanned: every rank's, and a teacher's own
 }
 NUMERIC = ["k", "l", "teacher_forward_tokens", "cache_bytes_read", "prepass_seconds", "cache_build_seconds",
-           "pretrain_seconds", "train_wall_s"]
+           "pretrain_seconds", "train_wall_s", "tokens_per_s_device", "devices"]
 
 
 def env_path(name: str, default: str | Path) -> Path:

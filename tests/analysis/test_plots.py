@@ -268,6 +268,36 @@ def test_cache_built_and_cache_reused_runs_are_separate_pareto_points(tmp_path):
     assert len(fig.axes[0].containers) == 3
 
 
+def test_pareto_by_tokens_per_second_per_device_says_the_world_size(tmp_path):
+    """Records at world size 1 and 2 (sekd.app.record.throughput's fields) and one from before world sizes
+    (one device): throughput per device is the x axis, more is better, and a method's runs on different
+    numbers of devices are separate, named points; the title says how many devices the runs spanned."""
+    from sekd.app.record import throughput
+
+    recs = []
+    for seed, world, seconds, acc in ((0, 1, 40.0, 60.0), (1, 2, 10.0, 60.5), (2, 2, 10.0, 61.5)):
+        r = _record("se_kd", seed, 0.2, 1.0, acc, {"pretrain_seconds": 0.0})
+        r.update(tokens_seen=40000, train_time_s=seconds,
+                 **throughput({"tokens_seen": 40000, "train_time_s": seconds, "world_size": world,
+                               "devices": {"student": "cpu", "teacher": "cpu"}}))
+        recs.append(r)
+    old = _record("full_kd", 0, 1.0, 1.0, 62.0, {"pretrain_seconds": 0.0})  # no world size: one device
+    old.update(tokens_seen=40000, train_time_s=100.0)
+    _write(tmp_path, [*recs, old])
+    df = load_runs([tmp_path])
+    assert df.set_index("seed").query("preset == 'se_kd'")["devices"].tolist() == [1, 2, 2]
+    t = plots.pareto_table(df, "tokens_per_s_device", "acc").set_index("name")
+    assert t.loc["SE_KD (1 device)", ["tokens_per_s_device_mean", "n"]].tolist() == [1000.0, 1]
+    assert t.loc["SE_KD (2 devices)", ["tokens_per_s_device_mean", "acc_mean"]].tolist() == [2000.0, 61.0]
+    assert t.loc["FULL_KD", "tokens_per_s_device_mean"] == 400.0
+    # faster and as good beats slower: SE-KD on 1 device (1000 tok/s, 60.0) is dominated by 2 devices (2000, 61.0)
+    assert t["on_front"].to_dict() == {"SE_KD (1 device)": False, "SE_KD (2 devices)": True, "FULL_KD": True}
+    ax = plots.pareto(df, "tokens_per_s_device", "acc").axes[0]
+    assert ax.get_title().endswith(", 1-2 devices per run") and ax.get_xlabel() == "training tokens/s per device ↑"
+    one = df[df["devices"].eq(1)]
+    assert "devices" not in plots.pareto(one, "tokens_per_s_device", "acc").axes[0].get_title()
+
+
 def test_train_wall_leaves_out_pretraining_and_scoring(tmp_path):
     first = _record("se_kd", 0, 0.2, 1.0, 60.0, {"pretrain_seconds": 1200.0, "cache_build_seconds": 0.0,
                                                  "prepass_seconds": 0.0})
