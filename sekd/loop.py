@@ -3,6 +3,19 @@
 Gradients of the loss *sums* are accumulated and divided once by the effective batch's weight
 (sum_i s_i, or the number of selected positions), so the step does not depend on the micro-batch
 split. Checkpoints hold everything a restart needs to end with the same weights.
+
+Several ranks (train.distributed=ddp, sekd/distributed.py): train.micro_batch_size is per rank. The
+data order is the one-process order; each *global* micro-batch of world_size x micro_batch_size
+indices is split in rank order (rank r takes [r*mb, (r+1)*mb)), so 2 ranks x micro-batch 2 see exactly
+the sequences 1 rank x micro-batch 4 sees. After accumulation the loss sums, their weights, the
+position counts and the gradients are summed over ranks (all-reduce) and the gradients divided once:
+the same step as one process. The gradient all-reduce is explicit, not torch's
+DistributedDataParallel wrapper: the chunked flow calls the student's body and LM head separately
+(never the model's forward), so DDP's forward hooks would not run and its bucketed reduction would
+not know which parameters took part; summing every gradient once per optimizer step is exactly DDP's
+math (with no_sync over the accumulation), and it works the same for the dense flow. Every rank then
+takes the same optimizer step on the same weights. Rank 0 alone writes the checkpoint, metrics and
+trace; every rank resumes from rank 0's checkpoint (the weights are replicated).
 """
 from __future__ import annotations
 
@@ -19,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sekd.distributed import Dist
 from sekd.errors import ConfigError
 from sekd.io import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
@@ -64,21 +78,23 @@ def build_schedule(opt, t: TrainConfig, total_steps: int) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def micro_batches(data, mb: int, seed: int, prog: Progress) -> Iterator[list[int]]:
-    """Seeded epochs of micro-batches, from the saved position on; advances `prog` as it goes."""
+def micro_batches(data, mb: int, seed: int, prog: Progress, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[list[int]]:
+    """Seeded epochs of micro-batches, from the saved position on; advances `prog` as it goes. With
+    several ranks: global micro-batches of world_size x mb, of which rank r yields [r*mb, (r+1)*mb)."""
     from sekd.data.dataset import batches
 
     while True:
-        for idx in batches(data, micro_batch_size=mb, seed=seed, epoch=prog.epoch, start=prog.offset):
+        for idx in batches(data, micro_batch_size=mb * world_size, seed=seed, epoch=prog.epoch, start=prog.offset):
             prog.offset += len(idx)
-            yield list(idx)
+            yield list(idx)[rank * mb: (rank + 1) * mb]
         prog.epoch, prog.offset = prog.epoch + 1, 0
 
 
-def total_steps(n_samples: int, t: TrainConfig) -> int:
+def total_steps(n_samples: int, t: TrainConfig, world_size: int = 1) -> int:
     if t.steps is not None:
         return int(t.steps)
-    per_epoch = math.ceil(n_samples / t.micro_batch_size)
+    per_epoch = math.ceil(n_samples / (t.micro_batch_size * world_size))
     return max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
 
 
@@ -154,14 +170,17 @@ class OnPolicy:
 class Trainer:
     def __init__(self, *, student, teacher, data, selector: Selector, train_cfg: TrainConfig, vocab: int, seed: int,
                  run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None,
-                 on_policy: OnPolicy | None = None):
+                 on_policy: OnPolicy | None = None, dist: Dist | None = None):
+        self.dist = dist or Dist.single(device)
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
         self.on_policy = on_policy
         self.t, self.V, self.seed, self.run, self.tracker = train_cfg, vocab, seed, run, tracker
         self.device, self.dtype, self.trace, self.cache = device, dtype, trace, cache
         size = train_cfg.chunk_size
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
-        self.steps = total_steps(len(data), train_cfg)
+        self.steps = total_steps(len(data), train_cfg, self.dist.world_size)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        broadcast_params(self.params, self.dist)  # every rank starts from rank 0's weights (as DDP does)
         self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
         self.gen = torch.Generator().manual_seed(seed)
@@ -169,26 +188,36 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
+        """checkpoint.pt, by rank 0; it holds every rank's RNG states (each rank draws for its own samples)."""
+        rngs = self.dist.all_gather_objects(rng_state(self.gen))
+        if not self.dist.is_main:
+            return
+        extra = {"rng_ranks": rngs} if self.dist.active else {}
         atomic_torch_save(self.run.checkpoint, {
             "student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
-            "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rng_state(self.gen),
-            "selector": self.sel.state_dict(),
+            "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rngs[0],
+            "selector": self.sel.state_dict(), **extra,
         })
 
     def resume(self) -> bool:
         """Continue from checkpoint.pt; without one, start clean: the metrics and trace rows of a run
         killed before its first checkpoint are dropped, so every step is logged once."""
         if not self.run.checkpoint.exists():
-            self.run.truncate_after(0)
+            if self.dist.is_main:
+                self.run.truncate_after(0)
             return False
         ck = load_checkpoint(self.run.checkpoint)
+        rngs = ck.get("rng_ranks") or []
+        if len(rngs) == self.dist.world_size:
+            ck["rng"] = rngs[self.dist.rank]
         self.student.load_state_dict(ck["student"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["schedule"])
         self.prog = Progress(**ck["progress"])
         set_rng_state(ck["rng"], self.gen)
         self.sel.load_state_dict(ck["selector"])
-        self.run.truncate_after(self.prog.step)
+        if self.dist.is_main:
+            self.run.truncate_after(self.prog.step)
         return True
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -219,8 +248,10 @@ class Trainer:
             out = self.chunked_loss(x, y, opts) if self.t.flow == "chunked" else self.dense_loss(x, y, opts)
         if self.teacher is not None:
             self.prog.teacher_tokens += x.numel()
-        if self.trace is not None:
-            self.trace.write(self.prog.step, samples, y, out)
+        if self.trace is not None and self.prog.step < self.trace.steps:  # rank 0 writes every rank's rows
+            rows = self.dist.all_gather_objects(self.trace.rows(self.prog.step, samples, y, out))
+            if self.dist.is_main:
+                self.trace.append([r for part in rows for r in part])
         return out, x
 
     def chunked_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
@@ -244,16 +275,24 @@ class Trainer:
         return selective_kd_loss(s_logits, t_logits, y, self.sel, **opts)
 
     def accumulate(self, stream) -> tuple[float, float, float]:
-        """Gradients of L over one effective batch (grad_accum micro-batches) in .grad; returns L."""
-        loss_sum, weight, sel_pos, valid_pos = 0.0, 0.0, 0.0, 0.0
+        """Gradients of L over one effective batch (grad_accum micro-batches of every rank) in .grad;
+        returns L. Sums, weights and gradients are summed over ranks before the one division."""
+        # loss sum, weight, selected, valid, tokens seen, teacher tokens, on-policy batches
+        tally = torch.zeros(7, dtype=torch.float64)
+        teacher0, on_policy0 = self.prog.teacher_tokens, self.prog.on_policy_batches
         for micro in range(self.t.grad_accum):
             out, x = self.forward(next(stream), micro)
             out.loss_sum.backward()
-            loss_sum += float(out.loss_sum.detach())
-            weight += out.weight
-            sel_pos += out.metrics["positions_selected"]
-            valid_pos += out.metrics["positions_valid"]
-            self.prog.tokens_seen += x.numel()
+            tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
+                                       out.metrics["positions_valid"], x.numel()], dtype=torch.float64)
+        if self.dist.active:  # every rank's counts, then every rank's gradients
+            tally[5:] = torch.tensor([self.prog.teacher_tokens - teacher0, self.prog.on_policy_batches - on_policy0])
+            tally = self.dist.all_reduce_sum(tally.to(self.dist.device)).cpu()
+            self.prog.teacher_tokens = teacher0 + int(tally[5])
+            self.prog.on_policy_batches = on_policy0 + int(tally[6])
+            all_reduce_grads(self.params, self.dist)
+        loss_sum, weight, sel_pos, valid_pos, tokens = tally[:5].tolist()
+        self.prog.tokens_seen += int(tokens)
         scale = 1.0 / max(weight, 1e-12)  # L = sum_i s_i L_i / sum_i s_i over the effective batch
         for p in self.student.parameters():
             if p.grad is not None:
@@ -278,14 +317,18 @@ class Trainer:
         row = {"step": self.prog.step, "loss": loss, "grad_norm": float(gnorm), "lr": self.sched.get_last_lr()[0],
                "sel_frac": sel_pos / max(valid_pos, 1), "tokens_seen": self.prog.tokens_seen,
                "tokens_supervised": self.prog.tokens_supervised, "sec_per_step": sec_per_step}
+        if not self.dist.is_main:
+            return
         self.run.log_metrics(row)
         self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
 
     def fit(self) -> Progress:
         resumed = self.resume()
-        stream = micro_batches(self.data, self.t.micro_batch_size, self.seed, self.prog)
+        stream = micro_batches(self.data, self.t.micro_batch_size, self.seed, self.prog, self.dist.rank,
+                               self.dist.world_size)
         self.student.train()
-        bar = tqdm(total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True)
+        bar = tqdm(total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True,
+                   disable=not self.dist.is_main)
         if resumed:
             bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
         t_last = time.time()
@@ -317,10 +360,38 @@ class SelectionTrace:
     def __init__(self, path, steps: int):
         self.path, self.steps = path, steps
 
-    def write(self, step: int, samples: list[str], labels, out) -> None:
-        if step >= self.steps:
-            return
+    def rows(self, step: int, samples: list[str], labels, out) -> list[dict[str, Any]]:
+        return [selection_trace_row(step, sample, labels[b], out.u[b] if out.u is not None else None, out.draws, b)
+                for b, sample in enumerate(samples)]
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
         with open(self.path, "a") as f:
-            for b, sample in enumerate(samples):
-                u_row = out.u[b] if out.u is not None else None
-                f.write(json.dumps(selection_trace_row(step, sample, labels[b], u_row, out.draws, b)) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def write(self, step: int, samples: list[str], labels, out) -> None:
+        if step < self.steps:
+            self.append(self.rows(step, samples, labels, out))
+
+
+def broadcast_params(params: list[torch.Tensor], dist: Dist) -> None:
+    """Rank 0's values of `params` on every rank."""
+    if dist.active:
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(params: list[torch.Tensor], dist: Dist) -> None:
+    """Σ over ranks of each parameter's gradient, in one flat all-reduce. A parameter no rank gave a
+    gradient keeps none (AdamW skips it, as in one process); one that some rank did gets the sum."""
+    if not params:
+        return
+    has = torch.tensor([float(p.grad is not None) for p in params], device=dist.device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dist.device)
+                      for p in params])
+    dist.all_reduce_sum(has)
+    dist.all_reduce_sum(flat)
+    at = 0
+    for p, had in zip(params, has.tolist()):
+        n = p.numel()
+        p.grad = flat[at: at + n].view_as(p).to(p.device, p.dtype).clone() if had else None
+        at += n

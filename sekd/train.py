@@ -33,7 +33,24 @@ def main() -> None:
         check_command_line(sys.argv[1:], CONF, "config")
     except ConfigError as err:
         fail(err)
+    sys.argv += other_rank_overrides(sys.argv[1:])
     app()
+
+
+def other_rank_overrides(args: list[str]) -> list[str]:
+    """Ranks other than 0 (a launcher started several) write no shared file, Hydra's log included: their
+    Hydra output goes to a folder of their own under the system's temporary directory, unlogged."""
+    import tempfile
+
+    from sekd.launch import from_env
+
+    try:
+        rank = from_env().rank
+    except ConfigError:
+        return []  # a broken launcher environment is refused, in one line, once the run composes
+    if rank == 0 or any(a in ("-m", "--multirun") for a in args):
+        return []
+    return ["hydra/job_logging=disabled", f"hydra.run.dir={tempfile.mkdtemp(prefix=f'sekd-rank{rank}-')}"]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         tracker = open_tracker(job)
         try:
             stats = train(job, tracker)
+            job.dist.close()  # the ranks are done together; rank 0 alone scores and writes the record
+            if not job.dist.is_main:
+                return None
             if job.cfg.stage == "train" and job.cfg.mode == "distill":
                 print(f"sekd: {job.cfg.preset} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
                       "to a stage=score job)")
@@ -33,6 +36,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
             metrics = score(job, tracker)
         finally:
             tracker.finish()
+            job.dist.close()
     except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.loop.CheckpointError)
         fail(err)
     record = build_record(job, stats, metrics)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,13 @@ class Job:
     tok: Any
     pretrain_s: float  # building the embedded pair: a cost of its own, never training time
     started: float  # time.time() when the run's work began (the record's wall_time_s)
+    dist: Any = field(default=None)  # sekd.distributed.Dist: this process's rank (one process: Dist.single())
+
+    def __post_init__(self):
+        if self.dist is None:
+            from sekd.distributed import Dist
+
+            self.dist = Dist.single()
 
 
 def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
@@ -78,6 +85,7 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     from sekd.run import RunDir
 
     cfg = validate(tree)
+    launch = check_launch(cfg)
     if already_finished(tree):
         return None
     run = RunDir(tree)
@@ -86,10 +94,49 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     set_threads(cfg)
     started = time.time()
     check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
-    teacher_path, student_path, tok, pretrain_s = resolve(cfg)
-    run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
+    dist = join(cfg, launch)
+    with dist.main_first():  # rank 0 builds (the embedded pair) and stores; the others then find it built
+        teacher_path, student_path, tok, pretrain_s = resolve(cfg)
+    if dist.is_main:
+        run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
     return Job(cfg=cfg, tree=tree, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
-               tok=tok, pretrain_s=pretrain_s, started=started)
+               tok=tok, pretrain_s=pretrain_s, started=started, dist=dist)
+
+
+def check_launch(cfg: RunConfig):
+    """The launcher's environment (sekd.launch) against train.distributed: ddp needs ranks a launcher
+    started (torchrun, a Slurm job's tasks); ranks need a distributed mode, or each would train the whole
+    run alone and write the same files."""
+    from sekd.launch import from_env
+
+    launch = from_env()
+    mode = cfg.train.distributed
+    started = launch.distributed or "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if mode != "none" and not started:
+        raise ConfigError(f"train.distributed={mode} needs a launcher's environment (RANK, WORLD_SIZE, ...): start "
+                          f"it with `torchrun --nproc_per_node N -m sekd.train ...` or as a Slurm job's tasks; this "
+                          "process is alone (world size 1)")
+    if mode == "none" and launch.distributed:
+        raise ConfigError(f"train.distributed=none but this process is rank {launch.rank} of {launch.world_size} "
+                          "(a launcher started several); set train.distributed=ddp, or start one process")
+    if mode == "fsdp" and launch.world_size < 2:  # one rank: nothing to shard over
+        raise ConfigError("train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1: "
+                          "start at least 2 (torchrun --nproc_per_node 2 or more), or set train.distributed=none")
+    if mode == "fsdp":
+        raise ConfigError("train.distributed=fsdp is not available yet; use train.distributed=ddp")
+    return launch
+
+
+def join(cfg: RunConfig, launch):
+    """This process's place in the run: the process group of the launcher's ranks (gloo on CPU, nccl on
+    CUDA: cuda:LOCAL_RANK), or Dist.single() for one process."""
+    from sekd.distributed import Dist, init
+    from sekd.models import pick_device
+
+    device = pick_device(cfg.train.device)
+    if not launch.distributed:
+        return Dist.single(device)
+    return init(launch, device)
 
 
 def already_finished(cfg: DictConfig) -> bool:
@@ -192,6 +239,8 @@ def open_tracker(job: Job):
     from sekd.tracking import Tracker
 
     cfg, run = job.cfg, job.run
+    if not job.dist.is_main:  # rank 0 alone logs the run
+        return Tracker("disabled", run.path, name=run.path.name, config={}, project=cfg.logging.project)
     return Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(job.tree, keep_env=True),
                    project=cfg.logging.project, entity=cfg.logging.entity,
                    group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")

@@ -23,19 +23,24 @@ def train(job: Job, tracker) -> dict[str, Any]:
     """The run's training stats: distilled now, or read back from an earlier job that trained this
     student. Two sweeps scoring the same student (T2 on test, V1 on validation) may both reach here at
     once: one trains, the other waits and then only scores. The lock file goes on release (a crashed
-    holder's with the next run), and so do the temporary files a killed run left."""
+    holder's with the next run), and so do the temporary files a killed run left. Several ranks: rank 0
+    holds the lock and decides; every rank trains."""
+    from contextlib import nullcontext
+
     from sekd.io import folder_lock
 
-    cfg, run = job.cfg, job.run
+    cfg, run, dist = job.cfg, job.run, job.dist
     if cfg.mode != "distill":
         return {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0, "train_time_s": 0.0,
                 "costs": {"pretrain_seconds": job.pretrain_s}}
-    with folder_lock(run.path / ".train.lock"):
-        run.sweep()
-        if run.trained() and not cfg.force:
+    with folder_lock(run.path / ".train.lock") if dist.is_main else nullcontext():
+        if dist.is_main:
+            run.sweep()
+        if dist.broadcast_object(run.trained() and not cfg.force):
             return json.loads(run.train_stats.read_text())  # trained before (another job or eval)
-        if cfg.force:
+        if cfg.force and dist.is_main:
             run.start_over()  # force=true trains from scratch, never from a checkpoint
+        dist.barrier()  # no rank looks for a checkpoint before rank 0 has removed it
         return timed_distill(job, tracker)
 
 
@@ -47,7 +52,8 @@ def timed_distill(job: Job, tracker) -> dict[str, Any]:
     c = stats["costs"]
     c["pretrain_seconds"] = job.pretrain_s
     stats["train_time_s"] = round(time.time() - t0 - c["prepass_seconds"] - c["cache_build_seconds"], 2)
-    atomic_write_json(job.run.train_stats, stats)
+    if job.dist.is_main:
+        atomic_write_json(job.run.train_stats, stats)
     return stats
 
 
@@ -105,8 +111,9 @@ def distill(job: Job, tracker) -> dict[str, Any]:
     pick_samples(job, parts)
     cache = open_teacher_cache(job, parts) if job.cfg.classes.cache is not None else None
     prog = fit(job, parts, cache, tracker)
-    save_student(job.run, parts.student, job.tok)
-    job.run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
+    if job.dist.is_main:
+        save_student(job.run, parts.student, job.tok)
+        job.run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
     return train_stats(parts, prog, cache)
 
 
@@ -118,7 +125,7 @@ def build_parts(job: Job) -> Parts:
     from sekd.models import load_model, pick_device, pick_dtype, shared_vocab, teacher_device
 
     cfg = job.cfg
-    device = pick_device(cfg.train.device)
+    device = job.dist.device if job.dist.active else pick_device(cfg.train.device)  # a rank's own card
     dtype = pick_dtype(cfg.train.precision, device)
     data = training_data(cfg, job.tok)
     torch.manual_seed(cfg.seed)
@@ -142,16 +149,18 @@ def pick_samples(job: Job, parts: Parts) -> None:
     if s.name == "all":
         return
     wants_teacher = SAMPLERS.get(s.name).needs_teacher
-    picked = select_samples(
-        s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
-        teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
-        teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
-        tokenizer_sig=tokenizer_signature(job.tok),
-        store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
-        vocab=parts.vocab, temperature=cfg.train.temperature)
+    with job.dist.main_first():  # rank 0 scores and stores the samples; the others read its scores
+        picked = select_samples(
+            s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
+            teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
+            teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
+            tokenizer_sig=tokenizer_signature(job.tok),
+            store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
+            vocab=parts.vocab, temperature=cfg.train.temperature)
     parts.data = parts.data.subset(picked.indices)
-    atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
-                                                      "kept": parts.data.sample_ids})  # which samples training saw
+    if job.dist.is_main:
+        atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
+                                                          "kept": parts.data.sample_ids})  # which samples training saw
     parts.costs.update(prepass_seconds=picked.prepass_seconds, prepass_reused=picked.reused,
                        prepass_forward_tokens=picked.forward_tokens)
 
@@ -168,7 +177,7 @@ def fit(job: Job, parts: Parts, cache, tracker):
     trainer = Trainer(student=parts.student, teacher=parts.teacher.get() if needs_teacher else None,
                       data=parts.data, selector=parts.selector, train_cfg=t, vocab=parts.vocab, seed=cfg.seed,
                       run=job.run, tracker=tracker, device=parts.device, dtype=parts.dtype, trace=trace,
-                      cache=cache, on_policy=on_policy(cfg, parts.data, job.tok))
+                      cache=cache, on_policy=on_policy(cfg, parts.data, job.tok), dist=job.dist)
     return trainer.fit()
 
 
@@ -290,7 +299,8 @@ def open_teacher_cache(job: Job, parts: Parts):
     cfg, data = job.cfg, parts.data
     if cfg.classes.cache == "auto":
         expect = cache_expectation(cfg, job.teacher_path, job.tok, data)
-        path = auto_cache(cfg, expect, parts)
+        with job.dist.main_first():  # rank 0 builds it; the others then find it finished
+            path = auto_cache(cfg, expect, parts)
     else:
         path, expect = Path(cfg.classes.cache), cache_expectation(cfg, job.teacher_path, job.tok)
     parts.costs["cache"] = str(path)

@@ -1,0 +1,149 @@
+"""One run over two ranks (train.distributed=ddp), started through torchrun as a user would: real
+processes, gloo on CPU, the tiny pair.
+
+Same math at any world size: 2 ranks x micro-batch 2 see the sequences 1 rank x micro-batch 4 sees
+(docs/method.md §9), so the final weights agree up to float32 rounding. The bound, ATOL = 1e-5: the
+only difference is the order of the gradient sums (two per-rank partial sums, then the all-reduce, vs
+one batched sum), a few float32 ulps (~1e-7 relative) per gradient; AdamW turns a relative gradient
+error d into an update error of about lr * d, so after a handful of steps the weights (O(1)) differ by
+~1e-7 (measured: 6e-8 after 3 steps of Full KD). A real error — a rank's gradients missing, the division done per rank, other
+sequences — moves weights by the order of lr (2e-3) per step; the test checks that a run on half the
+batch is farther than 100 x ATOL, so the bound tells them apart. Two steps: from the second on, the
+rounding moves a selective signal u(t) by ~1e-6, and a top-k boundary on a near-tie can flip (one
+position more or less, a discrete change of the loss) — as it can between two micro-batch splits of
+one process; both steps' selections are checked equal in the trace.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, TINY, checkpoint_step, descendants, logged_steps, sekd_train
+
+ATOL = 1e-5
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "sekd.train"]
+
+
+def args(root: Path, preset: str, mb: int, *extra: str, steps: int = 2) -> list[str]:
+    over = {"train.micro_batch_size": str(mb)}
+    base = [a for a in TINY if a.split("=")[0] not in over]
+    return [*base, *(f"{k}={v}" for k, v in over.items()), f"experiment={preset}", f"train.steps={steps}", "eval=none",
+            f"paths.root={root}", f"paths.cache={root.parent}/cache", *extra]
+
+
+def torchrun(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *argv, "train.distributed=ddp"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def torchrun_killed(argv: list[str], ready, timeout: int = 300) -> int:
+    """torchrun until `ready()` holds, then SIGKILL to it and every process below it (the agent and both
+    ranks, which torchrun starts in sessions of their own), as a lost node would. Returns its exit status."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([*TORCHRUN, *argv, "train.distributed=ddp"], cwd=ROOT, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None and not ready():
+                assert time.time() < deadline, "the run never got there"
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        return proc.returncode
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    (model,) = list(root.glob("runs/*/model/model.safetensors"))
+    return load_file(model)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def the_run(root: Path) -> Path:
+    (run,) = list((root / "runs").iterdir())
+    return run
+
+
+@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x"])
+def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
+    extra = ["train.trace_selection_steps=2"]
+    two = torchrun(args(tmp_path / "two", preset, 2, *extra))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = sekd_train([*args(tmp_path / "one", preset, 4, *extra)], env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= ATOL
+
+    # rank 0 alone wrote the shared files: one metrics row per step, one record, the trace of every rank's rows
+    run = the_run(tmp_path / "two")
+    assert logged_steps(tmp_path / "two") == [1, 2]
+    assert len(list(run.glob("*/record.json"))) == 1
+    rows = [json.loads(ln) for ln in (run / "selection_trace.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(ln) for ln in (the_run(tmp_path / "one") / "selection_trace.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 4  # steps x grad_accum x global micro-batch
+    assert [(r["step"], r["sample"], sorted(r["selected"])) for r in rows] == \
+        [(r["step"], r["sample"], sorted(r["selected"])) for r in one_rows]
+    assert len(list((tmp_path / "two" / "hydra").iterdir())) == 1  # rank 1's Hydra log went elsewhere
+    stats = json.loads((run / "train_stats.json").read_text())
+    one_stats = json.loads((the_run(tmp_path / "one") / "train_stats.json").read_text())
+    for key in ("tokens_seen", "tokens_supervised", "steps"):
+        assert stats[key] == one_stats[key], key
+
+    if preset == "full_kd":  # the bound separates: half the batch lands far outside it
+        half = sekd_train([*args(tmp_path / "half", preset, 2)], env={"OMP_NUM_THREADS": "1"})
+        assert half.returncode == 0, half.stderr[-3000:]
+        assert max_diff(weights(tmp_path / "half"), weights(tmp_path / "one")) > 100 * ATOL
+
+
+def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
+    a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=1", steps=4)
+    done = torchrun(a)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    root_b = tmp_path / "b"
+    b = args(root_b, "se_kd", 2, "train.ckpt_every=1", steps=4)
+    assert torchrun_killed(b, ready=lambda: checkpoint_step(root_b) is not None) == -signal.SIGKILL
+    saved = checkpoint_step(root_b)
+    assert saved in (1, 2, 3) and not list(the_run(root_b).glob("*/record.json"))
+
+    resumed = torchrun(b)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {saved}" in resumed.stdout + resumed.stderr
+    wa, wb = weights(tmp_path / "a"), weights(root_b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert logged_steps(root_b) == [1, 2, 3, 4]  # the lost steps' rows replaced, not duplicated
+
+
+def test_ddp_without_a_launcher_is_refused(tmp_path):
+    r = sekd_train([*args(tmp_path, "full_kd", 2), "train.distributed=ddp"])
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("sekd: config error: train.distributed=ddp needs a launcher") and "torchrun" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ranks_without_a_distributed_mode_are_refused(tmp_path):
+    r = subprocess.run([*TORCHRUN, *args(tmp_path, "full_kd", 2)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "sekd: config error: train.distributed=none but this process is rank" in r.stderr
+    assert not (tmp_path / "runs").exists()
