@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_smoke.sh [OUT]        # default OUT: gpu-smoke/
 #
 # On a machine with CUDA: (1) the embedded pair trained and scored on one GPU (SE-KD); (2) with two GPUs
-# the same run with the teacher on its own GPU (model.teacher_device=cuda:1), else the one-line refusal of a
+# tests/test_placement.py (its cuda:0/cuda:1 tests run) and the same run with the teacher on its own GPU
+# (model.teacher_device=cuda:1), else the one-line refusal of a
 # teacher device this machine lacks; (3) with two or more GPUs, a 2-rank ddp run through torchrun;
 # (4) benchmarks/distributed.py at the Qwen3-8B -> 1.7B shapes (random weights) for every mode the GPUs
 # allow. Every record and benchmark JSON lands under OUT; a summary line per step goes to OUT/smoke.log.
@@ -29,6 +30,7 @@ say "$GPUS CUDA device(s): $("$PY" -c "import torch; print(torch.cuda.get_device
 say "one GPU: $(find "$OUT/one_gpu" -name record.json | head -1)"
 
 if [ "$GPUS" -ge 2 ]; then
+    "$PY" -m pytest -q tests/test_placement.py | tee -a "$LOG"   # teacher on cuda:1 == beside the student
     "$PY" -m sekd.train "${RUN[@]}" model.teacher_device=cuda:1 "paths.root=$OUT/teacher_gpu"
     say "teacher on cuda:1: $(find "$OUT/teacher_gpu" -name record.json | head -1)"
     "$PY" -m torch.distributed.run --nproc_per_node 2 -m sekd.train "${RUN[@]}" train.distributed=ddp "paths.root=$OUT/ddp2"

@@ -82,3 +82,22 @@ def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throug
     assert rec["world_size"] == 1 and rec["device_count"] == 1
     assert rec["devices"] == {"student": "cpu", "teacher": "cpu"}
     assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_seen"] / rec["train_time_s"], rel=0.02)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (benchmarks/gpu_smoke.sh runs it)")
+@pytest.mark.parametrize("flow", ["dense", "chunked"])
+def test_a_teacher_on_another_gpu_gives_the_loss_and_gradients_of_one_beside_the_student(flow):
+    """Student on cuda:0, teacher on cuda:1 (float32): the step of the teacher beside the student."""
+    def on_cuda(teacher_device: str):
+        tr = trainer(2, 2, "top_k", "student_entropy", "per_sequence", flow)
+        tr.student.to("cuda:0")
+        tr.params = [p for p in tr.student.parameters() if p.requires_grad]
+        tr.teacher = place_teacher(tr.teacher.to(teacher_device), torch.device("cuda:0"))
+        tr.device = torch.device("cuda:0")
+        return grads_of(tr)
+
+    loss0, g0 = on_cuda("cuda:0")
+    loss1, g1 = on_cuda("cuda:1")
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
