@@ -239,7 +239,8 @@ def pareto_table(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc
     t.insert(2, "name", t["label"].astype(str))
     for b in varying:
         several = t.groupby(GROUP, sort=False)[b].transform("nunique") > 1
-        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role" else f" ({v:g} device{'s' * (v != 1)})" if b == "devices"
+        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role"
+                                   else f" ({v:g} device{'s' * (v != 1)})" if b == "devices"
                                    else f" {b}={v:.0%}" for v in t.loc[several, b]]
     spent = -t[f"{cost}_mean"] if cost in SPEEDS else t[f"{cost}_mean"]
     t["on_front"] = pareto_front(spent, t[f"{metric}_mean"], maximize=higher_is_better(metric))

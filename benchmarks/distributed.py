@@ -3,7 +3,7 @@
     python benchmarks/distributed.py --shape tiny --device cpu --json tiny.json                # here, one process
     torchrun --nproc_per_node 2 benchmarks/distributed.py --mode ddp --shape tiny --device cpu  # 2 CPU ranks, gloo
     python benchmarks/distributed.py --mode none --json none.json                               # one GPU
-    python benchmarks/distributed.py --mode placed --json placed.json                           # 2 GPUs: teacher on cuda:1
+    python benchmarks/distributed.py --mode placed --json placed.json                           # teacher on cuda:1
     torchrun --nproc_per_node 8 benchmarks/distributed.py --mode ddp --json ddp.json            # a GPU node
     torchrun --nproc_per_node 8 benchmarks/distributed.py --mode fsdp --json fsdp.json
 
@@ -74,8 +74,9 @@ def check(args) -> None:
                "CUDA device(s): one rank per GPU")
     if args.mode == "placed":
         teacher = torch.device(args.teacher_device)
-        if teacher.type == "cuda" and (not torch.cuda.is_available() or (teacher.index or 0) >= torch.cuda.device_count()):
-            refuse(f"--teacher-device {args.teacher_device}: this machine has {torch.cuda.device_count()} CUDA "
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if teacher.type == "cuda" and (teacher.index or 0) >= gpus:
+            refuse(f"--teacher-device {args.teacher_device}: this machine has {gpus} CUDA "
                    "device(s); --mode placed needs two (or --teacher-device cpu)")
 
 
@@ -219,7 +220,8 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", help="cpu or cuda (default: the shape's; ranks take cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="the teacher's and autocast's (default: the shape's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="the teacher's and autocast's (default: the shape's)")
     p.add_argument("--teacher-device", default="cuda:1", help="--mode placed: the teacher's device (default: cuda:1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--json", type=Path, help="rank 0 writes machine info, options and results here")

@@ -33,7 +33,7 @@ if [ "$GPUS" -ge 2 ]; then
     "$PY" -m pytest -q tests/test_placement.py | tee -a "$LOG"   # teacher on cuda:1 == beside the student
     "$PY" -m sekd.train "${RUN[@]}" model.teacher_device=cuda:1 "paths.root=$OUT/teacher_gpu"
     say "teacher on cuda:1: $(find "$OUT/teacher_gpu" -name record.json | head -1)"
-    "$PY" -m torch.distributed.run --nproc_per_node 2 -m sekd.train "${RUN[@]}" train.distributed=ddp "paths.root=$OUT/ddp2"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m sekd.train "${RUN[@]}" train.distributed=ddp "paths.root=$OUT/ddp2"
     say "ddp, 2 ranks: $(find "$OUT/ddp2" -name record.json | head -1)"
 else
     set +e
@@ -48,7 +48,7 @@ fi
 if [ "$GPUS" -ge 2 ]; then
     "$PY" benchmarks/distributed.py --mode placed --json "$OUT/bench_placed.json" | tee -a "$LOG"
     for mode in ddp fsdp; do
-        "$PY" -m torch.distributed.run --nproc_per_node "$GPUS" benchmarks/distributed.py --mode "$mode" --json "$OUT/bench_$mode.json" \
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" benchmarks/distributed.py --mode "$mode" --json "$OUT/bench_$mode.json" \
             | tee -a "$LOG"
     done
 fi

@@ -203,7 +203,8 @@ def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
     if table == "T7":  # runs of a row may have spanned different numbers of devices: say how many
         devices = m.groupby("row")["_devices"].agg(lambda d: sorted({int(x) for x in d})).reindex(ref.index)
         out["devices"] = devices.map(lambda d: "/".join(map(str, d)) if isinstance(d, list) else "")
-        out["label"] = [lab if d in ("", "1") else f"{lab} ({d} devices)" for lab, d in zip(out["label"], out["devices"])]
+        out["label"] = [lab if d in ("", "1") else f"{lab} ({d} devices)"
+                        for lab, d in zip(out["label"], out["devices"])]
     out["eval_limit"] = limit
     metrics = [c for c in METRICS if c in m.columns]
     was_scored = m[metrics].notna().any(axis=1) if metrics else pd.Series(False, index=m.index)

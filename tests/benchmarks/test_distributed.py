@@ -23,7 +23,8 @@ def env(**extra: str) -> dict:
 
 
 def bench(args: list[str], *, ranks: int = 0, **extra: str) -> subprocess.CompletedProcess:
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks)] if ranks else [sys.executable]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    torchrun = torchrun if ranks else [sys.executable]
     return subprocess.run([*torchrun, "benchmarks/distributed.py", *args], cwd=ROOT, env=env(**extra),
                           capture_output=True, text=True, timeout=300)
 
