@@ -243,7 +243,9 @@ class Trainer:
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
             cached = SparseTarget(*self.cache.targets(samples, y.cpu())).to(self.device)
         opts = dict(lam=self.t.lam, temperature=self.t.temperature, normalization=self.t.normalization,
-                    generator=self.gen, step=self.prog.step, cached=cached)
+                    generator=self.gen, step=self.prog.step, cached=cached,
+                    rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
+                    gather=self.dist.all_gather_cat if self.dist.active else None)  # GLS: one global queue
         with autocast:
             out = self.chunked_loss(x, y, opts) if self.t.flow == "chunked" else self.dense_loss(x, y, opts)
         if self.teacher is not None:

@@ -83,7 +83,7 @@ def the_run(root: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x"])
+@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd"])
 def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
     extra = ["train.trace_selection_steps=2"]
     two = torchrun(args(tmp_path / "two", preset, 2, *extra))

@@ -149,14 +149,13 @@ def pick_samples(job: Job, parts: Parts) -> None:
     if s.name == "all":
         return
     wants_teacher = SAMPLERS.get(s.name).needs_teacher
-    with job.dist.main_first():  # rank 0 scores and stores the samples; the others read its scores
-        picked = select_samples(
-            s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
-            teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
-            teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
-            tokenizer_sig=tokenizer_signature(job.tok),
-            store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
-            vocab=parts.vocab, temperature=cfg.train.temperature)
+    picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
+        s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
+        teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
+        teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
+        tokenizer_sig=tokenizer_signature(job.tok),
+        store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
+        vocab=parts.vocab, temperature=cfg.train.temperature, dist=job.dist)
     parts.data = parts.data.subset(picked.indices)
     if job.dist.is_main:
         atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
