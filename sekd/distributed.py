@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -113,8 +114,10 @@ def init(launch, device: torch.device | str) -> Dist:
     backend = BACKENDS.get(device.type)
     if backend is None:
         raise ValueError(f"no torch.distributed backend for device {device}")
-    init_method = None
-    if launch.master_addr is not None and launch.master_port is not None:
+    # torchrun's environment as torch reads it (env://: it may point the ranks at the agent's own store);
+    # otherwise (Slurm's tasks) the address sekd.launch derived
+    init_method = "env://" if {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ) else None
+    if init_method is None and launch.master_addr is not None and launch.master_port is not None:
         init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     torch.distributed.init_process_group(backend, init_method=init_method, rank=launch.rank,

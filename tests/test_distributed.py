@@ -147,3 +147,44 @@ def test_ranks_without_a_distributed_mode_are_refused(tmp_path):
     assert r.returncode != 0
     assert "sekd: config error: train.distributed=none but this process is rank" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def _collectives(rank: int, port: int, out: str) -> None:
+    from sekd.distributed import init
+    from sekd.launch import Launch
+    from sekd.loop import all_reduce_grads
+
+    torch.set_num_threads(1)
+    dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
+    got = {"cat": dist.all_gather_cat(torch.arange(rank * 3, rank * 3 + 1 + 2 * rank).float().view(-1, 1)).tolist(),
+           "sum": dist.all_reduce_sum(rank + 0.5), "obj": dist.broadcast_object({"from": rank}),
+           "objs": dist.all_gather_objects(rank)}
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad = torch.full((2,), float(rank + 1))
+    b.grad = torch.ones(3) if rank == 1 else None  # one rank's gradient: the sum is that one
+    c = torch.nn.Parameter(torch.zeros(1))  # no rank's gradient: stays None
+    all_reduce_grads([a, b, c], dist)
+    got["grads"] = [a.grad.tolist(), b.grad.tolist(), c.grad]
+    with dist.main_first():
+        Path(out, f"order{rank}").write_text(str(time.time()))
+    dist.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+
+
+def test_collectives_on_two_processes(tmp_path):
+    """Dist's collectives between two real gloo processes: unequal lengths gathered in rank order, sums,
+    rank 0's object, gradients summed (None where no rank had one), rank 0 first."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_collectives, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["cat"] == [[0.0], [3.0], [4.0], [5.0]]  # rank 0's one row, then rank 1's three
+        assert got["sum"] == 2.0 and got["obj"] == {"from": 0} and got["objs"] == [0, 1]
+        assert got["grads"] == [[3.0, 3.0], [1.0, 1.0, 1.0], None]
+    assert float((tmp_path / "order0").read_text()) <= float((tmp_path / "order1").read_text())
