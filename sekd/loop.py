@@ -78,16 +78,30 @@ def build_schedule(opt, t: TrainConfig, total_steps: int) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class StandIn(list):
+    """A rank's share of a short last global micro-batch that left it no sequence: one sequence of the
+    batch run again at zero weight, so the rank still takes part in every collective; it counts nowhere."""
+
+
+def rank_share(idx: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank r's contiguous slice of a global micro-batch: [r*mb, (r+1)*mb) of a full one; a short last
+    one is split as evenly as it goes (sizes differ by at most one), in rank order."""
+    base, extra = divmod(len(idx), world_size)
+    start = rank * base + min(rank, extra)
+    share = idx[start: start + base + (rank < extra)]
+    return share if share else StandIn(idx[:1])
+
+
 def micro_batches(data, mb: int, seed: int, prog: Progress, rank: int = 0, world_size: int = 1
                   ) -> Iterator[list[int]]:
     """Seeded epochs of micro-batches, from the saved position on; advances `prog` as it goes. With
-    several ranks: global micro-batches of world_size x mb, of which rank r yields [r*mb, (r+1)*mb)."""
+    several ranks: global micro-batches of world_size x mb, of which each rank yields its share."""
     from sekd.data.dataset import batches
 
     while True:
         for idx in batches(data, micro_batch_size=mb * world_size, seed=seed, epoch=prog.epoch, start=prog.offset):
             prog.offset += len(idx)
-            yield list(idx)[rank * mb: (rank + 1) * mb]
+            yield rank_share(list(idx), rank, world_size)
         prog.epoch, prog.offset = prog.epoch + 1, 0
 
 
@@ -245,16 +259,24 @@ class Trainer:
         opts = dict(lam=self.t.lam, temperature=self.t.temperature, normalization=self.t.normalization,
                     generator=self.gen, step=self.prog.step, cached=cached,
                     rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
-                    gather=self.dist.all_gather_cat if self.dist.active else None)  # GLS: one global queue
+                    gather=self.gather(stand_in=isinstance(idx, StandIn)))  # GLS: one global queue
         with autocast:
             out = self.chunked_loss(x, y, opts) if self.t.flow == "chunked" else self.dense_loss(x, y, opts)
-        if self.teacher is not None:
+        stand_in = isinstance(idx, StandIn)
+        if self.teacher is not None and not stand_in:
             self.prog.teacher_tokens += x.numel()
         if self.trace is not None and self.prog.step < self.trace.steps:  # rank 0 writes every rank's rows
-            rows = self.dist.all_gather_objects(self.trace.rows(self.prog.step, samples, y, out))
+            mine = [] if stand_in else self.trace.rows(self.prog.step, samples, y, out)
+            rows = self.dist.all_gather_objects(mine)
             if self.dist.is_main:
                 self.trace.append([r for part in rows for r in part])
         return out, x
+
+    def gather(self, stand_in: bool):
+        """Every rank's rows of a tensor (a stand-in rank adds none); None in one process."""
+        if not self.dist.active:
+            return None
+        return (lambda t: self.dist.all_gather_cat(t[:0])) if stand_in else self.dist.all_gather_cat
 
     def chunked_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
         """Bodies only; the heads run in chunks, at the positions that need them."""
@@ -283,7 +305,11 @@ class Trainer:
         tally = torch.zeros(7, dtype=torch.float64)
         teacher0, on_policy0 = self.prog.teacher_tokens, self.prog.on_policy_batches
         for micro in range(self.t.grad_accum):
-            out, x = self.forward(next(stream), micro)
+            idx = next(stream)
+            out, x = self.forward(idx, micro)
+            if isinstance(idx, StandIn):  # zero gradients; it counts nowhere
+                (out.loss_sum * 0).backward()
+                continue
             out.loss_sum.backward()
             tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
                                        out.metrics["positions_valid"], x.numel()], dtype=torch.float64)

@@ -188,3 +188,15 @@ def test_collectives_on_two_processes(tmp_path):
         assert got["sum"] == 2.0 and got["obj"] == {"from": 0} and got["objs"] == [0, 1]
         assert got["grads"] == [[3.0, 3.0], [1.0, 1.0, 1.0], None]
     assert float((tmp_path / "order0").read_text()) <= float((tmp_path / "order1").read_text())
+
+
+def test_rank_shares_cover_the_global_micro_batch_in_order():
+    """Full global micro-batches split [r*mb, (r+1)*mb); a short last one as evenly as it goes; a rank it
+    leaves without a sequence runs a stand-in at zero weight (sekd.loop.StandIn)."""
+    from sekd.loop import StandIn, rank_share
+
+    full = list(range(10, 18))
+    assert [rank_share(full, r, 2) for r in (0, 1)] == [[10, 11, 12, 13], [14, 15, 16, 17]]
+    assert [rank_share([5, 6, 7], r, 2) for r in (0, 1)] == [[5, 6], [7]]
+    shares = [rank_share([5], r, 3) for r in range(3)]
+    assert shares == [[5], [5], [5]] and [isinstance(s, StandIn) for s in shares] == [False, True, True]
