@@ -307,8 +307,7 @@ class Trainer:
         for micro in range(self.t.grad_accum):
             idx = next(stream)
             out, x = self.forward(idx, micro)
-            if isinstance(idx, StandIn):  # zero gradients; it counts nowhere
-                (out.loss_sum * 0).backward()
+            if isinstance(idx, StandIn):  # no gradient (all_reduce_grads takes it as zeros); it counts nowhere
                 continue
             out.loss_sum.backward()
             tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
