@@ -61,7 +61,7 @@ cmd_install() {
 write_conf() {
     local host cpus mem_mb margin real
     host=$(hostname)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: the node has them all
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     margin=$(( mem_mb / 10 > 1024 ? mem_mb / 10 : 1024 ))  # leave the OS 10%, at least 1 GiB
     real=$(( mem_mb - margin ))

@@ -293,3 +293,30 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, ca
     assert steps == list(range(5, 151, 5))  # the redone steps were logged once
     assert not (run / "checkpoint.pt").exists()
 
+
+
+def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(cluster, cache,
+                                                                                              tmp_path):
+    """resources.tasks_per_node=2: each cell is one Slurm job of 2 one-CPU tasks; each task is a rank that
+    reads its place from Slurm's environment (sekd.launch) and joins the gloo process group."""
+    cluster.append(tmp_path)
+    two_ranks = ["resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp", "train.log_every=1"]
+    first = sweep(tmp_path, cache, *two_ranks)
+    assert "2 cells: 0 already finished, 2 to run" in first.stdout
+    jobs = submitted_jobs(tmp_path)
+    logs = sorted(p.name for p in tmp_path.glob("hydra/*/.submitit/*/*_log.out"))
+    assert len(jobs) == 1 and len(logs) == 4, logs  # one array, 2 cells x 2 tasks
+    assert {name.removesuffix("_log.out").rsplit("_", 1)[1] for name in logs} == {"0", "1"}
+    runs = sorted(tmp_path.glob("runs/*"))
+    assert len(runs) == 2  # one run per cell, not one per rank
+    for run in runs:
+        [record] = [json.loads(p.read_text()) for p in run.glob("eval-*/record.json")]
+        assert record["world_size"] == 2 and record["steps"] == 2
+        steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[-1] == 2  # logged by rank 0 alone
+    before = {p: p.read_bytes() for p in tmp_path.glob("runs/*/eval-*/record.json")}
+
+    again = sweep(tmp_path, cache, *two_ranks)
+    assert "2 already finished, 0 to run" in again.stdout and "nothing to do" in again.stdout
+    assert submitted_jobs(tmp_path) == jobs  # no new Slurm job
+    assert all(p.read_bytes() == b for p, b in before.items())
