@@ -7,6 +7,9 @@ or the trained model for stage=train) are dropped, so re-running a finished swee
 and says so. A cell that died midway is resubmitted and resumes from its checkpoint. With a local
 launcher each cell's environment is checked too (CUDA, models on local disk); with Slurm, that
 `sbatch` exists.
+
+A cell whose job has several tasks (one run over several ranks, docs/slurm.md) is still one cell: submitit
+returns one result per task, and hydra-submitit's launcher hands this sweeper rank 0's, the cell's result.
 """
 from __future__ import annotations
 
