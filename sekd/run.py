@@ -74,6 +74,24 @@ def _env_as_text(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def launched_world_size() -> int:
+    """How many ranks this process's launcher started (torchrun, Slurm tasks); 1 for a plain process."""
+    from sekd.launch import from_env
+
+    return from_env().world_size
+
+
+def _global_micro_batch(tree: dict, world: int | None) -> dict:
+    """train.micro_batch_size is per rank: W ranks x m sequences see exactly what one process sees with
+    W*m (docs/method.md §9), so the hash names the global micro-batch. One process hashes as it always did;
+    a 2-rank run never shares a folder with a 1-rank run of half its batch."""
+    world = launched_world_size() if world is None else world
+    train = tree.get("train") or {}
+    if world > 1 and isinstance(train.get("micro_batch_size"), int):
+        train["micro_batch_size"] *= world
+    return tree
+
+
 def _hash(tree: dict) -> str:
     for key in UNHASHED:
         _drop(tree, key)
@@ -84,16 +102,17 @@ def _hash(tree: dict) -> str:
     return content_key(tree, 12)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus the keys that cannot change the result: names one record."""
-    return _hash(resolved(cfg))
+def config_hash(cfg: DictConfig, world: int | None = None) -> str:
+    """Hash of the resolved config minus the keys that cannot change the result: names one record.
+    `world`: the run's number of ranks (None: as this process was launched)."""
+    return _hash(_global_micro_batch(resolved(cfg), world))
 
 
-def train_hash(cfg: DictConfig) -> str:
+def train_hash(cfg: DictConfig, world: int | None = None) -> str:
     """The same without `eval`: names the run folder, so one trained student serves every scoring."""
     tree = resolved(cfg)
     tree.pop("eval", None)
-    return _hash(tree)
+    return _hash(_global_micro_batch(tree, world))
 
 
 def eval_hash(cfg: DictConfig) -> str:
@@ -101,12 +120,12 @@ def eval_hash(cfg: DictConfig) -> str:
     return _hash({"eval": resolved(cfg).get("eval", {})})[:8]
 
 
-def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg)}"
+def run_dir(cfg: DictConfig, world: int | None = None) -> Path:
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg, world)}"
 
 
-def scores_dir(cfg: DictConfig) -> Path:
-    return run_dir(cfg) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
+def scores_dir(cfg: DictConfig, world: int | None = None) -> Path:
+    return run_dir(cfg, world) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
 
 
 class RunDir:
@@ -172,14 +191,14 @@ def trained(path: Path) -> bool:
     return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
 
 
-def is_finished(cfg: DictConfig) -> bool:
+def is_finished(cfg: DictConfig, world: int | None = None) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
-    Reads only the file system: creates nothing."""
+    Reads only the file system: creates nothing. `world`: the ranks the cell's job will run on."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        return cfg.mode != "distill" or trained(run_dir(cfg))
-    return (scores_dir(cfg) / "record.json").exists()
+        return cfg.mode != "distill" or trained(run_dir(cfg, world))
+    return (scores_dir(cfg, world) / "record.json").exists()
 
 
 def git_commit() -> str | None:

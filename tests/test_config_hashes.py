@@ -76,6 +76,25 @@ def test_every_hash_is_what_it_was():
     assert not changed, f"{len(changed)} of {len(expected)} hashes moved, e.g. {changed[:3]}"
 
 
+def test_a_run_on_several_ranks_is_named_by_its_global_micro_batch(monkeypatch):
+    """micro_batch_size is per rank: 2 ranks x 2 share the folder of 1 process x 4 (the same sequences, the
+    same step), never that of 1 process x 2; the launcher's environment sets the world size by default."""
+    from sekd.run import run_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        two = compose(config_name="config", overrides=["experiment=se_kd", "train.micro_batch_size=2"])
+        four = compose(config_name="config", overrides=["experiment=se_kd", "train.micro_batch_size=4"])
+    assert train_hash(two, world=2) == train_hash(four, world=1) == train_hash(four)
+    assert config_hash(two, world=2) == config_hash(four, world=1)
+    assert train_hash(two, world=2) != train_hash(two, world=1)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert run_dir(two) == run_dir(two, world=1)
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "29500")
+    assert run_dir(two) == run_dir(four, world=1)
+
+
 def write() -> None:
     FIXTURE.parent.mkdir(exist_ok=True)
     table = all_hashes()

@@ -39,6 +39,14 @@ class SekdSweeper(BasicSweeper):
         assert self.config is not None
         return str(self.config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
 
+    def job_world_size(self, cfg) -> Optional[int]:
+        """The ranks a cell's job will run on, which name its run folder (sekd.run.train_hash): on Slurm,
+        nodes x tasks per node; otherwise None, the ranks this process was launched with."""
+        if not self.on_slurm():
+            return None  # as this process was launched
+        launcher = cfg.hydra.launcher
+        return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+
     def cells(self, arguments: List[str]) -> List[List[str]]:
         """Every cell of the grid, as its list of overrides (sweeper params first, then the command line)."""
         assert self.hydra_context is not None
@@ -58,12 +66,13 @@ class SekdSweeper(BasicSweeper):
             where = " ".join(cell) or "(no overrides)"
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
+                world = self.job_world_size(cfg)
                 with open_dict(cfg):  # Hydra's runtime node is filled in by the job itself; not ours to check
                     del cfg["hydra"]
                 run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
-                    if not trained(run_dir(cfg)):
-                        raise ConfigError(f"stage=score: {run_dir(cfg)} holds no trained student yet; "
+                    if not trained(run_dir(cfg, world)):
+                        raise ConfigError(f"stage=score: {run_dir(cfg, world)} holds no trained student yet; "
                                           "run the sweep with stage=train first")
             except ConfigError as err:
                 errors.append(f"cell [{where}]: {err}")
@@ -71,8 +80,8 @@ class SekdSweeper(BasicSweeper):
             except Exception as err:  # composition: an unknown preset, a missing group option
                 errors.append(f"cell [{where}]: {type(err).__name__}: {str(err).splitlines()[0]}")
                 continue
-            if self.skip_finished and is_finished(cfg):
-                finished.append(f"{where} -> {run_dir(cfg)}")
+            if self.skip_finished and is_finished(cfg, world):
+                finished.append(f"{where} -> {run_dir(cfg, world)}")
                 continue
             if not self.on_slurm():  # the job runs on this machine: it must have what the job needs
                 try:
