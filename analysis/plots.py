@@ -35,6 +35,7 @@ COSTS = {
     "tokens_per_s_device": ("training tokens/s per device", "tok/s"),
 }
 SPEEDS = {"tokens_per_s_device"}  # x axes where more is better: the front runs to the right
+TIMES = {"wall_time_s", "train_wall_s", "train_time_s", "prepass_seconds"}  # wall-clock costs: fair at one world size
 
 
 def cost_arrow(cost: str) -> str:
@@ -79,6 +80,17 @@ def _devices_note(df: pd.DataFrame) -> str:
         return ""
     counts = sorted({int(n) for n in df["devices"].dropna()})
     return f", {counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "") + " devices per run"
+
+
+def fair_cost(df: pd.DataFrame, cost: str) -> str:
+    """The x axis to plot for `cost`: itself, unless it is a wall-clock time and the distilled runs spanned
+    different numbers of devices (world sizes, a teacher's own device): 2 ranks finish sooner than 1 at the
+    same work, so their times do not compare, and the axis is training tokens/s per device instead."""
+    d = _distilled(df)
+    if cost in TIMES and "tokens_per_s_device" in d.columns and "devices" in d.columns \
+            and d["devices"].dropna().nunique() > 1:
+        return "tokens_per_s_device"
+    return cost
 
 
 def _distilled(df: pd.DataFrame) -> pd.DataFrame:

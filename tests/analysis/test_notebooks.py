@@ -180,6 +180,27 @@ def test_pareto_notebook(tmp_path, python3_kernel, monkeypatch):
         assert_png(figs / f"pareto_{cost}.png")
 
 
+def test_pareto_notebook_plots_throughput_per_device_when_world_sizes_differ(tmp_path, python3_kernel, monkeypatch):
+    """SE-KD's runs on 2 ranks, the others on 1 (sekd.app.record.throughput's fields): training time does not
+    compare, so the time figure is tokens/s per device, saying so; the token and byte costs are drawn as ever."""
+    from sekd.app.record import throughput
+
+    results, figs = write_grid(tmp_path / "results", sweeps=False), tmp_path / "figs"
+    for path in results.glob("runs/*/record.json"):
+        rec = json.loads(path.read_text())
+        if rec["mode"] == "distill":
+            world = 2 if rec["preset"] == "se_kd" else 1
+            rec.update(throughput({"tokens_seen": rec["tokens_seen"], "train_time_s": rec["train_time_s"],
+                                   "world_size": world, "devices": {"student": "cpu", "teacher": "cpu"}}))
+            path.write_text(json.dumps(rec, indent=2))
+    out = "\n".join(execute("pareto", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)},
+                            monkeypatch))
+    assert "runs on [1, 2] devices: tokens_per_s_device (more is better) instead of train_wall_s" in out
+    for cost in ("tokens_per_s_device", "teacher_forward_tokens", "cache_bytes_read"):
+        assert_png(figs / f"pareto_{cost}.png")
+    assert not (figs / "pareto_train_wall_s.png").exists()
+
+
 def test_pareto_notebook_on_a_report_csv(tmp_path, python3_kernel, monkeypatch):
     """A results.csv from sekd-report carries each run's costs and config: the same figures as the folders."""
     from sekd.report import load_records

@@ -296,6 +296,10 @@ def test_pareto_by_tokens_per_second_per_device_says_the_world_size(tmp_path):
     assert ax.get_title().endswith(", 1-2 devices per run") and ax.get_xlabel() == "training tokens/s per device ↑"
     one = df[df["devices"].eq(1)]
     assert "devices" not in plots.pareto(one, "tokens_per_s_device", "acc").axes[0].get_title()
+    # wall-clock costs do not compare across world sizes: plot throughput per device instead; other costs stay
+    assert [plots.fair_cost(df, c) for c in ("train_wall_s", "wall_time_s", "teacher_forward_tokens")] == [
+        "tokens_per_s_device", "tokens_per_s_device", "teacher_forward_tokens"]
+    assert plots.fair_cost(one, "train_wall_s") == "train_wall_s"
 
 
 def test_train_wall_leaves_out_pretraining_and_scoring(tmp_path):
