@@ -69,7 +69,8 @@ def _slurm(environ: Mapping[str, str]) -> Launch:
 
 def job_port(job_id: str) -> int:
     """The port rank 0 of Slurm job `job_id` listens on: the same for every task of the job, and
-    different for jobs that may share a node (consecutive ids, array tasks: each has its own job id)."""
+    different for jobs that may share a node (consecutive ids, array tasks: each has its own job id).
+    A requeued job keeps its id, so its restarted tasks meet at the same port."""
     digits = re.sub(r"\D", "", job_id) or "0"
     return PORT_BASE + int(digits) % PORT_SPAN
 

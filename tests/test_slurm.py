@@ -256,43 +256,72 @@ def test_train_and_score_run_as_separate_slurm_jobs_and_a_finished_sweep_submits
     assert all(p.read_bytes() == b for p, b in before.items())  # no record rewritten
 
 
-def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, cache, tmp_path):
-    """USR2 is the job's --signal (sent before a time-out, and on preemption with a grace time): submitit
-    checkpoints the launcher's call and requeues the job; the requeued job runs the same cell and resumes
-    from checkpoint.pt."""
-    cluster.append(tmp_path)
-    args = [*SMOKE, f"paths.root={tmp_path}", f"paths.cache={cache}", "experiment=full_kd", "train.steps=150",
-            "train.ckpt_every=5"]
+def preempt_mid_run(root: Path, cache: Path, *overrides: str) -> tuple[str, str]:
+    """Runs one cell (full_kd, 5 steps a checkpoint) through the Slurm launcher, sends its job USR2 once the
+    first checkpoint.pt is written, lets the requeued job start at once and waits for the sweep: (its output,
+    the job id)."""
+    args = [*SMOKE, f"paths.root={root}", f"paths.cache={cache}", "experiment=full_kd", "train.ckpt_every=5",
+            *overrides]
     proc = subprocess.Popen([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, env={**os.environ, **OFFLINE},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 90
-        while not any(tmp_path.glob("runs/*/checkpoint.pt")):  # trained 5 steps, saved, still training
+        deadline = time.time() + 240  # generous: the CPUs may be shared with other tests' processes
+        while not any(root.glob("runs/*/checkpoint.pt")):  # trained 5 steps, saved, still training
             assert proc.poll() is None and time.time() < deadline, "no checkpoint.pt appeared"
             time.sleep(0.05)
-        [job] = submitted_jobs(tmp_path)
+        [job] = submitted_jobs(root)
         slurm_cli("scancel", "--signal=USR2", job)
         # Slurm holds a requeued job for about two minutes (BeginTime); let it start now
         while slurm_cli("squeue", "-h", "-j", job, "-o", "%T").strip() != "PENDING":
             assert time.time() < deadline, "the job was not requeued"
             time.sleep(0.2)
         slurm_cli("scontrol", "update", f"JobId={job}", "StartTime=now")
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate(timeout=420)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
+    return out, job
 
-    logs = job_logs(tmp_path)
+
+def assert_resumed_once(root: Path, job: str, steps: int) -> dict:
+    """The cell's one run resumed from its checkpoint and finished under the same job: its record."""
+    logs = job_logs(root)
     assert "this job is preempted" in logs and f"Requeued job {job}" in logs
     assert "resumed from step" in logs
-    [run] = tmp_path.glob("runs/*")
+    [run] = root.glob("runs/*")
     [record] = [json.loads(p.read_text()) for p in run.glob("eval-*/record.json")]
-    assert record["slurm_job_id"] == job and record["steps"] == 150
-    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5, 151, 5))  # the redone steps were logged once
+    assert record["slurm_job_id"] == job and record["steps"] == steps
+    logged = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(5, steps + 1, 5))  # the redone steps were logged once
     assert not (run / "checkpoint.pt").exists()
+    return record
 
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, cache, tmp_path):
+    """USR2 is the job's --signal (sent before a time-out, and on preemption with a grace time): submitit
+    checkpoints the launcher's call and requeues the job; the requeued job runs the same cell and resumes
+    from checkpoint.pt."""
+    cluster.append(tmp_path)
+    _, job = preempt_mid_run(tmp_path, cache, "train.steps=150")
+    assert_resumed_once(tmp_path, job, 150)
+
+
+def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, cache, tmp_path):
+    """Every task of a 2-task job gets USR2: rank 0 checkpoints the call and requeues the job, rank 1 only
+    logs that it does not (submitit); Slurm then ends both tasks. The requeued job keeps its id, so its ranks
+    meet again at the same derived port (sekd.launch.job_port) and resume from rank 0's checkpoint.pt."""
+    cluster.append(tmp_path)
+    _, job = preempt_mid_run(tmp_path, cache, "train.steps=40", "resources.tasks_per_node=2", "resources.cpus=1",
+                             "train.distributed=ddp")
+    record = assert_resumed_once(tmp_path, job, 40)
+    assert record["world_size"] == 2
+    [rank0], [rank1] = ([p.read_text() for p in tmp_path.glob(f"hydra/*/.submitit/*/*_{r}_log.out")] for r in (0, 1))
+    assert f"Requeued job {job}" in rank0
+    assert "Not checkpointing nor requeuing since I am a slave" in rank1 and "Requeued job" not in rank1
+    assert rank0.count("resumed from step") == rank1.count("resumed from step") == 1  # both ranks, once each
+    errors = "".join(p.read_text() for p in tmp_path.glob("hydra/*/.submitit/*/*_1_log.err"))
+    assert "Traceback" not in rank1 + errors  # rank 1 left without a crash, though rank 0 left mid-step
 
 
 def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(cluster, cache,
