@@ -16,6 +16,13 @@ not know which parameters took part; summing every gradient once per optimizer s
 math (with no_sync over the accumulation), and it works the same for the dense flow. Every rank then
 takes the same optimizer step on the same weights. Rank 0 alone writes the checkpoint, metrics and
 trace; every rank resumes from rank 0's checkpoint (the weights are replicated).
+
+train.distributed=fsdp (sekd/sharding.py) keeps this math with sharded weights: the per-micro-batch
+loss is the forward of one module (StudentLoss), FSDP2's root unit, so its hooks gather the weights and
+reduce-scatter (summing) the gradients however the flow calls the body and heads; the explicit
+all-reduce is then skipped. A stand-in rank still runs its backward (at zero weight), since every
+rank must join every reduce-scatter. The weights and optimizer state are saved by every rank into a
+torch.distributed.checkpoint folder that checkpoint.pt names.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,6 +47,8 @@ from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss
 from sekd.schema import TrainConfig
 from sekd.selection.classes import SparseTarget
+from sekd.sharding import (full_state_dict, full_value, load_sharded, remove_sharded, save_sharded, shard_student,
+                           shard_teacher)
 
 
 @dataclass
@@ -135,12 +145,15 @@ class CheckpointError(ConfigError):
     """checkpoint.pt cannot be resumed from; one line naming the file and the way out."""
 
 
-CHECKPOINT_KEYS = ("student", "optimizer", "schedule", "progress", "rng", "selector")
+CHECKPOINT_KEYS = ("schedule", "progress", "rng", "selector")
+# the weights and optimizer state: in checkpoint.pt (one process, ddp), or in the folder it names (fsdp)
+WEIGHT_KEYS = {"replicated": ("student", "optimizer"), "sharded": ("sharded",)}
 
 
-def load_checkpoint(path) -> dict[str, Any]:
+def load_checkpoint(path, sharded: bool | None = None) -> dict[str, Any]:
     """checkpoint.pt with weights_only=True: tensors and plain data only, so a planted pickle cannot run
-    code on resume. A truncated, foreign or unsafe file is refused in one line. Loaded on the CPU: RNG
+    code on resume. A truncated, foreign or unsafe file is refused in one line, and so is one of the other
+    form than `sharded` asks for (fsdp's names a torch.distributed.checkpoint folder). Loaded on the CPU: RNG
     states must be CPU tensors, and load_state_dict moves weights and optimizer state to their device."""
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); delete it, or rerun with "
@@ -154,10 +167,39 @@ def load_checkpoint(path) -> dict[str, Any]:
     except Exception as err:  # RuntimeError (a truncated zip), EOFError, OSError, ...
         first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]  # its first sentence
         raise refuse(f"{type(err).__name__}: {first}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    form = "sharded" if isinstance(ck, dict) and "sharded" in ck else "replicated"
+    missing = [k for k in (*WEIGHT_KEYS[form], *CHECKPOINT_KEYS) if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise refuse(f"it holds no {', '.join(missing)}")
+    if sharded is not None and sharded != (form == "sharded"):
+        written = "train.distributed=fsdp" if form == "sharded" else "an unsharded run (train.distributed=none or ddp)"
+        raise refuse(f"it was written by {written}, and this run's train.distributed differs")
+    if form == "sharded" and not (Path(path).parent / ck["sharded"]).is_dir():
+        raise refuse(f"the sharded folder it names, {ck['sharded']}, is missing")
     return ck
+
+
+class StudentLoss(torch.nn.Module):
+    """The student's part of one micro-batch as one module: its forward is body -> heads -> selection ->
+    the loss sum of docs/method.md §2, given the teacher's output (hidden states for the chunked flow,
+    logits for the dense one; None without a teacher). Returns (loss sum, StepOut): a tensor output, so
+    a wrapper's hooks (FSDP2's root unit under train.distributed=fsdp) see the whole computation, though
+    the chunked flow never calls the model's own forward."""
+
+    def __init__(self, model, sel: Selector, *, vocab: int, chunk_size: int, flow: str):
+        super().__init__()
+        self.model, self.sel, self.V, self.chunk_size, self.flow = model, sel, vocab, chunk_size, flow
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_out: torch.Tensor | None, head_t,
+                opts: dict[str, Any]):
+        if self.flow == "chunked":  # bodies only; the heads run in chunks, at the positions that need them
+            h_s = self.model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
+            out = chunked_kd_loss(h_s, self.model.get_output_embeddings(), teacher_out, head_t, y, self.sel,
+                                  vocab=self.V, chunk_size=self.chunk_size, **opts)
+        else:  # the reference: full [B,T,V] logits
+            s_logits = self.model(input_ids=x).logits[..., : self.V]  # [B,T,V]
+            out = selective_kd_loss(s_logits, teacher_out, y, self.sel, **opts)
+        return out.loss_sum, out
 
 
 @dataclass
@@ -193,25 +235,38 @@ class Trainer:
         size = train_cfg.chunk_size
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg, self.dist.world_size)
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        broadcast_params(self.params, self.dist)  # every rank starts from rank 0's weights (as DDP does)
-        self.opt = build_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
+        broadcast_params([p for p in student.parameters() if p.requires_grad], self.dist)  # rank 0's weights
+        self.objective = StudentLoss(student, selector, vocab=vocab, chunk_size=self.chunk_size, flow=train_cfg.flow)
+        self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
+        if self.sharded:  # after the broadcast: each rank keeps its shard of the same weights
+            shard_student(self.objective, student, self.dist.device)
+            if teacher is not None:
+                shard_teacher(teacher, self.dist.device)
+        self.params = [p for p in student.parameters() if p.requires_grad]  # sharded ones under fsdp
+        self.opt = build_optimizer(self.params, train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
         self.gen = torch.Generator().manual_seed(seed)
         self.prog = Progress()
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
-        """checkpoint.pt, by rank 0; it holds every rank's RNG states (each rank draws for its own samples)."""
+        """checkpoint.pt, by rank 0; it holds every rank's RNG states (each rank draws for its own samples).
+        Sharded (fsdp): every rank first writes its shard into the folder checkpoint.pt then names; the
+        older folder goes once checkpoint.pt no longer names it."""
         rngs = self.dist.all_gather_objects(rng_state(self.gen))
+        weights = {"student": self.student.state_dict(), "optimizer": self.opt.state_dict()} if not self.sharded \
+            else {"sharded": f"checkpoint-{self.prog.step}.dcp"}
+        if self.sharded:
+            save_sharded(self.objective, self.opt, self.run.path / weights["sharded"], is_main=self.dist.is_main)
         if not self.dist.is_main:
             return
         extra = {"rng_ranks": rngs} if self.dist.active else {}
         atomic_torch_save(self.run.checkpoint, {
-            "student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
-            "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rngs[0],
+            **weights, "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rngs[0],
             "selector": self.sel.state_dict(), **extra,
         })
+        if self.sharded:
+            remove_sharded(self.run.path, keep=weights["sharded"])
 
     def resume(self) -> bool:
         """Continue from checkpoint.pt; without one, start clean: the metrics and trace rows of a run
@@ -220,12 +275,15 @@ class Trainer:
             if self.dist.is_main:
                 self.run.truncate_after(0)
             return False
-        ck = load_checkpoint(self.run.checkpoint)
+        ck = load_checkpoint(self.run.checkpoint, sharded=self.sharded)
         rngs = ck.get("rng_ranks") or []
         if len(rngs) == self.dist.world_size:
             ck["rng"] = rngs[self.dist.rank]
-        self.student.load_state_dict(ck["student"])
-        self.opt.load_state_dict(ck["optimizer"])
+        if self.sharded:
+            load_sharded(self.objective, self.opt, self.run.path / ck["sharded"])
+        else:
+            self.student.load_state_dict(ck["student"])
+            self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["schedule"])
         self.prog = Progress(**ck["progress"])
         set_rng_state(ck["rng"], self.gen)
@@ -261,7 +319,7 @@ class Trainer:
                     rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
                     gather=self.gather(stand_in=isinstance(idx, StandIn)))  # GLS: one global queue
         with autocast:
-            out = self.chunked_loss(x, y, opts) if self.t.flow == "chunked" else self.dense_loss(x, y, opts)
+            _, out = self.objective(x, y, self.teacher_pass(x), self.teacher_head(), opts)
         stand_in = isinstance(idx, StandIn)
         if self.teacher is not None and not stand_in:
             self.prog.teacher_tokens += x.numel()
@@ -278,25 +336,20 @@ class Trainer:
             return None
         return (lambda t: self.dist.all_gather_cat(t[:0])) if stand_in else self.dist.all_gather_cat
 
-    def chunked_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
-        """Bodies only; the heads run in chunks, at the positions that need them."""
-        h_s = self.student.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
-        h_t = head_t = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                h_t = self.teacher.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_t]
-            head_t = self.teacher.get_output_embeddings()
-        return chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, y, self.sel,
-                               vocab=self.V, chunk_size=self.chunk_size, **opts)
+    @torch.no_grad()
+    def teacher_pass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen teacher over x, outside the student's loss module (under fsdp the teacher is an FSDP
+        root of its own): its last hidden states [B,T,d_t] for the chunked flow (its head then runs at the
+        selected positions only), its logits [B,T,V] for the dense one; None without a teacher."""
+        if self.teacher is None:
+            return None
+        if self.t.flow == "chunked":
+            return self.teacher.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
+        return self.teacher(input_ids=x).logits[..., : self.V]
 
-    def dense_loss(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any]):
-        """The reference: full [B,T,V] logits from both models."""
-        s_logits = self.student(input_ids=x).logits[..., : self.V]  # [B,T,V]
-        t_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = self.teacher(input_ids=x).logits[..., : self.V]  # [B,T,V]
-        return selective_kd_loss(s_logits, t_logits, y, self.sel, **opts)
+    def teacher_head(self):
+        """The teacher's LM head for the selective teacher head (replicated on every rank under fsdp)."""
+        return self.teacher.get_output_embeddings() if self.teacher is not None and self.t.flow == "chunked" else None
 
     def accumulate(self, stream) -> tuple[float, float, float]:
         """Gradients of L over one effective batch (grad_accum micro-batches of every rank) in .grad;
@@ -308,6 +361,8 @@ class Trainer:
             idx = next(stream)
             out, x = self.forward(idx, micro)
             if isinstance(idx, StandIn):  # no gradient (all_reduce_grads takes it as zeros); it counts nowhere
+                if self.sharded:  # but every rank must join each of FSDP's reduce-scatters: a zero gradient
+                    (out.loss_sum * 0).backward()
                 continue
             out.loss_sum.backward()
             tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
@@ -317,7 +372,8 @@ class Trainer:
             tally = self.dist.all_reduce_sum(tally.to(self.dist.device)).cpu()
             self.prog.teacher_tokens = teacher0 + int(tally[5])
             self.prog.on_policy_batches = on_policy0 + int(tally[6])
-            all_reduce_grads(self.params, self.dist)
+            if not self.sharded:  # fsdp reduce-scattered (summed) them in each backward
+                all_reduce_grads(self.params, self.dist)
         loss_sum, weight, sel_pos, valid_pos, tokens = tally[:5].tolist()
         self.prog.tokens_seen += int(tokens)
         scale = 1.0 / max(weight, 1e-12)  # L = sum_i s_i L_i / sum_i s_i over the effective batch
@@ -331,8 +387,8 @@ class Trainer:
         """One optimizer step over one effective batch; returns its loss, grad norm (a tensor: reading it
         waits for the device, so only logged steps do) and position counts."""
         loss, sel_pos, valid_pos = self.accumulate(stream)
-        gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm)
-                 if self.t.max_grad_norm else torch.tensor(float("nan")))
+        gnorm = (full_value(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm))
+                 if self.t.max_grad_norm else torch.tensor(float("nan")))  # full_value: the norm over every shard
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -379,6 +435,11 @@ def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int
     return {"step": step, "sample": sample, "valid": valid,
             "scores": [float(u_row[t]) for t in valid] if u_row is not None else [0.0] * len(valid),
             "selected": draws.index[b][k].tolist(), "weights": [float(w) for w in draws.weight[b][k]]}
+
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must
+        call it then); None when the model holds them whole."""
+        return full_state_dict(self.student) if self.sharded else None
 
 
 class SelectionTrace:

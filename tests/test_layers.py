@@ -36,6 +36,7 @@ LADDER: list[tuple[str, list[list[str]]]] = [
         ["sekd.cache", "sekd.cache.build", "sekd.scores", "sekd.run"],
     ]),
     ("training", [
+        ["sekd.sharding"],
         ["sekd.loop"],
     ]),
     ("app", [

@@ -110,11 +110,12 @@ def distill(job: Job, tracker) -> dict[str, Any]:
     parts = build_parts(job)
     pick_samples(job, parts)
     cache = open_teacher_cache(job, parts) if job.cfg.classes.cache is not None else None
-    prog = fit(job, parts, cache, tracker)
+    trainer = fit(job, parts, cache, tracker)
+    weights = trainer.final_weights()  # sharded (fsdp): gathered whole on rank 0, every rank taking part
     if job.dist.is_main:
-        save_student(job.run, parts.student, job.tok)
-        job.run.checkpoint.unlink(missing_ok=True)  # the final model supersedes it
-    return train_stats(parts, prog, cache)
+        save_student(job.run, parts.student, job.tok, state_dict=weights)
+        remove_checkpoint(job.run)  # the final model supersedes it
+    return train_stats(parts, trainer.prog, cache)
 
 
 def build_parts(job: Job) -> Parts:
@@ -165,7 +166,8 @@ def pick_samples(job: Job, parts: Parts) -> None:
 
 
 def fit(job: Job, parts: Parts, cache, tracker):
-    """The training loop over the kept samples; the teacher runs only where no cache stands in for it."""
+    """The training loop over the kept samples (returns the Trainer, its run done); the teacher runs only
+    where no cache stands in for it."""
     from sekd.loop import SelectionTrace, Trainer
 
     cfg, t = job.cfg, job.cfg.train
@@ -177,17 +179,28 @@ def fit(job: Job, parts: Parts, cache, tracker):
                       data=parts.data, selector=parts.selector, train_cfg=t, vocab=parts.vocab, seed=cfg.seed,
                       run=job.run, tracker=tracker, device=parts.device, dtype=parts.dtype, trace=trace,
                       cache=cache, on_policy=on_policy(cfg, parts.data, job.tok), dist=job.dist)
-    return trainer.fit()
+    trainer.fit()
+    return trainer
 
 
-def save_student(run, student, tok) -> None:
-    """run/model in Hugging Face format, swapped in whole (a kill leaves the old one or none)."""
+def save_student(run, student, tok, state_dict=None) -> None:
+    """run/model in Hugging Face format, swapped in whole (a kill leaves the old one or none). `state_dict`:
+    the whole weights when the model itself holds only its shard (fsdp)."""
     tmp = run.path / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tok.save_pretrained(tmp)
     shutil.rmtree(run.model, ignore_errors=True)
     tmp.rename(run.model)
+
+
+def remove_checkpoint(run) -> None:
+    """checkpoint.pt, then the sharded folder it named (fsdp): a kill between the two leaves a stray
+    folder, which the next save of the run removes."""
+    from sekd.sharding import remove_sharded
+
+    run.checkpoint.unlink(missing_ok=True)
+    remove_sharded(run.path)
 
 
 def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""One run over two ranks with train.distributed=fsdp (FSDP2: sekd/sharding.py), started through torchrun
+as a user would: real processes, gloo on CPU, the tiny pair.
+
+The bound is tests/test_distributed.py's ATOL = 1e-5, for the same reason: the math is the one-process
+step (docs/method.md §9) and only float32 summation order differs. Here the gradient sum is FSDP's
+reduce-scatter (each rank's partial sum, then the sum of the two shards' halves) per micro-batch,
+accumulated over the micro-batches, instead of one batched sum: a few ulps per gradient, ~1e-7 in the
+weights after two AdamW steps. A real error (a rank's gradients missing, a parameter not reduced, other
+sequences) moves weights by the order of lr (2e-3). FSDP's default, the *average* over ranks, halves
+every gradient, which AdamW's update mostly hides (it is scale-invariant up to eps and clipping):
+measured 3e-4 after two steps, still 30 x ATOL; the logged loss and gradient norm (before clipping)
+are compared too, at a relative 1e-5 for the same reason, and that norm halves.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, checkpoint_step, descendants, logged_steps, sekd_train
+from tests.test_distributed import ATOL, ENV, TORCHRUN, args, max_diff, the_run, weights
+
+
+def metrics(root: Path) -> list[dict]:
+    (path,) = list(root.glob("runs/*/metrics.jsonl"))
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def torchrun_fsdp(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *argv, "train.distributed=fsdp"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# GLS on 5 samples with the dense flow: its queue gathered inside FSDP's forward, and a short last global
+# micro-batch (5 = 4 + 1) that leaves rank 1 a stand-in, whose zero backward must still join FSDP's
+# reduce-scatters (without it the ranks would wait on each other forever)
+SHORT = ["train.flow=dense", "data.token_budget=320"]
+
+
+@pytest.mark.parametrize("preset, extra", [("full_kd", []), ("se_kd", []), ("gls", SHORT)],
+                         ids=["full_kd", "se_kd", "gls-dense-stand-in"])
+def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extra):
+    two = torchrun_fsdp(args(tmp_path / "two", preset, 2, *extra))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = sekd_train([*args(tmp_path / "one", preset, 4, *extra)], env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= ATOL
+    run = the_run(tmp_path / "two")
+    assert logged_steps(tmp_path / "two") == [1, 2]
+    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
+        for key in ("loss", "grad_norm", "tokens_seen", "tokens_supervised"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert len(list(run.glob("*/record.json"))) == 1  # rank 0 scored the saved model and wrote the record
+    assert not list(run.glob("*checkpoint*"))  # checkpoint.pt and its sharded folder gone with the final model
+
+
+def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):
+    a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=2", steps=6)
+    done = torchrun_fsdp(a)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    root_b = tmp_path / "b"
+    b = args(root_b, "se_kd", 2, "train.ckpt_every=2", steps=6)
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([*TORCHRUN, *b, "train.distributed=fsdp"], cwd=ROOT, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        try:
+            while proc.poll() is None and checkpoint_step(root_b) is None:
+                assert time.time() < deadline, "the run never wrote a checkpoint"
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:  # the agent and both ranks, as a lost node would
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = checkpoint_step(root_b)
+    assert saved in (2, 4)
+    ck = torch.load(the_run(root_b) / "checkpoint.pt", weights_only=True)
+    assert (the_run(root_b) / ck["sharded"]).is_dir() and "student" not in ck  # the weights are in the dcp folder
+
+    resumed = torchrun_fsdp(b)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {saved}" in resumed.stdout + resumed.stderr
+    assert max_diff(weights(tmp_path / "a"), weights(root_b)) == 0.0
+    assert logged_steps(root_b) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["experiment=on_policy_se_kd"], "regime=on_policy"),
+    (["experiment=se_kd", "model.teacher_device=cpu"], "model.teacher_device=cpu"),
+    (["experiment=se_kd", "train.optimizer=adam8bit"], "train.optimizer=adam8bit"),
+])
+def test_what_fsdp_does_not_do_is_refused_in_one_line(tmp_path, extra, key):
+    r = sekd_train([f"paths.root={tmp_path}", "model=tiny", "logging=disabled", *extra, "train.distributed=fsdp"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("sekd: config error: ") and key in line and "fsdp" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
+    """A checkpoint of the other form than the run's train.distributed (the run folder does not hash it)
+    is one line, not a crash in load_state_dict."""
+    from sekd.loop import CheckpointError, load_checkpoint
+
+    ck = tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoint-2.dcp").mkdir()
+    torch.save({"sharded": "checkpoint-2.dcp", "schedule": {}, "progress": {}, "rng": {}, "selector": {}}, ck)
+    assert load_checkpoint(ck, sharded=True)["sharded"] == "checkpoint-2.dcp"
+    with pytest.raises(CheckpointError, match="written by train.distributed=fsdp"):
+        load_checkpoint(ck, sharded=False)
+    (tmp_path / "checkpoint-2.dcp").rmdir()
+    with pytest.raises(CheckpointError, match="checkpoint-2.dcp, is missing"):
+        load_checkpoint(ck, sharded=True)
+    assert Path(ck).exists()
