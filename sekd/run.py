@@ -1,6 +1,7 @@
 """The run folder: the one place that writes a run's config, metrics, checkpoints, model and record.
 
-    <paths.root>/runs/<preset>-s<seed>-<train hash>/          (everything but `eval` is hashed)
+    <paths.root>/runs/<preset>-s<seed>-<train hash>/          (everything but `eval` is hashed;
+                                                               a run that trains nothing: <preset>-<hash>)
         metrics.jsonl  checkpoint.pt  selection_trace.jsonl  train_stats.json  .train.lock
         model/  (Hugging Face checkpoint)   wandb/
         eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
@@ -92,7 +93,21 @@ def _global_micro_batch(tree: dict, world: int | None) -> dict:
     return tree
 
 
+def _seedless(tree: dict) -> dict:
+    """A run that trains nothing (mode=score_student / score_teacher) scores the same model whatever the
+    seed: eval.seed, fixed across training seeds, seeds lm-eval. So its identity holds no seed, and the
+    cells of a sweep over seeds share one folder: scored once, not once per seed."""
+    if tree.get("mode", "distill") != "distill":
+        tree.pop("seed", None)
+    return tree
+
+
+def trains(cfg: DictConfig) -> bool:
+    return cfg.mode == "distill"
+
+
 def _hash(tree: dict) -> str:
+    _seedless(tree)
     for key in UNHASHED:
         _drop(tree, key)
     for key in NULL_IS_ABSENT:
@@ -121,7 +136,9 @@ def eval_hash(cfg: DictConfig) -> str:
 
 
 def run_dir(cfg: DictConfig, world: int | None = None) -> Path:
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}-s{cfg.seed}-{train_hash(cfg, world)}"
+    """<preset>-s<seed>-<train hash>; a run that trains nothing has no seed in its name (`_seedless`)."""
+    seed = f"-s{cfg.seed}" if trains(cfg) else ""
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}{seed}-{train_hash(cfg, world)}"
 
 
 def scores_dir(cfg: DictConfig, world: int | None = None) -> Path:

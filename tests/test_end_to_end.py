@@ -13,9 +13,11 @@ from tests.helpers import TINY, sekd_train
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     common = [*TINY, "logging=offline", "eval.limit=24", f"paths.root={root}", f"paths.cache={root}/cache"]
-    for preset, seed in (("full_kd", 1337), ("full_kd", 1338), ("student", 1337)):
+    for preset, seed in (("full_kd", 1337), ("full_kd", 1338), ("student", 1337), ("student", 1338)):
         res = sekd_train([*common, f"experiment={preset}", f"seed={seed}", "train.steps=3"])
         assert res.returncode == 0, res.stderr[-4000:]
+        if (preset, seed) == ("student", 1338):  # it trains nothing: the seed cannot change its scores
+            assert "is already done (record.json exists); skipping" in res.stdout, res.stdout[-2000:]
     return root
 
 
@@ -55,6 +57,14 @@ def test_run_folder_has_checkpoint_lm_eval_output_and_wandb_files(runs):
             tok = AutoTokenizer.from_pretrained(run / "model")
             assert model.config.vocab_size >= len(tok)
             assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_the_undistilled_student_is_scored_once_whatever_the_seed(runs):
+    folders = sorted(p.name for p in (runs / "runs").iterdir())
+    assert [f for f in folders if f.startswith("student")] == [f for f in folders if f.startswith("student-")]
+    assert len([f for f in folders if f.startswith("student")]) == 1  # seeds 1337 and 1338 share it
+    assert len([f for f in folders if f.startswith("full_kd-s")]) == 2  # distillation depends on the seed
+    assert [r["seed"] for r in records(runs) if r["preset"] == "student"] == [1337]
 
 
 def test_distillation_changes_the_student(runs):
