@@ -54,14 +54,16 @@ class SekdSweeper(BasicSweeper):
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         return [cell for batch in self.split_arguments(overrides, None) for cell in batch]
 
-    def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str]]:
-        """(cells to run, lines for cells already finished, one-line errors); composes each cell once."""
+    def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str], List[str]]:
+        """(cells to run, lines for cells already finished, lines for cells that are the same run as an earlier
+        cell, one-line errors); composes each cell once."""
         from sekd.config import ConfigError, validate
         from sekd.models import check_environment
-        from sekd.run import is_finished, run_dir, trained
+        from sekd.run import is_finished, run_dir, scores_dir, trained
 
         assert self.hydra_context is not None and self.config is not None
-        todo, finished, errors = [], [], []
+        todo, finished, same, errors = [], [], [], []
+        first: dict[Path, str] = {}  # a run's folder -> the cell that runs it
         for cell in cells:
             where = " ".join(cell) or "(no overrides)"
             try:
@@ -83,6 +85,11 @@ class SekdSweeper(BasicSweeper):
             if self.skip_finished and is_finished(cfg, world):
                 finished.append(f"{where} -> {run_dir(cfg, world)}")
                 continue
+            folder = run_dir(cfg, world) if cfg.stage == "train" else scores_dir(cfg, world)
+            if folder in first:  # e.g. the undistilled student under two seeds: its identity holds no seed
+                same.append(f"{where} is [{first[folder]}] -> {folder}")
+                continue
+            first[folder] = where
             if not self.on_slurm():  # the job runs on this machine: it must have what the job needs
                 try:
                     check_environment(run)
@@ -90,22 +97,25 @@ class SekdSweeper(BasicSweeper):
                     errors.append(f"cell [{where}]: {err}")
                     continue
             todo.append(cell)
-        return todo, finished, errors
+        return todo, finished, same, errors
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         tic = time.perf_counter()
         cells = self.cells(arguments)
-        todo, finished, errors = self.triage(cells)
+        todo, finished, same, errors = self.triage(cells)
         if errors:
             for line in errors:
                 print(f"sekd: config error: {line}", file=sys.stderr)
             print(f"sekd: {len(errors)} of {len(cells)} cells are invalid; nothing was submitted", file=sys.stderr)
             sys.exit(2)
-        print(f"sekd: {len(cells)} cells: {len(finished)} already finished, {len(todo)} to run "
+        repeats = f"{len(same)} the same run as another cell, " if same else ""
+        print(f"sekd: {len(cells)} cells: {len(finished)} already finished, {repeats}{len(todo)} to run "
               f"(checked in {time.perf_counter() - tic:.1f} s)")
         for line in finished:
             log.info("finished, skipped: %s", line)
+        for line in same:
+            log.info("runs once, skipped: %s", line)
         if not todo:
             print("sekd: nothing to do; every cell of this sweep is finished (force=true redoes them)")
             return []

@@ -123,3 +123,14 @@ def test_a_job_killed_outright_is_reported_and_its_checkpoint_kept_for_the_rerun
     assert rec["steps"] == 4
     logs = "".join(p.read_text() for p in tmp_path.glob("hydra/*/.submitit/*/*_log.*"))
     assert "resumed from step 2" in logs
+
+
+def test_cells_that_are_one_run_run_once(tmp_path):
+    """The undistilled student and the teacher train nothing: their identity holds no seed, so a sweep over
+    seeds scores each once, and says so before it submits."""
+    res = multirun(tmp_path, "experiment=student,teacher", "seed=1,2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "4 cells: 0 already finished, 2 the same run as another cell, 2 to run" in res.stdout
+    done = records(tmp_path)
+    assert sorted(r["preset"] for r in done.values()) == ["student", "teacher"]
+    assert {r["seed"] for r in done.values()} == {1}  # the first cell of each ran
