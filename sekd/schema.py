@@ -334,9 +334,11 @@ class LoggingConfig:
     project: str = "sekd"
     entity: Optional[str] = None
     group: Optional[str] = None
+    verbose: bool = False  # the libraries' INFO lines and loading bars on the console (lm-eval's: lm_eval.log)
 
     def __post_init__(self) -> None:
         choice("logging.wandb", self.wandb, ("offline", "online", "disabled"))
+        flag("logging.verbose", self.verbose)
 
 
 @dataclass

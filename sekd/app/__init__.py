@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sekd.app.chatter import quiet_libraries
 from sekd.app.compose import compose, fail, open_tracker
 from sekd.app.record import build_record, summary_line
 from sekd.app.scoring import score
@@ -19,6 +20,7 @@ from sekd.errors import ConfigError
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """Run one configured job end to end; returns its record (None when it was already done, or when
     stage=train only trained it). A refusal is one line and exit status 2 (`fail`)."""
+    quiet_libraries(bool(cfg.logging.get("verbose", False)))
     try:
         job = compose(cfg, list(overrides or []))
         if job is None:

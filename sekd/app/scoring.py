@@ -36,4 +36,4 @@ def run_suite(job: Job) -> dict[str, Any]:
                             cache_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
                             device=str(device), seed=e.seed,
                             gsm8k_validation_size=cfg.data.options.get("validation_size", GSM8K_HELD_OUT),
-                            dtype="bfloat16" if device.type == "cuda" else "float32")
+                            dtype="bfloat16" if device.type == "cuda" else "float32", verbose=cfg.logging.verbose)

@@ -5,8 +5,11 @@ Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE before the firs
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ def score_checkpoint(
     dtype: str = "float32",
     bootstrap_iters: int = 1000,
     gsm8k_validation_size: int = GSM8K_HELD_OUT,
+    verbose: bool = False,
 ) -> dict[str, float]:
     """Run lm-eval on `model_dir` (model + tokenizer), write out_dir/lm_eval/, return flat metrics.
 
@@ -44,6 +48,8 @@ def score_checkpoint(
     `seed` sets lm-eval's seeds (few-shot examples, python/numpy/torch): the run passes eval.seed, fixed
     across training seeds, so that a spread over seeds is training variance alone.
     `gsm8k_validation_size`: the GSM8K training problems the validation suite holds out (data.validation_size).
+    `verbose`: lm-eval's INFO lines, prints and progress bars on the console; otherwise they go to
+    out_dir/lm_eval.log (its warnings still reach the console).
     """
     s = get_suite(suite, split, gsm8k_validation_size=gsm8k_validation_size)
     if docs is not None and not s.embedded:
@@ -68,25 +74,54 @@ def score_checkpoint(
         tm = TaskManager(include_path=include, include_defaults=False)  # skips the 8 s index
     else:
         tm = TaskManager()
-    res = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
-        tasks=lm_eval_tasks(s, tm),
-        task_manager=tm,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose):
+        res = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
+            tasks=lm_eval_tasks(s, tm),
+            task_manager=tm,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     if res is None:
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
     write_raw(res, Path(out_dir) / "lm_eval")
     return flatten(res, s)
+
+
+@contextlib.contextmanager
+def lm_eval_output(log: Path, verbose: bool):
+    """lm-eval's chatter (its INFO log lines, `print`s, tqdm bars) into `log` instead of the console, where
+    a sweep's log should hold one line per cell; its warnings and errors still reach stderr."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("lm_eval")
+    saved = logger.level, logger.propagate
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        to_file, to_console = logging.StreamHandler(out), logging.StreamHandler(sys.__stderr__)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        to_console.setLevel(logging.WARNING)
+        logger.addHandler(to_file)
+        logger.addHandler(to_console)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                yield
+        finally:
+            logger.removeHandler(to_file)
+            logger.removeHandler(to_console)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
 
 
 def _number(v: Any) -> float | None:
