@@ -254,12 +254,13 @@ class Trainer:
         Sharded (fsdp): every rank first writes its shard into the folder checkpoint.pt then names; the
         older folder goes once checkpoint.pt no longer names it."""
         rngs = self.dist.all_gather_objects(rng_state(self.gen))
-        weights = {"student": self.student.state_dict(), "optimizer": self.opt.state_dict()} if not self.sharded \
-            else {"sharded": f"checkpoint-{self.prog.step}.dcp"}
-        if self.sharded:
+        if self.sharded:  # every rank writes its shard
+            weights = {"sharded": f"checkpoint-{self.prog.step}.dcp"}
             save_sharded(self.objective, self.opt, self.run.path / weights["sharded"], is_main=self.dist.is_main)
         if not self.dist.is_main:
             return
+        if not self.sharded:
+            weights = {"student": self.student.state_dict(), "optimizer": self.opt.state_dict()}
         extra = {"rng_ranks": rngs} if self.dist.active else {}
         atomic_torch_save(self.run.checkpoint, {
             **weights, "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rngs[0],
@@ -428,6 +429,11 @@ class Trainer:
         bar.close()
         return self.prog
 
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must
+        call it then); None when the model holds them whole."""
+        return full_state_dict(self.student) if self.sharded else None
+
 
 def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int) -> dict[str, Any]:
     valid = (labels_row != -100).nonzero().flatten().tolist()
@@ -435,11 +441,6 @@ def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int
     return {"step": step, "sample": sample, "valid": valid,
             "scores": [float(u_row[t]) for t in valid] if u_row is not None else [0.0] * len(valid),
             "selected": draws.index[b][k].tolist(), "weights": [float(w) for w in draws.weight[b][k]]}
-
-    def final_weights(self) -> dict[str, torch.Tensor] | None:
-        """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must
-        call it then); None when the model holds them whole."""
-        return full_state_dict(self.student) if self.sharded else None
 
 
 class SelectionTrace:
