@@ -222,6 +222,45 @@ def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
     return out
 
 
+# ---- within or beyond seed noise -------------------------------------------------------------
+
+NOISE_ALPHA = 0.05  # a difference whose two-sided paired p-value is below this is beyond seed noise
+BEYOND, WITHIN, CANNOT_TELL = "beyond noise", "within noise", "cannot tell"
+
+
+def paired_difference(ours: pd.Series, ref: pd.Series, alpha: float = NOISE_ALPHA) -> dict[str, Any]:
+    """`ours` - `ref` over the seeds both hold (each indexed by seed): {diff (mean), n, p, verdict}.
+
+    A paired t-test (scipy.stats.ttest_rel, two-sided) over the seeds: pairing removes what a seed does to
+    both runs alike (its data order, its random keys), so the test asks only whether the method moved the
+    metric. With 2 seeds the test has one degree of freedom and calls almost nothing beyond noise: that is
+    the honest answer for 2 seeds. Fewer than 2 paired seeds: 'cannot tell'."""
+    both = pd.concat([pd.to_numeric(ours, errors="coerce"), pd.to_numeric(ref, errors="coerce")],
+                     axis=1, join="inner").dropna()
+    diff = both.iloc[:, 0] - both.iloc[:, 1]
+    n = len(diff)
+    mean = float(diff.mean()) if n else math.nan
+    if n < 2:
+        return {"diff": mean, "n": n, "p": math.nan, "verdict": CANNOT_TELL}
+    if diff.std() == 0:  # the same difference under every seed: no spread to test against
+        p = 0.0 if mean != 0 else 1.0
+    else:
+        from scipy.stats import ttest_rel
+
+        p = float(ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue)
+    return {"diff": mean, "n": n, "p": p, "verdict": BEYOND if p < alpha else WITHIN}
+
+
+def fmt_difference(d: dict[str, Any], digits: int = 1) -> str:
+    """'-2.3 beyond noise (p=0.004, n=3)', '+0.4 within noise (p=0.62, n=3)', '+0.4 cannot tell (n=1)'."""
+    if d["n"] == 0 or pd.isna(d["diff"]):
+        return MISSING
+    shown = f"{d['diff']:+.{digits}f}"
+    if d["verdict"] == CANNOT_TELL:
+        return f"{shown} {CANNOT_TELL} (n={d['n']})"
+    return f"{shown} {d['verdict']} (p={d['p']:.2g}, n={d['n']})"
+
+
 # ---- formatting -----------------------------------------------------------------------------
 
 def fmt_duration(s: float) -> str:
