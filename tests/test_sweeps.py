@@ -15,7 +15,9 @@ from tests.helpers import ROOT
 
 SWEEPS = ROOT / "sweeps"
 OTHERS = {"demo", "smoke_slurm"}  # not paper grids; tests/test_config.py covers demo
-NAMES = sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem not in OTHERS)
+NAMES = sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem not in OTHERS and not p.stem.startswith("miniature_"))
+# measurements of the embedded miniature itself (docs/miniature.md), not paper grids: one seed, their own axes
+MINIATURE = sorted(p.stem for p in SWEEPS.glob("miniature_*.yaml"))
 VALIDATION = {"v1", "v2", "k_budget", "l_budget"}  # scored on validation data, as the paper chooses k and l
 GRID_KEYS = {"experiment", "seed", "position.k", "samples.l"}  # presets and the few values that vary
 MODELS = {"embedded": "embedded", "paper": "qwen3_8b_to_1.7b"}
@@ -87,3 +89,17 @@ def test_every_cell_composes_and_validates(name, profile):
                 (seed,) = [int(o.split("=")[1]) for o in cell if o.startswith("seed=")]
                 OmegaConf.update(cfg, "seed", seed)
                 validate(cfg)
+
+
+@pytest.mark.parametrize("name", MINIATURE)
+def test_every_cell_of_a_miniature_sweep_composes_and_validates(name):
+    """docs/miniature.md's measurements run on the embedded pair; every cell is a valid run."""
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        for cell in grid(name):
+            cfg = compose(config_name=name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", *cell])
+            assert cfg.model.name == "embedded" and cfg.paths.root == "outputs/miniature"
+            for override in cell:
+                key, value = override.split("=", 1)
+                got = cfg.preset if key == "experiment" else OmegaConf.select(cfg, key)
+                assert str(got) == value, (override, got)
+            validate(cfg)

@@ -1,0 +1,223 @@
+"""The miniature's measurements (docs/miniature.md): how the methods' scores move with the distillation length
+and with the student's size and pretraining, and how the miniature's orderings compare with the paper's.
+
+Reads records only (sekd.report's loader) and the Full KD runs' metrics.jsonl; it never trains.
+
+    python -m analysis.miniature outputs/miniature --out docs --csv analysis
+        # docs/miniature_steps.png, docs/miniature_loss.png, docs/miniature_sizes.png,
+        # analysis/miniature_steps.csv, analysis/miniature_sizes.csv
+    python -m analysis.miniature outputs/embedded --spearman T2 --spearman T4
+        # each table's Spearman rank correlation of our rows' Acc. with the paper's, per seed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from sekd import tables
+from sekd.report import load_records
+
+# short name -> the flattened column of record.json it copies
+COLUMNS = {"train_steps": "config.train.steps", "student_steps": "config.model.embedded.student.steps",
+           "student_hidden": "config.model.embedded.student.hidden_size",
+           "teacher_steps": "config.model.embedded.teacher.steps",
+           "teacher_hidden": "config.model.embedded.teacher.hidden_size", "lr": "config.train.lr"}
+DEFAULT_STUDENT = {"student_steps": 300, "student_hidden": 64}  # conf/model/embedded.yaml's
+METHOD_ORDER = ["student", "full_kd", "random_pos", "se_kd", "se_kd3x", "teacher"]
+LABELS = {"student": "Student (no distillation)", "teacher": "Teacher", "full_kd": "Full KD",
+          "random_pos": "RandomPos 20%", "se_kd": "SE-KD", "se_kd3x": "SE-KD3X"}
+METRICS = ("acc", "ppl")
+
+
+def runs(folders: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per scored run with the short columns above (`train_steps` = the optimizer steps it took)."""
+    df = load_records([Path(f) for f in folders])
+    if df.empty:
+        return df
+    for short, col in COLUMNS.items():
+        df[short] = df[col] if col in df.columns else math.nan
+    df["train_steps"] = pd.to_numeric(df["steps"], errors="coerce")  # what it ran (null in config = 2 epochs)
+    return df[df["acc"].notna()].reset_index(drop=True)
+
+
+def per_method(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Mean and std over seeds of Acc. and PPL per (preset, *keys), and the number of seeds."""
+    g = df.groupby(["preset", *keys], dropna=False)
+    out = g[list(METRICS)].agg(["mean", "std"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    out["seeds"] = g["seed"].nunique()
+    out = out.reset_index()
+    out["_order"] = out["preset"].map({p: i for i, p in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    return out.sort_values(["_order", *keys]).drop(columns="_order").reset_index(drop=True)
+
+
+def default_student(df: pd.DataFrame) -> pd.Series:
+    return (df["student_steps"].eq(DEFAULT_STUDENT["student_steps"])
+            & df["student_hidden"].eq(DEFAULT_STUDENT["student_hidden"]))
+
+
+def steps_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The default pair, every method per distillation length (the undistilled student needs none: steps 0)."""
+    d = df[default_student(df)].copy()
+    d.loc[d["mode"].ne("distill"), "train_steps"] = 0
+    return per_method(d, ["train_steps"])
+
+
+def sizes_table(df: pd.DataFrame, train_steps: int = 300) -> pd.DataFrame:
+    """Every student spec, the methods at one distillation length, the undistilled student beside them."""
+    d = df[df["train_steps"].eq(train_steps) | df["mode"].ne("distill")]
+    return per_method(d, ["student_steps", "student_hidden"])
+
+
+def loss_curves(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
+    """The training loss logged (metrics.jsonl) by the longest run of `preset` per student spec: step, loss."""
+    d = df[df["preset"].eq(preset)].sort_values("train_steps")
+    frames = []
+    for _, r in d.groupby(["student_steps", "student_hidden"], dropna=False).tail(1).iterrows():
+        path = Path(str(r["run_dir"])) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        frame = pd.DataFrame(rows)[["step", "loss"]]
+        frames.append(frame.assign(student_steps=r["student_steps"], student_hidden=r["student_hidden"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss"])
+
+
+def plot_steps(table: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import save
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, METRICS):
+        for preset, part in table.groupby("preset", sort=False):
+            if preset in ("student", "teacher"):
+                ax.axhline(part[f"{metric}_mean"].iloc[0], ls="--", color="gray" if preset == "student" else "k",
+                           label=LABELS.get(preset, preset))
+                continue
+            ax.errorbar(part["train_steps"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0),
+                        marker="o", capsize=3, label=LABELS.get(preset, preset))
+        ax.set_xscale("log")
+        ax.set_xlabel("distillation optimizer steps (16 sequences each)")
+        ax.set_ylabel({"acc": "Acc. (higher is better)", "ppl": "PPL (lower is better)"}[metric])
+        if metric == "ppl":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Embedded pair: score against distillation length")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_loss(curves: pd.DataFrame, path: Path, window: int = 10) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import save
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (steps, hidden), part in curves.groupby(["student_steps", "student_hidden"], dropna=False):
+        smooth = part["loss"].rolling(window, min_periods=1).mean()
+        ax.plot(part["step"], smooth, label=f"student hidden {hidden}, pretrained {steps} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"Full KD training loss (forward KL, mean of {window} logs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_sizes(table: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import save
+
+    specs = table[["student_steps", "student_hidden"]].drop_duplicates().dropna()
+    specs = specs.sort_values(["student_hidden", "student_steps"]).reset_index(drop=True)
+    presets = [p for p in table["preset"].unique() if p != "teacher"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(presets))
+    for ax, metric in zip(axes, METRICS):
+        for i, preset in enumerate(presets):
+            part = table[table["preset"].eq(preset)].merge(specs.reset_index(), on=["student_steps", "student_hidden"])
+            ax.bar(part["index"] + i * width, part[f"{metric}_mean"], width, label=LABELS.get(preset, preset))
+        ax.set_xticks(specs.index + width * (len(presets) - 1) / 2,
+                      [f"h{int(h)}, pre {int(s)}" for s, h in zip(specs["student_steps"], specs["student_hidden"])])
+        ax.set_ylabel({"acc": "Acc. (higher is better)", "ppl": "PPL (lower is better)"}[metric])
+        if metric == "ppl":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Student width (h) and pretraining steps (pre): methods at 300 distillation steps")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def spearman_vs_paper(df: pd.DataFrame, table: str) -> dict[str, float]:
+    """The Spearman rank correlation of our distilled rows' Acc. with the paper's, one per seed (the undistilled
+    student and the teacher left out: every scale orders them alike). {mean, std, seeds, rows}."""
+    from scipy.stats import spearmanr
+
+    from sekd.report import preset_axes
+
+    reference = pd.read_csv(tables.REFERENCE)
+    axes = preset_axes(sorted(set(reference["preset"].dropna()) & set(df["preset"].dropna())))
+    distilled = df[df["mode"].eq("distill")]
+    rhos, rows = [], 0
+    for _, seeded in distilled.groupby("seed"):
+        t = tables.paper_table(seeded, reference, table, axes)
+        t = t[t["acc_ours_mean"].notna() & t["acc_paper"].notna()]
+        if len(t) >= 3:
+            rhos.append(float(spearmanr(t["acc_ours_mean"], t["acc_paper"]).statistic))
+            rows = max(rows, len(t))
+    s = pd.Series(rhos, dtype=float)
+    return {"mean": s.mean(), "std": s.std(), "seeds": len(s), "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.miniature", description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", help="folders holding the miniature sweeps' runs")
+    ap.add_argument("--out", type=Path, default=None, help="write the PNGs here")
+    ap.add_argument("--csv", type=Path, default=None, help="write miniature_steps.csv and miniature_sizes.csv here")
+    ap.add_argument("--spearman", action="append", choices=("T2", "T3", "T4"), default=[],
+                    help="print the table's Spearman rank correlation with the paper's Acc. (repeatable)")
+    args = ap.parse_args(argv)
+    df = runs(args.folders)
+    if df.empty:
+        print(f"python -m analysis.miniature: no scored record.json under {', '.join(args.folders)}", file=sys.stderr)
+        return 1
+    steps, sizes = steps_table(df), sizes_table(df)
+    print(steps.to_markdown(index=False, floatfmt=".2f"), end="\n\n")
+    print(sizes.to_markdown(index=False, floatfmt=".2f"))
+    if args.csv:
+        args.csv.mkdir(parents=True, exist_ok=True)
+        steps.to_csv(args.csv / "miniature_steps.csv", index=False, float_format="%.4g")
+        sizes.to_csv(args.csv / "miniature_sizes.csv", index=False, float_format="%.4g")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_steps(steps, args.out / "miniature_steps.png")
+        curves = loss_curves(df)
+        if not curves.empty:
+            plot_loss(curves, args.out / "miniature_loss.png")
+        if sizes[["student_steps", "student_hidden"]].drop_duplicates().dropna().shape[0] > 1:
+            plot_sizes(sizes, args.out / "miniature_sizes.png")
+    for table in args.spearman:
+        r = spearman_vs_paper(df, table)
+        print(f"{table}: Spearman rho of Acc. vs the paper's = {r['mean']:.2f} ± {r['std']:.2f} "
+              f"over {r['seeds']} seeds, {r['rows']} distilled rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
