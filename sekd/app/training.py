@@ -311,8 +311,8 @@ def open_teacher_cache(job: Job, parts: Parts):
     cfg, data = job.cfg, parts.data
     if cfg.classes.cache == "auto":
         expect = cache_expectation(cfg, job.teacher_path, job.tok, data)
-        with job.dist.main_first():  # rank 0 builds it; the others then find it finished
-            path = auto_cache(cfg, expect, parts)
+        path = auto_cache(cfg, expect, parts, job.dist)  # the ranks are its workers: each builds its shards
+        job.dist.barrier()  # every shard is in the manifest before any rank opens the cache
     else:
         path, expect = Path(cfg.classes.cache), cache_expectation(cfg, job.teacher_path, job.tok)
     parts.costs["cache"] = str(path)
@@ -322,13 +322,17 @@ def open_teacher_cache(job: Job, parts: Parts):
         raise ConfigError(f"classes.cache: {err}") from None
 
 
-def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts) -> Path:
+def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) -> Path:
     """classes.cache=auto: the cache folder keyed by `expect`. A finished one is reused and the teacher
     stays unloaded; otherwise the teacher builds it (resuming a killed build, rebuilding a corrupt shard,
-    refusing an edited manifest)."""
+    refusing an edited manifest). Several ranks build it as workers, rank r the shards r, r+W, ...: the
+    draws are keyed by sample and seed, so the folder is byte for byte the one a single process builds."""
     import hashlib
 
-    from sekd.cache.build import build_cache
+    from sekd.cache.build import NUM_SHARDS, build_cache, worker_shards
+    from sekd.distributed import Dist
+
+    dist = dist or Dist.single()
     from sekd.cache.store import CacheError, TeacherCache
 
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
@@ -344,7 +348,8 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts) -> Path:
         build_cache(teacher, parts.data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
                     n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
                     vocab_size=parts.vocab, device=str(next(teacher.parameters()).device),
-                    batch_size=cfg.samples.batch_size)
+                    batch_size=cfg.samples.batch_size, num_shards=NUM_SHARDS,
+                    shards=worker_shards(NUM_SHARDS, dist.rank, dist.world_size), progress=dist.is_main)
     except CacheError as err:
         raise ConfigError(f"classes.cache: {err}") from None
     parts.costs.update(cache_build_seconds=round(time.time() - t0, 2),

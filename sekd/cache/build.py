@@ -29,6 +29,9 @@ from sekd.io import atomic_write_bytes
 from sekd.tensors import IGNORE
 
 
+NUM_SHARDS = 8  # a cache's default number of shards: workers (processes, or a run's ranks) split them
+
+
 def worker_shards(num_shards: int, worker_index: int, num_workers: int) -> list[int]:
     """The shards of worker i of W: i, i + W, i + 2W, ... (disjoint, covering all)."""
     if not 0 <= worker_index < num_workers:
@@ -126,7 +129,7 @@ def build_cache(
     n_draws: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
-    num_shards: int = 8,
+    num_shards: int = NUM_SHARDS,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     vocab_size: int | None = None,
