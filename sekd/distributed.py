@@ -120,8 +120,23 @@ def init(launch, device: torch.device | str) -> Dist:
     if init_method is None and launch.master_addr is not None and launch.master_port is not None:
         init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    torch.distributed.init_process_group(backend, init_method=init_method, rank=launch.rank,
-                                         world_size=launch.world_size, timeout=datetime.timedelta(minutes=30),
-                                         **kwargs)
+    timeout = datetime.timedelta(minutes=30)
+    torch.distributed.init_process_group(backend, store=group_store(init_method or "env://", launch, timeout),
+                                         rank=launch.rank, world_size=launch.world_size, timeout=timeout, **kwargs)
     return Dist(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=device,
                 group=torch.distributed.group.WORLD)
+
+
+_joined = 0  # process groups this process has joined: every rank joins the same ones, in the same order
+
+
+def group_store(init_method: str, launch, timeout: datetime.timedelta):
+    """The rendezvous store torch's init_process_group would use, under a prefix of its own for each group
+    this process joins. A multirun under torchrun runs its cells one after another in the same ranks,
+    each joining a new group (and leaving it): in torchrun's store, which outlives them, a plain re-init
+    would find the previous group's keys (its ranks' old addresses) and a late rank would connect there."""
+    global _joined
+    _joined += 1
+    store, _, _ = next(torch.distributed.rendezvous(init_method, launch.rank, launch.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return torch.distributed.PrefixStore(f"sekd/group{_joined}", store)

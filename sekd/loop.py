@@ -26,7 +26,6 @@ torch.distributed.checkpoint folder that checkpoint.pt names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -214,12 +213,15 @@ class OnPolicy:
     temperature: float
     top_p: float
     max_new_tokens: int
+    seq_len: int | None = None  # rows cut and padded to the data's length (None: the batch's longest)
 
-    def batch(self, student, idx: list[int], seed: int):
+    def batch(self, student, idx: list[int], keys):
+        """The rollout of the samples `idx`; row i samples from its own key (sekd/rng.py RowKeys). With
+        seq_len every batch has the data rows' shape, so a step's tokens do not depend on the split."""
         from sekd.kd.on_policy import rollout
 
         r = rollout(student, self.prompts(idx), pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
-                    top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
+                    top_p=self.top_p, max_new_tokens=self.max_new_tokens, keys=keys, seq_len=self.seq_len)
         return r.input_ids, r.labels
 
 
@@ -235,13 +237,16 @@ class Trainer:
         size = train_cfg.chunk_size
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg, self.dist.world_size)
+        self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
+        if self.sharded and teacher is not None:
+            # the teacher first: its whole weights (on the card since it loaded) are freed before the
+            # student's shards (loaded on the CPU, sekd.app.training.student_home) come to the card, so
+            # the card's peak is the whole teacher alone, not the teacher plus the student's shard
+            shard_teacher(teacher, self.dist.device)
         broadcast_params([p for p in student.parameters() if p.requires_grad], self.dist)  # rank 0's weights
         self.objective = StudentLoss(student, selector, vocab=vocab, chunk_size=self.chunk_size, flow=train_cfg.flow)
-        self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
         if self.sharded:  # after the broadcast: each rank keeps its shard of the same weights
-            shard_student(self.objective, student, self.dist.device)
-            if teacher is not None:
-                shard_teacher(teacher, self.dist.device)
+            shard_student(self.objective, student, self.dist.device)  # moves each unit to the card as it shards
         self.params = [p for p in student.parameters() if p.requires_grad]  # sharded ones under fsdp
         self.opt = build_optimizer(self.params, train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
@@ -298,12 +303,14 @@ class Trainer:
         """The micro-batch's tokens and targets: the data's own, or (on-policy steps) the student's
         answers to its prompts, with targets on the generated tokens only."""
         from sekd.kd.on_policy import on_policy_step
+        from sekd.rng import step_keys
 
         if self.on_policy is not None and on_policy_step(self.prog.step, self.on_policy.mix):
-            # a fresh, reproducible draw per (run, step, micro-batch): a resumed run samples the same answers
-            seed = int(hashlib.sha256(f"{self.seed}/{self.prog.step}/{micro}".encode()).hexdigest()[:15], 16)
+            # each sample's answer is drawn from its key (run seed, step, global sample index): the same on
+            # any rank, in any micro-batch, and again on resume
+            keys = step_keys(len(idx), generator=self.gen, step=self.prog.step, rows=idx)
             with autocast:
-                x, y = self.on_policy.batch(self.student, idx, seed)
+                x, y = self.on_policy.batch(self.student, idx, keys)
             self.prog.on_policy_batches += 1
             return x.to(self.device), y.to(self.device)
         return self.data.input_ids[idx].to(self.device), self.data.labels[idx].to(self.device)
@@ -463,10 +470,16 @@ class SelectionTrace:
 
 
 def broadcast_params(params: list[torch.Tensor], dist: Dist) -> None:
-    """Rank 0's values of `params` on every rank."""
+    """Rank 0's values of `params` on every rank. One off the rank's device (the fsdp student, on the CPU
+    until it is sharded) goes through the device one parameter at a time: NCCL moves device memory only."""
     if dist.active:
         for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+            if p.device == dist.device:
+                torch.distributed.broadcast(p.data, src=0)
+            else:
+                on_device = p.data.to(dist.device)
+                torch.distributed.broadcast(on_device, src=0)
+                p.data.copy_(on_device)
 
 
 def all_reduce_grads(params: list[torch.Tensor], dist: Dist) -> None:

@@ -38,8 +38,10 @@ def main() -> None:
 
 
 def other_rank_overrides(args: list[str]) -> list[str]:
-    """Ranks other than 0 (a launcher started several) write no shared file, Hydra's log included: their
-    Hydra output goes to a folder of their own under the system's temporary directory, unlogged."""
+    """Ranks other than 0 (a launcher started several) write no shared file, Hydra's included: their
+    Hydra output (a run's folder; a multirun's sweep folder, its multirun.yaml and job folders) goes to a
+    folder of their own under the system's temporary directory, unlogged. Every rank runs every cell of
+    a multirun, one after another, joining each cell's process group and leaving it at the cell's end."""
     import tempfile
 
     from sekd.launch import from_env
@@ -48,9 +50,11 @@ def other_rank_overrides(args: list[str]) -> list[str]:
         rank = from_env().rank
     except ConfigError:
         return []  # a broken launcher environment is refused, in one line, once the run composes
-    if rank == 0 or any(a in ("-m", "--multirun") for a in args):
+    if rank == 0:
         return []
-    return ["hydra/job_logging=disabled", f"hydra.run.dir={tempfile.mkdtemp(prefix=f'sekd-rank{rank}-')}"]
+    own = tempfile.mkdtemp(prefix=f"sekd-rank{rank}-")
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    return ["hydra/job_logging=disabled", f"hydra.sweep.dir={own}" if multirun else f"hydra.run.dir={own}"]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ batch is farther than 100 x ATOL, so the bound tells them apart. Two steps: from
 rounding moves a selective signal u(t) by ~1e-6, and a top-k boundary on a near-tie can flip (one
 position more or less, a discrete change of the loss) — as it can between two micro-batch splits of
 one process; both steps' selections are checked equal in the trace.
+
+On-policy (on_policy_full_kd): each sample's answer is drawn from its own key (run seed, step, global
+sample index; sekd/kd/on_policy.py), by inverse CDF of one uniform per token, so both runs sample the
+same tokens unless rounding (logits ~1e-7 apart, from batches of other shapes) moves a cumulative
+probability across a uniform: ~1e-7 per token, ~1e-4 over the few hundred tokens of this test. The
+trace checks the answers' lengths equal (its supervised positions), and a single different token
+would move the weights by ~lr, far outside ATOL: the same bound holds, and a failure would mean a
+flipped draw (rare, and visible in the trace) or a real error.
 """
 from __future__ import annotations
 
@@ -37,8 +45,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 def args(root: Path, preset: str, mb: int, *extra: str, steps: int = 2) -> list[str]:
+    """The tiny run's command line; an `extra` override replaces TINY's value of its key."""
     over = {"train.micro_batch_size": str(mb)}
-    base = [a for a in TINY if a.split("=")[0] not in over]
+    replaced = {*over, *(e.split("=")[0] for e in extra)}
+    base = [a for a in TINY if a.split("=")[0] not in replaced]
     return [*base, *(f"{k}={v}" for k, v in over.items()), f"experiment={preset}", f"train.steps={steps}", "eval=none",
             f"paths.root={root}", f"paths.cache={root.parent}/cache", *extra]
 
@@ -83,9 +93,14 @@ def the_run(root: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd"])
+# the tiny pair's 512-token vocabulary spells arithmetic problems in more than 64 tokens; short answers keep it quick
+PRESET_EXTRA = {"on_policy_full_kd": ["data.seq_len=128", "regime.max_new_tokens=8"]}
+
+
+@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd", "top_smp",
+                                    "on_policy_full_kd"])
 def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
-    extra = ["train.trace_selection_steps=2"]
+    extra = ["train.trace_selection_steps=2", *PRESET_EXTRA.get(preset, [])]
     two = torchrun(args(tmp_path / "two", preset, 2, *extra))
     assert two.returncode == 0, two.stderr[-3000:]
     one = sekd_train([*args(tmp_path / "one", preset, 4, *extra)], env={"OMP_NUM_THREADS": "1"})
@@ -131,6 +146,38 @@ def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     assert logged_steps(root_b) == list(range(1, 9))  # the lost steps' rows replaced, not duplicated
+
+
+def test_a_multirun_under_torchrun_trains_each_cell_over_both_ranks(tmp_path):
+    """`torchrun ... -m sekd.train -m train.lam=0.5,1.0 train.distributed=ddp`: Hydra's basic launcher runs
+    the cells one after another in each rank; each cell joins a process group and leaves it at its end,
+    so the next one can join again. Each cell ends with the weights of its own one-process run (same
+    bound as above); rank 0 alone writes the sweep's folder, rank 1's goes to a temporary folder."""
+    sweep = ["-m", "train.lam=0.5,1.0"]
+    tmp = tmp_path / "tmp"  # where rank 1 puts its Hydra output (tempfile reads TMPDIR)
+    tmp.mkdir()
+    two = subprocess.run([*TORCHRUN, *sweep, *args(tmp_path / "two", "full_kd", 2), "train.distributed=ddp"], cwd=ROOT,
+                         env={**ENV, "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = sekd_train([*sweep, *args(tmp_path / "one", "full_kd", 4)], env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    # the same two run folders (named by the global micro-batch), each with the weights of its one-process cell
+    runs = sorted(p.name for p in (tmp_path / "two" / "runs").iterdir())
+    assert len(runs) == 2 and runs == sorted(p.name for p in (tmp_path / "one" / "runs").iterdir())
+    got = {r: load_file(tmp_path / "two" / "runs" / r / "model" / "model.safetensors") for r in runs}
+    for r in runs:
+        assert max_diff(got[r], load_file(tmp_path / "one" / "runs" / r / "model" / "model.safetensors")) <= ATOL, r
+        run = tmp_path / "two" / "runs" / r
+        assert len(list(run.glob("*/record.json"))) == 1
+        assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert max_diff(*got.values()) > 100 * ATOL  # two cells, two different runs
+
+    # rank 0's sweep folder alone under paths.root; rank 1's multirun.yaml and job folders in its own
+    (swept,) = list((tmp_path / "two" / "hydra").iterdir())
+    assert sorted(p.name for p in swept.iterdir()) == ["0", "1", "multirun.yaml"]
+    (own,) = list(tmp.glob("sekd-rank1-*"))
+    assert sorted(p.name for p in own.iterdir()) == ["0", "1", "multirun.yaml"]
 
 
 def test_ddp_without_a_launcher_is_refused(tmp_path):

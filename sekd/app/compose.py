@@ -95,10 +95,14 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     started = time.time()
     check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built
     dist = join(cfg, launch)
-    with dist.main_first():  # rank 0 builds (the embedded pair) and stores; the others then find it built
-        teacher_path, student_path, tok, pretrain_s = resolve(cfg)
-    if dist.is_main:
-        run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
+    try:
+        with dist.main_first():  # rank 0 builds (the embedded pair) and stores; the others then find it built
+            teacher_path, student_path, tok, pretrain_s = resolve(cfg)
+        if dist.is_main:
+            run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
+    except BaseException:
+        dist.close()  # a multirun's next cell joins a group of its own
+        raise
     return Job(cfg=cfg, tree=tree, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
                tok=tok, pretrain_s=pretrain_s, started=started, dist=dist)
 

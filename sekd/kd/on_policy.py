@@ -6,9 +6,10 @@ KL by default) applies to the *generated* positions only. This module produces t
 
     rollout(student, prompts, ...) = build_rollout(prompts, sample_answers(student, prompts, ...))
 
-Sampling is batched, so the prompts are LEFT-padded for `generate` (every row's next token is then
-written in the same column) with an attention mask; HF derives the position ids from that mask, so
-each row is sampled exactly as if it were alone.
+Sampling is batched: the prompts are LEFT-padded (every row's next token is then written in the same
+column), run once with an attention mask and position ids counted from each row's first token, and
+then one forward per new token for the whole batch over the model's KV cache. Each row is sampled as
+if it were alone (up to float rounding): its logits see only its own tokens at its own positions.
 
 The training rows are RE-ALIGNED TO THE RIGHT: row i = prompt_i + answer_i, padded on the right.
 The trainer's forward (`Trainer.forward`) runs student and teacher on `input_ids` alone, with no
@@ -16,7 +17,7 @@ attention mask and default position ids 0..L-1. With left padding that forward w
 real tokens would attend to the pad tokens and sit at shifted rotary positions. With right padding
 and causal attention, position t only sees tokens 0..t, all real for every real position, at their
 true positions 0..t, so every real position's logits are exactly those of an unpadded forward of
-that row alone (and of generate's masked left-padded forward); the pad positions after the row's
+that row alone (and of the sampler's masked, left-padded forward); the pad positions after the row's
 end produce logits nobody reads, since their labels are -100. No change to the trainer is needed.
 
 Labels: with w = prompt + answer (+ right padding), input_ids = w[:-1] and labels[t] = w[t+1]
@@ -29,27 +30,28 @@ row is cut to its first seq_len + 1 tokens and padded to exactly that, so L = se
 a too-long answer is dropped, never the prompt's head, so every kept position keeps the exact
 context the student sampled it under. A row whose prompt alone fills seq_len + 1 tokens keeps no
 generated token: its labels are all -100 and the objective gives it no weight (s_i = 0).
-`rollout` caps max_new_tokens at what the shortest prompt can keep, which drops only tokens the
-rule would cut anyway (sampling is column-synchronous, so earlier tokens are unchanged).
+`rollout` caps each row's answer at what that row can keep (`answer_caps`), which drops only tokens
+the rule would cut anyway; the cap is the row's own, so its answer does not depend on the batch.
 
 Padding id: the pad positions are never attended to by real positions (causal attention) and carry
 no label, so any in-vocabulary id gives the same loss; pass the eos id to match the task data rows,
 which are right-padded with eos.
 
-Reproducibility: `sample_answers` seeds its own RNG from `seed` inside `torch.random.fork_rng`, so the
-global RNG state (and with it the trainer's data order and selection draws on resume) is untouched;
-pass e.g. seed = run seed + optimizer step to get fresh, resumable samples every step.
+Reproducibility (docs/method.md §10): row i's t-th token is an inverse-CDF draw (sekd/rng.py `categorical`)
+from the t-th uniform of its own key (`keys`, sekd/rng.py RowKeys; the trainer keys a row by (run seed,
+optimizer step, global sample index)), so a sample's answer depends on that key, its prompt and the
+weights only: not on its micro-batch, its rank, its neighbours' lengths, or the global RNG, which is
+not touched. A resumed run samples the same answers, and so does any world size.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields
 from fractions import Fraction
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from sekd.rng import RowKeys, categorical
 from sekd.tensors import IGNORE
 
 
@@ -93,73 +95,115 @@ def left_pad(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 # ---- sampling -----------------------------------------------------------------------------
 
+# the stream a row's sampling uniforms come from (sekd/rng.py RowKeys): one uniform per generated token
+STREAM = "on_policy"
 
-@contextlib.contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the RNG that sampling on `device` draws from; restore every RNG state touched afterwards."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(seed))
-            yield
-    elif device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[idx], device_type="cuda"), torch.cuda.device(idx):
-            torch.default_generator.manual_seed(int(seed))
-            torch.cuda.manual_seed(int(seed))  # this device only
-            yield
-    else:
-        with torch.random.fork_rng(device_type=device.type):
-            torch.manual_seed(int(seed))
-            yield
+
+def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+    """The top-p nucleus of softmax(logits / temperature), in float64: its probabilities in descending
+    order, zero outside the nucleus, and the token ids of that order.  [B,V] -> ([B,V], [B,V] long)
+
+    The nucleus is the shortest prefix of the sorted distribution whose mass reaches top_p (a token is
+    kept while the mass before it is < top_p), so the most likely token is always kept; ties keep the
+    lower id first (a stable sort), as greedy's argmax does."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    probs, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+    return torch.where(before < top_p, probs, torch.zeros_like(probs)), order
+
+
+def draw_tokens(logits: Tensor, u: Tensor, temperature: float, top_p: float) -> Tensor:
+    """One token per row from the top-p nucleus of softmax(logits / temperature), by inverse CDF of the
+    row's uniform u (sekd/rng.py `categorical`); temperature 0 is argmax.  logits [B,V], u [B] -> [B] long"""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = nucleus(logits, temperature, top_p)
+    pick = categorical(probs, 1, None, who="on-policy sampling", u=u[:, None])  # [B,1] index in sorted order
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def _cache_kwarg(student) -> str:
+    """The name the model's forward takes its KV cache by (`cache` in recent transformers, `past_key_values`
+    before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(student.forward).parameters else "past_key_values"
+
+
+def _check_sampling(temperature: float, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r}; must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r}; must be in (0, 1]")
+
+
+def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
+                   max_new_tokens: int | list[int], keys: RowKeys) -> list[Tensor]:
+    """The student's answers to `prompts`: a batched sampling loop over the model's KV cache.
+
+    The left-padded prompts run once (attention mask, and position ids counted from each row's first
+    token, so a row's logits do not depend on the other rows beyond rounding); then one forward per
+    new token for the whole batch. Row i's t-th token is drawn from softmax(z / temperature) truncated
+    to the top-p nucleus (`draw_tokens`), nothing else (no top-k, none of the model's generation_config),
+    by inverse CDF of the t-th uniform of row i's key (sekd/rng.py RowKeys, stream "on_policy"): its
+    answer depends on its prompt, its key and the weights only, never on the batch, the rank or the
+    global RNG, which is not touched. temperature = 0 is greedy decoding. max_new_tokens: one cap for
+    every row, or one per row. The student samples in eval mode under no_grad and gets its mode back.
+
+    Returns one 1-D LongTensor per prompt, on the student's device: its generated tokens up to and
+    including the first eos, or its cap's worth when it never emitted eos.
+    """
+    _check_prompts(prompts)
+    _check_sampling(temperature, top_p)
+    B = len(prompts)
+    caps = [int(max_new_tokens)] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(caps) != B or min(caps) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be >= 1 (one value, or one per prompt)")
+    if len(keys) != B:
+        raise ValueError(f"{len(keys)} row keys for {B} prompts")
+    device = next(student.parameters()).device
+    ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
+    u = keys.uniform(caps, STREAM, "cpu", torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
+    cap = torch.tensor(caps, device=device)
+    out = torch.full((B, max(caps)), int(pad_id), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            cache = _new_cache(student)
+            step = {_cache_kwarg(student): cache, "use_cache": True, "logits_to_keep": 1}
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
+            logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+            for t in range(max(caps)):
+                tok = draw_tokens(logits, u[:, t].to(device), float(temperature), float(top_p))
+                tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
+                out[:, t] = tok
+                done |= (tok == int(eos_id)) | (t + 1 >= cap)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+    finally:
+        student.train(was_training)
+    return [_cut_after_eos(row[:c], eos_id) for row, c in zip(out, caps)]
+
+
+def _new_cache(student):
+    """An empty KV cache the forward fills in place (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=student.config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
 
 
 def _cut_after_eos(row: Tensor, eos_id: int) -> Tensor:
     """The generated tokens up to and including the first eos (padding generated after it dropped)."""
     hits = (row == eos_id).nonzero()
     return row[: int(hits[0]) + 1] if hits.numel() else row
-
-
-def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
-                   max_new_tokens: int, seed: int) -> list[Tensor]:
-    """The student's answers to `prompts`: one batched HF `generate` over the left-padded prompts.
-
-    Sampling is from softmax(z / temperature) truncated to the top-p nucleus, and nothing else: no
-    top-k (HF's default 50 is turned off) and none of the student's own generation_config (a hub
-    checkpoint's temperature/top-k/penalties), which is set aside for the call. temperature = 0 is
-    greedy decoding. The student samples in eval mode under no_grad and gets its train/eval mode
-    back; the RNG is seeded from `seed` inside fork_rng, so the global RNG state is unchanged.
-
-    Returns one 1-D LongTensor per prompt, on the student's device: its generated tokens up to and
-    including the first eos, or all max_new_tokens of them when it never emitted eos.
-    """
-    from transformers import GenerationConfig
-
-    _check_prompts(prompts)
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r}; must be >= 0 (0 = greedy)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r}; must be in (0, 1]")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be >= 1")
-    device = next(student.parameters()).device
-    ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
-    opts = dict(max_new_tokens=int(max_new_tokens), pad_token_id=int(pad_id), eos_token_id=int(eos_id),
-                use_cache=True, num_beams=1, num_return_sequences=1)
-    if temperature > 0:
-        opts.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:
-        opts.update(do_sample=False)
-
-    was_training, own_config = student.training, getattr(student, "generation_config", None)
-    student.eval()
-    student.generation_config = GenerationConfig()  # HF's global defaults, then exactly `opts`
-    try:
-        with torch.no_grad(), _seeded(device, seed):
-            out = student.generate(input_ids=ids, attention_mask=mask, **opts)
-    finally:
-        student.generation_config = own_config
-        student.train(was_training)
-    return [_cut_after_eos(row, eos_id) for row in out[:, ids.shape[1]:]]
 
 
 # ---- the training batch -------------------------------------------------------------------
@@ -194,18 +238,31 @@ def build_rollout(prompts: list[Tensor], answers: list[Tensor], *, pad_id: int, 
     return Rollout(w[:, :L].contiguous(), labels, prompt_lens, gen_lens)
 
 
+def answer_caps(prompts: list[Tensor], max_new_tokens: int, seq_len: int | None) -> list[int]:
+    """Each row's cap on generated tokens: max_new_tokens, and with seq_len no more than its row can keep
+    (seq_len + 1 - its prompt length, at least 0). A row's own, never the batch's."""
+    caps = [int(max_new_tokens)] * len(prompts)
+    if seq_len is None:
+        return caps
+    return [max(0, min(c, int(seq_len) + 1 - p.numel())) for c, p in zip(caps, prompts)]
+
+
 def rollout(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
-            max_new_tokens: int, seed: int, seq_len: int | None = None) -> Rollout:
-    """sample_answers then build_rollout; with seq_len, max_new_tokens is capped at what can be kept."""
+            max_new_tokens: int, keys: RowKeys, seq_len: int | None = None) -> Rollout:
+    """sample_answers then build_rollout; with seq_len, each row samples at most what it can keep."""
     _check_prompts(prompts)
-    if seq_len is not None:
-        room = int(seq_len) + 1 - min(p.numel() for p in prompts)  # tokens the shortest prompt's row can keep
-        max_new_tokens = min(int(max_new_tokens), room)
-        if max_new_tokens < 1:  # every prompt fills seq_len: nothing generated could be supervised
-            empty = [torch.zeros(0, dtype=torch.long, device=prompts[0].device) for _ in prompts]
-            return build_rollout(prompts, empty, pad_id=pad_id, seq_len=seq_len)
-    answers = sample_answers(student, prompts, pad_id=pad_id, eos_id=eos_id, temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens, seed=seed)
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} row keys for {len(prompts)} prompts")
+    _check_sampling(temperature, top_p)
+    caps = answer_caps(prompts, max_new_tokens, seq_len)
+    answers = [torch.zeros(0, dtype=torch.long, device=p.device) for p in prompts]
+    live = [i for i, c in enumerate(caps) if c > 0]  # a prompt that fills seq_len gets no answer
+    if live:
+        got = sample_answers(student, [prompts[i] for i in live], pad_id=pad_id, eos_id=eos_id,
+                             temperature=temperature, top_p=top_p, max_new_tokens=[caps[i] for i in live],
+                             keys=RowKeys(tuple(keys.keys[i] for i in live)))
+        for i, a in zip(live, got):
+            answers[i] = a
     return build_rollout(prompts, answers, pad_id=pad_id, seq_len=seq_len)
 
 

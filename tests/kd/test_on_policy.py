@@ -1,7 +1,8 @@
 """On-policy rollouts (docs/method.md §10): the KD mask covers exactly the student's generated tokens, the
-right-aligned rows give every real position its unpadded logits, sampling is reproducible and leaves
-the global RNG and the model's mode alone, reverse KL and selection act on generated positions only,
-and the on/off-policy mixing schedule."""
+right-aligned rows give every real position its unpadded logits, sampling draws each row from its own
+key whatever the batch, follows the top-p/temperature distribution, and leaves the global RNG and the
+model's mode alone, reverse KL and selection act on generated positions only, and the on/off-policy
+mixing schedule."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from sekd.kd.objective import Selector, selective_kd_loss
-from sekd.kd.on_policy import (IGNORE, Rollout, build_rollout, left_pad, on_policy_count, on_policy_step, rollout,
-                               sample_answers)
+from sekd.kd.on_policy import (IGNORE, Rollout, answer_caps, build_rollout, draw_tokens, left_pad, nucleus,
+                               on_policy_count, on_policy_step, rollout, sample_answers)
+from sekd.rng import RowKeys
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES, n_select
 from sekd.selection.signals import SIGNALS
@@ -46,9 +48,19 @@ def prompts(lengths=LENGTHS, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(2, V, (n,), generator=g) for n in lengths]  # no eos/pad inside prompts
 
 
+def keys(seed: int, n: int = len(LENGTHS)) -> RowKeys:
+    """Row i keyed as global sample i at step 0 of a run seeded `seed`."""
+    return RowKeys.of_samples(seed, 0, range(n))
+
+
 def sample(model, ps, seed, pad=PAD, temperature=1.5, top_p=1.0, max_new=MAX_NEW):
     return sample_answers(model, ps, pad_id=pad, eos_id=EOS, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new, seed=seed)
+                          max_new_tokens=max_new, keys=keys(seed, len(ps)))
+
+
+def roll(model, ps, seed, **kw):
+    opts = {**dict(pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW), **kw}
+    return rollout(model, ps, keys=keys(seed, len(ps)), **opts)
 
 
 def mixed_seed(model, ps, pad=PAD) -> int:
@@ -119,19 +131,18 @@ def test_seq_len_cuts_the_answer_tail_never_the_prompt(student):
     # seq_len longer than every row: padded to exactly seq_len
     assert build_rollout(ps, answers, pad_id=PAD, seq_len=40).input_ids.shape == (4, 40)
 
-    # rollout caps max_new_tokens at what the shortest prompt can keep: the kept tokens are unchanged
+    # rollout caps each row's answer at what that row can keep: the kept tokens are unchanged
     ps = prompts()
-    full = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW, seed=3)
-    cut = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW, seed=3,
-                  seq_len=8)
+    assert answer_caps(ps, MAX_NEW, 8) == [7, 4, 0] and answer_caps(ps, MAX_NEW, None) == [MAX_NEW] * 3
+    full = roll(student, ps, 3)
+    cut = roll(student, ps, 3, seq_len=8)
     assert cut.input_ids.shape == (3, 8)
     for i, n in enumerate(LENGTHS):
         keep = max(0, min(int(full.gen_lens[i]), 9 - n))
         assert int(cut.gen_lens[i]) == keep
         a_full = full.labels[i][full.labels[i] != IGNORE][:keep]
         assert cut.labels[i][cut.labels[i] != IGNORE].tolist() == a_full.tolist()
-    nothing = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW,
-                      seed=3, seq_len=1)
+    nothing = roll(student, ps, 3, seq_len=1)
     assert (nothing.labels == IGNORE).all() and nothing.gen_lens.tolist() == [0, 0, 0]
 
 
@@ -141,13 +152,13 @@ def test_seq_len_cuts_the_answer_tail_never_the_prompt(student):
 def test_right_aligned_logits_equal_masked_left_padded_and_unpadded(student):
     ps = prompts()
     seed = mixed_seed(student, ps)
-    r = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW, seed=seed)
+    r = roll(student, ps, seed)
     rows = [torch.cat([p, r.labels[i][r.labels[i] != IGNORE]]) for i, p in enumerate(ps)]
     with torch.no_grad():
         right = student(input_ids=r.input_ids).logits  # the trainer's call: no attention mask
         ids, mask = left_pad(rows, PAD)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        left = student(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # generate-style
+        left = student(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # the sampler's
         # a plain forward of the left-padded batch is NOT aligned: the test can tell
         naive = student(input_ids=ids).logits
     checked = 0
@@ -172,8 +183,8 @@ def test_batched_greedy_equals_unpadded_greedy_and_tiny_top_p_is_greedy(student)
     greedy = sample(student, ps, seed=0, temperature=0.0)
     assert [a.tolist() for a in greedy] == [a.tolist() for a in ref]
     for seed in (0, 1):
-        nucleus = sample(student, ps, seed=seed, temperature=0.7, top_p=1e-6)
-        assert [a.tolist() for a in nucleus] == [a.tolist() for a in ref]
+        tiny_p = sample(student, ps, seed=seed, temperature=0.7, top_p=1e-6)
+        assert [a.tolist() for a in tiny_p] == [a.tolist() for a in ref]
     assert any(a.tolist() != b.tolist() for a, b in zip(sample(student, ps, seed=0, temperature=0.7, top_p=0.9), ref))
 
 
@@ -197,6 +208,89 @@ def test_seeded_rng_untouched_mode_and_generation_config_restored(student):
     student.eval()
 
 
+def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
+    """Row i's answer is the same alone, in another order, beside other prompts, and under a longer cap
+    (its shorter-capped answer is a prefix): what lets 2 ranks draw what 1 process draws."""
+    ps, k = prompts(), keys(4)
+    batch = sample_answers(student, ps, pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95, max_new_tokens=MAX_NEW,
+                           keys=k)
+    other = prompts((15, 1), seed=9)
+    mixed = sample_answers(student, [other[0], ps[2], other[1], ps[0]], pad_id=PAD, eos_id=EOS, temperature=0.9,
+                           top_p=0.95, max_new_tokens=[3, MAX_NEW, 20, MAX_NEW],
+                           keys=RowKeys((99, k.keys[2], 98, k.keys[0])))
+    assert mixed[1].tolist() == batch[2].tolist() and mixed[3].tolist() == batch[0].tolist()
+    for i, p in enumerate(ps):
+        alone = sample_answers(student, [p], pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95,
+                               max_new_tokens=MAX_NEW, keys=RowKeys((k.keys[i],)))
+        assert alone[0].tolist() == batch[i].tolist()
+        short = sample_answers(student, [p], pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95, max_new_tokens=4,
+                               keys=RowKeys((k.keys[i],)))
+        assert short[0].tolist() == batch[i][:4].tolist()
+    assert len({tuple(a.tolist()) for a in batch}) == 3  # the keys differ, so do the answers
+
+
+def nucleus_by_hand(z: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The float64 formula: softmax(z / T), cut to the shortest most-likely set of mass >= top_p, renormalized."""
+    p = torch.softmax(z.double() / temperature, -1)
+    q = torch.zeros_like(p)
+    mass = 0.0
+    for v in p.argsort(descending=True, stable=True).tolist():
+        if mass >= top_p:
+            break
+        q[v], mass = p[v], mass + float(p[v])
+    return q / q.sum()
+
+
+def test_nucleus_keeps_the_shortest_prefix_reaching_top_p():
+    z = torch.tensor([[0.5, 0.15, 0.3, 0.05]]).log()  # T = 1: these probabilities
+    for top_p, kept in ((0.4, {0}), (0.7, {0, 2}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})):
+        probs, order = nucleus(z, 1.0, top_p)
+        assert set(order[0][probs[0] > 0].tolist()) == kept
+        torch.testing.assert_close(nucleus_by_hand(z[0], 1.0, top_p)[order[0]], probs[0] / probs[0].sum())
+    # a uniform grid of u reproduces the renormalized nucleus to within 1/N (the inverse CDF itself)
+    z = torch.randn(1, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    N = 20000
+    got = draw_tokens(z.expand(N, -1), (torch.arange(N, dtype=torch.float64) + 0.5) / N, 0.7, 0.9)
+    freq = torch.bincount(got, minlength=30).double() / N
+    assert float((freq - nucleus_by_hand(z[0], 0.7, 0.9)).abs().max()) <= 1 / N + 1e-12
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A student whose next-token distributions have a clear head and a long tail (logits scaled 4x), so the
+    nucleus cuts somewhere that matters."""
+    model = tiny(5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.5, 0.6)])
+def test_sampled_tokens_follow_the_top_p_temperature_distribution(peaked, temperature, top_p):
+    """N rows of one prompt, each its own key: the first token's frequencies, and the second's among the rows
+    whose first token was the likeliest (through the KV cache), match the float64 formula: each class
+    within 4.5 binomial standard deviations (a false alarm over 2 x 50 classes: ~1e-3; the draws are
+    seeded, so the test is deterministic), and a class outside the nucleus is never drawn."""
+    student, p, N = peaked, prompts((6,), seed=3)[0], 8000
+    got = sample_answers(student, [p] * N, pad_id=PAD, eos_id=EOS, temperature=temperature, top_p=top_p,
+                         max_new_tokens=2, keys=keys(0, N))
+    with torch.no_grad():
+        z1 = student(input_ids=p[None]).logits[0, -1]
+    q1 = nucleus_by_hand(z1, temperature, top_p)
+    first = torch.stack([a[0] for a in got])
+    top = int(q1.argmax())
+    with torch.no_grad():
+        z2 = student(input_ids=torch.cat([p, torch.tensor([top])])[None]).logits[0, -1]
+    second = torch.stack([a[1] for a in got if int(a[0]) == top and a.numel() > 1])
+    for draws, q in ((first, q1), (second, nucleus_by_hand(z2, temperature, top_p))):
+        n = draws.numel()
+        freq = torch.bincount(draws, minlength=V).double() / n
+        sd = (q * (1 - q) / n).sqrt()
+        assert (freq[q == 0] == 0).all()
+        assert bool(((freq - q).abs() <= 4.5 * sd + 1e-12).all()), (freq - q).abs().max()
+        assert 1 < int((q > 0).sum()) < V and n > 1000  # a real cut of a real distribution, enough draws
+
+
 def test_the_students_own_generation_config_is_ignored(student):
     ps = prompts()
     ref = sample(student, ps, seed=5)
@@ -217,8 +311,7 @@ def test_no_top_k_truncation():
     cfg = Qwen3Config(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=8, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
     model = Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
-    r = rollout(model, prompts(), pad_id=PAD, eos_id=EOS, temperature=100.0, top_p=1.0, max_new_tokens=MAX_NEW,
-                seed=0)
+    r = roll(model, prompts(), 0, temperature=100.0)
     with torch.no_grad():
         logits = model(input_ids=r.input_ids).logits
     gen = r.labels != IGNORE
@@ -237,7 +330,7 @@ def log_softmax_by_hand(z: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_reverse_kl_on_the_rollout_equals_a_dense_reference(student, teacher, temperature):
     ps = prompts()
-    r = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=0.7, top_p=0.9, max_new_tokens=MAX_NEW, seed=11)
+    r = roll(student, ps, 11, temperature=0.7, top_p=0.9)
     with torch.no_grad():
         s, t = student(input_ids=r.input_ids).logits, teacher(input_ids=r.input_ids).logits
     assert s.dtype == torch.float64
@@ -262,7 +355,7 @@ def test_reverse_kl_on_the_rollout_equals_a_dense_reference(student, teacher, te
 def test_selection_picks_generated_positions_only(student, teacher):
     ps = prompts()
     seed = mixed_seed(student, ps)
-    r = rollout(student, ps, pad_id=PAD, eos_id=EOS, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW, seed=seed)
+    r = roll(student, ps, seed)
     with torch.no_grad():
         s, t = student(input_ids=r.input_ids).logits, teacher(input_ids=r.input_ids).logits
     k = 0.25
