@@ -237,13 +237,16 @@ class Trainer:
         size = train_cfg.chunk_size
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg, self.dist.world_size)
+        self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
+        if self.sharded and teacher is not None:
+            # the teacher first: its whole weights (on the card since it loaded) are freed before the
+            # student's shards (loaded on the CPU, sekd.app.training.student_home) come to the card, so
+            # the card's peak is the whole teacher alone, not the teacher plus the student's shard
+            shard_teacher(teacher, self.dist.device)
         broadcast_params([p for p in student.parameters() if p.requires_grad], self.dist)  # rank 0's weights
         self.objective = StudentLoss(student, selector, vocab=vocab, chunk_size=self.chunk_size, flow=train_cfg.flow)
-        self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
         if self.sharded:  # after the broadcast: each rank keeps its shard of the same weights
-            shard_student(self.objective, student, self.dist.device)
-            if teacher is not None:
-                shard_teacher(teacher, self.dist.device)
+            shard_student(self.objective, student, self.dist.device)  # moves each unit to the card as it shards
         self.params = [p for p in student.parameters() if p.requires_grad]  # sharded ones under fsdp
         self.opt = build_optimizer(self.params, train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
@@ -467,10 +470,16 @@ class SelectionTrace:
 
 
 def broadcast_params(params: list[torch.Tensor], dist: Dist) -> None:
-    """Rank 0's values of `params` on every rank."""
+    """Rank 0's values of `params` on every rank. One off the rank's device (the fsdp student, on the CPU
+    until it is sharded) goes through the device one parameter at a time: NCCL moves device memory only."""
     if dist.active:
         for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+            if p.device == dist.device:
+                torch.distributed.broadcast(p.data, src=0)
+            else:
+                on_device = p.data.to(dist.device)
+                torch.distributed.broadcast(on_device, src=0)
+                p.data.copy_(on_device)
 
 
 def all_reduce_grads(params: list[torch.Tensor], dist: Dist) -> None:

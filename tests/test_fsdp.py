@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, checkpoint_step, descendants, logged_steps, sekd_train
+from tests.helpers import ROOT, TINY, checkpoint_step, compose_cfg, descendants, logged_steps, sekd_train
 from tests.test_distributed import ATOL, ENV, TORCHRUN, args, max_diff, the_run, weights
 
 
@@ -45,8 +45,12 @@ def torchrun_fsdp(argv: list[str], timeout: int = 300) -> subprocess.CompletedPr
 SHORT = ["train.flow=dense", "data.token_budget=320"]
 
 
-@pytest.mark.parametrize("preset, extra", [("full_kd", []), ("se_kd", []), ("gls", SHORT)],
-                         ids=["full_kd", "se_kd", "gls-dense-stand-in"])
+# se_kd3x: the student's sample pre-pass (top_student_entropy) before the student is sharded, the teacher
+# loaded whole to build the offline cache (the ranks its workers) and released, training from the cache;
+# top_smp: the pre-pass, then the teacher loaded whole and sharded beside the student (sharded first)
+@pytest.mark.parametrize("preset, extra", [("full_kd", []), ("se_kd", []), ("gls", SHORT), ("se_kd3x", []),
+                                           ("top_smp", [])],
+                         ids=["full_kd", "se_kd", "gls-dense-stand-in", "se_kd3x", "top_smp"])
 def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extra):
     two = torchrun_fsdp(args(tmp_path / "two", preset, 2, *extra))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -60,6 +64,29 @@ def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extr
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     assert len(list(run.glob("*/record.json"))) == 1  # rank 0 scored the saved model and wrote the record
     assert not list(run.glob("*checkpoint*"))  # checkpoint.pt and its sharded folder gone with the final model
+
+
+def test_an_fsdp_rank_loads_its_student_on_the_cpu_not_on_its_card(tmp_path):
+    """Under fsdp the student is loaded on the CPU and the rank's card gets only its shard (fully_shard
+    moves each unit there as the Trainer shards it): build_parts for rank 0 of 2 whose card is cuda:0
+    loads the student on the CPU and computes on cuda:0. (On a machine without CUDA the old load onto the
+    card raised; ddp still loads onto the card.) No process group: build_parts joins none."""
+    from dataclasses import replace
+
+    from sekd.app.compose import compose
+    from sekd.app.training import build_parts, student_home
+    from sekd.distributed import Dist
+
+    job = compose(compose_cfg([*TINY, f"paths.root={tmp_path}", "experiment=se_kd", "eval=none"]), [])
+    card = torch.device("cuda", 0)
+    rank = Dist(rank=0, world_size=2, device=card)
+    job = replace(job, cfg=replace(job.cfg, train=replace(job.cfg.train, distributed="fsdp")), dist=rank)
+    parts = build_parts(job)
+    assert parts.device == card and parts.teacher.home == card and not parts.teacher.loaded
+    assert {p.device.type for p in parts.student.parameters()} == {"cpu"}
+    assert parts.student.dtype == torch.float32  # the master weights, as on the card
+    ddp = replace(job.cfg, train=replace(job.cfg.train, distributed="ddp"))
+    assert student_home(ddp, rank, card) == card and student_home(job.cfg, Dist.single(card), card) == card
 
 
 def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):

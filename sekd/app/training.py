@@ -6,6 +6,7 @@ import json
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,11 +132,45 @@ def build_parts(job: Job) -> Parts:
     data = training_data(cfg, job.tok)
     torch.manual_seed(cfg.seed)
     selector = build_selector(cfg)
-    student = load_model(job.student_path, device, torch.float32, cfg.model.trust_remote_code)
+    student = load_model(job.student_path, student_home(cfg, job.dist, device), torch.float32,
+                         cfg.model.trust_remote_code)
     return Parts(device=device, dtype=dtype, student=student, vocab=shared_vocab(job.tok, student), selector=selector,
                  teacher=Teacher(job.teacher_path, job.tok, device, dtype, cfg.model.trust_remote_code,
                                  home=teacher_device(cfg.model.teacher_device, device)),
                  data=data, available=len(data))
+
+
+def student_home(cfg: RunConfig, dist, device):
+    """Where the student is loaded: the rank's device, or under train.distributed=fsdp the CPU. FSDP2's
+    fully_shard moves each unit's weights to the rank's device as it shards them (a layer at a time), so
+    the whole fp32 student never sits on the card beside the teacher: only its shard does (docs/method.md
+    §9). Loading reads the same file on any device: the weights, and the run, are the same."""
+    import torch
+
+    return torch.device("cpu") if cfg.train.distributed == "fsdp" and dist.active else device
+
+
+@contextmanager
+def on_device(model, device):
+    """`model` on `device` inside the block, back where it was after (the same parameter objects, the
+    same values): the sample pre-pass runs the fsdp student, kept on the CPU until it is sharded, on the
+    rank's card, and leaves the card to the teacher after."""
+    import torch
+
+    from sekd.models import same_device
+
+    device = torch.device(device)
+    home = next(model.parameters()).device
+    if same_device(home, device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed blocks back to the card, whole, for the teacher that loads next
 
 
 def pick_samples(job: Job, parts: Parts) -> None:
@@ -150,13 +185,14 @@ def pick_samples(job: Job, parts: Parts) -> None:
     if s.name == "all":
         return
     wants_teacher = SAMPLERS.get(s.name).needs_teacher
-    picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
-        s.name, parts.data, l=s.l, seed=cfg.seed, student=parts.student,
-        teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
-        teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
-        tokenizer_sig=tokenizer_signature(job.tok),
-        store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
-        vocab=parts.vocab, temperature=cfg.train.temperature, dist=job.dist)
+    with on_device(parts.student, parts.device) as student:  # fsdp: whole on the card for the pre-pass only
+        picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
+            s.name, parts.data, l=s.l, seed=cfg.seed, student=student,
+            teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
+            teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
+            tokenizer_sig=tokenizer_signature(job.tok),
+            store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
+            vocab=parts.vocab, temperature=cfg.train.temperature, dist=job.dist)
     parts.data = parts.data.subset(picked.indices)
     if job.dist.is_main:
         atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
