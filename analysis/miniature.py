@@ -28,7 +28,8 @@ COLUMNS = {"train_steps": "config.train.steps", "student_steps": "config.model.e
            "student_hidden": "config.model.embedded.student.hidden_size",
            "teacher_steps": "config.model.embedded.teacher.steps",
            "teacher_hidden": "config.model.embedded.teacher.hidden_size", "lr": "config.train.lr"}
-DEFAULT_STUDENT = {"student_steps": 300, "student_hidden": 64}  # conf/model/embedded.yaml's
+DEFAULT_PAIR = {"teacher_steps": 500, "student_steps": 300, "student_hidden": 64}  # conf/model/embedded.yaml's
+PAIR = list(DEFAULT_PAIR)  # what tells the pretrained pairs apart
 METHOD_ORDER = ["student", "full_kd", "random_pos", "se_kd", "se_kd3x", "teacher"]
 LABELS = {"student": "Student (no distillation)", "teacher": "Teacher", "full_kd": "Full KD",
           "random_pos": "RandomPos 20%", "se_kd": "SE-KD", "se_kd3x": "SE-KD3X"}
@@ -57,36 +58,84 @@ def per_method(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return out.sort_values(["_order", *keys]).drop(columns="_order").reset_index(drop=True)
 
 
-def default_student(df: pd.DataFrame) -> pd.Series:
-    return (df["student_steps"].eq(DEFAULT_STUDENT["student_steps"])
-            & df["student_hidden"].eq(DEFAULT_STUDENT["student_hidden"]))
+def default_pair(df: pd.DataFrame) -> pd.Series:
+    return pd.concat([df[k].eq(v) for k, v in DEFAULT_PAIR.items()], axis=1).all(axis=1)
 
 
 def steps_table(df: pd.DataFrame) -> pd.DataFrame:
     """The default pair, every method per distillation length (the undistilled student needs none: steps 0)."""
-    d = df[default_student(df)].copy()
+    d = df[default_pair(df)].copy()
     d.loc[d["mode"].ne("distill"), "train_steps"] = 0
     return per_method(d, ["train_steps"])
 
 
 def sizes_table(df: pd.DataFrame, train_steps: int = 300) -> pd.DataFrame:
-    """Every student spec, the methods at one distillation length, the undistilled student beside them."""
+    """Every pretrained pair, the methods at one distillation length, the undistilled student and the teacher
+    beside them (the default pair's teacher is scored at no distillation length)."""
     d = df[df["train_steps"].eq(train_steps) | df["mode"].ne("distill")]
-    return per_method(d, ["student_steps", "student_hidden"])
+    return per_method(d, PAIR)
 
 
 def loss_curves(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
     """The training loss logged (metrics.jsonl) by the longest run of `preset` per student spec: step, loss."""
     d = df[df["preset"].eq(preset)].sort_values("train_steps")
     frames = []
-    for _, r in d.groupby(["student_steps", "student_hidden"], dropna=False).tail(1).iterrows():
+    for _, r in d.groupby(PAIR, dropna=False).tail(1).iterrows():
         path = Path(str(r["run_dir"])) / "metrics.jsonl"
         if not path.exists():
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         frame = pd.DataFrame(rows)[["step", "loss"]]
-        frames.append(frame.assign(student_steps=r["student_steps"], student_hidden=r["student_hidden"]))
+        frames.append(frame.assign(**{k: r[k] for k in PAIR}, train_steps=r["train_steps"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss"])
+
+
+def heldout_kd(run_dir: str | Path, cfg: dict, split: str = "validation", batch_size: int = 16) -> float:
+    """The student's forward KL to its teacher per position, averaged over the held-out `split` of the
+    embedded corpus (the training loss's quantity on text it never trained on); the pair as its run built it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sekd.data.dataset import build_packed
+    from sekd.embedded.build import pretrained_model, tokenizer
+
+    cache, emb = Path(cfg["paths"]["cache"]), cfg["model"]["embedded"]
+    tok_dir = tokenizer(cache / "embedded", emb["vocab_size"])  # both cached by the run: looked up, not rebuilt
+    teacher_dir = pretrained_model(cache / "embedded", "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    data = build_packed("embedded", split, tok, seq_len=cfg["data"]["seq_len"], token_budget=None,
+                        cache_dir=cache / "data")
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+              for d in (teacher_dir, Path(run_dir) / "model")]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data.input_ids), batch_size):
+            x, y = data.input_ids[i:i + batch_size], data.labels[i:i + batch_size]
+            t, st = (m(input_ids=x).logits.log_softmax(-1) for m in models)
+            kl = (t.exp() * (t - st)).sum(-1)
+            keep = y != -100
+            total, count = total + float(kl[keep].sum()), count + int(keep.sum())
+    return total / max(1, count)
+
+
+def heldout_curve(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
+    """heldout_kd of every run of `preset` that kept its model: one row per run (pair, train_steps, kd)."""
+    rows = []
+    for _, r in df[df["preset"].eq(preset)].iterrows():
+        rec = Path(str(r["run_dir"]))
+        cfgs = sorted(rec.glob("*/record.json"))
+        if not (rec / "model").exists() or not cfgs:
+            continue
+        cfg = json.loads(cfgs[0].read_text())["config"]
+        rows.append({**{k: r[k] for k in PAIR}, "train_steps": r["train_steps"], "seed": r["seed"],
+                     "heldout_kd": heldout_kd(rec, cfg)})
+    return pd.DataFrame(rows)
+
+
+def pair_name(key: Sequence, short: bool = False) -> str:
+    """(teacher_steps, student_steps, student_hidden) -> 'T500 / S300 h64' or a longer legend."""
+    t, s, h = (int(x) for x in key)
+    return f"T{t} / S{s} h{h}" if short else f"teacher pretrained {t} steps, student {s} steps (hidden {h})"
 
 
 def plot_steps(table: pd.DataFrame, path: Path) -> Path:
@@ -117,7 +166,7 @@ def plot_steps(table: pd.DataFrame, path: Path) -> Path:
     return save(fig, path)
 
 
-def plot_loss(curves: pd.DataFrame, path: Path, window: int = 10) -> Path:
+def plot_loss(curves: pd.DataFrame, path: Path, heldout: pd.DataFrame | None = None, window: int = 10) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,9 +175,13 @@ def plot_loss(curves: pd.DataFrame, path: Path, window: int = 10) -> Path:
     from analysis.plots import save
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (steps, hidden), part in curves.groupby(["student_steps", "student_hidden"], dropna=False):
+    for i, (key, part) in enumerate(curves.groupby(PAIR, dropna=False)):
         smooth = part["loss"].rolling(window, min_periods=1).mean()
-        ax.plot(part["step"], smooth, label=f"student hidden {hidden}, pretrained {steps} steps")
+        ax.plot(part["step"], smooth, color=f"C{i}", label=f"train: {pair_name(key)}")
+        if heldout is not None and not heldout.empty:
+            h = heldout[pd.concat([heldout[k].eq(v) for k, v in zip(PAIR, key)], axis=1).all(axis=1)]
+            ax.plot(h["train_steps"], h["heldout_kd"], "o--", color=f"C{i}", label="held-out (validation split)")
+    ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"Full KD training loss (forward KL, mean of {window} logs)")
     ax.legend(fontsize=8)
@@ -144,22 +197,23 @@ def plot_sizes(table: pd.DataFrame, path: Path) -> Path:
 
     from analysis.plots import save
 
-    specs = table[["student_steps", "student_hidden"]].drop_duplicates().dropna()
-    specs = specs.sort_values(["student_hidden", "student_steps"]).reset_index(drop=True)
-    presets = [p for p in table["preset"].unique() if p != "teacher"]
+    specs = table[PAIR].drop_duplicates().dropna()
+    specs = specs.sort_values(PAIR).reset_index(drop=True)
+    presets = list(table["preset"].unique())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(presets))
     for ax, metric in zip(axes, METRICS):
         for i, preset in enumerate(presets):
-            part = table[table["preset"].eq(preset)].merge(specs.reset_index(), on=["student_steps", "student_hidden"])
+            part = table[table["preset"].eq(preset)].merge(specs.reset_index(), on=PAIR)
             ax.bar(part["index"] + i * width, part[f"{metric}_mean"], width, label=LABELS.get(preset, preset))
         ax.set_xticks(specs.index + width * (len(presets) - 1) / 2,
-                      [f"h{int(h)}, pre {int(s)}" for s, h in zip(specs["student_steps"], specs["student_hidden"])])
+                      [pair_name(k, short=True) for k in specs.itertuples(index=False)], fontsize=8)
         ax.set_ylabel({"acc": "Acc. (higher is better)", "ppl": "PPL (lower is better)"}[metric])
         if metric == "ppl":
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Student width (h) and pretraining steps (pre): methods at 300 distillation steps")
+    fig.suptitle("Pretrained pairs (T: teacher pretraining steps; S: student's, and its width h): "
+                 "methods at 300 distillation steps", fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 
@@ -190,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("folders", nargs="+", help="folders holding the miniature sweeps' runs")
     ap.add_argument("--out", type=Path, default=None, help="write the PNGs here")
     ap.add_argument("--csv", type=Path, default=None, help="write miniature_steps.csv and miniature_sizes.csv here")
+    ap.add_argument("--heldout", action="store_true",
+                    help="also measure each Full KD run's KD loss on the validation split (loads the models)")
     ap.add_argument("--spearman", action="append", choices=("T2", "T3", "T4"), default=[],
                     help="print the table's Spearman rank correlation with the paper's Acc. (repeatable)")
     args = ap.parse_args(argv)
@@ -208,9 +264,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         plot_steps(steps, args.out / "miniature_steps.png")
         curves = loss_curves(df)
+        heldout = heldout_curve(df) if args.heldout else None
+        if heldout is not None:
+            heldout = heldout.sort_values([*PAIR, "train_steps"])
+            print(heldout.to_markdown(index=False, floatfmt=".3f"))
+            if args.csv:
+                heldout.to_csv(args.csv / "miniature_heldout.csv", index=False, float_format="%.4g")
         if not curves.empty:
-            plot_loss(curves, args.out / "miniature_loss.png")
-        if sizes[["student_steps", "student_hidden"]].drop_duplicates().dropna().shape[0] > 1:
+            plot_loss(curves, args.out / "miniature_loss.png", heldout)
+        if sizes[PAIR].drop_duplicates().dropna().shape[0] > 1:
             plot_sizes(sizes, args.out / "miniature_sizes.png")
     for table in args.spearman:
         r = spearman_vs_paper(df, table)
