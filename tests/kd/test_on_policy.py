@@ -229,6 +229,29 @@ def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
     assert len({tuple(a.tolist()) for a in batch}) == 3  # the keys differ, so do the answers
 
 
+def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(student):
+    """sekd.loop.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/rng.py
+    step_keys): one micro-batch of 4 samples, or two of 2 (two ranks, or two micro-batches), give the same
+    rows; rows are the data's length (seq_len), so the shapes match too."""
+    from sekd.loop import OnPolicy
+    from sekd.rng import step_keys
+
+    ps = prompts((2, 5, 9, 4), seed=1)
+    op = OnPolicy(prompts=lambda idx: [ps[i] for i in idx], pad_id=PAD, eos_id=EOS, mix=1.0, temperature=1.5,
+                  top_p=0.95, max_new_tokens=MAX_NEW, seq_len=16)
+    gen = torch.Generator().manual_seed(1234)
+
+    def batch(idx, step=3):
+        return op.batch(student, idx, step_keys(len(idx), generator=gen, step=step, rows=idx))
+
+    x, y = batch([0, 1, 2, 3])
+    halves = [batch([0, 1]), batch([2, 3])]
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(x, torch.cat([h[0] for h in halves])) and torch.equal(y, torch.cat([h[1] for h in halves]))
+    assert (y != IGNORE).any(-1).all()
+    assert not torch.equal(batch([0, 1, 2, 3], step=4)[1], y)  # another step, other draws
+
+
 def nucleus_by_hand(z: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The float64 formula: softmax(z / T), cut to the shortest most-likely set of mass >= top_p, renormalized."""
     p = torch.softmax(z.double() / temperature, -1)
