@@ -163,7 +163,7 @@ def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, 
         raise ValueError(f"{len(keys)} row keys for {B} prompts")
     device = next(student.parameters()).device
     ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
-    u = keys.uniform(caps, STREAM, "cpu", torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
+    u = keys.uniform(caps, STREAM, device, torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
     cap = torch.tensor(caps, device=device)
     out = torch.full((B, max(caps)), int(pad_id), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -176,7 +176,7 @@ def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, 
             pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
             logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
             for t in range(max(caps)):
-                tok = draw_tokens(logits, u[:, t].to(device), float(temperature), float(top_p))
+                tok = draw_tokens(logits, u[:, t], float(temperature), float(top_p))
                 tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
                 out[:, t] = tok
                 done |= (tok == int(eos_id)) | (t + 1 >= cap)
