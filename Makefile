@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/sekd-report outputs/demo/runs --out outputs/demo
 
 test: install slurm-install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --basetemp=$(CURDIR)/.pytest_tmp  # its own temp root: another pytest's cleanup never reaches it
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them
