@@ -27,8 +27,9 @@ demo: install
 	$(BIN)/sekd-train --config-dir sweeps --config-name demo $(DEMO_ARGS)
 	$(BIN)/sekd-report outputs/demo/runs --out outputs/demo
 
+# pytest's temp folders under the checkout: another pytest session's cleanup never deletes them.
 test: install slurm-install
-	$(BIN)/pytest -q --basetemp=$(CURDIR)/.pytest_tmp  # its own temp root: another pytest's cleanup never reaches it
+	$(BIN)/pytest -q --basetemp=$(CURDIR)/.pytest_tmp
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them
