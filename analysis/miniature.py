@@ -48,7 +48,9 @@ def runs(folders: Sequence[str | Path]) -> pd.DataFrame:
 
 
 def per_method(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Mean and std over seeds of Acc. and PPL per (preset, *keys), and the number of seeds."""
+    """Mean and std over seeds of Acc. and PPL per (preset, *keys) of the demo's methods (a T2 sweep sharing the
+    root adds other presets: not these tables'), and the number of seeds."""
+    df = df[df["preset"].isin(METHOD_ORDER)]
     g = df.groupby(["preset", *keys], dropna=False)
     out = g[list(METRICS)].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
@@ -135,7 +137,7 @@ def heldout_curve(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
 def pair_name(key: Sequence, short: bool = False) -> str:
     """(teacher_steps, student_steps, student_hidden) -> 'T500 / S300 h64' or a longer legend."""
     t, s, h = (int(x) for x in key)
-    return f"T{t} / S{s} h{h}" if short else f"teacher pretrained {t} steps, student {s} steps (hidden {h})"
+    return f"T{t}\nS{s} h{h}" if short else f"T{t} / S{s} h{h}"
 
 
 def plot_steps(table: pd.DataFrame, path: Path) -> Path:
@@ -174,17 +176,20 @@ def plot_loss(curves: pd.DataFrame, path: Path, heldout: pd.DataFrame | None = N
 
     from analysis.plots import save
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for i, (key, part) in enumerate(curves.groupby(PAIR, dropna=False)):
         smooth = part["loss"].rolling(window, min_periods=1).mean()
-        ax.plot(part["step"], smooth, color=f"C{i}", label=f"train: {pair_name(key)}")
+        ax.plot(part["step"], smooth, color=f"C{i}", label=pair_name(key))
         if heldout is not None and not heldout.empty:
             h = heldout[pd.concat([heldout[k].eq(v) for k, v in zip(PAIR, key)], axis=1).all(axis=1)]
-            ax.plot(h["train_steps"], h["heldout_kd"], "o--", color=f"C{i}", label="held-out (validation split)")
+            h = h.groupby("train_steps", as_index=False)["heldout_kd"].mean()
+            ax.plot(h["train_steps"], h["heldout_kd"], "o--", color=f"C{i}")
     ax.set_yscale("log")
+    ax.set_title("lines: training loss; points: the same on the validation split", fontsize=9)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"Full KD training loss (forward KL, mean of {window} logs)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="T: teacher pretraining steps; S: student's, h: its width", title_fontsize=8,
+              loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return save(fig, path)
 
