@@ -92,6 +92,14 @@ def loss_curves(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss"])
 
 
+def cache_dir(cfg: dict) -> Path:
+    """The run's paths.cache: a record keeps it as written (`${oc.env:SEKD_CACHE_DIR,.sekd_cache}`), resolved here
+    as the run resolved it, so the pair is found where the run built it (never rebuilt in a folder of that name)."""
+    from omegaconf import OmegaConf
+
+    return Path(OmegaConf.create({"cache": cfg["paths"]["cache"]}).cache)
+
+
 def heldout_kd(run_dir: str | Path, cfg: dict, split: str = "validation", batch_size: int = 16) -> float:
     """The student's forward KL to its teacher per position, averaged over the held-out `split` of the
     embedded corpus (the training loss's quantity on text it never trained on); the pair as its run built it."""
@@ -101,7 +109,7 @@ def heldout_kd(run_dir: str | Path, cfg: dict, split: str = "validation", batch_
     from sekd.data.dataset import build_packed
     from sekd.embedded.build import pretrained_model, tokenizer
 
-    cache, emb = Path(cfg["paths"]["cache"]), cfg["model"]["embedded"]
+    cache, emb = cache_dir(cfg), cfg["model"]["embedded"]
     tok_dir = tokenizer(cache / "embedded", emb["vocab_size"])  # both cached by the run: looked up, not rebuilt
     teacher_dir = pretrained_model(cache / "embedded", "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
     tok = AutoTokenizer.from_pretrained(teacher_dir)

@@ -58,3 +58,13 @@ def test_tables_curves_and_files(configs, tmp_path):
 def test_an_empty_folder_fails_clearly(tmp_path, capsys):
     assert miniature.main([str(tmp_path)]) == 1
     assert "no scored record.json" in capsys.readouterr().err
+
+
+def test_the_held_out_loss_finds_the_pair_where_the_run_built_it(monkeypatch, tmp_path):
+    """A record keeps paths.cache as written; read literally it would rebuild the pair in a folder named
+    '${oc.env:...}'. Resolved, it is the run's cache."""
+    written = {"paths": {"cache": "${oc.env:SEKD_CACHE_DIR,.sekd_cache}"}}
+    monkeypatch.delenv("SEKD_CACHE_DIR", raising=False)
+    assert str(miniature.cache_dir(written)) == ".sekd_cache"
+    monkeypatch.setenv("SEKD_CACHE_DIR", str(tmp_path))
+    assert miniature.cache_dir(written) == tmp_path
