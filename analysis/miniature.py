@@ -241,14 +241,14 @@ def spearman_vs_paper(df: pd.DataFrame, table: str) -> dict[str, float]:
     reference = pd.read_csv(tables.REFERENCE)
     axes = preset_axes(sorted(set(reference["preset"].dropna()) & set(df["preset"].dropna())))
     distilled = df[df["mode"].eq("distill")]
-    rhos, rows = [], 0
+    per_seed = []  # (rows, rho): a seed that ran only some of the table's rows is no comparable rho
     for _, seeded in distilled.groupby("seed"):
         t = tables.paper_table(seeded, reference, table, axes)
         t = t[t["acc_ours_mean"].notna() & t["acc_paper"].notna()]
         if len(t) >= 3:
-            rhos.append(float(spearmanr(t["acc_ours_mean"], t["acc_paper"]).statistic))
-            rows = max(rows, len(t))
-    s = pd.Series(rhos, dtype=float)
+            per_seed.append((len(t), float(spearmanr(t["acc_ours_mean"], t["acc_paper"]).statistic)))
+    rows = max((n for n, _ in per_seed), default=0)
+    s = pd.Series([rho for n, rho in per_seed if n == rows], dtype=float)
     return {"mean": s.mean(), "std": s.std(), "seeds": len(s), "rows": rows}
 
 
