@@ -53,9 +53,19 @@ def args(root: Path, preset: str, mb: int, *extra: str, steps: int = 2) -> list[
             f"paths.root={root}", f"paths.cache={root.parent}/cache", *extra]
 
 
-def torchrun(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *argv, "train.distributed=ddp"], cwd=ROOT, env=ENV, capture_output=True,
+def torchrun(argv: list[str], timeout: int = 300, mode: str = "ddp") -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *argv, f"train.distributed={mode}"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def two_ranks_and_one(tmp_path: Path, preset: str, *extra: str, mode: str = "ddp") -> None:
+    """The preset on 2 ranks x micro-batch 2 (tmp_path/two) and on one process x micro-batch 4 (tmp_path/one),
+    the same global batch: both finish, and their final weights agree within ATOL."""
+    two = torchrun(args(tmp_path / "two", preset, 2, *extra), mode=mode)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = sekd_train(args(tmp_path / "one", preset, 4, *extra), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= ATOL
 
 
 def torchrun_killed(argv: list[str], ready, timeout: int = 300) -> int:
@@ -101,11 +111,7 @@ PRESET_EXTRA = {"on_policy_full_kd": ["data.seq_len=128", "regime.max_new_tokens
                                     "on_policy_full_kd"])
 def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
     extra = ["train.trace_selection_steps=2", *PRESET_EXTRA.get(preset, [])]
-    two = torchrun(args(tmp_path / "two", preset, 2, *extra))
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = sekd_train([*args(tmp_path / "one", preset, 4, *extra)], env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= ATOL
+    two_ranks_and_one(tmp_path, preset, *extra)
 
     # rank 0 alone wrote the shared files: one metrics row per step, one record, the trace of every rank's rows
     run = the_run(tmp_path / "two")

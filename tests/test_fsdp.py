@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, checkpoint_step, compose_cfg, descendants, logged_steps, sekd_train
-from tests.test_distributed import ATOL, ENV, TORCHRUN, args, max_diff, the_run, weights
+from tests.test_distributed import ENV, TORCHRUN, args, max_diff, the_run, torchrun, two_ranks_and_one, weights
 
 
 def metrics(root: Path) -> list[dict]:
@@ -35,8 +35,7 @@ def metrics(root: Path) -> list[dict]:
 
 
 def torchrun_fsdp(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *argv, "train.distributed=fsdp"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return torchrun(argv, timeout, mode="fsdp")
 
 
 # GLS on 5 samples with the dense flow: its queue gathered inside FSDP's forward, and a short last global
@@ -52,11 +51,7 @@ SHORT = ["train.flow=dense", "data.token_budget=320"]
                                            ("top_smp", [])],
                          ids=["full_kd", "se_kd", "gls-dense-stand-in", "se_kd3x", "top_smp"])
 def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extra):
-    two = torchrun_fsdp(args(tmp_path / "two", preset, 2, *extra))
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = sekd_train([*args(tmp_path / "one", preset, 4, *extra)], env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= ATOL
+    two_ranks_and_one(tmp_path, preset, *extra, mode="fsdp")
     run = the_run(tmp_path / "two")
     assert logged_steps(tmp_path / "two") == [1, 2]
     for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
