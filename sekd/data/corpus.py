@@ -5,6 +5,7 @@ that each split gets its share of characters (80/10/10 by default).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -14,6 +15,12 @@ SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
 def documents() -> dict[str, str]:
     """topic key -> cleaned prose (markup rules and grammar lines dropped, whitespace folded)."""
+    return dict(_documents())
+
+
+@functools.cache
+def _documents() -> dict[str, str]:
+    # cleaned once per process: every run asks for the corpus's signature, and cleaning takes seconds
     from pydoc_data.topics import topics
 
     out = {}
@@ -35,7 +42,7 @@ def _key_hash(key: str) -> str:
 
 def split_keys() -> dict[str, list[str]]:
     """Deal documents, largest first, to the split furthest below its share of characters."""
-    docs = documents()
+    docs = _documents()
     total = sum(len(t) for t in docs.values())
     got = {s: 0 for s in SPLITS}
     keys: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -51,16 +58,18 @@ def load_split(split: str) -> list[str]:
     """The documents of one split, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    docs = documents()
+    docs = _documents()
     return [docs[k] for k in split_keys()[split]]
 
 
+@functools.cache
 def signature() -> str:
     """Content hash of the whole corpus and its split, for artifact cache keys."""
+    docs = _documents()
     h = hashlib.sha256()
     for s, ks in split_keys().items():
         h.update(s.encode())
         for k in ks:
             h.update(k.encode())
-            h.update(documents()[k].encode())
+            h.update(docs[k].encode())
     return h.hexdigest()[:16]

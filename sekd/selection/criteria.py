@@ -143,26 +143,69 @@ def teacher_target_prob(sel: Selected) -> Tensor:
 
 def _log_softmax(z: Tensor, temperature: float) -> Tensor:
     """log softmax(z / T) in at least float32.  [N,V] -> [N,V]"""
-    return torch.log_softmax(upcast(z) / temperature, dim=-1)
+    z = upcast(z)
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
 def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0.  [N,V] -> [N]"""
     p = logp.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros_like(p))  # no nan from -inf - -inf, nor in grads
+    diff = torch.where(p > 0, logp - logq, 0.0)  # no nan from -inf - -inf, nor in grads
     return (p * diff).sum(-1)
+
+
+class _ClosedFormKL(torch.autograd.Function):
+    """KL at temperature T between the student's and a constant teacher's logits, with the gradient in the
+    student's logits written out instead of traced through log_softmax, exp and the 0 log 0 mask:
+
+        forward KL(p || q):  dD/ds = (q - p) / T
+        reverse KL(q || p):  dD/ds = q (log q - log p - D) / T
+
+    computed with the value and kept as the one [N,V] tensor backward needs."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
+        logq, logp = _log_softmax(s, temperature), _log_softmax(t, temperature)
+        if reverse:
+            kl = _kl_from_logp(logq, logp)
+            q = logq.exp()
+            grad = torch.where(q > 0, q * (logq - logp - kl.unsqueeze(-1)), 0.0)
+        else:
+            p = logp.exp()
+            kl = (p * (logp - logq)).sum(-1)
+            if kl.isnan().any():  # a class the teacher rules out (logit -inf): 0 log 0 = 0, as the masked form
+                kl = _kl_from_logp(logp, logq)
+            grad = logq.exp_().sub_(p)
+        if temperature != 1.0:
+            grad.div_(temperature)
+        ctx.save_for_backward(grad)
+        ctx.dtype = s.dtype
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(g.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+def _kl(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
+    if t.requires_grad:  # a teacher with gradients (never in training): trace the generic formula
+        logq, logp = _log_softmax(s, temperature), _log_softmax(t, temperature)
+        return _kl_from_logp(logq, logp) if reverse else _kl_from_logp(logp, logq)
+    return _ClosedFormKL.apply(s, t, temperature, reverse)
 
 
 @criterion("forward_kl", sparse=sparse_forward_kl)
 def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
-    return _kl_from_logp(_log_softmax(t, temperature), _log_softmax(s, temperature))
+    return _kl(s, t, temperature, reverse=False)
 
 
 @criterion("reverse_kl")
 def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
-    return _kl_from_logp(_log_softmax(s, temperature), _log_softmax(t, temperature))
+    return _kl(s, t, temperature, reverse=True)
 
 
 # ---- decoupled KD (Zhao et al. 2022) --------------------------------------------------------
