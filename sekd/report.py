@@ -192,8 +192,11 @@ def fmt(mean: float, std: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {spread}"
 
 
-# The row every distilled row is compared with, and the metrics compared (the table's headline two)
-REFERENCE_PRESET = "full_kd"
+# The rows every distilled row is compared with (column suffix -> preset), and the metrics compared (the
+# table's headline two): Full KD (is selection as good as distilling everything?) and the undistilled student
+# (did distilling help at all?).
+REFERENCES = {"Full KD": "full_kd", "Student": "student"}
+REFERENCE_PRESET = REFERENCES["Full KD"]
 VERSUS = ("acc", "ppl")
 
 
@@ -206,35 +209,45 @@ def method_context(df: pd.DataFrame) -> pd.Series:
     return pd.Series([json.dumps(r, sort_keys=True) for r in canon.to_dict("records")], index=df.index)
 
 
-def versus_reference(df: pd.DataFrame, metric: str) -> dict[tuple[str, str], str]:
-    """Per configuration (preset, _group) of a distilled method: its difference from Full KD's in `metric`,
-    paired by seed, and whether it is beyond seed noise (tables.paired_difference); 'ref.' on Full KD itself,
-    '–' where there is no Full KD of the same context or the row is not distilled."""
+def versus_reference(df: pd.DataFrame, metric: str,
+                     reference: str = REFERENCE_PRESET) -> dict[tuple[str, str], str]:
+    """Per configuration (preset, _group) of a distilled method: its difference from the `reference` preset's
+    in `metric`, paired by seed, and whether it is beyond seed noise (tables.paired_difference); 'ref.' on
+    the reference itself, '–' where there is no reference of the same context or the row is not distilled.
+    A reference that trains nothing (the undistilled student) does not depend on the seed: its score stands
+    for every seed, and the test becomes a one-sample test of the method's seeds against it."""
     df = df.assign(_context=method_context(df))
     df = df[scored(df) & df[metric].notna()] if metric in df.columns else df.iloc[0:0]
     per_seed = df.groupby(["preset", "_group", "_context", "seed"], sort=False)[metric].mean()
-    refs = {ctx: s.droplevel([0, 1, 2]) for (preset, _, ctx), s in per_seed.groupby(level=[0, 1, 2], sort=False)
-            if preset == REFERENCE_PRESET}
+    refs = {}
+    for (preset, group, ctx), s in per_seed.groupby(level=[0, 1, 2], sort=False):
+        if preset == reference:
+            trains = df.loc[df["_group"].eq(group) & df["preset"].eq(preset), "mode"].eq("distill").all()
+            refs[ctx] = s.droplevel([0, 1, 2]) if trains else float(s.mean())
     out = {}
     for (preset, group, ctx), s in per_seed.groupby(level=[0, 1, 2], sort=False):
         distilled = df.loc[df["_group"].eq(group) & df["preset"].eq(preset), "mode"].eq("distill").all()
-        if preset == REFERENCE_PRESET:
+        ours = s.droplevel([0, 1, 2])
+        if preset == reference:
             out[(preset, group)] = "ref."
         elif distilled and ctx in refs:
-            d = tables.paired_difference(s.droplevel([0, 1, 2]), refs[ctx])
+            ref = refs[ctx]
+            ref = pd.Series(ref, index=ours.index) if isinstance(ref, float) else ref
+            d = tables.paired_difference(ours, ref)
             out[(preset, group)] = tables.fmt_difference(d, 2 if metric == "ppl" else 1)
     return out
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """The headline table: Method | Acc. | PPL | ECE | (per-task accuracies) | Acc./PPL vs Full KD | seeds,
-    one row per configuration; the last columns say whether a method's difference from Full KD is beyond
-    seed noise."""
+    """The headline table: Method | Acc. | PPL | ECE | (per-task accuracies) | Acc./PPL vs Full KD | Acc./PPL
+    vs Student | seeds, one row per configuration; the last columns say whether a method's difference from
+    Full KD, and from the undistilled student, is beyond seed noise."""
     s = summarize(df)
     metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
     tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
     assigned = assign_methods(df)
-    versus = {m: versus_reference(assigned, m) for m in VERSUS if m in metrics}
+    versus = {(m, name): versus_reference(assigned, m, preset) for name, preset in REFERENCES.items()
+              for m in VERSUS if m in metrics}
     rows = []
     for (preset, group), r in s.iterrows():
         row = {"Method": r[("method", "")], "preset": preset}
@@ -242,8 +255,8 @@ def markdown_table(df: pd.DataFrame) -> str:
             row[HEADLINE[m]] = fmt(r[(m, "mean")], r[(m, "std")], 2 if m == "ppl" else 1)
         for tcol in tasks:
             row[tcol.removesuffix("/acc")] = fmt(100 * r[(tcol, "mean")], 100 * r[(tcol, "std")])
-        for m, marks in versus.items():
-            row[f"{HEADLINE[m]} vs Full KD"] = marks.get((preset, group), tables.MISSING)
+        for (m, name), marks in versus.items():
+            row[f"{HEADLINE[m]} vs {name}"] = marks.get((preset, group), tables.MISSING)
         row["seeds"] = str(int(r[("seeds", "n")]))
         rows.append(row)
     # the cells as written: tabulate would reparse '83362304.00' as 8.33623e+07 and '0.0' as 0

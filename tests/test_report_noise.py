@@ -70,3 +70,24 @@ def test_the_report_marks_each_method_against_full_kd_of_the_same_setting(config
     assert t.loc["Student entropy (SE-KD) (train.steps=300)", "Acc. vs Full KD"] == "+1.0 cannot tell (n=1)"
     assert set(t.loc[[i for i in t.index if i.startswith("Full KD")], "Acc. vs Full KD"]) == {"ref."}
     assert t.loc["Student (no distillation)", "Acc. vs Full KD"] == tables.MISSING  # not distilled
+
+
+def test_the_report_marks_each_method_against_the_undistilled_student(configs, tmp_path, capsys):
+    # the student trains nothing, so its one score stands for every seed: a one-sample test of each method
+    runs = tmp_path / "runs"
+    record(configs["student"], "student", 1337, (14.0, 12000.0, 60.0), runs)
+    full = {1337: 17.0, 1338: 18.0, 1339: 17.1}    # 3-4 points above the student under every seed
+    noisy = {1337: 13.0, 1338: 17.0, 1339: 14.5}   # below, above, above: the seeds disagree
+    for seed in SEEDS:
+        record(configs["full_kd"], "full_kd", seed, (full[seed], 7000.0 + 10 * seed, 50.0), runs)
+        record(configs["random_pos"], "random_pos", seed, (noisy[seed], 12000.0 + seed - 1338, 52.0), runs)
+    assert report_main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    t = table(tmp_path / "out")
+    assert t.loc["Full KD", "Acc. vs Student"].startswith("+3.4 beyond noise (p=")
+    assert "n=3" in t.loc["Full KD", "Acc. vs Student"]
+    assert t.loc["Full KD", "PPL vs Student"].startswith("+8380.00 beyond noise")  # worse, and every seed says so
+    assert t.loc["RandomPos 20%", "Acc. vs Student"].startswith("+0.8 within noise")
+    assert t.loc["RandomPos 20%", "PPL vs Student"].startswith("+0.00 within noise")
+    assert t.loc["Student (no distillation)", "Acc. vs Student"] == "ref."
+    assert t.loc["Student (no distillation)", "Acc. vs Full KD"] == tables.MISSING
