@@ -135,6 +135,11 @@ class ModelConfig:
                     raise ConfigError(f"model.{who} is required for model.source=pretrained (a hub name or a folder)")
         elif self.embedded is None:
             raise ConfigError("model.embedded is required for model.source=embedded")
+        else:
+            for who in ("teacher", "student"):
+                spec = self.embedded.get(who) or {}
+                choice(f"model.embedded.{who}.keep", spec.get("keep", "last"), ("last", "best_validation"))
+                positive(f"model.embedded.{who}.eval_every", spec.get("eval_every", 50), integer=True)
 
 
 # Keys of the data group that every source shares; the rest are the source's own (DataConfig.options).

@@ -53,6 +53,9 @@ ROWS = [
     (["preset=a/b"], "preset='a/b' must be a plain name", False),
     # scaling out: the distributed mode, the teacher's device, the cluster's shape
     (["train.distributed=mpi"], "train.distributed='mpi' is not allowed; choose one of: none, ddp, fsdp", False),
+    (["+model.embedded.teacher.keep=best"],
+     "model.embedded.teacher.keep='best' is not allowed; choose one of: last, best_validation", False),
+    (["+model.embedded.student.eval_every=0"], "model.embedded.student.eval_every=0 must be an integer > 0", False),
     (["model.teacher_device=gpu1"], "model.teacher_device='gpu1' is not a device; use cpu, cuda or cuda:N", CLI),
     (["model.teacher_device=cuda:x"], "model.teacher_device='cuda:x' is not a device", False),
     (["model.teacher_device=cpu", "train.distributed=ddp"],

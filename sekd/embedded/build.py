@@ -75,19 +75,27 @@ def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
 
 
 def fit_lm(model, data, spec: dict[str, Any], seed: int, *, desc: str,
-           trim_padding: bool = False) -> tuple[float, int, float]:
+           trim_padding: bool = False, val=None) -> tuple[float, int, float, list[dict]]:
     """Next-token CE on `data` (labels -100 ignored) for spec["steps"] batches of spec["batch_size"]:
-    AdamW, 5% warm-up then cosine at spec["lr"], clipped gradients. Returns (final loss, epochs, seconds).
-    trim_padding drops each batch's columns after its last label (right padding only: same loss)."""
+    AdamW, 5% warm-up then cosine at spec["lr"], clipped gradients. Returns (final loss, epochs, seconds, curve).
+    trim_padding drops each batch's columns after its last label (right padding only: same loss).
+
+    With `val` data and spec["keep"] == "best_validation", the validation CE is measured every
+    spec["eval_every"] steps (and at the end) and the model ends at its best step, not its last: on a corpus
+    this small a longer-trained model memorizes its train split, and the best held-out loss is the one that
+    generalizes. `curve` holds one {step, train_loss, val_loss} per measurement ([] without them)."""
     from sekd.data.dataset import batches
 
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     steps, warm = spec["steps"], max(1, spec["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    keep_best = val is not None and spec.get("keep", "last") == "best_validation"
+    every = int(spec.get("eval_every", 50))
+    best, best_state, curve = math.inf, None, []
     model.train()
     it, epoch, t0 = iter(()), 0, time.time()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         idx = next(it, None)
         if idx is None:
             it = iter(batches(data, micro_batch_size=spec["batch_size"], seed=seed, epoch=epoch))
@@ -103,7 +111,30 @@ def fit_lm(model, data, spec: dict[str, Any], seed: int, *, desc: str,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    return loss.item(), epoch, time.time() - t0
+        if keep_best and (step % every == 0 or step == steps):
+            held_out = mean_ce(model, val)
+            curve.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss": round(held_out, 4)})
+            if held_out < best:
+                best = held_out
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.train()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return loss.item(), epoch, time.time() - t0, curve
+
+
+@torch.no_grad()
+def mean_ce(model, data, batch_size: int = 32) -> float:
+    """Mean next-token CE per labelled token of `data` (packed, labels -100 ignored), in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data.input_ids), batch_size):
+        x, y = data.input_ids[i : i + batch_size], data.labels[i : i + batch_size]
+        logits = model(input_ids=x).logits
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int((y != -100).sum())
+    return total / max(1, count)
 
 
 def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
@@ -115,13 +146,22 @@ def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, 
         from sekd.data.dataset import build_packed
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
-        data = build_packed("embedded", "train", tok, seq_len=seq_len, token_budget=None, cache_dir=cache_dir / "data")
+
+        def pack(split: str):
+            return build_packed("embedded", split, tok, seq_len=seq_len, token_budget=None, cache_dir=cache_dir / "data")
+
+        val = pack("validation") if spec.get("keep", "last") == "best_validation" else None
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(qwen3_config(spec, len(tok), tok.eos_token_id))
-        loss, epochs, seconds = fit_lm(model, data, spec, seed, desc=f"pretrain {role}")
+        loss, epochs, seconds, curve = fit_lm(model, pack("train"), spec, seed, desc=f"pretrain {role}", val=val)
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        (out / "pretrain.txt").write_text(f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f}\n")
+        summary = f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f}"
+        if curve:
+            kept = min(curve, key=lambda c: c["val_loss"])
+            summary += f" kept_step={kept['step']} val_loss={kept['val_loss']:.4f}"
+            (out / "pretrain_curve.json").write_text(json.dumps(curve))
+        (out / "pretrain.txt").write_text(summary + "\n")
 
     inputs = {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
               "corpus": corpus.signature()}
@@ -159,7 +199,8 @@ def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], see
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         # labels are -100 outside the answer: the prompt and the padding teach nothing
-        loss, epochs, seconds = fit_lm(model, data, task, seed, desc=f"fine-tune {role} on arith", trim_padding=True)
+        loss, epochs, seconds, _ = fit_lm(model, data, task, seed, desc=f"fine-tune {role} on arith",
+                                          trim_padding=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         (out / "finetune.txt").write_text(
