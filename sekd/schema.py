@@ -258,7 +258,7 @@ class OnPolicyRegime(RegimeConfig):
 
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = None  # optimizer steps; None = `epochs` passes over the (selected) samples
+    steps: Optional[int] = 300  # optimizer steps, the same for every method; None = `epochs` passes over the samples
     epochs: int = 2
     micro_batch_size: int = 8
     grad_accum: int = 2

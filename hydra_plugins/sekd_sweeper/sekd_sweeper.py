@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -33,6 +34,7 @@ class SekdSweeper(BasicSweeper):
                  skip_finished: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.skip_finished = skip_finished
+        self.done_checks: Dict[tuple, Callable[[], bool]] = {}  # per cell to run: whether its run has finished
 
     def on_slurm(self) -> bool:
         """Whether the launcher submits to Slurm (submitit's SlurmLauncher): jobs run on other nodes."""
@@ -46,6 +48,11 @@ class SekdSweeper(BasicSweeper):
             return None  # as this process was launched
         launcher = cfg.hydra.launcher
         return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+
+    def runs_elsewhere(self) -> bool:
+        """Whether cells run outside this process (local subprocesses, Slurm jobs), which show nothing here
+        while the launcher waits; Hydra's basic launcher runs them here, with their own progress bars."""
+        return type(self.launcher).__name__ != "BasicLauncher"
 
     def cells(self, arguments: List[str]) -> List[List[str]]:
         """Every cell of the grid, as its list of overrides (sweeper params first, then the command line)."""
@@ -97,6 +104,7 @@ class SekdSweeper(BasicSweeper):
                     errors.append(f"cell [{where}]: {err}")
                     continue
             todo.append(cell)
+            self.done_checks[tuple(cell)] = finished_since(cfg, world, time.time())
         return todo, finished, same, errors
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -134,7 +142,8 @@ class SekdSweeper(BasicSweeper):
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
             try:
-                results = self.launcher.launch(batch, initial_job_idx=start)
+                with CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()):
+                    results = self.launcher.launch(batch, initial_job_idx=start)
             except Exception as err:  # a job killed outright (OOM, scancel): submitit has no result for it
                 print(f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
@@ -153,3 +162,45 @@ class SekdSweeper(BasicSweeper):
                   "Re-run the sweep to retry only the unfinished cells.", file=sys.stderr)
             sys.exit(1)
         return returns
+
+
+def finished_since(cfg, world: Optional[int], since: float) -> Callable[[], bool]:
+    """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
+    from sekd.run import run_dir, scores_dir, trained
+
+    if cfg.stage == "train":
+        folder = run_dir(cfg, world)
+        return lambda: cfg.mode != "distill" or trained(folder)
+    record = scores_dir(cfg, world) / "record.json"
+    return lambda: record.exists() and record.stat().st_mtime >= since - 1
+
+
+class CellProgress:
+    """One bar over the cells of a batch that run elsewhere: it counts the cells whose records have appeared,
+    polled from their folders every few seconds while the launcher waits for them."""
+
+    def __init__(self, checks: List[Optional[Callable[[], bool]]], show: bool, every: float = 2.0) -> None:
+        self.checks = [c for c in checks if c is not None]
+        self.show, self.every = show and bool(self.checks), every
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "CellProgress":
+        if self.show:
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def poll(self) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(self.checks), desc="sekd: cells finished", unit="cell") as bar:
+            while True:
+                done = sum(1 for check in self.checks if check())
+                bar.update(done - bar.n)
+                if done == len(self.checks) or self.stop.wait(self.every):
+                    return
+
+    def __exit__(self, *exc) -> None:
+        if self.show:
+            self.stop.set()
+            self.thread.join()

@@ -24,13 +24,18 @@ FORMAT = 1  # in every artifact's key: bump to rebuild them all
 
 def cached(cache_dir: Path, kind: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """`<cache_dir>/<kind>-<hash of inputs>/`, built by `build(folder)` once; its inputs.json marks it complete."""
-    final = Path(cache_dir) / f"{kind}-{content_key({'format': FORMAT, **inputs})}"
+    final = artifact_path(cache_dir, kind, inputs)
 
     def fill(tmp: Path) -> None:
         build(tmp)
         (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
 
     return build_once(final, fill, folder=True, ready=lambda p: (p / "inputs.json").exists())
+
+
+def artifact_path(cache_dir: Path, kind: str, inputs: dict[str, Any]) -> Path:
+    """Where `cached` keeps the artifact of these inputs (built or not)."""
+    return Path(cache_dir) / f"{kind}-{content_key({'format': FORMAT, **inputs})}"
 
 
 def tokenizer(cache_dir: Path, vocab_size: int) -> Path:
@@ -163,19 +168,28 @@ def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, 
             (out / "pretrain_curve.json").write_text(json.dumps(curve))
         (out / "pretrain.txt").write_text(summary + "\n")
 
-    inputs = {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
-              "corpus": corpus.signature()}
-    return cached(cache_dir, f"model-{role}", inputs, build)
+    return cached(cache_dir, f"model-{role}", model_inputs(role, tok_dir, spec, seq_len, seed), build)
+
+
+def model_inputs(role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
+    """What a pretrained model's artifact is keyed by."""
+    return {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
+            "corpus": corpus.signature()}
 
 
 def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
     """(teacher folder, student folder), each holding a model and the shared tokenizer."""
     cache_dir = Path(cache_dir)
     tok_dir = tokenizer(cache_dir, emb["vocab_size"])
+    args = {"teacher": (emb["teacher"], emb["seq_len"], emb["seed"]),
+            "student": (emb["student"], emb["seq_len"], emb["seed"] + 1)}
+    # The cells of a sweep start together: while one pretrains the teacher, the next pretrains the student
+    # instead of waiting (each model seeds its own pretraining, so the order changes nothing in either).
+    teacher = artifact_path(cache_dir, "model-teacher", model_inputs("teacher", tok_dir, *args["teacher"]))
+    order = ("student", "teacher") if Path(f"{teacher}.lock").exists() else ("teacher", "student")
     with torch.random.fork_rng():
-        teacher = pretrained_model(cache_dir, "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
-        student = pretrained_model(cache_dir, "student", tok_dir, emb["student"], emb["seq_len"], emb["seed"] + 1)
-    return teacher, student
+        built = {role: pretrained_model(cache_dir, role, tok_dir, *args[role]) for role in order}
+    return built["teacher"], built["student"]
 
 
 # The embedded task teacher's fine-tune (docs/method.md §10 task-specific regime at CPU scale); ~1-2 min, 1 thread.

@@ -4,6 +4,7 @@ records, and a trained student is re-scored by another eval config without train
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tests.helpers import TINY, descendants, sekd_train, sekd_train_killed
@@ -134,3 +135,23 @@ def test_cells_that_are_one_run_run_once(tmp_path):
     done = records(tmp_path)
     assert sorted(r["preset"] for r in done.values()) == ["student", "teacher"]
     assert {r["seed"] for r in done.values()} == {1}  # the first cell of each ran
+
+
+def test_cells_running_elsewhere_show_one_bar_of_finished_cells(tmp_path, capsys):
+    # local subprocesses and Slurm jobs print nothing here while the launcher waits: the bar counts their records
+    from hydra_plugins.sekd_sweeper.sekd_sweeper import CellProgress
+
+    records = [tmp_path / f"cell{i}" / "record.json" for i in range(3)]
+    with CellProgress([r.exists for r in records] + [None], show=True, every=0.05) as progress:
+        for r in records[:2]:
+            r.parent.mkdir()
+            r.write_text("{}")
+        deadline = time.time() + 10
+        while "2/3" not in capsys.readouterr().err and time.time() < deadline:
+            time.sleep(0.05)
+        assert progress.thread.is_alive()  # one cell is still running
+    assert not progress.thread.is_alive()  # the launcher returned: the bar stops where the cells are
+    assert "3/3" not in capsys.readouterr().err
+    with CellProgress([r.exists for r in records], show=False) as quiet:  # the basic launcher: no bar
+        assert not quiet.show
+    assert "sekd: cells finished" not in capsys.readouterr().err
