@@ -8,6 +8,8 @@ Reads records only (sekd.report's loader) and the Full KD runs' metrics.jsonl; i
         # analysis/miniature_steps.csv, analysis/miniature_sizes.csv
     python -m analysis.miniature outputs/embedded --spearman T2 --spearman T4
         # each table's Spearman rank correlation of our rows' Acc. with the paper's, per seed
+    python -m analysis.miniature outputs/miniature --out docs --pretrain .sekd_cache
+        # docs/miniature_pretrain.png: the held-out loss of each pair pretrained with keep=best_validation
 """
 from __future__ import annotations
 
@@ -231,6 +233,42 @@ def plot_sizes(table: pd.DataFrame, path: Path) -> Path:
     return save(fig, path)
 
 
+def pretrain_curves(cache: str | Path) -> pd.DataFrame:
+    """Every embedded model pretrained with keep=best_validation under `cache`: one row per measurement
+    (role, steps of its schedule, hidden size, step, train_loss, val_loss, kept: the step it ended at)."""
+    rows = []
+    for curve_file in sorted(Path(cache).glob("embedded/model-*/pretrain_curve.json")):
+        spec = json.loads((curve_file.parent / "inputs.json").read_text())
+        curve = pd.DataFrame(json.loads(curve_file.read_text()))
+        kept = int(curve.loc[curve["val_loss"].idxmin(), "step"])
+        rows.append(curve.assign(role=spec["role"], schedule=spec["spec"]["steps"],
+                                 hidden=spec["spec"]["hidden_size"], kept=kept))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def plot_pretrain(curves: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import save
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (role, schedule, hidden), part in curves.groupby(["role", "schedule", "hidden"], sort=False):
+        name = f"{role} (h{hidden}, {schedule}-step schedule)"
+        line, = ax.plot(part["step"], part["val_loss"], marker=".", label=f"{name}: held-out")
+        ax.plot(part["step"], part["train_loss"], ls=":", color=line.get_color(), label=f"{name}: train batch")
+        kept = part[part["step"] == part["kept"]]
+        ax.scatter(kept["step"], kept["val_loss"], s=80, facecolors="none", edgecolors="k", zorder=3)
+    ax.set_xlabel("pretraining step (16 sequences of 128 tokens)")
+    ax.set_ylabel("next-token CE (nats)")
+    ax.set_title("Pretraining the miniature's pair: the circled step is the one kept")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def spearman_vs_paper(df: pd.DataFrame, table: str) -> dict[str, float]:
     """The Spearman rank correlation of our distilled rows' Acc. with the paper's, one per seed (the undistilled
     student and the teacher left out: every scale orders them alike). {mean, std, seeds, rows}."""
@@ -259,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, default=None, help="write miniature_steps.csv and miniature_sizes.csv here")
     ap.add_argument("--heldout", action="store_true",
                     help="also measure each Full KD run's KD loss on the validation split (loads the models)")
+    ap.add_argument("--pretrain", type=Path, default=None,
+                    help="a cache folder (paths.cache): plot its pairs' pretraining curves into --out")
     ap.add_argument("--spearman", action="append", choices=("T2", "T3", "T4"), default=[],
                     help="print the table's Spearman rank correlation with the paper's Acc. (repeatable)")
     args = ap.parse_args(argv)
@@ -287,6 +327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_loss(curves, args.out / "miniature_loss.png", heldout)
         if sizes[PAIR].drop_duplicates().dropna().shape[0] > 1:
             plot_sizes(sizes, args.out / "miniature_sizes.png")
+        if args.pretrain:
+            pretrain = pretrain_curves(args.pretrain)
+            if pretrain.empty:
+                print(f"python -m analysis.miniature: no pretraining curve under {args.pretrain}/embedded",
+                      file=sys.stderr)
+                return 1
+            print(pretrain.groupby(["role", "schedule", "hidden"])[["kept"]].first().assign(
+                val_loss=pretrain[pretrain["step"] == pretrain["kept"]].groupby(
+                    ["role", "schedule", "hidden"])["val_loss"].first()).to_markdown(floatfmt=".3f"))
+            plot_pretrain(pretrain, args.out / "miniature_pretrain.png")
     for table in args.spearman:
         r = spearman_vs_paper(df, table)
         print(f"{table}: Spearman rho of Acc. vs the paper's = {r['mean']:.2f} ± {r['std']:.2f} "

@@ -85,11 +85,17 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    # the undistilled student and the teacher first, then methods in the order they were run (the grid's)
+    # the undistilled student and the teacher first, then Full KD (every other row's reference), then the
+    # methods in the order they started (the grid's); cells started within the same minute (a grid run side by
+    # side) by preset name
     df["_mode"] = df["mode"].map(MODE_ORDER).fillna(3)
-    df["_first"] = df.groupby("preset")["finished_at"].transform("min")
-    return (df.sort_values(["_mode", "_first", "seed"], kind="stable").drop(columns=["_mode", "_first"])
-            .reset_index(drop=True))
+    df["_other"] = df["preset"].ne(REFERENCE_PRESET)
+    finished = pd.to_datetime(df["finished_at"], errors="coerce", utc=True)
+    wall = pd.to_numeric(df["wall_time_s"], errors="coerce").fillna(0) if "wall_time_s" in df else 0
+    df["_start"] = (finished - pd.to_timedelta(wall, unit="s")).dt.floor("min")
+    df["_first"] = df.groupby("preset")["_start"].transform("min")
+    keys = ["_mode", "_other", "_first", "preset", "seed"]
+    return df.sort_values(keys, kind="stable").drop(columns=keys[:3] + ["_start"]).reset_index(drop=True)
 
 
 load_table_records = load_records  # the paper-layout tables read the same rows

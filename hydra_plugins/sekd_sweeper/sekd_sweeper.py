@@ -197,6 +197,7 @@ class CellProgress:
             while True:
                 done = sum(1 for check in self.checks if check())
                 bar.update(done - bar.n)
+                bar.refresh()  # the elapsed time moves while a long cell runs
                 if done == len(self.checks) or self.stop.wait(self.every):
                     return
 

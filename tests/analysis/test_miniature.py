@@ -85,3 +85,20 @@ def test_spearman_against_the_paper_is_per_seed(tmp_path):
     r = miniature.spearman_vs_paper(miniature.runs([root]), "T2")
     assert (r["seeds"], r["rows"]) == (2, len(rows))
     assert r["mean"] == pytest.approx(0.0) and r["std"] == pytest.approx(2 ** 0.5)
+
+
+def test_pretraining_curves_mark_the_kept_step(configs, tmp_path):
+    cache = tmp_path / "cache"
+    for role, vals in {"teacher": [3.5, 3.1, 3.3], "student": [4.0, 3.6, 3.5]}.items():
+        folder = cache / "embedded" / f"model-{role}-abc"
+        folder.mkdir(parents=True)
+        (folder / "inputs.json").write_text(json.dumps({"role": role, "spec": {"steps": 150, "hidden_size": 64}}))
+        (folder / "pretrain_curve.json").write_text(json.dumps(
+            [{"step": 50 * (i + 1), "train_loss": v - 0.5, "val_loss": v} for i, v in enumerate(vals)]))
+    curves = miniature.pretrain_curves(cache)
+    assert curves.groupby("role")["kept"].first().to_dict() == {"student": 150, "teacher": 100}
+    root = tmp_path / "m"
+    write(configs, root, "student", None, 14.0)
+    assert miniature.main([str(root), "--out", str(tmp_path / "png"), "--pretrain", str(cache)]) == 0
+    assert (tmp_path / "png" / "miniature_pretrain.png").read_bytes()[:8] == PNG_MAGIC
+    assert miniature.main([str(root), "--out", str(tmp_path / "png"), "--pretrain", str(tmp_path / "none")]) == 1
