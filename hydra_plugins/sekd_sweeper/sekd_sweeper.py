@@ -196,8 +196,10 @@ class CellProgress:
         with tqdm(total=len(self.checks), desc="sekd: cells finished", unit="cell") as bar:
             while True:
                 done = sum(1 for check in self.checks if check())
-                bar.update(done - bar.n)
-                bar.refresh()  # the elapsed time moves while a long cell runs
+                if done > bar.n:
+                    bar.update(done - bar.n)
+                else:
+                    bar.refresh()  # the elapsed time moves while a long cell runs
                 if done == len(self.checks) or self.stop.wait(self.every):
                     return
 
