@@ -118,30 +118,41 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
 
 
 class SelectedHeadLoss(torch.autograd.Function):
-    """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward."""
+    """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward.
+
+    Per chunk only the logits' gradient dz_c [C,V] comes from autograd (closed form for forward and reverse
+    KL); then d/dh_c = dz_c W, and d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer
+    (addmm_), never a fresh [V,d] gradient per chunk to add afterwards."""
 
     @staticmethod
     def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, loss_chunk: Callable, parts: list[slice]):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
-        Wv = W.detach()[:vocab].requires_grad_(need_W)  #                          [V,d]
-        bv = b.detach()[:vocab].requires_grad_(need_b) if b is not None else None
+        Wv = W.detach()[:vocab]  #                                                   [V,d]
+        bv = b.detach()[:vocab] if b is not None else None
         g_h = torch.zeros_like(h) if need_h else None  #                            [N,d]
         g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
         g_b = torch.zeros_like(b) if need_b else None
         total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
                             device=h.device)  # sum_n c_n l(t_n)
         for sl in parts:
-            h_c = h[sl].detach().requires_grad_(need_h)  #                            [C,d]
-            with torch.enable_grad():
-                loss_c = loss_chunk(F.linear(h_c, Wv, bv), sl)  # sum_n c_n l(t_n)   []
-                wrt = [x for x, need in ((h_c, need_h), (Wv, need_W), (bv, need_b)) if need]
-                grads = iter(torch.autograd.grad(loss_c, wrt)) if wrt else iter(())
-            if need_h:
-                g_h[sl] = next(grads)
-            if need_W:
-                g_W[:vocab] += next(grads)
-            if need_b:
-                g_b[:vocab] += next(grads)
+            h_c = h[sl].detach()  #                                                  [C,d]
+            z_c = F.linear(h_c, Wv, bv)  #                                           [C,V]
+            if need_h or need_W or need_b:
+                z_c.requires_grad_()
+                with torch.enable_grad():
+                    loss_c = loss_chunk(z_c, sl)  # sum_n c_n l(t_n)                 []
+                    (dz,) = torch.autograd.grad(loss_c, z_c)  #                      [C,V]
+                if need_h:
+                    g_h[sl] = dz @ Wv.to(dz.dtype)
+                if need_W:
+                    if dz.dtype == h_c.dtype == g_W.dtype:
+                        g_W[:vocab].addmm_(dz.t(), h_c)
+                    else:  # bf16 logits over fp32 master weights: the product in bf16, added in fp32
+                        g_W[:vocab] += (dz.t() @ h_c.to(dz.dtype)).to(g_W.dtype)
+                if need_b:
+                    g_b[:vocab] += dz.sum(0).to(g_b.dtype)
+            else:
+                loss_c = loss_chunk(z_c, sl)
             total += loss_c.detach()
         ctx.grads = (g_h, g_W, g_b)
         return total
