@@ -45,7 +45,7 @@ def runs(folders: Sequence[str | Path]) -> pd.DataFrame:
         return df
     for short, col in COLUMNS.items():
         df[short] = df[col] if col in df.columns else math.nan
-    df["train_steps"] = pd.to_numeric(df["steps"], errors="coerce")  # what it ran (null in config = 2 epochs)
+    df["train_steps"] = pd.to_numeric(df["steps"], errors="coerce")  # what it ran (null in config = epochs)
     return df[df["acc"].notna()].reset_index(drop=True)
 
 

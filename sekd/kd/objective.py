@@ -91,12 +91,21 @@ def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, tempera
         return D(s_sel, cached.take(valid_order(labels)[rows, cols]).to(s_sel.device), temperature)
     if t_logits is None:
         raise ValueError("lam > 0 needs teacher logits or cached class targets")
-    t_sel = t_logits[rows, cols]  #                                               [N,V]
+    t_sel = at_positions(t_logits, rows, cols)  #                                 [N,V]
     if sel.classes is not None:  # C_t subset of V: the criterion's sparse form (Selector checked it has one)
         return crit.sparse(s_sel, draw_classes(sel, t_sel, temperature=temperature, generator=generator, keys=keys),
                            temperature)
     u_sel = u[rows, cols] if u is not None else None
     return crit(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
+
+
+def at_positions(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x[rows, cols]: [B,T,...] -> [N,...]. Where (rows, cols) is every position in row-major order (Full KD on
+    packed text), the same rows as a view instead of an [N,V] copy."""
+    B, T = x.shape[:2]
+    if rows.numel() == B * T:  # nonzero() lists positions row-major: all of them is the flat order
+        return x.reshape(B * T, *x.shape[2:])
+    return x[rows, cols]
 
 
 def draw_classes(sel: Selector, t_sel: Tensor, *, temperature: float, generator,
@@ -148,7 +157,7 @@ def selective_kd_loss(
     mw = draws.dense(T)  # m_t * w_t                                       [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
-    s_sel, y_sel = s_logits[rows, cols], labels[rows, cols]  #                 [N,V], [N]
+    s_sel, y_sel = at_positions(s_logits, rows, cols), labels[rows, cols]  #   [N,V], [N]
     ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
     if lam > 0:
         pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
