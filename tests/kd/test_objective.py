@@ -85,3 +85,16 @@ def test_identical_distributions_give_zero_kd():
     s, _, y = random_batch()
     out = selective_kd_loss(s, s.detach(), y, full_kd(), lam=1.0, temperature=1.0)
     assert abs(float(out.loss_sum.detach())) < 1e-12
+
+
+def test_every_position_selected_is_a_view_not_a_copy():
+    # Full KD on packed text selects every position: the dense flow reads the logits in place, no [N,V] copy
+    from sekd.kd.objective import at_positions
+
+    x = torch.randn(3, 5, 7)
+    rows, cols = torch.ones(3, 5).nonzero(as_tuple=True)
+    flat = at_positions(x, rows, cols)
+    assert flat.data_ptr() == x.data_ptr() and torch.equal(flat, x[rows, cols])
+    keep = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    rows, cols = keep.nonzero(as_tuple=True)
+    assert torch.equal(at_positions(x, rows, cols), x[rows, cols])
