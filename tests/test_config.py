@@ -94,14 +94,22 @@ def test_paper_scale_configs_compose():
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr) == (2, 8, 1e-5)
 
 
-def test_demo_sweep_composes():
-    """The grid `make demo` runs (the CLI finds conf/ itself; compose() needs the search path)."""
-    cfg = compose_cfg([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_dir=ROOT / "sweeps", name="demo",
+@pytest.mark.parametrize("name, profile, steps", [("demo", [], 300), ("miniature", ["+profile=miniature"], 1000)])
+def test_demo_sweep_composes(name, profile, steps):
+    """The grid `make demo` runs, and the same grid under profile=miniature (the CLI finds conf/ itself;
+    compose() needs the search path): local subprocesses, three seeds, every method the same steps."""
+    cfg = compose_cfg([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_dir=ROOT / "sweeps", name=name,
                       hydra_node=True)
     params = cfg.hydra.sweeper.params
-    assert set(params["experiment"].split(",")) >= {"full_kd", "random_pos", "se_kd", "student", "teacher"}
+    assert set(params["experiment"].split(",")) >= {"full_kd", "random_pos", "se_kd", "se_kd3x", "student", "teacher"}
+    assert str(params["seed"]).split(",") == ["1337", "1338", "1339"]
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher")
+    assert cfg.train.steps == steps
     for preset in params["experiment"].split(","):
-        validate(compose_cfg([f"experiment={preset}"]))
+        run = validate(compose_cfg([*profile, f"experiment={preset}"]))
+        assert run.train.steps == steps
+    if profile:
+        assert run.model.embedded["teacher"]["keep"] == "best_validation"
 
 
 def test_config_hash_ignores_logging_but_not_training():

@@ -14,7 +14,7 @@ from sekd.tables import REFERENCE
 from tests.helpers import ROOT
 
 SWEEPS = ROOT / "sweeps"
-OTHERS = {"demo", "smoke_slurm"}  # not paper grids; tests/test_config.py covers demo
+OTHERS = {"demo", "miniature", "smoke_slurm"}  # not paper grids; tests/test_config.py covers demo and miniature
 NAMES = sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem not in OTHERS and not p.stem.startswith("miniature_"))
 # measurements of the embedded miniature itself (docs/miniature.md), not paper grids: one seed, their own axes
 MINIATURE = sorted(p.stem for p in SWEEPS.glob("miniature_*.yaml"))
