@@ -11,6 +11,8 @@ for plain SGD). Each variant times --steps steps after --warmup; the table gives
 
 Variants (SE-KD = top_k 20% by student entropy, forward KL, lam = 1, T = 1):
   floor            both bodies, no LM head, no KD: the student backpropagates mean(h^2)
+  plain_torch_full_kd  [B,L,V] logits of both models, F.kl_div of their log-softmaxes over every position:
+                   what plain torch does, the reference the other variants are measured against
   dense_full_kd    [B,L,V] logits of both models, sekd.kd.objective.selective_kd_loss, policy all
   chunked_full_kd  sekd.kd.flows.chunked_kd_loss, policy all
   dense_se_kd      the dense flow, SE-KD
@@ -43,6 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch.nn.functional as F  # noqa: E402
+
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss, floor_loss  # noqa: E402
 from sekd.kd.objective import IGNORE, Selector, selective_kd_loss  # noqa: E402
 from sekd.selection.classes import SparseTarget  # noqa: E402
@@ -50,7 +54,8 @@ from sekd.selection.criteria import forward_kl  # noqa: E402
 from sekd.selection.policies import POLICIES  # noqa: E402
 from sekd.selection.signals import SIGNALS  # noqa: E402
 
-VARIANTS = ("floor", "dense_full_kd", "chunked_full_kd", "dense_se_kd", "selective_se_kd", "cache_se_kd")
+VARIANTS = ("floor", "plain_torch_full_kd", "dense_full_kd", "chunked_full_kd", "dense_se_kd", "selective_se_kd",
+            "cache_se_kd")
 GIB = 2**30
 
 
@@ -165,10 +170,14 @@ class Bench:
                 with torch.no_grad():
                     self.hidden(self.teacher)
                 return floor_loss(self.hidden(self.student))
-            if variant.startswith("dense"):
+            if variant.startswith(("dense", "plain")):
                 s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+                if variant == "plain_torch_full_kd":  # KL(p || q) averaged over the positions with a target
+                    logq = F.log_softmax(s_logits[:, :-1].float(), -1).flatten(0, 1)  # the last has none
+                    logp = F.log_softmax(t_logits[:, :-1].float(), -1).flatten(0, 1)
+                    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
             else:
                 h_s = self.hidden(self.student)
                 h_t, head_t = None, None

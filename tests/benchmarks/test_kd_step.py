@@ -36,3 +36,12 @@ def test_qwen3_shapes_have_the_real_sizes(role, params):
     assert n == pytest.approx(params, rel=0.005)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == body.tied
+
+
+def test_the_plain_torch_reference_is_the_same_loss_as_full_kd():
+    # every position of the synthetic batch is valid: F.kl_div's batchmean is Full KD's per-sequence mean
+    bench = kd_step.Bench(kd_step.SHAPES["tiny"], batch=2, seq=16, device="cpu", dtype="float32", optimizer="sgd",
+                          chunk_size=8, variants=("plain_torch_full_kd", "dense_full_kd", "chunked_full_kd"))
+    plain = bench.loss("plain_torch_full_kd").item()
+    assert plain == pytest.approx(bench.loss("dense_full_kd").item(), rel=1e-5)
+    assert plain == pytest.approx(bench.loss("chunked_full_kd").item(), rel=1e-5)
