@@ -108,6 +108,35 @@ def at_positions(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return x[rows, cols]
 
 
+def covering_positions(sel: Selector, rows: Tensor, B: int, T: int,
+                       cached: SparseTarget | None) -> tuple[Tensor, Tensor] | None:
+    """Every position, row-major, when computing l there and dropping the unselected is cheaper than copying the
+    selected logits out: Full KD on packed text selects all but each row's last position (it has no target), and
+    [B,T,V] logits are a [B*T,V] view while x[rows, cols] is an [N,V] copy (and, backward, an index_put). Only
+    for a pointwise criterion over the full vocabulary (no class draws, no cache, nothing batch-level)."""
+    if cached is not None or sel.classes is not None or sel.criterion.coupling != "pointwise":
+        return None
+    if rows.numel() < B * T - B:  # at most one unselected position per row
+        return None
+    every = torch.arange(B * T, device=rows.device)
+    return every // T, every % T
+
+
+def per_position_loss(s_logits, t_logits, labels, rows, cols, u, sel: Selector, *, lam: float, temperature: float,
+                      generator, cached, keys: RowKeys | None) -> Tensor:
+    """l(t) = lam T^2 D_C(p_t, q_t) + (1 - lam) CE(x_{t+1}, q_t) at positions (rows, cols).  -> [N]"""
+    s_sel, y_sel = at_positions(s_logits, rows, cols), labels[rows, cols]  #   [N,V], [N]
+    ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
+    if lam > 0:
+        pkeys = PositionKeys(keys, rows, cols, labels.shape[1]) if keys is not None else None
+        ell = ell + lam * temperature**2 * divergence(s_sel, t_logits, labels, rows, cols, u, sel,
+                                                      temperature=temperature, generator=generator, cached=cached,
+                                                      keys=pkeys)
+    if lam < 1:
+        ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
+    return ell
+
+
 def draw_classes(sel: Selector, t_sel: Tensor, *, temperature: float, generator,
                  keys: PositionKeys | None) -> SparseTarget:
     """The class selector's targets at positions t_sel [N,V]; a random one draws from the positions' keys."""
@@ -157,15 +186,16 @@ def selective_kd_loss(
     mw = draws.dense(T)  # m_t * w_t                                       [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
-    s_sel, y_sel = at_positions(s_logits, rows, cols), labels[rows, cols]  #   [N,V], [N]
-    ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
-    if lam > 0:
-        pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
-        ell = ell + lam * temperature**2 * divergence(s_sel, t_logits, labels, rows, cols, u, sel,
-                                                      temperature=temperature, generator=generator, cached=cached,
-                                                      keys=pkeys)
-    if lam < 1:
-        ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
+    cover = covering_positions(sel, rows, B, T, cached)
+    if cover is None:
+        ell = per_position_loss(s_logits, t_logits, labels, rows, cols, u, sel, lam=lam, temperature=temperature,
+                                generator=generator, cached=cached, keys=keys)  # l(t)  [N]
+    else:  # l at every position, read in place; the few unselected ones are dropped
+        every_r, every_c = cover
+        u_every = u.nan_to_num(neginf=0.0) if u is not None else None  # finite where unselected: no nan grads
+        ell = per_position_loss(s_logits, t_logits, labels.clamp_min(0), every_r, every_c, u_every, sel, lam=lam,
+                                temperature=temperature, generator=generator, cached=None, keys=None)
+        ell = ell[rows * T + cols]  #                                              [N]
 
     per_row = torch.zeros(B, dtype=ell.dtype, device=ell.device).index_add(0, rows, mw[rows, cols] * ell)
     n_sel = draws.count().to(ell.device)  # sum_t m_t                      [B]

@@ -87,6 +87,58 @@ def test_identical_distributions_give_zero_kd():
     assert abs(float(out.loss_sum.detach())) < 1e-12
 
 
+def packed_text(B=3, T=9, V=13, seed=5):
+    """Every position has a target but each row's last (the next token is unknown): what Full KD selects."""
+    s, t, y = random_batch(B, T, V, seed=seed, invalid=0.0)
+    y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    y[:, -1] = IGNORE
+    return s, t, y
+
+
+@pytest.mark.parametrize("lam,T", [(1.0, 1.0), (0.5, 2.0)])
+def test_full_kd_on_packed_text_matches_reference_and_reads_logits_in_place(lam, T):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Indexing(TorchDispatchMode):  # records every advanced indexing of a [B,T,V] tensor
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and args[0].dim() == 3:
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = packed_text()
+    with Indexing() as mode:
+        out = selective_kd_loss(s, t, y, full_kd(), lam=lam, temperature=T)
+        loss = out.loss_sum / out.weight
+        (grad,) = torch.autograd.grad(loss, s)
+    assert mode.seen == []  # no x[rows, cols] copy of the logits, forward or backward
+    s_ref = s.detach().clone().requires_grad_()
+    ref = reference_loss(s_ref, t, y, lam, T, "per_sequence")
+    (grad_ref,) = torch.autograd.grad(ref, s_ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
+    assert torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))  # the unselected position gets nothing
+
+
+def test_packed_text_cover_keeps_pointwise_criteria_reading_u_finite():
+    # a pointwise criterion that reads u(t) sees -inf at the unselected position: its gradient must not turn nan
+    from sekd.selection.criteria import Criterion
+    from sekd.selection.signals import SIGNALS
+
+    def scaled_kl(s, t, y, *, temperature=1.0, row=None, u=None):
+        return forward_kl(s, t, y, temperature=temperature) * u  # -inf * KL where unselected
+
+    sel = Selector(SIGNALS.get("student_entropy"), POLICIES.build("all"), Criterion("scaled_kl", scaled_kl))
+    s, t, y = packed_text()
+    out = selective_kd_loss(s, t, y, sel, lam=1.0, temperature=1.0)
+    (grad,) = torch.autograd.grad(out.loss_sum, s)
+    assert torch.isfinite(grad).all() and torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))
+    u = out.u
+    ref = sum(forward_kl(s[b, :-1], t[b, :-1], y[b, :-1]) @ u[b, :-1].double() / (y.shape[1] - 1) for b in range(3))
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_every_position_selected_is_a_view_not_a_copy():
     # Full KD on packed text selects every position: the dense flow reads the logits in place, no [N,V] copy
     from sekd.kd.objective import at_positions
