@@ -288,7 +288,7 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the shape's")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--chunk-size", type=int, help="positions per LM-head chunk of the chunked flow "
-                   "(default: sekd.kd.flows.auto_chunk_size: 16 MiB of float32 logits on CPU, 256 MiB on CUDA)")
+                   "(default: sekd.kd.flows.auto_chunk_size: 32 MiB of float32 logits on CPU, 256 MiB on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--fresh-process", action="store_true", help="each variant in its own process (per-variant peaks)")
     p.add_argument("--json", type=Path, help="write machine info, options and results here")

@@ -61,6 +61,41 @@ class Head:
         b = self.bias[: self.vocab] if self.bias is not None else None
         return F.linear(h, self.weight[: self.vocab], b)
 
+    def into(self, out: Tensor, h: Tensor) -> Tensor:
+        """out := h W[:V]^T + b[:V] in a reused block: in place where h, W and out share a dtype (no autocast);
+        else the logits in the compute dtype, copied in.  [C,d] -> out [C,V]"""
+        W = self.weight.detach()[: self.vocab]
+        b = self.bias.detach()[: self.vocab] if self.bias is not None else None
+        if h.dtype == W.dtype == out.dtype and not torch.is_autocast_enabled(h.device.type):
+            torch.mm(h, W.t(), out=out)
+            return out.add_(b) if b is not None else out
+        return out.copy_(F.linear(h, W, b))
+
+
+class Scratch:
+    """Reused [C,V] blocks for the chunk loops, kept from step to step per (device, dtype). On CPU a fresh
+    block per chunk is page faults (blocks above glibc's mmap threshold are mapped and unmapped each time)
+    or heap holes that the small tensors made between them keep from closing; one allocation serves every
+    chunk of every step. `blocks` hands out views, valid until its next call."""
+
+    def __init__(self):
+        self._blocks: dict[tuple, list[Tensor]] = {}
+
+    def blocks(self, k: int, rows: int, cols: int, dtype: torch.dtype, device) -> list[Tensor]:
+        key, need = (torch.device(device), dtype), rows * cols
+        have = self._blocks.get(key, [])
+        if len(have) < k or have[0].numel() < need:
+            self._blocks.pop(key, None)  # the old blocks go before the new ones come
+            have = [torch.empty(need, dtype=dtype, device=device) for _ in range(max(k, len(have)))]
+            self._blocks[key] = have
+        return [b[:need].view(rows, cols) for b in have[:k]]
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
+SCRATCH = Scratch()
+
 
 def chunks(n: int, size: int) -> list[slice]:
     """[0, n) in consecutive slices of at most `size`."""
@@ -70,9 +105,10 @@ def chunks(n: int, size: int) -> list[slice]:
 
 
 def auto_chunk_size(vocab: int, device_type: str) -> int:
-    """Positions per chunk so that one float32 [C,V] tensor stays <= 16 MiB on CPU (under glibc's mmap
-    threshold: bigger blocks are mapped and unmapped every time, page faults dominate) or 256 MiB on CUDA."""
-    budget = 2**24 if device_type == "cpu" else 2**28
+    """Positions per chunk so that one float32 [C,V] block is <= 32 MiB on CPU or 256 MiB on CUDA. The blocks
+    are reused (`SCRATCH`), so larger chunks cost memory, not page faults; below ~50 positions at V = 152K the
+    head's matmuls get thin and slow on CPU."""
+    budget = 2**25 if device_type == "cpu" else 2**28
     return max(1, budget // (4 * vocab))
 
 
@@ -100,12 +136,15 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions                [P]
     y = labels[rows, cols]
-    parts = [torch.zeros(len(sig.terms), 0, device=labels.device)]
+    # written into in place: a small tensor kept per chunk would land in the holes the [C,V] blocks leave on the
+    # CPU heap, and the heap would grow with the number of chunks
+    terms = torch.empty(len(sig.terms), rows.numel(), device=labels.device)  #     [n_terms,P]
+    acc = accumulation_dtype(h_s, student)
     for sl in chunks(rows.numel(), chunk_size):
         r, c = rows[sl], cols[sl]
-        t = teacher(h_t[r, c]) if sig.needs_teacher else None  #                    [C,V]
-        parts.append(S.score_terms(sig, student(h_s[r, c]), t, y[sl], temperature=temperature))  # [n_terms,C]
-    terms = torch.cat(parts, dim=1)  #                                              [n_terms,P]
+        z_s, z_t = SCRATCH.blocks(2, len(r), student.vocab, acc, h_s.device)  #    [C,V] x 2
+        t = teacher.into(z_t, h_t[r, c]) if sig.needs_teacher else None
+        terms[:, sl] = S.score_terms(sig, student.into(z_s, h_s[r, c]), t, y[sl], temperature=temperature)
     u = torch.zeros(valid.shape, dtype=torch.float32, device=labels.device)
     for term in terms:
         x = torch.zeros_like(u)
@@ -117,18 +156,22 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
 # ---- the selective student head with chunked gradients --------------------------------------
 
 
+ChunkGrad = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None]]  # (h_c, sl, grad?) -> loss_c, dz_c
+
+
 class SelectedHeadLoss(torch.autograd.Function):
     """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward.
 
-    Per chunk only the logits' gradient dz_c [C,V] comes from autograd (closed form for forward and reverse
-    KL); then d/dh_c = dz_c W, and d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer
-    (addmm_), never a fresh [V,d] gradient per chunk to add afterwards."""
+    `chunk_grad` gives each chunk's loss and the logits' gradient dz_c [C,V] (closed form where the criterion
+    declares one, `closed_form_chunks`; else autograd, `autograd_chunks`); then d/dh_c = dz_c W, and
+    d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer (addmm_), never a fresh [V,d] gradient
+    per chunk to add afterwards."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, loss_chunk: Callable, parts: list[slice]):
+    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, chunk_grad: ChunkGrad, parts: list[slice]):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        need = need_h or need_W or need_b
         Wv = W.detach()[:vocab]  #                                                   [V,d]
-        bv = b.detach()[:vocab] if b is not None else None
         g_h = torch.zeros_like(h) if need_h else None  #                            [N,d]
         g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
         g_b = torch.zeros_like(b) if need_b else None
@@ -136,24 +179,19 @@ class SelectedHeadLoss(torch.autograd.Function):
                             device=h.device)  # sum_n c_n l(t_n)
         for sl in parts:
             h_c = h[sl].detach()  #                                                  [C,d]
-            z_c = F.linear(h_c, Wv, bv)  #                                           [C,V]
-            if need_h or need_W or need_b:
-                z_c.requires_grad_()
-                with torch.enable_grad():
-                    loss_c = loss_chunk(z_c, sl)  # sum_n c_n l(t_n)                 []
-                    (dz,) = torch.autograd.grad(loss_c, z_c)  #                      [C,V]
-                if need_h:
-                    g_h[sl] = dz @ Wv.to(dz.dtype)
-                if need_W:
-                    if dz.dtype == h_c.dtype == g_W.dtype:
-                        g_W[:vocab].addmm_(dz.t(), h_c)
-                    else:  # bf16 logits over fp32 master weights: the product in bf16, added in fp32
-                        g_W[:vocab] += (dz.t() @ h_c.to(dz.dtype)).to(g_W.dtype)
-                if need_b:
-                    g_b[:vocab] += dz.sum(0).to(g_b.dtype)
-            else:
-                loss_c = loss_chunk(z_c, sl)
-            total += loss_c.detach()
+            loss_c, dz = chunk_grad(h_c, sl, need)  #                               [], [C,V]
+            total += loss_c
+            if not need:
+                continue
+            if need_h:
+                g_h[sl] = dz @ Wv.to(dz.dtype)
+            if need_W:
+                if dz.dtype == h_c.dtype == g_W.dtype:
+                    g_W[:vocab].addmm_(dz.t(), h_c)
+                else:  # bf16 logits over fp32 master weights: the product in bf16, added in fp32
+                    g_W[:vocab] += (dz.t() @ h_c.to(dz.dtype)).to(g_W.dtype)
+            if need_b:
+                g_b[:vocab] += dz.sum(0).to(g_b.dtype)
         ctx.grads = (g_h, g_W, g_b)
         return total
 
@@ -162,6 +200,43 @@ class SelectedHeadLoss(torch.autograd.Function):
         grads = ctx.grads
         del ctx.grads
         return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None)
+
+
+def autograd_chunks(head: Head, loss_chunk: Callable[[Tensor, slice], Tensor]) -> ChunkGrad:
+    """Each chunk's loss on fresh logits, and dz from autograd (any criterion)."""
+
+    def run(h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        z_c = head(h_c)  #                                                           [C,V]
+        if not need_grad:
+            return loss_chunk(z_c, sl).detach(), None
+        z_c.requires_grad_()
+        with torch.enable_grad():
+            loss_c = loss_chunk(z_c, sl)  # sum_n c_n l(t_n)                        []
+            (dz,) = torch.autograd.grad(loss_c, z_c)
+        return loss_c.detach(), dz
+
+    return run
+
+
+def closed_form_chunks(head: Head, with_grad: Callable, teacher_into: Callable[[Tensor, slice], Tensor],
+                       c: Tensor, *, scale: float, temperature: float) -> ChunkGrad:
+    """Each chunk's loss sum_n c_n scale D_n and dz = c_n scale dD_n/dz from the criterion's closed form, in
+    three blocks reused for every chunk (SCRATCH): no autograd, no [C,V] allocation per chunk."""
+
+    def run(h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        z_s, z_t, work = SCRATCH.blocks(3, h_c.shape[0], head.vocab, c.dtype, h_c.device)  # [C,V] x 3
+        D, dz = with_grad(head.into(z_s, h_c), teacher_into(z_t, sl), temperature, work)
+        w = c[sl] * scale  #                                                         [C]
+        loss_c = (w * D).sum()
+        if not need_grad:
+            return loss_c, None
+        dz = dz.mul_(w.unsqueeze(-1))
+        dev = h_c.device.type
+        if torch.is_autocast_enabled(dev):  # the matmuls in the compute dtype, as autograd's dz would be
+            dz = dz.to(torch.get_autocast_dtype(dev))
+        return loss_c, dz
+
+    return run
 
 
 # ---- the step ------------------------------------------------------------------------------
@@ -234,7 +309,15 @@ def chunked_kd_loss(
             ell = ell + (1 - lam) * token_ce(s_c, y[sl])
         return (c[sl] * ell).sum()
 
-    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, loss_chunk, parts)
+    crit = sel.criterion
+    if (lam == 1 and cached is None and sel.classes is None and teacher is not None
+            and crit.coupling == "pointwise" and crit.closed_form is not None and not crit.options):
+        h_t_sel = lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])  # noqa: E731  (no grad)
+        chunk_grad = closed_form_chunks(student, crit.closed_form, h_t_sel, c, scale=temperature**2,
+                                        temperature=temperature)
+    else:
+        chunk_grad = autograd_chunks(student, loss_chunk)
+    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts)
     metrics = {
         "positions_valid": float(valid.sum()),
         "positions_selected": float(n_sel.sum()),

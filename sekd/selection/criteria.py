@@ -59,7 +59,9 @@ class Criterion:
       (must see every selected position at once: only what `as_criterion` makes of an undeclared callable).
     sparse: D against a sparse class target p~ over C_t, (s [N,V], SparseTarget, temperature) -> [N];
       None: the criterion cannot use one (classes other than full, or the teacher cache, are refused).
-    (A closed-form gradient per chunk would be one more optional declaration here.)
+    closed_form: D and its gradient in the student's logits written out, (s [C,V], t [C,V], temperature,
+      scratch [C,V]) -> (D [C], dD/ds [C,V]); it may overwrite s, t and scratch (the chunked flow's reused
+      blocks) and returns the gradient in s's storage. None: the flow takes the gradient from autograd.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Criterion:
     needs: frozenset[str] = frozenset()
     prepare: Callable[..., ChunkD] | None = None  # (Selected, **options) -> ChunkD
     sparse: Callable[..., Tensor] | None = None
+    closed_form: Callable[..., tuple[Tensor, Tensor]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -154,30 +157,55 @@ def _kl_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
+def log_softmax_(x: Tensor, temperature: float, scratch: Tensor) -> Tensor:
+    """x := log softmax(x / T), in place (scratch: a block of x's shape to work in).  [C,V] -> [C,V]"""
+    if temperature != 1.0:
+        x.div_(temperature)
+    m = x.amax(-1, keepdim=True)  #                                                   [C,1]
+    lse = torch.sub(x, m, out=scratch).exp_().sum(-1, keepdim=True).log_().add_(m)  # log sum_v e^x
+    return x.sub_(lse)
+
+
+def forward_kl_with_grad(s: Tensor, t: Tensor, temperature: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(p || q) and dKL/ds = (q - p) / T, overwriting s (the gradient), t and scratch.  -> [C], [C,V]"""
+    logq, logp = log_softmax_(s, temperature, scratch), log_softmax_(t, temperature, scratch)
+    p = torch.exp(logp, out=scratch)
+    terms = logp.sub_(logq).mul_(p)  # p (log p - log q), in t's storage
+    kl = terms.sum(-1)
+    if kl.isnan().any():  # a class the teacher rules out (logit -inf): 0 log 0 = 0
+        kl = terms.masked_fill_(p == 0, 0.0).sum(-1)
+    grad = logq.exp_().sub_(p)
+    return kl, grad if temperature == 1.0 else grad.div_(temperature)
+
+
+def reverse_kl_with_grad(s: Tensor, t: Tensor, temperature: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(q || p) and dKL/ds = q (log q - log p - KL) / T, overwriting s (the gradient), t and scratch."""
+    logq, logp = log_softmax_(s, temperature, scratch), log_softmax_(t, temperature, scratch)
+    q = torch.exp(logq, out=scratch)
+    gap = logq.sub_(logp)  # log q - log p, in s's storage
+    terms = torch.mul(gap, q, out=t)
+    kl, ruled_out = terms.sum(-1), None
+    if kl.isnan().any():  # a class the student rules out (logit -inf): 0 log 0 = 0, and no gradient there
+        ruled_out = q == 0
+        kl = terms.masked_fill_(ruled_out, 0.0).sum(-1)
+    grad = gap.sub_(kl.unsqueeze(-1)).mul_(q)
+    if ruled_out is not None:
+        grad.masked_fill_(ruled_out, 0.0)
+    return kl, grad if temperature == 1.0 else grad.div_(temperature)
+
+
 class _ClosedFormKL(torch.autograd.Function):
     """KL at temperature T between the student's and a constant teacher's logits, with the gradient in the
-    student's logits written out instead of traced through log_softmax, exp and the 0 log 0 mask:
-
-        forward KL(p || q):  dD/ds = (q - p) / T
-        reverse KL(q || p):  dD/ds = q (log q - log p - D) / T
-
-    computed with the value and kept as the one [N,V] tensor backward needs."""
+    student's logits written out (`forward_kl_with_grad`, `reverse_kl_with_grad`) instead of traced through
+    log_softmax, exp and the 0 log 0 mask; computed with the value and kept as the one [N,V] tensor backward
+    needs."""
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
-        logq, logp = _log_softmax(s, temperature), _log_softmax(t, temperature)
-        if reverse:
-            kl = _kl_from_logp(logq, logp)
-            q = logq.exp()
-            grad = torch.where(q > 0, q * (logq - logp - kl.unsqueeze(-1)), 0.0)
-        else:
-            p = logp.exp()
-            kl = (p * (logp - logq)).sum(-1)
-            if kl.isnan().any():  # a class the teacher rules out (logit -inf): 0 log 0 = 0, as the masked form
-                kl = _kl_from_logp(logp, logq)
-            grad = logq.exp_().sub_(p)
-        if temperature != 1.0:
-            grad.div_(temperature)
+        work = upcast(s).dtype
+        s_, t_ = s.to(work, copy=True), t.to(work, copy=True)
+        with_grad = reverse_kl_with_grad if reverse else forward_kl_with_grad
+        kl, grad = with_grad(s_, t_, temperature, torch.empty_like(s_))
         ctx.save_for_backward(grad)
         ctx.dtype = s.dtype
         return kl
@@ -196,13 +224,13 @@ def _kl(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
     return _ClosedFormKL.apply(s, t, temperature, reverse)
 
 
-@criterion("forward_kl", sparse=sparse_forward_kl)
+@criterion("forward_kl", sparse=sparse_forward_kl, closed_form=forward_kl_with_grad)
 def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
     return _kl(s, t, temperature, reverse=False)
 
 
-@criterion("reverse_kl")
+@criterion("reverse_kl", closed_form=reverse_kl_with_grad)
 def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
     return _kl(s, t, temperature, reverse=True)

@@ -261,6 +261,26 @@ def test_kl_closed_form_gradient_matches_float64_autograd(name, temperature):
     assert torch.isfinite(got_grad).all()
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_closed_form_declaration_matches_float64_autograd_with_ruled_out_classes(name, temperature):
+    # what the chunked flow calls on its reused blocks: (s, t, T, scratch) -> (D, dD/ds), overwriting them.
+    # The side whose KL weights the classes rules some out (logit -inf): 0 log 0 = 0, and no gradient there.
+    g = torch.Generator().manual_seed(11)
+    s, t = 3 * torch.randn(5, 40, generator=g), 3 * torch.randn(5, 40, generator=g)
+    (t if name == "forward_kl" else s)[:2, :4] = float("-inf")
+    s64 = s.double().requires_grad_()
+    logq, logp = torch.log_softmax(s64 / temperature, -1), torch.log_softmax(t.double() / temperature, -1)
+    a, b = (logp, logq) if name == "forward_kl" else (logq, logp)
+    ref = (a.exp() * torch.where(a.exp() > 0, a - b, 0.0)).sum(-1)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s64)
+    ref_grad = ref_grad.nan_to_num(0.0)  # autograd's 0 * inf at the ruled-out classes: their gradient is 0
+
+    D, grad = CRITERIA.get(name).closed_form(s.clone(), t.clone(), temperature, torch.empty_like(s))
+    torch.testing.assert_close(D.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_kl_keeps_the_traced_path_for_a_teacher_with_gradients():
     s, t = torch.randn(3, 9, requires_grad=True), torch.randn(3, 9, requires_grad=True)
     (gs, gt) = torch.autograd.grad(CRITERIA.get("forward_kl")(s, t, None).sum(), (s, t))
