@@ -215,13 +215,22 @@ class OnPolicy:
     max_new_tokens: int
     seq_len: int | None = None  # rows cut and padded to the data's length (None: the batch's longest)
 
-    def batch(self, student, idx: list[int], keys):
-        """The rollout of the samples `idx`; row i samples from its own key (sekd/rng.py RowKeys). With
-        seq_len every batch has the data rows' shape, so a step's tokens do not depend on the split."""
-        from sekd.kd.on_policy import rollout
+    def answers(self, student, idx: list[int], keys) -> list[torch.Tensor]:
+        """The student's answers to the prompts of samples `idx`, row i from its own key (sekd/rng.py RowKeys):
+        a sample's answer does not depend on what it is sampled with, so a step samples all its micro-batches
+        in one batched loop (half the forwards of two)."""
+        from sekd.kd.on_policy import rollout_answers
 
-        r = rollout(student, self.prompts(idx), pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
-                    top_p=self.top_p, max_new_tokens=self.max_new_tokens, keys=keys, seq_len=self.seq_len)
+        return rollout_answers(student, self.prompts(idx), pad_id=self.pad_id, eos_id=self.eos_id,
+                               temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                               keys=keys, seq_len=self.seq_len)
+
+    def batch(self, idx: list[int], answers: list[torch.Tensor]):
+        """The training rows of samples `idx` and their answers. With seq_len every batch has the data rows'
+        shape, so a step's tokens do not depend on the split."""
+        from sekd.kd.on_policy import build_rollout
+
+        r = build_rollout(self.prompts(idx), answers, pad_id=self.pad_id, seq_len=self.seq_len)
         return r.input_ids, r.labels
 
 
@@ -299,25 +308,37 @@ class Trainer:
         return True
 
     # -- one micro-batch ---------------------------------------------------------------------
-    def tokens(self, idx: list[int], micro: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch's tokens and targets: the data's own, or (on-policy steps) the student's
-        answers to its prompts, with targets on the generated tokens only."""
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def sample_step(self, micro_idx: list[list[int]]) -> list[list[torch.Tensor]] | None:
+        """On an on-policy step, the student's answers for every micro-batch of it, sampled in one batched
+        loop; None on an off-policy step. Each sample's answer is drawn from its key (run seed, step, global
+        sample index): the same on any rank, in any micro-batch, and again on resume."""
         from sekd.kd.on_policy import on_policy_step
         from sekd.rng import step_keys
 
-        if self.on_policy is not None and on_policy_step(self.prog.step, self.on_policy.mix):
-            # each sample's answer is drawn from its key (run seed, step, global sample index): the same on
-            # any rank, in any micro-batch, and again on resume
-            keys = step_keys(len(idx), generator=self.gen, step=self.prog.step, rows=idx)
-            with autocast:
-                x, y = self.on_policy.batch(self.student, idx, keys)
+        if self.on_policy is None or not on_policy_step(self.prog.step, self.on_policy.mix):
+            return None
+        flat = [i for idx in micro_idx for i in idx]
+        with self.autocast():
+            answers = self.on_policy.answers(self.student, flat, step_keys(len(flat), generator=self.gen,
+                                                                           step=self.prog.step, rows=flat))
+        ends = torch.tensor([len(idx) for idx in micro_idx]).cumsum(0).tolist()
+        return [answers[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+    def tokens(self, idx: list[int], answers: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's tokens and targets: the data's own, or (on-policy steps) the student's
+        answers to its prompts, with targets on the generated tokens only."""
+        if answers is not None:
+            x, y = self.on_policy.batch(idx, answers)
             self.prog.on_policy_batches += 1
             return x.to(self.device), y.to(self.device)
         return self.data.input_ids[idx].to(self.device), self.data.labels[idx].to(self.device)
 
-    def forward(self, idx: list[int], micro: int = 0):
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        x, y = self.tokens(idx, micro, autocast)  # [B,T]; y: x_{t+1} or -100
+    def forward(self, idx: list[int], answers: list[torch.Tensor] | None = None):
+        autocast = self.autocast()
+        x, y = self.tokens(idx, answers)  # [B,T]; y: x_{t+1} or -100
         samples = [self.data.sample_ids[i] for i in idx]
         cached = None
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
@@ -365,9 +386,10 @@ class Trainer:
         # loss sum, weight, selected, valid, tokens seen, teacher tokens, on-policy batches
         tally = torch.zeros(7, dtype=torch.float64)
         teacher0, on_policy0 = self.prog.teacher_tokens, self.prog.on_policy_batches
-        for micro in range(self.t.grad_accum):
-            idx = next(stream)
-            out, x = self.forward(idx, micro)
+        micro_idx = [next(stream) for _ in range(self.t.grad_accum)]
+        sampled = self.sample_step(micro_idx) or [None] * len(micro_idx)
+        for idx, answers in zip(micro_idx, sampled):
+            out, x = self.forward(idx, answers)
             if isinstance(idx, StandIn):  # no gradient (all_reduce_grads takes it as zeros); it counts nowhere
                 if self.sharded:  # but every rank must join each of FSDP's reduce-scatters: a zero gradient
                     (out.loss_sum * 0).backward()

@@ -101,15 +101,34 @@ STREAM = "on_policy"
 
 def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
     """The top-p nucleus of softmax(logits / temperature), in float64: its probabilities in descending
-    order, zero outside the nucleus, and the token ids of that order.  [B,V] -> ([B,V], [B,V] long)
+    order, zero outside the nucleus, and the token ids of that order.  [B,V] -> ([B,K], [B,K] long), K <= V
 
     The nucleus is the shortest prefix of the sorted distribution whose mass reaches top_p (a token is
     kept while the mass before it is < top_p), so the most likely token is always kept; ties keep the
-    lower id first (a stable sort), as greedy's argmax does."""
+    lower id first (a stable sort), as greedy's argmax does. Only the k most likely tokens are sorted
+    (k = 64, then 1024, then all): where the tokens strictly more likely than the k-th already reach top_p,
+    the nucleus lies among them and is the full sort's own prefix, ties and all."""
     p = torch.softmax(logits.double() / temperature, dim=-1)
+    V = p.shape[-1]
+    for k in (64, 1024):
+        if k >= V:
+            break
+        kth = torch.topk(p, k, dim=-1).values[:, -1:]  # the k-th largest probability   [B,1]
+        above = p > kth  # strictly more likely: the same set whatever the ties at the k-th
+        n_above = above.sum(-1, keepdim=True)  #                                      [B,1]
+        # the `above` tokens by id (then the k-th's ties, which sort after them), ordered as the full sort does
+        ids = torch.topk(torch.where(above, p, -1.0), k, dim=-1).indices.sort(-1).values  #    [B,k]
+        probs, order = torch.sort(p.gather(-1, ids), dim=-1, descending=True, stable=True)
+        cdf = probs.cumsum(-1)
+        if bool(((n_above > 0) & (cdf.gather(-1, (n_above - 1).clamp_min(0)) >= top_p)).all()):
+            return _cut(probs, cdf, top_p), ids.gather(-1, order)
     probs, order = torch.sort(p, dim=-1, descending=True, stable=True)
-    before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-    return torch.where(before < top_p, probs, torch.zeros_like(probs)), order
+    return _cut(probs, probs.cumsum(-1), top_p), order
+
+
+def _cut(probs: Tensor, cdf: Tensor, top_p: float) -> Tensor:
+    """Sorted probabilities, zero after the nucleus: a token stays while the mass before it is < top_p."""
+    return torch.where(cdf - probs < top_p, probs, torch.zeros_like(probs))
 
 
 def draw_tokens(logits: Tensor, u: Tensor, temperature: float, top_p: float) -> Tensor:
@@ -250,6 +269,15 @@ def answer_caps(prompts: list[Tensor], max_new_tokens: int, seq_len: int | None)
 def rollout(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
             max_new_tokens: int, keys: RowKeys, seq_len: int | None = None) -> Rollout:
     """sample_answers then build_rollout; with seq_len, each row samples at most what it can keep."""
+    answers = rollout_answers(student, prompts, pad_id=pad_id, eos_id=eos_id, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, keys=keys, seq_len=seq_len)
+    return build_rollout(prompts, answers, pad_id=pad_id, seq_len=seq_len)
+
+
+def rollout_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
+                    max_new_tokens: int, keys: RowKeys, seq_len: int | None = None) -> list[Tensor]:
+    """The answers `rollout` trains on, one per prompt (empty where the prompt fills seq_len). A row's answer
+    depends on its prompt and key only, so the prompts of several micro-batches can be sampled at once."""
     _check_prompts(prompts)
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} row keys for {len(prompts)} prompts")
@@ -263,7 +291,7 @@ def rollout(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, tempera
                              keys=RowKeys(tuple(keys.keys[i] for i in live)))
         for i, a in zip(live, got):
             answers[i] = a
-    return build_rollout(prompts, answers, pad_id=pad_id, seq_len=seq_len)
+    return answers
 
 
 # ---- mixing on- and off-policy steps --------------------------------------------------------

@@ -242,7 +242,7 @@ def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(
     gen = torch.Generator().manual_seed(1234)
 
     def batch(idx, step=3):
-        return op.batch(student, idx, step_keys(len(idx), generator=gen, step=step, rows=idx))
+        return op.batch(idx, op.answers(student, idx, step_keys(len(idx), generator=gen, step=step, rows=idx)))
 
     x, y = batch([0, 1, 2, 3])
     halves = [batch([0, 1]), batch([2, 3])]
@@ -276,6 +276,28 @@ def test_nucleus_keeps_the_shortest_prefix_reaching_top_p():
     got = draw_tokens(z.expand(N, -1), (torch.arange(N, dtype=torch.float64) + 0.5) / N, 0.7, 0.9)
     freq = torch.bincount(got, minlength=30).double() / N
     assert float((freq - nucleus_by_hand(z[0], 0.7, 0.9)).abs().max()) <= 1 / N + 1e-12
+
+
+def draw_by_full_sort(z: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The straightforward draw: stable sort of the whole vocabulary, cut, inverse CDF of u."""
+    from sekd.rng import categorical
+
+    probs, order = torch.sort(torch.softmax(z.double() / temperature, -1), dim=-1, descending=True, stable=True)
+    probs = torch.where(probs.cumsum(-1) - probs < top_p, probs, torch.zeros_like(probs))
+    return order.gather(-1, categorical(probs, 1, None, u=u[:, None])).squeeze(-1)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])  # flat (the k most likely do not reach top_p), typical, peaked
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 0.5), (1.5, 1.0)])
+def test_nucleus_from_the_most_likely_tokens_draws_what_the_full_sort_draws(scale, temperature, top_p):
+    # only the k most likely tokens are sorted where they hold the nucleus; every draw must be the one the full
+    # sort gives, tied logits included (a quantized vocabulary: many tokens share each value)
+    g = torch.Generator().manual_seed(int(scale * 100))
+    z = (torch.randn(64, 5000, generator=g) * 3 * scale).round(decimals=1)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    assert torch.equal(draw_tokens(z, u, temperature, top_p), draw_by_full_sort(z, u, temperature, top_p))
+    z[:, :300] = z.max() + 1.0  # 300 tokens tied at the top: more than the first k = 64
+    assert torch.equal(draw_tokens(z, u, temperature, top_p), draw_by_full_sort(z, u, temperature, top_p))
 
 
 @pytest.fixture(scope="module")
