@@ -1,28 +1,35 @@
 """Time one KD training step (forward + backward + optimizer step) per flow, at a named model shape.
 
-    python benchmarks/kd_step.py --shape tiny --steps 2 --warmup 1 --json out.json
-    python benchmarks/kd_step.py --shape logit_heavy --fresh-process --threads 1 --json cpu.json
-    python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json h100.json
+    python benchmarks/kd_step.py --shape tiny --rounds 2 --json out.json
+    python benchmarks/kd_step.py --shape logit_heavy --threads 1 --fresh-process --json cpu.json
+    python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json gpu.json
 
 Teacher and student are Qwen3ForCausalLM built from config alone (random weights, nothing downloads).
 The student keeps float32 master weights and computes under autocast in --dtype (as sekd/loop.py);
 the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the training loop's default; --optimizer sgd
-for plain SGD). Each variant times --steps steps after --warmup; the table gives the median.
+for plain SGD).
 
 Variants (SE-KD = top_k 20% by student entropy, forward KL, lam = 1, T = 1):
   floor            both bodies, no LM head, no KD: the student backpropagates mean(h^2)
   plain_torch_full_kd  [B,L,V] logits of both models, F.kl_div of their log-softmaxes over every position:
                    what plain torch does, the reference the other variants are measured against
+  trl_gkd_full_kd  TRL's GKDTrainer.generalized_jsd_loss (beta = 0) on both [B,L,V] logits   (the `bench` extra)
+  trl_chunked_full_kd  TRL's chunked divergence from both bodies' hidden states and heads     (the `bench` extra)
   dense_full_kd    [B,L,V] logits of both models, sekd.kd.objective.selective_kd_loss, policy all
   chunked_full_kd  sekd.kd.flows.chunked_kd_loss, policy all
   dense_se_kd      the dense flow, SE-KD
   selective_se_kd  the chunked flow, SE-KD: chunked entropy, selective student and teacher heads
-  cache_se_kd      student only (no teacher at all), SE-KD on cached rs_kd targets (N = 64 draws
-                   from synthetic teacher logits, drawn once before timing)
+  cache_se_kd      student only (no teacher at all), SE-KD on rs_kd targets read each step from a real
+                   teacher cache folder (N = 64 draws; built once, before timing, by sekd.cache.build)
+  teacher_forward  no training: the teacher's forward with its full head, [B,L,V] logits (no grad)
+  cache_build      no training: what building the cache does per batch (sekd.cache.build.shard_bytes: the
+                   teacher's forward, N = 64 draws per position, the encoded shard); x teacher_forward tok/s
 
-Peak memory: with --fresh-process each variant runs in its own process (on CPU, the child's
-ru_maxrss: everything resident, bodies and optimizer included; on CUDA, max_memory_allocated).
-Without it, CUDA peaks are per variant (reset_peak_memory_stats) and CPU peaks are not reported.
+Time: --rounds rounds after one warm-up round, every variant once per round in turn, in one process (so
+what slows the machine slows every variant alike); the table gives min and median step seconds.
+Peak memory (--fresh-process): each variant again in its own process, its peak above the baseline of that
+process once models, batch and cache are made (CPU: Linux VmHWM reset at the baseline, so nothing of the
+parent's or of the loading counts; CUDA: max_memory_allocated above memory_allocated).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -54,8 +61,11 @@ from sekd.selection.criteria import forward_kl  # noqa: E402
 from sekd.selection.policies import POLICIES  # noqa: E402
 from sekd.selection.signals import SIGNALS  # noqa: E402
 
-VARIANTS = ("floor", "plain_torch_full_kd", "dense_full_kd", "chunked_full_kd", "dense_se_kd", "selective_se_kd",
-            "cache_se_kd")
+VARIANTS = ("floor", "plain_torch_full_kd", "trl_gkd_full_kd", "trl_chunked_full_kd", "dense_full_kd", "chunked_full_kd",
+            "dense_se_kd", "selective_se_kd", "cache_se_kd", "teacher_forward", "cache_build")
+NEEDS_TRL = ("trl_gkd_full_kd", "trl_chunked_full_kd")
+NO_GRAD = ("teacher_forward", "cache_build")  # no training step: the teacher's work alone
+N_DRAWS = 64
 GIB = 2**30
 
 
@@ -117,42 +127,61 @@ def full_kd() -> Selector:
     return Selector(None, POLICIES.build("all"), forward_kl)
 
 
-def synthetic_cache(labels: torch.Tensor, vocab: int, n_draws: int = 64, seed: int = 0) -> SparseTarget:
-    """rs_kd targets (distinct ids among N draws, p~ = c/N) for every valid position, from random logits."""
-    from sekd.cache.draws import rs_kd_draws, to_sparse
+def have_trl() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    g = torch.Generator().manual_seed(seed)
-    P = int((labels != IGNORE).sum())
-    ids, counts, offsets, start = [], [], [torch.zeros(1, dtype=torch.long)], 0
-    for a in range(0, P, 64):
-        z = torch.randn(min(64, P - a), vocab, generator=g) * 3.0
-        i, c, o = rs_kd_draws(z, n_draws, 1.0, g)
-        ids.append(i), counts.append(c), offsets.append(o[1:] + start)
-        start += int(o[-1])
-    ids_pad, probs, mask = to_sparse(torch.cat(ids), torch.cat(counts), torch.cat(offsets), n_draws)
-    return SparseTarget(ids_pad, probs, mask).to(labels.device)
+
+def sample_ids(n: int) -> list[str]:
+    """The batch rows' sample ids (16 hex characters, as sekd.data.packing makes them)."""
+    return [f"{i:016x}" for i in range(n)]
+
+
+def build_teacher_cache(teacher, x: torch.Tensor, y: torch.Tensor, vocab: int, out: Path) -> Path:
+    """A real teacher cache folder of the batch's rows, as `sekd-cache` builds it."""
+    from sekd.cache.build import build_cache
+    from sekd.data.packing import PackedData
+
+    data = PackedData(x.cpu(), y.cpu(), sample_ids(x.shape[0]))
+    build_cache(teacher, data, out, teacher_name="random-qwen3", tokenizer_sig="none", n_draws=N_DRAWS,
+                num_shards=1, batch_size=x.shape[0], device=x.device, vocab_size=vocab, progress=False)
+    return out
 
 
 class Bench:
     """Models, batch and optimizer of one shape; `step(variant)` runs one training step."""
 
     def __init__(self, shape: Shape, *, batch: int, seq: int, device: str, dtype: str, optimizer: str,
-                 chunk_size: int, variants: tuple[str, ...], seed: int = 0):
+                 chunk_size: int, variants: tuple[str, ...], seed: int = 0, cache_dir: Path | None = None):
         torch.manual_seed(seed)
         self.shape, self.device, self.chunk_size, self.V = shape, torch.device(device), chunk_size, shape.vocab
         self.dtype = getattr(torch, dtype)
         self.student = qwen3(shape.student, self.V, torch.float32, device).train()
-        self.teacher = None  # cache_se_kd alone runs without one
-        if any(v != "cache_se_kd" for v in variants):
-            self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = (torch.optim.AdamW(params, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-5))
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randint(0, self.V, (batch, seq), generator=g).to(self.device)  # [B,L]
         y = torch.full_like(self.x, IGNORE)
         y[:, :-1] = self.x[:, 1:]  # x_{t+1}; the last position has no target
         self.y = y
-        self.cached = synthetic_cache(self.y.cpu(), self.V).to(self.device) if "cache_se_kd" in variants else None
+        self.teacher = None  # cache_se_kd alone runs without one
+        needs_cache = "cache_se_kd" in variants and cache_dir is None
+        if needs_cache or any(v != "cache_se_kd" for v in variants):
+            self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False)
+        self.cache = None
+        if "cache_se_kd" in variants:
+            from sekd.cache.store import TeacherCache
+
+            if cache_dir is None:
+                self._tmp = tempfile.TemporaryDirectory()
+                cache_dir = build_teacher_cache(self.teacher, self.x, self.y, self.V, Path(self._tmp.name) / "cache")
+            self.cache = TeacherCache.open(cache_dir)
+            if all(v == "cache_se_kd" for v in variants):
+                self.teacher = None
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = (torch.optim.AdamW(params, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-5))
+        self.sample_ids = sample_ids(batch)
         self.gen = torch.Generator().manual_seed(seed + 2)
 
     def autocast(self):
@@ -170,7 +199,7 @@ class Bench:
                 with torch.no_grad():
                     self.hidden(self.teacher)
                 return floor_loss(self.hidden(self.student))
-            if variant.startswith(("dense", "plain")):
+            if variant.startswith(("dense", "plain", "trl_gkd")):
                 s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
@@ -178,27 +207,59 @@ class Bench:
                     logq = F.log_softmax(s_logits[:, :-1].float(), -1).flatten(0, 1)  # the last has none
                     logp = F.log_softmax(t_logits[:, :-1].float(), -1).flatten(0, 1)
                     return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+                if variant == "trl_gkd_full_kd":
+                    from trl.experimental.gkd import GKDTrainer
+
+                    return GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(), labels=self.y, beta=0.0)
+            elif variant == "trl_chunked_full_kd":
+                from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+                h_s = self.hidden(self.student)
+                with torch.no_grad():
+                    h_t = self.hidden(self.teacher)
+                W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
+                loss, _, _ = _chunked_divergence_loss(h_s, h_t, W_s[: self.V], W_t[: self.V],
+                                                      (self.y != IGNORE).long(), beta=0.0)
+                return loss
             else:
                 h_s = self.hidden(self.student)
-                h_t, head_t = None, None
-                if variant != "cache_se_kd":
+                h_t, head_t, cached = None, None, None
+                if variant == "cache_se_kd":  # read from the cache folder every step, as the training loop does
+                    cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
+                else:
                     with torch.no_grad():
                         h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
                 sel = full_kd() if variant == "chunked_full_kd" else se_kd()
                 out = chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, self.y, sel,
-                                      vocab=self.V, cached=self.cached if variant == "cache_se_kd" else None,
-                                      chunk_size=self.chunk_size, **kw)
+                                      vocab=self.V, cached=cached, chunk_size=self.chunk_size, **kw)
                 return out.loss_sum / max(out.weight, 1e-12)
         out = selective_kd_loss(s_logits, t_logits, self.y, full_kd() if variant == "dense_full_kd" else se_kd(), **kw)
         return out.loss_sum / max(out.weight, 1e-12)
 
+    @torch.no_grad()
+    def teacher_work(self, variant: str) -> None:
+        """teacher_forward: the teacher's logits with its full head; cache_build: the cache's work per batch."""
+        with self.autocast():
+            if variant == "teacher_forward":
+                self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
+                return
+        from sekd.cache.build import shard_bytes
+        from sekd.data.packing import PackedData
+
+        data = PackedData(self.x.cpu(), self.y.cpu(), self.sample_ids)
+        shard_bytes(self.teacher, data, list(range(len(self.sample_ids))), n_draws=N_DRAWS, temperature=1.0, seed=0,
+                    vocab_size=self.V, batch_size=len(self.sample_ids), device=self.device)
+
     def step(self, variant: str) -> float:
-        """One optimizer step; wall seconds."""
+        """One optimizer step (or the teacher's work alone); wall seconds."""
         self.sync()
         t0 = time.perf_counter()
-        self.loss(variant).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if variant in NO_GRAD:
+            self.teacher_work(variant)
+        else:
+            self.loss(variant).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.sync()
         return time.perf_counter() - t0
 
@@ -207,21 +268,39 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def run_variant(bench: Bench, variant: str, *, steps: int, warmup: int, fresh: bool) -> dict:
-    cuda = bench.device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
+def time_rounds(bench: Bench, variants: tuple[str, ...], *, rounds: int) -> dict[str, list[float]]:
+    """Every variant once per round, in turn, after one warm-up round.  variant -> step seconds per round"""
+    from tqdm import tqdm
+
+    for v in variants:
+        bench.step(v)
+    times = {v: [] for v in variants}
+    for _ in tqdm(range(rounds), desc="rounds", leave=False, file=sys.stderr):
+        for v in variants:
+            times[v].append(bench.step(v))
+    return times
+
+
+def _status_bytes(key: str) -> int:
+    """A field of /proc/self/status (Linux), in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def peak_above_baseline(bench: Bench, variant: str, steps: int = 3) -> tuple[float, float]:
+    """(peak GiB above the baseline, the baseline GiB) of `steps` steps of `variant`, in this process: the
+    baseline is what the models, batch and cache hold before the first step."""
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(bench.device)
-    for _ in range(warmup):
+        base = torch.cuda.memory_allocated(bench.device)
+        for _ in range(steps):
+            bench.step(variant)
+        return (torch.cuda.max_memory_allocated(bench.device) - base) / GIB, base / GIB
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
+    base = _status_bytes("VmRSS")
+    for _ in range(steps):
         bench.step(variant)
-    times = [bench.step(variant) for _ in range(steps)]
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(bench.device) / GIB
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB if fresh else None
-    med = statistics.median(times)
-    tokens = bench.x.numel()
-    return {"variant": variant, "median_s": med, "step_s": times, "tokens_per_s": tokens / med, "peak_gib": peak}
+    return (_status_bytes("VmHWM") - base) / GIB, base / GIB
 
 
 def machine(device: str) -> dict:
@@ -241,12 +320,14 @@ def machine(device: str) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """tokens/s relative to floor's, and memory above floor's."""
-    floor = next((r for r in rows if r["variant"] == "floor"), None)
+    """Time relative to plain torch's; tokens/s relative to the floor's; cache_build's to teacher_forward's."""
+    by = {r["variant"]: r for r in rows}
     for r in rows:
-        r["ratio_to_floor"] = r["tokens_per_s"] / floor["tokens_per_s"] if floor else None
-        both = floor and r["peak_gib"] is not None and floor["peak_gib"] is not None
-        r["mem_above_floor_gib"] = r["peak_gib"] - floor["peak_gib"] if both else None
+        ref = by.get("teacher_forward" if r["variant"] in NO_GRAD else "plain_torch_full_kd")
+        r["time_vs_plain"] = r["median_s"] / ref["median_s"] if ref and r["variant"] not in NO_GRAD else None
+        r["ratio_to_floor"] = r["tokens_per_s"] / by["floor"]["tokens_per_s"] if "floor" in by else None
+        if r["variant"] == "cache_build" and ref:
+            r["vs_teacher_forward"] = r["tokens_per_s"] / ref["tokens_per_s"]
 
 
 def table(rows: list[dict]) -> str:
@@ -255,25 +336,27 @@ def table(rows: list[dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    return tabulate([[r["variant"], f(r["median_s"], ".4f"), f(r["tokens_per_s"], ",.0f"), f(r["peak_gib"], ".3f"),
-                      f(r["ratio_to_floor"], ".3f"), f(r["mem_above_floor_gib"], "+.3f")] for r in rows],
-                    headers=["variant", "median step s", "tokens/s", "peak GiB", "x floor tok/s", "GiB above floor"])
+    return tabulate([[r["variant"], f(r["min_s"], ".4f"), f(r["median_s"], ".4f"), f(r["tokens_per_s"], ",.0f"),
+                      f(r["time_vs_plain"], ".2f"), f(r["ratio_to_floor"], ".3f"), f(r.get("peak_above_gib"), ".3f")]
+                     for r in rows],
+                    headers=["variant", "min step s", "median step s", "tokens/s", "x plain time", "x floor tok/s",
+                             "GiB above baseline"])
 
 
-def child(args, variant: str) -> dict:
-    """Run one variant in a fresh interpreter; its peak memory is its own."""
+def child_peak(args, variant: str, cache_dir: Path | None) -> tuple[float, float]:
+    """`variant`'s peak above its baseline, in a fresh interpreter (nothing carried over from this one)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "one.json"
-        cmd = [sys.executable, __file__, "--shape", args.shape, "--variants", variant, "--json", str(out),
-               "--one-variant"] + [f"--{k.replace('_', '-')}={v}" for k, v in
-                                   (("batch", args.batch), ("seq", args.seq), ("steps", args.steps),
-                                    ("warmup", args.warmup), ("device", args.device), ("dtype", args.dtype),
-                                    ("optimizer", args.optimizer), ("chunk_size", args.chunk_size),
-                                    ("threads", args.threads)) if v is not None]
+        out = Path(tmp) / "peak.json"
+        cmd = [sys.executable, __file__, "--shape", args.shape, "--variants", variant, "--peak-json", str(out)]
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in
+                (("batch", args.batch), ("seq", args.seq), ("device", args.device), ("dtype", args.dtype),
+                 ("optimizer", args.optimizer), ("chunk_size", args.chunk_size), ("threads", args.threads),
+                 ("cache_dir", cache_dir)) if v is not None]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"variant {variant} failed:\n{res.stderr[-4000:]}")
-        return json.loads(out.read_text())["results"][0]
+        got = json.loads(out.read_text())
+        return got["peak_above_gib"], got["baseline_gib"]
 
 
 def parse(argv=None):
@@ -281,18 +364,20 @@ def parse(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--batch", type=int, help="default: the shape's")
     p.add_argument("--seq", type=int, help="default: the shape's")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--variants", default=None, help=f"comma-separated, of: {', '.join(VARIANTS)} "
+                   "(default: all; TRL's where trl is installed)")
     p.add_argument("--device", help="default: the shape's (cuda shapes fall back to nothing: they need a GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the shape's")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--chunk-size", type=int, help="positions per LM-head chunk of the chunked flow "
                    "(default: sekd.kd.flows.auto_chunk_size: 32 MiB of float32 logits on CPU, 256 MiB on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--fresh-process", action="store_true", help="each variant in its own process (per-variant peaks)")
+    p.add_argument("--fresh-process", action="store_true", help="also each variant's peak memory, each in its "
+                   "own process")
     p.add_argument("--json", type=Path, help="write machine info, options and results here")
-    p.add_argument("--one-variant", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
+    p.add_argument("--peak-json", type=Path, help=argparse.SUPPRESS)  # child_peak's child
     return p.parse_args(argv)
 
 
@@ -311,26 +396,39 @@ def main(argv=None) -> list[dict]:
     args.chunk_size = args.chunk_size or auto_chunk_size(shape.vocab, torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    variants = (tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants
+                else tuple(v for v in VARIANTS if v not in NEEDS_TRL or have_trl()))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        raise SystemExit(f"kd_step: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if any(v in NEEDS_TRL for v in variants) and not have_trl():
+        raise SystemExit("kd_step: the TRL variants need trl: pip install -e '.[bench]'")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if any(v in NEEDS_TRL for v in variants):  # imported now: trl's import is neither a step's time nor its memory
+        import trl.experimental.gkd, trl.trainer.distillation_trainer  # noqa: E401, F401
 
-    if args.fresh_process and not args.one_variant:
-        rows = [child(args, v) for v in variants]
-    else:
-        bench = Bench(shape, batch=args.batch, seq=args.seq, device=args.device, dtype=args.dtype,
-                      optimizer=args.optimizer, chunk_size=args.chunk_size, variants=variants)
-        fresh = args.one_variant
-        rows = [run_variant(bench, v, steps=args.steps, warmup=args.warmup, fresh=fresh) for v in variants]
+    bench = Bench(shape, batch=args.batch, seq=args.seq, device=args.device, dtype=args.dtype,
+                  optimizer=args.optimizer, chunk_size=args.chunk_size, variants=variants, cache_dir=args.cache_dir)
+    if args.peak_json:  # the child of child_peak
+        peak, base = peak_above_baseline(bench, variants[0])
+        args.peak_json.write_text(json.dumps({"peak_above_gib": peak, "baseline_gib": base}))
+        return []
+    times = time_rounds(bench, variants, rounds=args.rounds)
+    tokens = bench.x.numel()
+    rows = [{"variant": v, "min_s": min(times[v]), "median_s": statistics.median(times[v]), "step_s": times[v],
+             "tokens_per_s": tokens / statistics.median(times[v])} for v in variants]
+    if args.fresh_process:
+        cache_dir = Path(bench.cache.root) if bench.cache is not None else None
+        for r in rows:
+            r["peak_above_gib"], r["baseline_gib"] = child_peak(args, r["variant"], cache_dir)
     add_ratios(rows)
-    if not args.one_variant:
-        print(f"shape={args.shape} B={args.batch} L={args.seq} V={shape.vocab} device={args.device} "
-              f"dtype={args.dtype} optimizer={args.optimizer} chunk_size={args.chunk_size} "
-              f"threads={torch.get_num_threads()} steps={args.steps} warmup={args.warmup}")
-        print(table(rows))
+    print(f"shape={args.shape} B={args.batch} L={args.seq} V={shape.vocab} device={args.device} "
+          f"dtype={args.dtype} optimizer={args.optimizer} chunk_size={args.chunk_size} "
+          f"threads={torch.get_num_threads()} rounds={args.rounds}")
+    print(table(rows))
     if args.json:
-        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "one_variant"}
+        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("peak_json", "cache_dir")}
         report = {"machine": {**info, "threads": torch.get_num_threads()}, "options": opts, "shape": asdict(shape),
                   "results": rows}
         args.json.write_text(json.dumps(report, indent=2))

@@ -113,11 +113,9 @@ def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, T
     for k in (64, 1024):
         if k >= V:
             break
-        kth = torch.topk(p, k, dim=-1).values[:, -1:]  # the k-th largest probability   [B,1]
-        above = p > kth  # strictly more likely: the same set whatever the ties at the k-th
-        n_above = above.sum(-1, keepdim=True)  #                                      [B,1]
-        # the `above` tokens by id (then the k-th's ties, which sort after them), ordered as the full sort does
-        ids = torch.topk(torch.where(above, p, -1.0), k, dim=-1).indices.sort(-1).values  #    [B,k]
+        top, ids = torch.topk(p, k, dim=-1)  # every token more likely than the k-th is among them    [B,k]
+        n_above = (top > top[:, -1:]).sum(-1, keepdim=True)  # strictly: ties at the k-th may be cut   [B,1]
+        ids = ids.sort(-1).values  # by id, so the stable sort below orders ties as the full sort does
         probs, order = torch.sort(p.gather(-1, ids), dim=-1, descending=True, stable=True)
         cdf = probs.cumsum(-1)
         if bool(((n_above > 0) & (cdf.gather(-1, (n_above - 1).clamp_min(0)) >= top_p)).all()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +15,33 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import kd_step  # noqa: E402
 
 
-def test_tiny_runs_every_variant(tmp_path):
+def test_tiny_runs_every_variant_interleaved_with_fresh_process_peaks(tmp_path):
     out = tmp_path / "tiny.json"
-    res = subprocess.run([sys.executable, "benchmarks/kd_step.py", "--shape", "tiny", "--steps", "2", "--warmup", "1",
-                          "--threads", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "benchmarks/kd_step.py", "--shape", "tiny", "--rounds", "2", "--threads", "1",
+                          "--fresh-process", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert [r["variant"] for r in report["results"]] == list(kd_step.VARIANTS)
-    assert all(r["tokens_per_s"] > 0 and len(r["step_s"]) == 2 for r in report["results"])
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == list(kd_step.VARIANTS)  # trl is installed with the bench extra
+    assert all(r["tokens_per_s"] > 0 and len(r["step_s"]) == 2 and r["min_s"] <= r["median_s"] for r in rows.values())
+    assert all(r["peak_above_gib"] >= 0 and r["baseline_gib"] > 0 for r in rows.values())
+    assert rows["plain_torch_full_kd"]["time_vs_plain"] == 1.0 and rows["cache_build"]["vs_teacher_forward"] > 0
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["threads"] == 1
-    assert "dense_full_kd" in res.stdout  # the table
+    assert "dense_full_kd" in res.stdout and "x plain time" in res.stdout  # the table
+
+
+def test_cache_se_kd_reads_a_real_cache_folder(tmp_path):
+    """The cache variant trains on targets read from a folder sekd.cache.build wrote: the same targets the
+    teacher's rs_kd draws give for those rows, each step."""
+    from sekd.cache.store import TeacherCache
+
+    bench = kd_step.Bench(kd_step.SHAPES["tiny"], batch=2, seq=16, device="cpu", dtype="float32", optimizer="sgd",
+                          chunk_size=8, variants=("cache_se_kd",))
+    assert bench.teacher is None and isinstance(bench.cache, TeacherCache)  # the student alone trains
+    assert (Path(bench.cache.root) / "manifest.json").exists()
+    ids, probs, mask = bench.cache.targets(bench.sample_ids, bench.y)
+    assert ids.shape[0] == int((bench.y != kd_step.IGNORE).sum()) and torch.allclose(probs.sum(-1), torch.ones(1))
+    assert bench.step("cache_se_kd") > 0
 
 
 @pytest.mark.parametrize("role,params", [("teacher", 8.19e9), ("student", 1.72e9)])
