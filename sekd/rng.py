@@ -21,9 +21,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-# float64 CDF rows are built this many elements at a time (a [P,V] teacher distribution in float64
-# would double its memory); draws do not depend on the chunking
-_CDF_ELEMENTS = 1 << 24
+# float64 CDF rows are built this many elements at a time: blocks of 512 KiB stay in the CPU's caches and
+# on the heap (a [P,V] float64 CDF at V = 152K is mapped and page-faulted afresh each time, several times
+# slower); draws do not depend on the chunking
+_CDF_ELEMENTS = 1 << 16
 
 
 def check_cpu_generator(generator: torch.Generator | None, who: str) -> None:
@@ -53,13 +54,15 @@ def categorical(probs: Tensor, n: int, generator: torch.Generator | None, who: s
     out = torch.empty(P, n, dtype=torch.long, device=probs.device)
     rows = max(1, _CDF_ELEMENTS // max(V, 1))
     for a in range(0, P, rows):
-        p = probs[a : a + rows].double()
-        p = torch.where(p.sum(-1, keepdim=True) > 0, p, torch.ones_like(p))  # empty rows: uniform
-        cdf = p.cumsum(-1)  # [r,V]
-        idx = torch.searchsorted(cdf, u[a : a + rows] * cdf[:, -1:], right=True)  # [r,n]
-        # u * sum can round up to the sum: that draw belongs to the last class of positive probability
-        last = V - 1 - (p > 0).flip(-1).long().argmax(-1, keepdim=True)  # [r,1]
-        out[a : a + rows] = torch.minimum(idx, last)
+        cdf = torch.cumsum(probs[a : a + rows], -1, dtype=torch.float64)  # summed in float64     [r,V]
+        total = cdf[:, -1:].contiguous()  #                                                       [r,1]
+        ua = u[a : a + rows]
+        idx = torch.searchsorted(cdf, ua * total, right=True)  #                                  [r,n]
+        # u * sum can round up to the sum: that draw belongs to the class where the cdf reaches the sum,
+        # which has positive probability (the cdf steps up there), never to trailing zero-probability classes
+        idx = torch.minimum(idx, torch.searchsorted(cdf, total))
+        uniform_draw = (ua * V).long().clamp_max(V - 1)  # a row summing to 0 draws uniformly
+        out[a : a + rows] = torch.where(total > 0, idx, uniform_draw)
     return out
 
 

@@ -108,7 +108,8 @@ def shard_bytes(teacher, data: PackedData, rows: list[int], *, n_draws: int, tem
             sid = data.sample_ids[r]
             valid = data.labels[r] != IGNORE  # [L]
             g = sample_generator(sid, seed)  # a CPU generator: the same draws on every device
-            ids, counts, offsets = rs_kd_draws(z[b][valid.to(device)], n_draws, temperature, g)  # [R],[R],[P+1]
+            at = valid.to(device).nonzero().squeeze(1)  # the valid positions, read in place       [P]
+            ids, counts, offsets = rs_kd_draws(z[b], n_draws, temperature, g, rows=at)  # [R],[R],[P+1]
             body, n_pos, n_rec = encode_block(valid.numpy(), ids.cpu().numpy(), counts.cpu().numpy(),
                                               offsets.cpu().numpy(), n_draws, vocab_size)
             blocks.append((sid, body, n_pos, n_rec))

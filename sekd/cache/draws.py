@@ -14,7 +14,11 @@ import hashlib
 import torch
 from torch import Tensor
 
-from sekd.rng import categorical
+from sekd.rng import categorical, uniform
+
+# positions are drawn this many logits at a time: small blocks stay in the CPU's caches and on the heap
+# (a [P,V] softmax at V = 152K is hundreds of MB, mapped and page-faulted afresh every time)
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def sample_generator(sample_id: str, seed: int) -> torch.Generator:
@@ -25,10 +29,11 @@ def sample_generator(sample_id: str, seed: int) -> torch.Generator:
 
 def rs_kd_draws(
     t_logits: Tensor, n_draws: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-    u: Tensor | None = None,
+    u: Tensor | None = None, rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """N draws per row from softmax(z / T), reduced to distinct ids (ascending) and counts c_v; the
     uniforms come from `generator`, or are given (u [P,N], per-position keyed ones in training).
+    rows: draw at t_logits[rows] only (read block by block, never copied out whole).
 
     [P,V] -> ids [R] long, counts [R] long (sum per row = N), offsets [P+1] long (row p is
     ids[offsets[p]:offsets[p+1]]); R = total distinct classes. All on t_logits' device.
@@ -37,13 +42,19 @@ def rs_kd_draws(
         raise ValueError(f"n_draws must be >= 1, got {n_draws}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    P = t_logits.shape[0]
+    P = t_logits.shape[0] if rows is None else rows.numel()
     dev = t_logits.device
     if P == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty.clone(), torch.zeros(1, dtype=torch.long, device=dev)
-    p = torch.softmax(t_logits.float() / temperature, dim=-1)  # float32 whatever the teacher's dtype  [P,V]
-    draws = categorical(p, n_draws, generator, who="rs_kd draws", u=u)  # [P,N]
+    if u is None:  # all P x N at once, as one categorical call would draw them: blocks do not change the draws
+        u = uniform((P, n_draws), generator, dev, torch.float64, "rs_kd draws")
+    draws = torch.empty(P, n_draws, dtype=torch.long, device=dev)  #                                    [P,N]
+    block = max(1, _BLOCK_ELEMENTS // t_logits.shape[-1])
+    for a in range(0, P, block):
+        z = (t_logits[a : a + block] if rows is None else t_logits[rows[a : a + block]]).float()  # float32
+        p = torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)  #                       [b,V]
+        draws[a : a + block] = categorical(p, n_draws, None, who="rs_kd draws", u=u[a : a + block])
     s = draws.sort(dim=-1).values  # equal ids are adjacent                                           [P,N]
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]  # first of each run of equal ids; column 0 starts every row   [P,N]

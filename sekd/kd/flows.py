@@ -93,6 +93,13 @@ class Scratch:
     def clear(self) -> None:
         self._blocks.clear()
 
+    def release(self, device: torch.device) -> None:
+        """Hand a GPU's blocks back to its caching allocator (which reuses memory without page faults, and
+        can give it to the backward pass meanwhile); a CPU's blocks are kept for the next step."""
+        if device.type != "cpu":
+            for key in [k for k in self._blocks if k[0] == device]:
+                del self._blocks[key]
+
 
 SCRATCH = Scratch()
 
@@ -318,6 +325,7 @@ def chunked_kd_loss(
     else:
         chunk_grad = autograd_chunks(student, loss_chunk)
     loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts)
+    SCRATCH.release(h_s.device)
     metrics = {
         "positions_valid": float(valid.sum()),
         "positions_selected": float(n_sel.sum()),

@@ -47,3 +47,20 @@ def test_unknown_variant_is_refused_in_one_line():
     res = subprocess.run([sys.executable, "benchmarks/kd_loss.py", "--variants", "plain_torch_full_kd,fast_kd"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "unknown variants ['fast_kd']" in res.stderr.strip().splitlines()[-1]
+
+
+def test_the_gpu_script_refuses_a_machine_without_cuda(tmp_path):
+    import os
+
+    res = subprocess.run(["bash", "benchmarks/gpu_kd.sh", str(tmp_path / "out")], cwd=ROOT,
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "gpu_kd: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_shape_without_cuda_is_refused_in_one_line():
+    res = subprocess.run([sys.executable, "benchmarks/kd_loss.py", "--shape", "qwen3_8b_to_1.7b", "--device", "cuda"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "needs CUDA" in res.stderr

@@ -92,3 +92,17 @@ def test_rejects_bad_arguments():
         rs_kd_draws(torch.zeros(2, 3), 0, 1.0)
     with pytest.raises(ValueError, match="temperature"):
         rs_kd_draws(torch.zeros(2, 3), 4, 0.0)
+
+
+def test_blocks_and_rows_do_not_change_the_draws(monkeypatch):
+    # positions are drawn a block at a time, and `rows` reads the valid positions in place: the same draws as
+    # one pass over the copied-out positions
+    from sekd.cache import draws as D
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 300, generator=g) * 3
+    rows = torch.tensor([0, 2, 3, 5, 8, 13, 21, 34, 39])
+    whole = rs_kd_draws(z[rows], 16, 1.5, torch.Generator().manual_seed(9))
+    monkeypatch.setattr(D, "_BLOCK_ELEMENTS", 2 * 300)  # two positions per block
+    got = rs_kd_draws(z, 16, 1.5, torch.Generator().manual_seed(9), rows=rows)
+    assert all(torch.equal(a, b) for a, b in zip(got, whole))

@@ -338,3 +338,19 @@ def test_tiny_qwen3_pair_trainer_recipe():
     assert grads["dense"].keys() == grads["chunked"].keys()
     for name, g in grads["dense"].items():
         torch.testing.assert_close(grads["chunked"][name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_scratch_blocks_are_reused_across_chunks_and_steps():
+    # the chunked flow's [C,V] blocks: one allocation serves every chunk of every step (no fresh block per chunk)
+    from sekd.kd.flows import Scratch
+
+    scratch = Scratch()
+    a, b, c = scratch.blocks(3, 8, 100, torch.float32, "cpu")
+    again = scratch.blocks(3, 5, 100, torch.float32, "cpu")  # a smaller last chunk: views of the same blocks
+    assert [x.data_ptr() for x in again] == [x.data_ptr() for x in (a, b, c)]
+    assert again[0].shape == (5, 100) and again[0].is_contiguous()
+    bigger = scratch.blocks(2, 16, 100, torch.float32, "cpu")  # a larger chunk: new blocks, the old ones dropped
+    assert bigger[0].shape == (16, 100) and len(scratch._blocks[(torch.device("cpu"), torch.float32)]) == 3
+    scratch.release(torch.device("cpu"))  # kept on the CPU for the next step
+    assert scratch.blocks(1, 16, 100, torch.float32, "cpu")[0].data_ptr() == bigger[0].data_ptr()
+    assert scratch.blocks(1, 4, 4, torch.float64, "cpu")[0].dtype == torch.float64  # per dtype
