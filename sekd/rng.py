@@ -21,10 +21,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-# float64 CDF rows are built this many elements at a time: blocks of 512 KiB stay in the CPU's caches and
+# float64 CDF rows are built this many elements at a time: on CPU blocks of 512 KiB stay in the caches and
 # on the heap (a [P,V] float64 CDF at V = 152K is mapped and page-faulted afresh each time, several times
-# slower); draws do not depend on the chunking
+# slower); a GPU wants few, large kernels. Draws do not depend on the chunking
 _CDF_ELEMENTS = 1 << 16
+_CDF_ELEMENTS_GPU = 1 << 24
 
 
 def check_cpu_generator(generator: torch.Generator | None, who: str) -> None:
@@ -52,7 +53,7 @@ def categorical(probs: Tensor, n: int, generator: torch.Generator | None, who: s
         u = uniform((P, n), generator, probs.device, torch.float64, who)  # [P,n]
     u = u.to(probs.device, torch.float64)
     out = torch.empty(P, n, dtype=torch.long, device=probs.device)
-    rows = max(1, _CDF_ELEMENTS // max(V, 1))
+    rows = max(1, (_CDF_ELEMENTS if probs.device.type == "cpu" else _CDF_ELEMENTS_GPU) // max(V, 1))
     for a in range(0, P, rows):
         cdf = torch.cumsum(probs[a : a + rows], -1, dtype=torch.float64)  # summed in float64     [r,V]
         total = cdf[:, -1:].contiguous()  #                                                       [r,1]

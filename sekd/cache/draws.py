@@ -16,9 +16,11 @@ from torch import Tensor
 
 from sekd.rng import categorical, uniform
 
-# positions are drawn this many logits at a time: small blocks stay in the CPU's caches and on the heap
-# (a [P,V] softmax at V = 152K is hundreds of MB, mapped and page-faulted afresh every time)
+# positions are drawn this many logits at a time: on CPU small blocks stay in the caches and on the heap
+# (a [P,V] softmax at V = 152K is hundreds of MB, mapped and page-faulted afresh every time); a GPU wants
+# few, large kernels
 _BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS_GPU = 1 << 26
 
 
 def sample_generator(sample_id: str, seed: int) -> torch.Generator:
@@ -50,7 +52,7 @@ def rs_kd_draws(
     if u is None:  # all P x N at once, as one categorical call would draw them: blocks do not change the draws
         u = uniform((P, n_draws), generator, dev, torch.float64, "rs_kd draws")
     draws = torch.empty(P, n_draws, dtype=torch.long, device=dev)  #                                    [P,N]
-    block = max(1, _BLOCK_ELEMENTS // t_logits.shape[-1])
+    block = max(1, (_BLOCK_ELEMENTS if dev.type == "cpu" else _BLOCK_ELEMENTS_GPU) // t_logits.shape[-1])
     for a in range(0, P, block):
         z = (t_logits[a : a + block] if rows is None else t_logits[rows[a : a + block]]).float()  # float32
         p = torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)  #                       [b,V]
