@@ -184,6 +184,7 @@ class SelectedHeadLoss(torch.autograd.Function):
         g_b = torch.zeros_like(b) if need_b else None
         total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
                             device=h.device)  # sum_n c_n l(t_n)
+        W_as: dict[torch.dtype, Tensor] = {}  # Wv in dz's dtype (bf16 under autocast), cast once, not per chunk
         for sl in parts:
             h_c = h[sl].detach()  #                                                  [C,d]
             loss_c, dz = chunk_grad(h_c, sl, need)  #                               [], [C,V]
@@ -191,7 +192,9 @@ class SelectedHeadLoss(torch.autograd.Function):
             if not need:
                 continue
             if need_h:
-                g_h[sl] = dz @ Wv.to(dz.dtype)
+                if dz.dtype not in W_as:
+                    W_as[dz.dtype] = Wv.to(dz.dtype)
+                g_h[sl] = dz @ W_as[dz.dtype]
             if need_W:
                 if dz.dtype == h_c.dtype == g_W.dtype:
                     g_W[:vocab].addmm_(dz.t(), h_c)
