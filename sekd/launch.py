@@ -15,12 +15,13 @@ tasks `srun` starts are ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 from sekd.errors import ConfigError
 
@@ -116,3 +117,26 @@ def tasks_per_node(gpus: int, tasks: Optional[int] = None) -> int:
     if tasks is not None:
         return int(tasks)
     return max(int(gpus or 0), 1)
+
+
+# What tells a library it is one of several processes: torchrun's (and torch elastic's) variables and the
+# MPI launchers' that accelerate reads. Scoring runs on rank 0 alone after the ranks have finished training.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                    "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
+                    "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_ID")
+
+
+@contextlib.contextmanager
+def one_process() -> Iterator[None]:
+    """Inside the block this process is a world of one, whatever launched it: the launch variables are out
+    of the environment (restored after). lm-eval's `Accelerator()` reads them and, after a torchrun run,
+    would open a process group of WORLD_SIZE ranks that have already exited and wait at its first gather.
+    Without SLURM_STEP_ID, `from_env` reads an srun task as one process too."""
+    saved = {k: os.environ.pop(k) for k in LAUNCH_VARIABLES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

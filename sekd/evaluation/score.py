@@ -19,6 +19,7 @@ from sekd.evaluation.calibration import suite_ece
 from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tasks
 from sekd.evaluation.tasks import build_tasks
 from sekd.io import atomic_write_text
+from sekd.launch import one_process
 
 
 def score_checkpoint(
@@ -74,7 +75,8 @@ def score_checkpoint(
         tm = TaskManager(include_path=include, include_defaults=False)  # skips the 8 s index
     else:
         tm = TaskManager()
-    with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose):
+    with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose), one_process():
+        world = fresh_accelerate_state()
         res = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
@@ -92,8 +94,20 @@ def score_checkpoint(
         )
     if res is None:
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
+    res["sekd"] = {"eval_world_size": world}  # 1: scored by this process alone (results.json keeps it)
     write_raw(res, Path(out_dir) / "lm_eval")
     return flatten(res, s)
+
+
+def fresh_accelerate_state() -> int:
+    """The number of processes lm-eval's `Accelerator()` will see (1 inside `one_process`). accelerate keeps its
+    state in a process-wide singleton: one made under a launcher's variables (a torchrun rank that scored
+    before) is dropped first, so the next `Accelerator()` reads the one-process environment."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return PartialState().num_processes
 
 
 @contextlib.contextmanager

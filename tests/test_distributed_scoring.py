@@ -1,0 +1,51 @@
+"""Scoring after a run over two ranks (torchrun, gloo on CPU): rank 0 scores alone, in a world of one.
+
+torchrun leaves RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* in every rank's environment. lm-eval's
+`Accelerator()` reads them: after the ranks have closed their group, it would open a fresh one of
+WORLD_SIZE ranks (rank 1 has exited) and wait at its first collective. sekd scores inside
+`sekd.launch.one_process`, so lm-eval sees one process, and the scores are those of the same weights
+scored by a plain process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from sekd.launch import LAUNCH_VARIABLES, one_process
+from tests.test_distributed import args, the_run, torchrun
+
+
+def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_process(tmp_path):
+    root = tmp_path / "two"
+    try:
+        two = torchrun(args(root, "full_kd", 2, "eval=embedded", "eval.limit=8"), timeout=420)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-rank run with scoring on did not finish: lm-eval waited for ranks that had exited")
+    assert two.returncode == 0, two.stderr[-3000:]
+    (record_path,) = the_run(root).glob("eval-*/record.json")
+    record = json.loads(record_path.read_text())
+    raw = json.loads((record_path.parent / "lm_eval" / "results.json").read_text())
+    assert raw["sekd"]["eval_world_size"] == 1
+
+    # the same weights scored by this (one-process) pytest: the same numbers
+    from sekd.evaluation.score import score_checkpoint
+
+    again = score_checkpoint(the_run(root) / "model", tmp_path / "again", suite="embedded", split="test",
+                             cache_dir=tmp_path / "cache" / "eval", batch_size=16, limit=8, device="cpu", seed=42)
+    assert record["metrics"] == again
+
+
+def test_one_process_hides_the_launch_variables_and_restores_them(monkeypatch):
+    from sekd.launch import from_env
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert from_env().world_size == 2
+    with one_process():
+        assert from_env().world_size == 1
+        assert not set(LAUNCH_VARIABLES) & set(os.environ)
+    assert os.environ["RANK"] == "1" and os.environ["SLURM_STEP_ID"] == "0" and from_env().world_size == 2
