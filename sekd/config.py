@@ -205,7 +205,7 @@ def check_eval(run: RunConfig) -> None:
 
 def check_placement(run: RunConfig) -> None:
     """model.teacher_device places the teacher of one process; ranks each hold their own teacher beside
-    their student (cuda:LOCAL_RANK), so one fixed device for every rank's teacher would stack them on one
+    their student (LOCAL_RANK's card), so one fixed device for every rank's teacher would stack them on one
     card. Whether the device exists is sekd.models.check_environment's (this machine's) question."""
     if run.model.teacher_device is not None and run.train.distributed != "none":
         raise ConfigError(f"model.teacher_device={run.model.teacher_device} places the teacher of one process; with "

@@ -140,3 +140,13 @@ def one_process() -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+def card_index(local_rank: int, visible: int) -> int:
+    """The CUDA ordinal a rank computes on: LOCAL_RANK modulo the cards it can see. A site that shows each
+    node's ranks every card (torchrun, `srun --gpus-per-node`) gives local rank r card r; one that binds a
+    card per task (`--gpus-per-task=1`, `--gpu-bind`) shows each task only its own, as cuda:0."""
+    if visible < 1:
+        raise ConfigError("a CUDA device was asked for, but this process sees none (CUDA_VISIBLE_DEVICES is empty "
+                          "or the job was given no GPU)")
+    return local_rank % visible

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from sekd.errors import ConfigError
-from sekd.launch import PORT_BASE, PORT_SPAN, Launch, first_host, from_env, job_port
+from sekd.launch import PORT_BASE, PORT_SPAN, Launch, card_index, first_host, from_env, job_port
 
 
 def test_torchrun_environment():
@@ -76,3 +76,19 @@ def test_from_env_reads_the_process_environment_by_default():
     env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["1", "2", "1"]
+
+
+@pytest.mark.parametrize("env,visible,card", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 8, 3),  # torchrun: every card of the node visible
+    (slurm_env(1), 2, 1),  # srun --gpus-per-node=2: both cards visible to both tasks
+    (slurm_env(1), 1, 0),  # srun --gpus-per-task=1 / --gpu-bind: task 1 sees only its own card, as cuda:0
+    (slurm_env(0), 1, 0),
+])
+def test_each_rank_takes_a_card_it_can_see(env, visible, card):
+    assert card_index(from_env(env).local_rank, visible) == card
+
+
+def test_a_rank_that_sees_no_card_is_one_line():
+    with pytest.raises(ConfigError, match="sees none") as e:
+        card_index(0, 0)
+    assert "\n" not in str(e.value)

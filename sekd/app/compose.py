@@ -144,7 +144,7 @@ def check_fsdp(cfg: RunConfig) -> None:
 
 def join(cfg: RunConfig, launch):
     """This process's place in the run: the process group of the launcher's ranks (gloo on CPU, nccl on
-    CUDA: cuda:LOCAL_RANK), or Dist.single() for one process. The group lives for one run: `execute`
+    CUDA: LOCAL_RANK's card, sekd.launch.card_index), or Dist.single() for one process. The group lives for one run: `execute`
     closes it (Dist.close) when the run's training ends, so each cell of a multirun under torchrun
     joins a group of its own, one after another."""
     from sekd.distributed import Dist, init
