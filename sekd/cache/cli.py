@@ -65,7 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         teacher_path, student_path, tok_path = resolve_pair(cfg)
         tok = check_same_tokenizer(teacher_path, student_path, tok_path, cfg.model.trust_remote_code)
         data = training_data(cfg, tok)
-        device = pick_device(cfg.train.device)
+        device = worker_device(pick_device(cfg.train.device), args.worker)
     except (ConfigError, ValueError) as err:
         raise BuildConfigError(str(err)) from None
     teacher = load_model(teacher_path, device, pick_dtype(cfg.train.precision, device), cfg.model.trust_remote_code)
@@ -79,6 +79,20 @@ def cmd_build(args: argparse.Namespace) -> int:
           + (f"; train with classes.cache={args.out} and the same overrides" if man["complete"]
              else " (other workers' shards still missing)"))
     return 0
+
+
+def worker_device(device, worker: int, visible: int | None = None):
+    """Worker I's device: on CUDA, card I mod the cards it sees (sekd.launch.card_index), so W workers on one
+    node spread over its cards instead of each loading the teacher on cuda:0; a worker bound to one card
+    sees only that one. `visible`: the card count (None: this process's)."""
+    import torch
+
+    from sekd.launch import card_index
+
+    if device.type != "cuda" or device.index is not None:
+        return device
+    count = torch.cuda.device_count() if visible is None else visible
+    return torch.device("cuda", card_index(worker, count))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

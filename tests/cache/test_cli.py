@@ -134,3 +134,16 @@ def test_verify_refuses_a_flipped_manifest_byte(cli_cache, tmp_path):
     res = sekd_cache("verify", str(bad))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1 and str(bad / MANIFEST) in lines[0] and "checksum" in lines[0]
+
+
+@pytest.mark.parametrize("worker,visible,card", [(0, 4, 0), (1, 4, 1), (5, 4, 1), (3, 1, 0)])
+def test_build_workers_spread_over_the_cards_they_see(worker, visible, card):
+    """W workers on one node load the teacher on different cards (worker I on card I mod the visible ones);
+    a worker bound to one card (CUDA_VISIBLE_DEVICES set per task) sees it as cuda:0."""
+    import torch
+
+    from sekd.cache.cli import worker_device
+
+    assert worker_device(torch.device("cuda"), worker, visible) == torch.device("cuda", card)
+    assert worker_device(torch.device("cpu"), worker, visible) == torch.device("cpu")
+    assert worker_device(torch.device("cuda", 2), worker, visible) == torch.device("cuda", 2)  # named: kept
