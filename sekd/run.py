@@ -106,6 +106,33 @@ def trains(cfg: DictConfig) -> bool:
     return cfg.mode == "distill"
 
 
+def on_cuda(device: str, cuda: bool | None = None) -> bool:
+    """Whether a `train.device` / `eval.device` value computes on a GPU: auto means one where there is one.
+    `cuda`: whether the machine the run lands on has one (None: this process's; a sweep that submits to
+    Slurm knows it from the job's resources)."""
+    if device == "auto":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        return bool(cuda)
+    return str(device).startswith("cuda")
+
+
+def _compute(tree: dict, cuda: bool | None) -> dict:
+    """The precision a run computes in, resolved, in place of the words that name it: train.precision=auto
+    is bf16 on a GPU and fp32 on a CPU, and scoring is bf16 on a GPU (sekd.app.scoring). A CPU fp32 run and
+    a GPU bf16 run of one preset have different numbers, so they must not share a folder or a record; a
+    device that computes in the same precision (cuda:0 or cuda:1, 1 card or 8) does not move the hash."""
+    train = tree.get("train")
+    if isinstance(train, dict) and train.get("precision") == "auto":
+        train["precision"] = "bf16" if on_cuda(str(train.get("device", "auto")), cuda) else "fp32"
+    ev = tree.get("eval")
+    if isinstance(ev, dict) and ev.get("suite", "none") != "none":
+        ev["precision"] = "bf16" if on_cuda(str(ev.get("device", "auto")), cuda) else "fp32"
+    return tree
+
+
 def _hash(tree: dict) -> str:
     _seedless(tree)
     for key in UNHASHED:
@@ -117,32 +144,33 @@ def _hash(tree: dict) -> str:
     return content_key(tree, 12)
 
 
-def config_hash(cfg: DictConfig, world: int | None = None) -> str:
+def config_hash(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:
     """Hash of the resolved config minus the keys that cannot change the result: names one record.
-    `world`: the run's number of ranks (None: as this process was launched)."""
-    return _hash(_global_micro_batch(resolved(cfg), world))
+    `world`: the run's number of ranks (None: as this process was launched); `cuda`: whether its machine
+    has a GPU (None: this one's), which resolves precision auto (`_compute`)."""
+    return _hash(_compute(_global_micro_batch(resolved(cfg), world), cuda))
 
 
-def train_hash(cfg: DictConfig, world: int | None = None) -> str:
+def train_hash(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:
     """The same without `eval`: names the run folder, so one trained student serves every scoring."""
     tree = resolved(cfg)
     tree.pop("eval", None)
-    return _hash(_global_micro_batch(tree, world))
+    return _hash(_compute(_global_micro_batch(tree, world), cuda))
 
 
-def eval_hash(cfg: DictConfig) -> str:
+def eval_hash(cfg: DictConfig, cuda: bool | None = None) -> str:
     """Hash of the scoring config alone (its hashed keys): names the scores folder inside a run."""
-    return _hash({"eval": resolved(cfg).get("eval", {})})[:8]
+    return _hash(_compute({"eval": resolved(cfg).get("eval", {})}, cuda))[:8]
 
 
-def run_dir(cfg: DictConfig, world: int | None = None) -> Path:
+def run_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
     """<preset>-s<seed>-<train hash>; a run that trains nothing has no seed in its name (`_seedless`)."""
     seed = f"-s{cfg.seed}" if trains(cfg) else ""
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}{seed}-{train_hash(cfg, world)}"
+    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}{seed}-{train_hash(cfg, world, cuda)}"
 
 
-def scores_dir(cfg: DictConfig, world: int | None = None) -> Path:
-    return run_dir(cfg, world) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
+def scores_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
+    return run_dir(cfg, world, cuda) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg, cuda)}"
 
 
 class RunDir:
@@ -208,14 +236,15 @@ def trained(path: Path) -> bool:
     return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
 
 
-def is_finished(cfg: DictConfig, world: int | None = None) -> bool:
+def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
-    Reads only the file system: creates nothing. `world`: the ranks the cell's job will run on."""
+    Reads only the file system: creates nothing. `world`, `cuda`: the ranks the cell's job will run on,
+    and whether its node has a GPU."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        return cfg.mode != "distill" or trained(run_dir(cfg, world))
-    return (scores_dir(cfg, world) / "record.json").exists()
+        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda))
+    return (scores_dir(cfg, world, cuda) / "record.json").exists()
 
 
 def git_commit() -> str | None:

@@ -9,7 +9,7 @@ Scores are stored per sample content hash (never by batch, step or order), one J
     <store_dir>/<sampler>-<key>.json.lock   (held while written: sekd.artifacts.lock)
 
 where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
-signature, vocab cut, and T for signals that use it. A later run with the same key (any subset or
+signature, vocab cut, the pre-pass's compute dtype, and T for signals that use it. A later run with the same key (any subset or
 order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
 paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
 
@@ -108,10 +108,13 @@ class _Frozen:
 @torch.no_grad()
 def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
             batch_size: int = 16, device: str | torch.device = "cpu", vocab: int | None = None,
-            temperature: float = 1.0) -> Tensor:
-    """U_i for every sample of `data`, one forward of each needed model per batch.  -> float32 [N]"""
+            temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
+    run's: bf16 autocast on a GPU, so the [B,T,V] logits are half the bytes of fp32's and the forwards run
+    at the run's speed, which Table 7 counts).  -> float32 [N]"""
     U = torch.empty(len(data), dtype=torch.float32)
-    with _Frozen(student, teacher):
+    kind = torch.device(device).type
+    with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
         for lo in tqdm(range(0, len(data), batch_size), desc=f"score samples ({smp.name})", leave=False,
                        unit="batch"):
             x = data.input_ids[lo:lo + batch_size].to(device)  # [B,T]
@@ -125,8 +128,11 @@ def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: t
 # ---- the score store ---------------------------------------------------------------------------
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
 def store_fields(smp: Sampler, *, student_sig: str, teacher_sig: str, tokenizer_sig: str,
-                 vocab: int | None, temperature: float) -> dict[str, Any]:
+                 vocab: int | None, temperature: float, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Everything U_i depends on besides the sample itself (hashed into the store key)."""
     needed = {"student_sig": (smp.needs_student, student_sig), "teacher_sig": (smp.needs_teacher, teacher_sig),
               "tokenizer_sig": (True, tokenizer_sig)}
@@ -134,7 +140,8 @@ def store_fields(smp: Sampler, *, student_sig: str, teacher_sig: str, tokenizer_
     if missing:  # an empty signature would let different models share one store
         raise ValueError(f"sample selector {smp.name!r} stores scores; give {', '.join(missing)}")
     fields: dict[str, Any] = {"format": STORE_FORMAT, "sampler": smp.name, "signal": smp.signal,
-                              "student_sig": student_sig, "tokenizer_sig": tokenizer_sig, "vocab": vocab}
+                              "student_sig": student_sig, "tokenizer_sig": tokenizer_sig, "vocab": vocab,
+                              "dtype": DTYPE_NAMES[dtype]}  # bf16 scores are not fp32 scores
     if smp.needs_teacher:
         fields["teacher_sig"] = teacher_sig
     if smp.uses_temperature:
@@ -239,6 +246,7 @@ def select_samples(
     device: str | torch.device = "cpu",
     vocab: int | None = None,
     temperature: float = 1.0,
+    dtype: torch.dtype = torch.float32,
     dist: Ranks | None = None,
 ) -> SampleSelection:
     """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1).
@@ -254,8 +262,9 @@ def select_samples(
     fields = None
     if store_dir is not None:
         fields = store_fields(smp, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
-                              vocab=vocab, temperature=temperature)
+                              vocab=vocab, temperature=temperature, dtype=dtype)
     sel = sample_scores(smp, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
-                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dist=dist)
+                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dtype=dtype,
+                        dist=dist)
     sel.indices = top_samples(sel.scores, n_keep)
     return sel

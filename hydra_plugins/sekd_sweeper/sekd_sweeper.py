@@ -49,6 +49,15 @@ class SekdSweeper(BasicSweeper):
         launcher = cfg.hydra.launcher
         return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
 
+    def job_cuda(self, cfg) -> Optional[bool]:
+        """Whether a cell's job will have a GPU, which resolves train.precision=auto in its identity (sekd.run):
+        on Slurm, whether the job asks for one; otherwise None, whether this machine has one."""
+        if not self.on_slurm():
+            return None
+        launcher = cfg.hydra.launcher
+        gres = str(launcher.get("gres") or "")
+        return bool(launcher.get("gpus_per_node") or launcher.get("gpus_per_task") or "gpu" in gres)
+
     def runs_elsewhere(self) -> bool:
         """Whether cells run outside this process (local subprocesses, Slurm jobs), which show nothing here
         while the launcher waits; Hydra's basic launcher runs them here, with their own progress bars."""
@@ -75,13 +84,13 @@ class SekdSweeper(BasicSweeper):
             where = " ".join(cell) or "(no overrides)"
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
-                world = self.job_world_size(cfg)
+                world, cuda = self.job_world_size(cfg), self.job_cuda(cfg)
                 with open_dict(cfg):  # Hydra's runtime node is filled in by the job itself; not ours to check
                     del cfg["hydra"]
                 run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
-                    if not trained(run_dir(cfg, world)):
-                        raise ConfigError(f"stage=score: {run_dir(cfg, world)} holds no trained student yet; "
+                    if not trained(run_dir(cfg, world, cuda)):
+                        raise ConfigError(f"stage=score: {run_dir(cfg, world, cuda)} holds no trained student yet; "
                                           "run the sweep with stage=train first")
             except ConfigError as err:
                 errors.append(f"cell [{where}]: {err}")
@@ -89,10 +98,10 @@ class SekdSweeper(BasicSweeper):
             except Exception as err:  # composition: an unknown preset, a missing group option
                 errors.append(f"cell [{where}]: {type(err).__name__}: {str(err).splitlines()[0]}")
                 continue
-            if self.skip_finished and is_finished(cfg, world):
-                finished.append(f"{where} -> {run_dir(cfg, world)}")
+            if self.skip_finished and is_finished(cfg, world, cuda):
+                finished.append(f"{where} -> {run_dir(cfg, world, cuda)}")
                 continue
-            folder = run_dir(cfg, world) if cfg.stage == "train" else scores_dir(cfg, world)
+            folder = run_dir(cfg, world, cuda) if cfg.stage == "train" else scores_dir(cfg, world, cuda)
             if folder in first:  # e.g. the undistilled student under two seeds: its identity holds no seed
                 same.append(f"{where} is [{first[folder]}] -> {folder}")
                 continue
@@ -104,7 +113,7 @@ class SekdSweeper(BasicSweeper):
                     errors.append(f"cell [{where}]: {err}")
                     continue
             todo.append(cell)
-            self.done_checks[tuple(cell)] = finished_since(cfg, world, time.time())
+            self.done_checks[tuple(cell)] = finished_since(cfg, world, cuda, time.time())
         return todo, finished, same, errors
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -164,14 +173,14 @@ class SekdSweeper(BasicSweeper):
         return returns
 
 
-def finished_since(cfg, world: Optional[int], since: float) -> Callable[[], bool]:
+def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
     """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
     from sekd.run import run_dir, scores_dir, trained
 
     if cfg.stage == "train":
-        folder = run_dir(cfg, world)
+        folder = run_dir(cfg, world, cuda)
         return lambda: cfg.mode != "distill" or trained(folder)
-    record = scores_dir(cfg, world) / "record.json"
+    record = scores_dir(cfg, world, cuda) / "record.json"
     return lambda: record.exists() and record.stat().st_mtime >= since - 1
 
 

@@ -192,7 +192,7 @@ def pick_samples(job: Job, parts: Parts) -> None:
             teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
             tokenizer_sig=tokenizer_signature(job.tok),
             store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
-            vocab=parts.vocab, temperature=cfg.train.temperature, dist=job.dist)
+            vocab=parts.vocab, temperature=cfg.train.temperature, dtype=parts.dtype, dist=job.dist)
     parts.data = parts.data.subset(picked.indices)
     if job.dist.is_main:
         atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
