@@ -41,6 +41,15 @@ from sekd.tensors import IGNORE, upcast
 # ---- heads ----------------------------------------------------------------------------------
 
 
+def compute_dtype(W: Tensor, device) -> torch.dtype:
+    """What a matmul with W computes in on `device`: autocast's dtype where autocast is on (it leaves float64
+    alone), else W's own."""
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev) and W.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return W.dtype
+
+
 @dataclass
 class Head:
     """An LM head cut to the shared vocabulary: z = h W[:V]^T + b[:V].  [N,d] -> [N,V]"""
@@ -57,19 +66,42 @@ class Head:
             raise ValueError(f"vocab={vocab} is wider than the LM head ({W.shape[0]} rows)")
         return Head(W, getattr(module, "bias", None), vocab)
 
+    def cast(self, dtype: torch.dtype) -> "Head":
+        """The head's V rows in `dtype`, detached (no grad flows through it): cast once per step. Under autocast
+        each F.linear with the float32 weight would cast the whole [V,d] afresh, once per chunk."""
+        W = self.weight.detach()[: self.vocab]
+        b = self.bias.detach()[: self.vocab] if self.bias is not None else None
+        return Head(W.to(dtype), b.to(dtype) if b is not None else None, self.vocab)
+
+    def for_compute(self, device) -> "Head":
+        """This head as the chunk loops use it: cast once to autocast's dtype where autocast is on (and the
+        weight is not already in it); itself otherwise."""
+        dtype = compute_dtype(self.weight, device)
+        return self if dtype == self.weight.dtype else self.cast(dtype)
+
     def __call__(self, h: Tensor) -> Tensor:
         b = self.bias[: self.vocab] if self.bias is not None else None
         return F.linear(h, self.weight[: self.vocab], b)
 
     def into(self, out: Tensor, h: Tensor) -> Tensor:
-        """out := h W[:V]^T + b[:V] in a reused block: in place where h, W and out share a dtype (no autocast);
-        else the logits in the compute dtype, copied in.  [C,d] -> out [C,V]"""
+        """out := h W[:V]^T + b[:V] in a reused block: in place where h, W and out share the compute dtype;
+        else the logits in the compute dtype (autocast's: the numbers F.linear gives) in a reused block of
+        that dtype, copied in. No [C,V] allocation per chunk; W is cast here only if it was not beforehand
+        (`for_compute`).  [C,d] -> out [C,V]"""
         W = self.weight.detach()[: self.vocab]
         b = self.bias.detach()[: self.vocab] if self.bias is not None else None
-        if h.dtype == W.dtype == out.dtype and not torch.is_autocast_enabled(h.device.type):
+        dtype = compute_dtype(W, h.device)
+        if h.dtype == W.dtype == out.dtype == dtype:
             torch.mm(h, W.t(), out=out)
             return out.add_(b) if b is not None else out
-        return out.copy_(F.linear(h, W, b))
+        W, h = W.to(dtype), h.to(dtype)
+        b = b.to(dtype) if b is not None else None
+        z = SCRATCH.blocks(2, h.shape[0], self.vocab, dtype, h.device)[0] if out.dtype != dtype else out
+        if b is None:
+            torch.mm(h, W.t(), out=z)
+        else:
+            torch.addmm(b, h, W.t(), out=z)  # as F.linear: the bias added inside the product
+        return z if z is out else out.copy_(z)
 
 
 class Scratch:
@@ -112,10 +144,14 @@ def chunks(n: int, size: int) -> list[slice]:
 
 
 def auto_chunk_size(vocab: int, device_type: str) -> int:
-    """Positions per chunk so that one float32 [C,V] block is <= 32 MiB on CPU or 256 MiB on CUDA. The blocks
+    """Positions per chunk so that one float32 [C,V] block is <= 32 MiB on CPU or 512 MiB on a GPU. The blocks
     are reused (`SCRATCH`), so larger chunks cost memory, not page faults; below ~50 positions at V = 152K the
-    head's matmuls get thin and slow on CPU."""
-    budget = 2**25 if device_type == "cpu" else 2**28
+    head's matmuls get thin and slow on CPU. On a GPU each chunk also moves a fixed amount whatever its size
+    (the [V,d] float32 weight gradient read and written, the bf16 product, W read twice: ~5 GB at V = 152K,
+    d = 2048, ~1.5 ms at an H100's 3.35 TB/s) while its three matmuls, 6 C V d flops, grow with C (~1.2 ms at
+    C = 440 and ~700 TFLOP/s): 512 MiB (C ~ 880) halves that fixed cost's share, for ~2 GiB of blocks (three
+    float32, two bf16 under autocast), handed back to the allocator after each step."""
+    budget = 2**25 if device_type == "cpu" else 2**29
     return max(1, budget // (4 * vocab))
 
 
@@ -166,16 +202,54 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
 ChunkGrad = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None]]  # (h_c, sl, grad?) -> loss_c, dz_c
 
 
+# rows of the [V,d] weight gradient per block of `AddProduct`: the product block (and, on CPU, its float32
+# staging copy) stays in cache on CPU; a GPU wants few, large matmuls
+_PRODUCT_ELEMENTS = 1 << 20
+_PRODUCT_ELEMENTS_GPU = 1 << 26
+
+
+def _add_casts_in_kernel(device: torch.device) -> bool:
+    """Whether g.add_(x) with x in another dtype casts inside the kernel. CUDA's TensorIterator does; the
+    CPU's first casts x to a temporary of its full size."""
+    return device.type == "cuda"
+
+
+class AddProduct:
+    """g[:V] += dz^T h with dz, h in a lower dtype than g (bf16 logits over fp32 master weights), the product
+    rounded to dz's dtype as autograd's would be and added in g's: in blocks of rows into one reused product
+    block (and on CPU a staging block in g's dtype: copy_ casts without allocating, a mixed add_ does not), so
+    no [V,d] tensor is allocated per chunk. Built once per call."""
+
+    def __init__(self, g: Tensor, vocab: int, dtype: torch.dtype):
+        d = g.shape[1]
+        budget = _PRODUCT_ELEMENTS if g.device.type == "cpu" else _PRODUCT_ELEMENTS_GPU
+        self.g, self.vocab, self.rows = g, vocab, max(1, min(vocab, budget // max(d, 1)))
+        self.product = torch.empty(self.rows, d, dtype=dtype, device=g.device)  #                [R,d]
+        self.stage = None if _add_casts_in_kernel(g.device) else torch.empty_like(self.product, dtype=g.dtype)
+
+    def __call__(self, dz: Tensor, h: Tensor) -> None:
+        """dz [C,V], h [C,d], both in the product's dtype."""
+        for a in range(0, self.vocab, self.rows):
+            n = min(self.rows, self.vocab - a)
+            x = torch.mm(dz[:, a : a + n].t(), h, out=self.product[:n])  #                     [n,d]
+            if self.stage is not None:
+                x = self.stage[:n].copy_(x)
+            self.g[a : a + n].add_(x)
+
+
 class SelectedHeadLoss(torch.autograd.Function):
     """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward.
 
     `chunk_grad` gives each chunk's loss and the logits' gradient dz_c [C,V] (closed form where the criterion
     declares one, `closed_form_chunks`; else autograd, `autograd_chunks`); then d/dh_c = dz_c W, and
-    d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer (addmm_), never a fresh [V,d] gradient
-    per chunk to add afterwards."""
+    d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer, never a fresh [V,d] gradient per chunk
+    to add afterwards. `W_c`: W[:V] already in the compute dtype (autocast's, `Head.for_compute`), else it is
+    cast here once: under autocast dz is bf16 over fp32 master weights, and the weight gradient is the bf16
+    product added into float32 (`AddProduct`), with no [V,d] allocation per chunk."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, chunk_grad: ChunkGrad, parts: list[slice]):
+    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, chunk_grad: ChunkGrad, parts: list[slice],
+                W_c: Tensor | None = None):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_W or need_b
         Wv = W.detach()[:vocab]  #                                                   [V,d]
@@ -184,7 +258,8 @@ class SelectedHeadLoss(torch.autograd.Function):
         g_b = torch.zeros_like(b) if need_b else None
         total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
                             device=h.device)  # sum_n c_n l(t_n)
-        W_as: dict[torch.dtype, Tensor] = {}  # Wv in dz's dtype (bf16 under autocast), cast once, not per chunk
+        W_as = {Wv.dtype: Wv, **({W_c.dtype: W_c} if W_c is not None else {})}  # W[:V] per dtype, cast once
+        add_product: AddProduct | None = None
         for sl in parts:
             h_c = h[sl].detach()  #                                                  [C,d]
             loss_c, dz = chunk_grad(h_c, sl, need)  #                               [], [C,V]
@@ -198,8 +273,12 @@ class SelectedHeadLoss(torch.autograd.Function):
             if need_W:
                 if dz.dtype == h_c.dtype == g_W.dtype:
                     g_W[:vocab].addmm_(dz.t(), h_c)
+                elif dz.dtype == g_W.dtype:
+                    g_W[:vocab].addmm_(dz.t(), h_c.to(dz.dtype))
                 else:  # bf16 logits over fp32 master weights: the product in bf16, added in fp32
-                    g_W[:vocab] += (dz.t() @ h_c.to(dz.dtype)).to(g_W.dtype)
+                    if add_product is None:
+                        add_product = AddProduct(g_W, vocab, dz.dtype)
+                    add_product(dz, h_c.to(dz.dtype))
             if need_b:
                 g_b[:vocab] += dz.sum(0).to(g_b.dtype)
         ctx.grads = (g_h, g_W, g_b)
@@ -209,7 +288,7 @@ class SelectedHeadLoss(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         grads = ctx.grads
         del ctx.grads
-        return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None)
+        return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None, None)
 
 
 def autograd_chunks(head: Head, loss_chunk: Callable[[Tensor, slice], Tensor]) -> ChunkGrad:
@@ -231,7 +310,8 @@ def autograd_chunks(head: Head, loss_chunk: Callable[[Tensor, slice], Tensor]) -
 def closed_form_chunks(head: Head, with_grad: Callable, teacher_into: Callable[[Tensor, slice], Tensor],
                        c: Tensor, *, scale: float, temperature: float) -> ChunkGrad:
     """Each chunk's loss sum_n c_n scale D_n and dz = c_n scale dD_n/dz from the criterion's closed form, in
-    three blocks reused for every chunk (SCRATCH): no autograd, no [C,V] allocation per chunk."""
+    three blocks reused for every chunk (SCRATCH; under autocast two more in the compute dtype: the logits'
+    product, dz): no autograd, no [C,V] allocation per chunk."""
 
     def run(h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         z_s, z_t, work = SCRATCH.blocks(3, h_c.shape[0], head.vocab, c.dtype, h_c.device)  # [C,V] x 3
@@ -241,9 +321,9 @@ def closed_form_chunks(head: Head, with_grad: Callable, teacher_into: Callable[[
         if not need_grad:
             return loss_c, None
         dz = dz.mul_(w.unsqueeze(-1))
-        dev = h_c.device.type
-        if torch.is_autocast_enabled(dev):  # the matmuls in the compute dtype, as autograd's dz would be
-            dz = dz.to(torch.get_autocast_dtype(dev))
+        dtype = compute_dtype(head.weight, h_c.device)
+        if dz.dtype != dtype:  # the matmuls in the compute dtype, as autograd's dz would be; in a reused block
+            dz = SCRATCH.blocks(2, h_c.shape[0], head.vocab, dtype, h_c.device)[1].copy_(dz)
         return loss_c, dz
 
     return run
@@ -283,8 +363,11 @@ def chunked_kd_loss(
     B, T = labels.shape
     student = Head.of(head_s, vocab)
     teacher = Head.of(head_t, vocab) if head_t is not None and h_t is not None else None
+    # the heads in the compute dtype, cast once per step (under autocast: not once per chunk, as F.linear would)
+    student_c = student.for_compute(h_s.device)
+    teacher = teacher.for_compute(h_s.device) if teacher is not None else None
     keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
-    u = chunked_score(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
+    u = chunked_score(sel, h_s.detach(), student_c, h_t, teacher, labels, valid, generator=generator,
                       temperature=temperature, chunk_size=chunk_size, keys=keys)  # u(t)   [B,T]
     draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
                         generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws  [B,K]
@@ -323,11 +406,12 @@ def chunked_kd_loss(
     if (lam == 1 and cached is None and sel.classes is None and teacher is not None
             and crit.coupling == "pointwise" and crit.closed_form is not None and not crit.options):
         h_t_sel = lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])  # noqa: E731  (no grad)
-        chunk_grad = closed_form_chunks(student, crit.closed_form, h_t_sel, c, scale=temperature**2,
+        chunk_grad = closed_form_chunks(student_c, crit.closed_form, h_t_sel, c, scale=temperature**2,
                                         temperature=temperature)
     else:
-        chunk_grad = autograd_chunks(student, loss_chunk)
-    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts)
+        chunk_grad = autograd_chunks(student_c, loss_chunk)
+    W_c = student_c.weight if student_c is not student else None
+    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts, W_c)
     SCRATCH.release(h_s.device)
     metrics = {
         "positions_valid": float(valid.sum()),
