@@ -15,12 +15,17 @@ with --batch sequences per rank (train.micro_batch_size is per rank). Modes:
           the student's device, a copy of its head runs there)
   ddp     every rank holds the student and a frozen teacher replica; gradients are summed across ranks
           (all_reduce), as the training loop does
-  fsdp    FSDP2 `fully_shard` on every decoder layer of the student and of the teacher (inference only); the
-          embeddings, final norms and heads stay replicated and their gradients are all-reduced
+  fsdp    sharded exactly as train.distributed=fsdp trains (sekd.sharding's shard_teacher / shard_student): the
+          teacher's decoder layers and decoder (embeddings, norm) resharded after each forward, its head
+          replicated; the student's decoder layers, then its root unit, the module whose forward is the whole
+          loss (sekd.loop.StudentLoss), holding the embeddings, norm and head; gradients summed (reduce-scatter);
+          bf16 layers gathered in bf16, reduced in float32; --fsdp-mesh is train.fsdp.mesh (flat | hybrid | RxS)
 
 Tokens/s per device: the step's tokens over all ranks / the median step time / the devices used (every
 rank's; `placed` uses two). Peak memory per device: torch.cuda.max_memory_allocated on each rank (on CPU,
-each process's ru_maxrss). Rank 0 prints the table and writes --json.
+each process's ru_maxrss). Under fsdp each rank also reports, after the timed steps, how much of the student
+and of the teacher's decoder it holds (`sharding`: parameters that are sharded DTensors, and the fraction
+of their elements held locally). Rank 0 prints the table and writes --json.
 """
 from __future__ import annotations
 
@@ -42,8 +47,9 @@ sys.path.insert(0, str(ROOT.parent))
 
 from kd_step import GIB, SHAPES, machine, qwen3, se_kd  # noqa: E402
 
-from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
+from sekd.kd.flows import auto_chunk_size  # noqa: E402
 from sekd.kd.objective import IGNORE  # noqa: E402
+from sekd.loop import StudentLoss  # noqa: E402
 
 MODES = ("none", "placed", "ddp", "fsdp")
 LAUNCHED = ("ddp", "fsdp")  # the modes whose ranks torchrun starts
@@ -67,6 +73,12 @@ def check(args) -> None:
                f"benchmarks/distributed.py --mode {args.mode} ...")
     if args.mode not in LAUNCHED and world > 1:
         refuse(f"--mode {args.mode} runs one process, but this is one of {world} ranks; use --mode ddp or fsdp")
+    if args.mode == "fsdp":
+        from sekd.sharding import fsdp_support
+
+        why = fsdp_support(torch.__version__)
+        if why:
+            refuse(why)
     if args.mode == "fsdp" and world < 2:
         refuse("--mode fsdp shards over ranks: start at least 2 (torchrun --nproc_per_node 2 or more)")
     if cuda and args.mode in LAUNCHED and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world)):
@@ -93,19 +105,15 @@ def join(args) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_layers(model) -> None:
-    """FSDP2 on each decoder layer (the bulk of the weights); the rest stays replicated on every rank."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.get_decoder().layers:
-        fully_shard(layer)
-
-
-def replicated(model) -> list[torch.nn.Parameter]:
-    """The parameters fully_shard left as plain tensors (embeddings, norms, heads)."""
+def held(params) -> dict:
+    """How much of `params` this rank holds: how many are sharded DTensors, and the fraction of all their
+    elements stored locally (1.0: every weight whole on every rank)."""
     from torch.distributed.tensor import DTensor
 
-    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    params = list(params)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return {"params": len(params), "sharded": sum(isinstance(p, DTensor) for p in params),
+            "local_fraction": local / max(1, sum(p.numel() for p in params))}
 
 
 class Step:
@@ -118,11 +126,15 @@ class Step:
         teacher_device = torch.device(args.teacher_device) if args.mode == "placed" else device
         self.student = qwen3(shape.student, self.V, torch.float32, str(device)).train()
         self.teacher = qwen3(shape.teacher, self.V, self.dtype, str(teacher_device)).eval().requires_grad_(False)
+        self.chunk = auto_chunk_size(self.V, device.type)
+        # the student's per-micro-batch loss as one module (the training loop's): under fsdp, the root unit
+        self.objective = StudentLoss(self.student, se_kd(), vocab=self.V, chunk_size=self.chunk, flow="chunked")
         self.sync_params = []
-        if args.mode == "fsdp":
-            shard_layers(self.student)
-            shard_layers(self.teacher)
-            self.sync_params = replicated(self.student)
+        if args.mode == "fsdp":  # as the Trainer shards: the teacher first, then the student (summed gradients)
+            from sekd.sharding import shard_student, shard_teacher
+
+            shard_teacher(self.teacher, device, dtype=self.dtype, mesh=args.fsdp_mesh)
+            shard_student(self.objective, self.student, device, dtype=self.dtype, mesh=args.fsdp_mesh)
         elif args.mode == "ddp":
             self.sync_params = [p for p in self.student.parameters() if p.requires_grad]
         if args.mode == "placed":
@@ -136,25 +148,21 @@ class Step:
         self.y = torch.full_like(self.x, IGNORE)
         self.y[:, :-1] = self.x[:, 1:]
         self.gen = torch.Generator().manual_seed(2)
-        self.chunk = auto_chunk_size(self.V, device.type)
 
     def loss(self) -> torch.Tensor:
         on = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=on):
-            h_s = self.student.get_decoder()(input_ids=self.x, use_cache=False).last_hidden_state  # [B,L,d_s]
-            with torch.no_grad():
+            with torch.no_grad():  # the teacher outside the student's loss module, as in training
                 h_t = self.teacher.get_decoder()(input_ids=self.x, use_cache=False).last_hidden_state  # [B,L,d_t]
-            out = chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t,
-                                  self.teacher.get_output_embeddings(), self.y, se_kd(), vocab=self.V,
-                                  chunk_size=self.chunk, lam=1.0, temperature=1.0, generator=self.gen)
-        return out.loss_sum / max(out.weight, 1e-12)
+            loss_sum, out = self.objective(self.x, self.y, h_t, self.teacher.get_output_embeddings(),
+                                           dict(lam=1.0, temperature=1.0, generator=self.gen))
+        return loss_sum / max(out.weight, 1e-12)
 
     def run(self) -> float:
         self.sync()
         t0 = time.perf_counter()
         self.loss().backward()
-        # ddp: every gradient; fsdp: the replicated ones (the layers' reduce-scatter averages where this sums:
-        # the scale does not change the timing)
+        # ddp: every gradient (fsdp reduce-scattered them in the backward)
         for p in self.sync_params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
@@ -189,6 +197,9 @@ def measure(args) -> dict | None:
         times = [step.run() for _ in range(args.steps)]
         mine = {"rank": rank, "device": str(device), "median_s": statistics.median(times), "step_s": times,
                 "peak_gib": peak_gib(device)}
+        if args.mode == "fsdp":  # after the steps: what stays sharded (the teacher's layers too)
+            mine["sharding"] = {"student": held(step.student.parameters()),
+                                "teacher_decoder": held(step.teacher.get_decoder().parameters())}
         if args.mode == "placed":
             mine["teacher_device"] = args.teacher_device
             mine["teacher_peak_gib"] = peak_gib(torch.device(args.teacher_device))
@@ -222,6 +233,8 @@ def parse(argv=None):
     p.add_argument("--device", help="cpu or cuda (default: the shape's; ranks take cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="the teacher's and autocast's (default: the shape's)")
+    p.add_argument("--fsdp-mesh", default="flat", help="--mode fsdp: train.fsdp.mesh, flat | hybrid | RxS "
+                   "(default: flat)")
     p.add_argument("--teacher-device", default="cuda:1", help="--mode placed: the teacher's device (default: cuda:1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--json", type=Path, help="rank 0 writes machine info, options and results here")

@@ -9,12 +9,14 @@ data order is the one-process order; each *global* micro-batch of world_size x m
 indices is split in rank order (rank r takes [r*mb, (r+1)*mb)), so 2 ranks x micro-batch 2 see exactly
 the sequences 1 rank x micro-batch 4 sees. After accumulation the loss sums, their weights, the
 position counts and the gradients are summed over ranks (all-reduce) and the gradients divided once:
-the same step as one process. The gradient all-reduce is explicit, not torch's
-DistributedDataParallel wrapper: the chunked flow calls the student's body and LM head separately
-(never the model's forward), so DDP's forward hooks would not run and its bucketed reduction would
-not know which parameters took part; summing every gradient once per optimizer step is exactly DDP's
-math (with no_sync over the accumulation), and it works the same for the dense flow. Every rank then
-takes the same optimizer step on the same weights. Rank 0 alone writes the checkpoint, metrics and
+the same step as one process. The gradient all-reduce is explicit (sekd.distributed.GradBuckets), not
+torch's DistributedDataParallel wrapper: the chunked flow calls the student's body and LM head
+separately (never the model's forward), so DDP's forward hooks would not run. GradBuckets does what DDP
+does inside (its math with no_sync over the accumulation): the gradients live in one persistent flat
+buffer (each .grad a view of it), split into ~25 MiB buckets whose async all-reduces start from the
+parameters' post-accumulate-grad hooks during the last micro-batch's backward, in the same order on
+every rank; it works the same for the dense flow. A stand-in micro-batch runs its forward without
+autograd (it has no backward). Every rank then takes the same optimizer step on the same weights. Rank 0 alone writes the checkpoint, metrics and
 trace; every rank resumes from rank 0's checkpoint (the weights are replicated).
 
 train.distributed=fsdp (sekd/sharding.py) keeps this math with sharded weights: the per-micro-batch
@@ -26,6 +28,7 @@ torch.distributed.checkpoint folder that checkpoint.pt names.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sekd.distributed import Dist
+from sekd.distributed import Dist, GradBuckets
 from sekd.errors import ConfigError
 from sekd.io import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
@@ -193,12 +196,22 @@ class StudentLoss(torch.nn.Module):
                 opts: dict[str, Any]):
         if self.flow == "chunked":  # bodies only; the heads run in chunks, at the positions that need them
             h_s = self.model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
+            teacher_out = arrived(teacher_out, h_s.device)  # a placed teacher's, queued after the student's body
             out = chunked_kd_loss(h_s, self.model.get_output_embeddings(), teacher_out, head_t, y, self.sel,
                                   vocab=self.V, chunk_size=self.chunk_size, **opts)
         else:  # the reference: full [B,T,V] logits
             s_logits = self.model(input_ids=x).logits[..., : self.V]  # [B,T,V]
+            teacher_out = arrived(teacher_out, s_logits.device)
             out = selective_kd_loss(s_logits, teacher_out, y, self.sel, **opts)
         return out.loss_sum, out
+
+
+def arrived(teacher_out: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The teacher's output on the student's device. A teacher on its own card (model.teacher_device) hands
+    back its output where it computed it; the copy is queued here, after the student's body, so the student's
+    card computes its body while the teacher's computes the teacher's (the copy waits for both, the host for
+    neither) instead of idling until the teacher is done."""
+    return teacher_out if teacher_out is None or teacher_out.device == device else teacher_out.to(device)
 
 
 @dataclass
@@ -247,16 +260,19 @@ class Trainer:
         self.chunk_size = auto_chunk_size(vocab, device.type) if size == "auto" else int(size)
         self.steps = total_steps(len(data), train_cfg, self.dist.world_size)
         self.sharded = train_cfg.distributed == "fsdp" and self.dist.active
+        fsdp = dict(dtype=dtype, mesh=train_cfg.fsdp.mesh)
         if self.sharded and teacher is not None:
             # the teacher first: its whole weights (on the card since it loaded) are freed before the
             # student's shards (loaded on the CPU, sekd.app.training.student_home) come to the card, so
             # the card's peak is the whole teacher alone, not the teacher plus the student's shard
-            shard_teacher(teacher, self.dist.device)
+            shard_teacher(teacher, self.dist.device, **fsdp)
         broadcast_params([p for p in student.parameters() if p.requires_grad], self.dist)  # rank 0's weights
         self.objective = StudentLoss(student, selector, vocab=vocab, chunk_size=self.chunk_size, flow=train_cfg.flow)
         if self.sharded:  # after the broadcast: each rank keeps its shard of the same weights
-            shard_student(self.objective, student, self.dist.device)  # moves each unit to the card as it shards
+            shard_student(self.objective, student, self.dist.device, **fsdp)  # moves each unit to the card
         self.params = [p for p in student.parameters() if p.requires_grad]  # sharded ones under fsdp
+        # ddp: the gradients in persistent bucketed buffers, all-reduced as the last backward runs
+        self.buckets = GradBuckets(self.params, self.dist) if self.dist.active and not self.sharded else None
         self.opt = build_optimizer(self.params, train_cfg)
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
         self.gen = torch.Generator().manual_seed(seed)
@@ -347,9 +363,12 @@ class Trainer:
                     generator=self.gen, step=self.prog.step, cached=cached,
                     rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
                     gather=self.gather(stand_in=isinstance(idx, StandIn)))  # GLS: one global queue
-        with autocast:
-            _, out = self.objective(x, y, self.teacher_pass(x), self.teacher_head(), opts)
         stand_in = isinstance(idx, StandIn)
+        # a stand-in keeps no autograd graph: it has no backward, except under fsdp (every rank must join
+        # each reduce-scatter, so it runs one at zero weight)
+        grad = torch.no_grad() if stand_in and not self.sharded else contextlib.nullcontext()
+        with autocast, grad:
+            _, out = self.objective(x, y, self.teacher_pass(x), self.teacher_head(), opts)
         if self.teacher is not None and not stand_in:
             self.prog.teacher_tokens += x.numel()
         if self.trace is not None and self.prog.step < self.trace.steps:  # rank 0 writes every rank's rows
@@ -388,28 +407,35 @@ class Trainer:
         teacher0, on_policy0 = self.prog.teacher_tokens, self.prog.on_policy_batches
         micro_idx = [next(stream) for _ in range(self.t.grad_accum)]
         sampled = self.sample_step(micro_idx) or [None] * len(micro_idx)
-        for idx, answers in zip(micro_idx, sampled):
+        if self.buckets is not None:  # zeroed buffers, each .grad a view of them
+            self.buckets.start()
+        for i, (idx, answers) in enumerate(zip(micro_idx, sampled)):
             out, x = self.forward(idx, answers)
-            if isinstance(idx, StandIn):  # no gradient (all_reduce_grads takes it as zeros); it counts nowhere
+            if isinstance(idx, StandIn):  # no gradient (the buckets take it as zeros); it counts nowhere
                 if self.sharded:  # but every rank must join each of FSDP's reduce-scatters: a zero gradient
                     (out.loss_sum * 0).backward()
                 continue
+            if self.buckets is not None and i == len(micro_idx) - 1:  # reduce each bucket as soon as it is done
+                self.buckets.arm()
             out.loss_sum.backward()
             tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
                                        out.metrics["positions_valid"], x.numel()], dtype=torch.float64)
-        if self.dist.active:  # every rank's counts, then every rank's gradients
+        if self.buckets is not None:  # every rank's gradients (fsdp reduce-scattered them in each backward),
+            self.buckets.finish()  # before the counts: the same collectives in the same order on every rank
+        if self.dist.active:  # every rank's counts
             tally[5:] = torch.tensor([self.prog.teacher_tokens - teacher0, self.prog.on_policy_batches - on_policy0])
             tally = self.dist.all_reduce_sum(tally.to(self.dist.device)).cpu()
             self.prog.teacher_tokens = teacher0 + int(tally[5])
             self.prog.on_policy_batches = on_policy0 + int(tally[6])
-            if not self.sharded:  # fsdp reduce-scattered (summed) them in each backward
-                all_reduce_grads(self.params, self.dist)
         loss_sum, weight, sel_pos, valid_pos, tokens = tally[:5].tolist()
         self.prog.tokens_seen += int(tokens)
         scale = 1.0 / max(weight, 1e-12)  # L = sum_i s_i L_i / sum_i s_i over the effective batch
-        for p in self.student.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        if self.buckets is not None:  # one pass over the flat buffers
+            self.buckets.scale(scale)
+        else:
+            for p in self.student.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         return loss_sum * scale, sel_pos, valid_pos
 
     # -- the loop ----------------------------------------------------------------------------
@@ -502,20 +528,3 @@ def broadcast_params(params: list[torch.Tensor], dist: Dist) -> None:
                 on_device = p.data.to(dist.device)
                 torch.distributed.broadcast(on_device, src=0)
                 p.data.copy_(on_device)
-
-
-def all_reduce_grads(params: list[torch.Tensor], dist: Dist) -> None:
-    """Σ over ranks of each parameter's gradient, in one flat all-reduce. A parameter no rank gave a
-    gradient keeps none (AdamW skips it, as in one process); one that some rank did gets the sum."""
-    if not params:
-        return
-    has = torch.tensor([float(p.grad is not None) for p in params], device=dist.device)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dist.device)
-                      for p in params])
-    dist.all_reduce_sum(has)
-    dist.all_reduce_sum(flat)
-    at = 0
-    for p, had in zip(params, has.tolist()):
-        n = p.numel()
-        p.grad = flat[at: at + n].view_as(p).to(p.device, p.dtype).clone() if had else None
-        at += n

@@ -256,6 +256,24 @@ class OnPolicyRegime(RegimeConfig):
         positive("regime.max_new_tokens", self.max_new_tokens, integer=True)
 
 
+FSDP_MESH = re.compile(r"([1-9]\d*)x([1-9]\d*)")  # replicas x shard size, e.g. 2x8
+
+
+@dataclass
+class FsdpConfig:
+    """train.distributed=fsdp's device mesh (sekd/sharding.py). flat: one 1-D mesh over every rank (each weight
+    sharded over all of them); hybrid: a 2-D (replicate, shard) mesh, each weight sharded over the ranks of a
+    node and replicated across nodes (HSDP: reduce-scatter within a node, all-reduce across); "RxS": that 2-D
+    mesh given explicitly, R replicas x S ranks per shard group (R x S = the world size)."""
+
+    mesh: str = "flat"  # flat | hybrid | RxS
+
+    def __post_init__(self) -> None:
+        if self.mesh not in ("flat", "hybrid") and not (isinstance(self.mesh, str) and FSDP_MESH.fullmatch(self.mesh)):
+            raise ConfigError(f"train.fsdp.mesh={self.mesh!r} is not allowed; choose one of: flat, hybrid, or RxS "
+                              "(replicas x shard size, e.g. 2x8, with R x S = the number of ranks)")
+
+
 @dataclass
 class TrainConfig:
     steps: Optional[int] = 300  # optimizer steps, the same for every method; None = `epochs` passes over the samples
@@ -281,6 +299,7 @@ class TrainConfig:
     log_every: int = 5
     trace_selection_steps: int = 0
     distributed: str = "none"  # none | ddp | fsdp: how one run spans the ranks a launcher (torchrun, Slurm) starts
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # train.distributed=fsdp's mesh
 
     def __post_init__(self) -> None:
         choice("train.distributed", self.distributed, DISTRIBUTED)

@@ -8,6 +8,16 @@ the embeddings, norm and head, nor reduce-scatter their gradients. Gradients are
 (divide factor 1): the loop divides the summed loss gradient once per optimizer step by the global
 weight Σ s_i, as in one process.
 
+Precision: under bf16 (train.precision) the decoder layers gather their weights in the compute dtype
+(MixedPrecisionPolicy param_dtype) and reduce their gradients in float32 (reduce_dtype), into float32
+sharded master weights; the root unit (embeddings, final norm, LM head) keeps float32 parameters, since
+the chunked flow accumulates the head's gradient over its chunks in the parameters' dtype (autocast
+still runs its matmuls in bf16, as in one process). The teacher's units gather in the compute dtype.
+
+Mesh (train.fsdp.mesh): flat shards every weight over all ranks (a 1-D mesh); hybrid (HSDP) shards it
+over the ranks of a node and replicates it across nodes, a 2-D (replicate, shard) mesh: gradients are
+reduce-scattered within a node, then all-reduced across nodes, both summing; "RxS" names that mesh.
+
 Teacher: inference only. Each decoder layer and the decoder are FSDP units, resharded after every
 forward (no gradients, so nothing to reduce). Its LM head stays a plain replicated module (an untied
 copy when it was tied to the sharded input embedding): the selective teacher head runs it at the
@@ -18,21 +28,84 @@ rank writes its own shard into one folder); the rest of checkpoint.pt is unchang
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from sekd.errors import ConfigError
+
 SHARDED_GLOB = "checkpoint-*.dcp"  # the sharded folders of a run; checkpoint.pt names the live one
+# The first torch with all this module uses: fully_shard and MixedPrecisionPolicy public in torch.distributed.fsdp
+# (2.6), FSDPModule.set_gradient_divide_factor and set_force_sum_reduction_for_comms (2.8).
+FSDP_MIN_TORCH = "2.8"
 
 
-def mesh(device: torch.device):
-    """The 1-D mesh of every rank (the default process group): FSDP shards over all of them."""
+def fsdp_support(version: str) -> str | None:
+    """Why train.distributed=fsdp cannot run on torch `version` (one line), or None when it can. A pre-release
+    or local build of FSDP_MIN_TORCH (2.8.0a0+git..., 2.8.0.dev2025...) counts as that version."""
+    found = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    need = tuple(int(v) for v in FSDP_MIN_TORCH.split("."))
+    if found and (int(found[1]), int(found[2])) >= need:
+        return None
+    return (f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and MixedPrecisionPolicy in "
+            f"torch.distributed.fsdp, set_gradient_divide_factor, set_force_sum_reduction_for_comms), but this is "
+            f"torch {version}; upgrade torch, or use train.distributed=ddp")
+
+
+def ranks_per_node(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The ranks on each node: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_NTASKS_PER_NODE (or the first
+    count of SLURM_TASKS_PER_NODE, "4(x2)"); None when the launcher gave neither."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        found = re.match(r"\s*(\d+)", environ.get(key, ""))
+        if found and int(found[1]) > 0:
+            return int(found[1])
+    return None
+
+
+def mesh_shape(spec: str, world_size: int, environ: Mapping[str, str] = os.environ) -> tuple[int, ...]:
+    """train.fsdp.mesh as a mesh shape: (world,) for flat; (replicas, shard size) for hybrid (shard size =
+    the ranks per node) and RxS. One line naming the key for one that does not fit the world."""
+    if spec == "flat":
+        return (world_size,)
+    if spec == "hybrid":
+        per_node = ranks_per_node(environ)
+        if per_node is None:
+            raise ConfigError("train.fsdp.mesh=hybrid needs the ranks per node (torchrun's LOCAL_WORLD_SIZE or "
+                              "Slurm's SLURM_NTASKS_PER_NODE), and the launcher set neither; give the mesh as RxS")
+        shape = (world_size // per_node, per_node)
+    else:
+        r, s = spec.split("x")
+        shape = (int(r), int(s))
+    if shape[0] * shape[1] != world_size:
+        raise ConfigError(f"train.fsdp.mesh={spec}: a {shape[0]}x{shape[1]} mesh (replicas x shard size) does not "
+                          f"cover the {world_size} ranks; the product must equal the number of ranks")
+    return shape
+
+
+def device_mesh(device: torch.device, spec: str = "flat"):
+    """FSDP's device mesh (train.fsdp.mesh): the 1-D mesh of every rank (the default process group) for flat;
+    a 2-D ("replicate", "shard") mesh for hybrid and RxS (HSDP: fully_shard shards over "shard" and
+    replicates over "replicate")."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    shape = mesh_shape(spec, torch.distributed.get_world_size())
+    if len(shape) == 1:
+        return init_device_mesh(device.type, shape)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def precision(dtype: torch.dtype | None):
+    """FSDP2's mixed precision for compute dtype `dtype`: weights gathered in it (None: as stored, for
+    float32), gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    low = dtype is not None and dtype != torch.float32
+    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -43,31 +116,35 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def shard_student(root: nn.Module, model: nn.Module, device: torch.device) -> None:
-    """FSDP2 units: each decoder layer of `model`, then `root` (the module whose forward is the loss and
-    which holds `model`) for the rest. Reductions sum instead of averaging over ranks."""
+def shard_student(root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
+                  mesh: str = "flat") -> None:
+    """FSDP2 units: each decoder layer of `model` (gathered in the compute `dtype`), then `root` (the module
+    whose forward is the loss and which holds `model`) for the rest (float32). Reductions sum in float32
+    instead of averaging over ranks; `mesh` is train.fsdp.mesh."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    m = mesh(device)
+    m = device_mesh(device, mesh)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=m)
-    fully_shard(root, mesh=m)
+        fully_shard(layer, mesh=m, mp_policy=precision(dtype))
+    fully_shard(root, mesh=m, mp_policy=precision(None))
     for unit in root.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)  # Σ over ranks; the loop divides once by Σ s_i
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+def shard_teacher(teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
+                  mesh: str = "flat") -> None:
     """The frozen teacher sharded for inference: its decoder layers and its decoder (embeddings, norm),
-    resharded after each forward; the LM head stays replicated (untied from the embedding first)."""
+    gathered in the compute `dtype` and resharded after each forward; the LM head stays replicated (untied
+    from the embedding first). `mesh` is train.fsdp.mesh."""
     from torch.distributed.fsdp import fully_shard
 
     untie_head(teacher)
-    m = mesh(device)
+    m = device_mesh(device, mesh)
     for layer in decoder_layers(teacher):
-        fully_shard(layer, mesh=m, reshard_after_forward=True)
-    fully_shard(teacher.get_decoder(), mesh=m, reshard_after_forward=True)
+        fully_shard(layer, mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
+    fully_shard(teacher.get_decoder(), mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
 
 
 def untie_head(model: nn.Module) -> None:

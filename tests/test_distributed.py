@@ -203,9 +203,8 @@ def test_ranks_without_a_distributed_mode_are_refused(tmp_path):
 
 
 def _collectives(rank: int, port: int, out: str) -> None:
-    from sekd.distributed import init
+    from sekd.distributed import GradBuckets, init
     from sekd.launch import Launch
-    from sekd.loop import all_reduce_grads
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
@@ -213,10 +212,13 @@ def _collectives(rank: int, port: int, out: str) -> None:
            "sum": dist.all_reduce_sum(rank + 0.5), "obj": dist.broadcast_object({"from": rank}),
            "objs": dist.all_gather_objects(rank)}
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
-    a.grad = torch.full((2,), float(rank + 1))
-    b.grad = torch.ones(3) if rank == 1 else None  # one rank's gradient: the sum is that one
     c = torch.nn.Parameter(torch.zeros(1))  # no rank's gradient: stays None
-    all_reduce_grads([a, b, c], dist)
+    buckets = GradBuckets([a, b, c], dist, bucket_bytes=8)  # a bucket each
+    buckets.start()
+    buckets.arm()
+    loss = (a * (rank + 1)).sum() + (b.sum() if rank == 1 else 0)  # b: one rank's gradient, the sum is that one
+    loss.backward()
+    buckets.finish()
     got["grads"] = [a.grad.tolist(), b.grad.tolist(), c.grad]
     with dist.main_first():
         Path(out, f"order{rank}").write_text(str(time.time()))

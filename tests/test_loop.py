@@ -35,14 +35,15 @@ def packed(n=4, seed=0) -> PackedData:
     return PackedData(input_ids=x, labels=y, sample_ids=[f"s{i}" for i in range(n)])
 
 
-def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense"):
+def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense", *, n=4,
+            dist=None):
     t = TrainConfig(flow=flow, chunk_size=5, lr=1e-3, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum,
                     normalization=normalization, max_grad_norm=None, log_every=1, ckpt_every=0)
     opts = {"k": 0.25} if policy != "all" else {}
     sel = Selector(signal=SIGNALS.get(signal) if signal else None, policy=POLICIES.build(policy, **opts),
                    criterion=forward_kl)
-    return Trainer(student=tiny_model(0), teacher=tiny_model(1).eval(), data=packed(), selector=sel, train_cfg=t,
-                   vocab=V, seed=0, run=None, tracker=None, device=torch.device("cpu"), dtype=torch.float32)
+    return Trainer(student=tiny_model(0), teacher=tiny_model(1).eval(), data=packed(n), selector=sel, train_cfg=t,
+                   vocab=V, seed=0, run=None, tracker=None, device=torch.device("cpu"), dtype=torch.float32, dist=dist)
 
 
 @pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "student_entropy")])
@@ -78,6 +79,21 @@ def test_chunked_flow_takes_the_same_step_as_the_dense_flow(policy, signal):
     assert grads["chunked"][0] == pytest.approx(grads["dense"][0], rel=1e-5)
     for n, g in grads["dense"][1].items():
         torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("flow", ["dense", "chunked"])
+def test_a_stand_in_keeps_no_autograd_graph(flow):
+    """A stand-in micro-batch (a rank's share of a short last global micro-batch, run again at zero weight)
+    has no backward outside fsdp: its forward records no graph (no activations kept for a backward that
+    never comes); a real micro-batch's does."""
+    from sekd.loop import StandIn
+
+    tr = trainer(1, 1, flow=flow)
+    real, _ = tr.forward([0])
+    stand_in, _ = tr.forward(StandIn([0]))
+    assert real.loss_sum.requires_grad and real.loss_sum.grad_fn is not None
+    assert not stand_in.loss_sum.requires_grad and stand_in.loss_sum.grad_fn is None
+    assert stand_in.loss_sum.item() == pytest.approx(real.loss_sum.item(), rel=1e-6)  # the same sequence
 
 
 def final_weights(root):

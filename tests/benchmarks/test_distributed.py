@@ -43,6 +43,12 @@ def test_every_mode_runs_and_reports_per_device(tmp_path, mode, ranks, devices):
     assert [r["rank"] for r in report["ranks"]] == list(range(max(ranks, 1)))
     assert all(r["peak_gib"] > 0 and len(r["step_s"]) == 2 for r in report["ranks"])
     assert f"mode={mode} shape=tiny" in res.stdout
+    if mode == "fsdp":  # sharded as training shards: every student and teacher-decoder weight, after the steps too
+        for r in report["ranks"]:
+            for part in ("student", "teacher_decoder"):
+                held = r["sharding"][part]
+                assert held["sharded"] == held["params"] > 0, (part, held)
+                assert held["local_fraction"] <= 0.5 + 0.02, (part, held)  # about half on each of 2 ranks
 
 
 @pytest.mark.parametrize("args,extra,line", [
