@@ -87,16 +87,24 @@ def teacher_device(name: str | None, student: torch.device) -> torch.device:
     return device
 
 
+def canonical_device(device: torch.device | str, current: int | None = None) -> torch.device:
+    """One spelling per device: `cuda` is the current card, cuda:<current> (`current`: that card's index,
+    None: torch's); every other device as it is."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if current is None else current)
+    return d
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """cuda and cuda:<current> are one device."""
-    def canonical(d: torch.device) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
-    return a.type == b.type and (a.type != "cuda" or canonical(a) == canonical(b))
+    return a.type == b.type and (a.type != "cuda" or canonical_device(a) == canonical_device(b))
 
 
 class PlacedTeacher(torch.nn.Module):
     """The frozen teacher on its own device (model.teacher_device), as the loss sees it from the student's
-    device: token ids go to the teacher's device, and what it returns comes back to the student's.
+    device: token ids go to the teacher's device, and what it returns is moved to the student's by the step,
+    after the student's body is queued (sekd.loop.arrived), so both cards compute at once.
 
     The chunked flow moves the decoder's hidden states [B,T,d_t] and runs the teacher's head on the
     student's device, from a copy of the head made once. Per position that moves d_t numbers, where
@@ -113,17 +121,15 @@ class PlacedTeacher(torch.nn.Module):
         self.head = None  # the copy of the teacher's head on the student's device, made on first use
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        out = self.model(input_ids=input_ids.to(self.home), **kwargs)
-        out.logits = out.logits.to(self.device)
-        return out
+        """The teacher's output where it computed it: the student's step moves it (sekd.loop.arrived) once its
+        own body is queued, so the two cards overlap; whoever else reads it calls .to(device) itself."""
+        return self.model(input_ids=input_ids.to(self.home, non_blocking=True), **kwargs)
 
     def get_decoder(self):
         decoder = self.model.get_decoder()
 
         def run(input_ids: torch.Tensor, **kwargs):
-            out = decoder(input_ids=input_ids.to(self.home), **kwargs)
-            out.last_hidden_state = out.last_hidden_state.to(self.device)
-            return out
+            return decoder(input_ids=input_ids.to(self.home, non_blocking=True), **kwargs)
         return run
 
     def get_output_embeddings(self):

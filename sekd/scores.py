@@ -85,7 +85,7 @@ def from_main(dist: Ranks, obj: Any) -> Any:
 
 def _logits(model: torch.nn.Module, x: Tensor, vocab: int | None) -> Tensor:
     """Next-token logits cut to the tokenizer's vocabulary (padding rows dropped).  [B,T] -> [B,T,V]"""
-    z = model(input_ids=x).logits
+    z = model(input_ids=x).logits.to(x.device)  # a placed teacher's, from its own card
     return z if vocab is None else z[..., :vocab]
 
 

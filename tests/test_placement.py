@@ -31,14 +31,19 @@ def test_a_placed_teacher_gives_the_same_loss_and_gradients(flow, policy, signal
 
 
 def test_the_teachers_outputs_land_on_the_students_device():
-    """The teacher computes on its own device (cpu); what the loss reads arrives on the student's (meta
-    here: a second device every machine has), and the teacher's weights stay where they are."""
+    """The teacher computes on its own device (cpu) and hands its output back there; the step moves what the
+    loss reads to the student's (meta here: a second device every machine has) once the student's body is
+    queued (sekd.loop.arrived), and the teacher's weights stay where they are."""
+    from sekd.loop import arrived
+
     teacher = tiny_model(1).eval()
     placed = PlacedTeacher(teacher, torch.device("meta"))
     x = packed().input_ids[:2]
     with torch.no_grad():
         h = placed.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
         z = placed(input_ids=x).logits
+    assert h.device.type == z.device.type == "cpu"
+    h, z = arrived(h, torch.device("meta")), arrived(z, torch.device("meta"))
     assert h.device.type == "meta" and h.shape == (2, x.shape[1], 32)
     assert z.device.type == "meta" and z.shape[-1] >= V
     head = placed.get_output_embeddings()
@@ -81,6 +86,7 @@ def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throug
     rec = json.loads(path.read_text())
     assert rec["world_size"] == 1 and rec["device_count"] == 1
     assert rec["devices"] == {"student": "cpu", "teacher": "cpu"}
+    assert list(rec["peak_memory_mb_per_device"]) == ["cpu"] and rec["peak_memory_mb_per_device"]["cpu"] > 0
     assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_seen"] / rec["train_time_s"], rel=0.02)
 
 
@@ -123,5 +129,41 @@ def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(
     rec = json.loads(path.read_text())
     assert (rec["world_size"], rec["device_count"]) == (2, 2)
     assert rec["devices"] == {"student": "cpu", "teacher": "cpu"}
+    assert list(rec["peak_memory_mb_per_device"]) == ["cpu"] and rec["peak_memory_mb_per_device"]["cpu"] > 0
     assert rec["tokens_seen"] == 2 * 2 * 4 * 64 * 2  # steps x accumulation x micro-batch x seq_len x ranks
     assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_seen"] / rec["train_time_s"] / 2, rel=0.02)
+
+
+@pytest.mark.parametrize("flow", ["dense", "chunked"])
+def test_a_placed_teachers_output_moves_after_the_students_body_is_queued(flow, monkeypatch):
+    """Two cards overlap only if the student's body is queued on its card before the copy of the teacher's
+    output (which waits for the teacher's card): the teacher's pass hands its output back where it computed
+    it (test above), and the step moves it (sekd.loop.arrived) after the student's body ran. On CPU the
+    order of the calls is what can be checked."""
+    import sekd.loop
+    from sekd.loop import micro_batches
+
+    log: list[str] = []
+    move = sekd.loop.arrived
+    monkeypatch.setattr(sekd.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device))
+    tr = trainer(2, 1, "top_k", "student_entropy", "per_sequence", flow)
+    tr.teacher = PlacedTeacher(tr.teacher, torch.device("cpu"))
+    teacher_part = tr.teacher.model.get_decoder() if flow == "chunked" else tr.teacher.model
+    teacher_part.register_forward_hook(lambda *a: log.append("teacher"))
+    tr.student.get_decoder().register_forward_hook(lambda *a: log.append("student body"))
+    tr.forward(next(micro_batches(tr.data, 2, tr.seed, tr.prog)))
+    assert log == ["teacher", "student body", "teacher output moved"]
+
+
+def test_devices_are_spelled_one_way_and_counted_once():
+    from sekd.app.record import throughput
+    from sekd.models import canonical_device
+
+    assert canonical_device("cuda", current=0) == canonical_device("cuda:0") == torch.device("cuda", 0)
+    assert canonical_device("cuda", current=1) == torch.device("cuda", 1)
+    assert canonical_device("cpu") == torch.device("cpu")
+    stats = {"tokens_seen": 1000, "train_time_s": 10.0, "world_size": 1}
+    # model.teacher_device=cuda:0 beside train.device=cuda (stats from before spelling was fixed): one card
+    assert throughput({**stats, "devices": {"student": "cuda", "teacher": "cuda:0"}})["device_count"] == 1
+    assert throughput({**stats, "devices": {"student": "cuda:0", "teacher": "cuda:1"}})["device_count"] == 2
+    assert throughput({**stats, "devices": {"student": "cuda:0", "teacher": None}})["device_count"] == 1

@@ -49,11 +49,15 @@ def throughput(stats: dict[str, Any]) -> dict[str, Any]:
     where model.teacher_device gave it one. Stats from before these existed ran one process."""
     world = int(stats.get("world_size") or 1)
     devices = stats.get("devices") or {}
-    own_teacher = devices.get("teacher") not in (None, devices.get("student"))
+    # `cuda` and `cuda:0` in stats written before devices were spelled one way: one card (one process's
+    # current card is cuda:0)
+    same = {str(d).replace("cuda:0", "cuda") for d in devices.values() if d is not None}
+    own_teacher = devices.get("teacher") is not None and len(same) > 1
     count = world * (2 if own_teacher else 1)
     seconds, tokens = stats.get("train_time_s"), stats.get("tokens_seen", 0)
     rate = round(tokens / seconds / count, 2) if seconds and tokens else None
-    return {"world_size": world, "devices": devices or None, "device_count": count, "tokens_per_s_per_device": rate}
+    return {"world_size": world, "devices": devices or None, "device_count": count, "tokens_per_s_per_device": rate,
+            "peak_memory_mb_per_device": stats.get("peak_memory_mb_per_device")}
 
 
 def summary_line(job: Job, record: dict[str, Any]) -> str:

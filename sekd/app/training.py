@@ -252,16 +252,23 @@ def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:
 
 
 def placement(parts: Parts) -> dict[str, Any]:
-    """The world size and rank 0's devices (the teacher's where it was loaded), for tokens/s per device
-    (sekd.app.record.throughput)."""
+    """The world size and rank 0's devices (the teacher's where it was loaded), each spelled one way (`cuda`
+    beside `cuda:0` is one card, not two), for tokens/s per device (sekd.app.record.throughput), and the peak
+    memory of every one of them."""
     import torch.distributed as tdist
 
+    from sekd.models import canonical_device
+
     world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-    teacher = str(parts.teacher.home) if parts.teacher.loaded else None
-    return {"world_size": world, "devices": {"student": str(parts.device), "teacher": teacher}}
+    student = canonical_device(parts.device)
+    teacher = canonical_device(parts.teacher.home) if parts.teacher.loaded else None
+    used = [student] + ([teacher] if teacher is not None and teacher != student else [])
+    return {"world_size": world, "devices": {"student": str(student), "teacher": str(teacher) if teacher else None},
+            "peak_memory_mb_per_device": {str(d): round(peak_memory_mb(d), 1) for d in used}}
 
 
 def peak_memory_mb(device) -> float:
+    """The most memory the run held on `device`: a card's allocated peak, or this process's resident peak."""
     import torch
 
     if device.type == "cuda":
