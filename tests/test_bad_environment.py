@@ -121,3 +121,27 @@ def test_benchmark_refuses_a_cuda_shape_without_cuda(tmp_path):
         "kd_step: --shape qwen3_8b_to_1.7b (a GPU shape) needs CUDA, but this machine has no CUDA device; run it "
         "on a GPU machine, or pass --device cpu (and a smaller --batch/--seq) to run it here"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("version,refused", [("2.5.1+cu121", True), ("2.7.0", True), ("2.8.0", False),
+                                             ("2.13.0+cpu", False), ("2.8.0a0+gitabc", False)])
+def test_fsdp_on_a_torch_without_fsdp2s_switches_is_one_line_naming_the_version(version, refused, monkeypatch):
+    """train.distributed=fsdp uses FSDP2's fully_shard, MixedPrecisionPolicy and its sum-reduction switches,
+    which older torch lacks: refused from the config, before any launcher or model is asked."""
+    import torch
+
+    from sekd.app.compose import check_fsdp
+    from sekd.config import ConfigError, typed
+    from sekd.sharding import FSDP_MIN_TORCH
+    from tests.helpers import compose_cfg
+
+    cfg = typed(compose_cfg(["train.distributed=fsdp"]))
+    monkeypatch.setattr(torch, "__version__", version)
+    if not refused:
+        check_fsdp(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_fsdp(cfg)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("train.distributed=fsdp needs torch >= " + FSDP_MIN_TORCH)
+    assert version in line

@@ -134,6 +134,13 @@ def check_launch(cfg: RunConfig):
 def check_fsdp(cfg: RunConfig) -> None:
     """What train.distributed=fsdp does not do (yet), refused in one line naming the key. (A fixed
     model.teacher_device with any distributed mode is refused by sekd.config.check_placement.)"""
+    import torch
+
+    from sekd.sharding import fsdp_support
+
+    too_old = fsdp_support(torch.__version__)  # FSDP2's switches sekd.sharding uses came in one release
+    if too_old:
+        raise ConfigError(too_old)
     if cfg.regime.name == "on_policy":  # each rank holds a shard: generation would need the whole student
         raise ConfigError("regime=on_policy with train.distributed=fsdp: the student's generation needs its whole "
                           "weights on each rank; use train.distributed=ddp")
