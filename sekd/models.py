@@ -201,9 +201,14 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model in `dtype` on `device`. On a card its weights are read from the files straight onto it
+    (device_map), not built whole in host RAM first: eight ranks of a node each holding an 8B teacher in
+    host RAM on the way to their cards would need 8 x 16 GB of it at once."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    device = torch.device(device)
+    direct = {"device_map": {"": device}} if device.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **direct)
     return model.to(device)
 
 
