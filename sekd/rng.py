@@ -139,25 +139,32 @@ def row_keys(n: int, *, keys: RowKeys | None, generator: torch.Generator | None,
 
 class PositionKeys:
     """Per-position uniforms for draws at selected positions (rows[n], cols[n]): position (r, c) takes the
-    c-th block of `width` uniforms of row r's stream. Each row's block of T positions is drawn once and
-    memoized (shared by `take`), so any chunking of the positions gets the same numbers."""
+    c-th block of `width` uniforms of row r's stream. Each stream's blocks of every row's T positions are drawn
+    once per step on the CPU and moved to the device in one copy ([rows,T,width], shared by `take`), so any
+    chunking of the positions gets the same numbers, and a chunk reads its own on the device: no host copy or
+    sync per chunk (rows and cols stay where they are)."""
 
     def __init__(self, keys: RowKeys, rows: Tensor, cols: Tensor, T: int, _memo: dict | None = None):
-        self.keys, self.rows, self.cols, self.T = keys, rows.cpu(), cols.cpu(), int(T)
-        self._memo: dict[tuple[str, int, int], Tensor] = {} if _memo is None else _memo
+        self.keys, self.rows, self.cols, self.T = keys, rows, cols, int(T)
+        self._memo: dict[tuple[str, int, str], Tensor] = {} if _memo is None else _memo
 
     def take(self, sl: slice) -> "PositionKeys":
         """The keys of the positions [sl] (a chunk)."""
         return PositionKeys(self.keys, self.rows[sl], self.cols[sl], self.T, self._memo)
 
+    def table(self, width: int, stream: str, device) -> Tensor:
+        """Every row's T x width uniforms of `stream`, drawn once.  -> [rows,T,width] float64 on `device`"""
+        device = torch.device(device)
+        key = (stream, int(width), str(device))
+        if key not in self._memo:
+            cpu = torch.empty(len(self.keys), self.T, int(width), dtype=torch.float64)
+            for r in range(len(self.keys)):
+                torch.rand(self.T, int(width), generator=self.keys.generator(r, stream), dtype=torch.float64,
+                           device="cpu", out=cpu[r])
+            self._memo[key] = cpu.to(device)
+        return self._memo[key]
+
     def uniform(self, width: int, stream: str, device) -> Tensor:
         """`width` uniforms per position.  -> [n,width] float64 on `device`"""
-        out = torch.empty(self.rows.numel(), width, dtype=torch.float64)
-        for r in self.rows.unique().tolist():
-            key = (stream, width, r)
-            if key not in self._memo:
-                g = self.keys.generator(r, stream)
-                self._memo[key] = torch.rand(self.T, width, generator=g, dtype=torch.float64, device="cpu")
-            at = self.rows == r
-            out[at] = self._memo[key][self.cols[at]]
-        return out.to(device)
+        table = self.table(width, stream, device)
+        return table[self.rows.to(table.device), self.cols.to(table.device)]

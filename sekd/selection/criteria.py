@@ -171,9 +171,9 @@ def forward_kl_with_grad(s: Tensor, t: Tensor, temperature: float, scratch: Tens
     logq, logp = log_softmax_(s, temperature, scratch), log_softmax_(t, temperature, scratch)
     p = torch.exp(logp, out=scratch)
     terms = logp.sub_(logq).mul_(p)  # p (log p - log q), in t's storage
-    kl = terms.sum(-1)
-    if kl.isnan().any():  # a class the teacher rules out (logit -inf): 0 log 0 = 0
-        kl = terms.masked_fill_(p == 0, 0.0).sum(-1)
+    # a class the teacher rules out (logit -inf) gives 0 * -inf = nan: 0 log 0 = 0. nansum skips exactly those
+    # (nan only arises where p = 0) and equals sum bit for bit elsewhere: no data-dependent branch, no host sync
+    kl = terms.nansum(-1)
     grad = logq.exp_().sub_(p)
     return kl, grad if temperature == 1.0 else grad.div_(temperature)
 
@@ -184,13 +184,11 @@ def reverse_kl_with_grad(s: Tensor, t: Tensor, temperature: float, scratch: Tens
     q = torch.exp(logq, out=scratch)
     gap = logq.sub_(logp)  # log q - log p, in s's storage
     terms = torch.mul(gap, q, out=t)
-    kl, ruled_out = terms.sum(-1), None
-    if kl.isnan().any():  # a class the student rules out (logit -inf): 0 log 0 = 0, and no gradient there
-        ruled_out = q == 0
-        kl = terms.masked_fill_(ruled_out, 0.0).sum(-1)
-    grad = gap.sub_(kl.unsqueeze(-1)).mul_(q)
-    if ruled_out is not None:
-        grad.masked_fill_(ruled_out, 0.0)
+    # a class the student rules out (logit -inf, or q = 0 where the teacher's is -inf): 0 * inf = nan, and
+    # 0 log 0 = 0 with no gradient there. nan arises only where q = 0: nansum skips it (and equals sum bit for
+    # bit elsewhere), nan_to_num_ zeroes it in the gradient (infinities kept): no branch, no host sync
+    kl = terms.nansum(-1)
+    grad = gap.sub_(kl.unsqueeze(-1)).mul_(q).nan_to_num_(0.0, float("inf"), float("-inf"))
     return kl, grad if temperature == 1.0 else grad.div_(temperature)
 
 

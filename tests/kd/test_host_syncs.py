@@ -1,0 +1,87 @@
+"""No host sync per chunk or per generated token (docs/method.md §9).
+
+On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, `.nonzero()`, ...)
+waits for every queued kernel, so the next launches cannot overlap the running ones. The chunked step
+syncs a fixed number of times per step (selection, counts), never per chunk: the criteria's closed forms
+keep their 0 log 0 = 0 guard branch-free, and the positions' keys are drawn once per step and read on the
+device (sekd/rng.py `PositionKeys`). On-policy sampling checks whether every row has finished once every
+`SYNC_EVERY` tokens, not per token, and draws each token's nucleus without a host-side decision.
+
+Counted on CPU by wrapping the Tensor methods that read values to the host; the numbers themselves are
+held equal across chunkings and samplings by tests/kd/test_protocols.py, test_flows.py, test_on_policy.py.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from sekd.kd.flows import chunked_kd_loss
+from sekd.kd.objective import Selector
+from sekd.selection.classes import CLASSES
+from sekd.selection.criteria import CRITERIA
+from sekd.selection.policies import POLICIES
+from sekd.selection.signals import SIGNALS
+from tests.kd.test_flows import V, batch, heads
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@contextmanager
+def host_syncs(skip: tuple[str, ...] = ()):
+    """Counts calls of the Tensor methods that read a value to the host, by (method, calling file); calls
+    from a file whose path ends with one of `skip` are not counted."""
+    seen: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def wrapped(name, orig):
+        def call(self, *args, **kwargs):
+            where = sys._getframe(1).f_code.co_filename
+            if not where.endswith(skip):
+                seen[name, os.path.basename(where)] += 1
+            return orig(self, *args, **kwargs)
+        return call
+
+    for name, orig in originals.items():
+        setattr(torch.Tensor, name, wrapped(name, orig))
+    try:
+        yield seen
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+CASES = {
+    "forward_kl_closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
+                                                CRITERIA.build("forward_kl")), 1.0),
+    "reverse_kl_closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
+                                                CRITERIA.build("reverse_kl")), 1.0),
+    # rs_kd's sparse target has a data-dependent width per chunk (the most distinct classes a position drew,
+    # sekd/cache/draws.py): those reads are its own; what is held here is the positions' keys (sekd/rng.py)
+    "rs_kd_keys": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
+                                    CRITERIA.build("forward_kl"), classes=CLASSES.build("rs_kd", n_draws=8)), 0.7),
+}
+
+
+def chunked_step_syncs(case: str, chunk_size: int) -> Counter:
+    head_s, head_t = heads(0)
+    h_s, h_t, y = batch(0)
+    sel, lam = CASES[case]
+    h = h_s.clone().requires_grad_()
+    selector = sel()
+    with host_syncs(skip=("sekd/cache/draws.py",) if case == "rs_kd_keys" else ()) as seen:
+        out = chunked_kd_loss(h, head_s, h_t, head_t, y, selector, vocab=V, lam=lam, temperature=1.0,
+                              chunk_size=chunk_size, generator=torch.Generator().manual_seed(0), rows=[4, 5, 6])
+        out.loss_sum.backward()
+    return seen
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_chunked_step_syncs_do_not_grow_with_the_chunks(case):
+    """1, 2 or 1000 positions a chunk (~25 chunks to one): the same host reads, all of them per step."""
+    counts = {c: chunked_step_syncs(case, c) for c in (1000, 2, 1)}
+    assert counts[1] == counts[2] == counts[1000], counts
