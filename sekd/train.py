@@ -2,6 +2,7 @@
 
     sekd-train experiment=se_kd seed=1338
     sekd-train -m experiment=full_kd,random_pos,se_kd seed=1337,1338,1339
+    sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB   # will it fit?
 """
 from __future__ import annotations
 
@@ -26,9 +27,15 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`sekd-train`: a bad command line (an unknown key, a value out of range) stops with one line and
-    exit status 2 before Hydra starts a job or makes its folder; then Hydra runs the app."""
+    exit status 2 before Hydra starts a job or makes its folder; then Hydra runs the app. With --plan
+    (and --card, --world) it prints the run's memory per device instead (sekd/app/plan.py), before Hydra
+    sees argv: Hydra refuses flags it does not know."""
     from sekd.config import check_command_line
 
+    if "--plan" in sys.argv[1:]:
+        from sekd.app.plan import main as plan
+
+        sys.exit(plan([a for a in sys.argv[1:] if a != "--plan"]))
     try:
         check_command_line(sys.argv[1:], CONF, "config")
     except ConfigError as err:
