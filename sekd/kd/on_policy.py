@@ -97,6 +97,8 @@ def left_pad(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 # the stream a row's sampling uniforms come from (sekd/rng.py RowKeys): one uniform per generated token
 STREAM = "on_policy"
+# generated tokens between the host's checks whether every row has finished (a sync on a GPU)
+SYNC_EVERY = 16
 
 
 def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
@@ -107,10 +109,12 @@ def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, T
     kept while the mass before it is < top_p), so the most likely token is always kept; ties keep the
     lower id first (a stable sort), as greedy's argmax does. Only the k most likely tokens are sorted
     (k = 64, then 1024, then all): where the tokens strictly more likely than the k-th already reach top_p,
-    the nucleus lies among them and is the full sort's own prefix, ties and all."""
+    the nucleus lies among them and is the full sort's own prefix, ties and all. Whether it does is read on
+    the host; where that read is a sync (a GPU: once per generated token), the full sort is taken instead
+    (`_sorts_in_full`): the same tokens, no sync."""
     p = torch.softmax(logits.double() / temperature, dim=-1)
     V = p.shape[-1]
-    for k in (64, 1024):
+    for k in () if _sorts_in_full(p.device) else (64, 1024):
         if k >= V:
             break
         top, ids = torch.topk(p, k, dim=-1)  # every token more likely than the k-th is among them    [B,k]
@@ -122,6 +126,13 @@ def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, T
             return _cut(probs, cdf, top_p), ids.gather(-1, order)
     probs, order = torch.sort(p, dim=-1, descending=True, stable=True)
     return _cut(probs, probs.cumsum(-1), top_p), order
+
+
+def _sorts_in_full(device: torch.device) -> bool:
+    """Whether `nucleus` sorts the whole vocabulary rather than decide on the host if the k most likely
+    suffice: on a GPU that decision is a host sync per token, dearer than one sort of [B,V] there; on CPU
+    a host read costs nothing and the full sort is what is slow."""
+    return device.type != "cpu"
 
 
 def _cut(probs: Tensor, cdf: Tensor, top_p: float) -> Tensor:
@@ -197,14 +208,17 @@ def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, 
                 tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
                 out[:, t] = tok
                 done |= (tok == int(eos_id)) | (t + 1 >= cap)
-                if bool(done.all()):
+                # whether every row has finished is read on the host every SYNC_EVERY tokens (and at the last):
+                # a row that finished earlier only writes pad, which its answer drops, so the answers are the
+                # same; a batch that ended early runs at most SYNC_EVERY - 1 forwards more
+                if t + 1 == max(caps) or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 pos = pos[:, -1:] + 1
                 logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
     finally:
         student.train(was_training)
-    return [_cut_after_eos(row[:c], eos_id) for row, c in zip(out, caps)]
+    return [row[:n] for row, n in zip(out, _answer_lengths(out, eos_id, cap))]
 
 
 def _new_cache(student):
@@ -217,10 +231,12 @@ def _new_cache(student):
         return DynamicCache()
 
 
-def _cut_after_eos(row: Tensor, eos_id: int) -> Tensor:
-    """The generated tokens up to and including the first eos (padding generated after it dropped)."""
-    hits = (row == eos_id).nonzero()
-    return row[: int(hits[0]) + 1] if hits.numel() else row
+def _answer_lengths(out: Tensor, eos_id: int, cap: Tensor) -> list[int]:
+    """Each row's answer length: up to and including its first eos, or its cap without one; read to the host
+    once for the batch.  out [B,W], cap [B] -> B ints"""
+    hit = out == eos_id  #                                                                    [B,W]
+    first = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, cap)  # argmax: the first of equal maxima
+    return torch.minimum(first, cap).tolist()
 
 
 # ---- the training batch -------------------------------------------------------------------
