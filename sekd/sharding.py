@@ -101,11 +101,14 @@ def device_mesh(device: torch.device, spec: str = "flat"):
 
 def precision(dtype: torch.dtype | None):
     """FSDP2's mixed precision for compute dtype `dtype`: weights gathered in it (None: as stored, for
-    float32), gradients reduced in float32."""
+    float32), gradients reduced in float32. A unit's inputs are not cast (cast_forward_inputs=False): autocast
+    runs the matmuls in `dtype` anyway, and the residual stream between layers keeps the dtype it has in one
+    process."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     low = dtype is not None and dtype != torch.float32
-    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -146,3 +146,109 @@ def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint-2.dcp, is missing"):
         load_checkpoint(ck, sharded=True)
     assert Path(ck).exists()
+
+
+# train.fsdp.mesh: a 2-D (replicate, shard) mesh (HSDP: reduce-scatter within a shard group, all-reduce across
+# replicas, both summing) trains the one-process weights too. 2x1: two replicas of one rank each (every weight
+# whole, all-reduced); hybrid: the ranks per node (torchrun's LOCAL_WORLD_SIZE, 2 here) shard, one replica: 1x2.
+@pytest.mark.parametrize("mesh", ["2x1", "hybrid"])
+def test_fsdp_on_a_two_dimensional_mesh_trains_the_one_process_weights(tmp_path, mesh):
+    two_ranks_and_one(tmp_path, "se_kd", f"train.fsdp.mesh={mesh}", mode="fsdp")
+    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_the_fsdp_mesh_is_read_and_checked_in_one_line():
+    from sekd.errors import ConfigError
+    from sekd.schema import FsdpConfig, TrainConfig
+    from sekd.sharding import mesh_shape, ranks_per_node
+
+    assert TrainConfig().fsdp.mesh == "flat"
+    for bad in ("2d", "0x4", "4x", "hsdp", 2):
+        with pytest.raises(ConfigError, match=r"^train\.fsdp\.mesh=") as err:
+            FsdpConfig(mesh=bad)
+        assert "\n" not in str(err.value)
+    assert mesh_shape("flat", 16, {}) == (16,)
+    assert mesh_shape("2x8", 16, {}) == (2, 8)
+    assert mesh_shape("hybrid", 16, {"LOCAL_WORLD_SIZE": "8"}) == (2, 8)
+    assert mesh_shape("hybrid", 16, {"SLURM_NTASKS_PER_NODE": "4"}) == (4, 4)
+    assert ranks_per_node({"SLURM_TASKS_PER_NODE": "8(x2)"}) == 8 and ranks_per_node({}) is None
+    for spec, env, text in [("3x2", {}, "does not cover the 16 ranks"), ("hybrid", {}, "needs the ranks per node"),
+                            ("hybrid", {"LOCAL_WORLD_SIZE": "3"}, "does not cover the 16 ranks")]:
+        with pytest.raises(ConfigError, match=rf"^train\.fsdp\.mesh={spec}.*{text}"):
+            mesh_shape(spec, 16, env)
+
+
+@pytest.mark.parametrize("version, ok", [("2.13.0+cpu", True), ("2.8.0", True), ("2.8.0a0+git1234", True),
+                                         ("2.10.0.dev20250801+cu128", True), ("3.0.0", True), ("2.7.1+cu126", False),
+                                         ("2.6.0", False), ("1.13.1", False), ("unknown", False)])
+def test_fsdp_needs_a_recent_enough_torch(version, ok):
+    """fsdp_support: None where the torch has everything sekd/sharding.py uses, else one line naming the version
+    it needs and the way out."""
+    from sekd.sharding import FSDP_MIN_TORCH, fsdp_support
+
+    why = fsdp_support(version)
+    if ok:
+        assert why is None
+    else:
+        assert why == (f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and "
+                       "MixedPrecisionPolicy in torch.distributed.fsdp, set_gradient_divide_factor, "
+                       f"set_force_sum_reduction_for_comms), but this is torch {version}; upgrade torch, or use "
+                       "train.distributed=ddp")
+    assert fsdp_support(torch.__version__) is None  # the torch these tests run on has all of it
+
+
+def test_the_installed_torch_has_what_sharding_uses():
+    """What FSDP_MIN_TORCH stands for, present in this torch (fsdp_support lets it through)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
+
+    assert hasattr(FSDPModule, "set_gradient_divide_factor") and hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+
+
+def _shard_in_bf16(rank: int, port: int, out: str) -> None:
+    from sekd.distributed import init
+    from sekd.launch import Launch
+    from sekd.loop import StudentLoss
+    from sekd.sharding import shard_student, shard_teacher
+    from tests.test_loop import tiny_model
+
+    torch.set_num_threads(1)
+    dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
+    student, teacher = tiny_model(0), tiny_model(1).to(torch.bfloat16)
+    shard_teacher(teacher, dist.device, dtype=torch.bfloat16, mesh="2x1")
+    root = StudentLoss(student, None, vocab=64, chunk_size=5, flow="dense")
+    shard_student(root, student, dist.device, dtype=torch.bfloat16, mesh="2x1")
+
+    def policy(unit):  # FSDP2's state of a unit (a private attribute: what fully_shard was given)
+        p = unit._get_fsdp_state()._mp_policy
+        return [str(p.param_dtype), str(p.reduce_dtype), p.cast_forward_inputs]
+
+    layer = next(student.model.layers[0].parameters())
+    got = {"mesh": list(layer.device_mesh.shape), "names": list(layer.device_mesh.mesh_dim_names),
+           "placements": [repr(p) for p in layer.placements], "layer": policy(student.model.layers[0]),
+           "root": policy(root), "teacher_layer": policy(teacher.model.layers[0]), "teacher": policy(teacher.model),
+           "master": str(layer.dtype)}
+    dist.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+
+
+def test_bf16_layers_gather_in_bf16_and_reduce_in_float32_on_a_hybrid_mesh(tmp_path):
+    """Under bf16 the student's layers gather their weights in bf16 and reduce gradients in float32 into float32
+    master shards; its root unit (embeddings, norm, head) stays float32 (the chunked flow accumulates the head's
+    gradient in its parameters' dtype); the teacher gathers in bf16; no unit casts its inputs. train.fsdp.mesh=2x1
+    is a 2-D (replicate, shard) mesh: each weight Replicate() x Shard(0)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_in_bf16, args=(port, str(tmp_path)), nprocs=2)
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["mesh"] == [2, 1] and got["names"] == ["replicate", "shard"]
+    assert got["placements"] == ["Replicate()", "Shard(dim=0)"] and got["master"] == "torch.float32"
+    assert got["layer"] == ["torch.bfloat16", "torch.float32", False]
+    assert got["root"] == ["None", "torch.float32", False]
+    assert got["teacher_layer"] == got["teacher"] == ["torch.bfloat16", "torch.float32", False]
