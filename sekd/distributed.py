@@ -237,6 +237,8 @@ class GradBuckets:
         """After the last micro-batch: the buckets not launched yet, in order; wait for all; then .grad None
         where no rank had a gradient."""
         self.armed = False
+        if not self.params:
+            return
         while self.next < len(self.buckets):
             self._launch(self.next)
         touched = torch.tensor(self.touched, dtype=torch.float32, device=self.dist.device)
