@@ -70,6 +70,23 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` for a writer that takes a file name (a profiler's trace, ...): renamed to
+    `path` when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def sweep_tmp(folder: Path) -> list[Path]:
     """Delete the temporary files a killed writer left in `folder` (the `.<name>.<random>.tmp` of the
     atomic writes above). Call it only while no one else writes there (e.g. under the folder's lock)."""

@@ -471,8 +471,10 @@ class Trainer:
         if resumed:
             bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
         t_last = time.time()
+        profiler = StepProfiler(self.t.profile_steps, self.run.path if self.run is not None else None, self.dist.rank)
         while self.prog.step < self.steps:
-            loss, gnorm, sel_pos, valid_pos = self.step(stream)
+            with profiler.step():
+                loss, gnorm, sel_pos, valid_pos = self.step(stream)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", sel=f"{sel_pos / max(valid_pos, 1):.2f}")
             if self.prog.step % self.t.log_every == 0 or self.prog.step == self.steps:
@@ -488,6 +490,36 @@ class Trainer:
         """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must
         call it then); None when the model holds them whole."""
         return full_state_dict(self.student) if self.sharded else None
+
+
+class StepProfiler:
+    """train.profile_steps: torch.profiler over that many optimizer steps after one warm-up step (the first
+    step pays for allocations and kernel selection), CPU and CUDA activity with shapes and memory; the trace
+    goes to <run>/profile-rank<r>.json (chrome://tracing, Perfetto) once the last traced step ends."""
+
+    def __init__(self, steps: int, folder, rank: int):
+        self.steps, self.folder, self.rank, self.done, self.prof = steps, folder, rank, 0, None
+
+    @contextlib.contextmanager
+    def step(self):
+        if not self.steps or self.folder is None or self.done > self.steps:
+            yield
+            return
+        if self.done == 1:  # after the warm-up step
+            from torch.profiler import ProfilerActivity, profile
+
+            kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=kinds, record_shapes=True, profile_memory=True)
+            self.prof.__enter__()
+        yield
+        self.done += 1
+        if self.prof is not None and self.done == self.steps + 1:
+            self.prof.__exit__(None, None, None)
+            from sekd.io import atomic_path
+
+            with atomic_path(Path(self.folder) / f"profile-rank{self.rank}.json") as tmp:
+                self.prof.export_chrome_trace(str(tmp))
+            self.prof, self.done = None, self.steps + 1
 
 
 def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int) -> dict[str, Any]:

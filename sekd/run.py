@@ -24,7 +24,7 @@ from sekd.io import atomic_write_json, atomic_write_text, sweep_tmp
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
 UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads",
-            "train.distributed", "train.fsdp", "model.teacher_device", "train.log_every", "train.chunk_size",
+            "train.distributed", "train.fsdp", "train.profile_steps", "model.teacher_device", "train.log_every", "train.chunk_size",
             "eval.batch_size", "eval.device", "label")
 # Keys the schema (sekd/schema.py) declares that some group's YAML leaves out (model.task: only the embedded
 # pair has one): null there means what the key's absence meant, so it is left out of the hash too, and the

@@ -300,6 +300,7 @@ class TrainConfig:
     trace_selection_steps: int = 0
     distributed: str = "none"  # none | ddp | fsdp: how one run spans the ranks a launcher (torchrun, Slurm) starts
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # train.distributed=fsdp's mesh
+    profile_steps: int = 0  # optimizer steps traced by torch.profiler after one warm-up step (profile-rank<r>.json); 0 = none
 
     def __post_init__(self) -> None:
         choice("train.distributed", self.distributed, DISTRIBUTED)
@@ -326,6 +327,7 @@ class TrainConfig:
         positive("train.ckpt_every", self.ckpt_every, zero_ok=True, integer=True)
         positive("train.log_every", self.log_every, integer=True)
         positive("train.trace_selection_steps", self.trace_selection_steps, zero_ok=True, integer=True)
+        positive("train.profile_steps", self.profile_steps, zero_ok=True, integer=True)
         positive("train.threads", self.threads, integer=True, optional=True)
 
     def _check_betas(self) -> None:

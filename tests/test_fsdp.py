@@ -252,3 +252,14 @@ def test_bf16_layers_gather_in_bf16_and_reduce_in_float32_on_a_hybrid_mesh(tmp_p
     assert got["layer"] == ["torch.bfloat16", "torch.float32", False]
     assert got["root"] == ["None", "torch.float32", False]
     assert got["teacher_layer"] == got["teacher"] == ["torch.bfloat16", "torch.float32", False]
+
+
+def test_a_mesh_that_does_not_cover_the_ranks_is_refused_before_any_model_loads(tmp_path):
+    """3x1 over 2 ranks: every rank stops with the one line naming train.fsdp.mesh, from the launch check,
+    before the pair is built or loaded (paths.cache stays empty)."""
+    r = torchrun_fsdp(args(tmp_path / "root", "se_kd", 2, "train.fsdp.mesh=3x1"), timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("sekd: config error:")]
+    assert lines and all("train.fsdp.mesh=3x1" in ln for ln in lines), r.stderr[-2000:]
+    assert not (tmp_path / "root" / "runs").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -128,6 +128,10 @@ def check_launch(cfg: RunConfig):
     if mode == "fsdp" and launch.world_size < 2:  # one rank: nothing to shard over
         raise ConfigError("train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1: "
                           "start at least 2 (torchrun --nproc_per_node 2 or more), or set train.distributed=none")
+    if mode == "fsdp":  # a mesh that does not cover the ranks: refused before any model loads
+        from sekd.sharding import mesh_shape
+
+        mesh_shape(cfg.train.fsdp.mesh, launch.world_size)
     return launch
 
 
