@@ -475,6 +475,8 @@ class Trainer:
         while self.prog.step < self.steps:
             with profiler.step():
                 loss, gnorm, sel_pos, valid_pos = self.step(stream)
+            if self.prog.step == self.steps:
+                profiler.close()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", sel=f"{sel_pos / max(valid_pos, 1):.2f}")
             if self.prog.step % self.t.log_every == 0 or self.prog.step == self.steps:
@@ -513,13 +515,19 @@ class StepProfiler:
             self.prof.__enter__()
         yield
         self.done += 1
-        if self.prof is not None and self.done == self.steps + 1:
-            self.prof.__exit__(None, None, None)
-            from sekd.io import atomic_path
+        if self.done == self.steps + 1:
+            self.close()
 
-            with atomic_path(Path(self.folder) / f"profile-rank{self.rank}.json") as tmp:
-                self.prof.export_chrome_trace(str(tmp))
-            self.prof, self.done = None, self.steps + 1
+    def close(self) -> None:
+        """Stop tracing and write what was traced (the run may end before its last traced step)."""
+        if self.prof is None:
+            return
+        prof, self.prof, self.done = self.prof, None, self.steps + 1
+        prof.__exit__(None, None, None)
+        from sekd.io import atomic_path
+
+        with atomic_path(Path(self.folder) / f"profile-rank{self.rank}.json") as tmp:
+            prof.export_chrome_trace(str(tmp))
 
 
 def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int) -> dict[str, Any]:

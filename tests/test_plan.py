@@ -101,7 +101,7 @@ def test_numbers_hang_together(paper_shapes):
         assert fsdp.rows[row] < one.rows[row], row
     assert fsdp.rows["student weights (fp32)"] == pytest.approx(one.rows["student weights (fp32)"] / 8)
     assert fsdp.peak < one.peak and fsdp.count == 8
-    # ddp: a rank holds what one process holds, plus the flat all-reduce copy of the gradients
+    # ddp: a rank holds what one process holds, its gradients kept all step in the all-reduce buffer
     assert ddp.rows == one.rows and ddp.peak >= one.peak
     # the placed teacher: its weights on its own card, a copy of its head on the student's
     student_card, teacher_card = placed

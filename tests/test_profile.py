@@ -12,7 +12,7 @@ from tests.helpers import TINY, compose_cfg, sekd_train
 def test_profile_steps_writes_a_trace_of_those_steps_and_keeps_the_run_folder(tmp_path):
     base = [*TINY, "experiment=se_kd", "train.steps=3", "eval=none", f"paths.root={tmp_path}",
             f"paths.cache={tmp_path}/cache"]
-    res = sekd_train([*base, "train.profile_steps=2"], env={"OMP_NUM_THREADS": "1"})
+    res = sekd_train([*base, "train.profile_steps=5"], env={"OMP_NUM_THREADS": "1"})  # more than the run has
     assert res.returncode == 0, res.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
     trace = json.loads((run / "profile-rank0.json").read_text())

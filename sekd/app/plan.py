@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,7 +233,9 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
       backward end      every gradient (+ a tied embedding's dense gradient, added to the head's)
       optimizer step    every gradient + the step's temporaries (foreach AdamW on a GPU: one P-sized
                         sqrt; one parameter at a time on CPU: two of the largest parameter)
-    Under ddp the gradients' flat all-reduce copy joins the last phases; under fsdp 1/N of the student's
+    Under ddp every gradient lives in one persistent flat buffer (sekd.distributed.GradBuckets: each .grad a
+    view of it, all-reduced in place, kept from step to step), so the gradients are held through the whole
+    step instead of only its last phases; under fsdp 1/N of the student's
     and teacher's weights, gradients and optimizer state (`shard`: ranks per shard group, default all of
     them), plus the units gathered whole while they run."""
     from sekd.kd.flows import auto_chunk_size
@@ -257,15 +260,16 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
         t_hidden = cbytes * teacher.hidden * tokens
     gathered = 0.0
     if mode == "fsdp":  # what a unit gathers whole while it runs: a layer and its prefetched successor
-        embed_unit = 4 * student.embed_params  # the root unit: embeddings, norm (and a tied head), gathered all step
-        gathered = embed_unit + 2 * 4 * student.layer_params / student.layers
+        embed_unit = 4 * student.embed_params  # the root unit (fp32 under any precision): embeddings, norm, head
+        # the layers gather in the compute dtype (MixedPrecisionPolicy's param_dtype under bf16)
+        gathered = embed_unit + 2 * cbytes * student.layer_params / student.layers
         if teacher is not None:
             t_head = teacher.vocab * teacher.hidden * cbytes  # the teacher's head stays replicated (untied)
             t_weights = (cbytes * teacher.params - t_head) / shard + t_head
             t_fwd += cbytes * (2 * teacher.layer_params / teacher.layers + teacher.embed_params)
     largest = V * student.hidden  # the largest parameter: the embedding
     opt_tmp = 4 * P / shard if (optimizer == "adamw" and device_type == "cuda") else 2 * 4 * largest / shard
-    ddp_flat = 4 * P if mode == "ddp" and world > 1 else 0.0  # all_reduce_grads: one flat copy of every gradient
+    held = grads if mode == "ddp" and world > 1 else 0.0  # GradBuckets: the gradients' buffer stays all step
     tied_tmp = 4 * student.embed_params / shard if student.tied else 0.0
     reserve = RESERVE_GIB[device_type] * GIB
     kept = blocks if device_type == "cpu" else 0.0  # CPU keeps the blocks step to step; a GPU gives them back
@@ -275,10 +279,10 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
             "teacher forward": t_f + t_hid + kept,
             "scoring": act + t_hid + blocks + score_blocks * block,
             "selective head": act + t_hid + blocks + w_grad + h_grad + w_copy,
-            "backward end": grads + tied_tmp + ddp_flat + kept,
-            "optimizer step": grads + max(opt_tmp, ddp_flat) + kept,
+            "backward end": grads - held + tied_tmp + kept,
+            "optimizer step": grads - held + opt_tmp + kept,
         }
-        persistent = t_w + t_copy + s_weights + opt + gathered + reserve
+        persistent = t_w + t_copy + s_weights + opt + gathered + reserve + held
         rows = {"teacher weights": t_w, "teacher head copy": t_copy, "student weights (fp32)": s_weights,
                 "gradients (fp32)": grads, f"optimizer ({optimizer})": opt,
                 "LM head (blocks, dW, W copy)": blocks + w_grad + w_copy,
@@ -346,6 +350,7 @@ class Args:
     card: float | None = None
     card_text: str | None = None
     world: int | None = None
+    json: str | None = None
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -354,12 +359,15 @@ def parse_args(argv: list[str]) -> Args:
     while i < len(argv):
         a = argv[i]
         flag, eq, val = a.partition("=")
-        if flag in ("--card", "--world"):
+        if flag in ("--card", "--world", "--json"):
             if not eq:
                 if i + 1 >= len(argv):
-                    raise ConfigError(f"{flag} needs a value (e.g. {flag} {'24GB' if flag == '--card' else '8'})")
+                    example = {"--card": "24GB", "--world": "8", "--json": "plan.json"}[flag]
+                    raise ConfigError(f"{flag} needs a value (e.g. {flag} {example})")
                 val, i = argv[i + 1], i + 1
-            if flag == "--card":
+            if flag == "--json":
+                out.json = val
+            elif flag == "--card":
                 out.card, out.card_text = parse_size(val), val
             else:
                 if not val.isdigit() or int(val) < 1:
@@ -514,7 +522,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sekd: config error: {err}", file=sys.stderr)
         return 2
     print(render(plan, args.card, args.card_text, best))
+    if args.json:
+        from sekd.io import atomic_write_json
+
+        atomic_write_json(Path(args.json), plan_json(plan, args.card, best))
     return 0
+
+
+def plan_json(plan: Plan, card: float | None, best: int | None) -> dict:
+    """The plan as data (GiB): per device its rows, its estimated peak, and the peak without the runtime
+    reserve, which is what torch.cuda.max_memory_allocated measures (the CUDA context is not allocated)."""
+    def gib(x: float) -> float:
+        return round(x / GIB, 3)
+
+    return {"mode": plan.mode, "world": plan.world, "device_type": plan.device_type, "dtype": plan.dtype,
+            "micro_batch": plan.micro_batch, "seq_len": plan.seq_len, "chunk": plan.chunk,
+            "devices": [{"name": d.name, "count": d.count, "phase": d.phase, "rows_gib": {k: gib(v) for k, v in d.rows.items()},
+                         "peak_gib": gib(d.peak), "allocated_gib": gib(d.peak - d.rows.get("runtime reserve", 0.0))}
+                        for d in plan.devices],
+            "card_gib": gib(card) if card is not None else None, "largest_micro_batch": best, "notes": plan.notes}
 
 
 def main_exit() -> None:
