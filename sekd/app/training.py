@@ -116,7 +116,7 @@ def distill(job: Job, tracker) -> dict[str, Any]:
     if job.dist.is_main:
         save_student(job.run, parts.student, job.tok, state_dict=weights)
         remove_checkpoint(job.run)  # the final model supersedes it
-    return train_stats(parts, trainer.prog, cache)
+    return train_stats(parts, trainer.prog, cache, job.dist)
 
 
 def build_parts(job: Job) -> Parts:
@@ -239,7 +239,7 @@ def remove_checkpoint(run) -> None:
     remove_sharded(run.path)
 
 
-def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:
+def train_stats(parts: Parts, prog, cache, dist=None) -> dict[str, Any]:
     costs = {**parts.costs, "teacher_loaded": parts.teacher.loaded,
              "cache_bytes_read": cache.bytes_read if cache is not None else 0,
              # every token the teacher ran over: training, sample pre-pass, cache construction
@@ -248,13 +248,14 @@ def train_stats(parts: Parts, prog, cache) -> dict[str, Any]:
     return {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
             "train_samples": len(parts.data), "available_samples": parts.available,
             "peak_memory_mb": peak_memory_mb(parts.device), "on_policy_batches": prog.on_policy_batches,
-            "costs": costs, **placement(parts)}
+            "costs": costs, **placement(parts, dist)}
 
 
-def placement(parts: Parts) -> dict[str, Any]:
+def placement(parts: Parts, dist=None) -> dict[str, Any]:
     """The world size and rank 0's devices (the teacher's where it was loaded), each spelled one way (`cuda`
     beside `cuda:0` is one card, not two), for tokens/s per device (sekd.app.record.throughput), and the peak
-    memory of every one of them."""
+    memory of every device the run used: this process's, or with several ranks every rank's, named
+    `rank<r>/<device>` (every rank must call it then: it gathers)."""
     import torch.distributed as tdist
 
     from sekd.models import canonical_device
@@ -263,8 +264,11 @@ def placement(parts: Parts) -> dict[str, Any]:
     student = canonical_device(parts.device)
     teacher = canonical_device(parts.teacher.home) if parts.teacher.loaded else None
     used = [student] + ([teacher] if teacher is not None and teacher != student else [])
+    peaks = {str(d): round(peak_memory_mb(d), 1) for d in used}
+    if dist is not None and dist.active:
+        peaks = {f"rank{r}/{d}": mb for r, mine in enumerate(dist.all_gather_objects(peaks)) for d, mb in mine.items()}
     return {"world_size": world, "devices": {"student": str(student), "teacher": str(teacher) if teacher else None},
-            "peak_memory_mb_per_device": {str(d): round(peak_memory_mb(d), 1) for d in used}}
+            "peak_memory_mb_per_device": peaks}
 
 
 def peak_memory_mb(device) -> float:
