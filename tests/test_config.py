@@ -1,5 +1,4 @@
 """Composition of every preset, and every validation error: one line, naming the key, non-zero exit."""
-import json
 
 import pytest
 from omegaconf import OmegaConf

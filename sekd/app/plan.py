@@ -35,7 +35,6 @@ import re
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
 
 from sekd.errors import ConfigError
 

@@ -23,7 +23,7 @@ def cli_cache(teacher_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "cache"
     base = ["build", "--out", str(out), "--num-shards", "2", "--num-workers", "2", "--quiet"]
-    run = [f"model.source=pretrained", f"model.teacher={teacher_dir}", f"model.student={teacher_dir}",
+    run = ["model.source=pretrained", f"model.teacher={teacher_dir}", f"model.student={teacher_dir}",
            "data.seq_len=32", "data.token_budget=640", f"paths.cache={tmp / 'harness'}", "classes.options.n_draws=16",
            "train.device=cpu", "train.threads=1", "seed=5"]
     first = sekd_cache(*base, "--worker", "0", *run)

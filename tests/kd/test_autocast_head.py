@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sekd.kd.flows import Head, SelectedHeadLoss, chunked_kd_loss
+from sekd.kd.flows import Head, chunked_kd_loss
 from sekd.kd.objective import IGNORE, Selector
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
