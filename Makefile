@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean-demo slurm slurm-install
+.PHONY: install demo test test-fast clean-demo slurm slurm-install
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ demo: install
 # pytest's temp folders under the checkout: another pytest session's cleanup never deletes them.
 test: install slurm-install
 	$(BIN)/pytest -q --basetemp=$(CURDIR)/.pytest_tmp
+
+# The fast tier, for iterating: every test that starts no process (the CLI, torchrun, Slurm, a notebook) and
+# is not marked slow (tests/conftest.py marks them). `make test` still runs everything.
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not e2e and not slow" --basetemp=$(CURDIR)/.pytest_tmp
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them

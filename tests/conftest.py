@@ -15,3 +15,62 @@ def pytest_terminal_summary(terminalreporter):
     for reason in reasons:
         terminalreporter.write_sep("!", "Slurm path untested", yellow=True, bold=True)
         terminalreporter.write_line(reason.removeprefix("Skipped: "), yellow=True, bold=True)
+
+
+# ---- the fast tier: `make test-fast` runs every test that starts no process -------------------------
+
+import ast  # noqa: E402
+import functools  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+# what starts a process: the CLI, torchrun or a Slurm job through subprocess, a notebook's kernel, a fork
+SPAWNS = {"subprocess", "Popen", "NotebookClient", "ExecutePreprocessor", "fork", "spawn", "start_processes"}
+
+
+@functools.lru_cache(maxsize=1)
+def _functions() -> dict[tuple[str, str], set[str]]:
+    """(module stem, function name) -> the names its body uses, for every function defined in tests/
+    (tests, helpers and fixtures alike, nested ones under their own name)."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for path in TESTS.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+                out.setdefault((path.stem, node.name), set()).update(used)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _spawns(module: str, name: str, seen: frozenset = frozenset()) -> bool:
+    """Whether the function `name` (resolved in `module` first, else in any test module) starts a process,
+    itself or through a function of tests/ it uses."""
+    funcs = _functions()
+    keys = [(module, name)] if (module, name) in funcs else [k for k in funcs if k[1] == name]
+    for key in keys:
+        if key in seen:
+            continue
+        used = funcs[key]
+        if used & SPAWNS or any(_spawns(key[0], u, seen | {key}) for u in used if any(k[1] == u for k in funcs)):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts a process (the CLI, torchrun, a Slurm job, a notebook kernel); "
+                                       "`make test-fast` leaves these out")
+    config.addinivalue_line("markers", "slow: in-process but seconds long (every sweep cell, every config hash, "
+                                       "lm-eval's task index); `make test-fast` leaves these out")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts a process, itself, through a helper or through one of its fixtures."""
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        name = getattr(item, "originalname", item.name)
+        if _spawns(module, name) or any(_spawns(module, f) for f in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

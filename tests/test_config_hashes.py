@@ -72,6 +72,7 @@ def test_the_fixture_covers_every_preset_and_sweep_cell():
     assert set(json.loads(FIXTURE.read_text())) == set(cases())
 
 
+@pytest.mark.slow  # composes all 625 cases: ~40 s
 def test_every_hash_is_what_it_was():
     expected, now = json.loads(FIXTURE.read_text()), all_hashes()
     changed = [f"{case}: {now[case]} != {expected[case]}" for case in expected if now.get(case) != expected[case]]

@@ -144,6 +144,7 @@ def test_embedded_pair_plans_from_its_own_config(capsys):
     assert "embedded pair's config" in out and "compute fp32" in out and "device cpu" in out
 
 
+@pytest.mark.slow  # a measured training step in a fresh process
 def test_a_small_real_step_is_within_20_percent_of_the_plan():
     """One fresh process runs 3 real steps of the chunked flow (fp32, CPU, AdamW) at the embedded pair's shape,
     micro-batch 8 x 128; its peak above the loaded baseline against the plan's."""

@@ -62,6 +62,7 @@ def test_a_table_sweep_runs_every_row_of_its_table(name):
     assert wanted and wanted <= presets
 
 
+@pytest.mark.slow  # every cell of every sweep, under both profiles
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 @pytest.mark.parametrize("name", NAMES)
 def test_every_cell_composes_and_validates(name, profile):
@@ -91,6 +92,7 @@ def test_every_cell_composes_and_validates(name, profile):
                 validate(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MINIATURE)
 def test_every_cell_of_a_miniature_sweep_composes_and_validates(name):
     """docs/miniature.md's measurements run on the embedded pair; every cell is a valid run."""

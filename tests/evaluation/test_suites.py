@@ -58,6 +58,7 @@ def test_paper_suite_matches_spec():
     assert set(s.multiple_choice) == {"arc_easy", "hellaswag", "piqa"}
 
 
+@pytest.mark.slow  # indexes lm-eval's built-in tasks
 @pytest.mark.parametrize("name", ["paper", "validation"])
 def test_real_lm_eval_tasks_and_metrics(name, task_manager):
     from lm_eval.tasks._yaml_loader import load_yaml
