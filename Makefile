@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean-demo slurm slurm-install
+.PHONY: install demo test test-fast lint clean-demo slurm slurm-install
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test: install slurm-install
 # is not marked slow (tests/conftest.py marks them). `make test` still runs everything.
 test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not e2e and not slow" --basetemp=$(CURDIR)/.pytest_tmp
+
+# pyflakes-level lint (pyproject.toml [tool.ruff]); CI runs it before the tests
+lint: install
+	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them
