@@ -217,26 +217,57 @@ class Plan:
         return max(d.peak for d in self.devices)
 
 
+# The phases of a step whose largest sets the peak (`estimate`), on top of weights, optimizer state, reserve:
+#   teacher forward   the teacher's last hidden states and one layer's work (no grad; before the student's)
+#   scoring           activations + h_t + the head's blocks + the signal's temporaries
+#   selective head    activations + h_t + the head's blocks + the [V,d_s] weight gradient (+ its copy, autocast)
+#   backward end      every gradient (+ a tied embedding's dense gradient, added to the head's)
+#   optimizer step    every gradient + the step's temporaries (foreach AdamW on a GPU: one P-sized sqrt; one
+#                     parameter at a time on CPU: two of the largest parameter)
+# Under ddp every gradient lives in one persistent flat buffer (sekd.distributed.GradBuckets: each .grad a view
+# of it, all-reduced in place, kept from step to step), held through the whole step; under fsdp 1/N of the
+# student's and teacher's weights, gradients and optimizer state (`shard`: ranks per shard group), plus the
+# units gathered whole while they run.
+PHASES = ("teacher forward", "scoring", "selective head", "backward end", "optimizer step")
+
+
+def teacher_bytes(teacher: Shape | None, tokens: int, cbytes: int, shard: int | None) -> tuple[float, float, float]:
+    """(weights, forward work, last hidden states) of the teacher on a student's card; under fsdp (`shard`: its
+    ranks per shard group, None without fsdp) its share of the weights (its head stays replicated) plus the
+    units it gathers whole."""
+    if teacher is None:
+        return 0.0, 0.0, 0.0
+    weights = cbytes * teacher.params
+    fwd = teacher_forward_bytes(teacher, tokens, cbytes)
+    if shard is not None:
+        head = teacher.vocab * teacher.hidden * cbytes  # the teacher's head stays replicated (untied)
+        weights = (cbytes * teacher.params - head) / shard + head
+        fwd += cbytes * (2 * teacher.layer_params / teacher.layers + teacher.embed_params)
+    return weights, fwd, cbytes * teacher.hidden * tokens
+
+
+def head_bytes(student: Shape, chunk: int, tokens: int, cbytes: int, selected: float):
+    """The selective LM head's memory: (one float32 [C,V] block, the [V,d_s] fp32 weight gradient, W and a chunk's
+    logits in the compute dtype under autocast, the [N,d_s] gradient of h at the selected positions)."""
+    V, d = student.vocab, student.hidden
+    w_copy = (cbytes * V * d + 2 * chunk * V * cbytes) if cbytes < 4 else 0
+    return chunk * V * 4, 4 * V * d, w_copy, 4 * d * tokens * selected
+
+
+def gathered_bytes(student: Shape, cbytes: int) -> float:
+    """What fsdp's units gather whole while they run: the root unit (fp32 under any precision: embeddings, norm,
+    head) all step, and a layer and its prefetched successor in the compute dtype (MixedPrecisionPolicy)."""
+    return 4 * student.embed_params + 2 * cbytes * student.layer_params / student.layers
+
+
 def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len: int, device_type: str = "cuda",
              dtype: str = "bf16", optimizer: str = "adamw", chunk: int | None = None, mode: str = "none",
              world: int = 1, placed: bool = False, selected: float = 1.0, score_blocks: int = 0,
              shard: int | None = None) -> Plan:
     """The plan of one run's training, per device (bytes). `teacher` None: no teacher (an offline cache).
     `selected`: the fraction of positions the head runs at with gradient; `score_blocks`: the [C,V] float32
-    temporaries the position signal makes per chunk while scoring (0 without a computed signal).
-
-    The peak is the weights, the optimizer state and the reserve, plus the largest of the step's phases:
-      teacher forward   the teacher's last hidden states and one layer's work (no grad; before the student's)
-      scoring           activations + h_t + the head's blocks + the signal's temporaries
-      selective head    activations + h_t + the head's blocks + the [V,d_s] weight gradient (+ its copy, autocast)
-      backward end      every gradient (+ a tied embedding's dense gradient, added to the head's)
-      optimizer step    every gradient + the step's temporaries (foreach AdamW on a GPU: one P-sized
-                        sqrt; one parameter at a time on CPU: two of the largest parameter)
-    Under ddp every gradient lives in one persistent flat buffer (sekd.distributed.GradBuckets: each .grad a
-    view of it, all-reduced in place, kept from step to step), so the gradients are held through the whole
-    step instead of only its last phases; under fsdp 1/N of the student's
-    and teacher's weights, gradients and optimizer state (`shard`: ranks per shard group, default all of
-    them), plus the units gathered whole while they run."""
+    temporaries the position signal makes per chunk while scoring (0 without a computed signal). The peak is
+    the weights, the optimizer state and the reserve plus the largest of the step's PHASES."""
     from sekd.kd.flows import auto_chunk_size
 
     autocast = dtype != "fp32"
@@ -246,26 +277,11 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
     V, P = student.vocab, student.params
     shard = (shard or world) if mode == "fsdp" else 1
     s_weights, grads, opt = 4 * P / shard, 4 * P / shard, OPTIMIZER_BYTES[optimizer] * P / shard
-    block = chunk * V * 4  # one float32 [C,V] block
+    block, w_grad, w_copy, h_grad = head_bytes(student, chunk, tokens, cbytes, selected)
     blocks = 3 * block
-    w_grad = 4 * V * student.hidden  # SelectedHeadLoss's [V,d_s] weight gradient (the head's .grad after)
-    w_copy = (cbytes * V * student.hidden + 2 * chunk * V * cbytes) if autocast else 0  # W and a chunk's logits, bf16
-    h_grad = 4 * student.hidden * tokens * selected  # the [N,d_s] gradient of h at the selected positions
     act = activation_bytes(student, tokens, autocast)
-    t_weights = t_fwd = t_hidden = 0.0
-    if teacher is not None:
-        t_weights = cbytes * teacher.params
-        t_fwd = teacher_forward_bytes(teacher, tokens, cbytes)
-        t_hidden = cbytes * teacher.hidden * tokens
-    gathered = 0.0
-    if mode == "fsdp":  # what a unit gathers whole while it runs: a layer and its prefetched successor
-        embed_unit = 4 * student.embed_params  # the root unit (fp32 under any precision): embeddings, norm, head
-        # the layers gather in the compute dtype (MixedPrecisionPolicy's param_dtype under bf16)
-        gathered = embed_unit + 2 * cbytes * student.layer_params / student.layers
-        if teacher is not None:
-            t_head = teacher.vocab * teacher.hidden * cbytes  # the teacher's head stays replicated (untied)
-            t_weights = (cbytes * teacher.params - t_head) / shard + t_head
-            t_fwd += cbytes * (2 * teacher.layer_params / teacher.layers + teacher.embed_params)
+    t_weights, t_fwd, t_hidden = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
+    gathered = gathered_bytes(student, cbytes) if mode == "fsdp" else 0.0
     largest = V * student.hidden  # the largest parameter: the embedding
     opt_tmp = 4 * P / shard if (optimizer == "adamw" and device_type == "cuda") else 2 * 4 * largest / shard
     held = grads if mode == "ddp" and world > 1 else 0.0  # GradBuckets: the gradients' buffer stays all step
@@ -294,10 +310,9 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
 
     if placed and teacher is not None:
         card = student_card("student card", 0.0, t_hidden, 0.0, teacher.vocab * teacher.hidden * cbytes)
-        tcard = Device("teacher card", {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden,
-                                        "runtime reserve": reserve}, t_weights + t_fwd + t_hidden + reserve)
-        tcard.phase = "teacher forward"
-        devices = [card, tcard]
+        devices = [card, Device("teacher card", {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden,
+                                                 "runtime reserve": reserve}, t_weights + t_fwd + t_hidden + reserve,
+                                phase="teacher forward")]
     else:
         card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), t_weights, t_hidden, t_fwd)
         card.count = world if mode in ("ddp", "fsdp") else 1

@@ -205,15 +205,7 @@ def build_qa(
         problems = QA_SOURCES.get(source)(split, **opts)
         prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
         targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
-        rows, dropped = [], 0
-        for p, t in zip(prompts, targets):
-            if max_samples is not None and len(rows) >= max_samples:
-                break
-            row = qa_row(p, t, sep_id, pad_id, seq_len)
-            if row is None:
-                dropped += 1
-            else:
-                rows.append(row)
+        rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
         if not rows:
             shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
             raise DataError(f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
@@ -227,6 +219,22 @@ def build_qa(
         return data, {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)}
 
     return cached_packed(path, pack)
+
+
+def fitting_rows(prompts: list[list[int]], targets: list[list[int]], sep_id: int, pad_id: int, seq_len: int,
+                 max_samples: int | None) -> tuple[list, int]:
+    """The rows (`qa_row`) of the problems that fit seq_len, in order, at most `max_samples` of them, and how
+    many were dropped for length before the cap was reached."""
+    rows, dropped = [], 0
+    for p, t in zip(prompts, targets):
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+        row = qa_row(p, t, sep_id, pad_id, seq_len)
+        if row is None:
+            dropped += 1
+        else:
+            rows.append(row)
+    return rows, dropped
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -57,24 +57,9 @@ def score_checkpoint(
         raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
     if problems is not None and not s.arith:
         raise ValueError(f"problems only apply to a suite with the arithmetic task, not {suite!r}")
-
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    if s.embedded:
-        if docs is None:
-            from sekd.data.corpus import load_split
-
-            docs = load_split(s.split)
-        built = build_tasks(docs, cache_dir, split=s.split)
-        include: str | list[str] = str(built.include_path)
-        if s.arith:
-            from sekd.evaluation.generation import build_arith_task
-
-            include = [include, str(build_arith_task(s.split, cache_dir, problems=problems))]
-        tm = TaskManager(include_path=include, include_defaults=False)  # skips the 8 s index
-    else:
-        tm = TaskManager()
+    tm = task_manager(s, cache_dir, docs, problems)
     with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose), one_process():
         world = fresh_accelerate_state()
         res = lm_eval.simple_evaluate(
@@ -97,6 +82,25 @@ def score_checkpoint(
     res["sekd"] = {"eval_world_size": world}  # 1: scored by this process alone (results.json keeps it)
     write_raw(res, Path(out_dir) / "lm_eval")
     return flatten(res, s)
+
+
+def task_manager(s: Suite, cache_dir, docs: list[str] | None, problems: list[dict] | None):
+    """lm-eval's TaskManager for suite `s`: the embedded suites' local tasks (built from `docs` / `problems`,
+    or the split's own), without indexing lm-eval's built-in tasks (8 s); the others', all of them."""
+    from lm_eval.tasks import TaskManager
+
+    if not s.embedded:
+        return TaskManager()
+    if docs is None:
+        from sekd.data.corpus import load_split
+
+        docs = load_split(s.split)
+    include: str | list[str] = str(build_tasks(docs, cache_dir, split=s.split).include_path)
+    if s.arith:
+        from sekd.evaluation.generation import build_arith_task
+
+        include = [include, str(build_arith_task(s.split, cache_dir, problems=problems))]
+    return TaskManager(include_path=include, include_defaults=False)
 
 
 def fresh_accelerate_state() -> int:

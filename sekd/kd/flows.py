@@ -357,33 +357,21 @@ def chunked_kd_loss(
     tied); h_t [B,T,d_t] / head_t the teacher's (no grad), or None; `cached`: class targets of every
     valid position, row-major (the offline teacher cache). `rows`, `gather`: as `selective_kd_loss`.
     """
-    if normalization not in ("per_sequence", "batch_tokens"):
-        raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
     valid = labels != IGNORE  # valid(t)                                        [B,T]
     B, T = labels.shape
     student = Head.of(head_s, vocab)
     teacher = Head.of(head_t, vocab) if head_t is not None and h_t is not None else None
-    # the heads in the compute dtype, cast once per step (under autocast: not once per chunk, as F.linear would)
-    student_c = student.for_compute(h_s.device)
+    student_c = student.for_compute(h_s.device)  # the heads in the compute dtype, cast once per step, not per chunk
     teacher = teacher.for_compute(h_s.device) if teacher is not None else None
     keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
-    u = chunked_score(sel, h_s.detach(), student_c, h_t, teacher, labels, valid, generator=generator,
-                      temperature=temperature, chunk_size=chunk_size, keys=keys)  # u(t)   [B,T]
-    draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
-                        generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws  [B,K]
+    u, draws = select_positions(sel, h_s, student_c, h_t, teacher, labels, valid, keys=keys, generator=generator,
+                                step=step, gather=gather, temperature=temperature, chunk_size=chunk_size)
     mw = draws.dense(T)  # m_t * w_t                                             [B,T]
-
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     y = labels[rows, cols]  #                                                      [N]
     n_sel = draws.count().to(labels.device)  # sum_t m_t                          [B]
     acc = accumulation_dtype(h_s, student)
-    c = mw[rows, cols].to(acc)  # c_n = m_t w_t                                   [N]
-    if normalization == "per_sequence":  # L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i
-        c = c / n_sel[rows].to(acc).clamp_min(1)
-        weight = float((n_sel > 0).sum())
-    else:  # sum over the batch's selected positions
-        weight = float(n_sel.sum())
-
+    c, weight = position_weights(mw, rows, cols, n_sel, normalization, acc)  # c_n [N]; sum_i s_i or n_sel
     parts = chunks(rows.numel(), chunk_size)
     teacher_at = selective_teacher(h_t, teacher, rows, cols)  # z_t at selected positions only
     pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
@@ -393,32 +381,69 @@ def chunked_kd_loss(
     if one_chunk:
         parts = [slice(0, rows.numel())]
 
+    if closed_form_applies(sel, lam=lam, cached=cached, teacher=teacher):
+        chunk_grad = closed_form_chunks(student_c, sel.criterion.closed_form, teacher_into(teacher, h_t, rows, cols),
+                                        c, scale=temperature**2, temperature=temperature)
+    else:
+        chunk_grad = autograd_chunks(student_c, weighted_loss(D, y, c, lam=lam, temperature=temperature))
+    W_c = student_c.weight if student_c is not student else None
+    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts, W_c)
+    SCRATCH.release(h_s.device)
+    metrics = {"positions_valid": float(valid.sum()), "positions_selected": float(n_sel.sum()),
+               **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached)}
+    return StepOut(loss_sum, weight, draws, u, metrics)
+
+
+def select_positions(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
+                     labels: Tensor, valid: Tensor, *, keys, generator, step: int, gather, temperature: float,
+                     chunk_size: int):
+    """The position axis from the heads: u(t) by chunked scoring (None without a signal), then m_t, w_t by the
+    policy, as draws.  -> u [B,T] | None, draws [B,K]"""
+    u = chunked_score(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
+                      temperature=temperature, chunk_size=chunk_size, keys=keys)
+    scores = u if u is not None else torch.zeros(labels.shape, device=labels.device)
+    return u, call_policy(sel.policy, scores, valid, generator=generator, step=step, keys=keys, gather=gather)
+
+
+def weighted_loss(D, y: Tensor, c: Tensor, *, lam: float, temperature: float) -> Callable[[Tensor, slice], Tensor]:
+    """One chunk's sum_n c_n l(t_n), l = lam T^2 D_C(p, q) + (1 - lam) CE, from its student logits.  [C,V] -> []"""
+
     def loss_chunk(s_c: Tensor, sl: slice) -> Tensor:
-        """sum_n c_n l(t_n), l = lam T^2 D_C(p, q) + (1 - lam) CE, over one chunk.  [C,V] -> []"""
-        ell = torch.zeros(s_c.shape[0], dtype=acc, device=s_c.device)  #           [C]
+        ell = torch.zeros(s_c.shape[0], dtype=c.dtype, device=s_c.device)  #       [C]
         if lam > 0:
             ell = ell + lam * temperature**2 * D(s_c, sl)
         if lam < 1:
             ell = ell + (1 - lam) * token_ce(s_c, y[sl])
         return (c[sl] * ell).sum()
 
+    return loss_chunk
+
+
+def teacher_into(teacher: Head, h_t: Tensor, rows: Tensor, cols: Tensor) -> Callable[[Tensor, slice], Tensor]:
+    """The teacher's logits at the selected positions rows[sl], cols[sl], written into a reused block (no grad)."""
+    return lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])
+
+
+def position_weights(mw: Tensor, rows: Tensor, cols: Tensor, n_sel: Tensor, normalization: str,
+                     acc: torch.dtype) -> tuple[Tensor, float]:
+    """c_n, each selected position's weight in the loss sum, and the batch's weight the step divides by:
+    per_sequence, c_n = m_t w_t / n_sel_i and sum_i s_i (L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i);
+    batch_tokens, c_n = m_t w_t and the number of selected positions.  -> [N], float"""
+    c = mw[rows, cols].to(acc)  # m_t w_t                                          [N]
+    if normalization == "per_sequence":
+        return c / n_sel[rows].to(acc).clamp_min(1), float((n_sel > 0).sum())
+    if normalization == "batch_tokens":
+        return c, float(n_sel.sum())
+    raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
+
+
+def closed_form_applies(sel: Selector, *, lam: float, cached, teacher) -> bool:
+    """Whether each chunk's dz comes from the criterion's closed form (no autograd): pure KD (lam = 1) over the
+    full vocabulary against the teacher's own logits, with a pointwise criterion that declares one and takes
+    no options."""
     crit = sel.criterion
-    if (lam == 1 and cached is None and sel.classes is None and teacher is not None
-            and crit.coupling == "pointwise" and crit.closed_form is not None and not crit.options):
-        h_t_sel = lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])  # noqa: E731  (no grad)
-        chunk_grad = closed_form_chunks(student_c, crit.closed_form, h_t_sel, c, scale=temperature**2,
-                                        temperature=temperature)
-    else:
-        chunk_grad = autograd_chunks(student_c, loss_chunk)
-    W_c = student_c.weight if student_c is not student else None
-    loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts, W_c)
-    SCRATCH.release(h_s.device)
-    metrics = {
-        "positions_valid": float(valid.sum()),
-        "positions_selected": float(n_sel.sum()),
-        **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached),
-    }
-    return StepOut(loss_sum, weight, draws, u, metrics)
+    return (lam == 1 and cached is None and sel.classes is None and teacher is not None
+            and crit.coupling == "pointwise" and crit.closed_form is not None and not crit.options)
 
 
 def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor,

@@ -152,6 +152,17 @@ def valid_order(labels: Tensor) -> Tensor:
     return order
 
 
+def normalized(per_row: Tensor, n_sel: Tensor, normalization: str) -> tuple[Tensor, float]:
+    """The loss sum and the weight the step divides it by: per_sequence, sum_i s_i L_i with L_i = the row's sum
+    / n_sel_i and s_i = 1 where the row has a selected position; batch_tokens, every selected position alike."""
+    if normalization == "per_sequence":
+        s_i = (n_sel > 0).to(per_row.dtype)  # rows with no valid target carry no weight
+        return (s_i * per_row / n_sel.clamp_min(1)).sum(), float(s_i.sum())
+    if normalization == "batch_tokens":
+        return per_row.sum(), float(n_sel.sum())
+    raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
+
+
 def selective_kd_loss(
     s_logits: Tensor,
     t_logits: Tensor | None,
@@ -199,15 +210,7 @@ def selective_kd_loss(
 
     per_row = torch.zeros(B, dtype=ell.dtype, device=ell.device).index_add(0, rows, mw[rows, cols] * ell)
     n_sel = draws.count().to(ell.device)  # sum_t m_t                      [B]
-    s_i = (n_sel > 0).to(ell.dtype)  # rows with no valid target carry no weight
-    if normalization == "per_sequence":
-        L_i = per_row / n_sel.clamp_min(1)  #                                [B]
-        loss_sum, weight = (s_i * L_i).sum(), float(s_i.sum())
-    elif normalization == "batch_tokens":
-        loss_sum, weight = per_row.sum(), float(n_sel.sum())
-    else:
-        raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
-
+    loss_sum, weight = normalized(per_row, n_sel, normalization)
     metrics = {
         "positions_valid": float(valid.sum()),
         "positions_selected": float(n_sel.sum()),
