@@ -1,7 +1,7 @@
 """The miniature's measurements (docs/miniature.md): how the methods' scores move with the distillation length
 and with the student's size and pretraining, and how the miniature's orderings compare with the paper's.
 
-Reads records only (sekd.report's loader) and the Full KD runs' metrics.jsonl; it never trains.
+Reads records only (sekd.report.results's loader) and the Full KD runs' metrics.jsonl; it never trains.
 
     python -m analysis.miniature outputs/miniature --out docs --csv analysis
         # docs/miniature_steps.png, docs/miniature_loss.png, docs/miniature_sizes.png,
@@ -22,8 +22,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from sekd import tables
-from sekd.report import load_records
+from sekd.report import tables
+from sekd.report.results import load_records
 
 # short name -> the flattened column of record.json it copies
 COLUMNS = {"train_steps": "config.train.steps", "student_steps": "config.model.embedded.student.steps",
@@ -274,7 +274,7 @@ def spearman_vs_paper(df: pd.DataFrame, table: str) -> dict[str, float]:
     student and the teacher left out: every scale orders them alike). {mean, std, seeds, rows}."""
     from scipy.stats import spearmanr
 
-    from sekd.report import preset_axes
+    from sekd.report.results import preset_axes
 
     reference = pd.read_csv(tables.REFERENCE)
     axes = preset_axes(sorted(set(reference["preset"].dropna()) & set(df["preset"].dropna())))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sekd.data.packing import IGNORE, PackedData
-from sekd.io import atomic_write_text
+from sekd.core.files import atomic_write_text
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS, score
 
@@ -183,9 +183,9 @@ def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None
     """Compose conf/ for model=<model>; load the pair, the tokenizer and the held-out split."""
     from hydra import compose, initialize_config_dir
 
-    from sekd.config import source_options, typed
+    from sekd.app.checks import source_options, typed
     from sekd.data.dataset import build_packed
-    from sekd.models import check_same_tokenizer, load_model, resolve_pair, shared_vocab
+    from sekd.models.loading import check_same_tokenizer, load_model, resolve_pair, shared_vocab
 
     overrides = [f"model={model}"] + ([f"paths.cache={cache}"] if cache else [])
     overrides += [f"data.seq_len={seq_len}"] if seq_len else []

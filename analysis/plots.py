@@ -19,8 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
-from sekd.io import atomic_write_bytes
-from sekd.report import HEADLINE
+from sekd.core.files import atomic_write_bytes
+from sekd.report.results import HEADLINE
 
 GROUP = ["preset", "label"]  # one method = one preset (its label for humans)
 LOWER_IS_BETTER = {"ppl", "ece"}

@@ -1,6 +1,6 @@
-"""Results as one pandas table for the notebooks: `sekd.report` rows plus short names for the budgets and costs.
+"""Results as one pandas table for the notebooks: `sekd.report.results` rows plus short names for the budgets and costs.
 
-`sekd.report.load_table_records` gives one row per run with its metrics and, flattened, its resolved config
+`sekd.report.results.load_table_records` gives one row per run with its metrics and, flattened, its resolved config
 (`config.*`) and costs (`costs.*`). The figures need a few of those under short names: the budgets
 `k` and `l`, the costs, and the `setting` a run was scored in (model, evaluation split and eval.limit: a
 curve must not average test and validation accuracies, nor a 50-example score with a full one).
@@ -10,7 +10,7 @@ curve must not average test and validation accuracies, nor a 50-example score wi
     df = load_results("outputs/embedded")      # record.json files below it, else its results.csv
 
 Costs, per run: `train_wall_s` (sample selection, cache build and distillation; not pretraining the embedded
-pair, not scoring: sekd.tables.training_costs), `tokens_per_s_device` and `devices` (training throughput per
+pair, not scoring: sekd.report.tables.training_costs), `tokens_per_s_device` and `devices` (training throughput per
 device, and how many devices the run spanned), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
 ('built' or 'reused' for a run with an offline teacher cache), which keeps the run that built the cache apart.
 """
@@ -23,9 +23,9 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from sekd.report import limit_mark
-from sekd.report import load_records as table_records
-from sekd.tables import training_costs
+from sekd.report.results import limit_mark
+from sekd.report.results import load_records as table_records
+from sekd.report.tables import training_costs
 
 ALIASES = {  # short name -> the flattened column of record.json it copies
     "k": "config.position.k",
@@ -92,7 +92,7 @@ def _with_aliases(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_runs(folders: Iterable[str | Path]) -> pd.DataFrame:
-    """Every record.json under `folders`: `sekd.report.load_table_records`' columns plus ALIASES and `setting`."""
+    """Every record.json under `folders`: `sekd.report.results.load_table_records`' columns plus ALIASES and `setting`."""
     df = table_records([Path(f) for f in folders])
     return df if df.empty else _with_aliases(df)
 

@@ -11,14 +11,14 @@ The step is kd_step.py's `selective_se_kd` (chunked flow, top_k 20% by student e
 kd_step.py shape, default the paper's pair (Qwen3-8B -> Qwen3-1.7B, random weights, nothing downloads),
 with --batch sequences per rank (train.micro_batch_size is per rank). Modes:
   none    one process, teacher and student on one device
-  placed  one process, the teacher on --teacher-device (sekd.models.PlacedTeacher: its hidden states move to
+  placed  one process, the teacher on --teacher-device (sekd.models.loading.PlacedTeacher: its hidden states move to
           the student's device, a copy of its head runs there)
   ddp     every rank holds the student and a frozen teacher replica; gradients are summed across ranks
           (all_reduce), as the training loop does
-  fsdp    sharded exactly as train.distributed=fsdp trains (sekd.sharding's shard_teacher / shard_student): the
+  fsdp    sharded exactly as train.distributed=fsdp trains (sekd.distributed.fsdp's shard_teacher / shard_student): the
           teacher's decoder layers and decoder (embeddings, norm) resharded after each forward, its head
           replicated; the student's decoder layers, then its root unit, the module whose forward is the whole
-          loss (sekd.loop.StudentLoss), holding the embeddings, norm and head; gradients summed (reduce-scatter);
+          loss (sekd.training.loop.StudentLoss), holding the embeddings, norm and head; gradients summed (reduce-scatter);
           bf16 layers gathered in bf16, reduced in float32; --fsdp-mesh is train.fsdp.mesh (flat | hybrid | RxS)
 
 Tokens/s per device: the step's tokens over all ranks / the median step time / the devices used (every
@@ -49,7 +49,7 @@ from kd_step import GIB, SHAPES, machine, qwen3, se_kd  # noqa: E402
 
 from sekd.kd.flows import auto_chunk_size  # noqa: E402
 from sekd.kd.objective import IGNORE  # noqa: E402
-from sekd.loop import StudentLoss  # noqa: E402
+from sekd.training.loop import StudentLoss  # noqa: E402
 
 MODES = ("none", "placed", "ddp", "fsdp")
 LAUNCHED = ("ddp", "fsdp")  # the modes whose ranks torchrun starts
@@ -74,7 +74,7 @@ def check(args) -> None:
     if args.mode not in LAUNCHED and world > 1:
         refuse(f"--mode {args.mode} runs one process, but this is one of {world} ranks; use --mode ddp or fsdp")
     if args.mode == "fsdp":
-        from sekd.sharding import fsdp_support
+        from sekd.distributed.fsdp import fsdp_support
 
         why = fsdp_support(torch.__version__)
         if why:
@@ -131,14 +131,14 @@ class Step:
         self.objective = StudentLoss(self.student, se_kd(), vocab=self.V, chunk_size=self.chunk, flow="chunked")
         self.sync_params = []
         if args.mode == "fsdp":  # as the Trainer shards: the teacher first, then the student (summed gradients)
-            from sekd.sharding import shard_student, shard_teacher
+            from sekd.distributed.fsdp import shard_student, shard_teacher
 
             shard_teacher(self.teacher, device, dtype=self.dtype, mesh=args.fsdp_mesh)
             shard_student(self.objective, self.student, device, dtype=self.dtype, mesh=args.fsdp_mesh)
         elif args.mode == "ddp":
             self.sync_params = [p for p in self.student.parameters() if p.requires_grad]
         if args.mode == "placed":
-            from sekd.models import PlacedTeacher
+            from sekd.models.loading import PlacedTeacher
 
             self.teacher = PlacedTeacher(self.teacher, device)
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@
     python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json gpu.json
 
 Teacher and student are Qwen3ForCausalLM built from config alone (random weights, nothing downloads).
-The student keeps float32 master weights and computes under autocast in --dtype (as sekd/loop.py);
+The student keeps float32 master weights and computes under autocast in --dtype (as sekd/training/loop.py);
 the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the training loop's default; --optimizer sgd
 for plain SGD).
 
@@ -20,9 +20,9 @@ Variants (SE-KD = top_k 20% by student entropy, forward KL, lam = 1, T = 1):
   dense_se_kd      the dense flow, SE-KD
   selective_se_kd  the chunked flow, SE-KD: chunked entropy, selective student and teacher heads
   cache_se_kd      student only (no teacher at all), SE-KD on rs_kd targets read each step from a real
-                   teacher cache folder (N = 64 draws; built once, before timing, by sekd.cache.build)
+                   teacher cache folder (N = 64 draws; built once, before timing, by sekd.stores.teacher_cache.build)
   teacher_forward  no training: the teacher's forward with its full head, [B,L,V] logits (no grad)
-  cache_build      no training: what building the cache does per batch (sekd.cache.build.shard_bytes: the
+  cache_build      no training: what building the cache does per batch (sekd.stores.teacher_cache.build.shard_bytes: the
                    teacher's forward, N = 64 draws per position, the encoded shard); x teacher_forward tok/s
 
 Time: --rounds rounds after one warm-up round, every variant once per round in turn, in one process (so
@@ -142,7 +142,7 @@ def sample_ids(n: int) -> list[str]:
 
 def build_teacher_cache(teacher, x: torch.Tensor, y: torch.Tensor, vocab: int, out: Path) -> Path:
     """A real teacher cache folder of the batch's rows, as `sekd-cache` builds it."""
-    from sekd.cache.build import build_cache
+    from sekd.stores.teacher_cache.build import build_cache
     from sekd.data.packing import PackedData
 
     data = PackedData(x.cpu(), y.cpu(), sample_ids(x.shape[0]))
@@ -171,7 +171,7 @@ class Bench:
             self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False)
         self.cache = None
         if "cache_se_kd" in variants:
-            from sekd.cache.store import TeacherCache
+            from sekd.stores.teacher_cache.store import TeacherCache
 
             if cache_dir is None:
                 self._tmp = tempfile.TemporaryDirectory()
@@ -243,7 +243,7 @@ class Bench:
             if variant == "teacher_forward":
                 self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
                 return
-        from sekd.cache.build import shard_bytes
+        from sekd.stores.teacher_cache.build import shard_bytes
         from sekd.data.packing import PackedData
 
         data = PackedData(self.x.cpu(), self.y.cpu(), self.sample_ids)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sekd.app import execute
 from sekd.app.compose import CONF, fail
-from sekd.errors import ConfigError
+from sekd.core.errors import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
@@ -30,7 +30,7 @@ def main() -> None:
     exit status 2 before Hydra starts a job or makes its folder; then Hydra runs the app. With --plan
     (and --card, --world) it prints the run's memory per device instead (sekd/app/plan.py), before Hydra
     sees argv: Hydra refuses flags it does not know."""
-    from sekd.config import check_command_line
+    from sekd.app.checks import check_command_line
 
     if "--plan" in sys.argv[1:]:
         from sekd.app.plan import main as plan
@@ -51,7 +51,7 @@ def other_rank_overrides(args: list[str]) -> list[str]:
     a multirun, one after another, joining each cell's process group and leaving it at the cell's end."""
     import tempfile
 
-    from sekd.launch import from_env
+    from sekd.distributed.launch import from_env
 
     try:
         rank = from_env().rank

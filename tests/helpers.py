@@ -13,7 +13,7 @@ from typing import Callable
 
 from hydra import compose, initialize_config_dir
 
-import sekd.schema  # noqa: F401  (registers the config schema conf/config.yaml composes against)
+import sekd.config.schema  # noqa: F401  (registers the config schema conf/config.yaml composes against)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

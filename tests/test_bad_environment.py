@@ -131,8 +131,8 @@ def test_fsdp_on_a_torch_without_fsdp2s_switches_is_one_line_naming_the_version(
     import torch
 
     from sekd.app.compose import check_fsdp
-    from sekd.config import ConfigError, typed
-    from sekd.sharding import FSDP_MIN_TORCH
+    from sekd.app.checks import ConfigError, typed
+    from sekd.distributed.fsdp import FSDP_MIN_TORCH
     from tests.helpers import compose_cfg
 
     cfg = typed(compose_cfg(["train.distributed=fsdp"]))

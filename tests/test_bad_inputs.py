@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from sekd.config import ConfigError, check_command_line
+from sekd.app.checks import ConfigError, check_command_line
 from tests.helpers import CONF, ROOT, TINY, sekd_train
 
 TRAIN_KEYS = "allowed in train: betas, chunk_size, ckpt_every"
@@ -62,7 +62,7 @@ ROWS = [
      "model.teacher_device=cpu places the teacher of one process; with train.distributed=ddp each rank", CLI),
     (["resources.nodes=0"], "resources.nodes=0 must be an integer > 0", False),
     (["resources.tasks_per_node=0"], "resources.tasks_per_node=0 must be an integer > 0", False),
-    # a value of the wrong type, refused by Hydra against the schema (sekd/schema.py) while composing
+    # a value of the wrong type, refused by Hydra against the schema (sekd/config/schema.py) while composing
     (["train.lr=abc"], "train.lr='abc' must be a number", CLI),
     (["data.seq_len=abc"], "data.seq_len='abc' must be an integer > 0", False),
     (["eval.limit=1.5"], "eval.limit=1.5 must be an integer", False),

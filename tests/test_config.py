@@ -3,8 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.config import ConfigError, config_hash, validate
-from sekd.schema import (DataConfig, OnPolicyRegime, PositionConfig, RegimeConfig, RunConfig, TrainConfig,
+from sekd.app.checks import ConfigError, config_hash, validate
+from sekd.config.schema import (DataConfig, OnPolicyRegime, PositionConfig, RegimeConfig, RunConfig, TrainConfig,
                          rule)
 from tests.helpers import CONF, PRESETS, ROOT, compose_cfg, sekd_train
 
@@ -31,7 +31,7 @@ def test_every_group_option_composes_to_its_own_keys(group):
         written = set(OmegaConf.load(CONF / group / f"{option}.yaml").keys()) - {"defaults"}
         assert written <= set(cfg[group].keys()), (group, option)
         if group != "data":
-            assert OmegaConf.get_type(cfg[group]).__module__ == "sekd.schema", (group, option)
+            assert OmegaConf.get_type(cfg[group]).__module__ == "sekd.config.schema", (group, option)
             assert all(rule(f"{group}.{k}") for k in written), (group, option)
 
 
@@ -171,7 +171,7 @@ def test_tokenizer_mismatch_is_refused_before_weights_load(tmp_path):
 @pytest.mark.parametrize("preset", ["on_policy_se_kd", "se_kd3x"])
 def test_a_saved_config_converts_again(preset):
     """A run's config.yaml (plain, composed long ago) goes through the same schema and checks."""
-    from sekd.config import resolved
+    from sekd.app.checks import resolved
 
     saved = OmegaConf.create(resolved(compose_cfg([f"experiment={preset}"])))
     run = validate(saved)

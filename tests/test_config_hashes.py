@@ -12,7 +12,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sekd.config import config_hash, eval_hash, train_hash
+from sekd.app.checks import config_hash, eval_hash, train_hash
 from tests.helpers import CONF, PRESETS, ROOT
 from tests.test_sweeps import NAMES, SWEEPS, grid
 
@@ -82,7 +82,7 @@ def test_every_hash_is_what_it_was():
 def test_a_run_on_several_ranks_is_named_by_its_global_micro_batch(monkeypatch):
     """micro_batch_size is per rank: 2 ranks x 2 share the folder of 1 process x 4 (the same sequences, the
     same step), never that of 1 process x 2; the launcher's environment sets the world size by default."""
-    from sekd.run import run_dir
+    from sekd.stores.runs import run_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         two = compose(config_name="config", overrides=["experiment=se_kd", "train.micro_batch_size=2"])

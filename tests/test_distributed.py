@@ -205,8 +205,8 @@ def test_ranks_without_a_distributed_mode_are_refused(tmp_path):
 
 
 def _collectives(rank: int, port: int, out: str) -> None:
-    from sekd.distributed import GradBuckets, init
-    from sekd.launch import Launch
+    from sekd.distributed.process_group import GradBuckets, init
+    from sekd.distributed.launch import Launch
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
@@ -249,8 +249,8 @@ def test_collectives_on_two_processes(tmp_path):
 
 def test_rank_shares_cover_the_global_micro_batch_in_order():
     """Full global micro-batches split [r*mb, (r+1)*mb); a short last one as evenly as it goes; a rank it
-    leaves without a sequence runs a stand-in at zero weight (sekd.loop.StandIn)."""
-    from sekd.loop import StandIn, rank_share
+    leaves without a sequence runs a stand-in at zero weight (sekd.training.loop.StandIn)."""
+    from sekd.training.loop import StandIn, rank_share
 
     full = list(range(10, 18))
     assert [rank_share(full, r, 2) for r in (0, 1)] == [[10, 11, 12, 13], [14, 15, 16, 17]]

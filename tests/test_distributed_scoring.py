@@ -3,7 +3,7 @@
 torchrun leaves RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* in every rank's environment. lm-eval's
 `Accelerator()` reads them: after the ranks have closed their group, it would open a fresh one of
 WORLD_SIZE ranks (rank 1 has exited) and wait at its first collective. sekd scores inside
-`sekd.launch.one_process`, so lm-eval sees one process, and the scores are those of the same weights
+`sekd.distributed.launch.one_process`, so lm-eval sees one process, and the scores are those of the same weights
 scored by a plain process.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from sekd.launch import LAUNCH_VARIABLES, one_process
+from sekd.distributed.launch import LAUNCH_VARIABLES, one_process
 from tests.test_distributed import args, the_run, torchrun
 
 
@@ -39,7 +39,7 @@ def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_
 
 
 def test_one_process_hides_the_launch_variables_and_restores_them(monkeypatch):
-    from sekd.launch import from_env
+    from sekd.distributed.launch import from_env
 
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29511", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}.items():

@@ -87,8 +87,8 @@ def test_no_file_outside_tests_sends_the_user_to_files_they_do_not_have(texts):
 
 def test_the_scan_sees_the_project_and_catches_each_kind():
     names = {p.relative_to(ROOT).as_posix() for p in project_files()}
-    assert {"README.md", "sekd/config.py", "conf/config.yaml", "docs/method.md"} <= names
-    for planted in ("see SPEC §4", "python -m sekd.tables ../shared", "cd /work/main", "/home/me/x"):
+    assert {"README.md", "sekd/app/checks.py", "conf/config.yaml", "docs/method.md"} <= names
+    for planted in ("see SPEC §4", "python -m sekd.report.tables ../shared", "cd /work/main", "/home/me/x"):
         assert UNFOLLOWABLE.search(planted), planted
     for fine in ("docs/method.md §4", "LATEX_SPECIAL", "paths.root=/tmp/x", "sekd/work/x"):
         assert not UNFOLLOWABLE.search(fine), fine

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from sekd.report import main as report_main
+from sekd.report.results import main as report_main
 from tests.helpers import TINY, sekd_train
 
 

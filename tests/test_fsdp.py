@@ -1,4 +1,4 @@
-"""One run over two ranks with train.distributed=fsdp (FSDP2: sekd/sharding.py), started through torchrun
+"""One run over two ranks with train.distributed=fsdp (FSDP2: sekd/distributed/fsdp.py), started through torchrun
 as a user would: real processes, gloo on CPU, the tiny pair.
 
 The bound is tests/test_distributed.py's ATOL = 1e-5, for the same reason: the math is the one-process
@@ -70,7 +70,7 @@ def test_an_fsdp_rank_loads_its_student_on_the_cpu_not_on_its_card(tmp_path):
 
     from sekd.app.compose import compose
     from sekd.app.training import build_parts, student_home
-    from sekd.distributed import Dist
+    from sekd.distributed.process_group import Dist
 
     job = compose(compose_cfg([*TINY, f"paths.root={tmp_path}", "experiment=se_kd", "eval=none"]), [])
     card = torch.device("cuda", 0)
@@ -134,7 +134,7 @@ def test_what_fsdp_does_not_do_is_refused_in_one_line(tmp_path, extra, key):
 def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
     """A checkpoint of the other form than the run's train.distributed (the run folder does not hash it)
     is one line, not a crash in load_state_dict."""
-    from sekd.loop import CheckpointError, load_checkpoint
+    from sekd.training.loop import CheckpointError, load_checkpoint
 
     ck = tmp_path / "checkpoint.pt"
     (tmp_path / "checkpoint-2.dcp").mkdir()
@@ -160,9 +160,9 @@ def test_fsdp_on_a_two_dimensional_mesh_trains_the_one_process_weights(tmp_path,
 
 
 def test_the_fsdp_mesh_is_read_and_checked_in_one_line():
-    from sekd.errors import ConfigError
-    from sekd.schema import FsdpConfig, TrainConfig
-    from sekd.sharding import mesh_shape, ranks_per_node
+    from sekd.core.errors import ConfigError
+    from sekd.config.schema import FsdpConfig, TrainConfig
+    from sekd.distributed.fsdp import mesh_shape, ranks_per_node
 
     assert TrainConfig().fsdp.mesh == "flat"
     for bad in ("2d", "0x4", "4x", "hsdp", 2):
@@ -184,9 +184,9 @@ def test_the_fsdp_mesh_is_read_and_checked_in_one_line():
                                          ("2.10.0.dev20250801+cu128", True), ("3.0.0", True), ("2.7.1+cu126", False),
                                          ("2.6.0", False), ("1.13.1", False), ("unknown", False)])
 def test_fsdp_needs_a_recent_enough_torch(version, ok):
-    """fsdp_support: None where the torch has everything sekd/sharding.py uses, else one line naming the version
+    """fsdp_support: None where the torch has everything sekd/distributed/fsdp.py uses, else one line naming the version
     it needs and the way out."""
-    from sekd.sharding import FSDP_MIN_TORCH, fsdp_support
+    from sekd.distributed.fsdp import FSDP_MIN_TORCH, fsdp_support
 
     why = fsdp_support(version)
     if ok:
@@ -207,11 +207,11 @@ def test_the_installed_torch_has_what_sharding_uses():
 
 
 def _shard_in_bf16(rank: int, port: int, out: str) -> None:
-    from sekd.distributed import init
-    from sekd.launch import Launch
-    from sekd.loop import StudentLoss
-    from sekd.sharding import shard_student, shard_teacher
-    from tests.test_loop import tiny_model
+    from sekd.distributed.process_group import init
+    from sekd.distributed.launch import Launch
+    from sekd.training.loop import StudentLoss
+    from sekd.distributed.fsdp import shard_student, shard_teacher
+    from tests.training.test_loop import tiny_model
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")

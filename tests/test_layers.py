@@ -17,40 +17,34 @@ ROOT = Path(__file__).resolve().parents[1]
 # everything under it; any other unit is exactly that module.
 LADDER: list[tuple[str, list[list[str]]]] = [
     ("base", [
-        ["sekd", "sekd.errors", "sekd.tensors", "sekd.rng"],
-        ["sekd.registry", "sekd.io", "sekd.launch"],
-        ["sekd.artifacts", "sekd.schema", "sekd.distributed"],
+        ["sekd", "sekd.core.*"],
+        ["sekd.config.*", "sekd.distributed.*"],
     ]),
     ("math", [
-        ["sekd.cache.draws", "sekd.cache.format"],
         ["sekd.selection.*"],
         ["sekd.kd.*"],
     ]),
     ("data and models", [
         ["sekd.data.*"],
         ["sekd.embedded.*"],
-        ["sekd.models", "sekd.evaluation.*"],
+        ["sekd.models.*", "sekd.evaluation.*"],
     ]),
     ("services", [
-        ["sekd.cache.store"],
-        ["sekd.cache", "sekd.cache.build", "sekd.scores", "sekd.run"],
+        ["sekd.stores", "sekd.stores.runs", "sekd.stores.sample_scores", "sekd.stores.teacher_cache.*"],
     ]),
     ("training", [
-        ["sekd.sharding"],
-        ["sekd.loop"],
+        ["sekd.training.*"],
     ]),
     ("app", [
-        ["sekd.config", "sekd.tracking"],
         ["sekd.app.*"],
-        ["sekd.train"],
     ]),
     ("tools", [
-        ["sekd.tables"],
-        ["sekd.report", "sekd.cache.cli", "hydra_plugins.*"],
+        ["sekd.report.*"],
+        ["sekd.cli.*", "sekd.train", "hydra_plugins.*"],
     ]),
 ]
 # Layer 1 is tensors in, tensors out: no files, no locks, no progress bars.
-NO_IO = ("os", "pathlib", "shutil", "tempfile", "filelock", "tqdm", "sekd.io", "sekd.artifacts")
+NO_IO = ("os", "pathlib", "shutil", "tempfile", "filelock", "tqdm", "sekd.core.files", "sekd.core.artifacts")
 
 
 def rungs() -> dict[str, tuple[int, str]]:
@@ -181,10 +175,10 @@ def test_no_module_uses_another_units_private_names():
 
 
 @pytest.mark.parametrize("source, module, expect", [
-    ("def f():\n    from sekd.loop import Trainer\n", "sekd.data.dataset", ["sekd.data.dataset -> sekd.loop"]),
-    ("from ..cache import store\n", "sekd.selection.samples", ["sekd.selection.samples -> sekd.cache.store"]),
-    ("import sekd.scores\n", "sekd.run", ["sekd.run -> sekd.scores"]),  # a sibling of the same rung
-    ("from sekd.tensors import IGNORE\nfrom . import packing\nimport torch\n", "sekd.data.dataset", []),
+    ("def f():\n    from sekd.training.loop import Trainer\n", "sekd.data.dataset", ["sekd.data.dataset -> sekd.training.loop"]),
+    ("from ..stores import runs\n", "sekd.selection.samples", ["sekd.selection.samples -> sekd.stores.runs"]),
+    ("import sekd.stores.sample_scores\n", "sekd.stores.runs", ["sekd.stores.runs -> sekd.stores.sample_scores"]),  # a sibling of the same rung
+    ("from sekd.core.tensors import IGNORE\nfrom . import packing\nimport torch\n", "sekd.data.dataset", []),
 ])
 def test_the_check_sees_lazy_relative_and_sideways_imports(tmp_path, source, module, expect):
     path = tmp_path / "mod.py"

@@ -48,7 +48,7 @@ def test_se_kd3x_builds_once_then_trains_without_the_teacher(shared):
 def test_a_cache_from_sekd_cache_build_serves_training(shared, tmp_path):
     """Built once by the CLI over the whole train split: any class-axis run reads it, teacher unloaded."""
     out = tmp_path / "cache"  # built with the run's own overrides (sekd-cache composes them as sekd-train)
-    res = subprocess.run([sys.executable, "-m", "sekd.cache.cli", "build", "--out", str(out), *TINY,
+    res = subprocess.run([sys.executable, "-m", "sekd.cli.cache", "build", "--out", str(out), *TINY,
                           f"paths.cache={shared}/cache"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

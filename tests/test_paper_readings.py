@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sekd.config import ConfigError, validate
+from sekd.app.checks import ConfigError, validate
 from sekd.data.qa import gsm8k
 from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
 from sekd.selection.policies import POLICIES
@@ -183,8 +183,8 @@ def test_gsm8k_validation_size_is_a_data_key(tmp_path):
 
 def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path):
     """Through the config: data.validation_size=7 trains on the other 93 problems (and names a new cache)."""
-    from sekd.config import typed
-    from sekd.models import load_tokenizer, resolve_pair
+    from sekd.app.checks import typed
+    from sekd.models.loading import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
     train, _ = write_problems(tmp_path / "train.jsonl", 100)

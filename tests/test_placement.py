@@ -1,12 +1,12 @@
-"""The teacher on its own device (model.teacher_device, sekd.models.PlacedTeacher): its outputs reach the
+"""The teacher on its own device (model.teacher_device, sekd.models.loading.PlacedTeacher): its outputs reach the
 student's device, and the loss and gradients are those of the teacher beside the student."""
 import pytest
 import torch
 
-from sekd.errors import ConfigError
-from sekd.loop import micro_batches
-from sekd.models import PlacedTeacher, place_teacher, teacher_device
-from tests.test_loop import V, packed, tiny_model, trainer
+from sekd.core.errors import ConfigError
+from sekd.training.loop import micro_batches
+from sekd.models.loading import PlacedTeacher, place_teacher, teacher_device
+from tests.training.test_loop import V, packed, tiny_model, trainer
 
 
 def grads_of(tr):
@@ -33,8 +33,8 @@ def test_a_placed_teacher_gives_the_same_loss_and_gradients(flow, policy, signal
 def test_the_teachers_outputs_land_on_the_students_device():
     """The teacher computes on its own device (cpu) and hands its output back there; the step moves what the
     loss reads to the student's (meta here: a second device every machine has) once the student's body is
-    queued (sekd.loop.arrived), and the teacher's weights stay where they are."""
-    from sekd.loop import arrived
+    queued (sekd.training.loop.arrived), and the teacher's weights stay where they are."""
+    from sekd.training.loop import arrived
 
     teacher = tiny_model(1).eval()
     placed = PlacedTeacher(teacher, torch.device("meta"))
@@ -139,14 +139,14 @@ def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(
 def test_a_placed_teachers_output_moves_after_the_students_body_is_queued(flow, monkeypatch):
     """Two cards overlap only if the student's body is queued on its card before the copy of the teacher's
     output (which waits for the teacher's card): the teacher's pass hands its output back where it computed
-    it (test above), and the step moves it (sekd.loop.arrived) after the student's body ran. On CPU the
+    it (test above), and the step moves it (sekd.training.loop.arrived) after the student's body ran. On CPU the
     order of the calls is what can be checked."""
-    import sekd.loop
-    from sekd.loop import micro_batches
+    import sekd.training.loop
+    from sekd.training.loop import micro_batches
 
     log: list[str] = []
-    move = sekd.loop.arrived
-    monkeypatch.setattr(sekd.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device))
+    move = sekd.training.loop.arrived
+    monkeypatch.setattr(sekd.training.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device))
     tr = trainer(2, 1, "top_k", "student_entropy", "per_sequence", flow)
     tr.teacher = PlacedTeacher(tr.teacher, torch.device("cpu"))
     teacher_part = tr.teacher.model.get_decoder() if flow == "chunked" else tr.teacher.model
@@ -158,7 +158,7 @@ def test_a_placed_teachers_output_moves_after_the_students_body_is_queued(flow, 
 
 def test_devices_are_spelled_one_way_and_counted_once():
     from sekd.app.record import throughput
-    from sekd.models import canonical_device
+    from sekd.models.loading import canonical_device
 
     assert canonical_device("cuda", current=0) == canonical_device("cuda:0") == torch.device("cuda", 0)
     assert canonical_device("cuda", current=1) == torch.device("cuda", 1)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from sekd.app import plan as P
-from sekd.errors import ConfigError
+from sekd.core.errors import ConfigError
 from tests.helpers import ROOT
 
 PAPER = ["experiment=se_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper"]

@@ -12,7 +12,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from sekd.run import config_hash, eval_hash, train_hash
+from sekd.stores.runs import config_hash, eval_hash, train_hash
 from tests.helpers import TINY, compose_cfg, sekd_train
 
 
@@ -55,7 +55,7 @@ def test_the_sample_prepass_runs_and_stores_at_the_runs_precision(tmp_path):
     from tests.selection.test_samples import SIGS, V, model
 
     from sekd.data.packing import IGNORE, PackedData, sample_id
-    from sekd.scores import select_samples, store_fields, store_path
+    from sekd.stores.sample_scores import select_samples, store_fields, store_path
     from sekd.selection.samples import SAMPLERS
 
     g = torch.Generator().manual_seed(0)

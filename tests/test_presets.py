@@ -9,14 +9,14 @@ from sekd.app import execute
 from tests.helpers import PRESETS, ROOT, TINY, compose_cfg
 
 DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "distill"]
-PAPER = ROOT / "sekd" / "paper" / "paper_tables.csv"
+PAPER = ROOT / "sekd" / "report" / "paper" / "paper_tables.csv"
 
 
 TABLES = ("T2", "T3", "T4", "T5", "V1", "V2")
 
 
 def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
-    mapping = list(csv.DictReader((ROOT / "sekd" / "paper" / "paper_rows.csv").open()))
+    mapping = list(csv.DictReader((ROOT / "sekd" / "report" / "paper" / "paper_rows.csv").open()))
     assert all(r["preset"] in PRESETS for r in mapping)
     mapped = {(r["table"], r["section"], r["method"]) for r in mapping}
     paper = {(r["table"], r["section"], r["method"]) for r in csv.DictReader(PAPER.open()) if r["table"] in TABLES}
@@ -32,9 +32,9 @@ def cache(tmp_path_factory):
 
 
 def prompt_lengths_by_sample(tree) -> dict[str, int]:
-    from sekd.config import typed
+    from sekd.app.checks import typed
     from sekd.data.qa import prompt_lengths
-    from sekd.models import load_tokenizer, resolve_pair
+    from sekd.models.loading import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
     cfg = typed(tree)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sekd.run import train_hash
+from sekd.stores.runs import train_hash
 from tests.helpers import TINY, compose_cfg, sekd_train
 
 
@@ -26,7 +26,7 @@ def test_profile_steps_writes_a_trace_of_those_steps_and_keeps_the_run_folder(tm
 def test_profile_steps_must_be_a_count():
     import pytest
 
-    from sekd.config import ConfigError, typed
+    from sekd.app.checks import ConfigError, typed
 
     with pytest.raises(ConfigError, match="train.profile_steps"):
         typed(compose_cfg(["train.profile_steps=-1"]))

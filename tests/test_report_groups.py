@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from sekd.config import resolved
-from sekd.report import main as report_main
+from sekd.app.checks import resolved
+from sekd.report.results import main as report_main
 from tests.helpers import compose_cfg
 from tests.test_report_tables import deep_update, record
 

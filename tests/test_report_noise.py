@@ -1,14 +1,14 @@
 """`sekd-report` says whether each method's difference from Full KD is within or beyond seed noise (a paired
-t-test over the seeds, sekd.tables.paired_difference), so no reader takes noise for a finding.
+t-test over the seeds, sekd.report.tables.paired_difference), so no reader takes noise for a finding.
 Records as sekd/app/record.py writes them (tests/test_report_tables.record)."""
 import copy
 
 import pandas as pd
 import pytest
 
-from sekd import tables
-from sekd.config import resolved
-from sekd.report import main as report_main
+from sekd.report import tables
+from sekd.app.checks import resolved
+from sekd.report.results import main as report_main
 from tests.helpers import compose_cfg
 from tests.test_report_groups import table
 from tests.test_report_tables import deep_update, record

@@ -8,9 +8,9 @@ import json
 import pandas as pd
 import pytest
 
-from sekd.config import resolved
-from sekd.report import main as report_main
-from sekd.tables import COLUMNS, REFERENCE, TABLES, build_reference, hours
+from sekd.app.checks import resolved
+from sekd.report.results import main as report_main
+from sekd.report.tables import COLUMNS, REFERENCE, TABLES, build_reference, hours
 from tests.helpers import ROOT, compose_cfg
 
 SEEDS = (1337, 1338, 1339)
@@ -122,7 +122,7 @@ def test_every_table_renders_the_papers_rows_in_order(report, t):
     csv = table_csv(out, t)
     assert csv["method"].tolist() == ref["method"].tolist()
     if t in ("T2", "T3", "T4", "T5", "V1", "V2"):
-        rows = pd.read_csv(ROOT / "sekd" / "paper" / "paper_rows.csv").query("table == @t")
+        rows = pd.read_csv(ROOT / "sekd" / "report" / "paper" / "paper_rows.csv").query("table == @t")
         assert csv["method"].tolist() == rows["method"].tolist()
     assert {"n_seeds", *(f"{c}_{s}" for c in COLUMNS[t] for s in ("ours_mean", "ours_std", "paper", "best"))} \
         <= set(csv.columns)
@@ -255,9 +255,9 @@ def test_the_reference_is_regenerated_from_the_papers_csvs():
 
 
 def test_the_committed_reference_is_what_the_script_builds_from_the_papers_tables_in_the_repo(tmp_path, capsys):
-    from sekd.tables import PAPER_DIR, main as tables_main
+    from sekd.report.tables import PAPER_DIR, main as tables_main
 
-    assert PAPER_DIR == ROOT / "sekd" / "paper" and (PAPER_DIR / "paper_tables.csv").is_file()
+    assert PAPER_DIR == ROOT / "sekd" / "report" / "paper" and (PAPER_DIR / "paper_tables.csv").is_file()
     assert tables_main(["--out", str(tmp_path / "ref.csv")]) == 0  # no argument: the repo's own copy
     assert (tmp_path / "ref.csv").read_bytes() == REFERENCE.read_bytes()
 

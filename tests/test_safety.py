@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sekd.run import _compute, _hash, config_hash, resolved, run_dir, train_hash
+from sekd.stores.runs import _compute, _hash, config_hash, resolved, run_dir, train_hash
 from tests.helpers import TINY, checkpoint_step, compose_cfg, logged_steps, sekd_train, sekd_train_killed
 
 RUN = [*TINY, "train.steps=3", "eval=none"]
@@ -145,7 +145,7 @@ def test_the_folder_lock_is_exclusive_and_leaves_no_file(tmp_path):
     import threading
     import time
 
-    from sekd.io import folder_lock
+    from sekd.core.files import folder_lock
 
     path, inside, overlaps, done = tmp_path / ".train.lock", [], [], []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.config import config_hash, typed, validate
+from sekd.app.checks import config_hash, typed, validate
 from sekd.app.compose import job_threads
 from tests.helpers import ROOT, compose_cfg, sekd_train
 
@@ -210,7 +210,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """One artifact cache for every job; the tiny pair is built here once, before any job starts."""
-    from sekd.models import resolve_pair
+    from sekd.models.loading import resolve_pair
 
     path = tmp_path_factory.mktemp("slurm-cache")
     resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={path}"])))
@@ -311,7 +311,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, ca
 def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, cache, tmp_path):
     """Every task of a 2-task job gets USR2: rank 0 checkpoints the call and requeues the job, rank 1 only
     logs that it does not (submitit); Slurm then ends both tasks. The requeued job keeps its id, so its ranks
-    meet again at the same derived port (sekd.launch.job_port) and resume from rank 0's checkpoint.pt."""
+    meet again at the same derived port (sekd.distributed.launch.job_port) and resume from rank 0's checkpoint.pt."""
     cluster.append(tmp_path)
     _, job = preempt_mid_run(tmp_path, cache, "train.steps=40", "resources.tasks_per_node=2", "resources.cpus=1",
                              "train.distributed=ddp")
@@ -328,7 +328,7 @@ def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, c
 def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(cluster, cache,
                                                                                               tmp_path):
     """resources.tasks_per_node=2: each cell is one Slurm job of 2 one-CPU tasks; each task is a rank that
-    reads its place from Slurm's environment (sekd.launch) and joins the gloo process group."""
+    reads its place from Slurm's environment (sekd.distributed.launch) and joins the gloo process group."""
     cluster.append(tmp_path)
     two_ranks = ["resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp", "train.log_every=1"]
     first = sweep(tmp_path, cache, *two_ranks)

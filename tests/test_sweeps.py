@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from sekd.config import validate
+from sekd.app.checks import validate
 from sekd.evaluation.suites import get_suite
-from sekd.tables import REFERENCE
+from sekd.report.tables import REFERENCE
 from tests.helpers import ROOT
 
 SWEEPS = ROOT / "sweeps"

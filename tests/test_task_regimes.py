@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sekd.config import ConfigError, validate
+from sekd.app.checks import ConfigError, validate
 from sekd.app import execute
 from tests.helpers import TINY, compose_cfg
 
@@ -34,8 +34,8 @@ def generations(tmp_path) -> list[dict]:
 
 def test_task_specific_run_supervises_answers_only_and_reports_exact_match(tmp_path, cache):
     from sekd.data.qa import prompt_lengths
-    from sekd.config import typed
-    from sekd.models import load_tokenizer, resolve_pair
+    from sekd.app.checks import typed
+    from sekd.models.loading import load_tokenizer, resolve_pair
     from sekd.app.training import training_data
 
     cfg, record, trace = run(tmp_path, cache, "experiment=full_kd", "train.steps=2")

@@ -18,7 +18,7 @@ def test_a_test_that_starts_none_is_not():
 
 
 def test_a_test_is_e2e_through_its_fixtures(request):
-    """A test whose fixture builds its artifact with the CLI (tests/cache/test_cli.py's cli_cache) is e2e too:
+    """A test whose fixture builds its artifact with the CLI (tests/stores/teacher_cache/test_cli.py's cli_cache) is e2e too:
     the marks are on the collected items."""
     assert _spawns("test_cli", "cli_cache")
     items = request.session.items

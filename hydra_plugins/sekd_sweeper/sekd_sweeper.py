@@ -42,7 +42,7 @@ class SekdSweeper(BasicSweeper):
         return str(self.config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
 
     def job_world_size(self, cfg) -> Optional[int]:
-        """The ranks a cell's job will run on, which name its run folder (sekd.run.train_hash): on Slurm,
+        """The ranks a cell's job will run on, which name its run folder (sekd.stores.runs.train_hash): on Slurm,
         nodes x tasks per node; otherwise None, the ranks this process was launched with."""
         if not self.on_slurm():
             return None  # as this process was launched
@@ -50,7 +50,7 @@ class SekdSweeper(BasicSweeper):
         return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
 
     def job_cuda(self, cfg) -> Optional[bool]:
-        """Whether a cell's job will have a GPU, which resolves train.precision=auto in its identity (sekd.run):
+        """Whether a cell's job will have a GPU, which resolves train.precision=auto in its identity (sekd.stores.runs):
         on Slurm, whether the job asks for one; otherwise None, whether this machine has one."""
         if not self.on_slurm():
             return None
@@ -73,9 +73,9 @@ class SekdSweeper(BasicSweeper):
     def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str], List[str]]:
         """(cells to run, lines for cells already finished, lines for cells that are the same run as an earlier
         cell, one-line errors); composes each cell once."""
-        from sekd.config import ConfigError, validate
-        from sekd.models import check_environment
-        from sekd.run import is_finished, run_dir, scores_dir, trained
+        from sekd.app.checks import ConfigError, validate
+        from sekd.models.loading import check_environment
+        from sekd.stores.runs import is_finished, run_dir, scores_dir, trained
 
         assert self.hydra_context is not None and self.config is not None
         todo, finished, same, errors = [], [], [], []
@@ -175,7 +175,7 @@ class SekdSweeper(BasicSweeper):
 
 def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
     """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
-    from sekd.run import run_dir, scores_dir, trained
+    from sekd.stores.runs import run_dir, scores_dir, trained
 
     if cfg.stage == "train":
         folder = run_dir(cfg, world, cuda)

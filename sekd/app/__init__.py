@@ -14,7 +14,7 @@ from sekd.app.compose import compose, fail, open_tracker
 from sekd.app.record import build_record, summary_line
 from sekd.app.scoring import score
 from sekd.app.training import train
-from sekd.errors import ConfigError
+from sekd.core.errors import ConfigError
 
 
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
@@ -39,7 +39,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         finally:
             tracker.finish()
             job.dist.close()
-    except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.loop.CheckpointError)
+    except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.training.loop.CheckpointError)
         fail(err)
     record = build_record(job, stats, metrics)
     job.run.write_record(record)

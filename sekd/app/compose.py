@@ -17,10 +17,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sekd.app.training import cache_expectation, training_data
-from sekd.config import validate
-from sekd.errors import ConfigError
-from sekd.run import resolved, run_dir
-from sekd.schema import RunConfig
+from sekd.app.checks import validate
+from sekd.core.errors import ConfigError
+from sekd.stores.runs import resolved, run_dir
+from sekd.config.schema import RunConfig
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
 
@@ -62,17 +62,17 @@ class Job:
     cfg: RunConfig  # the typed config every stage reads
     tree: DictConfig  # Hydra's composed tree: the hashes naming the run's folders, config.yaml, the record
     overrides: list[str]
-    run: Any  # sekd.run.RunDir
+    run: Any  # sekd.stores.runs.RunDir
     teacher_path: str  # model folders (or hub names)
     student_path: str
     tok: Any
     pretrain_s: float  # building the embedded pair: a cost of its own, never training time
     started: float  # time.time() when the run's work began (the record's wall_time_s)
-    dist: Any = field(default=None)  # sekd.distributed.Dist: this process's rank (one process: Dist.single())
+    dist: Any = field(default=None)  # sekd.distributed.process_group.Dist: this process's rank (one process: Dist.single())
 
     def __post_init__(self):
         if self.dist is None:
-            from sekd.distributed import Dist
+            from sekd.distributed.process_group import Dist
 
             self.dist = Dist.single()
 
@@ -81,8 +81,8 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     """Check and resolve everything the run needs; None when the cell has nothing left to do.
     Hydra's tree is converted once, here, to the typed config the stages read. A refusal raises
     ConfigError (one line, naming the key or file)."""
-    from sekd.models import check_environment
-    from sekd.run import RunDir
+    from sekd.models.loading import check_environment
+    from sekd.stores.runs import RunDir
 
     cfg = validate(tree)
     launch = check_launch(cfg)
@@ -108,10 +108,10 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
 
 
 def check_launch(cfg: RunConfig):
-    """The launcher's environment (sekd.launch) against train.distributed: ddp needs ranks a launcher
+    """The launcher's environment (sekd.distributed.launch) against train.distributed: ddp needs ranks a launcher
     started (torchrun, a Slurm job's tasks); ranks need a distributed mode, or each would train the whole
     run alone and write the same files."""
-    from sekd.launch import from_env
+    from sekd.distributed.launch import from_env
 
     mode = cfg.train.distributed
     if mode == "fsdp":
@@ -129,7 +129,7 @@ def check_launch(cfg: RunConfig):
         raise ConfigError("train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1: "
                           "start at least 2 (torchrun --nproc_per_node 2 or more), or set train.distributed=none")
     if mode == "fsdp":  # a mesh that does not cover the ranks: refused before any model loads
-        from sekd.sharding import mesh_shape
+        from sekd.distributed.fsdp import mesh_shape
 
         mesh_shape(cfg.train.fsdp.mesh, launch.world_size)
     return launch
@@ -137,12 +137,12 @@ def check_launch(cfg: RunConfig):
 
 def check_fsdp(cfg: RunConfig) -> None:
     """What train.distributed=fsdp does not do (yet), refused in one line naming the key. (A fixed
-    model.teacher_device with any distributed mode is refused by sekd.config.check_placement.)"""
+    model.teacher_device with any distributed mode is refused by sekd.app.checks.check_placement.)"""
     import torch
 
-    from sekd.sharding import fsdp_support
+    from sekd.distributed.fsdp import fsdp_support
 
-    too_old = fsdp_support(torch.__version__)  # FSDP2's switches sekd.sharding uses came in one release
+    too_old = fsdp_support(torch.__version__)  # FSDP2's switches sekd.distributed.fsdp uses came in one release
     if too_old:
         raise ConfigError(too_old)
     if cfg.regime.name == "on_policy":  # each rank holds a shard: generation would need the whole student
@@ -155,11 +155,11 @@ def check_fsdp(cfg: RunConfig) -> None:
 
 def join(cfg: RunConfig, launch):
     """This process's place in the run: the process group of the launcher's ranks (gloo on CPU, nccl on
-    CUDA: LOCAL_RANK's card, sekd.launch.card_index), or Dist.single() for one process. The group lives for one run: `execute`
+    CUDA: LOCAL_RANK's card, sekd.distributed.launch.card_index), or Dist.single() for one process. The group lives for one run: `execute`
     closes it (Dist.close) when the run's training ends, so each cell of a multirun under torchrun
     joins a group of its own, one after another."""
-    from sekd.distributed import Dist, init
-    from sekd.models import pick_device
+    from sekd.distributed.process_group import Dist, init
+    from sekd.models.loading import pick_device
 
     device = pick_device(cfg.train.device)
     if not launch.distributed:
@@ -168,7 +168,7 @@ def join(cfg: RunConfig, launch):
 
 
 def already_finished(cfg: DictConfig) -> bool:
-    from sekd.run import is_finished
+    from sekd.stores.runs import is_finished
 
     if not is_finished(cfg):
         return False
@@ -201,7 +201,7 @@ def set_threads(cfg: RunConfig) -> None:
 
 def run_tokenizer(cfg: RunConfig):
     """The run's tokenizer, without building or loading any model (the embedded pair's is built alone)."""
-    from sekd.models import load_tokenizer
+    from sekd.models.loading import load_tokenizer
 
     m = cfg.model
     if m.source == "embedded":
@@ -233,7 +233,7 @@ def check_cache_before_models(cfg: RunConfig) -> None:
 
 def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
     """classes.cache=<folder> opened against what this run expects; a mismatch is one line."""
-    from sekd.cache.store import CacheError, TeacherCache
+    from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
     try:
         TeacherCache.open(path, expect=expect, sample_ids=sample_ids)
@@ -244,7 +244,7 @@ def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
 def resolve(cfg: RunConfig) -> tuple[str, str, Any, float]:
     """The teacher/student pair (built when embedded; that time is returned as its own cost) and their
     shared tokenizer; a named cache is then checked against the resolved teacher."""
-    from sekd.models import check_same_tokenizer, resolve_pair
+    from sekd.models.loading import check_same_tokenizer, resolve_pair
 
     t_pair = time.time()
     teacher, student, tok_path = resolve_pair(cfg)
@@ -264,7 +264,7 @@ def built_since(t: float, *folders: str) -> bool:
 
 def open_tracker(job: Job):
     """wandb (offline by default) for the run; ${oc.env:...} values stay text in its config."""
-    from sekd.tracking import Tracker
+    from sekd.app.tracking import Tracker
 
     cfg, run = job.cfg, job.run
     if not job.dist.is_main:  # rank 0 alone logs the run

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from dataclasses import dataclass, field
 
-from sekd.errors import ConfigError
+from sekd.core.errors import ConfigError
 
 GIB = 2**30
 
@@ -224,7 +224,7 @@ class Plan:
 #   backward end      every gradient (+ a tied embedding's dense gradient, added to the head's)
 #   optimizer step    every gradient + the step's temporaries (foreach AdamW on a GPU: one P-sized sqrt; one
 #                     parameter at a time on CPU: two of the largest parameter)
-# Under ddp every gradient lives in one persistent flat buffer (sekd.distributed.GradBuckets: each .grad a view
+# Under ddp every gradient lives in one persistent flat buffer (sekd.distributed.process_group.GradBuckets: each .grad a view
 # of it, all-reduced in place, kept from step to step), held through the whole step; under fsdp 1/N of the
 # student's and teacher's weights, gradients and optimizer state (`shard`: ranks per shard group), plus the
 # units gathered whole while they run.
@@ -404,7 +404,7 @@ def compose_run(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     from sekd.app.compose import CONF, check_fsdp
-    from sekd.config import check_command_line, validate, without_hydra
+    from sekd.app.checks import check_command_line, validate, without_hydra
 
     check_command_line(list(overrides), CONF, "config")
     GlobalHydra.instance().clear()
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(plan, args.card, args.card_text, best))
     if args.json:
-        from sekd.io import atomic_write_json
+        from sekd.core.files import atomic_write_json
 
         atomic_write_json(Path(args.json), plan_json(plan, args.card, best))
     return 0

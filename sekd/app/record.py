@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sekd.app.scoring import scored_model
-from sekd.run import resolved
+from sekd.stores.runs import resolved
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """The run's config (an ${oc.env:...} value stays its text), metrics, training stats and costs, and
     where and when it ran."""
-    from sekd.run import git_commit
+    from sekd.stores.runs import git_commit
 
     cfg, run = job.cfg, job.run
     kept = resolved(job.tree, keep_env=True)

@@ -27,7 +27,7 @@ def score(job: Job, tracker) -> dict[str, Any]:
 def run_suite(job: Job) -> dict[str, Any]:
     from sekd.evaluation.score import score_checkpoint
     from sekd.evaluation.suites import GSM8K_HELD_OUT
-    from sekd.models import pick_device
+    from sekd.models.loading import pick_device
 
     cfg, e = job.cfg, job.cfg.eval
     device = pick_device(e.device, "eval.device")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sekd.config import source_options
-from sekd.errors import ConfigError
-from sekd.io import atomic_write_json
-from sekd.schema import RunConfig
+from sekd.app.checks import source_options
+from sekd.core.errors import ConfigError
+from sekd.core.files import atomic_write_json
+from sekd.config.schema import RunConfig
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
@@ -28,7 +28,7 @@ def train(job: Job, tracker) -> dict[str, Any]:
     holds the lock and decides; every rank trains."""
     from contextlib import nullcontext
 
-    from sekd.io import folder_lock
+    from sekd.core.files import folder_lock
 
     cfg, run, dist = job.cfg, job.run, job.dist
     if cfg.mode != "distill":
@@ -69,14 +69,14 @@ class Teacher:
 
     def get(self):
         """The teacher as the loss uses it: on another device than the student, its outputs come back
-        to the student's (sekd.models.PlacedTeacher)."""
-        from sekd.models import place_teacher
+        to the student's (sekd.models.loading.PlacedTeacher)."""
+        from sekd.models.loading import place_teacher
 
         return place_teacher(self.raw(), self.device)
 
     def raw(self):
         """The model itself, on its own device (the cache builder runs it there)."""
-        from sekd.models import load_model, shared_vocab
+        from sekd.models.loading import load_model, shared_vocab
 
         if self.model is None:
             self.model = load_model(self.path, self.home, self.dtype, self.trc).eval().requires_grad_(False)
@@ -124,7 +124,7 @@ def build_parts(job: Job) -> Parts:
     in this order so a run's numbers do not move."""
     import torch
 
-    from sekd.models import load_model, pick_device, pick_dtype, shared_vocab, teacher_device
+    from sekd.models.loading import load_model, pick_device, pick_dtype, shared_vocab, teacher_device
 
     cfg = job.cfg
     device = job.dist.device if job.dist.active else pick_device(cfg.train.device)  # a rank's own card
@@ -157,7 +157,7 @@ def on_device(model, device):
     rank's card, and leaves the card to the teacher after."""
     import torch
 
-    from sekd.models import same_device
+    from sekd.models.loading import same_device
 
     device = torch.device(device)
     home = next(model.parameters()).device
@@ -177,8 +177,8 @@ def pick_samples(job: Job, parts: Parts) -> None:
     """The sample axis: s_i from a pre-pass of the frozen initial student (and teacher) or at random;
     keeps the picked samples in parts.data and says which in samples.json."""
     from sekd.data.dataset import tokenizer_signature
-    from sekd.models import model_signature
-    from sekd.scores import select_samples
+    from sekd.models.loading import model_signature
+    from sekd.stores.sample_scores import select_samples
     from sekd.selection.samples import SAMPLERS
 
     cfg, s = job.cfg, job.cfg.samples
@@ -204,7 +204,7 @@ def pick_samples(job: Job, parts: Parts) -> None:
 def fit(job: Job, parts: Parts, cache, tracker):
     """The training loop over the kept samples (returns the Trainer, its run done); the teacher runs only
     where no cache stands in for it."""
-    from sekd.loop import SelectionTrace, Trainer
+    from sekd.training.loop import SelectionTrace, Trainer
 
     cfg, t = job.cfg, job.cfg.train
     needs_teacher = (t.lam > 0 and cache is None) or parts.selector.needs_teacher_everywhere
@@ -233,7 +233,7 @@ def save_student(run, student, tok, state_dict=None) -> None:
 def remove_checkpoint(run) -> None:
     """checkpoint.pt, then the sharded folder it named (fsdp): a kill between the two leaves a stray
     folder, which the next save of the run removes."""
-    from sekd.sharding import remove_sharded
+    from sekd.distributed.fsdp import remove_sharded
 
     run.checkpoint.unlink(missing_ok=True)
     remove_sharded(run.path)
@@ -258,7 +258,7 @@ def placement(parts: Parts, dist=None) -> dict[str, Any]:
     `rank<r>/<device>` (every rank must call it then: it gathers)."""
     import torch.distributed as tdist
 
-    from sekd.models import canonical_device
+    from sekd.models.loading import canonical_device
 
     world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
     student = canonical_device(parts.device)
@@ -282,7 +282,7 @@ def peak_memory_mb(device) -> float:
 
 def build_selector(cfg: RunConfig):
     """The position axis (signal + policy), the criterion and the class axis, from the registries."""
-    from sekd.config import policy_options
+    from sekd.app.checks import policy_options
     from sekd.kd.objective import Selector
     from sekd.selection.classes import build_classes
     from sekd.selection.criteria import CRITERIA
@@ -299,7 +299,7 @@ def build_selector(cfg: RunConfig):
 
 def training_data(cfg: RunConfig, tok):
     """The train split: packed documents (general-purpose) or one problem per row (task-specific)."""
-    from sekd.config import is_task_data
+    from sekd.app.checks import is_task_data
 
     cache_dir = Path(cfg.paths.cache) / "data"
     if is_task_data(cfg):
@@ -321,7 +321,7 @@ def on_policy(cfg: RunConfig, data, tok):
         return None
     from sekd.data.dataset import separator_id
     from sekd.data.qa import prompt_ids
-    from sekd.loop import OnPolicy
+    from sekd.training.loop import OnPolicy
 
     stop = separator_id(tok, cfg.data.separator, ends="an answer")  # the token the task rows end answers with
     # rows as long as the data's (seq_len): a step's tokens, and the record's token counts, are the same
@@ -336,9 +336,9 @@ def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) 
     format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, N, the draw seed
     (the run's own, so seeds do not share draws) and, given the data the cache must cover, its identity
     and sequence length. Not the builder's dtype or device, nor the number of shards."""
-    from sekd.cache.store import FORMAT, data_signature
+    from sekd.stores.teacher_cache.store import FORMAT, data_signature
     from sekd.data.dataset import tokenizer_signature
-    from sekd.models import model_signature
+    from sekd.models.loading import model_signature
 
     expect = {"format": FORMAT, "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
               "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64)),
@@ -355,7 +355,7 @@ def open_teacher_cache(job: Job, parts: Parts):
     keyed by its whole signature, the seed and these samples included; a folder is opened as it is (its
     data was checked against the whole train split before the models loaded). Either way a mismatch is
     refused in one line."""
-    from sekd.cache.store import CacheError, TeacherCache
+    from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
     cfg, data = job.cfg, parts.data
     if cfg.classes.cache == "auto":
@@ -378,11 +378,11 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
     draws are keyed by sample and seed, so the folder is byte for byte the one a single process builds."""
     import hashlib
 
-    from sekd.cache.build import NUM_SHARDS, build_cache, worker_shards
-    from sekd.distributed import Dist
+    from sekd.stores.teacher_cache.build import NUM_SHARDS, build_cache, worker_shards
+    from sekd.distributed.process_group import Dist
 
     dist = dist or Dist.single()
-    from sekd.cache.store import CacheError, TeacherCache
+    from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "teacher_cache" / key

@@ -3,7 +3,7 @@
 Cache layout: `<cache_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
 fields hashed into `key`, for humans) and `<same>.pt.lock` (while it is built). `key` hashes the source name
 and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
-split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.artifacts.build_once.
+split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.core.artifacts.build_once.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from sekd.artifacts import build_once, content_key
+from sekd.core.artifacts import build_once, content_key
 from sekd.data import packing
 from sekd.data.packing import PackedData, pack_documents
 from sekd.data.sources import SOURCES, DataError, check_source, source_signature
-from sekd.io import atomic_write_json
+from sekd.core.files import atomic_write_json
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call; a streamed source is read at most this far past the budget
 
@@ -102,7 +102,7 @@ def build_packed(
 
 
 def cached_packed(path: Path, make: Callable[[], tuple[PackedData, dict[str, Any]]]) -> PackedData:
-    """The PackedData at `path`, or `make()`'s (data, description), stored there once (sekd.artifacts)
+    """The PackedData at `path`, or `make()`'s (data, description), stored there once (sekd.core.artifacts)
     with the description beside it as `<path>.json`, for humans."""
     made: list[PackedData] = []
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sekd.io import atomic_torch_save
-from sekd.tensors import IGNORE
+from sekd.core.files import atomic_torch_save
+from sekd.core.tensors import IGNORE
 
 FORMAT = 1  # bump when the saved layout changes
 

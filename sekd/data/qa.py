@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sekd.artifacts import content_key
+from sekd.core.artifacts import content_key
 from sekd.data import arith, qa_format
 from sekd.data.dataset import cached_packed, separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
 from sekd.data.sources import (SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file,
                                jsonl_records)
-from sekd.registry import Registry, RegistryError
+from sekd.core.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from sekd.registry import Registry
+from sekd.core.registry import Registry
 
 SOURCES = Registry("data source")
 SPLITS = ("train", "validation", "test")

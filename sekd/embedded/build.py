@@ -1,7 +1,7 @@
 """Build the embedded default: a BPE tokenizer on the train split, and a teacher and a student
 pretrained on it (the teacher bigger and longer, so KD has something real to transfer).
 
-Every artifact is built once under a key of its inputs (sekd.artifacts); only the first run pays for it. For the
+Every artifact is built once under a key of its inputs (sekd.core.artifacts); only the first run pays for it. For the
 task-specific regime, `build_task_pair` fine-tunes the teacher on the embedded arithmetic task.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from sekd.artifacts import build_once, content_key
+from sekd.core.artifacts import build_once, content_key
 from sekd.data import corpus
 
 EOS = "<|endoftext|>"

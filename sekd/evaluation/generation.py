@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from sekd.artifacts import build_once
+from sekd.core.artifacts import build_once
 from sekd.data.qa_format import PROMPT, final_answer
-from sekd.io import atomic_write_text
+from sekd.core.files import atomic_write_text
 
 GENERATION_VERSION = 1
 DATA_FILE = "problems.jsonl"

@@ -18,8 +18,8 @@ import numpy as np
 from sekd.evaluation.calibration import suite_ece
 from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tasks
 from sekd.evaluation.tasks import build_tasks
-from sekd.io import atomic_write_text
-from sekd.launch import one_process
+from sekd.core.files import atomic_write_text
+from sekd.distributed.launch import one_process
 
 
 def score_checkpoint(

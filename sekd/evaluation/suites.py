@@ -22,7 +22,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from sekd.registry import Registry
+from sekd.core.registry import Registry
 
 Metric = tuple[str, str]  # (task name in lm-eval's results, "metric,filter" key)
 

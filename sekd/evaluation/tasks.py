@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from sekd.artifacts import build_once
-from sekd.io import atomic_write_text
+from sekd.core.artifacts import build_once
+from sekd.core.files import atomic_write_text
 
 BUILDER_VERSION = 1
 

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sekd.kd.objective import Selector, StepOut, draw_classes, token_ce, valid_order
-from sekd.rng import PositionKeys, RowKeys
+from sekd.core.rng import PositionKeys, RowKeys
 from sekd.selection.policies import call_policy
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget
 from sekd.selection.criteria import Selected, sparse_divergence
-from sekd.tensors import IGNORE, upcast
+from sekd.core.tensors import IGNORE, upcast
 
 # ---- heads ----------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from torch import Tensor
 from sekd.selection import signals as S
 from sekd.selection.classes import ClassSampler, SparseTarget
 from sekd.selection.criteria import Criterion, as_criterion, sparse_divergence
-from sekd.rng import PositionKeys, RowKeys, step_keys
+from sekd.core.rng import PositionKeys, RowKeys, step_keys
 from sekd.selection.policies import Draws, PolicyPiece, as_policy, call_policy
-from sekd.tensors import IGNORE, upcast
+from sekd.core.tensors import IGNORE, upcast
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Selector:
                     or (self.classes is not None and self.classes.random))
 
     def keys(self, B: int, *, generator, step: int, rows) -> RowKeys | None:
-        """The micro-batch's per-row keys (sekd/rng.py `step_keys`) when a piece draws, else None."""
+        """The micro-batch's per-row keys (sekd/core/rng.py `step_keys`) when a piece draws, else None."""
         return step_keys(B, generator=generator, step=step, rows=rows) if self.random else None
 
     @property
@@ -182,7 +182,7 @@ def selective_kd_loss(
     with it, no teacher logits are needed unless the signal asks for them.
 
     `rows`: the global sample index of each row; every draw of row i is keyed by (the generator's seed,
-    `step`, rows[i]) (sekd/rng.py `RowKeys`), so it does not depend on the batch, the rank or the
+    `step`, rows[i]) (sekd/core/rng.py `RowKeys`), so it does not depend on the batch, the rank or the
     chunking; without rows, fresh keys come from `generator`. `gather`: concatenates a tensor across
     ranks (identity in one process); a stateful policy (GLS) sees the whole global batch's scores through it."""
     valid = labels != IGNORE  # valid(t)                                  [B,T]

@@ -37,8 +37,8 @@ Padding id: the pad positions are never attended to by real positions (causal at
 no label, so any in-vocabulary id gives the same loss; pass the eos id to match the task data rows,
 which are right-padded with eos.
 
-Reproducibility (docs/method.md §10): row i's t-th token is an inverse-CDF draw (sekd/rng.py `categorical`)
-from the t-th uniform of its own key (`keys`, sekd/rng.py RowKeys; the trainer keys a row by (run seed,
+Reproducibility (docs/method.md §10): row i's t-th token is an inverse-CDF draw (sekd/core/rng.py `categorical`)
+from the t-th uniform of its own key (`keys`, sekd/core/rng.py RowKeys; the trainer keys a row by (run seed,
 optimizer step, global sample index)), so a sample's answer depends on that key, its prompt and the
 weights only: not on its micro-batch, its rank, its neighbours' lengths, or the global RNG, which is
 not touched. A resumed run samples the same answers, and so does any world size.
@@ -51,8 +51,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from sekd.rng import RowKeys, categorical
-from sekd.tensors import IGNORE
+from sekd.core.rng import RowKeys, categorical
+from sekd.core.tensors import IGNORE
 
 
 @dataclass
@@ -95,7 +95,7 @@ def left_pad(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 # ---- sampling -----------------------------------------------------------------------------
 
-# the stream a row's sampling uniforms come from (sekd/rng.py RowKeys): one uniform per generated token
+# the stream a row's sampling uniforms come from (sekd/core/rng.py RowKeys): one uniform per generated token
 STREAM = "on_policy"
 # generated tokens between the host's checks whether every row has finished (a sync on a GPU)
 SYNC_EVERY = 16
@@ -142,7 +142,7 @@ def _cut(probs: Tensor, cdf: Tensor, top_p: float) -> Tensor:
 
 def draw_tokens(logits: Tensor, u: Tensor, temperature: float, top_p: float) -> Tensor:
     """One token per row from the top-p nucleus of softmax(logits / temperature), by inverse CDF of the
-    row's uniform u (sekd/rng.py `categorical`); temperature 0 is argmax.  logits [B,V], u [B] -> [B] long"""
+    row's uniform u (sekd/core/rng.py `categorical`); temperature 0 is argmax.  logits [B,V], u [B] -> [B] long"""
     if temperature == 0:
         return logits.argmax(-1)
     probs, order = nucleus(logits, temperature, top_p)
@@ -173,7 +173,7 @@ def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, 
     token, so a row's logits do not depend on the other rows beyond rounding); then one forward per
     new token for the whole batch. Row i's t-th token is drawn from softmax(z / temperature) truncated
     to the top-p nucleus (`draw_tokens`), nothing else (no top-k, none of the model's generation_config),
-    by inverse CDF of the t-th uniform of row i's key (sekd/rng.py RowKeys, stream "on_policy"): its
+    by inverse CDF of the t-th uniform of row i's key (sekd/core/rng.py RowKeys, stream "on_policy"): its
     answer depends on its prompt, its key and the weights only, never on the batch, the rank or the
     global RNG, which is not touched. temperature = 0 is greedy decoding. max_new_tokens: one cap for
     every row, or one per row. The student samples in eval mode under no_grad and gets its mode back.

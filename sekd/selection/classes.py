@@ -10,7 +10,7 @@ softmax (no renormalization over C_t); a criterion declares whether it consumes 
 
 Each selector is registered as a `ClassSampler`, which declares what it is to a flow: it reads the
 teacher's logits at the selected positions (z_t [N,V]) and nothing else, and `random` says whether it
-draws on each call. A random one takes the positions' keys (`keys`, sekd/rng.py `PositionKeys`: position
+draws on each call. A random one takes the positions' keys (`keys`, sekd/core/rng.py `PositionKeys`: position
 (r, c) draws from row r's per-sample key), so its draws do not depend on the chunk, the batch or the
 rank; without keys it draws from the generator (in chunk order).
 """
@@ -22,9 +22,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry, at_least
-from sekd.rng import PositionKeys
-from sekd.tensors import upcast
+from sekd.core.registry import Registry, at_least
+from sekd.core.rng import PositionKeys
+from sekd.core.tensors import upcast
 
 CLASSES = Registry("class selector", call_time=("temperature", "generator", "keys"))
 
@@ -106,7 +106,7 @@ def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=N
           keys: PositionKeys | None = None) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]
     With `keys` (one per row of t), position n's N uniforms come from its row's per-sample key."""
-    from sekd.cache.draws import rs_kd_draws, to_sparse
+    from sekd.selection.draws import rs_kd_draws, to_sparse
 
     u = keys.uniform(n_draws, "rs_kd classes", t.device) if keys is not None else None
     ids, counts, offsets = rs_kd_draws(t, n_draws, temperature, generator, u=u)

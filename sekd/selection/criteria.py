@@ -25,9 +25,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from sekd.registry import NoOptions, OptionError, Registry, at_least, in_range
+from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_range
 from sekd.selection.classes import sparse_forward_kl
-from sekd.tensors import upcast
+from sekd.core.tensors import upcast
 
 CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
 

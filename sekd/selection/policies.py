@@ -6,7 +6,7 @@ All take keyword options bound at build time (k, Q, S, tau, coverage), plus `gen
 at call time, and what they declare they use: `keys` (random ones) and `gather` (stateful ones).
 
 Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws: row i's numbers come
-from its per-sample `keys`, sekd/rng.py `RowKeys`, or, without keys, from keys drawn from the CPU
+from its per-sample `keys`, sekd/core/rng.py `RowKeys`, or, without keys, from keys drawn from the CPU
 `generator`; no global RNG), `stepped` (it reads the optimizer step: curriculum's window, a global
 count) and `stateful` (it keeps state that goes into the checkpoint: GLS's queue, a class with
 `state_dict`/`load_state_dict`; it sees the scores of every rank through `gather`, so its state is the
@@ -23,8 +23,8 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from sekd.registry import NoOptions, Registry, at_least, in_range, positive
-from sekd.rng import RowKeys, categorical, row_keys
+from sekd.core.registry import NoOptions, Registry, at_least, in_range, positive
+from sekd.core.rng import RowKeys, categorical, row_keys
 
 POLICIES = Registry("policy", call_time=("generator", "step", "keys", "gather"))
 

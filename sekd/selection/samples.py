@@ -3,7 +3,7 @@
 A sample selector ranks samples by U_i = mean over the sample's valid positions of a position signal
 u(t) of docs/method.md §4; the floor(l * N) samples with the largest U_i are kept, ties by lower index.
 This module holds the pure rules (the registry, the budget, the ranking, U_i from logits); running the
-pre-pass over a model and storing U_i by sample content is sekd/scores.py.
+pre-pass over a model and storing U_i by sample content is sekd/stores/sample_scores.py.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry
+from sekd.core.registry import Registry
 from sekd.selection.signals import SIGNALS, score_terms
-from sekd.tensors import IGNORE
+from sekd.core.tensors import IGNORE
 
 SAMPLERS = Registry("sample selector")
 CHUNK = 2048  # flat positions per signal call: bounds the float32 [CHUNK,V] temporaries

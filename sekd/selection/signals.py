@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sekd.registry import Registry
-from sekd.rng import RowKeys, row_keys
+from sekd.core.registry import Registry
+from sekd.core.rng import RowKeys, row_keys
 
 SIGNALS = Registry("signal")
 CE_RATIO_EPS = 1e-6
@@ -30,7 +30,7 @@ class Signal:
     """A named sum of per-position terms, and what it declares to a flow: with `terms`, u(t) is pointwise
     (any chunking of positions gives the same terms; only the per-sequence normalization, `normalize`,
     needs the whole row); `needs_teacher`: the teacher's logits at every valid position, not only the
-    selected ones; `random`: u(t) is drawn (T uniforms per row from its per-sample key, sekd/rng.py
+    selected ones; `random`: u(t) is drawn (T uniforms per row from its per-sample key, sekd/core/rng.py
     `RowKeys`, or from keys drawn from the generator), not computed from logits."""
 
     name: str

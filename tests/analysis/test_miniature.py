@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import miniature
-from sekd.config import resolved
+from sekd.app.checks import resolved
 from tests.helpers import compose_cfg
 from tests.test_report_tables import deep_update, record
 

@@ -203,7 +203,7 @@ def test_pareto_notebook_plots_throughput_per_device_when_world_sizes_differ(tmp
 
 def test_pareto_notebook_on_a_report_csv(tmp_path, python3_kernel, monkeypatch):
     """A results.csv from sekd-report carries each run's costs and config: the same figures as the folders."""
-    from sekd.report import load_records
+    from sekd.report.results import load_records
 
     results = write_grid(tmp_path / "results", sweeps=False)
     csv = tmp_path / "results.csv"

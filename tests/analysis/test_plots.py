@@ -219,7 +219,7 @@ def test_load_runs_adds_budgets_and_costs(tmp_path):
     row = df[(df.preset == "se_kd") & (df.seed == 0)].iloc[0]
     assert (row.k, row.l, row.teacher_forward_tokens, row.prepass_seconds) == (0.2, 1.0, 100, 1.5)
     assert row.signal == "student_entropy" and row["task/acc"] == 0.6 and row.setting == "embedded embedded/test"
-    assert row["config.train.flow"] == "chunked"  # sekd.report's flattened columns come along
+    assert row["config.train.flow"] == "chunked"  # sekd.report.results's flattened columns come along
     assert np.isnan(df[(df.preset == "se_kd") & (df.seed == 1)].iloc[0].teacher_forward_tokens)
     assert load_results(tmp_path).shape == df.shape  # a folder of runs
 

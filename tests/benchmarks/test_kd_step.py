@@ -31,9 +31,9 @@ def test_tiny_runs_every_variant_interleaved_with_fresh_process_peaks(tmp_path):
 
 
 def test_cache_se_kd_reads_a_real_cache_folder(tmp_path):
-    """The cache variant trains on targets read from a folder sekd.cache.build wrote: the same targets the
+    """The cache variant trains on targets read from a folder sekd.stores.teacher_cache.build wrote: the same targets the
     teacher's rs_kd draws give for those rows, each step."""
-    from sekd.cache.store import TeacherCache
+    from sekd.stores.teacher_cache.store import TeacherCache
 
     bench = kd_step.Bench(kd_step.SHAPES["tiny"], batch=2, seq=16, device="cpu", dtype="float32", optimizer="sgd",
                           chunk_size=8, variants=("cache_se_kd",))

@@ -6,7 +6,7 @@ import pytest
 
 from sekd.data.packing import pack_documents
 from sekd.data.sources import SOURCES, DataError, check_source, heldout_split
-from sekd.registry import RegistryError
+from sekd.core.registry import RegistryError
 
 
 def one_line(exc) -> str:

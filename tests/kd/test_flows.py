@@ -153,7 +153,7 @@ def test_cached_targets_need_no_teacher(chunk_size, case):
 
 
 def test_rs_kd_draws_as_dense_in_any_chunking():
-    """rs_kd draws per position from its row's key (sekd/rng.py `PositionKeys`): one chunk or many, the
+    """rs_kd draws per position from its row's key (sekd/core/rng.py `PositionKeys`): one chunk or many, the
     chunked flow draws the dense flow's classes."""
     case = lambda: sel("top_k", "student_entropy", k=0.4, classes=CLASSES.build("rs_kd", n_draws=8))  # noqa: E731
     assert_same(*both(case, chunk_size=1000))

@@ -4,7 +4,7 @@ On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()
 waits for every queued kernel, so the next launches cannot overlap the running ones. The chunked step
 syncs a fixed number of times per step (selection, counts), never per chunk: the criteria's closed forms
 keep their 0 log 0 = 0 guard branch-free, and the positions' keys are drawn once per step and read on the
-device (sekd/rng.py `PositionKeys`). On-policy sampling checks whether every row has finished once every
+device (sekd/core/rng.py `PositionKeys`). On-policy sampling checks whether every row has finished once every
 `SYNC_EVERY` tokens, not per token, and draws each token's nucleus without a host-side decision.
 
 Counted on CPU by wrapping the Tensor methods that read values to the host; the numbers themselves are
@@ -61,7 +61,7 @@ CASES = {
     "reverse_kl_closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
                                                 CRITERIA.build("reverse_kl")), 1.0),
     # rs_kd's sparse target has a data-dependent width per chunk (the most distinct classes a position drew,
-    # sekd/cache/draws.py): those reads are its own; what is held here is the positions' keys (sekd/rng.py)
+    # sekd/selection/draws.py): those reads are its own; what is held here is the positions' keys (sekd/core/rng.py)
     "rs_kd_keys": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
                                     CRITERIA.build("forward_kl"), classes=CLASSES.build("rs_kd", n_draws=8)), 0.7),
 }
@@ -73,7 +73,7 @@ def chunked_step_syncs(case: str, chunk_size: int) -> Counter:
     sel, lam = CASES[case]
     h = h_s.clone().requires_grad_()
     selector = sel()
-    with host_syncs(skip=("sekd/cache/draws.py",) if case == "rs_kd_keys" else ()) as seen:
+    with host_syncs(skip=("sekd/selection/draws.py",) if case == "rs_kd_keys" else ()) as seen:
         out = chunked_kd_loss(h, head_s, h_t, head_t, y, selector, vocab=V, lam=lam, temperature=1.0,
                               chunk_size=chunk_size, generator=torch.Generator().manual_seed(0), rows=[4, 5, 6])
         out.loss_sum.backward()
@@ -102,7 +102,7 @@ def tiny_student(vocab: int):
 
 def sampled(model, vocab: int, max_new: int, top_p: float) -> tuple[list[torch.Tensor], Counter]:
     from sekd.kd.on_policy import sample_answers
-    from sekd.rng import RowKeys
+    from sekd.core.rng import RowKeys
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, vocab, (n,), generator=g) for n in (2, 5, 9)]

@@ -13,7 +13,7 @@ import torch
 from sekd.kd.objective import Selector, selective_kd_loss
 from sekd.kd.on_policy import (IGNORE, Rollout, answer_caps, build_rollout, draw_tokens, left_pad, nucleus,
                                on_policy_count, on_policy_step, rollout, sample_answers)
-from sekd.rng import RowKeys
+from sekd.core.rng import RowKeys
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES, n_select
 from sekd.selection.signals import SIGNALS
@@ -230,11 +230,11 @@ def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
 
 
 def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(student):
-    """sekd.loop.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/rng.py
+    """sekd.training.loop.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/core/rng.py
     step_keys): one micro-batch of 4 samples, or two of 2 (two ranks, or two micro-batches), give the same
     rows; rows are the data's length (seq_len), so the shapes match too."""
-    from sekd.loop import OnPolicy
-    from sekd.rng import step_keys
+    from sekd.training.loop import OnPolicy
+    from sekd.core.rng import step_keys
 
     ps = prompts((2, 5, 9, 4), seed=1)
     op = OnPolicy(prompts=lambda idx: [ps[i] for i in idx], pad_id=PAD, eos_id=EOS, mix=1.0, temperature=1.5,
@@ -280,7 +280,7 @@ def test_nucleus_keeps_the_shortest_prefix_reaching_top_p():
 
 def draw_by_full_sort(z: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The straightforward draw: stable sort of the whole vocabulary, cut, inverse CDF of u."""
-    from sekd.rng import categorical
+    from sekd.core.rng import categorical
 
     probs, order = torch.sort(torch.softmax(z.double() / temperature, -1), dim=-1, descending=True, stable=True)
     probs = torch.where(probs.cumsum(-1) - probs < top_p, probs, torch.zeros_like(probs))

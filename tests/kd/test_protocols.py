@@ -6,11 +6,11 @@ every gradient; tests/kd/test_flows.py `assert_same`), with a student-entropy si
 What each combination checks:
 - deterministic pieces: 3 positions per chunk, so scoring, a batch-level criterion's prepare pass and
   the selective heads all run over several chunks;
-- random policies (declared `random`): both flows key every row's draws the same way (sekd/rng.py
+- random policies (declared `random`): both flows key every row's draws the same way (sekd/core/rng.py
   `RowKeys`), so the draws are equal whatever the chunking: compared over split chunks too;
 - random class selectors (declared `random`: `rs_kd`): the chunked flow draws chunk by chunk, the dense
   flow for all selected positions at once. Compared with every position in one chunk (the same call), and
-  over split chunks too: position (r, c) draws from row r's key (sekd/rng.py `PositionKeys`), so any
+  over split chunks too: position (r, c) draws from row r's key (sekd/core/rng.py `PositionKeys`), so any
   chunking gives the dense flow's draws;
 - stateful policies (GLS): each flow's policy first sees the same warm-up batch, so the threshold comes
   from the queue, not the top_k fallback; every call passes step 1000, inside curriculum's move;
@@ -89,7 +89,7 @@ def assert_refused(crit: str, policy: str, classes: str) -> None:
 def test_sparse_capable_criteria_are_the_ones_config_allows():
     from tests.helpers import compose_cfg
 
-    from sekd.config import ConfigError, validate
+    from sekd.app.checks import ConfigError, validate
 
     for name in CRITERIA.names():
         cfg = compose_cfg(["classes=rs_kd", f"criterion={name}"])

@@ -1,5 +1,5 @@
 """Every policy keeps its meaning at any world size (issue 13; docs/method.md §5, §6): a random draw is
-keyed by (seed, optimizer step, GLOBAL sample index) (sekd/rng.py `RowKeys`), so a sample draws the same
+keyed by (seed, optimizer step, GLOBAL sample index) (sekd/core/rng.py `RowKeys`), so a sample draws the same
 numbers whichever rank or micro-batch holds it, wherever it sits in the batch and however the flow chunks;
 GLS sees the scores of every rank through `gather` and keeps one queue; curriculum reads the global step.
 
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from sekd.kd.flows import chunked_kd_loss
 from sekd.kd.objective import selective_kd_loss
-from sekd.rng import PositionKeys, RowKeys
+from sekd.core.rng import PositionKeys, RowKeys
 from sekd.selection.classes import CLASSES
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS, score
-from sekd.tensors import IGNORE
+from sekd.core.tensors import IGNORE
 
 torch.set_num_threads(1)
 
@@ -222,7 +222,7 @@ def test_curriculum_reads_the_optimizer_step_the_loop_passes():
     the same on every rank), never a per-rank micro-batch count."""
     import inspect
 
-    import sekd.loop as loop
+    import sekd.training.loop as loop
 
     assert "step=self.prog.step" in inspect.getsource(loop.Trainer.forward)  # Progress.step: optimizer steps
     u, _, y = inputs()

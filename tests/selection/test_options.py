@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from sekd.registry import NoOptions, OptionError, Registry, RegistryError
+from sekd.core.registry import NoOptions, OptionError, Registry, RegistryError
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import GLS, POLICIES

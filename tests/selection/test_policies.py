@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sekd.registry import RegistryError
+from sekd.core.registry import RegistryError
 from sekd.selection.policies import GLS, POLICIES, Draws, n_select
 
 OPTIONS = {  # build-time options for the contract tests; every registered policy must appear here

@@ -1,4 +1,4 @@
-"""The sample-selection pre-pass across ranks (sekd/scores.py; issue 13): two real gloo processes share the
+"""The sample-selection pre-pass across ranks (sekd/stores/sample_scores.py; issue 13): two real gloo processes share the
 pre-pass (rank r scores the single process's batches r::world), gather every score, pick the same samples,
 and rank 0 alone writes a store file identical, byte for byte, to the one a single process writes."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from sekd.scores import select_samples, shard_batches
+from sekd.stores.sample_scores import select_samples, shard_batches
 from tests.selection.test_samples import SIGS, V, model
 
 NAME, BATCH = "ce_ratio", 5
@@ -38,7 +38,7 @@ def pick(store: Path, dist=None):
 
 
 def rank_main(rank: int, root: str) -> None:
-    from sekd.distributed import Dist
+    from sekd.distributed.process_group import Dist
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=2)
     try:

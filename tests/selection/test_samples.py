@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.scores import select_samples, store_fields, store_path
+from sekd.stores.sample_scores import select_samples, store_fields, store_path
 from sekd.selection.samples import SAMPLERS, sample_budget, top_samples
 
 N, L, V, V_HEAD = 12, 10, 37, 40  # the heads carry 3 padding rows that `vocab` cuts away

@@ -1,0 +1,183 @@
+"""sekd-cache: build, verify, list and measure an offline teacher cache (docs/method.md §9).
+
+    sekd-cache build --out <dir> [--num-shards 8 --worker I --num-workers W --batch-size B] [OVERRIDE ...]
+        OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): the teacher,
+        tokenizer, data (packed by the trainer's own code), N (classes.options.n_draws), T (train.temperature),
+        the draw seed (seed), device and precision are the run's, so the cache serves exactly that run
+    sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
+    sekd-cache ls <dir>              signature and shards table
+    sekd-cache stats <dir> [--tokens 100e9] [--sample-fraction 0.2]   the paper's Table 6, measured
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sekd.stores.teacher_cache.store import CacheError, TeacherCache, read_manifest, shard_name, storage_markdown, storage_rows
+
+
+class BuildConfigError(ValueError):
+    """A build refused before any work: bad overrides or a bad config (exit 2, as sekd-train's)."""
+
+
+def run_config(overrides: list[str]):
+    """The run's config composed and validated exactly as sekd-train does, with classes=rs_kd unless the
+    overrides choose the classes group themselves (a cache holds RS-KD draws)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sekd.app.checks import ConfigError, check_command_line, typed
+    from sekd.app.compose import CONF
+
+    if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
+        overrides = ["classes=rs_kd", *overrides]  # before the run's own, so it may still set classes.options
+    try:
+        check_command_line(overrides, CONF, "config")  # composed and validated, one line naming the key
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        raise BuildConfigError(" ".join(str(err).split()) or type(err).__name__) from None
+    if cfg.classes.name != "rs_kd":
+        raise BuildConfigError(f"classes={cfg.classes.name}: a teacher cache holds RS-KD draws; use classes=rs_kd")
+    return typed(cfg)  # validated above: the typed config the build reads, as training does
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # the packer's and the model loader's bars too
+    cfg = run_config(args.overrides)
+    import torch
+
+    from sekd.stores.teacher_cache.build import build_cache, worker_shards
+    from sekd.app.checks import ConfigError
+    from sekd.models.loading import check_same_tokenizer, load_model, pick_device, pick_dtype, resolve_pair, shared_vocab
+    from sekd.app.compose import job_threads
+    from sekd.app.training import cache_expectation, training_data
+
+    threads = job_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    try:  # the trainer's own steps: pair, tokenizer, packed train split
+        shards = worker_shards(args.num_shards, args.worker, args.num_workers)
+        teacher_path, student_path, tok_path = resolve_pair(cfg)
+        tok = check_same_tokenizer(teacher_path, student_path, tok_path, cfg.model.trust_remote_code)
+        data = training_data(cfg, tok)
+        device = worker_device(pick_device(cfg.train.device), args.worker)
+    except (ConfigError, ValueError) as err:
+        raise BuildConfigError(str(err)) from None
+    teacher = load_model(teacher_path, device, pick_dtype(cfg.train.precision, device), cfg.model.trust_remote_code)
+    expect = cache_expectation(cfg, teacher_path, tok, data)
+    man = build_cache(teacher, data, args.out, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
+                      n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
+                      num_shards=args.num_shards, batch_size=args.batch_size or int(cfg.samples.batch_size),
+                      device=device, vocab_size=shared_vocab(tok, teacher), shards=shards, progress=not args.quiet)
+    done = len(man["shards"])
+    print(f"{args.out}: {done}/{args.num_shards} shards built"
+          + (f"; train with classes.cache={args.out} and the same overrides" if man["complete"]
+             else " (other workers' shards still missing)"))
+    return 0
+
+
+def worker_device(device, worker: int, visible: int | None = None):
+    """Worker I's device: on CUDA, card I mod the cards it sees (sekd.distributed.launch.card_index), so W workers on one
+    node spread over its cards instead of each loading the teacher on cuda:0; a worker bound to one card
+    sees only that one. `visible`: the card count (None: this process's)."""
+    import torch
+
+    from sekd.distributed.launch import card_index
+
+    if device.type != "cuda" or device.index is not None:
+        return device
+    count = torch.cuda.device_count() if visible is None else visible
+    return torch.device("cuda", card_index(worker, count))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cache = TeacherCache.open(args.dir, verify=True)
+    s = cache.stats()
+    print(f"OK {args.dir}: {cache.num_shards} shards, {s['samples']} samples, {s['positions']} positions, "
+          f"{s['bytes']} bytes, checksums and blocks verified")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    man = read_manifest(Path(args.dir))
+    sig = man["signature"]
+    print(f"# {args.dir}  ({'complete' if man.get('complete') else 'INCOMPLETE'}, {man.get('samples')} samples)")
+    for key in sorted(sig):
+        print(f"{key:>14}: {sig[key]}")
+    print("\n| shard | file | samples | positions | records | bytes | sha256 |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    entries = {e["index"]: e for e in man["shards"]}
+    for i in range(sig["num_shards"]):
+        e = entries.get(i)
+        if e is None:
+            print(f"| {i} | {shard_name(i, sig['num_shards'])} | missing | | | | |")
+        else:
+            print(f"| {i} | {e['file']} | {e['samples']} | {e['positions']} | {e['records']} | {e['bytes']} | {e['sha256'][:16]} |")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cache = TeacherCache.open(args.dir)
+    s = cache.stats()
+    print(f"# {args.dir}: {s['positions']} positions, {s['records']} records ({s['bytes_per_record']} B each), "
+          f"{s['bytes']} bytes; {s['distinct_per_position']:.2f} distinct classes per position of N={s['n_draws']}; "
+          f"{s['bytes_per_position']:.2f} B/position (records alone {s['record_bytes_per_position']:.2f})\n")
+    rows = storage_rows(args.vocab_size or s["vocab_size"], tokens=args.tokens,
+                        sample_fraction=args.sample_fraction, measured=s)
+    print(storage_markdown(rows, args.tokens))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sekd-cache", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="run the teacher once and write the RS-KD draws of a run's training data",
+                       description="Build (or resume) the cache a sekd-train run with the same OVERRIDEs reads "
+                                   "with classes.cache=<out>: same teacher, tokenizer, packed data, N, T and seed.")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--num-shards", type=int, default=8)
+    b.add_argument("--worker", type=int, default=0, help="this worker's index (builds shards I, I+W, ...)")
+    b.add_argument("--num-workers", type=int, default=1)
+    b.add_argument("--batch-size", type=int, default=0, help="teacher batch size (0: samples.batch_size)")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="sekd-train overrides, e.g. experiment=se_kd3x model=tiny data=fineweb_edu seed=1338")
+    b.set_defaults(fn=cmd_build)
+
+    v = sub.add_parser("verify", help="check every shard's checksum and decodability")
+    v.add_argument("dir", type=Path)
+    v.set_defaults(fn=cmd_verify)
+
+    ls = sub.add_parser("ls", help="signature and shards")
+    ls.add_argument("dir", type=Path)
+    ls.set_defaults(fn=cmd_ls)
+
+    st = sub.add_parser("stats", help="bytes per position and the paper's Table 6 projection")
+    st.add_argument("dir", type=Path)
+    st.add_argument("--tokens", type=float, default=100e9)
+    st.add_argument("--sample-fraction", type=float, default=0.2, help="SE-KD3X sample budget l")
+    st.add_argument("--vocab-size", type=int, default=None, help="|V| of the Full KD row (default: the cache's)")
+    st.set_defaults(fn=cmd_stats)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BuildConfigError as e:
+        print(f"sekd-cache {args.cmd}: config error: {e}", file=sys.stderr)
+        return 2
+    except CacheError as e:
+        print(f"sekd-cache {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

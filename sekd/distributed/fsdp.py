@@ -1,0 +1,218 @@
+"""train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (`fully_shard`).
+
+Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the
+whole per-micro-batch loss (sekd.training.loop.StudentLoss: body, heads, selection, the loss sum). The root
+must be that module, not the Hugging Face model: the chunked flow never calls the model's forward
+(it runs the body, then the LM head at chosen positions), so hooks on the model would never unshard
+the embeddings, norm and head, nor reduce-scatter their gradients. Gradients are *summed* over ranks
+(divide factor 1): the loop divides the summed loss gradient once per optimizer step by the global
+weight Σ s_i, as in one process.
+
+Precision: under bf16 (train.precision) the decoder layers gather their weights in the compute dtype
+(MixedPrecisionPolicy param_dtype) and reduce their gradients in float32 (reduce_dtype), into float32
+sharded master weights; the root unit (embeddings, final norm, LM head) keeps float32 parameters, since
+the chunked flow accumulates the head's gradient over its chunks in the parameters' dtype (autocast
+still runs its matmuls in bf16, as in one process). The teacher's units gather in the compute dtype.
+
+Mesh (train.fsdp.mesh): flat shards every weight over all ranks (a 1-D mesh); hybrid (HSDP) shards it
+over the ranks of a node and replicates it across nodes, a 2-D (replicate, shard) mesh: gradients are
+reduce-scattered within a node, then all-reduced across nodes, both summing; "RxS" names that mesh.
+
+Teacher: inference only. Each decoder layer and the decoder are FSDP units, resharded after every
+forward (no gradients, so nothing to reduce). Its LM head stays a plain replicated module (an untied
+copy when it was tied to the sharded input embedding): the selective teacher head runs it at the
+selected positions, inside the student's loss, outside any teacher forward.
+
+Checkpoints: the sharded weights and optimizer state go through torch.distributed.checkpoint (every
+rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd.training.loop).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from sekd.core.errors import ConfigError
+
+SHARDED_GLOB = "checkpoint-*.dcp"  # the sharded folders of a run; checkpoint.pt names the live one
+# The first torch with all this module uses: fully_shard and MixedPrecisionPolicy public in torch.distributed.fsdp
+# (2.6), FSDPModule.set_gradient_divide_factor and set_force_sum_reduction_for_comms (2.8).
+FSDP_MIN_TORCH = "2.8"
+
+
+def fsdp_support(version: str) -> str | None:
+    """Why train.distributed=fsdp cannot run on torch `version` (one line), or None when it can. A pre-release
+    or local build of FSDP_MIN_TORCH (2.8.0a0+git..., 2.8.0.dev2025...) counts as that version."""
+    found = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    need = tuple(int(v) for v in FSDP_MIN_TORCH.split("."))
+    if found and (int(found[1]), int(found[2])) >= need:
+        return None
+    return (f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and MixedPrecisionPolicy in "
+            f"torch.distributed.fsdp, set_gradient_divide_factor, set_force_sum_reduction_for_comms), but this is "
+            f"torch {version}; upgrade torch, or use train.distributed=ddp")
+
+
+def ranks_per_node(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The ranks on each node: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_NTASKS_PER_NODE (or the first
+    count of SLURM_TASKS_PER_NODE, "4(x2)"); None when the launcher gave neither."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        found = re.match(r"\s*(\d+)", environ.get(key, ""))
+        if found and int(found[1]) > 0:
+            return int(found[1])
+    return None
+
+
+def mesh_shape(spec: str, world_size: int, environ: Mapping[str, str] = os.environ) -> tuple[int, ...]:
+    """train.fsdp.mesh as a mesh shape: (world,) for flat; (replicas, shard size) for hybrid (shard size =
+    the ranks per node) and RxS. One line naming the key for one that does not fit the world."""
+    if spec == "flat":
+        return (world_size,)
+    if spec == "hybrid":
+        per_node = ranks_per_node(environ)
+        if per_node is None:
+            raise ConfigError("train.fsdp.mesh=hybrid needs the ranks per node (torchrun's LOCAL_WORLD_SIZE or "
+                              "Slurm's SLURM_NTASKS_PER_NODE), and the launcher set neither; give the mesh as RxS")
+        shape = (world_size // per_node, per_node)
+    else:
+        r, s = spec.split("x")
+        shape = (int(r), int(s))
+    if shape[0] * shape[1] != world_size:
+        raise ConfigError(f"train.fsdp.mesh={spec}: a {shape[0]}x{shape[1]} mesh (replicas x shard size) does not "
+                          f"cover the {world_size} ranks; the product must equal the number of ranks")
+    return shape
+
+
+def device_mesh(device: torch.device, spec: str = "flat"):
+    """FSDP's device mesh (train.fsdp.mesh): the 1-D mesh of every rank (the default process group) for flat;
+    a 2-D ("replicate", "shard") mesh for hybrid and RxS (HSDP: fully_shard shards over "shard" and
+    replicates over "replicate")."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = mesh_shape(spec, torch.distributed.get_world_size())
+    if len(shape) == 1:
+        return init_device_mesh(device.type, shape)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def precision(dtype: torch.dtype | None):
+    """FSDP2's mixed precision for compute dtype `dtype`: weights gathered in it (None: as stored, for
+    float32), gradients reduced in float32. A unit's inputs are not cast (cast_forward_inputs=False): autocast
+    runs the matmuls in `dtype` anyway, and the residual stream between layers keeps the dtype it has in one
+    process."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    low = dtype is not None and dtype != torch.float32
+    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (Qwen3, Llama, ...): the bulk of the weights."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"train.distributed=fsdp: {type(model).__name__} has no decoder .layers to shard")
+    return list(layers)
+
+
+def shard_student(root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
+                  mesh: str = "flat") -> None:
+    """FSDP2 units: each decoder layer of `model` (gathered in the compute `dtype`), then `root` (the module
+    whose forward is the loss and which holds `model`) for the rest (float32). Reductions sum in float32
+    instead of averaging over ranks; `mesh` is train.fsdp.mesh."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    m = device_mesh(device, mesh)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=m, mp_policy=precision(dtype))
+    fully_shard(root, mesh=m, mp_policy=precision(None))
+    for unit in root.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)  # Σ over ranks; the loop divides once by Σ s_i
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def shard_teacher(teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
+                  mesh: str = "flat") -> None:
+    """The frozen teacher sharded for inference: its decoder layers and its decoder (embeddings, norm),
+    gathered in the compute `dtype` and resharded after each forward; the LM head stays replicated (untied
+    from the embedding first). `mesh` is train.fsdp.mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    untie_head(teacher)
+    m = device_mesh(device, mesh)
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
+    fully_shard(teacher.get_decoder(), mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
+
+
+def untie_head(model: nn.Module) -> None:
+    """A head tied to the input embedding gets its own copy of the weights, so sharding the embedding
+    leaves the head whole on every rank."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (e.g. clip_grad_norm_'s total norm over sharded gradients); a plain
+    tensor as it is. Every rank must call it for a DTensor (it gathers)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU (empty on the other ranks); every rank must call it.
+    A tied weight is kept under its first name only (the gathered copies no longer share storage, by
+    which save_pretrained would recognise the tie), so the saved files are the one-process ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in full.items() if k not in tied}
+
+
+def save_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, *, is_main: bool) -> None:
+    """Every rank's shard of `module`'s weights and `opt`'s state into `folder` (torch.distributed.checkpoint),
+    written under a temporary name and renamed into place by rank 0 once every rank has written: a kill
+    leaves a whole folder or none. Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()  # the folder exists, empty, before any rank writes into it
+    model_sd, optim_sd = get_state_dict(module, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.distributed.barrier()  # every shard and the metadata are written
+    if is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+
+def load_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    """`module`'s weights and `opt`'s state back from a folder `save_sharded` wrote (every rank reads its
+    own shard). Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, opt)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def remove_sharded(run_path: Path, keep: str | None = None) -> None:
+    """The sharded folders (and half-written temporary ones) of a run, all but `keep`. Rank 0 only."""
+    for p in [*Path(run_path).glob(SHARDED_GLOB), *Path(run_path).glob(f".{SHARDED_GLOB}.tmp")]:
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,270 @@
+"""The sample-score store and pre-pass (docs/method.md §7): U_i of every sample, computed once per model pair.
+
+One pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) gives each sample
+U_i (sekd.selection.samples.mean_signal); the pure rules there pick the kept samples.
+
+Scores are stored per sample content hash (never by batch, step or order), one JSON file per key
+
+    <store_dir>/<sampler>-<key>.json   {"format", "fields", "scores": {sample_id: U_i | null}}
+    <store_dir>/<sampler>-<key>.json.lock   (held while written: sekd.core.artifacts.lock)
+
+where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
+signature, vocab cut, the pre-pass's compute dtype, and T for signals that use it. A later run with the same key (any subset or
+order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
+paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
+
+Across ranks (`dist`: rank, world_size, all_gather_objects, as sekd.distributed.process_group.Dist) the pre-pass is
+sharded: the missing samples are cut into the single process's batches, rank r scores batches r::world,
+and every rank gathers all scores. Rank 0 alone holds the store's lock, reads it and writes it; the
+others get what it read. Each batch is the one a single process scores, so the stored file is the same.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sekd.core.artifacts import content_key, lock
+from sekd.data.packing import PackedData
+from sekd.core.files import atomic_write_json
+from sekd.selection.samples import SAMPLERS, Sampler, mean_signal, random_samples, sample_budget, top_samples
+
+STORE_FORMAT = 1  # bump when the store's layout or the meaning of U_i changes
+
+
+@dataclass
+class SampleSelection:
+    """Kept sample indices (ascending) into the data, U_i [N] (None without a pre-pass), and its cost."""
+
+    indices: list[int]
+    scores: Tensor | None = None
+    prepass_seconds: float = 0.0
+    reused: bool = False  # every score came from the store: no forward pass ran
+    forward_tokens: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    n_scored: int = 0  # samples the pre-pass ran over in this call
+
+
+# ---- ranks ----------------------------------------------------------------------------------
+
+
+class Ranks(Protocol):
+    """What the pre-pass needs of a process group (sekd.distributed.process_group.Dist has it)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_objects(self, obj: Any) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    """The single-process group: rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+def from_main(dist: Ranks, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (the others pass None)."""
+    return dist.all_gather_objects(obj if dist.rank == 0 else None)[0]
+
+
+# ---- the pre-pass ----------------------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, x: Tensor, vocab: int | None) -> Tensor:
+    """Next-token logits cut to the tokenizer's vocabulary (padding rows dropped).  [B,T] -> [B,T,V]"""
+    z = model(input_ids=x).logits.to(x.device)  # a placed teacher's, from its own card
+    return z if vocab is None else z[..., :vocab]
+
+
+class _Frozen:
+    """Eval mode for the pre-pass; each model's own train/eval flag comes back afterwards."""
+
+    def __init__(self, *models: torch.nn.Module | None):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self) -> None:
+        self.flags = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, flag in zip(self.models, self.flags):
+            m.train(flag)
+
+
+@torch.no_grad()
+def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
+            batch_size: int = 16, device: str | torch.device = "cpu", vocab: int | None = None,
+            temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
+    run's: bf16 autocast on a GPU, so the [B,T,V] logits are half the bytes of fp32's and the forwards run
+    at the run's speed, which Table 7 counts).  -> float32 [N]"""
+    U = torch.empty(len(data), dtype=torch.float32)
+    kind = torch.device(device).type
+    with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
+        for lo in tqdm(range(0, len(data), batch_size), desc=f"score samples ({smp.name})", leave=False,
+                       unit="batch"):
+            x = data.input_ids[lo:lo + batch_size].to(device)  # [B,T]
+            y = data.labels[lo:lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
+            s = _logits(student, x, vocab)  # [B,T,V]
+            t = _logits(teacher, x, vocab) if smp.needs_teacher else None  # [B,T,V]
+            U[lo:lo + batch_size] = mean_signal(smp.signal, s, t, y, temperature=temperature).cpu()
+    return U
+
+
+# ---- the score store ---------------------------------------------------------------------------
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def store_fields(smp: Sampler, *, student_sig: str, teacher_sig: str, tokenizer_sig: str,
+                 vocab: int | None, temperature: float, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Everything U_i depends on besides the sample itself (hashed into the store key)."""
+    needed = {"student_sig": (smp.needs_student, student_sig), "teacher_sig": (smp.needs_teacher, teacher_sig),
+              "tokenizer_sig": (True, tokenizer_sig)}
+    missing = [k for k, (used, v) in needed.items() if used and not v]
+    if missing:  # an empty signature would let different models share one store
+        raise ValueError(f"sample selector {smp.name!r} stores scores; give {', '.join(missing)}")
+    fields: dict[str, Any] = {"format": STORE_FORMAT, "sampler": smp.name, "signal": smp.signal,
+                              "student_sig": student_sig, "tokenizer_sig": tokenizer_sig, "vocab": vocab,
+                              "dtype": DTYPE_NAMES[dtype]}  # bf16 scores are not fp32 scores
+    if smp.needs_teacher:
+        fields["teacher_sig"] = teacher_sig
+    if smp.uses_temperature:
+        fields["temperature"] = float(temperature)
+    return fields
+
+
+def store_path(store_dir: Path, fields: dict[str, Any]) -> Path:
+    """<store_dir>/<sampler>-<16 hex of sha256(fields)>.json"""
+    return Path(store_dir) / f"{fields['sampler']}-{content_key(fields)}.json"
+
+
+def load_scores(path: Path, fields: dict[str, Any]) -> dict[str, float]:
+    """sample_id -> U_i from a store file ({} when absent); refuses a file written for other fields."""
+    if not path.exists():
+        return {}
+    blob = json.loads(path.read_text())
+    if blob.get("fields") != fields:
+        raise ValueError(f"{path}: score store written for {blob.get('fields')}, expected {fields}")
+    return {k: float("-inf") if v is None else float(v) for k, v in blob["scores"].items()}
+
+
+def save_scores(path: Path, fields: dict[str, Any], scores: dict[str, float]) -> None:
+    """Atomic write; -inf (no valid position) as null, since JSON has no infinities."""
+    out = {k: None if math.isinf(v) else v for k, v in sorted(scores.items())}
+    atomic_write_json(path, {"format": STORE_FORMAT, "fields": fields, "scores": out})
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+
+def sample_scores(smp: Sampler, data: PackedData, *, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                  fields: dict[str, Any] | None, store_dir: Path | None, dist: Ranks | None = None,
+                  **run: Any) -> SampleSelection:
+    """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
+    dist = dist or OneProcess()
+    if store_dir is None:
+        return _score_missing(smp, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
+    path = store_path(store_dir, fields)
+    main = dist.rank == 0
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # one scorer per key; a run sharing it waits, then finds the scores and pays nothing. Only rank 0
+    # touches the file: it locks, reads and writes; the other ranks get what it read.
+    with lock(path) if main else nullcontext():
+        got = None
+        if main:
+            try:
+                got = (load_scores(path, fields), None)
+            except ValueError as e:  # every rank stops with rank 0's one line
+                got = (None, str(e))
+        stored, error = from_main(dist, got)
+        if error is not None:
+            raise ValueError(error)
+        missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
+        out = _score_missing(smp, data, missing, stored, student, teacher, dist=dist, **run)
+        if missing and main:
+            save_scores(path, fields, stored)
+    return out
+
+
+def shard_batches(missing: list[int], batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The samples rank `rank` scores: batches r::world of the single process's batches of `missing`,
+    so each batch (and its U_i, to the bit) is the one a single process computes."""
+    batches = [missing[a:a + batch_size] for a in range(0, len(missing), batch_size)]
+    return [i for b in batches[rank::world_size] for i in b]
+
+
+def _score_missing(smp: Sampler, data: PackedData, missing: list[int], stored: dict[str, float],
+                   student: torch.nn.Module, teacher: torch.nn.Module | None, *, dist: Ranks,
+                   **run: Any) -> SampleSelection:
+    """Runs the pre-pass over `missing` only (this rank's share), gathers every rank's scores into
+    `stored`, returns U for all of `data`."""
+    seconds = 0.0
+    if missing:
+        t0 = time.perf_counter()
+        mine = shard_batches(missing, int(run.get("batch_size", 16)), dist.rank, dist.world_size)
+        U_mine = prepass(smp, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
+        seconds = time.perf_counter() - t0
+        for part in dist.all_gather_objects(list(zip(mine, U_mine.tolist()))):  # every rank's, in rank order
+            stored.update({data.sample_ids[i]: u for i, u in part})
+    U = torch.tensor([stored[sid] for sid in data.sample_ids], dtype=torch.float32)
+    tokens = len(missing) * data.seq_len
+    return SampleSelection([], U, seconds, reused=not missing, n_scored=len(missing),
+                           forward_tokens={"student": tokens if smp.needs_student else 0,
+                                           "teacher": tokens if smp.needs_teacher else 0})
+
+
+def select_samples(
+    name: str,
+    data: PackedData,
+    *,
+    l: float,
+    seed: int,
+    student: torch.nn.Module | None = None,
+    teacher: torch.nn.Module | None = None,
+    student_sig: str = "",
+    teacher_sig: str = "",
+    tokenizer_sig: str = "",
+    store_dir: Path | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    vocab: int | None = None,
+    temperature: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    dist: Ranks | None = None,
+) -> SampleSelection:
+    """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1).
+    `dist`: the ranks that share the pre-pass (one process when None); every rank gets the same selection."""
+    smp = SAMPLERS.get(name)
+    n, n_keep = len(data), sample_budget(len(data), l)
+    if smp.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost
+        keep = random_samples(n, n_keep, seed) if smp.random else list(range(n))
+        return SampleSelection(keep)
+    for role, model, needed in (("student", student, smp.needs_student), ("teacher", teacher, smp.needs_teacher)):
+        if needed and model is None:
+            raise ValueError(f"sample selector {name!r} needs the {role} for its pre-pass")
+    fields = None
+    if store_dir is not None:
+        fields = store_fields(smp, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
+                              vocab=vocab, temperature=temperature, dtype=dtype)
+    sel = sample_scores(smp, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
+                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dtype=dtype,
+                        dist=dist)
+    sel.indices = top_samples(sel.scores, n_keep)
+    return sel
