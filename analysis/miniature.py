@@ -94,7 +94,7 @@ def loss_curves(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss"])
 
 
-def cache_dir(cfg: dict) -> Path:
+def artifacts_dir(cfg: dict) -> Path:
     """The run's paths.cache: a record keeps it as written (`${oc.env:SEKD_CACHE_DIR,.sekd_cache}`), resolved here
     as the run resolved it, so the pair is found where the run built it (never rebuilt in a folder of that name)."""
     from omegaconf import OmegaConf
@@ -111,12 +111,12 @@ def heldout_kd(run_dir: str | Path, cfg: dict, split: str = "validation", batch_
     from sekd.data.dataset import build_packed
     from sekd.embedded.build import pretrained_model, tokenizer
 
-    cache, emb = cache_dir(cfg), cfg["model"]["embedded"]
+    cache, emb = artifacts_dir(cfg), cfg["model"]["embedded"]
     tok_dir = tokenizer(cache / "embedded", emb["vocab_size"])  # both cached by the run: looked up, not rebuilt
     teacher_dir = pretrained_model(cache / "embedded", "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     data = build_packed("embedded", split, tok, seq_len=cfg["data"]["seq_len"], token_budget=None,
-                        cache_dir=cache / "data")
+                        artifacts_dir=cache / "data")
     models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
               for d in (teacher_dir, Path(run_dir) / "model")]
     total, count = 0.0, 0

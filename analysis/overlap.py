@@ -21,7 +21,7 @@ from torch import Tensor
 from sekd.data.packing import IGNORE, PackedData
 from sekd.core.files import atomic_write_text
 from sekd.selection.policies import POLICIES
-from sekd.selection.signals import SIGNALS, score
+from sekd.selection.signals import SIGNALS, importance
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -53,7 +53,7 @@ def selections(
     T = labels.shape[1]
     out: dict[str, Tensor] = {}
     for name in signals:
-        u = score(SIGNALS.get(name), s_logits, t_logits, labels, valid, generator=gen,
+        u = importance(SIGNALS.get(name), s_logits, t_logits, labels, valid, generator=gen,
                   normalization=normalization, temperature=temperature)  # u(t)   [B,T]
         out[name] = (policy(u, valid).dense(T) > 0) & valid  #                   [B,T]
     return out
@@ -198,7 +198,7 @@ def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None
     student = load_model(student_path, dev, torch.float32, trc)
     teacher = load_model(teacher_path, dev, torch.float32, trc)
     data = build_packed(cfg.data.name, split, tok, seq_len=cfg.data.seq_len, token_budget=None,
-                        cache_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
+                        artifacts_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
     return {"student": student, "teacher": teacher, "data": data, "vocab": shared_vocab(tok, student, teacher)}
 
 

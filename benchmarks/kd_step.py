@@ -155,7 +155,7 @@ class Bench:
     """Models, batch and optimizer of one shape; `step(variant)` runs one training step."""
 
     def __init__(self, shape: Shape, *, batch: int, seq: int, device: str, dtype: str, optimizer: str,
-                 chunk_size: int, variants: tuple[str, ...], seed: int = 0, cache_dir: Path | None = None):
+                 chunk_size: int, variants: tuple[str, ...], seed: int = 0, artifacts_dir: Path | None = None):
         torch.manual_seed(seed)
         self.shape, self.device, self.chunk_size, self.V = shape, torch.device(device), chunk_size, shape.vocab
         self.dtype = getattr(torch, dtype)
@@ -166,17 +166,17 @@ class Bench:
         y[:, :-1] = self.x[:, 1:]  # x_{t+1}; the last position has no target
         self.y = y
         self.teacher = None  # cache_se_kd alone runs without one
-        needs_cache = "cache_se_kd" in variants and cache_dir is None
+        needs_cache = "cache_se_kd" in variants and artifacts_dir is None
         if needs_cache or any(v != "cache_se_kd" for v in variants):
             self.teacher = qwen3(shape.teacher, self.V, self.dtype, device).eval().requires_grad_(False)
         self.cache = None
         if "cache_se_kd" in variants:
             from sekd.stores.teacher_cache.store import TeacherCache
 
-            if cache_dir is None:
+            if artifacts_dir is None:
                 self._tmp = tempfile.TemporaryDirectory()
-                cache_dir = build_teacher_cache(self.teacher, self.x, self.y, self.V, Path(self._tmp.name) / "cache")
-            self.cache = TeacherCache.open(cache_dir)
+                artifacts_dir = build_teacher_cache(self.teacher, self.x, self.y, self.V, Path(self._tmp.name) / "cache")
+            self.cache = TeacherCache.open(artifacts_dir)
             if all(v == "cache_se_kd" for v in variants):
                 self.teacher = None
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -343,7 +343,7 @@ def table(rows: list[dict]) -> str:
                              "GiB above baseline"])
 
 
-def child_peak(args, variant: str, cache_dir: Path | None) -> tuple[float, float]:
+def child_peak(args, variant: str, artifacts_dir: Path | None) -> tuple[float, float]:
     """`variant`'s peak above its baseline, in a fresh interpreter (nothing carried over from this one)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peak.json"
@@ -351,7 +351,7 @@ def child_peak(args, variant: str, cache_dir: Path | None) -> tuple[float, float
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in
                 (("batch", args.batch), ("seq", args.seq), ("device", args.device), ("dtype", args.dtype),
                  ("optimizer", args.optimizer), ("chunk_size", args.chunk_size), ("threads", args.threads),
-                 ("cache_dir", cache_dir)) if v is not None]
+                 ("artifacts_dir", artifacts_dir)) if v is not None]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"variant {variant} failed:\n{res.stderr[-4000:]}")
@@ -408,7 +408,7 @@ def main(argv=None) -> list[dict]:
         import trl.experimental.gkd, trl.trainer.distillation_trainer  # noqa: E401, F401
 
     bench = Bench(shape, batch=args.batch, seq=args.seq, device=args.device, dtype=args.dtype,
-                  optimizer=args.optimizer, chunk_size=args.chunk_size, variants=variants, cache_dir=args.cache_dir)
+                  optimizer=args.optimizer, chunk_size=args.chunk_size, variants=variants, artifacts_dir=args.artifacts_dir)
     if args.peak_json:  # the child of child_peak
         peak, base = peak_above_baseline(bench, variants[0])
         args.peak_json.write_text(json.dumps({"peak_above_gib": peak, "baseline_gib": base}))
@@ -418,9 +418,9 @@ def main(argv=None) -> list[dict]:
     rows = [{"variant": v, "min_s": min(times[v]), "median_s": statistics.median(times[v]), "step_s": times[v],
              "tokens_per_s": tokens / statistics.median(times[v])} for v in variants]
     if args.fresh_process:
-        cache_dir = Path(bench.cache.root) if bench.cache is not None else None
+        artifacts_dir = Path(bench.cache.root) if bench.cache is not None else None
         for r in rows:
-            r["peak_above_gib"], r["baseline_gib"] = child_peak(args, r["variant"], cache_dir)
+            r["peak_above_gib"], r["baseline_gib"] = child_peak(args, r["variant"], artifacts_dir)
     add_ratios(rows)
     print(f"shape={args.shape} B={args.batch} L={args.seq} V={shape.vocab} device={args.device} "
           f"dtype={args.dtype} optimizer={args.optimizer} chunk_size={args.chunk_size} "
@@ -428,7 +428,7 @@ def main(argv=None) -> list[dict]:
     print(table(rows))
     if args.json:
         opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("peak_json", "cache_dir")}
+                if k not in ("peak_json", "artifacts_dir")}
         report = {"machine": {**info, "threads": torch.get_num_threads()}, "options": opts, "shape": asdict(shape),
                   "results": rows}
         args.json.write_text(json.dumps(report, indent=2))

@@ -34,7 +34,7 @@ def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_
     from sekd.evaluation.score import score_checkpoint
 
     again = score_checkpoint(the_run(root) / "model", tmp_path / "again", suite="embedded", split="test",
-                             cache_dir=tmp_path / "cache" / "eval", batch_size=16, limit=8, device="cpu", seed=42)
+                             artifacts_dir=tmp_path / "cache" / "eval", batch_size=16, limit=8, device="cpu", seed=42)
     assert record["metrics"] == again
 
 

@@ -13,7 +13,7 @@ import pytest
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
-from sekd.selection.samples import SAMPLERS
+from sekd.selection.samples import SAMPLE_SELECTORS
 from sekd.selection.signals import SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_method_cross_references_exist(method):
     assert not bad, f"docs/method.md refers to missing sections {bad}"
 
 
-REGISTRIES = {"signal": SIGNALS, "policy": POLICIES, "class selector": CLASSES, "sample selector": SAMPLERS,
+REGISTRIES = {"signal": SIGNALS, "policy": POLICIES, "class selector": CLASSES, "sample selector": SAMPLE_SELECTORS,
               "criterion": CRITERIA}
 
 

@@ -47,7 +47,7 @@ def test_run_folder_has_checkpoint_lm_eval_output_and_wandb_files(runs):
 
     for r in records(runs):
         run = runs / "runs" / r["run_dir"].split("/")[-1]
-        scores = run / r["scores_dir"].split("/")[-1]
+        scores = run / r["eval_dir"].split("/")[-1]
         raw = json.loads((scores / "lm_eval" / "results.json").read_text())
         assert set(raw["results"]) >= {"sekd_choice_test", "sekd_lastword_test"}
         assert (scores / "config.yaml").exists() and (scores / "overrides.yaml").exists()

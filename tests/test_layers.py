@@ -30,7 +30,7 @@ LADDER: list[tuple[str, list[list[str]]]] = [
         ["sekd.models.*", "sekd.evaluation.*"],
     ]),
     ("services", [
-        ["sekd.stores", "sekd.stores.runs", "sekd.stores.sample_scores", "sekd.stores.teacher_cache.*"],
+        ["sekd.stores", "sekd.stores.runs", "sekd.stores.sample_importance", "sekd.stores.teacher_cache.*"],
     ]),
     ("training", [
         ["sekd.training.*"],
@@ -177,7 +177,7 @@ def test_no_module_uses_another_units_private_names():
 @pytest.mark.parametrize("source, module, expect", [
     ("def f():\n    from sekd.training.loop import Trainer\n", "sekd.data.dataset", ["sekd.data.dataset -> sekd.training.loop"]),
     ("from ..stores import runs\n", "sekd.selection.samples", ["sekd.selection.samples -> sekd.stores.runs"]),
-    ("import sekd.stores.sample_scores\n", "sekd.stores.runs", ["sekd.stores.runs -> sekd.stores.sample_scores"]),  # a sibling of the same rung
+    ("import sekd.stores.sample_importance\n", "sekd.stores.runs", ["sekd.stores.runs -> sekd.stores.sample_importance"]),  # a sibling of the same rung
     ("from sekd.core.tensors import IGNORE\nfrom . import packing\nimport torch\n", "sekd.data.dataset", []),
 ])
 def test_the_check_sees_lazy_relative_and_sideways_imports(tmp_path, source, module, expect):

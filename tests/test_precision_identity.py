@@ -55,8 +55,8 @@ def test_the_sample_prepass_runs_and_stores_at_the_runs_precision(tmp_path):
     from tests.selection.test_samples import SIGS, V, model
 
     from sekd.data.packing import IGNORE, PackedData, sample_id
-    from sekd.stores.sample_scores import select_samples, store_fields, store_path
-    from sekd.selection.samples import SAMPLERS
+    from sekd.stores.sample_importance import select_samples, store_fields, store_path
+    from sekd.selection.samples import SAMPLE_SELECTORS
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (8, 10), generator=g)
@@ -72,9 +72,9 @@ def test_the_sample_prepass_runs_and_stores_at_the_runs_precision(tmp_path):
     seen.clear()
     bf16 = select_samples("top_student_entropy", data, dtype=torch.bfloat16, **kw)
     assert set(seen) == {torch.bfloat16} and not bf16.reused  # its own pre-pass, not fp32's stored scores
-    assert torch.allclose(bf16.scores, fp32.scores, rtol=0.05, atol=0.05)  # bf16 logits: ~3 significant digits
-    smp = SAMPLERS.get("top_student_entropy")
-    keys = {store_path(tmp_path, store_fields(smp, vocab=V, temperature=1.0, dtype=d, **SIGS))
+    assert torch.allclose(bf16.importance, fp32.importance, rtol=0.05, atol=0.05)  # bf16 logits: ~3 significant digits
+    selector = SAMPLE_SELECTORS.get("top_student_entropy")
+    keys = {store_path(tmp_path, store_fields(selector, vocab=V, temperature=1.0, dtype=d, **SIGS))
             for d in (torch.float32, torch.bfloat16)}
     assert len(keys) == 2 and all(k.exists() for k in keys)
     assert json.loads(sorted(keys)[0].read_text())["fields"]["dtype"] in ("fp32", "bf16")

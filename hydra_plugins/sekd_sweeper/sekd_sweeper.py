@@ -75,7 +75,7 @@ class SekdSweeper(BasicSweeper):
         cell, one-line errors); composes each cell once."""
         from sekd.app.checks import ConfigError, validate
         from sekd.models.loading import check_environment
-        from sekd.stores.runs import is_finished, run_dir, scores_dir, trained
+        from sekd.stores.runs import is_finished, run_dir, eval_dir, trained
 
         assert self.hydra_context is not None and self.config is not None
         todo, finished, same, errors = [], [], [], []
@@ -101,7 +101,7 @@ class SekdSweeper(BasicSweeper):
             if self.skip_finished and is_finished(cfg, world, cuda):
                 finished.append(f"{where} -> {run_dir(cfg, world, cuda)}")
                 continue
-            folder = run_dir(cfg, world, cuda) if cfg.stage == "train" else scores_dir(cfg, world, cuda)
+            folder = run_dir(cfg, world, cuda) if cfg.stage == "train" else eval_dir(cfg, world, cuda)
             if folder in first:  # e.g. the undistilled student under two seeds: its identity holds no seed
                 same.append(f"{where} is [{first[folder]}] -> {folder}")
                 continue
@@ -175,12 +175,12 @@ class SekdSweeper(BasicSweeper):
 
 def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
     """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
-    from sekd.stores.runs import run_dir, scores_dir, trained
+    from sekd.stores.runs import run_dir, eval_dir, trained
 
     if cfg.stage == "train":
         folder = run_dir(cfg, world, cuda)
         return lambda: cfg.mode != "distill" or trained(folder)
-    record = scores_dir(cfg, world, cuda) / "record.json"
+    record = eval_dir(cfg, world, cuda) / "record.json"
     return lambda: record.exists() and record.stat().st_mtime >= since - 1
 
 

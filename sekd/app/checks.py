@@ -17,7 +17,7 @@ from sekd.core.registry import RegistryError
 from sekd.config.schema import MODES, REGIMES, STAGES, DataConfig, RunConfig, choice  # noqa: F401  (re-exported)
 # the run's identity (resolved config, hashes, folders) lives with the run folder; re-exported for callers
 from sekd.stores.runs import (UNHASHED, config_hash, eval_hash, resolved, run_dir,  # noqa: F401
-                      scores_dir, train_hash)
+                      eval_dir, train_hash)
 
 
 def unknown_key(key: str, allowed: Any) -> ConfigError:
@@ -160,9 +160,9 @@ def check_classes(run: RunConfig) -> None:
 
 
 def check_samples(run: RunConfig) -> None:
-    from sekd.selection.samples import SAMPLERS
+    from sekd.selection.samples import SAMPLE_SELECTORS
 
-    choice("samples.name", run.samples.name, SAMPLERS.names())
+    choice("samples.name", run.samples.name, SAMPLE_SELECTORS.names())
 
 
 def check_criterion(run: RunConfig) -> None:

@@ -23,7 +23,7 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
     kept = resolved(job.tree, keep_env=True)
     return {
         "preset": kept["preset"], "label": kept["label"], "mode": kept["mode"], "seed": cfg.seed,
-        "config_hash": run.hash, "stage": kept["stage"], "run_dir": str(run.path), "scores_dir": str(run.scores),
+        "config_hash": run.hash, "stage": kept["stage"], "run_dir": str(run.path), "eval_dir": str(run.eval_dir),
         "model": scored_model(job), "metrics": metrics, **stats_fields(stats),
         "wall_time_s": round(time.time() - job.started, 2),
         "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

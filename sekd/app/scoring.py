@@ -31,9 +31,9 @@ def run_suite(job: Job) -> dict[str, Any]:
 
     cfg, e = job.cfg, job.cfg.eval
     device = pick_device(e.device, "eval.device")
-    job.run.scores.mkdir(parents=True, exist_ok=True)
-    return score_checkpoint(scored_model(job), job.run.scores, suite=e.suite, split=e.split,
-                            cache_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
+    job.run.eval_dir.mkdir(parents=True, exist_ok=True)
+    return score_checkpoint(scored_model(job), job.run.eval_dir, suite=e.suite, split=e.split,
+                            artifacts_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
                             device=str(device), seed=e.seed,
                             gsm8k_validation_size=cfg.data.options.get("validation_size", GSM8K_HELD_OUT),
                             dtype="bfloat16" if device.type == "cuda" else "float32", verbose=cfg.logging.verbose)

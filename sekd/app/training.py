@@ -178,13 +178,13 @@ def pick_samples(job: Job, parts: Parts) -> None:
     keeps the picked samples in parts.data and says which in samples.json."""
     from sekd.data.dataset import tokenizer_signature
     from sekd.models.loading import model_signature
-    from sekd.stores.sample_scores import select_samples
-    from sekd.selection.samples import SAMPLERS
+    from sekd.stores.sample_importance import select_samples
+    from sekd.selection.samples import SAMPLE_SELECTORS
 
     cfg, s = job.cfg, job.cfg.samples
     if s.name == "all":
         return
-    wants_teacher = SAMPLERS.get(s.name).needs_teacher
+    wants_teacher = SAMPLE_SELECTORS.get(s.name).needs_teacher
     with on_device(parts.student, parts.device) as student:  # fsdp: whole on the card for the pre-pass only
         picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
             s.name, parts.data, l=s.l, seed=cfg.seed, student=student,
@@ -301,17 +301,17 @@ def training_data(cfg: RunConfig, tok):
     """The train split: packed documents (general-purpose) or one problem per row (task-specific)."""
     from sekd.app.checks import is_task_data
 
-    cache_dir = Path(cfg.paths.cache) / "data"
+    artifacts_dir = Path(cfg.paths.cache) / "data"
     if is_task_data(cfg):
         from sekd.data.qa import build_qa
 
-        return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, cache_dir=cache_dir,
+        return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, artifacts_dir=artifacts_dir,
                         max_samples=cfg.data.max_samples, separator=cfg.data.separator,
                         **source_options(cfg))
     from sekd.data.dataset import build_packed
 
     return build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
-                        cache_dir=cache_dir, separator=cfg.data.separator, **source_options(cfg))
+                        artifacts_dir=artifacts_dir, separator=cfg.data.separator, **source_options(cfg))
 
 
 def on_policy(cfg: RunConfig, data, tok):

@@ -7,7 +7,7 @@
 It is built into a hidden temporary sibling and renamed into place, so a reader sees all of it or
 nothing, and a killed builder leaves no half artifact. Users: packed data (sekd.data.dataset,
 sekd.data.qa), the embedded tokenizer and models (sekd.embedded.build), the lm-eval task folders
-(sekd.evaluation.tasks, sekd.evaluation.generation); the sample-score store (sekd.stores.sample_scores) shares
+(sekd.evaluation.tasks, sekd.evaluation.generation); the sample-score store (sekd.stores.sample_importance) shares
 `content_key` and `lock`. Each user keeps its own key fields and names, so existing caches stay valid.
 """
 from __future__ import annotations

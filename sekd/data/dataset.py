@@ -1,6 +1,6 @@
 """Build packed datasets from a source and a tokenizer, cached on disk; and the deterministic batch order.
 
-Cache layout: `<cache_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
+Cache layout: `<artifacts_dir>/<source>-<split>-<key>.pt` (PackedData.save) beside `<same>.json` (the
 fields hashed into `key`, for humans) and `<same>.pt.lock` (while it is built). `key` hashes the source name
 and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
 split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.core.artifacts.build_once.
@@ -65,8 +65,8 @@ def cache_fields(
     }
 
 
-def cache_path(cache_dir: Path, fields: dict[str, Any]) -> Path:
-    return Path(cache_dir) / f"{fields['source']}-{fields['split']}-{content_key(fields)}.pt"
+def cache_path(artifacts_dir: Path, fields: dict[str, Any]) -> Path:
+    return Path(artifacts_dir) / f"{fields['source']}-{fields['split']}-{content_key(fields)}.pt"
 
 
 def build_packed(
@@ -76,7 +76,7 @@ def build_packed(
     *,
     seq_len: int,
     token_budget: int | None,
-    cache_dir: Path,
+    artifacts_dir: Path,
     separator: str | None = None,
     **source_opts: Any,
 ) -> PackedData:
@@ -98,7 +98,7 @@ def build_packed(
             raise DataError(f"data source {source!r} split {split!r} holds fewer than {seq_len + 1} tokens")
         return data, {**fields, "n_samples": len(data)}
 
-    return cached_packed(cache_path(cache_dir, fields), pack)
+    return cached_packed(cache_path(artifacts_dir, fields), pack)
 
 
 def cached_packed(path: Path, make: Callable[[], tuple[PackedData, dict[str, Any]]]) -> PackedData:

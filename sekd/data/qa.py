@@ -8,7 +8,7 @@ qa_format, one problem per row, right-padded with eos:
     or the sep that ends the answer.
 
 A problem longer than seq_len + 1 tokens is dropped (counted in the cache's .json). Cache layout as
-build_packed: `<cache_dir>/qa-<source>-<split>-<key>.pt` beside `.json` (and `.pt.lock` while it is built).
+build_packed: `<artifacts_dir>/qa-<source>-<split>-<key>.pt` beside `.json` (and `.pt.lock` while it is built).
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def build_qa(
     tokenizer: Any,
     *,
     seq_len: int,
-    cache_dir: Path,
+    artifacts_dir: Path,
     max_samples: int | None = None,
     separator: str | None = None,
     **opts: Any,
@@ -199,7 +199,7 @@ def build_qa(
         "separator_id": sep_id,
         "pad_id": pad_id,
     }
-    path = Path(cache_dir) / f"qa-{source}-{split}-{content_key(fields)}.pt"
+    path = Path(artifacts_dir) / f"qa-{source}-{split}-{content_key(fields)}.pt"
 
     def pack() -> tuple[PackedData, dict[str, Any]]:
         problems = QA_SOURCES.get(source)(split, **opts)

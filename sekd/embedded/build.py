@@ -22,9 +22,9 @@ EOS = "<|endoftext|>"
 FORMAT = 1  # in every artifact's key: bump to rebuild them all
 
 
-def cached(cache_dir: Path, kind: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """`<cache_dir>/<kind>-<hash of inputs>/`, built by `build(folder)` once; its inputs.json marks it complete."""
-    final = artifact_path(cache_dir, kind, inputs)
+def cached(artifacts_dir: Path, kind: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """`<artifacts_dir>/<kind>-<hash of inputs>/`, built by `build(folder)` once; its inputs.json marks it complete."""
+    final = artifact_path(artifacts_dir, kind, inputs)
 
     def fill(tmp: Path) -> None:
         build(tmp)
@@ -33,12 +33,12 @@ def cached(cache_dir: Path, kind: str, inputs: dict[str, Any], build: Callable[[
     return build_once(final, fill, folder=True, ready=lambda p: (p / "inputs.json").exists())
 
 
-def artifact_path(cache_dir: Path, kind: str, inputs: dict[str, Any]) -> Path:
+def artifact_path(artifacts_dir: Path, kind: str, inputs: dict[str, Any]) -> Path:
     """Where `cached` keeps the artifact of these inputs (built or not)."""
-    return Path(cache_dir) / f"{kind}-{content_key({'format': FORMAT, **inputs})}"
+    return Path(artifacts_dir) / f"{kind}-{content_key({'format': FORMAT, **inputs})}"
 
 
-def tokenizer(cache_dir: Path, vocab_size: int) -> Path:
+def tokenizer(artifacts_dir: Path, vocab_size: int) -> Path:
     """Byte-level BPE trained on the train split, saved as a fast HF tokenizer."""
 
     def build(out: Path) -> None:
@@ -55,7 +55,7 @@ def tokenizer(cache_dir: Path, vocab_size: int) -> Path:
         fast.save_pretrained(out)
 
     inputs = {"corpus": corpus.signature(), "vocab_size": vocab_size, "model": "bpe-bytelevel"}
-    return cached(cache_dir, "tokenizer", inputs, build)
+    return cached(artifacts_dir, "tokenizer", inputs, build)
 
 
 def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
@@ -142,7 +142,7 @@ def mean_ce(model, data, batch_size: int = 32) -> float:
     return total / max(1, count)
 
 
-def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
+def pretrained_model(artifacts_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
     """A tiny Qwen3 pretrained with next-token CE on the train split (cosine lr), saved with its tokenizer."""
 
     def build(out: Path) -> None:
@@ -153,7 +153,7 @@ def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, 
         tok = AutoTokenizer.from_pretrained(tok_dir)
 
         def pack(split: str):
-            return build_packed("embedded", split, tok, seq_len=seq_len, token_budget=None, cache_dir=cache_dir / "data")
+            return build_packed("embedded", split, tok, seq_len=seq_len, token_budget=None, artifacts_dir=artifacts_dir / "data")
 
         val = pack("validation") if spec.get("keep", "last") == "best_validation" else None
         torch.manual_seed(seed)
@@ -168,7 +168,7 @@ def pretrained_model(cache_dir: Path, role: str, tok_dir: Path, spec: dict[str, 
             (out / "pretrain_curve.json").write_text(json.dumps(curve))
         (out / "pretrain.txt").write_text(summary + "\n")
 
-    return cached(cache_dir, f"model-{role}", model_inputs(role, tok_dir, spec, seq_len, seed), build)
+    return cached(artifacts_dir, f"model-{role}", model_inputs(role, tok_dir, spec, seq_len, seed), build)
 
 
 def model_inputs(role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
@@ -177,18 +177,18 @@ def model_inputs(role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, s
             "corpus": corpus.signature()}
 
 
-def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
+def build_pair(artifacts_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
     """(teacher folder, student folder), each holding a model and the shared tokenizer."""
-    cache_dir = Path(cache_dir)
-    tok_dir = tokenizer(cache_dir, emb["vocab_size"])
+    artifacts_dir = Path(artifacts_dir)
+    tok_dir = tokenizer(artifacts_dir, emb["vocab_size"])
     args = {"teacher": (emb["teacher"], emb["seq_len"], emb["seed"]),
             "student": (emb["student"], emb["seq_len"], emb["seed"] + 1)}
     # The cells of a sweep start together: while one pretrains the teacher, the next pretrains the student
     # instead of waiting (each model seeds its own pretraining, so the order changes nothing in either).
-    teacher = artifact_path(cache_dir, "model-teacher", model_inputs("teacher", tok_dir, *args["teacher"]))
+    teacher = artifact_path(artifacts_dir, "model-teacher", model_inputs("teacher", tok_dir, *args["teacher"]))
     order = ("student", "teacher") if Path(f"{teacher}.lock").exists() else ("teacher", "student")
     with torch.random.fork_rng():
-        built = {role: pretrained_model(cache_dir, role, tok_dir, *args[role]) for role in order}
+        built = {role: pretrained_model(artifacts_dir, role, tok_dir, *args[role]) for role in order}
     return built["teacher"], built["student"]
 
 
@@ -197,7 +197,7 @@ def build_pair(cache_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
 TASK = {"steps": 500, "lr": 2.0e-3, "batch_size": 32, "seq_len": 64}
 
 
-def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], seed: int) -> Path:
+def task_model(artifacts_dir: Path, base: Path, role: str, task: dict[str, Any], seed: int) -> Path:
     """`base` (a model folder with its tokenizer) fine-tuned on the arith train split, CE on answer tokens."""
     from sekd.data import arith
 
@@ -209,7 +209,7 @@ def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], see
         from sekd.data.qa import build_qa
 
         tok = AutoTokenizer.from_pretrained(base)
-        data = build_qa("arith", "train", tok, seq_len=task["seq_len"], cache_dir=Path(cache_dir) / "data")
+        data = build_qa("arith", "train", tok, seq_len=task["seq_len"], artifacts_dir=Path(artifacts_dir) / "data")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         # labels are -100 outside the answer: the prompt and the padding teach nothing
@@ -221,14 +221,14 @@ def task_model(cache_dir: Path, base: Path, role: str, task: dict[str, Any], see
             f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f} task={json.dumps(task)}\n")
 
     inputs = {"role": role, "base": Path(base).name, "task": dict(task), "seed": seed, "arith": arith.signature()}
-    return cached(cache_dir, f"task-{role}", inputs, build)
+    return cached(artifacts_dir, f"task-{role}", inputs, build)
 
 
-def build_task_pair(cache_dir: Path, emb: dict[str, Any], task: dict[str, Any]) -> tuple[Path, Path]:
+def build_task_pair(artifacts_dir: Path, emb: dict[str, Any], task: dict[str, Any]) -> tuple[Path, Path]:
     """(task-tuned teacher, untuned student): the distillation has to teach the student the task."""
-    teacher, student = build_pair(cache_dir, emb)
+    teacher, student = build_pair(artifacts_dir, emb)
     with torch.random.fork_rng():
-        teacher = task_model(cache_dir, teacher, "teacher", task, emb["seed"])
+        teacher = task_model(artifacts_dir, teacher, "teacher", task, emb["seed"])
     return teacher, student
 
 

@@ -110,13 +110,13 @@ def _write_config(folder: Path, target: Path, name: str, max_gen_toks: int) -> N
 
 
 def build_exact_match_task(
-    problems: list[dict], cache_dir: str | os.PathLike, *, name: str, max_gen_toks: int = 48
+    problems: list[dict], artifacts_dir: str | os.PathLike, *, name: str, max_gen_toks: int = 48
 ) -> Path:
     """Build (or reuse) the generation task `name` over `problems`; returns the folder to include."""
     if not problems:
         raise ValueError("build_exact_match_task needs at least one problem")
     rows = _rows(problems)
-    root = Path(cache_dir).resolve() / "lm_eval_tasks"
+    root = Path(artifacts_dir).resolve() / "lm_eval_tasks"
     folder = root / f"{name}-{content_hash(rows, name, max_gen_toks)}"
 
     def fill(tmp: Path) -> None:
@@ -134,7 +134,7 @@ def arith_task_name(split: str) -> str:
 
 def build_arith_task(
     split: str,
-    cache_dir: str | os.PathLike,
+    artifacts_dir: str | os.PathLike,
     *,
     problems: list[dict] | None = None,
     max_gen_toks: int = 48,
@@ -144,4 +144,4 @@ def build_arith_task(
         from sekd.data.arith import problems as arith_problems
 
         problems = arith_problems(split)
-    return build_exact_match_task(problems, cache_dir, name=arith_task_name(split), max_gen_toks=max_gen_toks)
+    return build_exact_match_task(problems, artifacts_dir, name=arith_task_name(split), max_gen_toks=max_gen_toks)

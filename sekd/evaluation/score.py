@@ -30,7 +30,7 @@ def score_checkpoint(
     split: str | None = None,
     docs: list[str] | None = None,
     problems: list[dict] | None = None,
-    cache_dir: str | os.PathLike,
+    artifacts_dir: str | os.PathLike,
     batch_size: int = 16,
     limit: int | float | None = None,
     device: str = "cpu",
@@ -59,7 +59,7 @@ def score_checkpoint(
         raise ValueError(f"problems only apply to a suite with the arithmetic task, not {suite!r}")
     import lm_eval
 
-    tm = task_manager(s, cache_dir, docs, problems)
+    tm = task_manager(s, artifacts_dir, docs, problems)
     with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose), one_process():
         world = fresh_accelerate_state()
         res = lm_eval.simple_evaluate(
@@ -84,7 +84,7 @@ def score_checkpoint(
     return flatten(res, s)
 
 
-def task_manager(s: Suite, cache_dir, docs: list[str] | None, problems: list[dict] | None):
+def task_manager(s: Suite, artifacts_dir, docs: list[str] | None, problems: list[dict] | None):
     """lm-eval's TaskManager for suite `s`: the embedded suites' local tasks (built from `docs` / `problems`,
     or the split's own), without indexing lm-eval's built-in tasks (8 s); the others', all of them."""
     from lm_eval.tasks import TaskManager
@@ -95,11 +95,11 @@ def task_manager(s: Suite, cache_dir, docs: list[str] | None, problems: list[dic
         from sekd.data.corpus import load_split
 
         docs = load_split(s.split)
-    include: str | list[str] = str(build_tasks(docs, cache_dir, split=s.split).include_path)
+    include: str | list[str] = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
     if s.arith:
         from sekd.evaluation.generation import build_arith_task
 
-        include = [include, str(build_arith_task(s.split, cache_dir, problems=problems))]
+        include = [include, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
     return TaskManager(include_path=include, include_defaults=False)
 
 

@@ -202,12 +202,12 @@ def _jsonl(items: list[dict]) -> str:
 
 
 def build_tasks(
-    docs: list[str], cache_dir: str | os.PathLike, *, split: str, params: TaskParams = TaskParams()
+    docs: list[str], artifacts_dir: str | os.PathLike, *, split: str, params: TaskParams = TaskParams()
 ) -> EmbeddedTasks:
     """Build (or reuse) the two tasks for `docs`, named sekd_choice_<split> and sekd_lastword_<split>."""
     if not docs:
         raise ValueError("build_tasks needs at least one document")
-    root = Path(cache_dir).resolve() / "lm_eval_tasks"
+    root = Path(artifacts_dir).resolve() / "lm_eval_tasks"
     folder = root / f"{split}-{content_hash(docs, split, params)}"
 
     def fill(tmp: Path) -> None:

@@ -164,15 +164,15 @@ def accumulation_dtype(h: Tensor, head: Head) -> torch.dtype:
 
 
 @torch.no_grad()
-def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
+def chunked_importance(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
                   labels: Tensor, valid: Tensor, *, generator, temperature: float, chunk_size: int,
                   keys: RowKeys | None = None) -> Tensor | None:
-    """u(t) on [B,T] as `signals.score`, from heads over chunks of valid positions; never [B,T,V]."""
+    """u(t) on [B,T] as `signals.importance`, from heads over chunks of valid positions; never [B,T,V]."""
     sig, how = sel.signal, sel.signal_normalization
     if sig is None:
         return None
     if sig.random:  # T uniforms per row from its key, exactly as the dense flow
-        return S.score(sig, None, None, labels, valid, generator=generator, normalization=how, keys=keys)
+        return S.importance(sig, None, None, labels, valid, generator=generator, normalization=how, keys=keys)
     if how not in S.NORMALIZATIONS:
         raise ValueError(f"signal normalization {how!r}; allowed: {', '.join(S.NORMALIZATIONS)}")
     if sig.needs_teacher and (h_t is None or teacher is None):
@@ -187,7 +187,7 @@ def chunked_score(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None,
         r, c = rows[sl], cols[sl]
         z_s, z_t = SCRATCH.blocks(2, len(r), student.vocab, acc, h_s.device)  #    [C,V] x 2
         t = teacher.into(z_t, h_t[r, c]) if sig.needs_teacher else None
-        terms[:, sl] = S.score_terms(sig, student.into(z_s, h_s[r, c]), t, y[sl], temperature=temperature)
+        terms[:, sl] = S.importance_terms(sig, student.into(z_s, h_s[r, c]), t, y[sl], temperature=temperature)
     u = torch.zeros(valid.shape, dtype=torch.float32, device=labels.device)
     for term in terms:
         x = torch.zeros_like(u)
@@ -399,7 +399,7 @@ def select_positions(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | No
                      chunk_size: int):
     """The position axis from the heads: u(t) by chunked scoring (None without a signal), then m_t, w_t by the
     policy, as draws.  -> u [B,T] | None, draws [B,K]"""
-    u = chunked_score(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
+    u = chunked_importance(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
                       temperature=temperature, chunk_size=chunk_size, keys=keys)
     scores = u if u is not None else torch.zeros(labels.shape, device=labels.device)
     return u, call_policy(sel.policy, scores, valid, generator=generator, step=step, keys=keys, gather=gather)

@@ -190,7 +190,7 @@ def selective_kd_loss(
     keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
     u = None
     if sel.signal is not None:
-        u = S.score(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator, keys=keys,
+        u = S.importance(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator, keys=keys,
                     normalization=sel.signal_normalization, temperature=temperature)  # u(t)  [B,T]
     draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
                         generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws [B,K]

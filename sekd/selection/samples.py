@@ -3,7 +3,7 @@
 A sample selector ranks samples by U_i = mean over the sample's valid positions of a position signal
 u(t) of docs/method.md §4; the floor(l * N) samples with the largest U_i are kept, ties by lower index.
 This module holds the pure rules (the registry, the budget, the ranking, U_i from logits); running the
-pre-pass over a model and storing U_i by sample content is sekd/stores/sample_scores.py.
+pre-pass over a model and storing U_i by sample content is sekd/stores/sample_importance.py.
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import torch
 from torch import Tensor
 
 from sekd.core.registry import Registry
-from sekd.selection.signals import SIGNALS, score_terms
+from sekd.selection.signals import SIGNALS, importance_terms
 from sekd.core.tensors import IGNORE
 
-SAMPLERS = Registry("sample selector")
+SAMPLE_SELECTORS = Registry("sample selector")
 CHUNK = 2048  # flat positions per signal call: bounds the float32 [CHUNK,V] temporaries
 
 
 @dataclass(frozen=True)
-class Sampler:
+class SampleSelector:
     """A sample selector: `signal` averaged into U_i (None: no pre-pass), the models it runs, and how."""
 
     name: str
@@ -35,17 +35,17 @@ class Sampler:
     uses_temperature: bool = False  # entropies use raw logits (T = 1), so T stays out of their key
 
 
-def sampler(name: str, **kw: Any) -> Sampler:
-    smp = Sampler(name, **kw)
-    SAMPLERS.register(name)(smp)
-    return smp
+def sample_selector(name: str, **kw: Any) -> SampleSelector:
+    selector = SampleSelector(name, **kw)
+    SAMPLE_SELECTORS.register(name)(selector)
+    return selector
 
 
-sampler("all", signal=None, needs_student=False, needs_teacher=False)
-sampler("random", signal=None, needs_student=False, needs_teacher=False, random=True)
-sampler("top_student_entropy", signal="student_entropy", needs_student=True, needs_teacher=False)
-sampler("ce_ratio", signal="ce_ratio", needs_student=True, needs_teacher=True, uses_temperature=True)
-sampler("kl", signal="kl", needs_student=True, needs_teacher=True, uses_temperature=True)
+sample_selector("all", signal=None, needs_student=False, needs_teacher=False)
+sample_selector("random", signal=None, needs_student=False, needs_teacher=False, random=True)
+sample_selector("top_student_entropy", signal="student_entropy", needs_student=True, needs_teacher=False)
+sample_selector("ce_ratio", signal="ce_ratio", needs_student=True, needs_teacher=True, uses_temperature=True)
+sample_selector("kl", signal="kl", needs_student=True, needs_teacher=True, uses_temperature=True)
 
 
 # ---- budget and ranking -----------------------------------------------------------------------
@@ -88,6 +88,6 @@ def mean_signal(sig_name: str, s_logits: Tensor, t_logits: Tensor | None, labels
     for lo in range(0, rows.numel(), CHUNK):  # never a float32 [P,V] copy of the whole batch
         r, c = rows[lo:lo + CHUNK], cols[lo:lo + CHUNK]
         t = t_logits[r, c] if t_logits is not None else None
-        u[r, c] = score_terms(sig, s_logits[r, c], t, labels[r, c], temperature=temperature).sum(0)  # [p]
+        u[r, c] = importance_terms(sig, s_logits[r, c], t, labels[r, c], temperature=temperature).sum(0)  # [p]
     total, n = u.sum(-1), valid.sum(-1)  # a row sum, not atomics: the same U_i on every run
     return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("-inf")))

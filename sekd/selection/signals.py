@@ -151,17 +151,17 @@ def normalize(x: Tensor, valid: Tensor, how: str) -> Tensor:
 
 
 @torch.no_grad()
-def score_terms(sig: Signal, s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
+def importance_terms(sig: Signal, s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Each term of u on flat positions, float32.  [N,V],[N,V]|None,[N] -> [n_terms,N]"""
     if sig.random:
-        raise ValueError(f"signal {sig.name!r} draws its scores; use `score`")
+        raise ValueError(f"signal {sig.name!r} draws its scores; use `importance`")
     if sig.needs_teacher and t is None:
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     return torch.stack([term(s, t, y, temperature=temperature).float() for term in sig.terms])
 
 
 @torch.no_grad()
-def score(
+def importance(
     sig: Signal,
     s_logits: Tensor,
     t_logits: Tensor | None,
@@ -188,7 +188,7 @@ def score(
     s = s_logits[rows, cols]
     t = t_logits[rows, cols] if t_logits is not None else None
     u = torch.zeros(B, T, dtype=torch.float32, device=labels.device)
-    for term in score_terms(sig, s, t, y, temperature=temperature):  # [N] each
+    for term in importance_terms(sig, s, t, y, temperature=temperature):  # [N] each
         x = torch.zeros(B, T, dtype=torch.float32, device=labels.device)
         x[rows, cols] = term
         u = u + normalize(x, valid, normalization)

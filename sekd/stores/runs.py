@@ -169,22 +169,22 @@ def run_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None)
     return Path(cfg.paths.root) / "runs" / f"{cfg.preset}{seed}-{train_hash(cfg, world, cuda)}"
 
 
-def scores_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
+def eval_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
     return run_dir(cfg, world, cuda) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg, cuda)}"
 
 
 class RunDir:
     def __init__(self, cfg: DictConfig):
         self.path = run_dir(cfg)
-        self.scores = scores_dir(cfg)
+        self.eval_dir = eval_dir(cfg)
         self.hash = config_hash(cfg)
         # nothing is created yet: write_config makes the folders once the run's checks have passed
 
-    record = property(lambda self: self.scores / "record.json")
+    record = property(lambda self: self.eval_dir / "record.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     model = property(lambda self: self.path / "model")
-    lm_eval = property(lambda self: self.scores / "lm_eval")
+    lm_eval = property(lambda self: self.eval_dir / "lm_eval")
     train_stats = property(lambda self: self.path / "train_stats.json")
     trace = property(lambda self: self.path / "selection_trace.jsonl")
 
@@ -196,10 +196,10 @@ class RunDir:
 
     def write_config(self, cfg: DictConfig, overrides: list[str]) -> None:
         """The full config (eval included) beside the record it produces; creates the run's folders."""
-        self.scores.mkdir(parents=True, exist_ok=True)
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
         recorded = resolved(cfg, keep_env=True)  # ${oc.env:...} values stay text: no token lands in a file
-        atomic_write_text(self.scores / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded)))
-        atomic_write_text(self.scores / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        atomic_write_text(self.eval_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded)))
+        atomic_write_text(self.eval_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
@@ -221,12 +221,12 @@ class RunDir:
     def sweep(self) -> None:
         """Delete the temporary files a killed writer left in the run and scores folders (held under the
         run's training lock, so no live writer of the run folder is interrupted)."""
-        for folder in (self.path, self.scores):
+        for folder in (self.path, self.eval_dir):
             if folder.is_dir():
                 sweep_tmp(folder)
 
     def write_record(self, record: dict[str, Any]) -> None:
-        self.scores.mkdir(parents=True, exist_ok=True)
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record, record)
 
 
@@ -244,7 +244,7 @@ def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = N
         return False
     if cfg.stage == "train":
         return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda))
-    return (scores_dir(cfg, world, cuda) / "record.json").exists()
+    return (eval_dir(cfg, world, cuda) / "record.json").exists()
 
 
 def git_commit() -> str | None:

@@ -65,9 +65,9 @@ def test_the_held_out_loss_finds_the_pair_where_the_run_built_it(monkeypatch, tm
     '${oc.env:...}'. Resolved, it is the run's cache."""
     written = {"paths": {"cache": "${oc.env:SEKD_CACHE_DIR,.sekd_cache}"}}
     monkeypatch.delenv("SEKD_CACHE_DIR", raising=False)
-    assert str(miniature.cache_dir(written)) == ".sekd_cache"
+    assert str(miniature.artifacts_dir(written)) == ".sekd_cache"
     monkeypatch.setenv("SEKD_CACHE_DIR", str(tmp_path))
-    assert miniature.cache_dir(written) == tmp_path
+    assert miniature.artifacts_dir(written) == tmp_path
 
 
 def test_spearman_against_the_paper_is_per_seed(tmp_path):

@@ -17,7 +17,7 @@ from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
-from sekd.selection.signals import SIGNALS, score
+from sekd.selection.signals import SIGNALS, importance
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,7 @@ HEAD_T = torch.nn.Linear(5, V, dtype=torch.float64).requires_grad_(False)
 CASES = {  # every place a generator reaches: class draws, sampling policies, the random signal
     "rs_kd draws": lambda g: rs_kd_draws(inputs()[1].reshape(-1, V), 16, 1.5, g),
     "rs_kd classes": lambda g: CLASSES.build("rs_kd", n_draws=8)(inputs()[1][0], temperature=1.0, generator=g),
-    "random signal": lambda g: score(SIGNALS.get("random"), None, None, inputs()[2], inputs()[2] != IGNORE,
+    "random signal": lambda g: importance(SIGNALS.get("random"), None, None, inputs()[2], inputs()[2] != IGNORE,
                                      generator=g),
     **{f"{p} policy": (lambda p: lambda g: POLICIES.build(p, k=0.4)(
         inputs()[1][..., 0].abs(), inputs()[2] != IGNORE, generator=g))(p) for p in ("random", "pos_rs", "pos_rs_star")},

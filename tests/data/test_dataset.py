@@ -15,7 +15,7 @@ from tests.data.helpers import Counting, same
 
 def test_build_matches_pack_and_caches(tmp_path, tokenizer):
     tok = Counting(tokenizer)
-    d = build_packed("embedded", "validation", tok, seq_len=64, token_budget=None, cache_dir=tmp_path)
+    d = build_packed("embedded", "validation", tok, seq_len=64, token_budget=None, artifacts_dir=tmp_path)
     assert tok.calls > 0
     docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in SOURCES.get("embedded")("validation")]
     assert same(d, pack_documents(docs, 64, tokenizer.eos_token_id))
@@ -29,16 +29,16 @@ def test_build_matches_pack_and_caches(tmp_path, tokenizer):
     mtime = path.stat().st_mtime_ns
 
     again = Counting(tokenizer)
-    e = build_packed("embedded", "validation", again, seq_len=64, token_budget=None, cache_dir=tmp_path)
+    e = build_packed("embedded", "validation", again, seq_len=64, token_budget=None, artifacts_dir=tmp_path)
     assert again.calls == 0 and same(d, e) and path.stat().st_mtime_ns == mtime
 
 
 def test_cache_key_covers_inputs(tmp_path, tokenizer, other_tokenizer):
-    kw = dict(token_budget=640, cache_dir=tmp_path)
+    kw = dict(token_budget=640, artifacts_dir=tmp_path)
     build_packed("embedded", "train", tokenizer, seq_len=32, **kw)
     for change in (
         lambda: build_packed("embedded", "train", tokenizer, seq_len=64, **kw),
-        lambda: build_packed("embedded", "train", tokenizer, seq_len=32, token_budget=320, cache_dir=tmp_path),
+        lambda: build_packed("embedded", "train", tokenizer, seq_len=32, token_budget=320, artifacts_dir=tmp_path),
         lambda: build_packed("embedded", "test", tokenizer, seq_len=32, **kw),
         lambda: build_packed("embedded", "train", other_tokenizer, seq_len=32, **kw),
     ):
@@ -50,21 +50,21 @@ def test_cache_key_covers_inputs(tmp_path, tokenizer, other_tokenizer):
 def test_jsonl_cache_misses_when_the_file_changes(tmp_path, tokenizer):
     f = tmp_path / "t.jsonl"
     f.write_text("".join(json.dumps({"text": f"line {i} of the corpus"}) + "\n" for i in range(50)))
-    a = build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, cache_dir=tmp_path / "c", train_file=str(f))
+    a = build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f))
     f.write_text("".join(json.dumps({"text": f"other {i} words here"}) + "\n" for i in range(60)))
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     tok = Counting(tokenizer)
-    b = build_packed("jsonl", "train", tok, seq_len=16, token_budget=None, cache_dir=tmp_path / "c", train_file=str(f))
+    b = build_packed("jsonl", "train", tok, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f))
     assert tok.calls > 0 and not same(a, b)
 
 
 def test_errors_before_tokenizing(tmp_path, tokenizer):
     with pytest.raises(DataError, match="data.train_file: no such file"):
-        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, cache_dir=tmp_path, train_file="nope.jsonl")
+        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file="nope.jsonl")
     f = tmp_path / "t.jsonl"
     f.write_text('{"text": "hi"}\n')
     with pytest.raises(DataError, match="fewer than 17 tokens"):
-        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, cache_dir=tmp_path, train_file=str(f))
+        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file=str(f))
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -74,7 +74,7 @@ def test_concurrent_builders_share_one_build(tmp_path, tokenizer):
 
     def build(tok):
         barrier.wait()
-        return build_packed("embedded", "test", tok, seq_len=32, token_budget=None, cache_dir=tmp_path)
+        return build_packed("embedded", "test", tok, seq_len=32, token_budget=None, artifacts_dir=tmp_path)
 
     with ThreadPoolExecutor(4) as pool:
         out = list(pool.map(build, toks))
@@ -85,9 +85,9 @@ def test_concurrent_builders_share_one_build(tmp_path, tokenizer):
 
 def test_fineweb_build_with_budget(fineweb_dir, tmp_path, tokenizer):
     opts = dict(path=str(fineweb_dir), heldout_fraction=0.2)
-    d = build_packed("fineweb_edu", "train", tokenizer, seq_len=32, token_budget=32 * 30, cache_dir=tmp_path, **opts)
+    d = build_packed("fineweb_edu", "train", tokenizer, seq_len=32, token_budget=32 * 30, artifacts_dir=tmp_path, **opts)
     assert d.input_ids.shape == (30, 32)
-    v = build_packed("fineweb_edu", "validation", tokenizer, seq_len=32, token_budget=32 * 5, cache_dir=tmp_path, **opts)
+    v = build_packed("fineweb_edu", "validation", tokenizer, seq_len=32, token_budget=32 * 5, artifacts_dir=tmp_path, **opts)
     assert len(v) == 5 and not set(v.sample_ids) & set(d.sample_ids)
     assert ((d.labels == IGNORE).sum(1) > 0).any()
 
@@ -129,12 +129,12 @@ def test_resume_from_offset_sees_the_same_remaining_batches(epoch):
 def test_separator_token_ends_documents(tmp_path, tokenizer):
     """data.separator picks the token that ends each document (Qwen3: <|endoftext|>, not its eos)."""
     sep = tokenizer.convert_ids_to_tokens(7)
-    d = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path,
+    d = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path,
                      separator=sep)
     docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in SOURCES.get("embedded")("validation")]
     assert same(d, pack_documents(docs, 64, 7))
-    default = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path)
+    default = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path)
     assert not same(d, default)  # a different separator is a different cache entry
     with pytest.raises(DataError, match="data.separator"):
-        build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, cache_dir=tmp_path,
+        build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path,
                      separator="<no such token>")

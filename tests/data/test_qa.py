@@ -58,8 +58,8 @@ def reference(tok, problems, seq_len: int) -> tuple[list[list[int]], list[list[i
     return inputs, labels, dropped
 
 
-def meta_of(cache_dir) -> dict:
-    (js,) = [p for p in cache_dir.iterdir() if p.suffix == ".json"]
+def meta_of(artifacts_dir) -> dict:
+    (js,) = [p for p in artifacts_dir.iterdir() if p.suffix == ".json"]
     return json.loads(js.read_text())
 
 
@@ -70,7 +70,7 @@ def write_jsonl(path, rows) -> str:
 
 def test_labels_supervise_exactly_the_answer_tokens(tmp_path, tokenizer):
     problems = arith.problems("validation")
-    d = build_qa("arith", "validation", tokenizer, seq_len=L, cache_dir=tmp_path)
+    d = build_qa("arith", "validation", tokenizer, seq_len=L, artifacts_dir=tmp_path)
     ref_in, ref_lab, dropped = reference(tokenizer, problems, L)
     assert dropped == 0 and len(d) == len(problems)
     assert d.input_ids.tolist() == ref_in and d.labels.tolist() == ref_lab
@@ -83,7 +83,7 @@ def test_labels_supervise_exactly_the_answer_tokens(tmp_path, tokenizer):
 
 
 def test_padding_is_eos_and_ignored(tmp_path, tokenizer):
-    d = build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path, max_samples=20)
+    d = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=20)
     eos = tokenizer.eos_token_id
     for row_in, row_lab in zip(d.input_ids, d.labels):
         last = int((row_lab != IGNORE).nonzero().max())  # the position that predicts the final eos
@@ -98,7 +98,7 @@ def test_too_long_problems_are_dropped_and_counted(tmp_path, tokenizer):
     lengths = sorted(len(r) for r in [encode(tokenizer, qa_format.prompt_text(p["question"]) +
                                               qa_format.target_text(p["answer"])) for p in problems])
     seq_len = lengths[len(lengths) // 2]  # about half need more than seq_len + 1 tokens
-    d = build_qa("arith", "validation", tokenizer, seq_len=seq_len, cache_dir=tmp_path)
+    d = build_qa("arith", "validation", tokenizer, seq_len=seq_len, artifacts_dir=tmp_path)
     ref_in, ref_lab, dropped = reference(tokenizer, problems, seq_len)
     assert 0 < dropped < len(problems)
     assert d.input_ids.tolist() == ref_in and d.labels.tolist() == ref_lab
@@ -107,24 +107,24 @@ def test_too_long_problems_are_dropped_and_counted(tmp_path, tokenizer):
     assert meta["n_problems"] == len(problems)
 
     with pytest.raises(DataError, match=r"none of its \d+ problems fits data.seq_len=10"):
-        build_qa("arith", "validation", tokenizer, seq_len=10, cache_dir=tmp_path / "short")
+        build_qa("arith", "validation", tokenizer, seq_len=10, artifacts_dir=tmp_path / "short")
 
 
 def test_max_samples_caps_rows(tmp_path, tokenizer):
-    full = build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path)
-    head = build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path, max_samples=7)
+    full = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path)
+    head = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=7)
     assert len(head) == 7 and same(head, full.subset(range(7)))
 
 
 def test_cache_hit_and_misses(tmp_path, tokenizer, other_tokenizer):
-    d = build_qa("arith", "validation", tokenizer, seq_len=L, cache_dir=tmp_path, max_samples=50)
+    d = build_qa("arith", "validation", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=50)
     (pt,) = [p for p in tmp_path.iterdir() if p.suffix == ".pt"]
     assert pt.name.startswith("qa-arith-validation-")
     assert {p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()} == {"pt", "json"}  # no lock left once built
     mtime = pt.stat().st_mtime_ns
 
     again = Counting(tokenizer)
-    e = build_qa("arith", "validation", again, seq_len=L, cache_dir=tmp_path, max_samples=50)
+    e = build_qa("arith", "validation", again, seq_len=L, artifacts_dir=tmp_path, max_samples=50)
     assert again.calls == 0 and same(d, e) and pt.stat().st_mtime_ns == mtime
 
     for change in (
@@ -135,14 +135,14 @@ def test_cache_hit_and_misses(tmp_path, tokenizer, other_tokenizer):
     ):
         kw = {"split": "validation", "tokenizer": tokenizer, "seq_len": L, "max_samples": 50, **change}
         counting = Counting(kw.pop("tokenizer"))
-        build_qa("arith", kw.pop("split"), counting, cache_dir=tmp_path, **kw)
+        build_qa("arith", kw.pop("split"), counting, artifacts_dir=tmp_path, **kw)
         assert counting.calls > 0, f"{change} hit the cache"
     assert len([p for p in tmp_path.iterdir() if p.suffix == ".pt"]) == 5
 
 
 def test_prompt_lengths_and_ids_match_the_prompt_tokenization(tmp_path, tokenizer):
     problems = arith.problems("test", 30)
-    d = build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path, max_samples=30)
+    d = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=30)
     lengths = prompt_lengths(d)
     assert lengths.dtype == torch.long and lengths.shape == (len(d),)
     for i, p in enumerate(problems):
@@ -155,10 +155,10 @@ def test_prompt_lengths_and_ids_match_the_prompt_tokenization(tmp_path, tokenize
 
 
 def test_separator_ends_the_answer(tmp_path, tokenizer):
-    d = build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path, max_samples=3, separator="<|endoftext|>")
+    d = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=3, separator="<|endoftext|>")
     assert (d.labels != IGNORE).any()
     with pytest.raises(DataError, match="data.separator='<nope>'"):
-        build_qa("arith", "test", tokenizer, seq_len=L, cache_dir=tmp_path, separator="<nope>")
+        build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, separator="<nope>")
 
 
 def test_gsm8k_from_local_jsonl(tmp_path, tokenizer):
@@ -170,22 +170,22 @@ def test_gsm8k_from_local_jsonl(tmp_path, tokenizer):
     val = write_jsonl(tmp_path / "val.jsonl", GSM8K_ROWS[2:])
     assert gsm8k("validation", train_file=train, validation_file=val) == GSM8K_ROWS[2:]
 
-    d = build_qa("gsm8k", "train", tokenizer, seq_len=512, cache_dir=tmp_path / "c", train_file=train, test_file=test)
+    d = build_qa("gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=train, test_file=test)
     ref_in, ref_lab, _ = reference(tokenizer, GSM8K_ROWS, 512)
     assert d.input_ids.tolist() == ref_in and d.labels.tolist() == ref_lab
     finals = [qa_format.final_answer(tokenizer.decode(row[row != IGNORE][:-1])) for row in d.labels]
     assert finals == ["72", "10", "624"]
 
     with pytest.raises(DataError, match="data.test_file is not set"):
-        build_qa("gsm8k", "test", tokenizer, seq_len=512, cache_dir=tmp_path / "c", train_file=train)
+        build_qa("gsm8k", "test", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=train)
 
 
 def test_gsm8k_file_edit_misses_the_cache(tmp_path, tokenizer):
     train = tmp_path / "train.jsonl"
     write_jsonl(train, GSM8K_ROWS)
-    a = build_qa("gsm8k", "train", tokenizer, seq_len=512, cache_dir=tmp_path / "c", train_file=str(train))
+    a = build_qa("gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=str(train))
     write_jsonl(train, GSM8K_ROWS[:2])
-    b = build_qa("gsm8k", "train", tokenizer, seq_len=512, cache_dir=tmp_path / "c", train_file=str(train))
+    b = build_qa("gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=str(train))
     assert len(a) == 3 and len(b) == 2
 
 
@@ -203,7 +203,7 @@ def test_gsm8k_bad_line_names_file_and_line(tmp_path, tokenizer, line, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GSM8K_ROWS[0]) + "\n\n" + line + "\n")
     with pytest.raises(DataError, match=rf"{bad}:3: {message}"):
-        build_qa("gsm8k", "train", tokenizer, seq_len=512, cache_dir=tmp_path, train_file=str(bad))
+        build_qa("gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path, train_file=str(bad))
 
 
 def test_gsm8k_hub_layout_from_a_local_mirror(tmp_path):
@@ -238,4 +238,4 @@ def test_check_qa_source(tmp_path):
     with pytest.raises(DataError, match=r"data.path: no such folder"):
         check_qa_source("gsm8k", {"path": str(tmp_path / "nowhere")})
     with pytest.raises(DataError, match="unknown split 'dev'"):
-        build_qa("arith", "dev", None, seq_len=8, cache_dir=tmp_path)
+        build_qa("arith", "dev", None, seq_len=8, artifacts_dir=tmp_path)

@@ -24,7 +24,7 @@ def test_best_validation_keeps_the_step_with_the_lowest_held_out_loss(tmp_path):
     assert f"kept_step={best['step']} " in (folder / "pretrain.txt").read_text()
 
     val = build_packed("embedded", "validation", AutoTokenizer.from_pretrained(folder), seq_len=64,
-                       token_budget=None, cache_dir=tmp_path / "data")
+                       token_budget=None, artifacts_dir=tmp_path / "data")
     kept = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert abs(mean_ce(kept, val) - best["val_loss"]) < 1e-3   # the saved weights are the best step's
 

@@ -159,7 +159,7 @@ def test_task_suite_columns():
 
 def test_problems_only_for_arith_suite(tmp_path):
     with pytest.raises(ValueError, match="arithmetic"):
-        score_checkpoint(tmp_path, tmp_path, suite="embedded", problems=PROBLEMS, cache_dir=tmp_path)
+        score_checkpoint(tmp_path, tmp_path, suite="embedded", problems=PROBLEMS, artifacts_dir=tmp_path)
 
 
 LIMIT = 4
@@ -170,7 +170,7 @@ def scored(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     m = score_checkpoint(
         tiny_checkpoint, out, suite="task", docs=load_split("test")[:8], problems=PROBLEMS,
-        cache_dir=tmp_path_factory.mktemp("cache"), limit=LIMIT, batch_size=4, bootstrap_iters=0,
+        artifacts_dir=tmp_path_factory.mktemp("cache"), limit=LIMIT, batch_size=4, bootstrap_iters=0,
     )  # fmt: skip
     return out, m
 

@@ -13,7 +13,7 @@ from sekd.evaluation.score import flatten, score_checkpoint, write_raw
 def scored(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
-    return out, score_checkpoint(tiny_checkpoint, out, cache_dir=cache, limit=20, batch_size=8)
+    return out, score_checkpoint(tiny_checkpoint, out, artifacts_dir=cache, limit=20, batch_size=8)
 
 
 def test_end_to_end_metrics(scored):
@@ -45,7 +45,7 @@ def test_raw_output_kept(scored):
 def test_explicit_docs_and_split(tiny_checkpoint, tmp_path):
     m = score_checkpoint(
         tiny_checkpoint, tmp_path / "run", split="validation", docs=load_split("validation")[:8],
-        cache_dir=tmp_path / "cache", limit=5, bootstrap_iters=0,
+        artifacts_dir=tmp_path / "cache", limit=5, bootstrap_iters=0,
     )  # fmt: skip
     assert "sekd_choice_validation/acc" in m and math.isfinite(m["ppl"])
     assert "sekd_choice_validation/acc_stderr" not in m  # 'N/A' without bootstrap, dropped
@@ -53,7 +53,7 @@ def test_explicit_docs_and_split(tiny_checkpoint, tmp_path):
 
 def test_docs_only_for_embedded(tmp_path):
     with pytest.raises(ValueError, match="embedded"):
-        score_checkpoint(tmp_path, tmp_path, suite="paper", docs=["x"], cache_dir=tmp_path)
+        score_checkpoint(tmp_path, tmp_path, suite="paper", docs=["x"], artifacts_dir=tmp_path)
 
 
 def _mc_samples(n, rng):

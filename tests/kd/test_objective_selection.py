@@ -8,7 +8,7 @@ import torch
 from sekd.kd.objective import Selector, selective_kd_loss
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES, Draws
-from sekd.selection.signals import SIGNALS, score
+from sekd.selection.signals import SIGNALS, importance
 
 IGNORE = -100
 B, T, V = 3, 10, 8
@@ -77,7 +77,7 @@ def monte_carlo(s, t, y, policy, temperature=1.0, **opts):
 def weighted_kd(s, t, y, signal="student_entropy", power=1.0, temperature=1.0):
     """sum_t w_t l(t) / sum_t w_t per sequence, w = u^power, averaged over sequences (float64)."""
     valid = y != IGNORE
-    u = score(SIGNALS.get(signal), s, t, y, valid).double().masked_fill(~valid, 0.0).clamp_min(0) ** power
+    u = importance(SIGNALS.get(signal), s, t, y, valid).double().masked_fill(~valid, 0.0).clamp_min(0) ** power
     rows, cols = valid.nonzero(as_tuple=True)
     ell = torch.zeros(B, T, dtype=torch.float64)
     ell[rows, cols] = temperature**2 * CRITERIA.get("forward_kl")(s[rows, cols], t[rows, cols], y[rows, cols],
@@ -151,8 +151,8 @@ def test_objective_scores_at_the_kd_temperature():
     s, t, y = batch(7)
     out = selective_kd_loss(s, t, y, sel("top_k", "kl", k=0.3), lam=1.0, temperature=2.0)
     valid = y != IGNORE
-    assert torch.equal(out.u, score(SIGNALS.get("kl"), s, t, y, valid, temperature=2.0))
-    assert not torch.equal(out.u, score(SIGNALS.get("kl"), s, t, y, valid))
+    assert torch.equal(out.u, importance(SIGNALS.get("kl"), s, t, y, valid, temperature=2.0))
+    assert not torch.equal(out.u, importance(SIGNALS.get("kl"), s, t, y, valid))
 
 
 def test_gls_state_round_trips_through_the_selector():

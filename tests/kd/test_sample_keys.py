@@ -17,7 +17,7 @@ from sekd.kd.objective import selective_kd_loss
 from sekd.core.rng import PositionKeys, RowKeys
 from sekd.selection.classes import CLASSES
 from sekd.selection.policies import POLICIES
-from sekd.selection.signals import SIGNALS, score
+from sekd.selection.signals import SIGNALS, importance
 from sekd.core.tensors import IGNORE
 
 torch.set_num_threads(1)
@@ -74,12 +74,12 @@ def test_a_policy_draws_per_sample_whatever_the_batch(name):
 def test_the_random_signal_draws_per_sample():
     _, _, y = inputs()
     valid = y != IGNORE
-    whole = score(SIGNALS.get("random"), None, None, y, valid, keys=keys(IDX))
-    halves = torch.cat([score(SIGNALS.get("random"), None, None, y[p], valid[p], keys=keys(IDX[p])) for p in HALVES])
+    whole = importance(SIGNALS.get("random"), None, None, y, valid, keys=keys(IDX))
+    halves = torch.cat([importance(SIGNALS.get("random"), None, None, y[p], valid[p], keys=keys(IDX[p])) for p in HALVES])
     assert torch.equal(whole, halves)
     # a longer (padded) batch keeps each row's numbers at its own positions: a stream's prefix
     longer = torch.cat([y, torch.full((B, 5), IGNORE)], 1)
-    wide = score(SIGNALS.get("random"), None, None, longer, torch.cat([valid, torch.ones(B, 5, dtype=torch.bool)], 1),
+    wide = importance(SIGNALS.get("random"), None, None, longer, torch.cat([valid, torch.ones(B, 5, dtype=torch.bool)], 1),
                  keys=keys(IDX))
     assert torch.equal(wide[:, :T][valid], whole[valid])
 

@@ -1,4 +1,4 @@
-"""The sample-selection pre-pass across ranks (sekd/stores/sample_scores.py; issue 13): two real gloo processes share the
+"""The sample-selection pre-pass across ranks (sekd/stores/sample_importance.py; issue 13): two real gloo processes share the
 pre-pass (rank r scores the single process's batches r::world), gather every score, pick the same samples,
 and rank 0 alone writes a store file identical, byte for byte, to the one a single process writes."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from sekd.stores.sample_scores import select_samples, shard_batches
+from sekd.stores.sample_importance import select_samples, shard_batches
 from tests.selection.test_samples import SIGS, V, model
 
 NAME, BATCH = "ce_ratio", 5
@@ -44,7 +44,7 @@ def rank_main(rank: int, root: str) -> None:
     try:
         sel, calls = pick(Path(root) / "shared", Dist(rank=rank, world_size=2))
         (Path(root) / f"rank{rank}.json").write_text(json.dumps(
-            {"indices": sel.indices, "scores": sel.scores.tolist(), "calls": calls, "n_scored": sel.n_scored}))
+            {"indices": sel.indices, "scores": sel.importance.tolist(), "calls": calls, "n_scored": sel.n_scored}))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -63,7 +63,7 @@ def test_two_ranks_share_the_prepass_and_store_what_one_process_stores(tmp_path)
     assert one_calls == [5, 5, 2]
     assert ranks[0]["calls"] == [5, 2] and ranks[1]["calls"] == [5]  # batches 0, 2 and batch 1
     for r in ranks:
-        assert r["indices"] == one.indices and r["scores"] == one.scores.tolist() and r["n_scored"] == 12
+        assert r["indices"] == one.indices and r["scores"] == one.importance.tolist() and r["n_scored"] == 12
     single, shared = sorted((tmp_path / "single").glob("*.json")), sorted((tmp_path / "shared").glob("*.json"))
     assert [p.name for p in single] == [p.name for p in shared] and len(single) == 1
     assert single[0].read_bytes() == shared[0].read_bytes()

@@ -1,5 +1,5 @@
 """Sample selection (docs/method.md §7): U_i against float64 references, exact budgets, seeded random, the
-score store's reuse (docs/method.md §13), and a contract over every SAMPLERS entry."""
+score store's reuse (docs/method.md §13), and a contract over every SAMPLE_SELECTORS entry."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.stores.sample_scores import select_samples, store_fields, store_path
-from sekd.selection.samples import SAMPLERS, sample_budget, top_samples
+from sekd.stores.sample_importance import select_samples, store_fields, store_path
+from sekd.selection.samples import SAMPLE_SELECTORS, sample_budget, top_samples
 
 N, L, V, V_HEAD = 12, 10, 37, 40  # the heads carry 3 padding rows that `vocab` cuts away
 SPEC = {"hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64}
@@ -119,7 +119,7 @@ def reference_U(name, data, models, T=1.0) -> np.ndarray:
 def test_scores_match_reference_and_keep_the_largest(name, T, l, data, models):
     sel = run(name, data, models, l=l, temperature=T)
     ref = reference_U(name, data, models, T)
-    got = sel.scores.double().numpy()
+    got = sel.importance.double().numpy()
     assert np.isneginf(got[4]) and np.isneginf(ref[4])  # no valid position: never preferred
     np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-4, atol=1e-5)
     n_keep = math.floor(l * N)
@@ -127,7 +127,7 @@ def test_scores_match_reference_and_keep_the_largest(name, T, l, data, models):
     assert sel.indices == sorted(np.argsort(-ref, kind="stable")[:n_keep].tolist())
     assert min(got[sel.indices]) > max(np.delete(got, sel.indices))
     assert sel.prepass_seconds > 0 and not sel.reused and sel.n_scored == N
-    needs_teacher = SAMPLERS.get(name).needs_teacher
+    needs_teacher = SAMPLE_SELECTORS.get(name).needs_teacher
     assert sel.forward_tokens == {"student": N * L, "teacher": N * L if needs_teacher else 0}
     assert models[3].calls == (3 if needs_teacher else 0)  # ceil(12 / 5) batches
 
@@ -137,7 +137,7 @@ def test_prepass_restores_train_flags_and_takes_no_gradient(data, models):
     s.train(), t.eval()
     sel = run("kl", data, models)
     assert s.training and not t.training
-    assert not sel.scores.requires_grad and all(p.grad is None for p in s.parameters())
+    assert not sel.importance.requires_grad and all(p.grad is None for p in s.parameters())
     s.eval()
 
 
@@ -162,10 +162,10 @@ def test_random_is_seeded_sized_and_needs_no_model(data):
     others = [select_samples("random", data, l=0.5, seed=s).indices for s in range(2, 7)]
     assert a.indices == b.indices and len(a.indices) == 6
     assert any(o != a.indices for o in others)
-    assert a.scores is None and a.prepass_seconds == 0 and a.forward_tokens == {"student": 0, "teacher": 0}
+    assert a.importance is None and a.prepass_seconds == 0 and a.forward_tokens == {"student": 0, "teacher": 0}
 
 
-@pytest.mark.parametrize("name", SAMPLERS.names())
+@pytest.mark.parametrize("name", SAMPLE_SELECTORS.names())
 def test_l_one_keeps_all_without_a_prepass(name, data, models):
     sel = run(name, data, models, l=1.0)
     assert sel.indices == list(range(N)) and sel.prepass_seconds == 0 and models[2].calls == 0
@@ -198,18 +198,18 @@ def test_scores_are_reused_by_key_and_by_sample(name, data, models, tmp_path):
     cs, ct = models[2:]
     first = run(name, data, models, store_dir=tmp_path, **SIGS)
     assert first.n_scored == N and cs.calls == 3 and not first.reused
-    path = store_path(tmp_path, store_fields(SAMPLERS.get(name), vocab=V, temperature=1.0, **SIGS))
+    path = store_path(tmp_path, store_fields(SAMPLE_SELECTORS.get(name), vocab=V, temperature=1.0, **SIGS))
     table = stored(path)
     assert set(table) == set(data.sample_ids) and table[data.sample_ids[4]] is None
 
     again = run(name, data, models, store_dir=tmp_path, **SIGS)  # Table 7's "reuse" row
     assert cs.calls == 0 and ct.calls == 0 and again.reused and again.prepass_seconds == 0
     assert again.forward_tokens == {"student": 0, "teacher": 0} and again.n_scored == 0
-    assert again.indices == first.indices and torch.equal(again.scores, first.scores)
+    assert again.indices == first.indices and torch.equal(again.importance, first.importance)
 
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:7]
     sub = run(name, data.subset(perm), models, store_dir=tmp_path, l=0.5, **SIGS)  # another order, fewer
-    assert cs.calls == 0 and sub.reused and torch.equal(sub.scores, first.scores[perm])
+    assert cs.calls == 0 and sub.reused and torch.equal(sub.importance, first.importance[perm])
 
     other = run(name, data, models, store_dir=tmp_path, **{**SIGS, "student_sig": "student-b"})
     assert cs.calls == 3 and not other.reused and other.n_scored == N
@@ -227,10 +227,10 @@ def test_a_partial_store_scores_only_the_missing_samples(data, models, tmp_path)
         h.remove()
     assert full.n_scored == N - 5 and not full.reused and sum(tokens) == (N - 5) * L
     assert full.forward_tokens == {"student": (N - 5) * L, "teacher": (N - 5) * L}
-    path = store_path(tmp_path, store_fields(SAMPLERS.get("kl"), vocab=V, temperature=1.0, **SIGS))
+    path = store_path(tmp_path, store_fields(SAMPLE_SELECTORS.get("kl"), vocab=V, temperature=1.0, **SIGS))
     assert set(stored(path)) == set(data.sample_ids)
     fresh = run("kl", data, models)  # no store: every sample scored in one pass
-    torch.testing.assert_close(full.scores, fresh.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.importance, fresh.importance, rtol=1e-5, atol=1e-6)
     assert full.indices == fresh.indices
 
 
@@ -257,15 +257,15 @@ def test_a_store_written_for_other_fields_is_refused(data, models, tmp_path):
 # ---- contract over every entry ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", SAMPLERS.names())
+@pytest.mark.parametrize("name", SAMPLE_SELECTORS.names())
 def test_contract(name, data, models, tmp_path):
-    smp = SAMPLERS.get(name)
+    selector = SAMPLE_SELECTORS.get(name)
     sel = run(name, data, models, l=0.4, store_dir=tmp_path, **SIGS)
     assert sel.indices == sorted(set(sel.indices)) and all(isinstance(i, int) for i in sel.indices)
     assert all(0 <= i < N for i in sel.indices)
     assert len(sel.indices) == (N if name == "all" else math.floor(0.4 * N))
-    assert (sel.scores is None) == (smp.signal is None)
-    if sel.scores is not None:
-        assert sel.scores.shape == (N,) and sel.scores.dtype == torch.float32
-    assert (models[2].calls > 0) == smp.needs_student and (models[3].calls > 0) == smp.needs_teacher
+    assert (sel.importance is None) == (selector.signal is None)
+    if sel.importance is not None:
+        assert sel.importance.shape == (N,) and sel.importance.dtype == torch.float32
+    assert (models[2].calls > 0) == selector.needs_student and (models[3].calls > 0) == selector.needs_teacher
     assert run(name, data, models, l=0.4, store_dir=tmp_path, **SIGS).indices == sel.indices  # deterministic

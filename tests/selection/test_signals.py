@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sekd.selection.signals import SIGNALS, score, score_terms
+from sekd.selection.signals import SIGNALS, importance, importance_terms
 
 IGNORE = -100
 B, T, V = 3, 9, 13
@@ -91,7 +91,7 @@ def test_every_signal_has_a_reference_and_the_spec_flags():
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_signal_matches_float64_reference(name, temperature):
     s, t, y, valid = batch()
-    u = score(SIGNALS.get(name), s, t, y, valid, temperature=temperature)
+    u = importance(SIGNALS.get(name), s, t, y, valid, temperature=temperature)
     ref = reference_u(REFERENCE[name], s, t, y, valid, temperature)
     assert u.dtype == torch.float32 and u.shape == (B, T)
     assert torch.isneginf(u[~valid]).all()
@@ -101,10 +101,10 @@ def test_signal_matches_float64_reference(name, temperature):
 def test_entropies_ignore_temperature_divergences_do_not():
     s, t, y, valid = batch(1)
     for name in ("student_entropy", "teacher_entropy"):
-        assert torch.equal(score(SIGNALS.get(name), s, t, y, valid, temperature=3.0),
-                           score(SIGNALS.get(name), s, t, y, valid))
-    kl1 = score(SIGNALS.get("kl"), s, t, y, valid)
-    kl3 = score(SIGNALS.get("kl"), s, t, y, valid, temperature=3.0)
+        assert torch.equal(importance(SIGNALS.get(name), s, t, y, valid, temperature=3.0),
+                           importance(SIGNALS.get(name), s, t, y, valid))
+    kl1 = importance(SIGNALS.get("kl"), s, t, y, valid)
+    kl3 = importance(SIGNALS.get("kl"), s, t, y, valid, temperature=3.0)
     assert not torch.allclose(kl1[valid], kl3[valid])
 
 
@@ -112,7 +112,7 @@ def test_entropies_ignore_temperature_divergences_do_not():
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_combined_signal_normalizes_each_term_per_sequence(name, how):
     s, t, y, valid = batch(2)
-    u = score(SIGNALS.get(name), s, t, y, valid, normalization=how)
+    u = importance(SIGNALS.get(name), s, t, y, valid, normalization=how)
     expect = np.zeros((B, T))
     for fn in TERMS[name]:
         x = reference_u(fn, s, t, y, valid, 1.0)
@@ -134,18 +134,18 @@ def test_combined_signal_normalizes_each_term_per_sequence(name, how):
 def test_plain_sum_is_the_default():
     s, t, y, valid = batch(3)
     sig = SIGNALS.get("kl_plus_student_entropy")
-    both = score(sig, s, t, y, valid)
-    parts = score(SIGNALS.get("kl"), s, t, y, valid) + score(SIGNALS.get("student_entropy"), s, t, y, valid)
+    both = importance(sig, s, t, y, valid)
+    parts = importance(SIGNALS.get("kl"), s, t, y, valid) + importance(SIGNALS.get("student_entropy"), s, t, y, valid)
     torch.testing.assert_close(both[valid], parts[valid])
 
 
 def test_ce_ratio_plus_entropy_scales_entropy_by_log_vocab():
     """The paper's form adds H(q_t) / ln|V| (in [0, 1]); the _unscaled variant adds H(q_t)."""
     s, t, y, valid = batch(5)
-    ratio = score(SIGNALS.get("ce_ratio"), s, t, y, valid)[valid]
-    ent = score(SIGNALS.get("student_entropy"), s, t, y, valid)[valid]
-    paper = score(SIGNALS.get("ce_ratio_plus_student_entropy"), s, t, y, valid)[valid]
-    plain = score(SIGNALS.get("ce_ratio_plus_student_entropy_unscaled"), s, t, y, valid)[valid]
+    ratio = importance(SIGNALS.get("ce_ratio"), s, t, y, valid)[valid]
+    ent = importance(SIGNALS.get("student_entropy"), s, t, y, valid)[valid]
+    paper = importance(SIGNALS.get("ce_ratio_plus_student_entropy"), s, t, y, valid)[valid]
+    plain = importance(SIGNALS.get("ce_ratio_plus_student_entropy_unscaled"), s, t, y, valid)[valid]
     torch.testing.assert_close(paper - ratio, ent / math.log(V))
     torch.testing.assert_close(plain - ratio, ent)
     assert ((paper - ratio) <= 1 + 1e-6).all()
@@ -155,7 +155,7 @@ def test_ce_ratio_plus_entropy_scales_entropy_by_log_vocab():
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
 def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
     """The chunked flow scores chunks of positions; |V| is the head's cut vocabulary in every chunk."""
-    from sekd.kd.flows import Head, chunked_score
+    from sekd.kd.flows import Head, chunked_importance
     from sekd.kd.objective import Selector
     from sekd.selection.criteria import forward_kl
     from sekd.selection.policies import POLICIES
@@ -167,9 +167,9 @@ def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
     teacher = Head(torch.randn(V + pad, d, generator=g), None, V)
     _, _, y, valid = batch(6)
     sel = Selector(SIGNALS.get(name), POLICIES.build("top_k", k=0.5), forward_kl)
-    chunked = chunked_score(sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0,
+    chunked = chunked_importance(sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0,
                             chunk_size=chunk_size)
-    dense = score(SIGNALS.get(name), student(h_s), teacher(h_t), y, valid)
+    dense = importance(SIGNALS.get(name), student(h_s), teacher(h_t), y, valid)
     ref = reference_u(REFERENCE[name], student(h_s).detach(), teacher(h_t), y, valid, 1.0)
     torch.testing.assert_close(chunked, dense)
     np.testing.assert_allclose(chunked[valid].double().numpy(), ref[valid.numpy()], rtol=1e-5, atol=1e-5)
@@ -178,31 +178,31 @@ def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
 def test_unknown_normalization_fails():
     s, t, y, valid = batch()
     with pytest.raises(ValueError, match="normalization"):
-        score(SIGNALS.get("student_entropy"), s, t, y, valid, normalization="softmax")
+        importance(SIGNALS.get("student_entropy"), s, t, y, valid, normalization="softmax")
 
 
 @pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if need])
 def test_teacher_signals_need_teacher_logits(name):
     s, t, y, valid = batch()
     with pytest.raises(ValueError, match="teacher"):
-        score(SIGNALS.get(name), s, None, y, valid)
+        importance(SIGNALS.get(name), s, None, y, valid)
 
 
 @pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if not need])
 def test_teacher_free_signals_run_without_teacher(name):
     s, t, y, valid = batch()
     g = torch.Generator().manual_seed(0)
-    with_t = score(SIGNALS.get(name), s, t, y, valid, generator=g)
+    with_t = importance(SIGNALS.get(name), s, t, y, valid, generator=g)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(with_t, score(SIGNALS.get(name), s, None, y, valid, generator=g))
+    assert torch.equal(with_t, importance(SIGNALS.get(name), s, None, y, valid, generator=g))
 
 
 def test_random_signal_is_uniform_and_seeded():
     s, t, y, valid = batch()
     sig = SIGNALS.get("random")
-    u1 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
-    u2 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
-    u3 = score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(8))
+    u1 = importance(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
+    u2 = importance(sig, s, t, y, valid, generator=torch.Generator().manual_seed(7))
+    u3 = importance(sig, s, t, y, valid, generator=torch.Generator().manual_seed(8))
     assert torch.equal(u1, u2) and not torch.equal(u1[valid], u3[valid])
     assert ((u1[valid] >= 0) & (u1[valid] < 1)).all() and torch.isneginf(u1[~valid]).all()
 
@@ -210,9 +210,9 @@ def test_random_signal_is_uniform_and_seeded():
 def test_score_terms_on_flat_positions():
     s, t, y, valid = batch()
     r, c = valid.nonzero(as_tuple=True)
-    x = score_terms(SIGNALS.get("kl_plus_student_entropy"), s[r, c], t[r, c], y[r, c])
+    x = importance_terms(SIGNALS.get("kl_plus_student_entropy"), s[r, c], t[r, c], y[r, c])
     assert x.shape == (2, r.numel())
-    torch.testing.assert_close(x.sum(0), score(SIGNALS.get("kl_plus_student_entropy"), s, t, y, valid)[valid])
+    torch.testing.assert_close(x.sum(0), importance(SIGNALS.get("kl_plus_student_entropy"), s, t, y, valid)[valid])
 
 
 # ---- contract over every registry entry -----------------------------------------------------
@@ -224,7 +224,7 @@ def test_signal_contract(name, normalization):
     s, t, y, valid = batch(4)
     s.requires_grad_(True)
     sig = SIGNALS.get(name)
-    run = lambda seed: score(sig, s, t, y, valid, generator=torch.Generator().manual_seed(seed),  # noqa: E731
+    run = lambda seed: importance(sig, s, t, y, valid, generator=torch.Generator().manual_seed(seed),  # noqa: E731
                              normalization=normalization, temperature=1.5)
     u = run(0)
     assert u.shape == (B, T) and u.dtype == torch.float32 and not u.requires_grad

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from sekd.core.artifacts import content_key, lock
 from sekd.data.packing import PackedData
 from sekd.core.files import atomic_write_json
-from sekd.selection.samples import SAMPLERS, Sampler, mean_signal, random_samples, sample_budget, top_samples
+from sekd.selection.samples import SAMPLE_SELECTORS, SampleSelector, mean_signal, random_samples, sample_budget, top_samples
 
 STORE_FORMAT = 1  # bump when the store's layout or the meaning of U_i changes
 
@@ -45,7 +45,7 @@ class SampleSelection:
     """Kept sample indices (ascending) into the data, U_i [N] (None without a pre-pass), and its cost."""
 
     indices: list[int]
-    scores: Tensor | None = None
+    importance: Tensor | None = None  # U_i
     prepass_seconds: float = 0.0
     reused: bool = False  # every score came from the store: no forward pass ran
     forward_tokens: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
@@ -106,7 +106,7 @@ class _Frozen:
 
 
 @torch.no_grad()
-def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
+def prepass(selector: SampleSelector, data: PackedData, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
             batch_size: int = 16, device: str | torch.device = "cpu", vocab: int | None = None,
             temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
@@ -115,13 +115,13 @@ def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: t
     U = torch.empty(len(data), dtype=torch.float32)
     kind = torch.device(device).type
     with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
-        for lo in tqdm(range(0, len(data), batch_size), desc=f"score samples ({smp.name})", leave=False,
+        for lo in tqdm(range(0, len(data), batch_size), desc=f"score samples ({selector.name})", leave=False,
                        unit="batch"):
             x = data.input_ids[lo:lo + batch_size].to(device)  # [B,T]
             y = data.labels[lo:lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
             s = _logits(student, x, vocab)  # [B,T,V]
-            t = _logits(teacher, x, vocab) if smp.needs_teacher else None  # [B,T,V]
-            U[lo:lo + batch_size] = mean_signal(smp.signal, s, t, y, temperature=temperature).cpu()
+            t = _logits(teacher, x, vocab) if selector.needs_teacher else None  # [B,T,V]
+            U[lo:lo + batch_size] = mean_signal(selector.signal, s, t, y, temperature=temperature).cpu()
     return U
 
 
@@ -131,20 +131,20 @@ def prepass(smp: Sampler, data: PackedData, student: torch.nn.Module, teacher: t
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def store_fields(smp: Sampler, *, student_sig: str, teacher_sig: str, tokenizer_sig: str,
+def store_fields(selector: SampleSelector, *, student_sig: str, teacher_sig: str, tokenizer_sig: str,
                  vocab: int | None, temperature: float, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Everything U_i depends on besides the sample itself (hashed into the store key)."""
-    needed = {"student_sig": (smp.needs_student, student_sig), "teacher_sig": (smp.needs_teacher, teacher_sig),
+    needed = {"student_sig": (selector.needs_student, student_sig), "teacher_sig": (selector.needs_teacher, teacher_sig),
               "tokenizer_sig": (True, tokenizer_sig)}
     missing = [k for k, (used, v) in needed.items() if used and not v]
     if missing:  # an empty signature would let different models share one store
-        raise ValueError(f"sample selector {smp.name!r} stores scores; give {', '.join(missing)}")
-    fields: dict[str, Any] = {"format": STORE_FORMAT, "sampler": smp.name, "signal": smp.signal,
+        raise ValueError(f"sample selector {selector.name!r} stores scores; give {', '.join(missing)}")
+    fields: dict[str, Any] = {"format": STORE_FORMAT, "sampler": selector.name, "signal": selector.signal,
                               "student_sig": student_sig, "tokenizer_sig": tokenizer_sig, "vocab": vocab,
                               "dtype": DTYPE_NAMES[dtype]}  # bf16 scores are not fp32 scores
-    if smp.needs_teacher:
+    if selector.needs_teacher:
         fields["teacher_sig"] = teacher_sig
-    if smp.uses_temperature:
+    if selector.uses_temperature:
         fields["temperature"] = float(temperature)
     return fields
 
@@ -154,7 +154,7 @@ def store_path(store_dir: Path, fields: dict[str, Any]) -> Path:
     return Path(store_dir) / f"{fields['sampler']}-{content_key(fields)}.json"
 
 
-def load_scores(path: Path, fields: dict[str, Any]) -> dict[str, float]:
+def load_importance(path: Path, fields: dict[str, Any]) -> dict[str, float]:
     """sample_id -> U_i from a store file ({} when absent); refuses a file written for other fields."""
     if not path.exists():
         return {}
@@ -164,7 +164,7 @@ def load_scores(path: Path, fields: dict[str, Any]) -> dict[str, float]:
     return {k: float("-inf") if v is None else float(v) for k, v in blob["scores"].items()}
 
 
-def save_scores(path: Path, fields: dict[str, Any], scores: dict[str, float]) -> None:
+def save_importance(path: Path, fields: dict[str, Any], scores: dict[str, float]) -> None:
     """Atomic write; -inf (no valid position) as null, since JSON has no infinities."""
     out = {k: None if math.isinf(v) else v for k, v in sorted(scores.items())}
     atomic_write_json(path, {"format": STORE_FORMAT, "fields": fields, "scores": out})
@@ -173,13 +173,13 @@ def save_scores(path: Path, fields: dict[str, Any], scores: dict[str, float]) ->
 # ---- selection ---------------------------------------------------------------------------------
 
 
-def sample_scores(smp: Sampler, data: PackedData, *, student: torch.nn.Module, teacher: torch.nn.Module | None,
+def sample_importance(selector: SampleSelector, data: PackedData, *, student: torch.nn.Module, teacher: torch.nn.Module | None,
                   fields: dict[str, Any] | None, store_dir: Path | None, dist: Ranks | None = None,
                   **run: Any) -> SampleSelection:
     """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
     dist = dist or OneProcess()
     if store_dir is None:
-        return _score_missing(smp, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
+        return _score_missing(selector, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
     path = store_path(store_dir, fields)
     main = dist.rank == 0
     if main:
@@ -190,16 +190,16 @@ def sample_scores(smp: Sampler, data: PackedData, *, student: torch.nn.Module, t
         got = None
         if main:
             try:
-                got = (load_scores(path, fields), None)
+                got = (load_importance(path, fields), None)
             except ValueError as e:  # every rank stops with rank 0's one line
                 got = (None, str(e))
         stored, error = from_main(dist, got)
         if error is not None:
             raise ValueError(error)
         missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
-        out = _score_missing(smp, data, missing, stored, student, teacher, dist=dist, **run)
+        out = _score_missing(selector, data, missing, stored, student, teacher, dist=dist, **run)
         if missing and main:
-            save_scores(path, fields, stored)
+            save_importance(path, fields, stored)
     return out
 
 
@@ -210,7 +210,7 @@ def shard_batches(missing: list[int], batch_size: int, rank: int, world_size: in
     return [i for b in batches[rank::world_size] for i in b]
 
 
-def _score_missing(smp: Sampler, data: PackedData, missing: list[int], stored: dict[str, float],
+def _score_missing(selector: SampleSelector, data: PackedData, missing: list[int], stored: dict[str, float],
                    student: torch.nn.Module, teacher: torch.nn.Module | None, *, dist: Ranks,
                    **run: Any) -> SampleSelection:
     """Runs the pre-pass over `missing` only (this rank's share), gathers every rank's scores into
@@ -219,15 +219,15 @@ def _score_missing(smp: Sampler, data: PackedData, missing: list[int], stored: d
     if missing:
         t0 = time.perf_counter()
         mine = shard_batches(missing, int(run.get("batch_size", 16)), dist.rank, dist.world_size)
-        U_mine = prepass(smp, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
+        U_mine = prepass(selector, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
         seconds = time.perf_counter() - t0
         for part in dist.all_gather_objects(list(zip(mine, U_mine.tolist()))):  # every rank's, in rank order
             stored.update({data.sample_ids[i]: u for i, u in part})
     U = torch.tensor([stored[sid] for sid in data.sample_ids], dtype=torch.float32)
     tokens = len(missing) * data.seq_len
     return SampleSelection([], U, seconds, reused=not missing, n_scored=len(missing),
-                           forward_tokens={"student": tokens if smp.needs_student else 0,
-                                           "teacher": tokens if smp.needs_teacher else 0})
+                           forward_tokens={"student": tokens if selector.needs_student else 0,
+                                           "teacher": tokens if selector.needs_teacher else 0})
 
 
 def select_samples(
@@ -251,20 +251,20 @@ def select_samples(
 ) -> SampleSelection:
     """The samples training iterates over (docs/method.md §7): floor(l * N) of them (all for `all` or l = 1).
     `dist`: the ranks that share the pre-pass (one process when None); every rank gets the same selection."""
-    smp = SAMPLERS.get(name)
+    selector = SAMPLE_SELECTORS.get(name)
     n, n_keep = len(data), sample_budget(len(data), l)
-    if smp.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost
-        keep = random_samples(n, n_keep, seed) if smp.random else list(range(n))
+    if selector.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost
+        keep = random_samples(n, n_keep, seed) if selector.random else list(range(n))
         return SampleSelection(keep)
-    for role, model, needed in (("student", student, smp.needs_student), ("teacher", teacher, smp.needs_teacher)):
+    for role, model, needed in (("student", student, selector.needs_student), ("teacher", teacher, selector.needs_teacher)):
         if needed and model is None:
             raise ValueError(f"sample selector {name!r} needs the {role} for its pre-pass")
     fields = None
     if store_dir is not None:
-        fields = store_fields(smp, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
+        fields = store_fields(selector, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
                               vocab=vocab, temperature=temperature, dtype=dtype)
-    sel = sample_scores(smp, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
+    sel = sample_importance(selector, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
                         batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dtype=dtype,
                         dist=dist)
-    sel.indices = top_samples(sel.scores, n_keep)
+    sel.indices = top_samples(sel.importance, n_keep)
     return sel
