@@ -39,6 +39,7 @@ test-fast: install
 # pyflakes-level lint (pyproject.toml [tool.ruff]); CI runs it before the tests
 lint: install
 	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests
+	$(BIN)/ruff format --check sekd hydra_plugins analysis benchmarks tests
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them

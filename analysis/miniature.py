@@ -11,6 +11,7 @@ Reads records only (sekd.report.results's loader) and the Full KD runs' metrics.
     python -m analysis.miniature outputs/miniature --out docs --pretrain .sekd_cache
         # docs/miniature_pretrain.png: the held-out loss of each pair pretrained with keep=best_validation
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,25 @@ from sekd.report import tables
 from sekd.report.results import load_records
 
 # short name -> the flattened column of record.json it copies
-COLUMNS = {"train_steps": "config.train.steps", "student_steps": "config.model.embedded.student.steps",
-           "student_hidden": "config.model.embedded.student.hidden_size",
-           "teacher_steps": "config.model.embedded.teacher.steps",
-           "teacher_hidden": "config.model.embedded.teacher.hidden_size", "lr": "config.train.lr"}
+COLUMNS = {
+    "train_steps": "config.train.steps",
+    "student_steps": "config.model.embedded.student.steps",
+    "student_hidden": "config.model.embedded.student.hidden_size",
+    "teacher_steps": "config.model.embedded.teacher.steps",
+    "teacher_hidden": "config.model.embedded.teacher.hidden_size",
+    "lr": "config.train.lr",
+}
 DEFAULT_PAIR = {"teacher_steps": 500, "student_steps": 300, "student_hidden": 64}  # conf/model/embedded.yaml's
 PAIR = list(DEFAULT_PAIR)  # what tells the pretrained pairs apart
 METHOD_ORDER = ["student", "full_kd", "random_pos", "se_kd", "se_kd3x", "teacher"]
-LABELS = {"student": "Student (no distillation)", "teacher": "Teacher", "full_kd": "Full KD",
-          "random_pos": "RandomPos 20%", "se_kd": "SE-KD", "se_kd3x": "SE-KD3X"}
+LABELS = {
+    "student": "Student (no distillation)",
+    "teacher": "Teacher",
+    "full_kd": "Full KD",
+    "random_pos": "RandomPos 20%",
+    "se_kd": "SE-KD",
+    "se_kd3x": "SE-KD3X",
+}
 METRICS = ("acc", "ppl")
 
 
@@ -115,14 +126,17 @@ def heldout_kd(run_dir: str | Path, cfg: dict, split: str = "validation", batch_
     tok_dir = tokenizer(cache / "embedded", emb["vocab_size"])  # both cached by the run: looked up, not rebuilt
     teacher_dir = pretrained_model(cache / "embedded", "teacher", tok_dir, emb["teacher"], emb["seq_len"], emb["seed"])
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    data = build_packed("embedded", split, tok, seq_len=cfg["data"]["seq_len"], token_budget=None,
-                        artifacts_dir=cache / "data")
-    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-              for d in (teacher_dir, Path(run_dir) / "model")]
+    data = build_packed(
+        "embedded", split, tok, seq_len=cfg["data"]["seq_len"], token_budget=None, artifacts_dir=cache / "data"
+    )
+    models = [
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        for d in (teacher_dir, Path(run_dir) / "model")
+    ]
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data.input_ids), batch_size):
-            x, y = data.input_ids[i:i + batch_size], data.labels[i:i + batch_size]
+            x, y = data.input_ids[i : i + batch_size], data.labels[i : i + batch_size]
             t, st = (m(input_ids=x).logits.log_softmax(-1) for m in models)
             kl = (t.exp() * (t - st)).sum(-1)
             keep = y != -100
@@ -139,8 +153,14 @@ def heldout_curve(df: pd.DataFrame, preset: str = "full_kd") -> pd.DataFrame:
         if not (rec / "model").exists() or not cfgs:
             continue
         cfg = json.loads(cfgs[0].read_text())["config"]
-        rows.append({**{k: r[k] for k in PAIR}, "train_steps": r["train_steps"], "seed": r["seed"],
-                     "heldout_kd": heldout_kd(rec, cfg)})
+        rows.append(
+            {
+                **{k: r[k] for k in PAIR},
+                "train_steps": r["train_steps"],
+                "seed": r["seed"],
+                "heldout_kd": heldout_kd(rec, cfg),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -162,11 +182,21 @@ def plot_steps(table: pd.DataFrame, path: Path) -> Path:
     for ax, metric in zip(axes, METRICS):
         for preset, part in table.groupby("preset", sort=False):
             if preset in ("student", "teacher"):
-                ax.axhline(part[f"{metric}_mean"].iloc[0], ls="--", color="gray" if preset == "student" else "k",
-                           label=LABELS.get(preset, preset))
+                ax.axhline(
+                    part[f"{metric}_mean"].iloc[0],
+                    ls="--",
+                    color="gray" if preset == "student" else "k",
+                    label=LABELS.get(preset, preset),
+                )
                 continue
-            ax.errorbar(part["train_steps"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0),
-                        marker="o", capsize=3, label=LABELS.get(preset, preset))
+            ax.errorbar(
+                part["train_steps"],
+                part[f"{metric}_mean"],
+                yerr=part[f"{metric}_std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=LABELS.get(preset, preset),
+            )
         ax.set_xscale("log")
         ax.set_xlabel("distillation optimizer steps (16 sequences each)")
         ax.set_ylabel({"acc": "Acc. (higher is better)", "ppl": "PPL (lower is better)"}[metric])
@@ -198,8 +228,13 @@ def plot_loss(curves: pd.DataFrame, path: Path, heldout: pd.DataFrame | None = N
     ax.set_title("lines: training loss; points: the same on the validation split", fontsize=9)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"Full KD training loss (forward KL, mean of {window} logs)")
-    ax.legend(fontsize=8, title="T: teacher pretraining steps; S: student's, h: its width", title_fontsize=8,
-              loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(
+        fontsize=8,
+        title="T: teacher pretraining steps; S: student's, h: its width",
+        title_fontsize=8,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+    )
     fig.tight_layout()
     return save(fig, path)
 
@@ -221,14 +256,20 @@ def plot_sizes(table: pd.DataFrame, path: Path) -> Path:
         for i, preset in enumerate(presets):
             part = table[table["preset"].eq(preset)].merge(specs.reset_index(), on=PAIR)
             ax.bar(part["index"] + i * width, part[f"{metric}_mean"], width, label=LABELS.get(preset, preset))
-        ax.set_xticks(specs.index + width * (len(presets) - 1) / 2,
-                      [pair_name(k, short=True) for k in specs.itertuples(index=False)], fontsize=8)
+        ax.set_xticks(
+            specs.index + width * (len(presets) - 1) / 2,
+            [pair_name(k, short=True) for k in specs.itertuples(index=False)],
+            fontsize=8,
+        )
         ax.set_ylabel({"acc": "Acc. (higher is better)", "ppl": "PPL (lower is better)"}[metric])
         if metric == "ppl":
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Pretrained pairs (T: teacher pretraining steps; S: student's, and its width h): "
-                 "methods at 300 distillation steps", fontsize=10)
+    fig.suptitle(
+        "Pretrained pairs (T: teacher pretraining steps; S: student's, and its width h): "
+        "methods at 300 distillation steps",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save(fig, path)
 
@@ -241,8 +282,11 @@ def pretrain_curves(cache: str | Path) -> pd.DataFrame:
         spec = json.loads((curve_file.parent / "inputs.json").read_text())
         curve = pd.DataFrame(json.loads(curve_file.read_text()))
         kept = int(curve.loc[curve["val_loss"].idxmin(), "step"])
-        rows.append(curve.assign(role=spec["role"], schedule=spec["spec"]["steps"],
-                                 hidden=spec["spec"]["hidden_size"], kept=kept))
+        rows.append(
+            curve.assign(
+                role=spec["role"], schedule=spec["spec"]["steps"], hidden=spec["spec"]["hidden_size"], kept=kept
+            )
+        )
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
@@ -257,7 +301,7 @@ def plot_pretrain(curves: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for (role, schedule, hidden), part in curves.groupby(["role", "schedule", "hidden"], sort=False):
         name = f"{role} (h{hidden}, {schedule}-step schedule)"
-        line, = ax.plot(part["step"], part["val_loss"], marker=".", label=f"{name}: held-out")
+        (line,) = ax.plot(part["step"], part["val_loss"], marker=".", label=f"{name}: held-out")
         ax.plot(part["step"], part["train_loss"], ls=":", color=line.get_color(), label=f"{name}: train batch")
         kept = part[part["step"] == part["kept"]]
         ax.scatter(kept["step"], kept["val_loss"], s=80, facecolors="none", edgecolors="k", zorder=3)
@@ -295,12 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("folders", nargs="+", help="folders holding the miniature sweeps' runs")
     ap.add_argument("--out", type=Path, default=None, help="write the PNGs here")
     ap.add_argument("--csv", type=Path, default=None, help="write miniature_steps.csv and miniature_sizes.csv here")
-    ap.add_argument("--heldout", action="store_true",
-                    help="also measure each Full KD run's KD loss on the validation split (loads the models)")
-    ap.add_argument("--pretrain", type=Path, default=None,
-                    help="a cache folder (paths.cache): plot its pairs' pretraining curves into --out")
-    ap.add_argument("--spearman", action="append", choices=("T2", "T3", "T4"), default=[],
-                    help="print the table's Spearman rank correlation with the paper's Acc. (repeatable)")
+    ap.add_argument(
+        "--heldout",
+        action="store_true",
+        help="also measure each Full KD run's KD loss on the validation split (loads the models)",
+    )
+    ap.add_argument(
+        "--pretrain",
+        type=Path,
+        default=None,
+        help="a cache folder (paths.cache): plot its pairs' pretraining curves into --out",
+    )
+    ap.add_argument(
+        "--spearman",
+        action="append",
+        choices=("T2", "T3", "T4"),
+        default=[],
+        help="print the table's Spearman rank correlation with the paper's Acc. (repeatable)",
+    )
     args = ap.parse_args(argv)
     df = runs(args.folders)
     if df.empty:
@@ -330,17 +386,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pretrain:
             pretrain = pretrain_curves(args.pretrain)
             if pretrain.empty:
-                print(f"python -m analysis.miniature: no pretraining curve under {args.pretrain}/embedded",
-                      file=sys.stderr)
+                print(
+                    f"python -m analysis.miniature: no pretraining curve under {args.pretrain}/embedded",
+                    file=sys.stderr,
+                )
                 return 1
-            print(pretrain.groupby(["role", "schedule", "hidden"])[["kept"]].first().assign(
-                val_loss=pretrain[pretrain["step"] == pretrain["kept"]].groupby(
-                    ["role", "schedule", "hidden"])["val_loss"].first()).to_markdown(floatfmt=".3f"))
+            print(
+                pretrain.groupby(["role", "schedule", "hidden"])[["kept"]]
+                .first()
+                .assign(
+                    val_loss=pretrain[pretrain["step"] == pretrain["kept"]]
+                    .groupby(["role", "schedule", "hidden"])["val_loss"]
+                    .first()
+                )
+                .to_markdown(floatfmt=".3f")
+            )
             plot_pretrain(pretrain, args.out / "miniature_pretrain.png")
     for table in args.spearman:
         r = spearman_vs_paper(df, table)
-        print(f"{table}: Spearman rho of Acc. vs the paper's = {r['mean']:.2f} ± {r['std']:.2f} "
-              f"over {r['seeds']} seeds, {r['rows']} distilled rows")
+        print(
+            f"{table}: Spearman rho of Acc. vs the paper's = {r['mean']:.2f} ± {r['std']:.2f} "
+            f"over {r['seeds']} seeds, {r['rows']} distilled rows"
+        )
     return 0
 
 

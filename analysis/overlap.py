@@ -7,6 +7,7 @@ ceil(k * n_valid) per sequence (docs/method.md §5). For two signals a, b with s
 
     python -m analysis.overlap --model tiny --split validation --k 0.2 --n 16 --out overlap.png [--csv overlap.csv]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,16 @@ def selections(
     T = labels.shape[1]
     out: dict[str, Tensor] = {}
     for name in signals:
-        u = importance(SIGNALS.get(name), s_logits, t_logits, labels, valid, generator=gen,
-                  normalization=normalization, temperature=temperature)  # u(t)   [B,T]
+        u = importance(
+            SIGNALS.get(name),
+            s_logits,
+            t_logits,
+            labels,
+            valid,
+            generator=gen,
+            normalization=normalization,
+            temperature=temperature,
+        )  # u(t)   [B,T]
         out[name] = (policy(u, valid).dense(T) > 0) & valid  #                   [B,T]
     return out
 
@@ -140,8 +149,9 @@ def signal_overlap(
             y = data.labels[i : min(i + batch_size, n)].to(device)  #             [B,T]
             s_logits = _logits(student, x, vocab)  #                              [B,T,V]
             t_logits = _logits(teacher, x, vocab) if need_teacher else None  #     [B,T,V]
-            batch = selections(s_logits, t_logits, y, names, k, generator=gen,
-                               normalization=normalization, temperature=temperature)
+            batch = selections(
+                s_logits, t_logits, y, names, k, generator=gen, normalization=normalization, temperature=temperature
+            )
             for name, m in batch.items():
                 parts[name].append(m.cpu())
     finally:
@@ -197,8 +207,16 @@ def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None
     dev = torch.device(device)
     student = load_model(student_path, dev, torch.float32, trc)
     teacher = load_model(teacher_path, dev, torch.float32, trc)
-    data = build_packed(cfg.data.name, split, tok, seq_len=cfg.data.seq_len, token_budget=None,
-                        artifacts_dir=Path(cfg.paths.cache) / "data", separator=cfg.data.separator, **source_options(cfg))
+    data = build_packed(
+        cfg.data.name,
+        split,
+        tok,
+        seq_len=cfg.data.seq_len,
+        token_budget=None,
+        artifacts_dir=Path(cfg.paths.cache) / "data",
+        separator=cfg.data.separator,
+        **source_options(cfg),
+    )
     return {"student": student, "teacher": teacher, "data": data, "vocab": shared_vocab(tok, student, teacher)}
 
 
@@ -228,9 +246,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.split, cache=args.cache, seq_len=args.seq_len, device=args.device)
-    df = signal_overlap(setup["student"], setup["teacher"], setup["data"], signals=args.signals, k=args.k,
-                        n_sequences=args.n, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                        vocab=setup["vocab"], per_sequence=not args.pooled)
+    df = signal_overlap(
+        setup["student"],
+        setup["teacher"],
+        setup["data"],
+        signals=args.signals,
+        k=args.k,
+        n_sequences=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        vocab=setup["vocab"],
+        per_sequence=not args.pooled,
+    )
     n = min(args.n, len(setup["data"]))
     how = "pooled" if args.pooled else "mean over sequences"
     title = f"Jaccard overlap of top-k positions\nmodel={args.model}, {args.split}, k={args.k:g}, n={n} ({how})"

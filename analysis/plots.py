@@ -7,6 +7,7 @@ state, no backend to choose, nothing left open); no training, no models.
     fig = budget_curve(df, "k", "acc")       # mean ± std over seeds against k, one line per method
     save(fig, "outputs/demo/figures/k_budget.png")
 """
+
 from __future__ import annotations
 
 import io
@@ -61,8 +62,10 @@ def _need(df: pd.DataFrame, cols: Sequence[str]) -> None:
 def _one_setting(df: pd.DataFrame) -> None:
     """Refuse to average runs scored under different models or evaluation splits into one figure."""
     if "setting" in df.columns and df["setting"].dropna().nunique() > 1:
-        raise ValueError(f"runs from several settings ({', '.join(sorted(df['setting'].dropna().unique()))}): "
-                         "keep one, e.g. with analysis.results_io.one_setting")
+        raise ValueError(
+            f"runs from several settings ({', '.join(sorted(df['setting'].dropna().unique()))}): "
+            "keep one, e.g. with analysis.results_io.one_setting"
+        )
 
 
 def _limit_note(df: pd.DataFrame) -> str:
@@ -87,8 +90,12 @@ def fair_cost(df: pd.DataFrame, cost: str) -> str:
     different numbers of devices (world sizes, a teacher's own device): 2 ranks finish sooner than 1 at the
     same work, so their times do not compare, and the axis is training tokens/s per device instead."""
     d = _distilled(df)
-    if cost in TIMES and "tokens_per_s_device" in d.columns and "devices" in d.columns \
-            and d["devices"].dropna().nunique() > 1:
+    if (
+        cost in TIMES
+        and "tokens_per_s_device" in d.columns
+        and "devices" in d.columns
+        and d["devices"].dropna().nunique() > 1
+    ):
         return "tokens_per_s_device"
     return cost
 
@@ -157,8 +164,15 @@ def budget_sweeps(df: pd.DataFrame, param: str = "k") -> pd.DataFrame:
     return d[n >= 2]
 
 
-def budget_curve(df: pd.DataFrame, param: str = "k", metric: str = "acc", *, references: bool = True,
-                 logx: bool | None = None, title: str | None = None) -> Figure:
+def budget_curve(
+    df: pd.DataFrame,
+    param: str = "k",
+    metric: str = "acc",
+    *,
+    references: bool = True,
+    logx: bool | None = None,
+    title: str | None = None,
+) -> Figure:
     """metric (mean ± std over seeds) against the budget `param`, one line per method swept over it.
 
     References (horizontal lines): the undistilled student and the teacher, and Full KD (runs at
@@ -175,8 +189,7 @@ def budget_curve(df: pd.DataFrame, param: str = "k", metric: str = "acc", *, ref
     d = _distilled(df).dropna(subset=[param])
     keys, other = _series_keys(d, param), OTHER[param]
     # name the other budget only for a method run at several values of it (one line per value)
-    several = set(d.groupby(GROUP, sort=False)[other].nunique().loc[lambda n: n > 1].index) \
-        if other in keys else set()
+    several = set(d.groupby(GROUP, sort=False)[other].nunique().loc[lambda n: n > 1].index) if other in keys else set()
     logx = (param == "k") if logx is None else logx
 
     fig = Figure(figsize=(7.0, 4.4), dpi=120)
@@ -208,8 +221,9 @@ def budget_curve(df: pd.DataFrame, param: str = "k", metric: str = "acc", *, ref
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))  # 0.025 -> 2.5%
     ax.set_xlabel(BUDGETS[param])
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against the {param} budget (mean ± std over seeds)"
-                 + _limit_note(df))
+    ax.set_title(
+        title or f"{HEADLINE.get(metric, metric)} against the {param} budget (mean ± std over seeds)" + _limit_note(df)
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -234,8 +248,9 @@ def pareto_front(cost: Sequence[float], value: Sequence[float], *, maximize: boo
     return out
 
 
-def pareto_table(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
-                 modes: Sequence[str] | None = ("distill",)) -> pd.DataFrame:
+def pareto_table(
+    df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *, modes: Sequence[str] | None = ("distill",)
+) -> pd.DataFrame:
     """Per method (and per budget k / l where a method ran at several, and per `cache_role` where some of its
     runs built the teacher cache and others reused it): cost and metric mean ± std over seeds, n seeds, a
     display name, and whether it is on the Pareto front."""
@@ -245,23 +260,39 @@ def pareto_table(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc
     d = d.dropna(subset=[cost, metric])
     # a method run at several budgets is one point per budget, named by it; building the offline cache is a
     # cost of the run that built it: its runs and those that reused the cache are separate points
-    varying = [b for b in (*OTHER, "cache_role", "devices") if b in d.columns and len(d)
-               and d.groupby(GROUP, sort=False)[b].nunique().max() > 1]
+    varying = [
+        b
+        for b in (*OTHER, "cache_role", "devices")
+        if b in d.columns and len(d) and d.groupby(GROUP, sort=False)[b].nunique().max() > 1
+    ]
     t = aggregate(d, [*GROUP, *varying], [cost, metric])
     t.insert(2, "name", t["label"].astype(str))
     for b in varying:
         several = t.groupby(GROUP, sort=False)[b].transform("nunique") > 1
-        t.loc[several, "name"] += [f" (cache {v})" if b == "cache_role"
-                                   else f" ({v:g} device{'s' * (v != 1)})" if b == "devices"
-                                   else f" {b}={v:.0%}" for v in t.loc[several, b]]
+        t.loc[several, "name"] += [
+            f" (cache {v})"
+            if b == "cache_role"
+            else f" ({v:g} device{'s' * (v != 1)})"
+            if b == "devices"
+            else f" {b}={v:.0%}"
+            for v in t.loc[several, b]
+        ]
     spent = -t[f"{cost}_mean"] if cost in SPEEDS else t[f"{cost}_mean"]
     t["on_front"] = pareto_front(spent, t[f"{metric}_mean"], maximize=higher_is_better(metric))
     return t
 
 
-def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
-           modes: Sequence[str] | None = ("distill",), references: bool = True, logx: bool = False,
-           annotate: str = "auto", title: str | None = None) -> Figure:
+def pareto(
+    df: pd.DataFrame,
+    cost: str = "wall_time_s",
+    metric: str = "acc",
+    *,
+    modes: Sequence[str] | None = ("distill",),
+    references: bool = True,
+    logx: bool = False,
+    annotate: str = "auto",
+    title: str | None = None,
+) -> Figure:
     """metric against cost, one point (± std over seeds on both axes) per method and budget, the front drawn through.
 
     Only `modes` runs are points (by default the distilled ones: scoring the student or the teacher has no
@@ -282,15 +313,37 @@ def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
     fig = Figure(figsize=(7.0, 4.6), dpi=120)
     ax = fig.add_subplot()
     for i, r in t.iterrows():
-        ax.errorbar(r[f"{cost}_mean"], r[f"{metric}_mean"], xerr=r[f"{cost}_std"], yerr=r[f"{metric}_std"],
-                    fmt="o", ms=6, capsize=3, color="tab:blue" if r["on_front"] else "tab:gray", gid="point")
+        ax.errorbar(
+            r[f"{cost}_mean"],
+            r[f"{metric}_mean"],
+            xerr=r[f"{cost}_std"],
+            yerr=r[f"{metric}_std"],
+            fmt="o",
+            ms=6,
+            capsize=3,
+            color="tab:blue" if r["on_front"] else "tab:gray",
+            gid="point",
+        )
         if named[i]:
-            ax.annotate(r["name"], (r[f"{cost}_mean"], r[f"{metric}_mean"]), xytext=(5, 5),
-                        textcoords="offset points", fontsize=7)
+            ax.annotate(
+                r["name"],
+                (r[f"{cost}_mean"], r[f"{metric}_mean"]),
+                xytext=(5, 5),
+                textcoords="offset points",
+                fontsize=7,
+            )
     ax.margins(x=0.12)  # room for the labels of the extreme points
     f = t[t["on_front"]].sort_values(f"{cost}_mean")
-    ax.plot(f[f"{cost}_mean"], f[f"{metric}_mean"], drawstyle="steps-post", color="tab:blue", lw=1.5,
-            alpha=0.7, label="Pareto front", gid="front")
+    ax.plot(
+        f[f"{cost}_mean"],
+        f[f"{metric}_mean"],
+        drawstyle="steps-post",
+        color="tab:blue",
+        lw=1.5,
+        alpha=0.7,
+        label="Pareto front",
+        gid="front",
+    )
     if references and "mode" in df.columns:
         _reference_lines(ax, _references(df).dropna(subset=[metric]), metric)
     if logx:
@@ -299,8 +352,12 @@ def pareto(df: pd.DataFrame, cost: str = "wall_time_s", metric: str = "acc", *,
         ax.xaxis.set_major_formatter(EngFormatter(unit=unit, sep=" "))
     ax.set_xlabel(f"{name} {cost_arrow(cost)}" + (f" ({unit})" if unit and logx else ""))
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)" + _limit_note(df)
-                 + _devices_note(df))
+    ax.set_title(
+        title
+        or f"{HEADLINE.get(metric, metric)} against {name} (mean ± std over seeds)"
+        + _limit_note(df)
+        + _devices_note(df)
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -327,8 +384,15 @@ def overlap_heatmap(matrix: pd.DataFrame, *, title: str | None = None) -> Figure
     for i in range(S):
         for j in range(S):
             v = vals[i, j]
-            ax.text(j, i, "n/a" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if v == v and v > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                "n/a" if v != v else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if v == v and v > 0.6 else "white",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Jaccard |A ∩ B| / |A ∪ B|")
     ax.set_title(title or "Overlap of selected positions")
     fig.tight_layout()

@@ -14,6 +14,7 @@ pair, not scoring: sekd.report.tables.training_costs), `tokens_per_s_device` and
 device, and how many devices the run spanned), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
 ('built' or 'reused' for a run with an offline teacher cache), which keeps the run that built the cache apart.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,18 @@ ALIASES = {  # short name -> the flattened column of record.json it copies
     "tokens_per_s_device": "_tokens_per_s_device",  # training tokens/s per device: fair across world sizes
     "devices": "_devices",  # devices a run spanned: every rank's, and a teacher's own
 }
-NUMERIC = ["k", "l", "teacher_forward_tokens", "cache_bytes_read", "prepass_seconds", "cache_build_seconds",
-           "pretrain_seconds", "train_wall_s", "tokens_per_s_device", "devices"]
+NUMERIC = [
+    "k",
+    "l",
+    "teacher_forward_tokens",
+    "cache_bytes_read",
+    "prepass_seconds",
+    "cache_build_seconds",
+    "pretrain_seconds",
+    "train_wall_s",
+    "tokens_per_s_device",
+    "devices",
+]
 
 
 def env_path(name: str, default: str | Path) -> Path:
@@ -65,7 +76,9 @@ def cache_role(df: pd.DataFrame) -> pd.Series:
     """'built' for a run that built its offline teacher cache, 'reused' for one that read a cache built
     before, None for a run without one."""
     cache = df["config.classes.cache"] if "config.classes.cache" in df.columns else pd.Series(None, index=df.index)
-    seconds = df["costs.cache_build_seconds"] if "costs.cache_build_seconds" in df.columns else pd.Series(0.0, index=df.index)
+    seconds = (
+        df["costs.cache_build_seconds"] if "costs.cache_build_seconds" in df.columns else pd.Series(0.0, index=df.index)
+    )
     built = pd.to_numeric(seconds, errors="coerce").fillna(0) > 0
     role = pd.Series("reused", index=df.index, dtype=object).where(~built, "built")
     return role.where(cache.notna(), None)
@@ -79,12 +92,16 @@ def _with_aliases(df: pd.DataFrame) -> pd.DataFrame:
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     if "setting" not in df.columns:
-        parts = [df[c].astype("string") if c in df.columns else pd.Series(pd.NA, index=df.index, dtype="string")
-                 for c in ("config.model.name", "config.eval.suite", "config.eval.split")]
+        parts = [
+            df[c].astype("string") if c in df.columns else pd.Series(pd.NA, index=df.index, dtype="string")
+            for c in ("config.model.name", "config.eval.suite", "config.eval.split")
+        ]
         df["setting"] = (parts[0] + " " + parts[1] + "/" + parts[2]).astype(object)  # 'embedded embedded/test'
         if "config.eval.limit" in df.columns:  # 'embedded embedded/test limit=50': never beside a full score
             marks = df["config.eval.limit"].map(limit_mark)
-            df["setting"] = [s if s is None or pd.isna(s) or not m else f"{s} {m}" for s, m in zip(df["setting"], marks)]
+            df["setting"] = [
+                s if s is None or pd.isna(s) or not m else f"{s} {m}" for s, m in zip(df["setting"], marks)
+            ]
         df.loc[df["setting"].isna(), "setting"] = None
     if "cache_role" not in df.columns:
         df["cache_role"] = cache_role(df)
@@ -116,8 +133,9 @@ def load_results(source: str | Path) -> pd.DataFrame:
     return _with_aliases(df)
 
 
-def one_setting(df: pd.DataFrame, rows: Callable[[pd.DataFrame], pd.DataFrame] = lambda d: d,
-                want: str | None = None) -> tuple[str | None, pd.DataFrame]:
+def one_setting(
+    df: pd.DataFrame, rows: Callable[[pd.DataFrame], pd.DataFrame] = lambda d: d, want: str | None = None
+) -> tuple[str | None, pd.DataFrame]:
     """The runs of one setting (model and evaluation): `want`, else the one where `rows(part)` is longest.
 
     Runs without a setting (a results CSV) count as one setting, None. Returns (setting, its runs).

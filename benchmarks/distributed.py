@@ -27,6 +27,7 @@ each process's ru_maxrss). Under fsdp each rank also reports, after the timed st
 and of the teacher's decoder it holds (`sharding`: parameters that are sharded DTensors, and the fraction
 of their elements held locally). Rank 0 prints the table and writes --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,11 +67,15 @@ def check(args) -> None:
     cuda = torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         given = f"--device {args.asked}" if args.asked else f"--shape {args.shape} (a GPU shape)"
-        refuse(f"{given} needs CUDA, but this machine has no CUDA device; run it on a GPU node, or pass "
-               "--shape tiny --device cpu to run it here")
+        refuse(
+            f"{given} needs CUDA, but this machine has no CUDA device; run it on a GPU node, or pass "
+            "--shape tiny --device cpu to run it here"
+        )
     if args.mode in LAUNCHED and "RANK" not in os.environ:
-        refuse(f"--mode {args.mode} needs the ranks torchrun starts: torchrun --nproc_per_node N "
-               f"benchmarks/distributed.py --mode {args.mode} ...")
+        refuse(
+            f"--mode {args.mode} needs the ranks torchrun starts: torchrun --nproc_per_node N "
+            f"benchmarks/distributed.py --mode {args.mode} ..."
+        )
     if args.mode not in LAUNCHED and world > 1:
         refuse(f"--mode {args.mode} runs one process, but this is one of {world} ranks; use --mode ddp or fsdp")
     if args.mode == "fsdp":
@@ -82,14 +87,18 @@ def check(args) -> None:
     if args.mode == "fsdp" and world < 2:
         refuse("--mode fsdp shards over ranks: start at least 2 (torchrun --nproc_per_node 2 or more)")
     if cuda and args.mode in LAUNCHED and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world)):
-        refuse(f"{os.environ.get('LOCAL_WORLD_SIZE', world)} ranks on this node but {torch.cuda.device_count()} "
-               "CUDA device(s): one rank per GPU")
+        refuse(
+            f"{os.environ.get('LOCAL_WORLD_SIZE', world)} ranks on this node but {torch.cuda.device_count()} "
+            "CUDA device(s): one rank per GPU"
+        )
     if args.mode == "placed":
         teacher = torch.device(args.teacher_device)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if teacher.type == "cuda" and (teacher.index or 0) >= gpus:
-            refuse(f"--teacher-device {args.teacher_device}: this machine has {gpus} CUDA "
-                   "device(s); --mode placed needs two (or --teacher-device cpu)")
+            refuse(
+                f"--teacher-device {args.teacher_device}: this machine has {gpus} CUDA "
+                "device(s); --mode placed needs two (or --teacher-device cpu)"
+            )
 
 
 def join(args) -> tuple[int, int, torch.device]:
@@ -112,8 +121,11 @@ def held(params) -> dict:
 
     params = list(params)
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-    return {"params": len(params), "sharded": sum(isinstance(p, DTensor) for p in params),
-            "local_fraction": local / max(1, sum(p.numel() for p in params))}
+    return {
+        "params": len(params),
+        "sharded": sum(isinstance(p, DTensor) for p in params),
+        "local_fraction": local / max(1, sum(p.numel() for p in params)),
+    }
 
 
 class Step:
@@ -154,8 +166,13 @@ class Step:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=on):
             with torch.no_grad():  # the teacher outside the student's loss module, as in training
                 h_t = self.teacher.get_decoder()(input_ids=self.x, use_cache=False).last_hidden_state  # [B,L,d_t]
-            loss_sum, out = self.objective(self.x, self.y, h_t, self.teacher.get_output_embeddings(),
-                                           dict(lam=1.0, temperature=1.0, generator=self.gen))
+            loss_sum, out = self.objective(
+                self.x,
+                self.y,
+                h_t,
+                self.teacher.get_output_embeddings(),
+                dict(lam=1.0, temperature=1.0, generator=self.gen),
+            )
         return loss_sum / max(out.weight, 1e-12)
 
     def run(self) -> float:
@@ -195,11 +212,18 @@ def measure(args) -> dict | None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = [step.run() for _ in range(args.steps)]
-        mine = {"rank": rank, "device": str(device), "median_s": statistics.median(times), "step_s": times,
-                "peak_gib": peak_gib(device)}
+        mine = {
+            "rank": rank,
+            "device": str(device),
+            "median_s": statistics.median(times),
+            "step_s": times,
+            "peak_gib": peak_gib(device),
+        }
         if args.mode == "fsdp":  # after the steps: what stays sharded (the teacher's layers too)
-            mine["sharding"] = {"student": held(step.student.parameters()),
-                                "teacher_decoder": held(step.teacher.get_decoder().parameters())}
+            mine["sharding"] = {
+                "student": held(step.student.parameters()),
+                "teacher_decoder": held(step.teacher.get_decoder().parameters()),
+            }
         if args.mode == "placed":
             mine["teacher_device"] = args.teacher_device
             mine["teacher_peak_gib"] = peak_gib(torch.device(args.teacher_device))
@@ -215,10 +239,16 @@ def measure(args) -> dict | None:
     devices = world * (2 if args.mode == "placed" and args.teacher_device != str(device) else 1)
     slowest = max(r["median_s"] for r in ranks)
     tokens = args.batch * args.seq * world
-    summary = {"mode": args.mode, "world_size": world, "devices": devices, "tokens_per_step": tokens,
-               "median_step_s": slowest, "tokens_per_s": tokens / slowest,
-               "tokens_per_s_per_device": tokens / slowest / devices,
-               "peak_gib_per_device": max(r["peak_gib"] for r in ranks)}
+    summary = {
+        "mode": args.mode,
+        "world_size": world,
+        "devices": devices,
+        "tokens_per_step": tokens,
+        "median_step_s": slowest,
+        "tokens_per_s": tokens / slowest,
+        "tokens_per_s_per_device": tokens / slowest / devices,
+        "peak_gib_per_device": max(r["peak_gib"] for r in ranks),
+    }
     return {"summary": summary, "ranks": ranks}
 
 
@@ -231,10 +261,12 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", help="cpu or cuda (default: the shape's; ranks take cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="the teacher's and autocast's (default: the shape's)")
-    p.add_argument("--fsdp-mesh", default="flat", help="--mode fsdp: train.fsdp.mesh, flat | hybrid | RxS "
-                   "(default: flat)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="the teacher's and autocast's (default: the shape's)"
+    )
+    p.add_argument(
+        "--fsdp-mesh", default="flat", help="--mode fsdp: train.fsdp.mesh, flat | hybrid | RxS (default: flat)"
+    )
     p.add_argument("--teacher-device", default="cuda:1", help="--mode placed: the teacher's device (default: cuda:1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--json", type=Path, help="rank 0 writes machine info, options and results here")
@@ -255,9 +287,11 @@ def main(argv=None) -> dict | None:
     if report is None:
         return None
     s = report["summary"]
-    print(f"mode={s['mode']} shape={args.shape} world_size={s['world_size']} devices={s['devices']} "
-          f"B/rank={args.batch} L={args.seq} dtype={args.dtype}: {s['tokens_per_s_per_device']:,.0f} tokens/s per "
-          f"device, median step {s['median_step_s']:.4f} s, peak {s['peak_gib_per_device']:.3f} GiB per device")
+    print(
+        f"mode={s['mode']} shape={args.shape} world_size={s['world_size']} devices={s['devices']} "
+        f"B/rank={args.batch} L={args.seq} dtype={args.dtype}: {s['tokens_per_s_per_device']:,.0f} tokens/s per "
+        f"device, median step {s['median_step_s']:.4f} s, peak {s['peak_gib_per_device']:.3f} GiB per device"
+    )
     if args.json:
         opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "asked"}
         args.json.write_text(json.dumps({"machine": info, "options": opts, **report}, indent=2))

@@ -24,6 +24,7 @@ variant again in a fresh process, its own peak resident set (Linux VmHWM, reset 
 above the resident set with the inputs made (`GiB above inputs`); on CUDA, max_memory_allocated above the
 inputs. Ratios are to plain_torch_full_kd's median time and peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,18 @@ class Inputs:
     chunk_size: int
 
     @staticmethod
-    def make(batch: int, seq: int, vocab: int, d_s: int, d_t: int, *, device: str, dtype: torch.dtype,
-             chunk_size: int, seed: int = 0) -> "Inputs":
+    def make(
+        batch: int,
+        seq: int,
+        vocab: int,
+        d_s: int,
+        d_t: int,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        chunk_size: int,
+        seed: int = 0,
+    ) -> "Inputs":
         g = torch.Generator().manual_seed(seed)
 
         def randn(*shape, scale):
@@ -124,8 +135,19 @@ def sekd_dense_full_kd(inp: Inputs) -> None:
 
 
 def _chunked(inp: Inputs, sel) -> None:
-    out = chunked_kd_loss(inp.h_s, Linear(inp.W_s), inp.h_t, Linear(inp.W_t), inp.y, sel, vocab=inp.W_s.shape[0],
-                          lam=1.0, temperature=1.0, chunk_size=inp.chunk_size, generator=torch.Generator())
+    out = chunked_kd_loss(
+        inp.h_s,
+        Linear(inp.W_s),
+        inp.h_t,
+        Linear(inp.W_t),
+        inp.y,
+        sel,
+        vocab=inp.W_s.shape[0],
+        lam=1.0,
+        temperature=1.0,
+        chunk_size=inp.chunk_size,
+        generator=torch.Generator(),
+    )
     (out.loss_sum / out.weight).backward()
 
 
@@ -149,9 +171,18 @@ def plain_chunked_full_kd(inp: Inputs) -> None:
         (F.kl_div(logq, logp, log_target=True, reduction="sum") / n).backward(retain_graph=True)
 
 
-VARIANTS: dict[str, Callable[[Inputs], None]] = {f.__name__: f for f in (
-    plain_torch_full_kd, trl_gkd_full_kd, trl_chunked_full_kd, sekd_dense_full_kd, sekd_chunked_full_kd,
-    plain_chunked_full_kd, sekd_selective_se_kd)}
+VARIANTS: dict[str, Callable[[Inputs], None]] = {
+    f.__name__: f
+    for f in (
+        plain_torch_full_kd,
+        trl_gkd_full_kd,
+        trl_chunked_full_kd,
+        sekd_dense_full_kd,
+        sekd_chunked_full_kd,
+        plain_chunked_full_kd,
+        sekd_selective_se_kd,
+    )
+}
 NEEDS_TRL = ("trl_gkd_full_kd", "trl_chunked_full_kd")
 REFERENCE = "plain_torch_full_kd"
 
@@ -217,8 +248,24 @@ def fresh_peak(args, variant: str, seq: int, chunk_size: int) -> float:
     """`variant`'s peak above inputs, measured in a fresh interpreter (nothing carried over from this one)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peak.json"
-        cmd = [sys.executable, __file__, "--peak-of", variant, "--peak-json", str(out), "--shape", args.shape,
-               "--seqs", str(seq), "--chunk-sizes", str(chunk_size), "--device", args.device, "--dtype", args.dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--peak-of",
+            variant,
+            "--peak-json",
+            str(out),
+            "--shape",
+            args.shape,
+            "--seqs",
+            str(seq),
+            "--chunk-sizes",
+            str(chunk_size),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ]
         cmd += [f"--{k}={getattr(args, k)}" for k in ("batch", "vocab", "threads") if getattr(args, k) is not None]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -232,10 +279,16 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, help="default: the shape's")
     p.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default: the shape's)")
     p.add_argument("--vocab", type=int, help="default: the shape's")
-    p.add_argument("--chunk-sizes", default=None, help="comma-separated positions per chunk of the chunked "
-                   "variants (default: sekd.kd.flows.auto_chunk_size)")
-    p.add_argument("--variants", default=None, help=f"comma-separated, of: {', '.join(VARIANTS)} "
-                   "(default: all; TRL's where trl is installed)")
+    p.add_argument(
+        "--chunk-sizes",
+        default=None,
+        help="comma-separated positions per chunk of the chunked variants (default: sekd.kd.flows.auto_chunk_size)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all; TRL's where trl is installed)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-peaks", action="store_true", help="time only (no fresh process per variant)")
     p.add_argument("--device", help="default: the shape's")
@@ -253,11 +306,22 @@ def table(rows: list[dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    return tabulate([[r["L"], r["chunk_size"], r["variant"], f(r["min_s"], ".3f"), f(r["median_s"], ".3f"),
-                      f(r["time_vs_plain"], ".2f"), f(r["peak_above_inputs_gib"], ".3f"), f(r["peak_vs_plain"], ".2f")]
-                     for r in rows],
-                    headers=["L", "chunk", "variant", "min s", "median s", "x plain time", "GiB above inputs",
-                             "x plain peak"])
+    return tabulate(
+        [
+            [
+                r["L"],
+                r["chunk_size"],
+                r["variant"],
+                f(r["min_s"], ".3f"),
+                f(r["median_s"], ".3f"),
+                f(r["time_vs_plain"], ".2f"),
+                f(r["peak_above_inputs_gib"], ".3f"),
+                f(r["peak_vs_plain"], ".2f"),
+            ]
+            for r in rows
+        ],
+        headers=["L", "chunk", "variant", "min s", "median s", "x plain time", "GiB above inputs", "x plain peak"],
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -266,20 +330,27 @@ def main(argv=None) -> list[dict]:
     info = machine(args.device or shape.device)
     args.device, args.dtype = args.device or shape.device, args.dtype or shape.dtype
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print(f"kd_loss: --device {args.device} needs CUDA, but this machine has no CUDA device; run it on a GPU "
-              "machine, or pass --device cpu", file=sys.stderr)
+        print(
+            f"kd_loss: --device {args.device} needs CUDA, but this machine has no CUDA device; run it on a GPU "
+            "machine, or pass --device cpu",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     B, V = args.batch or shape.batch, args.vocab or shape.vocab
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else [shape.seq]
-    chunk_sizes = ([int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes
-                   else [auto_chunk_size(V, torch.device(args.device).type)])
+    chunk_sizes = (
+        [int(c) for c in args.chunk_sizes.split(",")]
+        if args.chunk_sizes
+        else [auto_chunk_size(V, torch.device(args.device).type)]
+    )
     dtype = getattr(torch, args.dtype)
 
     def inputs(seq, chunk):
-        return Inputs.make(B, seq, V, shape.student.hidden, shape.teacher.hidden, device=args.device, dtype=dtype,
-                           chunk_size=chunk)
+        return Inputs.make(
+            B, seq, V, shape.student.hidden, shape.teacher.hidden, device=args.device, dtype=dtype, chunk_size=chunk
+        )
 
     if args.peak_of:  # the child of fresh_peak
         if args.peak_of in NEEDS_TRL:  # imported before the peak is reset: trl's import is not the loss's memory
@@ -287,8 +358,11 @@ def main(argv=None) -> list[dict]:
         peak = peak_above_inputs(VARIANTS[args.peak_of], inputs(seqs[0], chunk_sizes[0]), args.device)
         args.peak_json.write_text(json.dumps({"peak_gib": peak}))
         return []
-    variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
-                else [v for v in VARIANTS if v not in NEEDS_TRL or have_trl()])
+    variants = (
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.variants
+        else [v for v in VARIANTS if v not in NEEDS_TRL or have_trl()]
+    )
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"kd_loss: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -298,27 +372,48 @@ def main(argv=None) -> list[dict]:
     rows = []
     for seq in seqs:
         for chunk in chunk_sizes:
-            print(f"shape={args.shape} B={B} L={seq} V={V} d_s={shape.student.hidden} d_t={shape.teacher.hidden} "
-                  f"chunk={chunk} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-                  f"rounds={args.rounds}", flush=True)
+            print(
+                f"shape={args.shape} B={B} L={seq} V={V} d_s={shape.student.hidden} d_t={shape.teacher.hidden} "
+                f"chunk={chunk} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+                f"rounds={args.rounds}",
+                flush=True,
+            )
             times = time_rounds(inputs(seq, chunk), variants, args.rounds, args.device)
             for v in variants:
                 peak = None if args.no_peaks else fresh_peak(args, v, seq, chunk)
-                rows.append({"L": seq, "chunk_size": chunk, "variant": v, "min_s": min(times[v]),
-                             "median_s": statistics.median(times[v]), "times_s": times[v],
-                             "peak_above_inputs_gib": peak})
+                rows.append(
+                    {
+                        "L": seq,
+                        "chunk_size": chunk,
+                        "variant": v,
+                        "min_s": min(times[v]),
+                        "median_s": statistics.median(times[v]),
+                        "times_s": times[v],
+                        "peak_above_inputs_gib": peak,
+                    }
+                )
     for r in rows:
-        ref = next((x for x in rows if x["variant"] == REFERENCE and x["L"] == r["L"]
-                    and x["chunk_size"] == r["chunk_size"]), None)
+        ref = next(
+            (x for x in rows if x["variant"] == REFERENCE and x["L"] == r["L"] and x["chunk_size"] == r["chunk_size"]),
+            None,
+        )
         r["time_vs_plain"] = r["median_s"] / ref["median_s"] if ref else None
         both = ref and r["peak_above_inputs_gib"] is not None and ref["peak_above_inputs_gib"]
         r["peak_vs_plain"] = r["peak_above_inputs_gib"] / ref["peak_above_inputs_gib"] if both else None
     print(table(rows))
     if args.json:
-        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("peak_of", "peak_json")}
-        report = {"machine": {**info, "threads": torch.get_num_threads()}, "options": opts,
-                  "batch": B, "vocab": V, "results": rows}
+        opts = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("peak_of", "peak_json")
+        }
+        report = {
+            "machine": {**info, "threads": torch.get_num_threads()},
+            "options": opts,
+            "batch": B,
+            "vocab": V,
+            "results": rows,
+        }
         args.json.write_text(json.dumps(report, indent=2))
     return rows
 

@@ -31,6 +31,7 @@ Peak memory (--fresh-process): each variant again in its own process, its peak a
 process once models, batch and cache are made (CPU: Linux VmHWM reset at the baseline, so nothing of the
 parent's or of the loading counts; CUDA: max_memory_allocated above memory_allocated).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,19 @@ from sekd.selection.criteria import forward_kl  # noqa: E402
 from sekd.selection.policies import POLICIES  # noqa: E402
 from sekd.selection.signals import SIGNALS  # noqa: E402
 
-VARIANTS = ("floor", "plain_torch_full_kd", "trl_gkd_full_kd", "trl_chunked_full_kd", "dense_full_kd", "chunked_full_kd",
-            "dense_se_kd", "selective_se_kd", "cache_se_kd", "teacher_forward", "cache_build")
+VARIANTS = (
+    "floor",
+    "plain_torch_full_kd",
+    "trl_gkd_full_kd",
+    "trl_chunked_full_kd",
+    "dense_full_kd",
+    "chunked_full_kd",
+    "dense_se_kd",
+    "selective_se_kd",
+    "cache_se_kd",
+    "teacher_forward",
+    "cache_build",
+)
 NEEDS_TRL = ("trl_gkd_full_kd", "trl_chunked_full_kd")
 NO_GRAD = ("teacher_forward", "cache_build")  # no training step: the teacher's work alone
 N_DRAWS = 64
@@ -92,17 +104,45 @@ class Shape:
 
 
 SHAPES = {
-    "tiny": Shape(Body(64, 128, 2, 4, 2, 16, True), Body(32, 64, 1, 2, 1, 16, True), vocab=512, batch=2, seq=64,
-                  device="cpu", dtype="float32"),
+    "tiny": Shape(
+        Body(64, 128, 2, 4, 2, 16, True),
+        Body(32, 64, 1, 2, 1, 16, True),
+        vocab=512,
+        batch=2,
+        seq=64,
+        device="cpu",
+        dtype="float32",
+    ),
     # small bodies, Qwen3's vocabulary: the LM heads and the softmaxes dominate
-    "logit_heavy": Shape(Body(128, 256, 2, 4, 2, 32, False), Body(64, 128, 2, 4, 2, 16, True), vocab=151936,
-                         batch=2, seq=256, device="cpu", dtype="float32"),
+    "logit_heavy": Shape(
+        Body(128, 256, 2, 4, 2, 32, False),
+        Body(64, 128, 2, 4, 2, 16, True),
+        vocab=151936,
+        batch=2,
+        seq=256,
+        device="cpu",
+        dtype="float32",
+    ),
     # a teacher ~5x the student's body, as Qwen3-8B is to 1.7B: what the offline cache saves
-    "teacher_heavy": Shape(Body(512, 1536, 8, 8, 4, 64, False), Body(128, 384, 2, 4, 2, 32, True), vocab=32768,
-                           batch=2, seq=256, device="cpu", dtype="float32"),
+    "teacher_heavy": Shape(
+        Body(512, 1536, 8, 8, 4, 64, False),
+        Body(128, 384, 2, 4, 2, 32, True),
+        vocab=32768,
+        batch=2,
+        seq=256,
+        device="cpu",
+        dtype="float32",
+    ),
     # Qwen3-8B -> Qwen3-1.7B, the paper's pair (B = 2, L = 512); for a GPU
-    "qwen3_8b_to_1.7b": Shape(Body(4096, 12288, 36, 32, 8, 128, False), Body(2048, 6144, 28, 16, 8, 128, True),
-                              vocab=151936, batch=2, seq=512, device="cuda", dtype="bfloat16"),
+    "qwen3_8b_to_1.7b": Shape(
+        Body(4096, 12288, 36, 32, 8, 128, False),
+        Body(2048, 6144, 28, 16, 8, 128, True),
+        vocab=151936,
+        batch=2,
+        seq=512,
+        device="cuda",
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -110,11 +150,21 @@ def qwen3(body: Body, vocab: int, dtype: torch.dtype, device: str):
     """A Qwen3ForCausalLM with random weights, built on `device` in `dtype`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=body.hidden, intermediate_size=body.intermediate,
-                      num_hidden_layers=body.layers, num_attention_heads=body.heads,
-                      num_key_value_heads=body.kv_heads, head_dim=body.head_dim, tie_word_embeddings=body.tied,
-                      max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                      attention_dropout=0.0, use_cache=False)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=body.hidden,
+        intermediate_size=body.intermediate,
+        num_hidden_layers=body.layers,
+        num_attention_heads=body.heads,
+        num_key_value_heads=body.kv_heads,
+        head_dim=body.head_dim,
+        tie_word_embeddings=body.tied,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
     with torch.device(device):
         return Qwen3ForCausalLM._from_config(cfg, dtype=dtype)
 
@@ -146,16 +196,39 @@ def build_teacher_cache(teacher, x: torch.Tensor, y: torch.Tensor, vocab: int, o
     from sekd.data.packing import PackedData
 
     data = PackedData(x.cpu(), y.cpu(), sample_ids(x.shape[0]))
-    build_cache(teacher, data, out, teacher_name="random-qwen3", tokenizer_sig="none", n_draws=N_DRAWS,
-                num_shards=1, batch_size=x.shape[0], device=x.device, vocab_size=vocab, progress=False)
+    build_cache(
+        teacher,
+        data,
+        out,
+        teacher_name="random-qwen3",
+        tokenizer_sig="none",
+        n_draws=N_DRAWS,
+        num_shards=1,
+        batch_size=x.shape[0],
+        device=x.device,
+        vocab_size=vocab,
+        progress=False,
+    )
     return out
 
 
 class Bench:
     """Models, batch and optimizer of one shape; `step(variant)` runs one training step."""
 
-    def __init__(self, shape: Shape, *, batch: int, seq: int, device: str, dtype: str, optimizer: str,
-                 chunk_size: int, variants: tuple[str, ...], seed: int = 0, artifacts_dir: Path | None = None):
+    def __init__(
+        self,
+        shape: Shape,
+        *,
+        batch: int,
+        seq: int,
+        device: str,
+        dtype: str,
+        optimizer: str,
+        chunk_size: int,
+        variants: tuple[str, ...],
+        seed: int = 0,
+        artifacts_dir: Path | None = None,
+    ):
         torch.manual_seed(seed)
         self.shape, self.device, self.chunk_size, self.V = shape, torch.device(device), chunk_size, shape.vocab
         self.dtype = getattr(torch, dtype)
@@ -175,12 +248,14 @@ class Bench:
 
             if artifacts_dir is None:
                 self._tmp = tempfile.TemporaryDirectory()
-                artifacts_dir = build_teacher_cache(self.teacher, self.x, self.y, self.V, Path(self._tmp.name) / "cache")
+                artifacts_dir = build_teacher_cache(
+                    self.teacher, self.x, self.y, self.V, Path(self._tmp.name) / "cache"
+                )
             self.cache = TeacherCache.open(artifacts_dir)
             if all(v == "cache_se_kd" for v in variants):
                 self.teacher = None
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = (torch.optim.AdamW(params, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-5))
+        self.opt = torch.optim.AdamW(params, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-5)
         self.sample_ids = sample_ids(batch)
         self.gen = torch.Generator().manual_seed(seed + 2)
 
@@ -218,8 +293,9 @@ class Bench:
                 with torch.no_grad():
                     h_t = self.hidden(self.teacher)
                 W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
-                loss, _, _ = _chunked_divergence_loss(h_s, h_t, W_s[: self.V], W_t[: self.V],
-                                                      (self.y != IGNORE).long(), beta=0.0)
+                loss, _, _ = _chunked_divergence_loss(
+                    h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
+                )
                 return loss
             else:
                 h_s = self.hidden(self.student)
@@ -230,8 +306,18 @@ class Bench:
                     with torch.no_grad():
                         h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
                 sel = full_kd() if variant == "chunked_full_kd" else se_kd()
-                out = chunked_kd_loss(h_s, self.student.get_output_embeddings(), h_t, head_t, self.y, sel,
-                                      vocab=self.V, cached=cached, chunk_size=self.chunk_size, **kw)
+                out = chunked_kd_loss(
+                    h_s,
+                    self.student.get_output_embeddings(),
+                    h_t,
+                    head_t,
+                    self.y,
+                    sel,
+                    vocab=self.V,
+                    cached=cached,
+                    chunk_size=self.chunk_size,
+                    **kw,
+                )
                 return out.loss_sum / max(out.weight, 1e-12)
         out = selective_kd_loss(s_logits, t_logits, self.y, full_kd() if variant == "dense_full_kd" else se_kd(), **kw)
         return out.loss_sum / max(out.weight, 1e-12)
@@ -247,8 +333,17 @@ class Bench:
         from sekd.data.packing import PackedData
 
         data = PackedData(self.x.cpu(), self.y.cpu(), self.sample_ids)
-        shard_bytes(self.teacher, data, list(range(len(self.sample_ids))), n_draws=N_DRAWS, temperature=1.0, seed=0,
-                    vocab_size=self.V, batch_size=len(self.sample_ids), device=self.device)
+        shard_bytes(
+            self.teacher,
+            data,
+            list(range(len(self.sample_ids))),
+            n_draws=N_DRAWS,
+            temperature=1.0,
+            seed=0,
+            vocab_size=self.V,
+            batch_size=len(self.sample_ids),
+            device=self.device,
+        )
 
     def step(self, variant: str) -> float:
         """One optimizer step (or the teacher's work alone); wall seconds."""
@@ -311,9 +406,16 @@ def machine(device: str) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -336,11 +438,29 @@ def table(rows: list[dict]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    return tabulate([[r["variant"], f(r["min_s"], ".4f"), f(r["median_s"], ".4f"), f(r["tokens_per_s"], ",.0f"),
-                      f(r["time_vs_plain"], ".2f"), f(r["ratio_to_floor"], ".3f"), f(r.get("peak_above_gib"), ".3f")]
-                     for r in rows],
-                    headers=["variant", "min step s", "median step s", "tokens/s", "x plain time", "x floor tok/s",
-                             "GiB above baseline"])
+    return tabulate(
+        [
+            [
+                r["variant"],
+                f(r["min_s"], ".4f"),
+                f(r["median_s"], ".4f"),
+                f(r["tokens_per_s"], ",.0f"),
+                f(r["time_vs_plain"], ".2f"),
+                f(r["ratio_to_floor"], ".3f"),
+                f(r.get("peak_above_gib"), ".3f"),
+            ]
+            for r in rows
+        ],
+        headers=[
+            "variant",
+            "min step s",
+            "median step s",
+            "tokens/s",
+            "x plain time",
+            "x floor tok/s",
+            "GiB above baseline",
+        ],
+    )
 
 
 def child_peak(args, variant: str, artifacts_dir: Path | None) -> tuple[float, float]:
@@ -348,10 +468,20 @@ def child_peak(args, variant: str, artifacts_dir: Path | None) -> tuple[float, f
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peak.json"
         cmd = [sys.executable, __file__, "--shape", args.shape, "--variants", variant, "--peak-json", str(out)]
-        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in
-                (("batch", args.batch), ("seq", args.seq), ("device", args.device), ("dtype", args.dtype),
-                 ("optimizer", args.optimizer), ("chunk_size", args.chunk_size), ("threads", args.threads),
-                 ("artifacts_dir", artifacts_dir)) if v is not None]
+        cmd += [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in (
+                ("batch", args.batch),
+                ("seq", args.seq),
+                ("device", args.device),
+                ("dtype", args.dtype),
+                ("optimizer", args.optimizer),
+                ("chunk_size", args.chunk_size),
+                ("threads", args.threads),
+                ("artifacts_dir", artifacts_dir),
+            )
+            if v is not None
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"variant {variant} failed:\n{res.stderr[-4000:]}")
@@ -365,16 +495,24 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, help="default: the shape's")
     p.add_argument("--seq", type=int, help="default: the shape's")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
-    p.add_argument("--variants", default=None, help=f"comma-separated, of: {', '.join(VARIANTS)} "
-                   "(default: all; TRL's where trl is installed)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all; TRL's where trl is installed)",
+    )
     p.add_argument("--device", help="default: the shape's (cuda shapes fall back to nothing: they need a GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the shape's")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--chunk-size", type=int, help="positions per LM-head chunk of the chunked flow "
-                   "(default: sekd.kd.flows.auto_chunk_size: 32 MiB of float32 logits on CPU, 256 MiB on CUDA)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="positions per LM-head chunk of the chunked flow "
+        "(default: sekd.kd.flows.auto_chunk_size: 32 MiB of float32 logits on CPU, 256 MiB on CUDA)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--fresh-process", action="store_true", help="also each variant's peak memory, each in its "
-                   "own process")
+    p.add_argument(
+        "--fresh-process", action="store_true", help="also each variant's peak memory, each in its own process"
+    )
     p.add_argument("--json", type=Path, help="write machine info, options and results here")
     p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
     p.add_argument("--peak-json", type=Path, help=argparse.SUPPRESS)  # child_peak's child
@@ -390,14 +528,20 @@ def main(argv=None) -> list[dict]:
     args.device, args.dtype = args.device or shape.device, args.dtype or shape.dtype
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         given = f"--device {asked}" if asked else f"--shape {args.shape} (a GPU shape)"
-        print(f"kd_step: {given} needs CUDA, but this machine has no CUDA device; run it on a GPU machine, "
-              "or pass --device cpu (and a smaller --batch/--seq) to run it here", file=sys.stderr)
+        print(
+            f"kd_step: {given} needs CUDA, but this machine has no CUDA device; run it on a GPU machine, "
+            "or pass --device cpu (and a smaller --batch/--seq) to run it here",
+            file=sys.stderr,
+        )
         sys.exit(2)
     args.chunk_size = args.chunk_size or auto_chunk_size(shape.vocab, torch.device(args.device).type)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = (tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants
-                else tuple(v for v in VARIANTS if v not in NEEDS_TRL or have_trl()))
+    variants = (
+        tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        if args.variants
+        else tuple(v for v in VARIANTS if v not in NEEDS_TRL or have_trl())
+    )
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"kd_step: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -407,30 +551,56 @@ def main(argv=None) -> list[dict]:
     if any(v in NEEDS_TRL for v in variants):  # imported now: trl's import is neither a step's time nor its memory
         import trl.experimental.gkd, trl.trainer.distillation_trainer  # noqa: E401, F401
 
-    bench = Bench(shape, batch=args.batch, seq=args.seq, device=args.device, dtype=args.dtype,
-                  optimizer=args.optimizer, chunk_size=args.chunk_size, variants=variants, artifacts_dir=args.artifacts_dir)
+    bench = Bench(
+        shape,
+        batch=args.batch,
+        seq=args.seq,
+        device=args.device,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        chunk_size=args.chunk_size,
+        variants=variants,
+        artifacts_dir=args.artifacts_dir,
+    )
     if args.peak_json:  # the child of child_peak
         peak, base = peak_above_baseline(bench, variants[0])
         args.peak_json.write_text(json.dumps({"peak_above_gib": peak, "baseline_gib": base}))
         return []
     times = time_rounds(bench, variants, rounds=args.rounds)
     tokens = bench.x.numel()
-    rows = [{"variant": v, "min_s": min(times[v]), "median_s": statistics.median(times[v]), "step_s": times[v],
-             "tokens_per_s": tokens / statistics.median(times[v])} for v in variants]
+    rows = [
+        {
+            "variant": v,
+            "min_s": min(times[v]),
+            "median_s": statistics.median(times[v]),
+            "step_s": times[v],
+            "tokens_per_s": tokens / statistics.median(times[v]),
+        }
+        for v in variants
+    ]
     if args.fresh_process:
         artifacts_dir = Path(bench.cache.root) if bench.cache is not None else None
         for r in rows:
             r["peak_above_gib"], r["baseline_gib"] = child_peak(args, r["variant"], artifacts_dir)
     add_ratios(rows)
-    print(f"shape={args.shape} B={args.batch} L={args.seq} V={shape.vocab} device={args.device} "
-          f"dtype={args.dtype} optimizer={args.optimizer} chunk_size={args.chunk_size} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds}")
+    print(
+        f"shape={args.shape} B={args.batch} L={args.seq} V={shape.vocab} device={args.device} "
+        f"dtype={args.dtype} optimizer={args.optimizer} chunk_size={args.chunk_size} "
+        f"threads={torch.get_num_threads()} rounds={args.rounds}"
+    )
     print(table(rows))
     if args.json:
-        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("peak_json", "artifacts_dir")}
-        report = {"machine": {**info, "threads": torch.get_num_threads()}, "options": opts, "shape": asdict(shape),
-                  "results": rows}
+        opts = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("peak_json", "artifacts_dir")
+        }
+        report = {
+            "machine": {**info, "threads": torch.get_num_threads()},
+            "options": opts,
+            "shape": asdict(shape),
+            "results": rows,
+        }
         args.json.write_text(json.dumps(report, indent=2))
     return rows
 

@@ -12,6 +12,7 @@ step's micro-batches, docs/method.md §10) and trains on them; the off-policy ru
 answers. The first run builds the embedded teacher and student into the cache (minutes, once); the table
 gives min and median seconds per step over the rounds, and on / off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,19 @@ REGIMES = ("off_policy", "on_policy")
 
 def run_once(regime: str, args, root: Path) -> dict:
     """One sekd-train run in a fresh process; its train_stats.json."""
-    cmd = [sys.executable, "-m", "sekd.train", f"experiment={args.experiment}", f"regime={regime}", "eval=none",
-           f"train.steps={args.steps}", "train.threads=1", "logging=disabled", f"paths.root={root}", *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sekd.train",
+        f"experiment={args.experiment}",
+        f"regime={regime}",
+        "eval=none",
+        f"train.steps={args.steps}",
+        "train.threads=1",
+        "logging=disabled",
+        f"paths.root={root}",
+        *args.overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True)
     if res.returncode != 0:
@@ -67,18 +79,38 @@ def main(argv=None) -> list[dict]:
                 stats = run_once(regime, args, Path(tmp) / f"{regime}-{k}")
                 per_step[regime].append(stats["train_time_s"] / stats["steps"])
                 batches[regime].append(stats["on_policy_batches"])
-    rows = [{"regime": r, "min_s_per_step": min(per_step[r]), "median_s_per_step": statistics.median(per_step[r]),
-             "s_per_step": per_step[r], "on_policy_batches": batches[r]} for r in REGIMES]
+    rows = [
+        {
+            "regime": r,
+            "min_s_per_step": min(per_step[r]),
+            "median_s_per_step": statistics.median(per_step[r]),
+            "s_per_step": per_step[r],
+            "on_policy_batches": batches[r],
+        }
+        for r in REGIMES
+    ]
     off = rows[0]["median_s_per_step"]
     for r in rows:
         r["vs_off_policy"] = r["median_s_per_step"] / off
     print(f"experiment={args.experiment} steps={args.steps} rounds={args.rounds} overrides={args.overrides}")
-    print(tabulate([[r["regime"], f"{r['min_s_per_step']:.4f}", f"{r['median_s_per_step']:.4f}",
-                     f"{r['vs_off_policy']:.2f}"] for r in rows],
-                   headers=["regime", "min s/step", "median s/step", "x off-policy"]))
+    print(
+        tabulate(
+            [
+                [
+                    r["regime"],
+                    f"{r['min_s_per_step']:.4f}",
+                    f"{r['median_s_per_step']:.4f}",
+                    f"{r['vs_off_policy']:.2f}",
+                ]
+                for r in rows
+            ],
+            headers=["regime", "min s/step", "median s/step", "x off-policy"],
+        )
+    )
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "options": {**vars(args), "json": str(args.json)},
-                                         "results": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": info, "options": {**vars(args), "json": str(args.json)}, "results": rows}, indent=2)
+        )
     return rows
 
 

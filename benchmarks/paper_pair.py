@@ -10,6 +10,7 @@ The tokenizer is a byte-level BPE trained on the embedded corpus, its vocabulary
 vocabulary, as with Qwen's own tokenizer, while the text tokenizes as the embedded corpus does. Weights are
 saved in bf16 (the teacher's compute dtype; the student is loaded in fp32 master weights by sekd-train).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def tokenizer(vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, TRAINED_VOCAB), special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, TRAINED_VOCAB),
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus.load_split("train"), trainer=trainer)
     spec = json.loads(tok.to_str())
     table = spec["model"]["vocab"]
@@ -71,8 +76,14 @@ def build(shape_name: str, out: Path, device: str) -> dict:
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    info = {"shape": shape_name, "vocab": shape.vocab, "params": sizes, "seconds": round(time.perf_counter() - t0, 1),
-            "teacher": str(out / "teacher"), "student": str(out / "student")}
+    info = {
+        "shape": shape_name,
+        "vocab": shape.vocab,
+        "params": sizes,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "teacher": str(out / "teacher"),
+        "student": str(out / "student"),
+    }
     (out / "pair.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -85,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = args.device or SHAPES[args.shape].device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"paper_pair: --shape {args.shape} builds on CUDA, and this machine has none; pass --device cpu",
-              file=sys.stderr)
+        print(
+            f"paper_pair: --shape {args.shape} builds on CUDA, and this machine has none; pass --device cpu",
+            file=sys.stderr,
+        )
         return 2
     info = build(args.shape, args.out, device)
-    print(f"paper_pair: {info['shape']}: teacher {info['params']['teacher'] / 1e9:.2f}B, student "
-          f"{info['params']['student'] / 1e9:.2f}B parameters, vocabulary {info['vocab']}, in {info['seconds']} s "
-          f"-> {args.out}")
+    print(
+        f"paper_pair: {info['shape']}: teacher {info['params']['teacher'] / 1e9:.2f}B, student "
+        f"{info['params']['student'] / 1e9:.2f}B parameters, vocabulary {info['vocab']}, in {info['seconds']} s "
+        f"-> {args.out}"
+    )
     return 0
 
 

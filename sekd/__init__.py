@@ -1,2 +1,3 @@
 """sekd: a benchmark harness for selective knowledge distillation of LLMs."""
+
 __version__ = "0.1.0"

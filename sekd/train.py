@@ -1,9 +1,10 @@
 """`sekd-train` (also `python -m sekd.train`): one run = compose -> train -> score -> record (sekd/app).
 
-    sekd-train experiment=se_kd seed=1338
-    sekd-train -m experiment=full_kd,random_pos,se_kd seed=1337,1338,1339
-    sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB   # will it fit?
+sekd-train experiment=se_kd seed=1338
+sekd-train -m experiment=full_kd,random_pos,se_kd seed=1337,1338,1339
+sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB   # will it fit?
 """
+
 from __future__ import annotations
 
 import sys

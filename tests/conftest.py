@@ -1,4 +1,5 @@
 """Every test runs offline: set before any Hugging Face package is imported."""
+
 import os
 
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -10,8 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_terminal_summary(terminalreporter):
     """Tests skipped for want of Slurm are repeated last, in a banner: a green run that did not test the
     Slurm path must say so (tests/test_slurm.py)."""
-    reasons = sorted({str(r.longrepr[2]) for r in terminalreporter.stats.get("skipped", [])
-                      if isinstance(r.longrepr, tuple) and "SLURM TESTS NOT RUN" in str(r.longrepr[2])})
+    reasons = sorted(
+        {
+            str(r.longrepr[2])
+            for r in terminalreporter.stats.get("skipped", [])
+            if isinstance(r.longrepr, tuple) and "SLURM TESTS NOT RUN" in str(r.longrepr[2])
+        }
+    )
     for reason in reasons:
         terminalreporter.write_sep("!", "Slurm path untested", yellow=True, bold=True)
         terminalreporter.write_line(reason.removeprefix("Skipped: "), yellow=True, bold=True)
@@ -61,10 +67,15 @@ def _spawns(module: str, name: str, seen: frozenset = frozenset()) -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: starts a process (the CLI, torchrun, a Slurm job, a notebook kernel); "
-                                       "`make test-fast` leaves these out")
-    config.addinivalue_line("markers", "slow: in-process but seconds long (every sweep cell, every config hash, "
-                                       "lm-eval's task index); `make test-fast` leaves these out")
+    config.addinivalue_line(
+        "markers",
+        "e2e: starts a process (the CLI, torchrun, a Slurm job, a notebook kernel); `make test-fast` leaves these out",
+    )
+    config.addinivalue_line(
+        "markers",
+        "slow: in-process but seconds long (every sweep cell, every config hash, "
+        "lm-eval's task index); `make test-fast` leaves these out",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """Shared test helpers: compose the real Hydra config, run the real CLI in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # The smallest real run: tiny pretrained pair, short sequences, a few steps, no wandb.
-TINY = ["model=tiny", "data.seq_len=64", "train.micro_batch_size=4", "train.grad_accum=2", "train.threads=1",
-        "train.log_every=1", "logging=disabled"]
+TINY = [
+    "model=tiny",
+    "data.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.grad_accum=2",
+    "train.threads=1",
+    "train.log_every=1",
+    "logging=disabled",
+]
 
 
 def compose_cfg(overrides: list[str], config_dir: Path = CONF, name: str = "config", hydra_node: bool = False):
@@ -31,19 +39,35 @@ def compose_cfg(overrides: list[str], config_dir: Path = CONF, name: str = "conf
 
 def sekd_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sekd.train", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def sekd_train_killed(args: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None,
-                      timeout: int = 600, victims: Callable[[int], list[int]] | None = None
-                      ) -> subprocess.CompletedProcess:
+def sekd_train_killed(
+    args: list[str],
+    ready: Callable[[], bool],
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    victims: Callable[[int], list[int]] | None = None,
+) -> subprocess.CompletedProcess:
     """Run the real CLI until `ready()` holds (polled every 10 ms; e.g. a checkpoint is written), then
     SIGKILL it, as a crash or a lost node would: `victims(pid)` names the processes to kill (default: the
     CLI itself). Returns the ended process (returncode -9 when killed; its own code when it ended first)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block it
-        proc = subprocess.Popen([sys.executable, "-m", "sekd.train", *args], cwd=ROOT,
-                                env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sekd.train", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
         try:
             deadline = time.time() + timeout
             while proc.poll() is None and not ready():

@@ -5,6 +5,7 @@ exit status 2, before any model is built or loaded (the run's paths.cache stays 
 pair, tokenizers and packed data all live there), and with nothing left under paths.root: no run
 folder, no eval-*/config.yaml, no empty hydra/<time>/train.log.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def bad_lines(good: bytes, field: str) -> dict[str, tuple[bytes, str]]:
     return {
         "bad JSON": (good + b"{not json\n", ":2: not valid JSON"),
         "missing field": (good + json.dumps({"other": "x"}).encode() + b"\n", f":2: record has no field '{field}'"),
-        "non-string field": (good + json.dumps({"question": 7, "answer": 7, "text": 7}).encode() + b"\n",
-                             f":2: field '{field}' is int, not a string"),
+        "non-string field": (
+            good + json.dumps({"question": 7, "answer": 7, "text": 7}).encode() + b"\n",
+            f":2: field '{field}' is int, not a string",
+        ),
         "empty file": (b"", ": holds no records"),
         "non-UTF-8 bytes": (good + NOT_UTF8.replace(b'"text"', f'"{field}"'.encode()), ":2: not UTF-8"),
     }
@@ -40,47 +43,119 @@ def bad_lines(good: bytes, field: str) -> dict[str, tuple[bytes, str]]:
 
 # (id, files to write under tmp, overrides ({tmp} is the test's folder), extra env, expected substring)
 ROWS = [
-    *[(f"jsonl {kind}", {"f.jsonl": content}, ["data=jsonl", "data.train_file={tmp}/f.jsonl"], {},
-       "{tmp}/f.jsonl" + says) for kind, (content, says) in bad_lines(TEXT, "text").items()],
-    *[(f"gsm8k {kind}", {"f.jsonl": content}, ["data=gsm8k", "data.train_file={tmp}/f.jsonl"], {},
-       "{tmp}/f.jsonl" + says) for kind, (content, says) in bad_lines(QA, "question").items()],
-    ("gsm8k bad test_file", {"f.jsonl": QA, "t.jsonl": QA + b"[1, 2]\n"},
-     ["data=gsm8k", "data.train_file={tmp}/f.jsonl", "data.test_file={tmp}/t.jsonl"], {},
-     "{tmp}/t.jsonl:2: record is list, not an object"),
-    ("train.device=cuda without CUDA", {}, ["train.device=cuda"], CPU_ONLY,
-     "train.device=cuda but this machine has no CUDA device"),
-    ("eval.device=cuda without CUDA", {}, ["eval.device=cuda"], CPU_ONLY,
-     "eval.device=cuda but this machine has no CUDA device"),
-    ("model.teacher_device=cuda:3 without CUDA", {}, ["model.teacher_device=cuda:3"], CPU_ONLY,
-     "model.teacher_device=cuda:3 but this machine has no CUDA device"),
-    ("model.teacher_device=cuda without CUDA", {}, ["model.teacher_device=cuda"], CPU_ONLY,
-     "model.teacher_device=cuda but this machine has no CUDA device"),
-    ("train.distributed=fsdp on one rank", {}, ["train.distributed=fsdp"],
-     {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"},
-     "train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1"),
-    ("paper pair offline, not cached", {}, ["model=qwen3_8b_to_1.7b"], {},
-     "model.teacher='Qwen/Qwen3-8B' is not on local disk and the hub is offline (HF_HUB_OFFLINE=1)"),
-    ("hub teacher offline, local student", {"student/config.json": b"{}"},
-     ["model.source=pretrained", "model.teacher=some/hub-name", "model.student={tmp}/student"], {},
-     "model.teacher='some/hub-name' is not on local disk and the hub is offline"),
-    ("model folder missing", {}, ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/nowhere"], {},
-     "model.teacher='{tmp}/nowhere': no such folder"),
-    ("model folder without config.json", {"m/README.md": b"x"},
-     ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/m", "model.student={tmp}/m"], {},
-     "model.teacher='{tmp}/m' is a folder without config.json"),
+    *[
+        (
+            f"jsonl {kind}",
+            {"f.jsonl": content},
+            ["data=jsonl", "data.train_file={tmp}/f.jsonl"],
+            {},
+            "{tmp}/f.jsonl" + says,
+        )
+        for kind, (content, says) in bad_lines(TEXT, "text").items()
+    ],
+    *[
+        (
+            f"gsm8k {kind}",
+            {"f.jsonl": content},
+            ["data=gsm8k", "data.train_file={tmp}/f.jsonl"],
+            {},
+            "{tmp}/f.jsonl" + says,
+        )
+        for kind, (content, says) in bad_lines(QA, "question").items()
+    ],
+    (
+        "gsm8k bad test_file",
+        {"f.jsonl": QA, "t.jsonl": QA + b"[1, 2]\n"},
+        ["data=gsm8k", "data.train_file={tmp}/f.jsonl", "data.test_file={tmp}/t.jsonl"],
+        {},
+        "{tmp}/t.jsonl:2: record is list, not an object",
+    ),
+    (
+        "train.device=cuda without CUDA",
+        {},
+        ["train.device=cuda"],
+        CPU_ONLY,
+        "train.device=cuda but this machine has no CUDA device",
+    ),
+    (
+        "eval.device=cuda without CUDA",
+        {},
+        ["eval.device=cuda"],
+        CPU_ONLY,
+        "eval.device=cuda but this machine has no CUDA device",
+    ),
+    (
+        "model.teacher_device=cuda:3 without CUDA",
+        {},
+        ["model.teacher_device=cuda:3"],
+        CPU_ONLY,
+        "model.teacher_device=cuda:3 but this machine has no CUDA device",
+    ),
+    (
+        "model.teacher_device=cuda without CUDA",
+        {},
+        ["model.teacher_device=cuda"],
+        CPU_ONLY,
+        "model.teacher_device=cuda but this machine has no CUDA device",
+    ),
+    (
+        "train.distributed=fsdp on one rank",
+        {},
+        ["train.distributed=fsdp"],
+        {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"},
+        "train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1",
+    ),
+    (
+        "paper pair offline, not cached",
+        {},
+        ["model=qwen3_8b_to_1.7b"],
+        {},
+        "model.teacher='Qwen/Qwen3-8B' is not on local disk and the hub is offline (HF_HUB_OFFLINE=1)",
+    ),
+    (
+        "hub teacher offline, local student",
+        {"student/config.json": b"{}"},
+        ["model.source=pretrained", "model.teacher=some/hub-name", "model.student={tmp}/student"],
+        {},
+        "model.teacher='some/hub-name' is not on local disk and the hub is offline",
+    ),
+    (
+        "model folder missing",
+        {},
+        ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/nowhere"],
+        {},
+        "model.teacher='{tmp}/nowhere': no such folder",
+    ),
+    (
+        "model folder without config.json",
+        {"m/README.md": b"x"},
+        ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/m", "model.student={tmp}/m"],
+        {},
+        "model.teacher='{tmp}/m' is a folder without config.json",
+    ),
     # passes the up-front checks and fails at the tokenizer: the run folder and config.yaml must not appear
-    ("unreadable tokenizer", {"m/config.json": b"{}", "m/tokenizer_config.json": b"{not json"},
-     ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/m", "model.student={tmp}/m"], {},
-     "model.student='{tmp}/m': cannot load its tokenizer"),
+    (
+        "unreadable tokenizer",
+        {"m/config.json": b"{}", "m/tokenizer_config.json": b"{not json"},
+        ["model=qwen3_8b_to_1.7b", "model.teacher={tmp}/m", "model.student={tmp}/m"],
+        {},
+        "model.student='{tmp}/m': cannot load its tokenizer",
+    ),
     ("stage=score before training", {}, ["stage=score"], {}, "stage=score: {tmp}/root/runs/"),
-    ("hydra/launcher=slurm without sbatch", {}, ["-m", "hydra/launcher=slurm"], "NO_SBATCH",
-     "hydra/launcher=slurm submits with sbatch, which is not on this machine's PATH"),
+    (
+        "hydra/launcher=slurm without sbatch",
+        {},
+        ["-m", "hydra/launcher=slurm"],
+        "NO_SBATCH",
+        "hydra/launcher=slurm submits with sbatch, which is not on this machine's PATH",
+    ),
 ]
 
 
 def path_without_sbatch() -> str:
-    return os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
-                           if d and not (Path(d) / "sbatch").exists())
+    return os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "sbatch").exists()
+    )
 
 
 def everything_under(folder: Path) -> list[Path]:
@@ -114,24 +189,34 @@ def test_refused_in_one_line_before_any_model_and_leaves_nothing(tmp_path, files
 
 def test_benchmark_refuses_a_cuda_shape_without_cuda(tmp_path):
     out = tmp_path / "out.json"
-    res = subprocess.run([sys.executable, "benchmarks/kd_step.py", "--shape", "qwen3_8b_to_1.7b", "--json", str(out)],
-                         cwd=ROOT, env={**os.environ, **CPU_ONLY}, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "benchmarks/kd_step.py", "--shape", "qwen3_8b_to_1.7b", "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, **CPU_ONLY},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.strip().splitlines() == [
         "kd_step: --shape qwen3_8b_to_1.7b (a GPU shape) needs CUDA, but this machine has no CUDA device; run it "
-        "on a GPU machine, or pass --device cpu (and a smaller --batch/--seq) to run it here"]
+        "on a GPU machine, or pass --device cpu (and a smaller --batch/--seq) to run it here"
+    ]
     assert not out.exists()
 
 
-@pytest.mark.parametrize("version,refused", [("2.5.1+cu121", True), ("2.7.0", True), ("2.8.0", False),
-                                             ("2.13.0+cpu", False), ("2.8.0a0+gitabc", False)])
+@pytest.mark.parametrize(
+    "version,refused",
+    [("2.5.1+cu121", True), ("2.7.0", True), ("2.8.0", False), ("2.13.0+cpu", False), ("2.8.0a0+gitabc", False)],
+)
 def test_fsdp_on_a_torch_without_fsdp2s_switches_is_one_line_naming_the_version(version, refused, monkeypatch):
     """train.distributed=fsdp uses FSDP2's fully_shard, MixedPrecisionPolicy and its sum-reduction switches,
     which older torch lacks: refused from the config, before any launcher or model is asked."""
     import torch
 
     from sekd.app.compose import check_fsdp
-    from sekd.app.checks import ConfigError, typed
+    from sekd.core.errors import ConfigError
+    from sekd.app.checks import typed
     from sekd.distributed.fsdp import FSDP_MIN_TORCH
     from tests.helpers import compose_cfg
 

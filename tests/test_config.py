@@ -3,9 +3,12 @@
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.app.checks import ConfigError, config_hash, validate
-from sekd.config.schema import (DataConfig, OnPolicyRegime, PositionConfig, RegimeConfig, RunConfig, TrainConfig,
-                         rule)
+from sekd.core.errors import ConfigError
+
+from sekd.stores.runs import config_hash
+
+from sekd.app.checks import validate
+from sekd.config.schema import DataConfig, OnPolicyRegime, PositionConfig, RegimeConfig, RunConfig, TrainConfig, rule
 from tests.helpers import CONF, PRESETS, ROOT, compose_cfg, sekd_train
 
 
@@ -20,8 +23,9 @@ def test_every_preset_composes_and_validates(preset):
     assert isinstance(run.regime, OnPolicyRegime) == preset.startswith("on_policy")
 
 
-@pytest.mark.parametrize("group", ["model", "data", "position", "classes", "samples", "criterion", "regime",
-                                   "train", "eval", "logging"])
+@pytest.mark.parametrize(
+    "group", ["model", "data", "position", "classes", "samples", "criterion", "regime", "train", "eval", "logging"]
+)
 def test_every_group_option_composes_to_its_own_keys(group):
     """Every option of every group composes against its class (data: a mapping, each source has its own
     keys), and every key its YAML writes is one the class types. tests/test_config_hashes.py checks that
@@ -35,13 +39,16 @@ def test_every_group_option_composes_to_its_own_keys(group):
             assert all(rule(f"{group}.{k}") for k in written), (group, option)
 
 
-@pytest.mark.parametrize("overrides,key,text", [
-    (["train.lr=abc"], "train.lr", "could not be converted to Float"),
-    (["seed=true"], "seed", "could not be converted to Integer"),
-    (["position.options=5"], "position.options", "Dict"),
-    (["regime.mix=0.5"], "regime.mix", "Could not override"),  # off-policy has no mix
-    (["train.lrr=1"], "train.lrr", "Could not override"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,text",
+    [
+        (["train.lr=abc"], "train.lr", "could not be converted to Float"),
+        (["seed=true"], "seed", "could not be converted to Integer"),
+        (["position.options=5"], "position.options", "Dict"),
+        (["regime.mix=0.5"], "regime.mix", "Could not override"),  # off-policy has no mix
+        (["train.lrr=1"], "train.lrr", "Could not override"),
+    ],
+)
 def test_hydra_itself_refuses_wrong_types_and_unknown_keys(overrides, key, text):
     """Hydra refuses these while composing, against the schema; check_command_line turns each into one
     line (tests/test_bad_inputs.py)."""
@@ -58,18 +65,21 @@ def test_a_key_appended_past_hydra_is_refused_when_converted():
         validate(cfg)
 
 
-@pytest.mark.parametrize("build,message", [
-    (lambda: TrainConfig(lr=-1.0), "train.lr=-1.0 must be a number > 0"),
-    (lambda: TrainConfig(betas=[0.9]), "train.betas=[0.9] must be two numbers [beta1, beta2], each in [0, 1)"),
-    (lambda: TrainConfig(chunk_size="big"), "train.chunk_size='big' must be an integer > 0"),
-    (lambda: TrainConfig(optimizer="sgd"), "train.optimizer='sgd' is not allowed; choose one of: adamw, adam8bit"),
-    (lambda: PositionConfig(k=0.0), "position.k=0.0 must be a fraction in (0, 1]"),
-    (lambda: PositionConfig(policy="top_k"), "position.signal is required for position.policy=top_k"),
-    (lambda: OnPolicyRegime(top_p=0.0), "regime.top_p=0.0 must be a fraction in (0, 1]"),
-    (lambda: RegimeConfig(name="on_policy"), "regime.name=on_policy needs the on-policy keys"),
-    (lambda: DataConfig(seq_len=128, token_budget=100), "data.token_budget=100 is less than one sequence"),
-    (lambda: RunConfig(mode="train"), "mode='train' is not allowed; choose one of: distill"),
-])
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: TrainConfig(lr=-1.0), "train.lr=-1.0 must be a number > 0"),
+        (lambda: TrainConfig(betas=[0.9]), "train.betas=[0.9] must be two numbers [beta1, beta2], each in [0, 1)"),
+        (lambda: TrainConfig(chunk_size="big"), "train.chunk_size='big' must be an integer > 0"),
+        (lambda: TrainConfig(optimizer="sgd"), "train.optimizer='sgd' is not allowed; choose one of: adamw, adam8bit"),
+        (lambda: PositionConfig(k=0.0), "position.k=0.0 must be a fraction in (0, 1]"),
+        (lambda: PositionConfig(policy="top_k"), "position.signal is required for position.policy=top_k"),
+        (lambda: OnPolicyRegime(top_p=0.0), "regime.top_p=0.0 must be a fraction in (0, 1]"),
+        (lambda: RegimeConfig(name="on_policy"), "regime.name=on_policy needs the on-policy keys"),
+        (lambda: DataConfig(seq_len=128, token_budget=100), "data.token_budget=100 is less than one sequence"),
+        (lambda: RunConfig(mode="train"), "mode='train' is not allowed; choose one of: distill"),
+    ],
+)
 def test_each_dataclass_checks_its_own_values(build, message):
     with pytest.raises(ConfigError) as err:
         build()
@@ -79,14 +89,18 @@ def test_each_dataclass_checks_its_own_values(build, message):
 def test_data_keys_split_into_shared_fields_and_the_sources_own():
     run = validate(compose_cfg(["data=gsm8k", "data.max_samples=7"]))
     assert (run.data.name, run.data.seq_len, run.data.max_samples, run.data.answer_tokens) == ("gsm8k", 512, 7, 256)
-    assert run.data.options == {"path": "openai/gsm8k", "train_file": None, "validation_file": None,
-                                "test_file": None, "validation_size": 500}
+    assert run.data.options == {
+        "path": "openai/gsm8k",
+        "train_file": None,
+        "validation_file": None,
+        "test_file": None,
+        "validation_size": 500,
+    }
     assert TrainConfig() == validate(compose_cfg([])).train  # the classes' defaults are the embedded profile's
 
 
 def test_paper_scale_configs_compose():
-    cfg = compose_cfg(["experiment=full_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper",
-                       "eval=paper"])
+    cfg = compose_cfg(["experiment=full_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper", "eval=paper"])
     validate(cfg)
     assert cfg.model.teacher == "Qwen/Qwen3-8B" and cfg.model.student == "Qwen/Qwen3-1.7B"
     assert cfg.data.seq_len == 512 and cfg.data.token_budget == 80_000_000
@@ -97,8 +111,9 @@ def test_paper_scale_configs_compose():
 def test_demo_sweep_composes(name, profile, steps):
     """The grid `make demo` runs, and the same grid under profile=miniature (the CLI finds conf/ itself;
     compose() needs the search path): local subprocesses, three seeds, every method the same steps."""
-    cfg = compose_cfg([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_dir=ROOT / "sweeps", name=name,
-                      hydra_node=True)
+    cfg = compose_cfg(
+        [f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_dir=ROOT / "sweeps", name=name, hydra_node=True
+    )
     params = cfg.hydra.sweeper.params
     assert set(params["experiment"].split(",")) >= {"full_kd", "random_pos", "se_kd", "se_kd3x", "student", "teacher"}
     assert str(params["seed"]).split(",") == ["1337", "1338", "1339"]
@@ -159,8 +174,16 @@ def test_tokenizer_mismatch_is_refused_before_weights_load(tmp_path):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel()
         tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
         PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path / name)
-    res = sekd_train(["model=qwen3_8b_to_1.7b", f"model.teacher={tmp_path / 'a'}", f"model.student={tmp_path / 'b'}",
-                      f"paths.root={tmp_path}/out", "logging=disabled"], timeout=120)
+    res = sekd_train(
+        [
+            "model=qwen3_8b_to_1.7b",
+            f"model.teacher={tmp_path / 'a'}",
+            f"model.student={tmp_path / 'b'}",
+            f"paths.root={tmp_path}/out",
+            "logging=disabled",
+        ],
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert "model.teacher" in last and "tokenizer" in last
@@ -171,7 +194,7 @@ def test_tokenizer_mismatch_is_refused_before_weights_load(tmp_path):
 @pytest.mark.parametrize("preset", ["on_policy_se_kd", "se_kd3x"])
 def test_a_saved_config_converts_again(preset):
     """A run's config.yaml (plain, composed long ago) goes through the same schema and checks."""
-    from sekd.app.checks import resolved
+    from sekd.stores.runs import resolved
 
     saved = OmegaConf.create(resolved(compose_cfg([f"experiment={preset}"])))
     run = validate(saved)

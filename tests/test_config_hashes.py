@@ -4,6 +4,7 @@ each profile) and of every cell of every sweep under each profile, plus a few co
 composes each again and compares. Regenerate the fixture ONLY for a deliberate, documented hash migration:
     python -m tests.test_config_hashes --write
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sekd.app.checks import config_hash, eval_hash, train_hash
+from sekd.stores.runs import config_hash, eval_hash, train_hash
 from tests.helpers import CONF, PRESETS, ROOT
 from tests.test_sweeps import NAMES, SWEEPS, grid
 
@@ -20,14 +21,36 @@ FIXTURE = ROOT / "tests" / "fixtures" / "config_hashes.json"
 PROFILES = ("embedded", "paper")
 SEARCH = f"hydra.searchpath=[file://{CONF}]"
 # Overrides users commonly give beside a preset: other data sources, regimes, criteria, class samplers.
-EXTRA = [["data=arith"], ["data=gsm8k"], ["data=fineweb_edu"], ["data=gsm8k", "data.train_file=x.jsonl"],
-         ["regime=on_policy", "data=arith"], ["regime=on_policy", "data=gsm8k", "regime.mix=0.5"],
-         ["criterion=dkd"], ["criterion=atkd"], ["criterion=weighted", "position=top_k"],
-         ["classes=top_k_truncation"], ["classes=rs_kd", "classes.cache=auto"], ["position=gls"],
-         ["position=curriculum"], ["position=pos_rs", "position.options.tau=2.0"], ["samples=kl"],
-         ["model=tiny"], ["model=qwen3_8b_to_1.7b"], ["train=paper"], ["eval=paper"], ["eval=validation"],
-         ["eval=none"], ["eval=task"], ["logging=disabled"], ["train.lr=0.5", "seed=7"], ["stage=train"],
-         ["mode=score_student"], ["train.steps=3", "eval.limit=5"], ["data.token_budget=1000"]]
+EXTRA = [
+    ["data=arith"],
+    ["data=gsm8k"],
+    ["data=fineweb_edu"],
+    ["data=gsm8k", "data.train_file=x.jsonl"],
+    ["regime=on_policy", "data=arith"],
+    ["regime=on_policy", "data=gsm8k", "regime.mix=0.5"],
+    ["criterion=dkd"],
+    ["criterion=atkd"],
+    ["criterion=weighted", "position=top_k"],
+    ["classes=top_k_truncation"],
+    ["classes=rs_kd", "classes.cache=auto"],
+    ["position=gls"],
+    ["position=curriculum"],
+    ["position=pos_rs", "position.options.tau=2.0"],
+    ["samples=kl"],
+    ["model=tiny"],
+    ["model=qwen3_8b_to_1.7b"],
+    ["train=paper"],
+    ["eval=paper"],
+    ["eval=validation"],
+    ["eval=none"],
+    ["eval=task"],
+    ["logging=disabled"],
+    ["train.lr=0.5", "seed=7"],
+    ["stage=train"],
+    ["mode=score_student"],
+    ["train.steps=3", "eval.limit=5"],
+    ["data.token_budget=1000"],
+]
 
 
 def cases() -> dict[str, tuple[str, list[str]]]:
@@ -63,8 +86,11 @@ def all_hashes() -> dict[str, dict[str, str]]:
         for case, seed in seeded.items():
             cfg.seed = default_seed if seed is None else seed
             # the identity on a machine without a GPU (precision auto resolves to fp32), wherever the test runs
-            out[case] = {"config_hash": config_hash(cfg, cuda=False), "train_hash": train_hash(cfg, cuda=False),
-                         "eval_hash": eval_hash(cfg, cuda=False)}
+            out[case] = {
+                "config_hash": config_hash(cfg, cuda=False),
+                "train_hash": train_hash(cfg, cuda=False),
+                "eval_hash": eval_hash(cfg, cuda=False),
+            }
     return out
 
 

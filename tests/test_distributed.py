@@ -21,6 +21,7 @@ trace checks the answers' lengths equal (its supervised positions), and a single
 would move the weights by ~lr, far outside ATOL: the same bound holds, and a failure would mean a
 flipped draw (rare, and visible in the trace) or a real error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,13 +52,27 @@ def args(root: Path, preset: str, mb: int, *extra: str, steps: int = 2) -> list[
     over = {"train.micro_batch_size": str(mb), "train.device": "cpu", "train.precision": "fp32"}
     replaced = {*over, *(e.split("=")[0] for e in extra)}
     base = [a for a in TINY if a.split("=")[0] not in replaced]
-    return [*base, *(f"{k}={v}" for k, v in over.items()), f"experiment={preset}", f"train.steps={steps}", "eval=none",
-            f"paths.root={root}", f"paths.cache={root.parent}/cache", *extra]
+    return [
+        *base,
+        *(f"{k}={v}" for k, v in over.items()),
+        f"experiment={preset}",
+        f"train.steps={steps}",
+        "eval=none",
+        f"paths.root={root}",
+        f"paths.cache={root.parent}/cache",
+        *extra,
+    ]
 
 
 def torchrun(argv: list[str], timeout: int = 300, mode: str = "ddp") -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *argv, f"train.distributed={mode}"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*TORCHRUN, *argv, f"train.distributed={mode}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def two_ranks_and_one(tmp_path: Path, preset: str, *extra: str, mode: str = "ddp") -> None:
@@ -74,8 +89,9 @@ def torchrun_killed(argv: list[str], ready, timeout: int = 300) -> int:
     """torchrun until `ready()` holds, then SIGKILL to it and every process below it (the agent and both
     ranks, which torchrun starts in sessions of their own), as a lost node would. Returns its exit status."""
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([*TORCHRUN, *argv, "train.distributed=ddp"], cwd=ROOT, env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*TORCHRUN, *argv, "train.distributed=ddp"], cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
         deadline = time.time() + timeout
         try:
             while proc.poll() is None and not ready():
@@ -109,8 +125,9 @@ def the_run(root: Path) -> Path:
 PRESET_EXTRA = {"on_policy_full_kd": ["data.seq_len=128", "regime.max_new_tokens=8"]}
 
 
-@pytest.mark.parametrize("preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd", "top_smp",
-                                    "on_policy_full_kd"])
+@pytest.mark.parametrize(
+    "preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd", "top_smp", "on_policy_full_kd"]
+)
 def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
     extra = ["train.trace_selection_steps=2", *PRESET_EXTRA.get(preset, [])]
     two_ranks_and_one(tmp_path, preset, *extra)
@@ -122,8 +139,9 @@ def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
     rows = [json.loads(ln) for ln in (run / "selection_trace.jsonl").read_text().splitlines()]
     one_rows = [json.loads(ln) for ln in (the_run(tmp_path / "one") / "selection_trace.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # steps x grad_accum x global micro-batch
-    assert [(r["step"], r["sample"], sorted(r["selected"])) for r in rows] == \
-        [(r["step"], r["sample"], sorted(r["selected"])) for r in one_rows]
+    assert [(r["step"], r["sample"], sorted(r["selected"])) for r in rows] == [
+        (r["step"], r["sample"], sorted(r["selected"])) for r in one_rows
+    ]
     assert len(list((tmp_path / "two" / "hydra").iterdir())) == 1  # rank 1's Hydra log went elsewhere
     stats = json.loads((run / "train_stats.json").read_text())
     one_stats = json.loads((the_run(tmp_path / "one") / "train_stats.json").read_text())
@@ -164,8 +182,14 @@ def test_a_multirun_under_torchrun_trains_each_cell_over_both_ranks(tmp_path):
     sweep = ["-m", "train.lam=0.5,1.0"]
     tmp = tmp_path / "tmp"  # where rank 1 puts its Hydra output (tempfile reads TMPDIR)
     tmp.mkdir()
-    two = subprocess.run([*TORCHRUN, *sweep, *args(tmp_path / "two", "full_kd", 2), "train.distributed=ddp"], cwd=ROOT,
-                         env={**ENV, "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [*TORCHRUN, *sweep, *args(tmp_path / "two", "full_kd", 2), "train.distributed=ddp"],
+        cwd=ROOT,
+        env={**ENV, "TMPDIR": str(tmp)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = sekd_train([*sweep, *args(tmp_path / "one", "full_kd", 4)], env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
@@ -197,8 +221,9 @@ def test_ddp_without_a_launcher_is_refused(tmp_path):
 
 
 def test_ranks_without_a_distributed_mode_are_refused(tmp_path):
-    r = subprocess.run([*TORCHRUN, *args(tmp_path, "full_kd", 2)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [*TORCHRUN, *args(tmp_path, "full_kd", 2)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode != 0
     assert "sekd: config error: train.distributed=none but this process is rank" in r.stderr
     assert not (tmp_path / "runs").exists()
@@ -210,9 +235,12 @@ def _collectives(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
-    got = {"cat": dist.all_gather_cat(torch.arange(rank * 3, rank * 3 + 1 + 2 * rank).float().view(-1, 1)).tolist(),
-           "sum": dist.all_reduce_sum(rank + 0.5), "obj": dist.broadcast_object({"from": rank}),
-           "objs": dist.all_gather_objects(rank)}
+    got = {
+        "cat": dist.all_gather_cat(torch.arange(rank * 3, rank * 3 + 1 + 2 * rank).float().view(-1, 1)).tolist(),
+        "sum": dist.all_reduce_sum(rank + 0.5),
+        "obj": dist.broadcast_object({"from": rank}),
+        "objs": dist.all_gather_objects(rank),
+    }
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     c = torch.nn.Parameter(torch.zeros(1))  # no rank's gradient: stays None
     buckets = GradBuckets([a, b, c], dist, bucket_bytes=8)  # a bucket each

@@ -6,6 +6,7 @@ WORLD_SIZE ranks (rank 1 has exited) and wait at its first collective. sekd scor
 `sekd.distributed.launch.one_process`, so lm-eval sees one process, and the scores are those of the same weights
 scored by a plain process.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,33 @@ def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_
     # the same weights scored by this (one-process) pytest: the same numbers
     from sekd.evaluation.score import score_checkpoint
 
-    again = score_checkpoint(the_run(root) / "model", tmp_path / "again", suite="embedded", split="test",
-                             artifacts_dir=tmp_path / "cache" / "eval", batch_size=16, limit=8, device="cpu", seed=42)
+    again = score_checkpoint(
+        the_run(root) / "model",
+        tmp_path / "again",
+        suite="embedded",
+        split="test",
+        artifacts_dir=tmp_path / "cache" / "eval",
+        batch_size=16,
+        limit=8,
+        device="cpu",
+        seed=42,
+    )
     assert record["metrics"] == again
 
 
 def test_one_process_hides_the_launch_variables_and_restores_them(monkeypatch):
     from sekd.distributed.launch import from_env
 
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29511", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}.items():
+    for key, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_ID": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     assert from_env().world_size == 2
     with one_process():

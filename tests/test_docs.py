@@ -1,6 +1,7 @@
 """The project explains itself: docs/method.md covers every registered piece, every `docs/method.md §N`
 citation points at a section that exists, and nothing outside tests/ sends a user to files they do not
 have (the spec the project was built from, a sibling `../shared` folder, a path of one machine)."""
+
 from __future__ import annotations
 
 import re
@@ -18,11 +19,23 @@ from sekd.selection.signals import SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
-SECTIONS = ("Notation", "The selective objective", "Alignment criteria", "Position axis: importance signals",
-            "Position axis: selection policies", "Class axis", "Sample axis", "Named methods",
-            "Efficiency features", "Regimes", "Evaluation protocol", "Paper hyperparameters",
-            "Defects of the paper's public code that sekd does not copy",
-            "Where the presets follow the paper's code", "Other places sekd knowingly differs")
+SECTIONS = (
+    "Notation",
+    "The selective objective",
+    "Alignment criteria",
+    "Position axis: importance signals",
+    "Position axis: selection policies",
+    "Class axis",
+    "Sample axis",
+    "Named methods",
+    "Efficiency features",
+    "Regimes",
+    "Evaluation protocol",
+    "Paper hyperparameters",
+    "Defects of the paper's public code that sekd does not copy",
+    "Where the presets follow the paper's code",
+    "Other places sekd knowingly differs",
+)
 # What a user of the project does not have: the spec, the folder it sat in, one machine's paths.
 UNFOLLOWABLE = re.compile(r"SPEC §|SPEC\.md|\.\./shared|(?<![\w.~-])/(?:work|root|home)/")
 SKIP_DIRS = {".git", ".venv", "outputs", ".sekd_cache", "__pycache__", "node_modules"}
@@ -33,12 +46,21 @@ CITATION = re.compile(r"docs/method\.md((?:\s*(?:[,\-–]|and)?\s*§\d+)+)")
 def project_files() -> list[Path]:
     """Files of the project (tracked or new, not ignored); outside a git checkout, the tree minus build output."""
     if shutil.which("git") and (ROOT / ".git").exists():
-        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         paths = [ROOT / p for p in out.split("\0") if p]
     else:
-        paths = [p for p in ROOT.rglob("*") if not SKIP_DIRS & set(p.relative_to(ROOT).parts)
-                 and not any(part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)]
+        paths = [
+            p
+            for p in ROOT.rglob("*")
+            if not SKIP_DIRS & set(p.relative_to(ROOT).parts)
+            and not any(part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)
+        ]
     return sorted(p for p in paths if p.is_file())
 
 
@@ -79,9 +101,12 @@ def test_method_has_the_numbered_sections_the_code_cites(method):
 
 
 def test_no_file_outside_tests_sends_the_user_to_files_they_do_not_have(texts):
-    bad = [f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
-           for name, text in texts.items() if not name.startswith("tests/")
-           for m in UNFOLLOWABLE.finditer(text)]
+    bad = [
+        f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+        for name, text in texts.items()
+        if not name.startswith("tests/")
+        for m in UNFOLLOWABLE.finditer(text)
+    ]
     assert not bad, "cite docs/method.md §N instead of:\n" + "\n".join(bad)
 
 
@@ -96,16 +121,22 @@ def test_the_scan_sees_the_project_and_catches_each_kind():
 
 def test_every_citation_names_a_section_that_exists(texts, method):
     known = sections(method)
-    cited = [(name, int(n)) for name, text in texts.items()
-             for m in CITATION.finditer(text) for n in re.findall(r"§(\d+)", m.group(1))]
+    cited = [
+        (name, int(n))
+        for name, text in texts.items()
+        for m in CITATION.finditer(text)
+        for n in re.findall(r"§(\d+)", m.group(1))
+    ]
     assert len(cited) > 20, "the citation pattern found almost nothing: is it still right?"
     bad = sorted({f"{name}: §{n}" for name, n in cited if n not in known})
     assert not bad, "docs/method.md has no such section:\n" + "\n".join(bad)
 
 
 def test_the_citation_pattern_reads_ranges_and_lists():
-    found = [re.findall(r"§(\d+)", m.group(1)) for m in
-             CITATION.finditer("(docs/method.md §7-§9, §13) and docs/method.md §1 valid(t), docs/method.md §10")]
+    found = [
+        re.findall(r"§(\d+)", m.group(1))
+        for m in CITATION.finditer("(docs/method.md §7-§9, §13) and docs/method.md §1 valid(t), docs/method.md §10")
+    ]
     assert found == [["7", "9", "13"], ["1"], ["10"]]
 
 
@@ -115,8 +146,13 @@ def test_method_cross_references_exist(method):
     assert not bad, f"docs/method.md refers to missing sections {bad}"
 
 
-REGISTRIES = {"signal": SIGNALS, "policy": POLICIES, "class selector": CLASSES, "sample selector": SAMPLE_SELECTORS,
-              "criterion": CRITERIA}
+REGISTRIES = {
+    "signal": SIGNALS,
+    "policy": POLICIES,
+    "class selector": CLASSES,
+    "sample selector": SAMPLE_SELECTORS,
+    "criterion": CRITERIA,
+}
 
 
 @pytest.mark.parametrize("kind", REGISTRIES)
@@ -135,8 +171,9 @@ def test_every_config_option_of_the_method_groups_is_documented(group, method):
     options = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
     assert options
     # eval's profile-specific aliases (embedded_task, paper_task) stand for `task` on each profile
-    missing = [o for o in options if f"`{o}`" not in method and f"`{group}={o}`" not in method
-               and not o.endswith("_task")]
+    missing = [
+        o for o in options if f"`{o}`" not in method and f"`{group}={o}`" not in method and not o.endswith("_task")
+    ]
     assert not missing, f"docs/method.md does not mention {group} options {missing}"
 
 

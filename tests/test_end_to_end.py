@@ -1,4 +1,5 @@
 """A real tiny run: Hydra -> pretrained embedded pair -> KD -> HF checkpoint -> lm-eval -> record -> report."""
+
 import json
 import math
 
@@ -30,8 +31,17 @@ def test_record_holds_what_the_issue_lists(runs):
     assert len(recs) == 3
     full = [r for r in recs if r["preset"] == "full_kd"]
     for r in full:
-        for key in ("config", "config_hash", "metrics", "seed", "wall_time_s", "peak_memory_mb", "tokens_seen",
-                    "tokens_supervised", "git_commit"):
+        for key in (
+            "config",
+            "config_hash",
+            "metrics",
+            "seed",
+            "wall_time_s",
+            "peak_memory_mb",
+            "tokens_seen",
+            "tokens_supervised",
+            "git_commit",
+        ):
             assert r.get(key) is not None, key
         assert r["config"]["train"]["steps"] == 3 and r["steps"] == 3
         assert r["tokens_seen"] == 3 * 2 * 4 * 64  # steps x accum x micro-batch x seq_len

@@ -11,6 +11,7 @@ every gradient, which AdamW's update mostly hides (it is scale-invariant up to e
 measured 3e-4 after two steps, still 30 x ATOL; the logged loss and gradient norm (before clipping)
 are compared too, at a relative 1e-5 for the same reason, and that norm halves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,9 +48,11 @@ SHORT = ["train.flow=dense", "data.token_budget=320"]
 # se_kd3x: the student's sample pre-pass (top_student_entropy) before the student is sharded, the teacher
 # loaded whole to build the offline cache (the ranks its workers) and released, training from the cache;
 # top_smp: the pre-pass, then the teacher loaded whole and sharded beside the student (sharded first)
-@pytest.mark.parametrize("preset, extra", [("full_kd", []), ("se_kd", []), ("gls", SHORT), ("se_kd3x", []),
-                                           ("top_smp", [])],
-                         ids=["full_kd", "se_kd", "gls-dense-stand-in", "se_kd3x", "top_smp"])
+@pytest.mark.parametrize(
+    "preset, extra",
+    [("full_kd", []), ("se_kd", []), ("gls", SHORT), ("se_kd3x", []), ("top_smp", [])],
+    ids=["full_kd", "se_kd", "gls-dense-stand-in", "se_kd3x", "top_smp"],
+)
 def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extra):
     two_ranks_and_one(tmp_path, preset, *extra, mode="fsdp")
     run = the_run(tmp_path / "two")
@@ -92,8 +95,9 @@ def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):
     root_b = tmp_path / "b"
     b = args(root_b, "se_kd", 2, "train.ckpt_every=2", steps=6)
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([*TORCHRUN, *b, "train.distributed=fsdp"], cwd=ROOT, env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*TORCHRUN, *b, "train.distributed=fsdp"], cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
         deadline = time.time() + 300
         try:
             while proc.poll() is None and checkpoint_step(root_b) is None:
@@ -118,11 +122,14 @@ def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):
     assert logged_steps(root_b) == list(range(1, 7))
 
 
-@pytest.mark.parametrize("extra, key", [
-    (["experiment=on_policy_se_kd"], "regime=on_policy"),
-    (["experiment=se_kd", "model.teacher_device=cpu"], "model.teacher_device=cpu"),
-    (["experiment=se_kd", "train.optimizer=adam8bit"], "train.optimizer=adam8bit"),
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["experiment=on_policy_se_kd"], "regime=on_policy"),
+        (["experiment=se_kd", "model.teacher_device=cpu"], "model.teacher_device=cpu"),
+        (["experiment=se_kd", "train.optimizer=adam8bit"], "train.optimizer=adam8bit"),
+    ],
+)
 def test_what_fsdp_does_not_do_is_refused_in_one_line(tmp_path, extra, key):
     r = sekd_train([f"paths.root={tmp_path}", "model=tiny", "logging=disabled", *extra, "train.distributed=fsdp"])
     assert r.returncode == 2, r.stderr[-2000:]
@@ -174,15 +181,29 @@ def test_the_fsdp_mesh_is_read_and_checked_in_one_line():
     assert mesh_shape("hybrid", 16, {"LOCAL_WORLD_SIZE": "8"}) == (2, 8)
     assert mesh_shape("hybrid", 16, {"SLURM_NTASKS_PER_NODE": "4"}) == (4, 4)
     assert ranks_per_node({"SLURM_TASKS_PER_NODE": "8(x2)"}) == 8 and ranks_per_node({}) is None
-    for spec, env, text in [("3x2", {}, "does not cover the 16 ranks"), ("hybrid", {}, "needs the ranks per node"),
-                            ("hybrid", {"LOCAL_WORLD_SIZE": "3"}, "does not cover the 16 ranks")]:
+    for spec, env, text in [
+        ("3x2", {}, "does not cover the 16 ranks"),
+        ("hybrid", {}, "needs the ranks per node"),
+        ("hybrid", {"LOCAL_WORLD_SIZE": "3"}, "does not cover the 16 ranks"),
+    ]:
         with pytest.raises(ConfigError, match=rf"^train\.fsdp\.mesh={spec}.*{text}"):
             mesh_shape(spec, 16, env)
 
 
-@pytest.mark.parametrize("version, ok", [("2.13.0+cpu", True), ("2.8.0", True), ("2.8.0a0+git1234", True),
-                                         ("2.10.0.dev20250801+cu128", True), ("3.0.0", True), ("2.7.1+cu126", False),
-                                         ("2.6.0", False), ("1.13.1", False), ("unknown", False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.13.0+cpu", True),
+        ("2.8.0", True),
+        ("2.8.0a0+git1234", True),
+        ("2.10.0.dev20250801+cu128", True),
+        ("3.0.0", True),
+        ("2.7.1+cu126", False),
+        ("2.6.0", False),
+        ("1.13.1", False),
+        ("unknown", False),
+    ],
+)
 def test_fsdp_needs_a_recent_enough_torch(version, ok):
     """fsdp_support: None where the torch has everything sekd/distributed/fsdp.py uses, else one line naming the version
     it needs and the way out."""
@@ -192,10 +213,12 @@ def test_fsdp_needs_a_recent_enough_torch(version, ok):
     if ok:
         assert why is None
     else:
-        assert why == (f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and "
-                       "MixedPrecisionPolicy in torch.distributed.fsdp, set_gradient_divide_factor, "
-                       f"set_force_sum_reduction_for_comms), but this is torch {version}; upgrade torch, or use "
-                       "train.distributed=ddp")
+        assert why == (
+            f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and "
+            "MixedPrecisionPolicy in torch.distributed.fsdp, set_gradient_divide_factor, "
+            f"set_force_sum_reduction_for_comms), but this is torch {version}; upgrade torch, or use "
+            "train.distributed=ddp"
+        )
     assert fsdp_support(torch.__version__) is None  # the torch these tests run on has all of it
 
 
@@ -203,7 +226,9 @@ def test_the_installed_torch_has_what_sharding_uses():
     """What FSDP_MIN_TORCH stands for, present in this torch (fsdp_support lets it through)."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
 
-    assert hasattr(FSDPModule, "set_gradient_divide_factor") and hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+    assert hasattr(FSDPModule, "set_gradient_divide_factor") and hasattr(
+        FSDPModule, "set_force_sum_reduction_for_comms"
+    )
 
 
 def _shard_in_bf16(rank: int, port: int, out: str) -> None:
@@ -225,10 +250,16 @@ def _shard_in_bf16(rank: int, port: int, out: str) -> None:
         return [str(p.param_dtype), str(p.reduce_dtype), p.cast_forward_inputs]
 
     layer = next(student.model.layers[0].parameters())
-    got = {"mesh": list(layer.device_mesh.shape), "names": list(layer.device_mesh.mesh_dim_names),
-           "placements": [repr(p) for p in layer.placements], "layer": policy(student.model.layers[0]),
-           "root": policy(root), "teacher_layer": policy(teacher.model.layers[0]), "teacher": policy(teacher.model),
-           "master": str(layer.dtype)}
+    got = {
+        "mesh": list(layer.device_mesh.shape),
+        "names": list(layer.device_mesh.mesh_dim_names),
+        "placements": [repr(p) for p in layer.placements],
+        "layer": policy(student.model.layers[0]),
+        "root": policy(root),
+        "teacher_layer": policy(teacher.model.layers[0]),
+        "teacher": policy(teacher.model),
+        "master": str(layer.dtype),
+    }
     dist.close()
     Path(out, f"rank{rank}.json").write_text(json.dumps(got))
 

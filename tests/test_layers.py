@@ -4,6 +4,7 @@ import up the ladder, or sideways into another unit of the same rung, fails here
 
 Every import counts, including those inside functions (the lazy ones that keep start-up fast).
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,32 +17,53 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, rungs from the bottom up); a rung lists sibling units. A unit ending in ".*" is a package and
 # everything under it; any other unit is exactly that module.
 LADDER: list[tuple[str, list[list[str]]]] = [
-    ("base", [
-        ["sekd", "sekd.core.*"],
-        ["sekd.config.*", "sekd.distributed.*"],
-    ]),
-    ("math", [
-        ["sekd.selection.*"],
-        ["sekd.kd.*"],
-    ]),
-    ("data and models", [
-        ["sekd.data.*"],
-        ["sekd.embedded.*"],
-        ["sekd.models.*", "sekd.evaluation.*"],
-    ]),
-    ("services", [
-        ["sekd.stores", "sekd.stores.runs", "sekd.stores.sample_importance", "sekd.stores.teacher_cache.*"],
-    ]),
-    ("training", [
-        ["sekd.training.*"],
-    ]),
-    ("app", [
-        ["sekd.app.*"],
-    ]),
-    ("tools", [
-        ["sekd.report.*"],
-        ["sekd.cli.*", "sekd.train", "hydra_plugins.*"],
-    ]),
+    (
+        "base",
+        [
+            ["sekd", "sekd.core.*"],
+            ["sekd.config.*", "sekd.distributed.*"],
+        ],
+    ),
+    (
+        "math",
+        [
+            ["sekd.selection.*"],
+            ["sekd.kd.*"],
+        ],
+    ),
+    (
+        "data and models",
+        [
+            ["sekd.data.*"],
+            ["sekd.embedded.*"],
+            ["sekd.models.*", "sekd.evaluation.*"],
+        ],
+    ),
+    (
+        "services",
+        [
+            ["sekd.stores", "sekd.stores.runs", "sekd.stores.sample_importance", "sekd.stores.teacher_cache.*"],
+        ],
+    ),
+    (
+        "training",
+        [
+            ["sekd.training.*"],
+        ],
+    ),
+    (
+        "app",
+        [
+            ["sekd.app.*"],
+        ],
+    ),
+    (
+        "tools",
+        [
+            ["sekd.report.*"],
+            ["sekd.cli.*", "sekd.train", "hydra_plugins.*"],
+        ],
+    ),
 ]
 # Layer 1 is tensors in, tensors out: no files, no locks, no progress bars.
 NO_IO = ("os", "pathlib", "shutil", "tempfile", "filelock", "tqdm", "sekd.core.files", "sekd.core.artifacts")
@@ -97,9 +119,12 @@ def _targets(node: ast.AST, module: str, is_package: bool, known: set[str]) -> l
 def imports(source: str, module: str, is_package: bool, known: set[str]) -> list[tuple[str, int]]:
     """(imported module, line) for every import of `source` anywhere in it (in functions too), relative
     ones resolved; `from pkg import name` counts as pkg.name when that is a module of `known`."""
-    found = {(target, node.lineno) for node in ast.walk(ast.parse(source))
-             if isinstance(node, (ast.Import, ast.ImportFrom))
-             for target, _, _ in _targets(node, module, is_package, known)}
+    found = {
+        (target, node.lineno)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for target, _, _ in _targets(node, module, is_package, known)
+    }
     return sorted(found, key=lambda t: (t[1], t[0]))
 
 
@@ -116,8 +141,13 @@ def private_uses(source: str, module: str, is_package: bool, known: set[str]) ->
                 elif not name:
                     aliases[bound] = target
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             out.append((aliases[node.value.id], node.attr, node.lineno))
     return out
 
@@ -140,8 +170,10 @@ def violations(sources: dict[str, Path], known: set[str]) -> list[str]:
             dst_rung, dst_layer = units[dst_unit]
             if dst_rung >= src_rung:
                 how = "up" if dst_rung > src_rung else "sideways"
-                out.append(f"{module} -> {target} ({where}:{line}): {how}, from {src_unit} ({src_layer}) "
-                           f"to {dst_unit} ({dst_layer})")
+                out.append(
+                    f"{module} -> {target} ({where}:{line}): {how}, from {src_unit} ({src_layer}) "
+                    f"to {dst_unit} ({dst_layer})"
+                )
     return out
 
 
@@ -160,26 +192,43 @@ def test_imports_only_look_down():
 def test_the_math_layer_does_no_io():
     units, found = rungs(), modules()
     math = [m for m in found if units[unit_of(m, units)][1] == "math"]
-    bad = [f"{m} imports {t} (line {line})" for m in math
-           for t, line in imports(found[m].read_text(), m, found[m].name == "__init__.py", set(found))
-           if any(t == x or t.startswith(x + ".") for x in NO_IO)]
+    bad = [
+        f"{m} imports {t} (line {line})"
+        for m in math
+        for t, line in imports(found[m].read_text(), m, found[m].name == "__init__.py", set(found))
+        if any(t == x or t.startswith(x + ".") for x in NO_IO)
+    ]
     assert math and not bad, "\n".join(bad)
 
 
 def test_no_module_uses_another_units_private_names():
     units, found = rungs(), modules()
-    bad = [f"{m} uses {t}.{name} (line {line})" for m in found
-           for t, name, line in private_uses(found[m].read_text(), m, found[m].name == "__init__.py", set(found))
-           if ours(t) and unit_of(t, units) != unit_of(m, units)]
+    bad = [
+        f"{m} uses {t}.{name} (line {line})"
+        for m in found
+        for t, name, line in private_uses(found[m].read_text(), m, found[m].name == "__init__.py", set(found))
+        if ours(t) and unit_of(t, units) != unit_of(m, units)
+    ]
     assert not bad, "a private name is its unit's own; make it public or move the caller:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("source, module, expect", [
-    ("def f():\n    from sekd.training.loop import Trainer\n", "sekd.data.dataset", ["sekd.data.dataset -> sekd.training.loop"]),
-    ("from ..stores import runs\n", "sekd.selection.samples", ["sekd.selection.samples -> sekd.stores.runs"]),
-    ("import sekd.stores.sample_importance\n", "sekd.stores.runs", ["sekd.stores.runs -> sekd.stores.sample_importance"]),  # a sibling of the same rung
-    ("from sekd.core.tensors import IGNORE\nfrom . import packing\nimport torch\n", "sekd.data.dataset", []),
-])
+@pytest.mark.parametrize(
+    "source, module, expect",
+    [
+        (
+            "def f():\n    from sekd.training.loop import Trainer\n",
+            "sekd.data.dataset",
+            ["sekd.data.dataset -> sekd.training.loop"],
+        ),
+        ("from ..stores import runs\n", "sekd.selection.samples", ["sekd.selection.samples -> sekd.stores.runs"]),
+        (
+            "import sekd.stores.sample_importance\n",
+            "sekd.stores.runs",
+            ["sekd.stores.runs -> sekd.stores.sample_importance"],
+        ),  # a sibling of the same rung
+        ("from sekd.core.tensors import IGNORE\nfrom . import packing\nimport torch\n", "sekd.data.dataset", []),
+    ],
+)
 def test_the_check_sees_lazy_relative_and_sideways_imports(tmp_path, source, module, expect):
     path = tmp_path / "mod.py"
     path.write_text(source)

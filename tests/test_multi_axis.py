@@ -1,5 +1,6 @@
 """All three axes at once: sample scores reused, an offline cache that serves training without the
 teacher, and SE-KD3X's position selection applied on top of cached classes (docs/method.md §7-§9, §13)."""
+
 import json
 import subprocess
 import sys
@@ -20,8 +21,18 @@ def record(root):
 
 
 def run(preset, shared, name, *extra):
-    res = sekd_train([*TINY, f"experiment={preset}", "train.steps=3", "eval=none", "train.trace_selection_steps=1",
-                      f"paths.root={shared}/{name}", f"paths.cache={shared}/cache", *extra])
+    res = sekd_train(
+        [
+            *TINY,
+            f"experiment={preset}",
+            "train.steps=3",
+            "eval=none",
+            "train.trace_selection_steps=1",
+            f"paths.root={shared}/{name}",
+            f"paths.cache={shared}/cache",
+            *extra,
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return record(shared / name)
 
@@ -48,15 +59,28 @@ def test_se_kd3x_builds_once_then_trains_without_the_teacher(shared):
 def test_a_cache_from_sekd_cache_build_serves_training(shared, tmp_path):
     """Built once by the CLI over the whole train split: any class-axis run reads it, teacher unloaded."""
     out = tmp_path / "cache"  # built with the run's own overrides (sekd-cache composes them as sekd-train)
-    res = subprocess.run([sys.executable, "-m", "sekd.cli.cache", "build", "--out", str(out), *TINY,
-                          f"paths.cache={shared}/cache"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "sekd.cli.cache", "build", "--out", str(out), *TINY, f"paths.cache={shared}/cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rec = run("rs_kd", shared, "from_cli", f"classes.cache={out}")
     assert not rec["costs"]["teacher_loaded"] and rec["costs"]["teacher_forward_tokens"] == 0
     assert rec["costs"]["cache_bytes_read"] > 0
     # a cache drawn with another N is refused up front, with one line naming the key
-    bad = sekd_train([*TINY, "experiment=rs_kd", "classes.options.n_draws=12", f"classes.cache={out}", "eval=none",
-                      f"paths.root={tmp_path}/bad", f"paths.cache={shared}/cache"])
+    bad = sekd_train(
+        [
+            *TINY,
+            "experiment=rs_kd",
+            "classes.options.n_draws=12",
+            f"classes.cache={out}",
+            "eval=none",
+            f"paths.root={tmp_path}/bad",
+            f"paths.cache={shared}/cache",
+        ]
+    )
     assert bad.returncode == 2
     assert "classes.cache" in bad.stderr.strip().splitlines()[-1] and "n_draws" in bad.stderr.strip().splitlines()[-1]

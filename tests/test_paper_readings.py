@@ -1,6 +1,7 @@
 """Where the paper's code and docs/method.md read differently, the presets follow the paper's runs and the
 other reading stays an option (docs/method.md §14): token-mean GLS and AT-KD, Table 5's seeds, a fixed
 lm-eval seed, IFEval's 512-token cap, GSM8K's validation size."""
+
 import json
 import re
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sekd.app.checks import ConfigError, validate
+from sekd.core.errors import ConfigError
+
+from sekd.app.checks import validate
 from sekd.data.qa import gsm8k
 from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
 from sekd.selection.policies import POLICIES
@@ -25,16 +28,19 @@ TOKEN_MEAN = ("gls", "at_kd")  # the presets whose paper formula averages over t
 def test_token_mean_presets_compose_with_batch_tokens(preset):
     assert compose_cfg([f"experiment={preset}"]).train.normalization == "batch_tokens"
     # the other reading stays one override away
-    assert compose_cfg([f"experiment={preset}", "train.normalization=per_sequence"]).train.normalization == \
-        "per_sequence"
+    assert (
+        compose_cfg([f"experiment={preset}", "train.normalization=per_sequence"]).train.normalization == "per_sequence"
+    )
 
 
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 @pytest.mark.parametrize("sweep,preset", [("t3", "gls"), ("v2", "gls"), ("t2", "at_kd"), ("t4", "at_kd")])
 def test_token_mean_survives_the_sweeps_and_profiles(sweep, preset, profile):
     with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
-        cfg = compose(config_name=sweep, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]",
-                                                    f"profile={profile}", f"experiment={preset}"])
+        cfg = compose(
+            config_name=sweep,
+            overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", f"profile={profile}", f"experiment={preset}"],
+        )
     assert cfg.train.normalization == "batch_tokens"
     validate(cfg)
 
@@ -59,8 +65,15 @@ def per_token_weights(normalization: str, u: torch.Tensor, valid: torch.Tensor, 
         probe["d"], probe["rows"] = torch.ones(len(y), dtype=torch.float64, requires_grad=True), row
         return probe["d"]
 
-    out = selective_kd_loss(s_logits, s_logits, labels, Selector(given, policy, criterion), lam=1.0,
-                            temperature=1.0, normalization=normalization)
+    out = selective_kd_loss(
+        s_logits,
+        s_logits,
+        labels,
+        Selector(given, policy, criterion),
+        lam=1.0,
+        temperature=1.0,
+        normalization=normalization,
+    )
     (out.loss_sum / out.weight).backward()
     return probe["d"].grad, probe["rows"]
 
@@ -76,8 +89,9 @@ def uneven_batch():
     """Two sequences of 24 valid positions: the first all high scores, the second low with one spike, so
     GLS's global threshold takes most of the first and one position of the second."""
     g = torch.Generator().manual_seed(0)
-    u = torch.cat([3.0 + torch.rand(1, 24, generator=g, dtype=torch.float64),
-                   torch.rand(1, 24, generator=g, dtype=torch.float64)])
+    u = torch.cat(
+        [3.0 + torch.rand(1, 24, generator=g, dtype=torch.float64), torch.rand(1, 24, generator=g, dtype=torch.float64)]
+    )
     u[1, 7] = 10.0
     return u, torch.ones(2, 24, dtype=torch.bool)
 
@@ -107,7 +121,10 @@ def test_at_kd_token_mean_is_its_formula_over_p():
 
     g = torch.Generator().manual_seed(1)
     B, T, V = 3, 10, 7
-    s, t = torch.randn(B, T, V, generator=g, dtype=torch.float64), torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        torch.randn(B, T, V, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, 3:] = IGNORE  # 3, 10 and 6 valid positions
     labels[2, 6:] = IGNORE
@@ -143,13 +160,23 @@ def test_eval_seed_is_fixed_not_the_runs_seed():
 
 def test_the_scored_run_seeds_lm_eval_with_eval_seed(tmp_path):
     """A real scoring job at seed 1338: lm-eval's four seeds (few-shot, python, numpy, torch) are eval.seed."""
-    res = sekd_train([*TINY, "mode=score_student", "experiment=student", "seed=1338", "eval.limit=4",
-                      f"paths.root={tmp_path}", f"paths.cache={tmp_path / 'cache'}"])
+    res = sekd_train(
+        [
+            *TINY,
+            "mode=score_student",
+            "experiment=student",
+            "seed=1338",
+            "eval.limit=4",
+            f"paths.root={tmp_path}",
+            f"paths.cache={tmp_path / 'cache'}",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     (results,) = tmp_path.glob("runs/*/**/lm_eval/results.json")
     config = json.loads(results.read_text())["config"]
     assert {k: config[k] for k in ("fewshot_seed", "random_seed", "numpy_seed", "torch_seed")} == dict.fromkeys(
-        ("fewshot_seed", "random_seed", "numpy_seed", "torch_seed"), 42)
+        ("fewshot_seed", "random_seed", "numpy_seed", "torch_seed"), 42
+    )
 
 
 # ---- GSM8K's validation split ---------------------------------------------------------------------
@@ -190,7 +217,17 @@ def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path):
     train, _ = write_problems(tmp_path / "train.jsonl", 100)
     sizes = {}
     for size in (7, 0):
-        cfg = typed(compose_cfg(["model=tiny", "data=gsm8k", f"data.train_file={train}", "data.seq_len=32",
-                                 f"data.validation_size={size}", f"paths.cache={tmp_path / 'cache'}"]))
+        cfg = typed(
+            compose_cfg(
+                [
+                    "model=tiny",
+                    "data=gsm8k",
+                    f"data.train_file={train}",
+                    "data.seq_len=32",
+                    f"data.validation_size={size}",
+                    f"paths.cache={tmp_path / 'cache'}",
+                ]
+            )
+        )
         sizes[size] = len(training_data(cfg, load_tokenizer(resolve_pair(cfg)[2])))
     assert sizes == {7: 93, 0: 100}

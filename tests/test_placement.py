@@ -1,5 +1,6 @@
 """The teacher on its own device (model.teacher_device, sekd.models.loading.PlacedTeacher): its outputs reach the
 student's device, and the loss and gradients are those of the teacher beside the student."""
+
 import pytest
 import torch
 
@@ -79,8 +80,17 @@ def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throug
 
     from tests.helpers import TINY, sekd_train
 
-    res = sekd_train([*TINY, "train.steps=2", "eval.suite=none", "model.teacher_device=cpu",
-                      f"paths.root={tmp_path}/root", f"paths.cache={tmp_path}/cache"], timeout=600)
+    res = sekd_train(
+        [
+            *TINY,
+            "train.steps=2",
+            "eval.suite=none",
+            "model.teacher_device=cpu",
+            f"paths.root={tmp_path}/root",
+            f"paths.cache={tmp_path}/cache",
+        ],
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = (tmp_path / "root").rglob("record.json")
     rec = json.loads(path.read_text())
@@ -94,6 +104,7 @@ def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throug
 @pytest.mark.parametrize("flow", ["dense", "chunked"])
 def test_a_teacher_on_another_gpu_gives_the_loss_and_gradients_of_one_beside_the_student(flow):
     """Student on cuda:0, teacher on cuda:1 (float32): the step of the teacher beside the student."""
+
     def on_cuda(teacher_device: str):
         tr = trainer(2, 2, "top_k", "student_entropy", "per_sequence", flow)
         tr.student.to("cuda:0")
@@ -119,11 +130,32 @@ def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(
 
     from tests.helpers import ROOT, TINY
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
-                "sekd.train"]
-    res = subprocess.run([*torchrun, *TINY, "train.steps=2", "eval.suite=none", "train.distributed=ddp",
-                          f"paths.root={tmp_path}/root", f"paths.cache={tmp_path}/cache"], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "sekd.train",
+    ]
+    res = subprocess.run(
+        [
+            *torchrun,
+            *TINY,
+            "train.steps=2",
+            "eval.suite=none",
+            "train.distributed=ddp",
+            f"paths.root={tmp_path}/root",
+            f"paths.cache={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = (tmp_path / "root").rglob("record.json")
     rec = json.loads(path.read_text())
@@ -146,7 +178,9 @@ def test_a_placed_teachers_output_moves_after_the_students_body_is_queued(flow, 
 
     log: list[str] = []
     move = sekd.training.loop.arrived
-    monkeypatch.setattr(sekd.training.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device))
+    monkeypatch.setattr(
+        sekd.training.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device)
+    )
     tr = trainer(2, 1, "top_k", "student_entropy", "per_sequence", flow)
     tr.teacher = PlacedTeacher(tr.teacher, torch.device("cpu"))
     teacher_part = tr.teacher.model.get_decoder() if flow == "chunked" else tr.teacher.model

@@ -2,6 +2,7 @@
 The paper's pair is planned offline from the built-in table (its configs are not on disk), its numbers hang
 together across micro-batches and distributed modes, and one small real shape's measured CPU peak is
 within 20% of the plan's (benchmarks/plan_check.py does the same at more shapes)."""
+
 from __future__ import annotations
 
 import os
@@ -16,23 +17,30 @@ from sekd.core.errors import ConfigError
 from tests.helpers import ROOT
 
 PAPER = ["experiment=se_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper"]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def cli(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
     """`python -m sekd.train <args>` offline, with an empty Hugging Face home (nothing of the hub on disk)."""
     full = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), **env}
-    return subprocess.run([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=full, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sekd.train", *args], cwd=ROOT, capture_output=True, text=True, env=full, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def paper_shapes():
     from transformers import AutoConfig
 
-    return tuple(P.Shape.of_config(AutoConfig.for_model(**{**P.KNOWN[n]}), "table")
-                 for n in ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"))
+    return tuple(
+        P.Shape.of_config(AutoConfig.for_model(**{**P.KNOWN[n]}), "table") for n in ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B")
+    )
 
 
 def test_paper_pair_plans_offline_with_a_table_and_a_largest_micro_batch(tmp_path):
@@ -40,8 +48,16 @@ def test_paper_pair_plans_offline_with_a_table_and_a_largest_micro_batch(tmp_pat
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "built-in table" in out  # the configs are not on this disk, and the hub was not asked
-    for row in ("teacher weights", "student weights (fp32)", "gradients (fp32)", "optimizer (adam8bit)",
-                "LM head (blocks, dW, W copy)", "activations", "teacher forward", "estimated peak"):
+    for row in (
+        "teacher weights",
+        "student weights (fp32)",
+        "gradients (fp32)",
+        "optimizer (adam8bit)",
+        "LM head (blocks, dW, W copy)",
+        "activations",
+        "teacher forward",
+        "estimated peak",
+    ):
         assert row in out, row
     assert "8.191B params" in out and "1.721B params" in out  # counted on the meta device
     best = int(re.search(r"largest train\.micro_batch_size that fits 80GB: (\d+)", out).group(1))
@@ -67,14 +83,17 @@ def test_sekd_plan_script_is_declared():
     assert 'sekd-plan = "sekd.app.plan:main_exit"' in text
 
 
-@pytest.mark.parametrize("args, says", [
-    (["experiment=se_kd", "train.bogus=1"], "unknown key 'train.bogus'"),
-    (["experiment=se_kd", "--card", "24XB"], "--card '24XB'"),
-    (["experiment=se_kd", "--world", "4"], "train.distributed=none"),
-    (["experiment=se_kd", "train.distributed=fsdp"], "--world N"),
-    (["experiment=se_kd", "train=paper", "train.distributed=fsdp", "--world", "8"], "adam8bit"),
-    (["-m", "experiment=se_kd,full_kd"], "plans one run"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["experiment=se_kd", "train.bogus=1"], "unknown key 'train.bogus'"),
+        (["experiment=se_kd", "--card", "24XB"], "--card '24XB'"),
+        (["experiment=se_kd", "--world", "4"], "train.distributed=none"),
+        (["experiment=se_kd", "train.distributed=fsdp"], "--world N"),
+        (["experiment=se_kd", "train=paper", "train.distributed=fsdp", "--world", "8"], "adam8bit"),
+        (["-m", "experiment=se_kd,full_kd"], "plans one run"),
+    ],
+)
 def test_bad_input_is_one_line(args, says, capsys):
     assert P.main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -117,14 +136,16 @@ def test_numbers_hang_together(paper_shapes):
     assert all(d.rows["teacher weights"] == acts[0].rows["teacher weights"] for d in acts)
 
 
-@pytest.mark.parametrize("mode, world, card", [("none", 1, 80e9), ("none", 1, 24e9), ("fsdp", 8, 24e9),
-                                               ("ddp", 4, 80e9)])
+@pytest.mark.parametrize(
+    "mode, world, card", [("none", 1, 80e9), ("none", 1, 24e9), ("fsdp", 8, 24e9), ("ddp", 4, 80e9)]
+)
 def test_largest_micro_batch_fits_and_one_more_does_not(paper_shapes, mode, world, card):
     t, s = paper_shapes
 
     def fit(mb):
-        return P.estimate(t, s, micro_batch=mb, seq_len=512, mode=mode, world=world, optimizer="adamw",
-                          selected=0.2, score_blocks=3)
+        return P.estimate(
+            t, s, micro_batch=mb, seq_len=512, mode=mode, world=world, optimizer="adamw", selected=0.2, score_blocks=3
+        )
 
     best = P.max_micro_batch(fit, card)
     if best == 0:

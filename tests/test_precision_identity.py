@@ -5,6 +5,7 @@ GPU bf16 run of one preset have different numbers, so they must not share a fold
 skipped as trained, or resume the other's checkpoint) nor a store of sample scores. CPU autocast computes
 in bf16 too, so the real thing is tested here with train.precision=bf16 against fp32.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ def test_precision_auto_resolves_where_the_run_computes():
 
 
 def test_a_bf16_run_does_not_share_the_folder_of_an_fp32_run(tmp_path):
-    base = [*TINY, "experiment=se_kd", "train.steps=2", "eval=none", f"paths.root={tmp_path}",
-            f"paths.cache={tmp_path}/cache"]
+    base = [
+        *TINY,
+        "experiment=se_kd",
+        "train.steps=2",
+        "eval=none",
+        f"paths.root={tmp_path}",
+        f"paths.cache={tmp_path}/cache",
+    ]
     fp32 = sekd_train([*base, "train.precision=fp32"], env={"OMP_NUM_THREADS": "1"})
     assert fp32.returncode == 0, fp32.stderr[-2000:]
     bf16 = sekd_train([*base, "train.precision=bf16"], env={"OMP_NUM_THREADS": "1"})
@@ -74,7 +81,9 @@ def test_the_sample_prepass_runs_and_stores_at_the_runs_precision(tmp_path):
     assert set(seen) == {torch.bfloat16} and not bf16.reused  # its own pre-pass, not fp32's stored scores
     assert torch.allclose(bf16.importance, fp32.importance, rtol=0.05, atol=0.05)  # bf16 logits: ~3 significant digits
     selector = SAMPLE_SELECTORS.get("top_student_entropy")
-    keys = {store_path(tmp_path, store_fields(selector, vocab=V, temperature=1.0, dtype=d, **SIGS))
-            for d in (torch.float32, torch.bfloat16)}
+    keys = {
+        store_path(tmp_path, store_fields(selector, vocab=V, temperature=1.0, dtype=d, **SIGS))
+        for d in (torch.float32, torch.bfloat16)
+    }
     assert len(keys) == 2 and all(k.exists() for k in keys)
     assert json.loads(sorted(keys)[0].read_text())["fields"]["dtype"] in ("fp32", "bf16")

@@ -1,4 +1,5 @@
 """Every paper row's preset runs on the embedded default, and its selection trace obeys its policy."""
+
 import csv
 import json
 import math
@@ -65,7 +66,7 @@ def check_trace_row(row, policy, k, S):
     elif policy == "curriculum":  # a window of n in ascending-u order, starting at floor((n_valid-n) pi)
         order = sorted(valid, key=lambda t: (u[t], -t))
         start = math.floor((len(valid) - n) * min(1.0, row["step"] / S))
-        assert set(sel) == set(order[start:start + n])
+        assert set(sel) == set(order[start : start + n])
     elif policy == "pos_rs":
         assert len(sel) == n and w == [1.0] * n
     elif policy == "pos_rs_star":
@@ -77,8 +78,15 @@ def check_trace_row(row, policy, k, S):
 
 @pytest.mark.parametrize("preset", DISTILL)
 def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
-    over = [*TINY, f"experiment={preset}", "train.steps=2", "train.trace_selection_steps=2", "eval=none",
-            f"paths.root={tmp_path}", f"paths.cache={cache}"]
+    over = [
+        *TINY,
+        f"experiment={preset}",
+        "train.steps=2",
+        "train.trace_selection_steps=2",
+        "eval=none",
+        f"paths.root={tmp_path}",
+        f"paths.cache={cache}",
+    ]
     on_policy = compose_cfg([f"experiment={preset}"]).regime.name == "on_policy"
     if on_policy:  # Table 5's on-policy rows answer task prompts
         over += ["data.seq_len=128", "regime.max_new_tokens=12"]  # the preset brings data=arith

@@ -1,13 +1,14 @@
 """`sekd-report` says whether each method's difference from Full KD is within or beyond seed noise (a paired
 t-test over the seeds, sekd.report.tables.paired_difference), so no reader takes noise for a finding.
 Records as sekd/app/record.py writes them (tests/test_report_tables.record)."""
+
 import copy
 
 import pandas as pd
 import pytest
 
 from sekd.report import tables
-from sekd.app.checks import resolved
+from sekd.stores.runs import resolved
 from sekd.report.results import main as report_main
 from tests.helpers import compose_cfg
 from tests.test_report_groups import table
@@ -18,12 +19,13 @@ SEEDS = (1337, 1338, 1339)
 
 @pytest.fixture(scope="module")
 def configs():
-    return {name: resolved(compose_cfg([f"experiment={name}"])) for name in ("full_kd", "se_kd", "random_pos",
-                                                                             "student")}
+    return {
+        name: resolved(compose_cfg([f"experiment={name}"])) for name in ("full_kd", "se_kd", "random_pos", "student")
+    }
 
 
 def by_seed(values, seeds=SEEDS):
-    return pd.Series(values, index=list(seeds[:len(values)]))
+    return pd.Series(values, index=list(seeds[: len(values)]))
 
 
 def test_a_shift_larger_than_the_seeds_spread_is_beyond_noise():
@@ -50,14 +52,16 @@ def test_the_report_marks_each_method_against_full_kd_of_the_same_setting(config
     runs = tmp_path / "runs"
     record(configs["student"], "student", 1337, (14.0, 12000.0, 60.0), runs)
     full = {1337: 17.0, 1338: 18.0, 1339: 17.1}
-    clear = {1337: 15.0, 1338: 16.1, 1339: 14.9}   # 2 points below Full KD under every seed
-    noisy = {1337: 15.0, 1338: 19.0, 1339: 16.0}   # below, above, below: the seeds disagree
+    clear = {1337: 15.0, 1338: 16.1, 1339: 14.9}  # 2 points below Full KD under every seed
+    noisy = {1337: 15.0, 1338: 19.0, 1339: 16.0}  # below, above, below: the seeds disagree
     for seed in SEEDS:
         record(configs["full_kd"], "full_kd", seed, (full[seed], 7000.0 + seed, 50.0), runs)
         record(configs["se_kd"], "se_kd", seed, (clear[seed], 9000.0 + seed, 55.0), runs)
         record(configs["random_pos"], "random_pos", seed, (noisy[seed], 7000.0 + seed, 52.0), runs)
     # a longer Full KD and SE-KD with one seed: compared with each other, not with the rows above
-    longer = {name: deep_update(copy.deepcopy(configs[name]), {"train": {"steps": 1000}}) for name in ("full_kd", "se_kd")}
+    longer = {
+        name: deep_update(copy.deepcopy(configs[name]), {"train": {"steps": 1000}}) for name in ("full_kd", "se_kd")
+    }
     record(longer["full_kd"], "full_kd", 1337, (20.0, 5000.0, 40.0), runs)
     record(longer["se_kd"], "se_kd", 1337, (21.0, 5100.0, 40.0), runs)
     assert report_main([str(runs), "--out", str(tmp_path / "out")]) == 0
@@ -76,8 +80,8 @@ def test_the_report_marks_each_method_against_the_undistilled_student(configs, t
     # the student trains nothing, so its one score stands for every seed: a one-sample test of each method
     runs = tmp_path / "runs"
     record(configs["student"], "student", 1337, (14.0, 12000.0, 60.0), runs)
-    full = {1337: 17.0, 1338: 18.0, 1339: 17.1}    # 3-4 points above the student under every seed
-    noisy = {1337: 13.0, 1338: 17.0, 1339: 14.5}   # below, above, above: the seeds disagree
+    full = {1337: 17.0, 1338: 18.0, 1339: 17.1}  # 3-4 points above the student under every seed
+    noisy = {1337: 13.0, 1338: 17.0, 1339: 14.5}  # below, above, above: the seeds disagree
     for seed in SEEDS:
         record(configs["full_kd"], "full_kd", seed, (full[seed], 7000.0 + 10 * seed, 50.0), runs)
         record(configs["random_pos"], "random_pos", seed, (noisy[seed], 12000.0 + seed - 1338, 52.0), runs)

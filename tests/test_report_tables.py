@@ -1,4 +1,5 @@
 """`sekd-report --table T`: the paper's rows in its order, ours (mean ± std) beside its numbers, from fake runs."""
+
 import contextlib
 import copy
 import hashlib
@@ -8,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from sekd.app.checks import resolved
+from sekd.stores.runs import resolved
 from sekd.report.results import main as report_main
 from sekd.report.tables import COLUMNS, REFERENCE, TABLES, build_reference, hours
 from tests.helpers import ROOT, compose_cfg
@@ -47,17 +48,44 @@ def record(config, preset, seed, values, root, *, gsm8k=None, costs=None, wall=1
         metrics["gsm8k"] = gsm8k
     distill = config["mode"] == "distill"
     if costs is None:
-        costs = {"teacher_loaded": distill, "prepass_seconds": 0.0, "prepass_reused": False,
-                 "prepass_forward_tokens": {}, "cache_build_seconds": 0.0, "cache": None, "cache_bytes_read": 0,
-                 "teacher_forward_tokens": 40704} if distill else {}
+        costs = (
+            {
+                "teacher_loaded": distill,
+                "prepass_seconds": 0.0,
+                "prepass_reused": False,
+                "prepass_forward_tokens": {},
+                "cache_build_seconds": 0.0,
+                "cache": None,
+                "cache_bytes_read": 0,
+                "teacher_forward_tokens": 40704,
+            }
+            if distill
+            else {}
+        )
     rec = {
-        "preset": preset, "label": config["label"], "mode": config["mode"], "seed": seed, "config_hash": h,
-        "run_dir": str(run), "model": str(run / "model"), "metrics": metrics,
-        "tokens_seen": 40704 if distill else 0, "tokens_supervised": 8268 if distill else 0,
-        "steps": 20 if distill else 0, "train_time_s": wall - 2, "costs": costs,
-        "train_samples": 159, "available_samples": 798, "wall_time_s": wall, "peak_memory_mb": 800.0,
-        "git_commit": "0" * 40, "overrides": [f"experiment={preset}", f"seed={seed}"],
-        "config": {**config, "seed": seed}, "slurm_job_id": None, "slurm_array_task_id": None, "host": "test",
+        "preset": preset,
+        "label": config["label"],
+        "mode": config["mode"],
+        "seed": seed,
+        "config_hash": h,
+        "run_dir": str(run),
+        "model": str(run / "model"),
+        "metrics": metrics,
+        "tokens_seen": 40704 if distill else 0,
+        "tokens_supervised": 8268 if distill else 0,
+        "steps": 20 if distill else 0,
+        "train_time_s": wall - 2,
+        "costs": costs,
+        "train_samples": 159,
+        "available_samples": 798,
+        "wall_time_s": wall,
+        "peak_memory_mb": 800.0,
+        "git_commit": "0" * 40,
+        "overrides": [f"experiment={preset}", f"seed={seed}"],
+        "config": {**config, "seed": seed},
+        "slurm_job_id": None,
+        "slurm_array_task_id": None,
+        "host": "test",
         "finished_at": f"2026-01-01T00:00:{seed % 60:02d}",
     }
     run.mkdir(parents=True)
@@ -76,9 +104,14 @@ def runs(tmp_path_factory):
         for i, values in enumerate(per_seed):
             costs = None
             if preset == "se_kd3x":  # the first seed builds the teacher cache, the others reuse it
-                costs = {"prepass_seconds": 1.5 if i == 0 else 0.0, "cache_build_seconds": 3.0 if i == 0 else 0.0,
-                         "cache_bytes_read": 4259352, "teacher_forward_tokens": 20352 if i == 0 else 0,
-                         "prepass_forward_tokens": {"student": 100, "teacher": 0}, "teacher_loaded": i == 0}
+                costs = {
+                    "prepass_seconds": 1.5 if i == 0 else 0.0,
+                    "cache_build_seconds": 3.0 if i == 0 else 0.0,
+                    "cache_bytes_read": 4259352,
+                    "teacher_forward_tokens": 20352 if i == 0 else 0,
+                    "prepass_forward_tokens": {"student": 100, "teacher": 0},
+                    "teacher_loaded": i == 0,
+                }
             recs.append(record(configs[preset], preset, SEEDS[i], values, root, costs=costs, wall=10.0 + i))
     for preset, seed, change, values in [BUDGET, *VALID, *GSM8K]:
         cfg = deep_update(copy.deepcopy(configs[preset]), change)
@@ -99,8 +132,14 @@ def report(runs, tmp_path_factory):
 
 def ours(recs, preset, *, split="test", data=("embedded",)):
     """The fake runs a paper row should average: the preset as it is, on the table's split and regime."""
-    rows = [r for r in recs if r["preset"] == preset and r["config"]["eval"]["split"] == split
-            and r["config"]["data"]["name"] in data and r["config"]["position"]["k"] != BUDGET[2]["position"]["k"]]
+    rows = [
+        r
+        for r in recs
+        if r["preset"] == preset
+        and r["config"]["eval"]["split"] == split
+        and r["config"]["data"]["name"] in data
+        and r["config"]["position"]["k"] != BUDGET[2]["position"]["k"]
+    ]
     return pd.DataFrame([r["metrics"] for r in rows])
 
 
@@ -124,8 +163,9 @@ def test_every_table_renders_the_papers_rows_in_order(report, t):
     if t in ("T2", "T3", "T4", "T5", "V1", "V2"):
         rows = pd.read_csv(ROOT / "sekd" / "report" / "paper" / "paper_rows.csv").query("table == @t")
         assert csv["method"].tolist() == rows["method"].tolist()
-    assert {"n_seeds", *(f"{c}_{s}" for c in COLUMNS[t] for s in ("ours_mean", "ours_std", "paper", "best"))} \
-        <= set(csv.columns)
+    assert {"n_seeds", *(f"{c}_{s}" for c in COLUMNS[t] for s in ("ours_mean", "ours_std", "paper", "best"))} <= set(
+        csv.columns
+    )
     md = (out / f"table_{t}.md").read_text()
     assert md.strip() in stdout
     assert len(cells(out, t)) == len(ref) and "nan" not in md.lower()
@@ -139,8 +179,12 @@ def test_mean_and_std_over_seeds_match_pandas_with_the_papers_value_beside(repor
     csv = table_csv(out, "T2").set_index("preset")
     md = cells(out, "T2")
     header = {"acc": "Acc.", "ppl": "PPL", "ece": "ECE"}
-    for preset, method in (("full_kd", "Full KD"), ("random_pos", "RandomPos 20%"),
-                           ("se_kd", "Student entropy (SE-KD)"), ("student", "Qwen3-1.7B (no distillation)")):
+    for preset, method in (
+        ("full_kd", "Full KD"),
+        ("random_pos", "RandomPos 20%"),
+        ("se_kd", "Student entropy (SE-KD)"),
+        ("student", "Qwen3-1.7B (no distillation)"),
+    ):
         df = ours(runs[1], preset)
         row = csv.loc[preset]
         assert row["n_seeds"] == len(df)
@@ -226,8 +270,9 @@ def test_runs_of_two_models_are_refused(runs, tmp_path, capsys):
 
 def test_paper_profile_runs_match_their_presets(tmp_path):
     """The profile changes model, data, train and eval, never the method: a Qwen3 run still fills its row."""
-    cfg = resolved(compose_cfg(["experiment=se_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper",
-                                "eval=paper"]))
+    cfg = resolved(
+        compose_cfg(["experiment=se_kd", "model=qwen3_8b_to_1.7b", "data=fineweb_edu", "train=paper", "eval=paper"])
+    )
     record(cfg, "se_kd", 1337, (64.0, 7.0, 27.0), tmp_path / "runs")
     assert report_main([str(tmp_path / "runs"), "--table", "T2", "--out", str(tmp_path / "out")]) == 0
     t2 = table_csv(tmp_path / "out", "T2").set_index("preset")
@@ -235,16 +280,35 @@ def test_paper_profile_runs_match_their_presets(tmp_path):
 
 
 def test_the_reference_is_regenerated_from_the_papers_csvs():
-    tables = pd.DataFrame({"table": ["T2", "T5", "T5", "T9"], "section": ["baseline", "off-policy", "on-policy", "x"],
-                           "method": ["Full KD", "SE-KD", "SE-KD", "y"], "acc": [64.4, 63.9, 63.7, 1.0],
-                           "ifeval": [20.5, None, None, None], "ppl": [7.3, 8.0, 9.5, None],
-                           "ece": [27.3, None, None, None], "gsm8k_acc": [None, 69.5, 70.0, None], "notes": None})
-    eff = pd.DataFrame({"table": ["T7", "T7", "T9"],
-                        "configuration": ["TopSmp KL", "SE-KD3X (reuse offline cache)", "z"],
-                        "wall": ["14h42m", "3h58m", "1 min"],
-                        "notes": ["sample-selection scoring 9h37m; acc 64.2", "acc 64.4", None]})
-    rows = pd.DataFrame({"table": ["T2", "T5", "T5"], "section": ["baseline", "off-policy", "on-policy"],
-                         "method": ["Full KD", "SE-KD", "SE-KD"], "preset": ["full_kd", "se_kd", "on_policy_se_kd"]})
+    tables = pd.DataFrame(
+        {
+            "table": ["T2", "T5", "T5", "T9"],
+            "section": ["baseline", "off-policy", "on-policy", "x"],
+            "method": ["Full KD", "SE-KD", "SE-KD", "y"],
+            "acc": [64.4, 63.9, 63.7, 1.0],
+            "ifeval": [20.5, None, None, None],
+            "ppl": [7.3, 8.0, 9.5, None],
+            "ece": [27.3, None, None, None],
+            "gsm8k_acc": [None, 69.5, 70.0, None],
+            "notes": None,
+        }
+    )
+    eff = pd.DataFrame(
+        {
+            "table": ["T7", "T7", "T9"],
+            "configuration": ["TopSmp KL", "SE-KD3X (reuse offline cache)", "z"],
+            "wall": ["14h42m", "3h58m", "1 min"],
+            "notes": ["sample-selection scoring 9h37m; acc 64.2", "acc 64.4", None],
+        }
+    )
+    rows = pd.DataFrame(
+        {
+            "table": ["T2", "T5", "T5"],
+            "section": ["baseline", "off-policy", "on-policy"],
+            "method": ["Full KD", "SE-KD", "SE-KD"],
+            "preset": ["full_kd", "se_kd", "on_policy_se_kd"],
+        }
+    )
     ref = build_reference(tables, eff, rows)
     assert ref["table"].tolist() == ["T2", "T5", "T5", "T7", "T7"]
     assert ref["preset"].iloc[:3].tolist() == ["full_kd", "se_kd", "on_policy_se_kd"]  # the section tells them apart
@@ -263,9 +327,17 @@ def test_the_committed_reference_is_what_the_script_builds_from_the_papers_table
 
 
 def t7_record(config, seed, root, *, train, pretrain, cache_build, prepass, reused, wall):
-    costs = {"teacher_loaded": True, "prepass_seconds": prepass, "prepass_reused": reused,
-             "prepass_forward_tokens": {"student": 100, "teacher": 0}, "cache_build_seconds": cache_build,
-             "cache": "c", "cache_bytes_read": 10, "teacher_forward_tokens": 5, "pretrain_seconds": pretrain}
+    costs = {
+        "teacher_loaded": True,
+        "prepass_seconds": prepass,
+        "prepass_reused": reused,
+        "prepass_forward_tokens": {"student": 100, "teacher": 0},
+        "cache_build_seconds": cache_build,
+        "cache": "c",
+        "cache_bytes_read": 10,
+        "teacher_forward_tokens": 5,
+        "pretrain_seconds": pretrain,
+    }
     rec = record(config, "se_kd3x", seed, (15.0, 800.0, 66.0), root, costs=costs, wall=wall)
     rec["train_time_s"] = train
     (root / "runs" / rec["run_dir"].split("/")[-1] / "record.json").write_text(json.dumps(rec))
@@ -275,7 +347,9 @@ def test_t7_wall_time_is_the_training_pipeline_not_pretraining_nor_scoring(tmp_p
     """The first cell pretrained the embedded pair (1200 s), built the cache and scored the samples; T7's wall
     time counts its cache build in the construction row, the pre-pass for every run, pretraining nowhere."""
     cfg = resolved(compose_cfg(["experiment=se_kd3x"]))
-    t7_record(cfg, 1337, tmp_path, train=40.0, pretrain=1200.0, cache_build=30.0, prepass=6.0, reused=False, wall=1290.0)
+    t7_record(
+        cfg, 1337, tmp_path, train=40.0, pretrain=1200.0, cache_build=30.0, prepass=6.0, reused=False, wall=1290.0
+    )
     t7_record(cfg, 1338, tmp_path, train=42.0, pretrain=0.0, cache_build=0.0, prepass=0.0, reused=True, wall=60.0)
     t7_record(cfg, 1339, tmp_path, train=44.0, pretrain=0.0, cache_build=0.0, prepass=0.0, reused=True, wall=61.0)
     assert report_main([str(tmp_path), "--table", "T7", "--out", str(tmp_path / "out")]) == 0
@@ -315,13 +389,18 @@ def test_t7_compares_runs_by_tokens_per_second_per_device_and_says_the_world_siz
     from sekd.app.record import throughput
 
     cfg = resolved(compose_cfg(["experiment=full_kd"]))
-    runs = [(1, 40.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": None}}),  # 1000 tok/s/device
-            (2, 10.0, {"world_size": 2, "devices": {"student": "cuda:0", "teacher": "cuda:0"}}),  # 2000
-            (3, 8.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": "cuda:1"}})]  # 2500
+    runs = [
+        (1, 40.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": None}}),  # 1000 tok/s/device
+        (2, 10.0, {"world_size": 2, "devices": {"student": "cuda:0", "teacher": "cuda:0"}}),  # 2000
+        (3, 8.0, {"world_size": 1, "devices": {"student": "cuda:0", "teacher": "cuda:1"}}),
+    ]  # 2500
     for seed, seconds, placed in runs:
         rec = record(cfg, "full_kd", seed, (60.0, 8.0, 20.0), tmp_path)
-        rec.update(train_time_s=seconds, tokens_seen=40000,
-                   **throughput({"tokens_seen": 40000, "train_time_s": seconds, **placed}))
+        rec.update(
+            train_time_s=seconds,
+            tokens_seen=40000,
+            **throughput({"tokens_seen": 40000, "train_time_s": seconds, **placed}),
+        )
         (tmp_path / "runs" / rec["run_dir"].split("/")[-1] / "record.json").write_text(json.dumps(rec))
     assert [rec["device_count"], rec["tokens_per_s_per_device"]] == [2, 2500.0]
     record(resolved(compose_cfg(["experiment=random_pos"])), "random_pos", 1, (60.0, 8.0, 20.0), tmp_path, wall=12.0)

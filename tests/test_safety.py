@@ -6,6 +6,7 @@
 - a run killed before its first checkpoint restarts with each step logged once, and the next run of
   the folder removes the temporary files and the training lock a killed run left.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,9 @@ def test_a_restart_from_scratch_logs_each_step_once_and_leaves_nothing_behind(tm
 def test_environment_values_stay_out_of_every_record(tmp_path):
     """A token reaches the config through ${oc.env:...}: the records hold the interpolation's text."""
     secret, other = "tok-S3CR3T-0451", "tok-0TH3R-7734"
-    args = args_for(tmp_path, "logging=offline", "logging.entity=${oc.env:SEKD_TEST_TOKEN}",
-                    "label=run-${oc.env:SEKD_TEST_OTHER}")
+    args = args_for(
+        tmp_path, "logging=offline", "logging.entity=${oc.env:SEKD_TEST_TOKEN}", "label=run-${oc.env:SEKD_TEST_OTHER}"
+    )
     res = sekd_train(args, env={"SEKD_TEST_TOKEN": secret, "SEKD_TEST_OTHER": other})
     assert res.returncode == 0, res.stderr[-3000:]
     root = tmp_path / "root"

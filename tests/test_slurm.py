@@ -3,6 +3,7 @@
 `make test` installs Slurm where it can (root with apt-get). Where it cannot, the tests that need the
 cluster skip, loudly, saying how to run them; SEKD_REQUIRE_SLURM=1 (CI sets it) makes that a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,24 +17,36 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sekd.app.checks import config_hash, typed, validate
+from sekd.stores.runs import config_hash
+
+from sekd.app.checks import typed, validate
 from sekd.app.compose import job_threads
 from tests.helpers import ROOT, compose_cfg, sekd_train
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 REQUIRE = "SEKD_REQUIRE_SLURM"  # =1: a machine that cannot run the cluster fails these tests
 NOT_RUN = "SLURM TESTS NOT RUN"  # tests/conftest.py repeats such skips at the end of the run
-HOW = ("to run them, as root on Debian: `make test` (it installs Slurm), or `scripts/slurm-local.sh install` "
-       "then `.venv/bin/pytest tests/test_slurm.py`")
+HOW = (
+    "to run them, as root on Debian: `make test` (it installs Slurm), or `scripts/slurm-local.sh install` "
+    "then `.venv/bin/pytest tests/test_slurm.py`"
+)
 SMOKE = ["--config-dir", "sweeps", "--config-name", "smoke_slurm"]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def compose_sweep(name: str, overrides: list[str] = (), hydra_node: bool = True):
     """A sweep file as the CLI composes it (`--config-dir sweeps` beside the app's conf/)."""
-    return compose_cfg([f"hydra.searchpath=[file://{ROOT / 'conf'}]", *overrides], config_dir=ROOT / "sweeps",
-                       name=name, hydra_node=hydra_node)
+    return compose_cfg(
+        [f"hydra.searchpath=[file://{ROOT / 'conf'}]", *overrides],
+        config_dir=ROOT / "sweeps",
+        name=name,
+        hydra_node=hydra_node,
+    )
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
@@ -56,17 +69,30 @@ def test_launcher_configs_give_each_job_one_thread_per_cpu(launcher, target, mon
 def test_the_profile_sizes_each_slurm_job(monkeypatch):
     def hydra_node(overrides):
         h = compose_sweep("t2", overrides).hydra
-        return {"launcher": OmegaConf.to_container(h.launcher, resolve=True),
-                "job": {"env_set": OmegaConf.to_container(h.job.env_set, resolve=True)}}
+        return {
+            "launcher": OmegaConf.to_container(h.launcher, resolve=True),
+            "job": {"env_set": OmegaConf.to_container(h.job.env_set, resolve=True)},
+        }
 
     embedded = hydra_node(["hydra/launcher=slurm"])
     paper = hydra_node(["hydra/launcher=slurm", "profile=paper"])
-    size = lambda h: {k: h["launcher"][k] for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
-                                                     "array_parallelism")}
-    assert size(embedded) == {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 60,
-                              "array_parallelism": 64}
-    assert size(paper) == {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 96, "timeout_min": 1440,
-                           "array_parallelism": 8}
+    size = lambda h: {
+        k: h["launcher"][k] for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
+    }
+    assert size(embedded) == {
+        "gpus_per_node": 0,
+        "cpus_per_task": 1,
+        "mem_gb": 4,
+        "timeout_min": 60,
+        "array_parallelism": 64,
+    }
+    assert size(paper) == {
+        "gpus_per_node": 1,
+        "cpus_per_task": 8,
+        "mem_gb": 96,
+        "timeout_min": 1440,
+        "array_parallelism": 8,
+    }
     assert "OMP_NUM_THREADS" not in paper["job"]["env_set"]  # the job resolves env_set without our keys
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # what Slurm tells a job with cpus_per_task=8
     assert job_threads(typed(compose_cfg(["experiment=se_kd"]))) == 8
@@ -79,8 +105,9 @@ def test_the_profile_sizes_each_slurm_job(monkeypatch):
 
 def test_a_job_asks_for_one_task_per_gpu_on_each_of_its_nodes():
     def shape(*overrides):
-        lc = OmegaConf.to_container(compose_sweep("t2", ["hydra/launcher=slurm", *overrides]).hydra.launcher,
-                                    resolve=True)
+        lc = OmegaConf.to_container(
+            compose_sweep("t2", ["hydra/launcher=slurm", *overrides]).hydra.launcher, resolve=True
+        )
         return lc["nodes"], lc["tasks_per_node"], lc["gpus_per_node"], lc["cpus_per_task"]
 
     assert shape() == (1, 1, 0, 1)  # a CPU job: one task, as before
@@ -91,11 +118,13 @@ def test_a_job_asks_for_one_task_per_gpu_on_each_of_its_nodes():
 
 
 def test_the_paper_profile_has_an_eight_gpu_variant_with_the_same_global_batch():
-    lc = OmegaConf.to_container(compose_sweep("t2", ["hydra/launcher=slurm", "profile=paper_8gpu"]).hydra.launcher,
-                                resolve=True)
+    lc = OmegaConf.to_container(
+        compose_sweep("t2", ["hydra/launcher=slurm", "profile=paper_8gpu"]).hydra.launcher, resolve=True
+    )
     assert (lc["nodes"], lc["tasks_per_node"], lc["gpus_per_node"]) == (1, 8, 8)
-    one, eight = (compose_sweep("t2", ["experiment=se_kd", f"profile={p}"], hydra_node=False)
-                  for p in ("paper", "paper_8gpu"))
+    one, eight = (
+        compose_sweep("t2", ["experiment=se_kd", f"profile={p}"], hydra_node=False) for p in ("paper", "paper_8gpu")
+    )
     run = validate(eight)
     assert run.train.distributed == "ddp" and one.train.distributed == "none"
     ranks = eight.resources.nodes * eight.resources.tasks_per_node
@@ -127,16 +156,31 @@ def run_cluster_test_without_slurm(tmp_path, **env) -> subprocess.CompletedProce
             (bare / tool).symlink_to(shutil.which(tool))
     full = {k: v for k, v in os.environ.items() if k != REQUIRE}
     full.update(OFFLINE, PATH=f"{Path(sys.executable).parent}:{bare}", **env)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                           "-k", "train_and_score_run_as_separate"], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__)),
+            "-k",
+            "train_and_score_run_as_separate",
+        ],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_without_slurm_the_cluster_tests_skip_loudly_and_say_how(tmp_path):
     res = run_cluster_test_without_slurm(tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "1 skipped" in res.stdout
-    banner = res.stdout[res.stdout.index("!!"):]  # tests/conftest.py's closing banner
+    banner = res.stdout[res.stdout.index("!!") :]  # tests/conftest.py's closing banner
     assert f"{NOT_RUN}: Slurm is not installed" in banner and "scripts/slurm-local.sh install" in banner
 
 
@@ -152,15 +196,29 @@ def test_make_test_installs_slurm_where_it_can_and_ci_requires_it():
     dry = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "bash scripts/slurm-local.sh install" in dry.stdout and 'id -u)" = 0' in dry.stdout
-    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    ci = [
+        ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))
+    ]
     assert ci[-1] == f"{REQUIRE}=1 make test" and ci[-2] == "make lint"
     assert all(ln.startswith("export ") for ln in ci[:-2])
 
 
 def test_the_cli_finds_the_launcher_configs_beside_a_sweep_dir():
     """`--config-dir sweeps` adds a search path; hydra/launcher/*.yaml are still found in the app's conf/."""
-    res = sekd_train(["--config-dir", "sweeps", "--config-name", "demo", "hydra/launcher=slurm", "--cfg", "hydra",
-                      "--package", "hydra.launcher"], timeout=120)
+    res = sekd_train(
+        [
+            "--config-dir",
+            "sweeps",
+            "--config-name",
+            "demo",
+            "hydra/launcher=slurm",
+            "--cfg",
+            "hydra",
+            "--package",
+            "hydra.launcher",
+        ],
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SlurmLauncher" in res.stdout and "max_num_timeout: 3" in res.stdout
 
@@ -261,10 +319,22 @@ def preempt_mid_run(root: Path, cache: Path, *overrides: str) -> tuple[str, str]
     """Runs one cell (full_kd, 5 steps a checkpoint) through the Slurm launcher, sends its job USR2 once the
     first checkpoint.pt is written, lets the requeued job start at once and waits for the sweep: (its output,
     the job id)."""
-    args = [*SMOKE, f"paths.root={root}", f"paths.cache={cache}", "experiment=full_kd", "train.ckpt_every=5",
-            *overrides]
-    proc = subprocess.Popen([sys.executable, "-m", "sekd.train", *args], cwd=ROOT, env={**os.environ, **OFFLINE},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        *SMOKE,
+        f"paths.root={root}",
+        f"paths.cache={cache}",
+        "experiment=full_kd",
+        "train.ckpt_every=5",
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sekd.train", *args],
+        cwd=ROOT,
+        env={**os.environ, **OFFLINE},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 240  # generous: the CPUs may be shared with other tests' processes
         while not any(root.glob("runs/*/checkpoint.pt")):  # trained 5 steps, saved, still training
@@ -313,8 +383,9 @@ def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, c
     logs that it does not (submitit); Slurm then ends both tasks. The requeued job keeps its id, so its ranks
     meet again at the same derived port (sekd.distributed.launch.job_port) and resume from rank 0's checkpoint.pt."""
     cluster.append(tmp_path)
-    _, job = preempt_mid_run(tmp_path, cache, "train.steps=40", "resources.tasks_per_node=2", "resources.cpus=1",
-                             "train.distributed=ddp")
+    _, job = preempt_mid_run(
+        tmp_path, cache, "train.steps=40", "resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp"
+    )
     record = assert_resumed_once(tmp_path, job, 40)
     assert record["world_size"] == 2
     [rank0], [rank1] = ([p.read_text() for p in tmp_path.glob(f"hydra/*/.submitit/*/*_{r}_log.out")] for r in (0, 1))
@@ -325,8 +396,9 @@ def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, c
     assert "Traceback" not in rank1 + errors  # rank 1 left without a crash, though rank 0 left mid-step
 
 
-def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(cluster, cache,
-                                                                                              tmp_path):
+def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(
+    cluster, cache, tmp_path
+):
     """resources.tasks_per_node=2: each cell is one Slurm job of 2 one-CPU tasks; each task is a rank that
     reads its place from Slurm's environment (sekd.distributed.launch) and joins the gloo process group."""
     cluster.append(tmp_path)

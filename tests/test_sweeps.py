@@ -1,4 +1,5 @@
 """Every cell of every sweep composes and validates, under both profiles, before anything is submitted."""
+
 import itertools
 
 import pandas as pd
@@ -31,8 +32,12 @@ def grid(name):
     """The cartesian product of hydra.sweeper.params, as lists of `key=value` overrides."""
     params = sweep_file(name)["hydra"]["sweeper"]["params"]
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-            else [f"{o.key_or_group}={o.value()}"] for o in parsed]
+    axes = [
+        [f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.key_or_group}={o.value()}"]
+        for o in parsed
+    ]
     return [list(cell) for cell in itertools.product(*axes)]
 
 
@@ -74,8 +79,10 @@ def test_every_cell_composes_and_validates(name, profile):
         by_method.setdefault(tuple(o for o in cell if not o.startswith("seed=")), []).append(cell)
     with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
         for method, seeded in by_method.items():
-            cfg = compose(config_name=name, overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]",
-                                                       f"profile={profile}", *method])
+            cfg = compose(
+                config_name=name,
+                overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", f"profile={profile}", *method],
+            )
             assert "profile" not in cfg  # the profile only selects groups; no new top-level key
             assert cfg.model.name == MODELS[profile] and cfg.paths.root == f"outputs/{profile}"
             assert cfg.eval.split == ("validation" if name in VALIDATION else "test")

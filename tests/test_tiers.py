@@ -1,5 +1,6 @@
 """The fast tier (`make test-fast`): tests/conftest.py marks every test that starts a process (itself,
 through a helper of tests/, or through a fixture) as e2e, read from the tests' source; `make test` runs all."""
+
 from __future__ import annotations
 
 from tests.conftest import _spawns

@@ -1,5 +1,6 @@
 """A record's timing: `train_time_s` is distillation alone; pretraining the embedded pair is its own cost
 (`costs.pretrain_seconds`, 0 when the pair was already built), never charged to whichever cell ran first."""
+
 import json
 
 from tests.helpers import TINY, sekd_train
@@ -8,8 +9,11 @@ from tests.helpers import TINY, sekd_train
 def run(tmp_path, cache, *args):
     res = sekd_train([*TINY, "eval=none", f"paths.root={tmp_path / 'out'}", f"paths.cache={cache}", *args])
     assert res.returncode == 0, res.stderr[-3000:]
-    (path,) = [p for p in (tmp_path / "out").glob("runs/*/eval-*/record.json")
-               if json.loads(p.read_text())["preset"] == args[0].split("=")[1]]
+    (path,) = [
+        p
+        for p in (tmp_path / "out").glob("runs/*/eval-*/record.json")
+        if json.loads(p.read_text())["preset"] == args[0].split("=")[1]
+    ]
     return json.loads(path.read_text())
 
 

@@ -1,4 +1,5 @@
 """Hydra sweeper plugin for sekd (found by Hydra's scan of the `hydra_plugins` namespace)."""
+
 from omegaconf import OmegaConf
 
 import sekd.config.schema  # noqa: F401,E402  (Hydra's plugin scan registers the config schema, whoever composes conf/)

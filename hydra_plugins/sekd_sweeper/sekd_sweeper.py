@@ -11,6 +11,7 @@ launcher each cell's environment is checked too (CUDA, models on local disk); wi
 A cell whose job has several tasks (one run over several ranks, docs/slurm.md) is still one cell: submitit
 returns one result per task, and hydra-submitit's launcher hands this sweeper rank 0's, the cell's result.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class SekdSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None,
-                 skip_finished: bool = True) -> None:
+    def __init__(
+        self, max_batch_size: Optional[int] = None, params: Optional[dict] = None, skip_finished: bool = True
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.skip_finished = skip_finished
         self.done_checks: Dict[tuple, Callable[[], bool]] = {}  # per cell to run: whether its run has finished
@@ -73,7 +75,8 @@ class SekdSweeper(BasicSweeper):
     def triage(self, cells: List[List[str]]) -> tuple[List[List[str]], List[str], List[str], List[str]]:
         """(cells to run, lines for cells already finished, lines for cells that are the same run as an earlier
         cell, one-line errors); composes each cell once."""
-        from sekd.app.checks import ConfigError, validate
+        from sekd.core.errors import ConfigError
+        from sekd.app.checks import validate
         from sekd.models.loading import check_environment
         from sekd.stores.runs import is_finished, run_dir, eval_dir, trained
 
@@ -90,8 +93,10 @@ class SekdSweeper(BasicSweeper):
                 run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
                     if not trained(run_dir(cfg, world, cuda)):
-                        raise ConfigError(f"stage=score: {run_dir(cfg, world, cuda)} holds no trained student yet; "
-                                          "run the sweep with stage=train first")
+                        raise ConfigError(
+                            f"stage=score: {run_dir(cfg, world, cuda)} holds no trained student yet; "
+                            "run the sweep with stage=train first"
+                        )
             except ConfigError as err:
                 errors.append(f"cell [{where}]: {err}")
                 continue
@@ -127,8 +132,10 @@ class SekdSweeper(BasicSweeper):
             print(f"sekd: {len(errors)} of {len(cells)} cells are invalid; nothing was submitted", file=sys.stderr)
             sys.exit(2)
         repeats = f"{len(same)} the same run as another cell, " if same else ""
-        print(f"sekd: {len(cells)} cells: {len(finished)} already finished, {repeats}{len(todo)} to run "
-              f"(checked in {time.perf_counter() - tic:.1f} s)")
+        print(
+            f"sekd: {len(cells)} cells: {len(finished)} already finished, {repeats}{len(todo)} to run "
+            f"(checked in {time.perf_counter() - tic:.1f} s)"
+        )
         for line in finished:
             log.info("finished, skipped: %s", line)
         for line in same:
@@ -137,9 +144,12 @@ class SekdSweeper(BasicSweeper):
             print("sekd: nothing to do; every cell of this sweep is finished (force=true redoes them)")
             return []
         if self.on_slurm() and shutil.which("sbatch") is None:
-            print("sekd: config error: hydra/launcher=slurm submits with sbatch, which is not on this machine's PATH; "
-                  "run the sweep on a Slurm login node, start the local cluster (scripts/slurm-local.sh install), "
-                  "or use hydra/launcher=local", file=sys.stderr)
+            print(
+                "sekd: config error: hydra/launcher=slurm submits with sbatch, which is not on this machine's PATH; "
+                "run the sweep on a Slurm login node, start the local cluster (scripts/slurm-local.sh install), "
+                "or use hydra/launcher=local",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -149,14 +159,17 @@ class SekdSweeper(BasicSweeper):
         returns: List[Sequence[JobReturn]] = []
         failed: List[str] = []
         for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
+            batch = todo[start : start + size]
             try:
                 with CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()):
                     results = self.launcher.launch(batch, initial_job_idx=start)
             except Exception as err:  # a job killed outright (OOM, scancel): submitit has no result for it
-                print(f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
-                      "write their own records. Re-run the sweep to retry the unfinished cells.", file=sys.stderr)
+                print(
+                    f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
+                    "write their own records. Re-run the sweep to retry the unfinished cells.",
+                    file=sys.stderr,
+                )
                 sys.exit(1)
             for cell, r in zip(batch, results):
                 try:
@@ -167,8 +180,11 @@ class SekdSweeper(BasicSweeper):
         if failed:
             for line in failed:
                 print(f"sekd: cell failed {line}", file=sys.stderr)
-            print(f"sekd: {len(failed)} of {len(todo)} cells failed; the others' records are written. "
-                  "Re-run the sweep to retry only the unfinished cells.", file=sys.stderr)
+            print(
+                f"sekd: {len(failed)} of {len(todo)} cells failed; the others' records are written. "
+                "Re-run the sweep to retry only the unfinished cells.",
+                file=sys.stderr,
+            )
             sys.exit(1)
         return returns
 

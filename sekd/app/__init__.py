@@ -3,6 +3,7 @@
 `sekd.train` is its command line (`sekd-train`, `python -m sekd.train`); `execute` runs one composed
 config, in a Hydra job or called directly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,10 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
             if not job.dist.is_main:
                 return None
             if job.cfg.stage == "train" and job.cfg.mode == "distill":
-                print(f"sekd: {job.cfg.preset} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
-                      "to a stage=score job)")
+                print(
+                    f"sekd: {job.cfg.preset} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
+                    "to a stage=score job)"
+                )
                 return None
             metrics = score(job, tracker)
         finally:

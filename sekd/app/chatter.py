@@ -1,6 +1,7 @@
 """What a run prints: one line per cell and sekd's own progress bars. The libraries' loading bars (weights,
 shards, dataset splits) and their INFO lines stay off unless logging.verbose=true; lm-eval's go to the
 scores folder's lm_eval.log (sekd.evaluation.score)."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ The schema (sekd/config/schema.py) types the tree while Hydra composes it and ch
 criterion can take the class target, on-policy needs task data, files, an eval suite's packages), one
 small function each. Every refusal is a ConfigError with one line naming the key and what is allowed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,19 +13,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from sekd.core.errors import ConfigError
 from sekd.core.registry import RegistryError
-from sekd.config.schema import MODES, REGIMES, STAGES, DataConfig, RunConfig, choice  # noqa: F401  (re-exported)
-# the run's identity (resolved config, hashes, folders) lives with the run folder; re-exported for callers
-from sekd.stores.runs import (UNHASHED, config_hash, eval_hash, resolved, run_dir,  # noqa: F401
-                      eval_dir, train_hash)
+from sekd.config.schema import DataConfig, RunConfig, choice
 
 
 def unknown_key(key: str, allowed: Any) -> ConfigError:
     """The one line for a key that does not exist: it and the keys its node allows."""
     group, _, _ = key.rpartition(".")
-    return ConfigError(f"unknown key {key!r}; allowed in {group or 'the top level'}: "
-                       f"{', '.join(sorted(map(str, allowed))) or 'none'}")
+    return ConfigError(
+        f"unknown key {key!r}; allowed in {group or 'the top level'}: {', '.join(sorted(map(str, allowed))) or 'none'}"
+    )
 
 
 def typed(cfg: DictConfig) -> RunConfig:
@@ -65,8 +64,7 @@ def _known_keys(node: DictConfig, path: str = "") -> None:
         if key not in allowed:
             raise unknown_key(f"{path}{key}", allowed)
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and not (child._is_none() or child._is_missing()
-                                                  or child._is_interpolation()):
+        if isinstance(child, DictConfig) and not (child._is_none() or child._is_missing() or child._is_interpolation()):
             _known_keys(child, f"{path}{key}.")
 
 
@@ -105,8 +103,16 @@ def validate(cfg: DictConfig) -> RunConfig:
     """Every check that needs no model: the schema's (keys, types, each node's values), then the checks
     that span nodes or ask a registry. Returns the typed config; raises ConfigError."""
     run = typed(cfg)
-    for check in (check_data, check_position, check_classes, check_samples, check_criterion, check_regime,
-                  check_eval, check_placement):
+    for check in (
+        check_data,
+        check_position,
+        check_classes,
+        check_samples,
+        check_criterion,
+        check_regime,
+        check_eval,
+        check_placement,
+    ):
         check(run)
     return run
 
@@ -152,11 +158,15 @@ def check_classes(run: RunConfig) -> None:
     if c.name != "full":
         _registry_check(CLASSES.check_kwargs, c.name, dict(c.options), key="classes.options")
         if run.criterion.name != "forward_kl":
-            raise ConfigError(f"criterion.name={run.criterion.name!r} cannot use a sparse class target "
-                              f"(classes.name={c.name}); choose one of: forward_kl")
+            raise ConfigError(
+                f"criterion.name={run.criterion.name!r} cannot use a sparse class target "
+                f"(classes.name={c.name}); choose one of: forward_kl"
+            )
     if c.cache not in (None, "auto") and not (Path(c.cache) / "manifest.json").exists():
-        raise ConfigError(f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "
-                          f"build one with `sekd-cache build` or use classes.cache=auto")
+        raise ConfigError(
+            f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "
+            f"build one with `sekd-cache build` or use classes.cache=auto"
+        )
 
 
 def check_samples(run: RunConfig) -> None:
@@ -177,12 +187,16 @@ def check_regime(run: RunConfig) -> None:
     if run.regime.name != "on_policy":
         return
     if not is_task_data(run):
-        raise ConfigError(f"regime=on_policy samples answers to task prompts: it needs task data "
-                          f"(data=arith or data=gsm8k), not data={run.data.name}")
+        raise ConfigError(
+            f"regime=on_policy samples answers to task prompts: it needs task data "
+            f"(data=arith or data=gsm8k), not data={run.data.name}"
+        )
     c = run.classes
     if c.name == "rs_kd" or c.cache is not None:  # docs/method.md §10
-        raise ConfigError(f"classes.name={c.name} (cache={c.cache}) does not apply on-policy: the student's "
-                          "sampled answers are not in the data the teacher's classes were drawn for; use classes=full")
+        raise ConfigError(
+            f"classes.name={c.name} (cache={c.cache}) does not apply on-policy: the student's "
+            "sampled answers are not in the data the teacher's classes were drawn for; use classes=full"
+        )
 
 
 def check_eval(run: RunConfig) -> None:
@@ -196,11 +210,14 @@ def check_eval(run: RunConfig) -> None:
     if e.suite == "paper":  # IFEval's scorer imports packages lm-eval[hf] does not bring
         lacking = [m for m in ("langdetect", "immutabledict", "nltk") if importlib.util.find_spec(m) is None]
         if lacking:
-            raise ConfigError(f"eval.suite=paper scores IFEval, which needs {', '.join(lacking)}: "
-                              f"pip install 'sekd[paper]' (and NLTK's punkt_tab data on offline nodes)")
+            raise ConfigError(
+                f"eval.suite=paper scores IFEval, which needs {', '.join(lacking)}: "
+                f"pip install 'sekd[paper]' (and NLTK's punkt_tab data on offline nodes)"
+            )
     if e.suite == "validation" and run.data.options.get("validation_size") == 0:
-        raise ConfigError("eval.suite=validation scores GSM8K's held-out train problems, but data.validation_size=0 "
-                          "holds none out")
+        raise ConfigError(
+            "eval.suite=validation scores GSM8K's held-out train problems, but data.validation_size=0 holds none out"
+        )
 
 
 def check_placement(run: RunConfig) -> None:
@@ -208,9 +225,11 @@ def check_placement(run: RunConfig) -> None:
     their student (LOCAL_RANK's card), so one fixed device for every rank's teacher would stack them on one
     card. Whether the device exists is sekd.models.loading.check_environment's (this machine's) question."""
     if run.model.teacher_device is not None and run.train.distributed != "none":
-        raise ConfigError(f"model.teacher_device={run.model.teacher_device} places the teacher of one process; with "
-                          f"train.distributed={run.train.distributed} each rank holds its teacher on its own device: "
-                          "leave model.teacher_device null")
+        raise ConfigError(
+            f"model.teacher_device={run.model.teacher_device} places the teacher of one process; with "
+            f"train.distributed={run.train.distributed} each rank holds its teacher on its own device: "
+            "leave model.teacher_device null"
+        )
 
 
 # ---- the command line, before Hydra starts a job ---------------------------------------------
@@ -275,8 +294,11 @@ def _config_loader(config_dir: str, extra_dir: str | None):
     if extra_dir is not None:
         if not Path(extra_dir).is_dir():
             raise ConfigError(f"--config-dir {extra_dir}: no such folder")
-        search_path.prepend(provider="command-line", path=f"file://{Path(extra_dir).resolve()}",
-                            anchor=SearchPathQuery(provider="schema"))
+        search_path.prepend(
+            provider="command-line",
+            path=f"file://{Path(extra_dir).resolve()}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
     return ConfigLoaderImpl(config_search_path=search_path)
 
 
@@ -286,8 +308,9 @@ def _compose(loader, name: str, overrides: list[str], mode) -> DictConfig:
     from hydra.types import RunMode
 
     try:
-        return loader.load_configuration(config_name=name, overrides=list(overrides), run_mode=mode,
-                                         validate_sweep_overrides=mode == RunMode.RUN)
+        return loader.load_configuration(
+            config_name=name, overrides=list(overrides), run_mode=mode, validate_sweep_overrides=mode == RunMode.RUN
+        )
     except OverrideParseException as err:  # its message does not say which override
         raise ConfigError(f"cannot parse the override {err.override!r}: {_one_line(str(err))}") from None
     except HydraException as err:
@@ -312,8 +335,11 @@ def _composition_error(err: Exception, loader, name: str, overrides: list[str], 
     parsed = OverridesParser.create().parse_overrides(overrides)
     appended = [f"+{o.input_line}" if o.key_or_group == key and not o.is_add() else o.input_line for o in parsed]
     try:
-        cfg = without_hydra(loader.load_configuration(config_name=name, overrides=appended, run_mode=mode,
-                                                      validate_sweep_overrides=False))
+        cfg = without_hydra(
+            loader.load_configuration(
+                config_name=name, overrides=appended, run_mode=mode, validate_sweep_overrides=False
+            )
+        )
         validate(cfg)
     except ConfigError as named:
         if key in str(named):
@@ -321,9 +347,11 @@ def _composition_error(err: Exception, loader, name: str, overrides: list[str], 
     except Exception:  # noqa: BLE001 - the plain line below still names the key
         pass
     others = [o.input_line for o in parsed if o.key_or_group != key]
-    parent = OmegaConf.select(loader.load_configuration(config_name=name, overrides=others, run_mode=mode,
-                                                        validate_sweep_overrides=False),
-                              key.rpartition(".")[0] or ".", default=None)
+    parent = OmegaConf.select(
+        loader.load_configuration(config_name=name, overrides=others, run_mode=mode, validate_sweep_overrides=False),
+        key.rpartition(".")[0] or ".",
+        default=None,
+    )
     return unknown_key(key, parent.keys() if isinstance(parent, DictConfig) else [])
 
 
@@ -361,8 +389,11 @@ def policy_options(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     """Keyword options for the position policy: k (where it takes one) plus position.options."""
     from sekd.selection.policies import POLICIES
 
-    opts = dict(cfg.position.options if isinstance(cfg, RunConfig)
-                else OmegaConf.to_container(cfg.position.options, resolve=True) or {})
+    opts = dict(
+        cfg.position.options
+        if isinstance(cfg, RunConfig)
+        else OmegaConf.to_container(cfg.position.options, resolve=True) or {}
+    )
     if "k" in POLICIES.options(cfg.position.policy) and "k" not in opts:
         opts["k"] = float(cfg.position.k)
     return opts

@@ -5,6 +5,7 @@ cache against the tokenizer and data, then the teacher/student pair), so a run t
 refused in one line before any model is built or loaded, and its folder appears only once every
 check has passed. The result, a `Job`, holds what the training and scoring stages need.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,9 @@ class Job:
     tok: Any
     pretrain_s: float  # building the embedded pair: a cost of its own, never training time
     started: float  # time.time() when the run's work began (the record's wall_time_s)
-    dist: Any = field(default=None)  # sekd.distributed.process_group.Dist: this process's rank (one process: Dist.single())
+    dist: Any = field(
+        default=None
+    )  # sekd.distributed.process_group.Dist: this process's rank (one process: Dist.single())
 
     def __post_init__(self):
         if self.dist is None:
@@ -103,8 +106,18 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     except BaseException:
         dist.close()  # a multirun's next cell joins a group of its own
         raise
-    return Job(cfg=cfg, tree=tree, overrides=overrides, run=run, teacher_path=teacher_path, student_path=student_path,
-               tok=tok, pretrain_s=pretrain_s, started=started, dist=dist)
+    return Job(
+        cfg=cfg,
+        tree=tree,
+        overrides=overrides,
+        run=run,
+        teacher_path=teacher_path,
+        student_path=student_path,
+        tok=tok,
+        pretrain_s=pretrain_s,
+        started=started,
+        dist=dist,
+    )
 
 
 def check_launch(cfg: RunConfig):
@@ -119,15 +132,21 @@ def check_launch(cfg: RunConfig):
     launch = from_env()
     started = launch.distributed or "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if mode != "none" and not started:
-        raise ConfigError(f"train.distributed={mode} needs a launcher's environment (RANK, WORLD_SIZE, ...): start "
-                          f"it with `torchrun --nproc_per_node N -m sekd.train ...` or as a Slurm job's tasks; this "
-                          "process is alone (world size 1)")
+        raise ConfigError(
+            f"train.distributed={mode} needs a launcher's environment (RANK, WORLD_SIZE, ...): start "
+            f"it with `torchrun --nproc_per_node N -m sekd.train ...` or as a Slurm job's tasks; this "
+            "process is alone (world size 1)"
+        )
     if mode == "none" and launch.distributed:
-        raise ConfigError(f"train.distributed=none but this process is rank {launch.rank} of {launch.world_size} "
-                          "(a launcher started several); set train.distributed=ddp, or start one process")
+        raise ConfigError(
+            f"train.distributed=none but this process is rank {launch.rank} of {launch.world_size} "
+            "(a launcher started several); set train.distributed=ddp, or start one process"
+        )
     if mode == "fsdp" and launch.world_size < 2:  # one rank: nothing to shard over
-        raise ConfigError("train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1: "
-                          "start at least 2 (torchrun --nproc_per_node 2 or more), or set train.distributed=none")
+        raise ConfigError(
+            "train.distributed=fsdp shards the models over ranks, but this process is rank 0 of 1: "
+            "start at least 2 (torchrun --nproc_per_node 2 or more), or set train.distributed=none"
+        )
     if mode == "fsdp":  # a mesh that does not cover the ranks: refused before any model loads
         from sekd.distributed.fsdp import mesh_shape
 
@@ -146,11 +165,15 @@ def check_fsdp(cfg: RunConfig) -> None:
     if too_old:
         raise ConfigError(too_old)
     if cfg.regime.name == "on_policy":  # each rank holds a shard: generation would need the whole student
-        raise ConfigError("regime=on_policy with train.distributed=fsdp: the student's generation needs its whole "
-                          "weights on each rank; use train.distributed=ddp")
+        raise ConfigError(
+            "regime=on_policy with train.distributed=fsdp: the student's generation needs its whole "
+            "weights on each rank; use train.distributed=ddp"
+        )
     if cfg.train.optimizer == "adam8bit":  # bitsandbytes' kernels are not run on sharded DTensors here
-        raise ConfigError("train.optimizer=adam8bit with train.distributed=fsdp: sekd does not run the 8-bit "
-                          "optimizer on sharded (DTensor) weights; use train.optimizer=adamw or train.distributed=ddp")
+        raise ConfigError(
+            "train.optimizer=adam8bit with train.distributed=fsdp: sekd does not run the 8-bit "
+            "optimizer on sharded (DTensor) weights; use train.optimizer=adamw or train.distributed=ddp"
+        )
 
 
 def join(cfg: RunConfig, launch):
@@ -179,8 +202,9 @@ def already_finished(cfg: DictConfig) -> bool:
 
 def check_stage(cfg: RunConfig, run) -> None:
     if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
-        raise ConfigError(f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train "
-                          "(or stage=all) first")
+        raise ConfigError(
+            f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train (or stage=all) first"
+        )
 
 
 def job_threads(cfg: RunConfig) -> int | None:
@@ -269,6 +293,13 @@ def open_tracker(job: Job):
     cfg, run = job.cfg, job.run
     if not job.dist.is_main:  # rank 0 alone logs the run
         return Tracker("disabled", run.path, name=run.path.name, config={}, project=cfg.logging.project)
-    return Tracker(cfg.logging.wandb, run.path, name=run.path.name, config=resolved(job.tree, keep_env=True),
-                   project=cfg.logging.project, entity=cfg.logging.entity,
-                   group=cfg.logging.group or cfg.preset, run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}")
+    return Tracker(
+        cfg.logging.wandb,
+        run.path,
+        name=run.path.name,
+        config=resolved(job.tree, keep_env=True),
+        project=cfg.logging.project,
+        entity=cfg.logging.entity,
+        group=cfg.logging.group or cfg.preset,
+        run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}",
+    )

@@ -29,6 +29,7 @@ blocks, the teacher's hidden states) and the step's end (gradients, the optimize
 runtime reserve (CUDA context and allocator slack) is added. `benchmarks/plan_check.py` checks the
 prediction against measured CPU peaks.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,19 +43,45 @@ GIB = 2**30
 
 # Known shapes of hub models, used when their config.json is not on local disk (offline, or never downloaded).
 KNOWN = {
-    "Qwen/Qwen3-8B": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                          num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                          tie_word_embeddings=False),
-    "Qwen/Qwen3-1.7B": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                            tie_word_embeddings=True),
+    "Qwen/Qwen3-8B": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen3-1.7B": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
 }
 # CUDA: the context and the caching allocator's slack. CPU: the code of the kernels the first step runs, paged
 # in (10-12 MiB measured for the tiny pair; the interpreter and the loaded libraries are not counted)
 RESERVE_GIB = {"cuda": 1.0, "cpu": 10 / 1024}
 OPTIMIZER_BYTES = {"adamw": 8, "adam8bit": 2}  # per trainable parameter
-UNITS = {"": 10**9, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+UNITS = {
+    "": 10**9,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 # ---- model shapes -----------------------------------------------------------------------------
@@ -93,10 +120,19 @@ class Shape:
         params = sum(p.numel() for p in model.parameters())
         layers = model.get_decoder().layers
         layer_params = sum(p.numel() for p in layers.parameters())
-        return Shape(vocab=cfg.vocab_size, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                     layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", heads),
-                     head_dim=head_dim, tied=bool(getattr(cfg, "tie_word_embeddings", False)), params=params,
-                     layer_params=layer_params, source=source)
+        return Shape(
+            vocab=cfg.vocab_size,
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            layers=cfg.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+            params=params,
+            layer_params=layer_params,
+            source=source,
+        )
 
 
 def model_config(key: str, name: str, trust_remote_code: bool = False):
@@ -114,9 +150,11 @@ def model_config(key: str, name: str, trust_remote_code: bool = False):
     if name in KNOWN:
         known = dict(KNOWN[name])
         return AutoConfig.for_model(known.pop("model_type"), **known), "built-in table (not on local disk)"
-    raise ConfigError(f"{key}={name!r}: its config.json is not on local disk and the plan never asks the hub; "
-                      f"point {key} at a local folder, download it (`hf download {name} config.json`), or use a "
-                      f"model of the built-in table ({', '.join(KNOWN)})")
+    raise ConfigError(
+        f"{key}={name!r}: its config.json is not on local disk and the plan never asks the hub; "
+        f"point {key} at a local folder, download it (`hf download {name} config.json`), or use a "
+        f"model of the built-in table ({', '.join(KNOWN)})"
+    )
 
 
 def pair_shapes(cfg) -> tuple[Shape, Shape]:
@@ -128,8 +166,10 @@ def pair_shapes(cfg) -> tuple[Shape, Shape]:
 
         vocab = int(m.embedded["vocab_size"])
         where = "embedded pair's config" + (" (task fine-tuned)" if is_task_source(cfg.data.name) and m.task else "")
-        return tuple(Shape.of_config(qwen3_config(m.embedded[role], vocab, 0), where)  # type: ignore[return-value]
-                     for role in ("teacher", "student"))
+        return tuple(
+            Shape.of_config(qwen3_config(m.embedded[role], vocab, 0), where)  # type: ignore[return-value]
+            for role in ("teacher", "student")
+        )
     out = []
     for key, name in (("model.teacher", m.teacher), ("model.student", m.student)):
         conf, where = model_config(key, str(name), m.trust_remote_code)
@@ -260,10 +300,23 @@ def gathered_bytes(student: Shape, cbytes: int) -> float:
     return 4 * student.embed_params + 2 * cbytes * student.layer_params / student.layers
 
 
-def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len: int, device_type: str = "cuda",
-             dtype: str = "bf16", optimizer: str = "adamw", chunk: int | None = None, mode: str = "none",
-             world: int = 1, placed: bool = False, selected: float = 1.0, score_blocks: int = 0,
-             shard: int | None = None) -> Plan:
+def estimate(
+    teacher: Shape | None,
+    student: Shape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    device_type: str = "cuda",
+    dtype: str = "bf16",
+    optimizer: str = "adamw",
+    chunk: int | None = None,
+    mode: str = "none",
+    world: int = 1,
+    placed: bool = False,
+    selected: float = 1.0,
+    score_blocks: int = 0,
+    shard: int | None = None,
+) -> Plan:
     """The plan of one run's training, per device (bytes). `teacher` None: no teacher (an offline cache).
     `selected`: the fraction of positions the head runs at with gradient; `score_blocks`: the [C,V] float32
     temporaries the position signal makes per chunk while scoring (0 without a computed signal). The peak is
@@ -298,11 +351,19 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
             "optimizer step": grads - held + opt_tmp + kept,
         }
         persistent = t_w + t_copy + s_weights + opt + gathered + reserve + held
-        rows = {"teacher weights": t_w, "teacher head copy": t_copy, "student weights (fp32)": s_weights,
-                "gradients (fp32)": grads, f"optimizer ({optimizer})": opt,
-                "LM head (blocks, dW, W copy)": blocks + w_grad + w_copy,
-                "LM head scoring temporaries": score_blocks * block, "activations": act,
-                "teacher forward": t_f + t_hid, "fsdp gathered units": gathered, "runtime reserve": reserve}
+        rows = {
+            "teacher weights": t_w,
+            "teacher head copy": t_copy,
+            "student weights (fp32)": s_weights,
+            "gradients (fp32)": grads,
+            f"optimizer ({optimizer})": opt,
+            "LM head (blocks, dW, W copy)": blocks + w_grad + w_copy,
+            "LM head scoring temporaries": score_blocks * block,
+            "activations": act,
+            "teacher forward": t_f + t_hid,
+            "fsdp gathered units": gathered,
+            "runtime reserve": reserve,
+        }
         worst = max(phases, key=phases.get)
         dev = Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst])
         dev.phase = worst
@@ -310,24 +371,60 @@ def estimate(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len
 
     if placed and teacher is not None:
         card = student_card("student card", 0.0, t_hidden, 0.0, teacher.vocab * teacher.hidden * cbytes)
-        devices = [card, Device("teacher card", {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden,
-                                                 "runtime reserve": reserve}, t_weights + t_fwd + t_hidden + reserve,
-                                phase="teacher forward")]
+        devices = [
+            card,
+            Device(
+                "teacher card",
+                {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": reserve},
+                t_weights + t_fwd + t_hidden + reserve,
+                phase="teacher forward",
+            ),
+        ]
     else:
         card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), t_weights, t_hidden, t_fwd)
         card.count = world if mode in ("ddp", "fsdp") else 1
         devices = [card]
-    return Plan(teacher=teacher, student=student, device_type=device_type, dtype=dtype, mode=mode, world=world,
-                micro_batch=micro_batch, seq_len=seq_len, chunk=chunk, optimizer=optimizer, placed=placed,
-                devices=devices)
+    return Plan(
+        teacher=teacher,
+        student=student,
+        device_type=device_type,
+        dtype=dtype,
+        mode=mode,
+        world=world,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        chunk=chunk,
+        optimizer=optimizer,
+        placed=placed,
+        devices=devices,
+    )
 
 
-def cpu_above_loaded(teacher: Shape | None, student: Shape, *, micro_batch: int, seq_len: int, chunk: int,
-                     optimizer: str = "adamw", selected: float = 1.0, score_blocks: int = 0) -> float:
+def cpu_above_loaded(
+    teacher: Shape | None,
+    student: Shape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    chunk: int,
+    optimizer: str = "adamw",
+    selected: float = 1.0,
+    score_blocks: int = 0,
+) -> float:
     """What benchmarks/plan_check.py measures: a CPU fp32 step's peak above the process's loaded baseline
     (which already holds both models' weights and the batch), bytes."""
-    p = estimate(teacher, student, micro_batch=micro_batch, seq_len=seq_len, device_type="cpu", dtype="fp32",
-                 optimizer=optimizer, chunk=chunk, selected=selected, score_blocks=score_blocks)
+    p = estimate(
+        teacher,
+        student,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        device_type="cpu",
+        dtype="fp32",
+        optimizer=optimizer,
+        chunk=chunk,
+        selected=selected,
+        score_blocks=score_blocks,
+    )
     d = p.devices[0]
     return d.peak - d.rows.get("teacher weights", 0.0) - d.rows["student weights (fp32)"]  # the reserve stays
 
@@ -353,8 +450,10 @@ def parse_size(text: str) -> float:
     """'24GB', '80 GiB', '512MB', '24' (GB) -> bytes; a bad value is one line."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text, flags=re.I)
     if m is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"--card {text!r}: give the card's memory as a number with GB, GiB, MB, MiB or TB "
-                          "(e.g. --card 24GB, --card 80GiB)")
+        raise ConfigError(
+            f"--card {text!r}: give the card's memory as a number with GB, GiB, MB, MiB or TB "
+            "(e.g. --card 24GB, --card 80GiB)"
+        )
     return float(m.group(1)) * UNITS[(m.group(2) or "").upper()]
 
 
@@ -420,8 +519,10 @@ def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shap
     """The plan of a composed run (`world`: ranks under ddp/fsdp)."""
     mode = cfg.train.distributed
     if mode == "none" and (world or 1) > 1:
-        raise ConfigError(f"--world {world} with train.distributed=none: one process trains alone; set "
-                          "train.distributed=ddp or fsdp to plan for several ranks")
+        raise ConfigError(
+            f"--world {world} with train.distributed=none: one process trains alone; set "
+            "train.distributed=ddp or fsdp to plan for several ranks"
+        )
     if mode != "none" and (world or 0) < 2:
         raise ConfigError(f"train.distributed={mode} needs ranks: pass --world N (N >= 2)")
     device_type = "cpu" if cfg.train.device == "cpu" else "cuda"  # auto plans for the card
@@ -430,11 +531,22 @@ def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shap
     needs_teacher = cfg.mode == "distill" and cfg.classes.cache is None
     selected, score_blocks = position_work(cfg)
     shard, note = fsdp_shard(cfg, world or 1)
-    plan = estimate(teacher if needs_teacher else None, student, micro_batch=micro_batch or cfg.train.micro_batch_size,
-                    seq_len=run_seq_len(cfg), device_type=device_type, dtype=dtype, optimizer=cfg.train.optimizer,
-                    chunk=chunk_for(cfg.train, student.vocab, device_type), mode=mode, world=world or 1,
-                    placed=cfg.model.teacher_device is not None, selected=selected, score_blocks=score_blocks,
-                    shard=shard)
+    plan = estimate(
+        teacher if needs_teacher else None,
+        student,
+        micro_batch=micro_batch or cfg.train.micro_batch_size,
+        seq_len=run_seq_len(cfg),
+        device_type=device_type,
+        dtype=dtype,
+        optimizer=cfg.train.optimizer,
+        chunk=chunk_for(cfg.train, student.vocab, device_type),
+        mode=mode,
+        world=world or 1,
+        placed=cfg.model.teacher_device is not None,
+        selected=selected,
+        score_blocks=score_blocks,
+        shard=shard,
+    )
     if note:
         plan.notes.append(note)
     if not needs_teacher:
@@ -451,7 +563,9 @@ def fsdp_shard(cfg, world: int) -> tuple[int | None, str]:
     m = re.fullmatch(r"(\d+)x(\d+)", mesh)
     if m:
         if int(m.group(1)) * int(m.group(2)) != world:
-            raise ConfigError(f"train.fsdp.mesh={mesh} needs {int(m.group(1)) * int(m.group(2))} ranks; --world is {world}")
+            raise ConfigError(
+                f"train.fsdp.mesh={mesh} needs {int(m.group(1)) * int(m.group(2))} ranks; --world is {world}"
+            )
         return int(m.group(2)), f"fsdp mesh {mesh}: each weight sharded over {m.group(2)} ranks"
     shard = min(world, 8)
     return shard, f"fsdp mesh hybrid: each weight sharded over the {shard} ranks of a node (taken as min(world, 8))"
@@ -478,8 +592,10 @@ def run_seq_len(cfg) -> int:
 
 def shape_line(role: str, s: Shape) -> str:
     tie = "tied" if s.tied else "untied"
-    return (f"  {role}: {s.params / 1e9:.3f}B params, V={s.vocab}, d={s.hidden}, I={s.intermediate}, "
-            f"{s.layers} layers, {s.heads}/{s.kv_heads} heads x {s.head_dim}, head {tie}  [{s.source}]")
+    return (
+        f"  {role}: {s.params / 1e9:.3f}B params, V={s.vocab}, d={s.hidden}, I={s.intermediate}, "
+        f"{s.layers} layers, {s.heads}/{s.kv_heads} heads x {s.head_dim}, head {tie}  [{s.source}]"
+    )
 
 
 def render(plan: Plan, card: float | None, card_text: str | None, best: int | None) -> str:
@@ -498,22 +614,33 @@ def render(plan: Plan, card: float | None, card_text: str | None, best: int | No
     if len(head) > len(plan.devices):
         peak.append(f"{plan.total / GIB:.2f}")
     rows.append(peak)
-    mode = {"none": "one process", "ddp": f"ddp, {plan.world} ranks (micro-batch per rank)",
-            "fsdp": f"fsdp, {plan.world} ranks"}[plan.mode] + (", teacher on its own device" if plan.placed else "")
-    lines = ["sekd plan (estimates; no weights loaded)",
-             shape_line("teacher", plan.teacher) if plan.teacher else "  teacher: none in memory",
-             shape_line("student", plan.student),
-             f"  {mode}; device {plan.device_type}, compute {plan.dtype}, optimizer {plan.optimizer}; "
-             f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens; LM-head chunk C={plan.chunk}",
-             *[f"  note: {n}" for n in plan.notes], "",
-             tabulate(rows, headers=["GiB"] + head, stralign="right", disable_numparse=True), ""]
-    lines.append("estimated peak = weights + optimizer state + reserve + the step's largest phase (the peak's "
-                 "phase: " + ", ".join(f"{d.name}: {d.phase}" for d in plan.devices) + "); activations and "
-                 "gradients never peak together, so the rows add up to more")
+    mode = {
+        "none": "one process",
+        "ddp": f"ddp, {plan.world} ranks (micro-batch per rank)",
+        "fsdp": f"fsdp, {plan.world} ranks",
+    }[plan.mode] + (", teacher on its own device" if plan.placed else "")
+    lines = [
+        "sekd plan (estimates; no weights loaded)",
+        shape_line("teacher", plan.teacher) if plan.teacher else "  teacher: none in memory",
+        shape_line("student", plan.student),
+        f"  {mode}; device {plan.device_type}, compute {plan.dtype}, optimizer {plan.optimizer}; "
+        f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens; LM-head chunk C={plan.chunk}",
+        *[f"  note: {n}" for n in plan.notes],
+        "",
+        tabulate(rows, headers=["GiB"] + head, stralign="right", disable_numparse=True),
+        "",
+    ]
+    lines.append(
+        "estimated peak = weights + optimizer state + reserve + the step's largest phase (the peak's "
+        "phase: " + ", ".join(f"{d.name}: {d.phase}" for d in plan.devices) + "); activations and "
+        "gradients never peak together, so the rows add up to more"
+    )
     if card is not None:
         fits = "fits" if plan.worst <= card else "does NOT fit"
-        lines.append(f"card {card_text} = {card / GIB:.2f} GiB: micro-batch {plan.micro_batch} {fits} "
-                     f"(worst device {plan.worst / GIB:.2f} GiB)")
+        lines.append(
+            f"card {card_text} = {card / GIB:.2f} GiB: micro-batch {plan.micro_batch} {fits} "
+            f"(worst device {plan.worst / GIB:.2f} GiB)"
+        )
         if best == 0:
             lines.append(f"largest train.micro_batch_size that fits {card_text}: none (micro-batch 1 needs more)")
         else:
@@ -546,15 +673,33 @@ def main(argv: list[str] | None = None) -> int:
 def plan_json(plan: Plan, card: float | None, best: int | None) -> dict:
     """The plan as data (GiB): per device its rows, its estimated peak, and the peak without the runtime
     reserve, which is what torch.cuda.max_memory_allocated measures (the CUDA context is not allocated)."""
+
     def gib(x: float) -> float:
         return round(x / GIB, 3)
 
-    return {"mode": plan.mode, "world": plan.world, "device_type": plan.device_type, "dtype": plan.dtype,
-            "micro_batch": plan.micro_batch, "seq_len": plan.seq_len, "chunk": plan.chunk,
-            "devices": [{"name": d.name, "count": d.count, "phase": d.phase, "rows_gib": {k: gib(v) for k, v in d.rows.items()},
-                         "peak_gib": gib(d.peak), "allocated_gib": gib(d.peak - d.rows.get("runtime reserve", 0.0))}
-                        for d in plan.devices],
-            "card_gib": gib(card) if card is not None else None, "largest_micro_batch": best, "notes": plan.notes}
+    return {
+        "mode": plan.mode,
+        "world": plan.world,
+        "device_type": plan.device_type,
+        "dtype": plan.dtype,
+        "micro_batch": plan.micro_batch,
+        "seq_len": plan.seq_len,
+        "chunk": plan.chunk,
+        "devices": [
+            {
+                "name": d.name,
+                "count": d.count,
+                "phase": d.phase,
+                "rows_gib": {k: gib(v) for k, v in d.rows.items()},
+                "peak_gib": gib(d.peak),
+                "allocated_gib": gib(d.peak - d.rows.get("runtime reserve", 0.0)),
+            }
+            for d in plan.devices
+        ],
+        "card_gib": gib(card) if card is not None else None,
+        "largest_micro_batch": best,
+        "notes": plan.notes,
+    }
 
 
 def main_exit() -> None:

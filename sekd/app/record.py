@@ -1,4 +1,5 @@
 """The record: one JSON per scored run (record.json), what the reports and tables read."""
+
 from __future__ import annotations
 
 import os
@@ -22,14 +23,25 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
     cfg, run = job.cfg, job.run
     kept = resolved(job.tree, keep_env=True)
     return {
-        "preset": kept["preset"], "label": kept["label"], "mode": kept["mode"], "seed": cfg.seed,
-        "config_hash": run.hash, "stage": kept["stage"], "run_dir": str(run.path), "eval_dir": str(run.eval_dir),
-        "model": scored_model(job), "metrics": metrics, **stats_fields(stats),
+        "preset": kept["preset"],
+        "label": kept["label"],
+        "mode": kept["mode"],
+        "seed": cfg.seed,
+        "config_hash": run.hash,
+        "stage": kept["stage"],
+        "run_dir": str(run.path),
+        "eval_dir": str(run.eval_dir),
+        "model": scored_model(job),
+        "metrics": metrics,
+        **stats_fields(stats),
         "wall_time_s": round(time.time() - job.started, 2),
-        "peak_memory_mb": stats.get("peak_memory_mb") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                               / 1024, 1),  # Linux reports KiB
-        "git_commit": git_commit(), "overrides": list(job.overrides), "config": kept,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "peak_memory_mb": stats.get("peak_memory_mb")
+        or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux reports KiB
+        "git_commit": git_commit(),
+        "overrides": list(job.overrides),
+        "config": kept,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "host": socket.gethostname(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -37,10 +49,17 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
 
 def stats_fields(stats: dict[str, Any]) -> dict[str, Any]:
     """The training stats a record carries (zeros and None for a run that trained nothing)."""
-    return {"tokens_seen": stats.get("tokens_seen", 0), "tokens_supervised": stats.get("tokens_supervised", 0),
-            "steps": stats.get("steps", 0), "train_time_s": stats.get("train_time_s"), "costs": stats.get("costs", {}),
-            "train_samples": stats.get("train_samples"), "available_samples": stats.get("available_samples"),
-            "on_policy_batches": stats.get("on_policy_batches", 0), **throughput(stats)}
+    return {
+        "tokens_seen": stats.get("tokens_seen", 0),
+        "tokens_supervised": stats.get("tokens_supervised", 0),
+        "steps": stats.get("steps", 0),
+        "train_time_s": stats.get("train_time_s"),
+        "costs": stats.get("costs", {}),
+        "train_samples": stats.get("train_samples"),
+        "available_samples": stats.get("available_samples"),
+        "on_policy_batches": stats.get("on_policy_batches", 0),
+        **throughput(stats),
+    }
 
 
 def throughput(stats: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +75,17 @@ def throughput(stats: dict[str, Any]) -> dict[str, Any]:
     count = world * (2 if own_teacher else 1)
     seconds, tokens = stats.get("train_time_s"), stats.get("tokens_seen", 0)
     rate = round(tokens / seconds / count, 2) if seconds and tokens else None
-    return {"world_size": world, "devices": devices or None, "device_count": count, "tokens_per_s_per_device": rate,
-            "peak_memory_mb_per_device": stats.get("peak_memory_mb_per_device")}
+    return {
+        "world_size": world,
+        "devices": devices or None,
+        "device_count": count,
+        "tokens_per_s_per_device": rate,
+        "peak_memory_mb_per_device": stats.get("peak_memory_mb_per_device"),
+    }
 
 
 def summary_line(job: Job, record: dict[str, Any]) -> str:
     """What the run prints last: where its record went and its headline metrics."""
-    return (f"sekd: {job.cfg.preset} seed={job.cfg.seed} -> {job.run.record}  " +
-            "  ".join(f"{k}={v:.3g}" for k, v in record["metrics"].items() if k in ("acc", "ppl", "ece")))
+    return f"sekd: {job.cfg.preset} seed={job.cfg.seed} -> {job.run.record}  " + "  ".join(
+        f"{k}={v:.3g}" for k, v in record["metrics"].items() if k in ("acc", "ppl", "ece")
+    )

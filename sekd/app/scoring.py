@@ -1,5 +1,6 @@
 """The scoring stage: the run's model (the distilled student, or the pretrained student or teacher for
 the score_* modes) through its eval suite; the metrics go to the record and to wandb's summary."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,17 @@ def run_suite(job: Job) -> dict[str, Any]:
     cfg, e = job.cfg, job.cfg.eval
     device = pick_device(e.device, "eval.device")
     job.run.eval_dir.mkdir(parents=True, exist_ok=True)
-    return score_checkpoint(scored_model(job), job.run.eval_dir, suite=e.suite, split=e.split,
-                            artifacts_dir=Path(cfg.paths.cache) / "eval", batch_size=e.batch_size, limit=e.limit,
-                            device=str(device), seed=e.seed,
-                            gsm8k_validation_size=cfg.data.options.get("validation_size", GSM8K_HELD_OUT),
-                            dtype="bfloat16" if device.type == "cuda" else "float32", verbose=cfg.logging.verbose)
+    return score_checkpoint(
+        scored_model(job),
+        job.run.eval_dir,
+        suite=e.suite,
+        split=e.split,
+        artifacts_dir=Path(cfg.paths.cache) / "eval",
+        batch_size=e.batch_size,
+        limit=e.limit,
+        device=str(device),
+        seed=e.seed,
+        gsm8k_validation_size=cfg.data.options.get("validation_size", GSM8K_HELD_OUT),
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        verbose=cfg.logging.verbose,
+    )

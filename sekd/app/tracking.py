@@ -1,4 +1,5 @@
 """wandb, offline by default, with every file it writes kept inside the run folder."""
+
 from __future__ import annotations
 
 import os
@@ -7,21 +8,45 @@ from typing import Any
 
 
 class Tracker:
-    def __init__(self, mode: str, run_path: Path, *, name: str, config: dict[str, Any], project: str,
-                 entity: str | None = None, group: str | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        mode: str,
+        run_path: Path,
+        *,
+        name: str,
+        config: dict[str, Any],
+        project: str,
+        entity: str | None = None,
+        group: str | None = None,
+        run_id: str | None = None,
+    ):
         self.run = None
         if mode == "disabled":
             return
         wdir = Path(run_path).resolve()
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_DATA_DIR", "wandb/data"),
-                         ("WANDB_CONFIG_DIR", "wandb/config")):
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", "wandb/cache"),
+            ("WANDB_DATA_DIR", "wandb/data"),
+            ("WANDB_CONFIG_DIR", "wandb/config"),
+        ):
             (wdir / sub).mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(wdir / sub)
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, resume="allow",
-                              config=config, mode=mode, dir=str(wdir), reinit="finish_previous")
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            id=run_id,
+            resume="allow",
+            config=config,
+            mode=mode,
+            dir=str(wdir),
+            reinit="finish_previous",
+        )
 
     def log(self, row: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:

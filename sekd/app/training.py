@@ -1,5 +1,6 @@
 """The training stage: select samples, get class targets, distill the student under the run folder's
 lock, and save it with its stats (docs/method.md §6-§10). Other modes train nothing."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def train(job: Job, tracker) -> dict[str, Any]:
 
     cfg, run, dist = job.cfg, job.run, job.dist
     if cfg.mode != "distill":
-        return {"tokens_seen": 0, "tokens_supervised": 0, "steps": 0, "train_time_s": 0.0,
-                "costs": {"pretrain_seconds": job.pretrain_s}}
+        return {
+            "tokens_seen": 0,
+            "tokens_supervised": 0,
+            "steps": 0,
+            "train_time_s": 0.0,
+            "costs": {"pretrain_seconds": job.pretrain_s},
+        }
     with folder_lock(run.path / ".train.lock") if dist.is_main else nullcontext():
         if dist.is_main:
             run.sweep()
@@ -100,9 +106,16 @@ class Parts:
     selector: Any
     data: Any  # the samples training sees (after the sample axis)
     available: int  # samples in the train split
-    costs: dict[str, Any] = field(default_factory=lambda: {
-        "teacher_loaded": False, "prepass_seconds": 0.0, "prepass_reused": False, "prepass_forward_tokens": {},
-        "cache_build_seconds": 0.0, "cache": None})
+    costs: dict[str, Any] = field(
+        default_factory=lambda: {
+            "teacher_loaded": False,
+            "prepass_seconds": 0.0,
+            "prepass_reused": False,
+            "prepass_forward_tokens": {},
+            "cache_build_seconds": 0.0,
+            "cache": None,
+        }
+    )
 
 
 def distill(job: Job, tracker) -> dict[str, Any]:
@@ -132,12 +145,26 @@ def build_parts(job: Job) -> Parts:
     data = training_data(cfg, job.tok)
     torch.manual_seed(cfg.seed)
     selector = build_selector(cfg)
-    student = load_model(job.student_path, student_home(cfg, job.dist, device), torch.float32,
-                         cfg.model.trust_remote_code)
-    return Parts(device=device, dtype=dtype, student=student, vocab=shared_vocab(job.tok, student), selector=selector,
-                 teacher=Teacher(job.teacher_path, job.tok, device, dtype, cfg.model.trust_remote_code,
-                                 home=teacher_device(cfg.model.teacher_device, device)),
-                 data=data, available=len(data))
+    student = load_model(
+        job.student_path, student_home(cfg, job.dist, device), torch.float32, cfg.model.trust_remote_code
+    )
+    return Parts(
+        device=device,
+        dtype=dtype,
+        student=student,
+        vocab=shared_vocab(job.tok, student),
+        selector=selector,
+        teacher=Teacher(
+            job.teacher_path,
+            job.tok,
+            device,
+            dtype,
+            cfg.model.trust_remote_code,
+            home=teacher_device(cfg.model.teacher_device, device),
+        ),
+        data=data,
+        available=len(data),
+    )
 
 
 def student_home(cfg: RunConfig, dist, device):
@@ -187,18 +214,33 @@ def pick_samples(job: Job, parts: Parts) -> None:
     wants_teacher = SAMPLE_SELECTORS.get(s.name).needs_teacher
     with on_device(parts.student, parts.device) as student:  # fsdp: whole on the card for the pre-pass only
         picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
-            s.name, parts.data, l=s.l, seed=cfg.seed, student=student,
-            teacher=parts.teacher.get() if wants_teacher else None, student_sig=model_signature(job.student_path),
+            s.name,
+            parts.data,
+            l=s.l,
+            seed=cfg.seed,
+            student=student,
+            teacher=parts.teacher.get() if wants_teacher else None,
+            student_sig=model_signature(job.student_path),
             teacher_sig=model_signature(job.teacher_path) if wants_teacher else "",
             tokenizer_sig=tokenizer_signature(job.tok),
-            store_dir=Path(cfg.paths.cache) / "sample_scores", batch_size=s.batch_size, device=str(parts.device),
-            vocab=parts.vocab, temperature=cfg.train.temperature, dtype=parts.dtype, dist=job.dist)
+            store_dir=Path(cfg.paths.cache) / "sample_scores",
+            batch_size=s.batch_size,
+            device=str(parts.device),
+            vocab=parts.vocab,
+            temperature=cfg.train.temperature,
+            dtype=parts.dtype,
+            dist=job.dist,
+        )
     parts.data = parts.data.subset(picked.indices)
     if job.dist.is_main:
-        atomic_write_json(job.run.path / "samples.json", {"selector": s.name, "l": s.l,
-                                                          "kept": parts.data.sample_ids})  # which samples training saw
-    parts.costs.update(prepass_seconds=picked.prepass_seconds, prepass_reused=picked.reused,
-                       prepass_forward_tokens=picked.forward_tokens)
+        atomic_write_json(
+            job.run.path / "samples.json", {"selector": s.name, "l": s.l, "kept": parts.data.sample_ids}
+        )  # which samples training saw
+    parts.costs.update(
+        prepass_seconds=picked.prepass_seconds,
+        prepass_reused=picked.reused,
+        prepass_forward_tokens=picked.forward_tokens,
+    )
 
 
 def fit(job: Job, parts: Parts, cache, tracker):
@@ -211,10 +253,23 @@ def fit(job: Job, parts: Parts, cache, tracker):
     if not needs_teacher:
         parts.teacher.release()  # built the cache or scored samples; not needed to train
     trace = SelectionTrace(job.run.trace, t.trace_selection_steps) if t.trace_selection_steps else None
-    trainer = Trainer(student=parts.student, teacher=parts.teacher.get() if needs_teacher else None,
-                      data=parts.data, selector=parts.selector, train_cfg=t, vocab=parts.vocab, seed=cfg.seed,
-                      run=job.run, tracker=tracker, device=parts.device, dtype=parts.dtype, trace=trace,
-                      cache=cache, on_policy=on_policy(cfg, parts.data, job.tok), dist=job.dist)
+    trainer = Trainer(
+        student=parts.student,
+        teacher=parts.teacher.get() if needs_teacher else None,
+        data=parts.data,
+        selector=parts.selector,
+        train_cfg=t,
+        vocab=parts.vocab,
+        seed=cfg.seed,
+        run=job.run,
+        tracker=tracker,
+        device=parts.device,
+        dtype=parts.dtype,
+        trace=trace,
+        cache=cache,
+        on_policy=on_policy(cfg, parts.data, job.tok),
+        dist=job.dist,
+    )
     trainer.fit()
     return trainer
 
@@ -240,15 +295,26 @@ def remove_checkpoint(run) -> None:
 
 
 def train_stats(parts: Parts, prog, cache, dist=None) -> dict[str, Any]:
-    costs = {**parts.costs, "teacher_loaded": parts.teacher.loaded,
-             "cache_bytes_read": cache.bytes_read if cache is not None else 0,
-             # every token the teacher ran over: training, sample pre-pass, cache construction
-             "teacher_forward_tokens": prog.teacher_tokens + parts.costs["prepass_forward_tokens"].get("teacher", 0)
-             + parts.costs.get("cache_build_teacher_tokens", 0)}
-    return {"tokens_seen": prog.tokens_seen, "tokens_supervised": prog.tokens_supervised, "steps": prog.step,
-            "train_samples": len(parts.data), "available_samples": parts.available,
-            "peak_memory_mb": peak_memory_mb(parts.device), "on_policy_batches": prog.on_policy_batches,
-            "costs": costs, **placement(parts, dist)}
+    costs = {
+        **parts.costs,
+        "teacher_loaded": parts.teacher.loaded,
+        "cache_bytes_read": cache.bytes_read if cache is not None else 0,
+        # every token the teacher ran over: training, sample pre-pass, cache construction
+        "teacher_forward_tokens": prog.teacher_tokens
+        + parts.costs["prepass_forward_tokens"].get("teacher", 0)
+        + parts.costs.get("cache_build_teacher_tokens", 0),
+    }
+    return {
+        "tokens_seen": prog.tokens_seen,
+        "tokens_supervised": prog.tokens_supervised,
+        "steps": prog.step,
+        "train_samples": len(parts.data),
+        "available_samples": parts.available,
+        "peak_memory_mb": peak_memory_mb(parts.device),
+        "on_policy_batches": prog.on_policy_batches,
+        "costs": costs,
+        **placement(parts, dist),
+    }
 
 
 def placement(parts: Parts, dist=None) -> dict[str, Any]:
@@ -267,8 +333,11 @@ def placement(parts: Parts, dist=None) -> dict[str, Any]:
     peaks = {str(d): round(peak_memory_mb(d), 1) for d in used}
     if dist is not None and dist.active:
         peaks = {f"rank{r}/{d}": mb for r, mine in enumerate(dist.all_gather_objects(peaks)) for d, mb in mine.items()}
-    return {"world_size": world, "devices": {"student": str(student), "teacher": str(teacher) if teacher else None},
-            "peak_memory_mb_per_device": peaks}
+    return {
+        "world_size": world,
+        "devices": {"student": str(student), "teacher": str(teacher) if teacher else None},
+        "peak_memory_mb_per_device": peaks,
+    }
 
 
 def peak_memory_mb(device) -> float:
@@ -293,8 +362,13 @@ def build_selector(cfg: RunConfig):
     policy = POLICIES.build(p.policy, **policy_options(cfg))
     criterion = CRITERIA.build(cfg.criterion.name, **cfg.criterion.options)
     classes = build_classes(cfg.classes.name, **cfg.classes.options)
-    return Selector(signal=SIGNALS.get(p.signal) if p.signal else None, policy=policy, criterion=criterion,
-                    signal_normalization=p.normalization, classes=classes)
+    return Selector(
+        signal=SIGNALS.get(p.signal) if p.signal else None,
+        policy=policy,
+        criterion=criterion,
+        signal_normalization=p.normalization,
+        classes=classes,
+    )
 
 
 def training_data(cfg: RunConfig, tok):
@@ -305,13 +379,28 @@ def training_data(cfg: RunConfig, tok):
     if is_task_data(cfg):
         from sekd.data.qa import build_qa
 
-        return build_qa(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, artifacts_dir=artifacts_dir,
-                        max_samples=cfg.data.max_samples, separator=cfg.data.separator,
-                        **source_options(cfg))
+        return build_qa(
+            cfg.data.name,
+            "train",
+            tok,
+            seq_len=cfg.data.seq_len,
+            artifacts_dir=artifacts_dir,
+            max_samples=cfg.data.max_samples,
+            separator=cfg.data.separator,
+            **source_options(cfg),
+        )
     from sekd.data.dataset import build_packed
 
-    return build_packed(cfg.data.name, "train", tok, seq_len=cfg.data.seq_len, token_budget=cfg.data.token_budget,
-                        artifacts_dir=artifacts_dir, separator=cfg.data.separator, **source_options(cfg))
+    return build_packed(
+        cfg.data.name,
+        "train",
+        tok,
+        seq_len=cfg.data.seq_len,
+        token_budget=cfg.data.token_budget,
+        artifacts_dir=artifacts_dir,
+        separator=cfg.data.separator,
+        **source_options(cfg),
+    )
 
 
 def on_policy(cfg: RunConfig, data, tok):
@@ -326,9 +415,16 @@ def on_policy(cfg: RunConfig, data, tok):
     stop = separator_id(tok, cfg.data.separator, ends="an answer")  # the token the task rows end answers with
     # rows as long as the data's (seq_len): a step's tokens, and the record's token counts, are the same
     # on any number of ranks, and an answer is cut only where a data row would end
-    return OnPolicy(prompts=lambda idx: [prompt_ids(data, i) for i in idx], pad_id=tok.eos_token_id, eos_id=stop,
-                    mix=float(r.mix), temperature=float(r.temperature), top_p=float(r.top_p),
-                    max_new_tokens=int(r.max_new_tokens), seq_len=int(data.seq_len))
+    return OnPolicy(
+        prompts=lambda idx: [prompt_ids(data, i) for i in idx],
+        pad_id=tok.eos_token_id,
+        eos_id=stop,
+        mix=float(r.mix),
+        temperature=float(r.temperature),
+        top_p=float(r.top_p),
+        max_new_tokens=int(r.max_new_tokens),
+        seq_len=int(data.seq_len),
+    )
 
 
 def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
@@ -340,9 +436,14 @@ def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) 
     from sekd.data.dataset import tokenizer_signature
     from sekd.models.loading import model_signature
 
-    expect = {"format": FORMAT, "tokenizer": tokenizer_signature(tok), "vocab_size": len(tok),
-              "temperature": float(cfg.train.temperature), "n_draws": int(cfg.classes.options.get("n_draws", 64)),
-              "seed": int(cfg.seed)}
+    expect = {
+        "format": FORMAT,
+        "tokenizer": tokenizer_signature(tok),
+        "vocab_size": len(tok),
+        "temperature": float(cfg.train.temperature),
+        "n_draws": int(cfg.classes.options.get("n_draws", 64)),
+        "seed": int(cfg.seed),
+    }
     if teacher_path is not None:
         expect["teacher"] = model_signature(teacher_path)
     if data is not None:
@@ -394,13 +495,25 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
     t0 = time.time()
     teacher = parts.teacher.raw()
     try:
-        build_cache(teacher, parts.data, path, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
-                    n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
-                    vocab_size=parts.vocab, device=str(next(teacher.parameters()).device),
-                    batch_size=cfg.samples.batch_size, num_shards=NUM_SHARDS,
-                    shards=worker_shards(NUM_SHARDS, dist.rank, dist.world_size), progress=dist.is_main)
+        build_cache(
+            teacher,
+            parts.data,
+            path,
+            teacher_name=expect["teacher"],
+            tokenizer_sig=expect["tokenizer"],
+            n_draws=expect["n_draws"],
+            temperature=expect["temperature"],
+            seed=expect["seed"],
+            vocab_size=parts.vocab,
+            device=str(next(teacher.parameters()).device),
+            batch_size=cfg.samples.batch_size,
+            num_shards=NUM_SHARDS,
+            shards=worker_shards(NUM_SHARDS, dist.rank, dist.world_size),
+            progress=dist.is_main,
+        )
     except CacheError as err:
         raise ConfigError(f"classes.cache: {err}") from None
-    parts.costs.update(cache_build_seconds=round(time.time() - t0, 2),
-                       cache_build_teacher_tokens=int(parts.data.input_ids.numel()))
+    parts.costs.update(
+        cache_build_seconds=round(time.time() - t0, 2), cache_build_teacher_tokens=int(parts.data.input_ids.numel())
+    )
     return path

@@ -1,13 +1,14 @@
 """sekd-cache: build, verify, list and measure an offline teacher cache (docs/method.md §9).
 
-    sekd-cache build --out <dir> [--num-shards 8 --worker I --num-workers W --batch-size B] [OVERRIDE ...]
-        OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): the teacher,
-        tokenizer, data (packed by the trainer's own code), N (classes.options.n_draws), T (train.temperature),
-        the draw seed (seed), device and precision are the run's, so the cache serves exactly that run
-    sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
-    sekd-cache ls <dir>              signature and shards table
-    sekd-cache stats <dir> [--tokens 100e9] [--sample-fraction 0.2]   the paper's Table 6, measured
+sekd-cache build --out <dir> [--num-shards 8 --worker I --num-workers W --batch-size B] [OVERRIDE ...]
+    OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): the teacher,
+    tokenizer, data (packed by the trainer's own code), N (classes.options.n_draws), T (train.temperature),
+    the draw seed (seed), device and precision are the run's, so the cache serves exactly that run
+sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
+sekd-cache ls <dir>              signature and shards table
+sekd-cache stats <dir> [--tokens 100e9] [--sample-fraction 0.2]   the paper's Table 6, measured
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-from sekd.stores.teacher_cache.store import CacheError, TeacherCache, read_manifest, shard_name, storage_markdown, storage_rows
+from sekd.stores.teacher_cache.store import (
+    CacheError,
+    TeacherCache,
+    read_manifest,
+    shard_name,
+    storage_markdown,
+    storage_rows,
+)
 
 
 class BuildConfigError(ValueError):
@@ -29,7 +37,9 @@ def run_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from sekd.app.checks import ConfigError, check_command_line, typed
+    from sekd.core.errors import ConfigError
+
+    from sekd.app.checks import check_command_line, typed
     from sekd.app.compose import CONF
 
     if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
@@ -52,8 +62,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
     from sekd.stores.teacher_cache.build import build_cache, worker_shards
-    from sekd.app.checks import ConfigError
-    from sekd.models.loading import check_same_tokenizer, load_model, pick_device, pick_dtype, resolve_pair, shared_vocab
+    from sekd.core.errors import ConfigError
+    from sekd.models.loading import (
+        check_same_tokenizer,
+        load_model,
+        pick_device,
+        pick_dtype,
+        resolve_pair,
+        shared_vocab,
+    )
     from sekd.app.compose import job_threads
     from sekd.app.training import cache_expectation, training_data
 
@@ -70,14 +87,31 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise BuildConfigError(str(err)) from None
     teacher = load_model(teacher_path, device, pick_dtype(cfg.train.precision, device), cfg.model.trust_remote_code)
     expect = cache_expectation(cfg, teacher_path, tok, data)
-    man = build_cache(teacher, data, args.out, teacher_name=expect["teacher"], tokenizer_sig=expect["tokenizer"],
-                      n_draws=expect["n_draws"], temperature=expect["temperature"], seed=expect["seed"],
-                      num_shards=args.num_shards, batch_size=args.batch_size or int(cfg.samples.batch_size),
-                      device=device, vocab_size=shared_vocab(tok, teacher), shards=shards, progress=not args.quiet)
+    man = build_cache(
+        teacher,
+        data,
+        args.out,
+        teacher_name=expect["teacher"],
+        tokenizer_sig=expect["tokenizer"],
+        n_draws=expect["n_draws"],
+        temperature=expect["temperature"],
+        seed=expect["seed"],
+        num_shards=args.num_shards,
+        batch_size=args.batch_size or int(cfg.samples.batch_size),
+        device=device,
+        vocab_size=shared_vocab(tok, teacher),
+        shards=shards,
+        progress=not args.quiet,
+    )
     done = len(man["shards"])
-    print(f"{args.out}: {done}/{args.num_shards} shards built"
-          + (f"; train with classes.cache={args.out} and the same overrides" if man["complete"]
-             else " (other workers' shards still missing)"))
+    print(
+        f"{args.out}: {done}/{args.num_shards} shards built"
+        + (
+            f"; train with classes.cache={args.out} and the same overrides"
+            if man["complete"]
+            else " (other workers' shards still missing)"
+        )
+    )
     return 0
 
 
@@ -98,8 +132,10 @@ def worker_device(device, worker: int, visible: int | None = None):
 def cmd_verify(args: argparse.Namespace) -> int:
     cache = TeacherCache.open(args.dir, verify=True)
     s = cache.stats()
-    print(f"OK {args.dir}: {cache.num_shards} shards, {s['samples']} samples, {s['positions']} positions, "
-          f"{s['bytes']} bytes, checksums and blocks verified")
+    print(
+        f"OK {args.dir}: {cache.num_shards} shards, {s['samples']} samples, {s['positions']} positions, "
+        f"{s['bytes']} bytes, checksums and blocks verified"
+    )
     return 0
 
 
@@ -117,18 +153,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if e is None:
             print(f"| {i} | {shard_name(i, sig['num_shards'])} | missing | | | | |")
         else:
-            print(f"| {i} | {e['file']} | {e['samples']} | {e['positions']} | {e['records']} | {e['bytes']} | {e['sha256'][:16]} |")
+            print(
+                f"| {i} | {e['file']} | {e['samples']} | {e['positions']} | {e['records']} | {e['bytes']} | {e['sha256'][:16]} |"
+            )
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     cache = TeacherCache.open(args.dir)
     s = cache.stats()
-    print(f"# {args.dir}: {s['positions']} positions, {s['records']} records ({s['bytes_per_record']} B each), "
-          f"{s['bytes']} bytes; {s['distinct_per_position']:.2f} distinct classes per position of N={s['n_draws']}; "
-          f"{s['bytes_per_position']:.2f} B/position (records alone {s['record_bytes_per_position']:.2f})\n")
-    rows = storage_rows(args.vocab_size or s["vocab_size"], tokens=args.tokens,
-                        sample_fraction=args.sample_fraction, measured=s)
+    print(
+        f"# {args.dir}: {s['positions']} positions, {s['records']} records ({s['bytes_per_record']} B each), "
+        f"{s['bytes']} bytes; {s['distinct_per_position']:.2f} distinct classes per position of N={s['n_draws']}; "
+        f"{s['bytes_per_position']:.2f} B/position (records alone {s['record_bytes_per_position']:.2f})\n"
+    )
+    rows = storage_rows(
+        args.vocab_size or s["vocab_size"], tokens=args.tokens, sample_fraction=args.sample_fraction, measured=s
+    )
     print(storage_markdown(rows, args.tokens))
     return 0
 
@@ -137,17 +178,24 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sekd-cache", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build", help="run the teacher once and write the RS-KD draws of a run's training data",
-                       description="Build (or resume) the cache a sekd-train run with the same OVERRIDEs reads "
-                                   "with classes.cache=<out>: same teacher, tokenizer, packed data, N, T and seed.")
+    b = sub.add_parser(
+        "build",
+        help="run the teacher once and write the RS-KD draws of a run's training data",
+        description="Build (or resume) the cache a sekd-train run with the same OVERRIDEs reads "
+        "with classes.cache=<out>: same teacher, tokenizer, packed data, N, T and seed.",
+    )
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--num-shards", type=int, default=8)
     b.add_argument("--worker", type=int, default=0, help="this worker's index (builds shards I, I+W, ...)")
     b.add_argument("--num-workers", type=int, default=1)
     b.add_argument("--batch-size", type=int, default=0, help="teacher batch size (0: samples.batch_size)")
     b.add_argument("--quiet", action="store_true")
-    b.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                   help="sekd-train overrides, e.g. experiment=se_kd3x model=tiny data=fineweb_edu seed=1338")
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="sekd-train overrides, e.g. experiment=se_kd3x model=tiny data=fineweb_edu seed=1338",
+    )
     b.set_defaults(fn=cmd_build)
 
     v = sub.add_parser("verify", help="check every shard's checksum and decodability")

@@ -15,6 +15,7 @@ SCHEMA_ONLY names the one exception). Two nodes hold keys that vary: `data` (eac
 a mapping for Hydra, `DataConfig` with the source's keys under `options` once converted) and `regime`
 (the on-policy keys live in `OnPolicyRegime`, which conf/regime/on_policy.yaml extends).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,6 +97,7 @@ class PathsConfig:
 @dataclass
 class Resources:
     """What one job asks a cluster for (hydra/launcher=slurm reads these); not hashed."""
+
     partition: str = "debug"
     gpus: int = 0
     cpus: int = 1
@@ -150,6 +152,7 @@ DATA_COMMON = ("name", "seq_len", "separator", "token_budget", "max_samples", "a
 class DataConfig:
     """One data source: the keys every source shares, typed here; the source's own keys (files, hub path,
     text field, ...) in `options`, checked against the source's signature in its registry."""
+
     name: str = "embedded"
     seq_len: int = 128
     separator: Optional[str] = None  # the token that ends a document or answer; None: the tokenizer's eos
@@ -170,8 +173,10 @@ class DataConfig:
         positive("data.seq_len", self.seq_len, integer=True)
         positive("data.token_budget", self.token_budget, integer=True, optional=True)
         if self.token_budget is not None and self.token_budget < self.seq_len:  # packing: budget // seq_len sequences
-            raise ConfigError(f"data.token_budget={self.token_budget} is less than one sequence of "
-                              f"data.seq_len={self.seq_len} tokens: training would see no data")
+            raise ConfigError(
+                f"data.token_budget={self.token_budget} is less than one sequence of "
+                f"data.seq_len={self.seq_len} tokens: training would see no data"
+            )
         positive("data.max_samples", self.max_samples, integer=True, optional=True)
         positive("data.answer_tokens", self.answer_tokens, integer=True, optional=True)
 
@@ -179,6 +184,7 @@ class DataConfig:
 @dataclass
 class PositionConfig:
     """Which positions a sequence's loss covers: a signal u(t) and a policy over it (docs/method.md §4)."""
+
     signal: Optional[str] = None
     policy: str = "all"
     k: float = 1.0  # the budget: a fraction of each sequence's valid positions
@@ -195,6 +201,7 @@ class PositionConfig:
 @dataclass
 class ClassesConfig:
     """Which classes the divergence covers: the whole vocabulary, or a sparse target (docs/method.md §6)."""
+
     name: str = "full"
     options: Dict[str, Any] = field(default_factory=dict)  # the class sampler's own (sekd.selection.classes)
     cache: Optional[str] = None  # rs_kd: None (online draws), auto, or a `sekd-cache build` folder
@@ -210,6 +217,7 @@ class ClassesConfig:
 @dataclass
 class SamplesConfig:
     """Which training samples are kept (docs/method.md §7)."""
+
     name: str = "all"
     l: float = 1.0  # noqa: E741 - the paper's name: the fraction of samples kept
     batch_size: int = 16  # the pre-pass batch of selectors that score samples
@@ -231,6 +239,7 @@ class CriterionConfig:
 @dataclass
 class RegimeConfig:
     """Off-policy: the teacher supervises the data's own tokens (docs/method.md §10)."""
+
     name: str = "off_policy"
 
     def __post_init__(self) -> None:
@@ -242,6 +251,7 @@ class RegimeConfig:
 @dataclass
 class OnPolicyRegime(RegimeConfig):
     """On-policy: the student samples answers, the teacher scores them (docs/method.md §10)."""
+
     name: str = "on_policy"
     mix: float = 1.0  # fraction of optimizer steps on the student's own answers
     temperature: float = 0.7  # sampling; 0 = greedy
@@ -270,8 +280,10 @@ class FsdpConfig:
 
     def __post_init__(self) -> None:
         if self.mesh not in ("flat", "hybrid") and not (isinstance(self.mesh, str) and FSDP_MESH.fullmatch(self.mesh)):
-            raise ConfigError(f"train.fsdp.mesh={self.mesh!r} is not allowed; choose one of: flat, hybrid, or RxS "
-                              "(replicas x shard size, e.g. 2x8, with R x S = the number of ranks)")
+            raise ConfigError(
+                f"train.fsdp.mesh={self.mesh!r} is not allowed; choose one of: flat, hybrid, or RxS "
+                "(replicas x shard size, e.g. 2x8, with R x S = the number of ranks)"
+            )
 
 
 @dataclass
@@ -300,7 +312,9 @@ class TrainConfig:
     trace_selection_steps: int = 0
     distributed: str = "none"  # none | ddp | fsdp: how one run spans the ranks a launcher (torchrun, Slurm) starts
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # train.distributed=fsdp's mesh
-    profile_steps: int = 0  # optimizer steps traced by torch.profiler after one warm-up step (profile-rank<r>.json); 0 = none
+    profile_steps: int = (
+        0  # optimizer steps traced by torch.profiler after one warm-up step (profile-rank<r>.json); 0 = none
+    )
 
     def __post_init__(self) -> None:
         choice("train.distributed", self.distributed, DISTRIBUTED)
@@ -334,8 +348,10 @@ class TrainConfig:
         """Adam's (beta1, beta2), each in [0, 1)."""
         pair = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
         if pair is None or len(pair) != 2 or not all(_number(b) and 0 <= b < 1 for b in pair):
-            raise ConfigError(f"train.betas={pair if pair is not None else self.betas!r} must be two numbers "
-                              "[beta1, beta2], each in [0, 1)")
+            raise ConfigError(
+                f"train.betas={pair if pair is not None else self.betas!r} must be two numbers "
+                "[beta1, beta2], each in [0, 1)"
+            )
 
 
 @dataclass
@@ -370,6 +386,7 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     """One run: a teacher/student pair x data x the three selection axes x a criterion x training x scoring."""
+
     preset: str = "custom"  # short name of the preset; results are grouped by it
     label: str = "Custom"  # the method's name as in the paper's tables
     mode: str = "distill"

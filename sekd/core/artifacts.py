@@ -10,6 +10,7 @@ sekd.data.qa), the embedded tokenizer and models (sekd.embedded.build), the lm-e
 (sekd.evaluation.tasks, sekd.evaluation.generation); the sample-score store (sekd.stores.sample_importance) shares
 `content_key` and `lock`. Each user keeps its own key fields and names, so existing caches stay valid.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ def lock(path: Path) -> ContextManager[None]:
     return folder_lock(Path(str(path) + ".lock"))
 
 
-def build_once(final: Path, build: Callable[[Path], None], *, folder: bool = False,
-               ready: Callable[[Path], bool] | None = None) -> Path:
+def build_once(
+    final: Path, build: Callable[[Path], None], *, folder: bool = False, ready: Callable[[Path], bool] | None = None
+) -> Path:
     """`final`, built by `build(tmp)` only if it is not `ready` yet (default: it exists); returns `final`.
 
     `build` writes the artifact at `tmp`: a file it creates, or (folder=True) an empty folder it fills.

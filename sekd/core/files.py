@@ -1,4 +1,5 @@
 """Atomic writes: a reader sees the old file or the new one, never half of either."""
+
 from __future__ import annotations
 
 import contextlib
@@ -123,4 +124,3 @@ def folder_lock(path: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still held: a waiter on this file sees it gone and retries
         os.close(fd)
-

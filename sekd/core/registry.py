@@ -19,6 +19,7 @@ selector's randomness) is declared by the kind's own protocol, where the piece i
 that is a `Piece` binds its options itself and keeps its declaration (selection/criteria.py `Criterion`,
 selection/classes.py `ClassSampler`, selection/policies.py `Policy`); flows read only that.
 """
+
 from __future__ import annotations
 
 import dataclasses

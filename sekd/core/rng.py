@@ -12,6 +12,7 @@ from a small CPU generator seeded by (row key, stream name). A sample's draws th
 micro-batch, its rank, its place in the batch or the chunking, so any world size draws the same numbers.
 Callers without sample indices get fresh keys drawn from their generator (`RowKeys.drawn`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,19 +32,23 @@ _CDF_ELEMENTS_GPU = 1 << 24
 def check_cpu_generator(generator: torch.Generator | None, who: str) -> None:
     """Refuse a generator that is not a CPU one: the draws would depend on the device."""
     if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"{who}: the generator is on {generator.device}; random draws take a CPU generator "
-                         "(the uniforms are drawn there and moved to the tensor's device)")
+        raise ValueError(
+            f"{who}: the generator is on {generator.device}; random draws take a CPU generator "
+            "(the uniforms are drawn there and moved to the tensor's device)"
+        )
 
 
-def uniform(shape, generator: torch.Generator | None, device, dtype: torch.dtype = torch.float32,
-            who: str = "uniform") -> Tensor:
+def uniform(
+    shape, generator: torch.Generator | None, device, dtype: torch.dtype = torch.float32, who: str = "uniform"
+) -> Tensor:
     """U[0,1) of `shape` from the CPU `generator` (the global CPU one when None), on `device`."""
     check_cpu_generator(generator, who)
     return torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(device)
 
 
-def categorical(probs: Tensor, n: int, generator: torch.Generator | None, who: str = "categorical",
-                u: Tensor | None = None) -> Tensor:
+def categorical(
+    probs: Tensor, n: int, generator: torch.Generator | None, who: str = "categorical", u: Tensor | None = None
+) -> Tensor:
     """n i.i.d. draws with replacement per row of `probs` (>= 0, any positive row sum), by inverse CDF:
     draw v where cdf(v-1) <= u * sum < cdf(v), u ~ U[0,1) from the CPU generator (or the given
     uniforms u [P,n], e.g. per-row keyed ones). A class of probability 0 is never drawn. A row summing
@@ -115,8 +120,7 @@ class RowKeys:
         return out.to(device)
 
 
-def step_keys(n: int, *, generator: torch.Generator | None, step: int,
-              rows: Sequence[int] | Tensor | None) -> RowKeys:
+def step_keys(n: int, *, generator: torch.Generator | None, step: int, rows: Sequence[int] | Tensor | None) -> RowKeys:
     """A micro-batch's row keys: from the global sample indices `rows` at `step`, seeded by the run's
     generator's seed (its stream is not consumed); without rows, n fresh keys drawn from the generator."""
     if rows is None:
@@ -159,8 +163,14 @@ class PositionKeys:
         if key not in self._memo:
             cpu = torch.empty(len(self.keys), self.T, int(width), dtype=torch.float64)
             for r in range(len(self.keys)):
-                torch.rand(self.T, int(width), generator=self.keys.generator(r, stream), dtype=torch.float64,
-                           device="cpu", out=cpu[r])
+                torch.rand(
+                    self.T,
+                    int(width),
+                    generator=self.keys.generator(r, stream),
+                    dtype=torch.float64,
+                    device="cpu",
+                    out=cpu[r],
+                )
             self._memo[key] = cpu.to(device)
         return self._memo[key]
 

@@ -3,6 +3,7 @@
 Imports nothing (not even torch), so the cache's `verify | ls | stats` commands that use IGNORE still
 start without loading torch.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -10,6 +10,7 @@ hundred steps. The split is by a hash of the problem's key, not its position, so
 and stay put when the generator grows; each split is listed in a fixed hash order, which mixes
 templates and operands, so its first n problems are a fair sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,6 +84,7 @@ def problems(split: str, n: int | None = None) -> list[dict[str, str]]:
 
 def signature() -> str:
     """16 hex chars identifying the generator (version, range, templates, shares), for cache keys."""
-    blob = json.dumps({"version": VERSION, "max_operand": MAX_OPERAND, "templates": TEMPLATES, "shares": SHARES},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"version": VERSION, "max_operand": MAX_OPERAND, "templates": TEMPLATES, "shares": SHARES}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@
 The split is deterministic: documents are ordered by a hash of their key and dealt out greedily so
 that each split gets its share of characters (80/10/10 by default).
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ fields hashed into `key`, for humans) and `<same>.pt.lock` (while it is built). 
 and options, the source's content signature, the tokenizer's signature, seq_len, token_budget,
 split and FORMAT; change any and the cache misses. Built once, atomically, by sekd.core.artifacts.build_once.
 """
+
 from __future__ import annotations
 
 import hashlib

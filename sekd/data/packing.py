@@ -8,6 +8,7 @@ overlap by one, so every stream token after the first is a target exactly once:
 Predicting the eos that ends a document is valid; predicting the first token of the next is not.
 Empty documents are skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,9 @@ class PackedData:
 
     def __post_init__(self) -> None:
         if self.input_ids.shape != self.labels.shape or self.input_ids.dim() != 2:
-            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and labels {tuple(self.labels.shape)} must be equal [N,L]")
+            raise ValueError(
+                f"input_ids {tuple(self.input_ids.shape)} and labels {tuple(self.labels.shape)} must be equal [N,L]"
+            )
         if len(self.sample_ids) != self.input_ids.shape[0]:
             raise ValueError(f"{len(self.sample_ids)} sample_ids for {self.input_ids.shape[0]} samples")
 

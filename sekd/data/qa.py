@@ -10,6 +10,7 @@ qa_format, one problem per row, right-padded with eos:
 A problem longer than seq_len + 1 tokens is dropped (counted in the cache's .json). Cache layout as
 build_packed: `<artifacts_dir>/qa-<source>-<split>-<key>.pt` beside `.json` (and `.pt.lock` while it is built).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ from sekd.core.artifacts import content_key
 from sekd.data import arith, qa_format
 from sekd.data.dataset import cached_packed, separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
-from sekd.data.sources import (SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file,
-                               jsonl_records)
+from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file, jsonl_records
 from sekd.core.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,10 @@ def check_qa_source(name: str, opts: dict[str, Any], key: str = "data") -> None:
     if name == "gsm8k":
         size = opts.get("validation_size", GSM8K_VALIDATION)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise DataError(f"{key}.validation_size={size!r} must be an integer >= 0 (the last train problems "
-                            "held out as validation; 0 trains on all)")
+            raise DataError(
+                f"{key}.validation_size={size!r} must be an integer >= 0 (the last train problems "
+                "held out as validation; 0 trains on all)"
+            )
         files = {k: opts.get(k) for k in FILE_KEYS}
         for k, v in files.items():
             if v:  # every record of every file given, read now: a bad line stops the run before models load
@@ -208,11 +210,19 @@ def build_qa(
         rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
         if not rows:
             shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
-            raise DataError(f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
-                            f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})")
+            raise DataError(
+                f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
+                f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})"
+            )
         if dropped:
-            log.warning("%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
-                        source, split, dropped, len(rows) + dropped, seq_len + 1)
+            log.warning(
+                "%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
+                source,
+                split,
+                dropped,
+                len(rows) + dropped,
+                seq_len + 1,
+            )
         input_ids = torch.stack([r[0] for r in rows])  # [N,L]
         labels = torch.stack([r[1] for r in rows])  # [N,L]
         data = PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))])
@@ -221,8 +231,9 @@ def build_qa(
     return cached_packed(path, pack)
 
 
-def fitting_rows(prompts: list[list[int]], targets: list[list[int]], sep_id: int, pad_id: int, seq_len: int,
-                 max_samples: int | None) -> tuple[list, int]:
+def fitting_rows(
+    prompts: list[list[int]], targets: list[list[int]], sep_id: int, pad_id: int, seq_len: int, max_samples: int | None
+) -> tuple[list, int]:
     """The rows (`qa_row`) of the problems that fit seq_len, in order, at most `max_samples` of them, and how
     many were dropped for length before the cap was reached."""
     rows, dropped = [], 0

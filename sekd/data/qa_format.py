@@ -6,6 +6,7 @@ embedded arithmetic task writes its answers the same way, so one exact-match rul
     prompt = "Question: <question>\\nAnswer:"        (no teacher supervision)
     target = " <answer>" + eos                       (KD on these tokens only)
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Options come from the `data` config group; errors name the config key (`data.tra
 file and line, in one line. `check_source` validates options and reads local files through, before
 any model loads or anything downloads.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,8 +78,7 @@ def jsonl_records(path: Path, fields: tuple[str, ...], hint: str = "") -> Iterat
                 if field not in record:
                     raise DataError(f"{path}:{lineno}: record has no field {field!r}{hint}")
                 if not isinstance(record[field], str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, "
-                                    "not a string")
+                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not a string")
             n += 1
             yield record
     if not n:
@@ -98,8 +98,9 @@ def _checked_jsonl(resolved: str, size: int, mtime_ns: int, fields: tuple[str, .
         pass
 
 
-def _jsonl_file(split: str, files: dict[str, str | None],
-                why: str = "the jsonl source needs it for the {split} split") -> Path:
+def _jsonl_file(
+    split: str, files: dict[str, str | None], why: str = "the jsonl source needs it for the {split} split"
+) -> Path:
     """The existing file `data.<split>_file` names; `why` completes the error when it is unset."""
     key = f"{split}_file"
     if not files.get(key):

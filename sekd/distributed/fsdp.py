@@ -26,6 +26,7 @@ selected positions, inside the student's loss, outside any teacher forward.
 Checkpoints: the sharded weights and optimizer state go through torch.distributed.checkpoint (every
 rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd.training.loop).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,9 +53,11 @@ def fsdp_support(version: str) -> str | None:
     need = tuple(int(v) for v in FSDP_MIN_TORCH.split("."))
     if found and (int(found[1]), int(found[2])) >= need:
         return None
-    return (f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and MixedPrecisionPolicy in "
-            f"torch.distributed.fsdp, set_gradient_divide_factor, set_force_sum_reduction_for_comms), but this is "
-            f"torch {version}; upgrade torch, or use train.distributed=ddp")
+    return (
+        f"train.distributed=fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard and MixedPrecisionPolicy in "
+        f"torch.distributed.fsdp, set_gradient_divide_factor, set_force_sum_reduction_for_comms), but this is "
+        f"torch {version}; upgrade torch, or use train.distributed=ddp"
+    )
 
 
 def ranks_per_node(environ: Mapping[str, str] = os.environ) -> int | None:
@@ -75,15 +78,19 @@ def mesh_shape(spec: str, world_size: int, environ: Mapping[str, str] = os.envir
     if spec == "hybrid":
         per_node = ranks_per_node(environ)
         if per_node is None:
-            raise ConfigError("train.fsdp.mesh=hybrid needs the ranks per node (torchrun's LOCAL_WORLD_SIZE or "
-                              "Slurm's SLURM_NTASKS_PER_NODE), and the launcher set neither; give the mesh as RxS")
+            raise ConfigError(
+                "train.fsdp.mesh=hybrid needs the ranks per node (torchrun's LOCAL_WORLD_SIZE or "
+                "Slurm's SLURM_NTASKS_PER_NODE), and the launcher set neither; give the mesh as RxS"
+            )
         shape = (world_size // per_node, per_node)
     else:
         r, s = spec.split("x")
         shape = (int(r), int(s))
     if shape[0] * shape[1] != world_size:
-        raise ConfigError(f"train.fsdp.mesh={spec}: a {shape[0]}x{shape[1]} mesh (replicas x shard size) does not "
-                          f"cover the {world_size} ranks; the product must equal the number of ranks")
+        raise ConfigError(
+            f"train.fsdp.mesh={spec}: a {shape[0]}x{shape[1]} mesh (replicas x shard size) does not "
+            f"cover the {world_size} ranks; the product must equal the number of ranks"
+        )
     return shape
 
 
@@ -107,8 +114,9 @@ def precision(dtype: torch.dtype | None):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     low = dtype is not None and dtype != torch.float32
-    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32,
-                                cast_forward_inputs=False)
+    return MixedPrecisionPolicy(
+        param_dtype=dtype if low else None, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -119,8 +127,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def shard_student(root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
-                  mesh: str = "flat") -> None:
+def shard_student(
+    root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+) -> None:
     """FSDP2 units: each decoder layer of `model` (gathered in the compute `dtype`), then `root` (the module
     whose forward is the loss and which holds `model`) for the rest (float32). Reductions sum in float32
     instead of averaging over ranks; `mesh` is train.fsdp.mesh."""
@@ -136,8 +145,9 @@ def shard_student(root: nn.Module, model: nn.Module, device: torch.device, *, dt
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32,
-                  mesh: str = "flat") -> None:
+def shard_teacher(
+    teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+) -> None:
     """The frozen teacher sharded for inference: its decoder layers and its decoder (embeddings, norm),
     gathered in the compute `dtype` and resharded after each forward; the LM head stays replicated (untied
     from the embedding first). `mesh` is train.fsdp.mesh."""

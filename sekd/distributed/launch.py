@@ -13,6 +13,7 @@ A one-task Slurm job is a single process too, so every existing one-GPU job runs
 batch script, which Slurm gives SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: only the
 tasks `srun` starts are ranks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,9 +55,13 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Launch:
 
 
 def _torchrun(environ: Mapping[str, str]) -> Launch:
-    return Launch(rank=_int(environ, "RANK"), world_size=_int(environ, "WORLD_SIZE"),
-                  local_rank=_int(environ, "LOCAL_RANK", 0), master_addr=environ.get("MASTER_ADDR"),
-                  master_port=_int(environ, "MASTER_PORT", None))
+    return Launch(
+        rank=_int(environ, "RANK"),
+        world_size=_int(environ, "WORLD_SIZE"),
+        local_rank=_int(environ, "LOCAL_RANK", 0),
+        master_addr=environ.get("MASTER_ADDR"),
+        master_port=_int(environ, "MASTER_PORT", None),
+    )
 
 
 def _slurm(environ: Mapping[str, str]) -> Launch:
@@ -64,8 +69,13 @@ def _slurm(environ: Mapping[str, str]) -> Launch:
     port = _int(environ, "MASTER_PORT", None)
     if port is None:
         port = job_port(environ.get("SLURM_JOB_ID", "0"))
-    return Launch(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_NTASKS"),
-                  local_rank=_int(environ, "SLURM_LOCALID", 0), master_addr=addr, master_port=port)
+    return Launch(
+        rank=_int(environ, "SLURM_PROCID"),
+        world_size=_int(environ, "SLURM_NTASKS"),
+        local_rank=_int(environ, "SLURM_LOCALID", 0),
+        master_addr=addr,
+        master_port=port,
+    )
 
 
 def job_port(job_id: str) -> int:
@@ -83,8 +93,9 @@ def first_host(nodelist: str) -> Optional[str]:
         return None
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
             if out:
                 return out[0]
         except (subprocess.SubprocessError, OSError):
@@ -121,12 +132,32 @@ def tasks_per_node(gpus: int, tasks: Optional[int] = None) -> int:
 
 # What tells a library it is one of several processes: torchrun's (and torch elastic's) variables and the
 # MPI launchers' that accelerate reads. Scoring runs on rank 0 alone after the ranks have finished training.
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                    "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-                    "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
-                    "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                    "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_ID")
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_SIZE",
+    "SLURM_STEP_ID",
+)
 
 
 @contextlib.contextmanager
@@ -147,6 +178,8 @@ def card_index(local_rank: int, visible: int) -> int:
     node's ranks every card (torchrun, `srun --gpus-per-node`) gives local rank r card r; one that binds a
     card per task (`--gpus-per-task=1`, `--gpu-bind`) shows each task only its own, as cuda:0."""
     if visible < 1:
-        raise ConfigError("a CUDA device was asked for, but this process sees none (CUDA_VISIBLE_DEVICES is empty "
-                          "or the job was given no GPU)")
+        raise ConfigError(
+            "a CUDA device was asked for, but this process sees none (CUDA_VISIBLE_DEVICES is empty "
+            "or the job was given no GPU)"
+        )
     return local_rank % visible

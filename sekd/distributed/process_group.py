@@ -5,6 +5,7 @@ one-process version whose operations are identities, so world size 1 runs the ve
 Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files.
 `GradBuckets` is train.distributed=ddp's gradient sum: DDP's bucketed, overlapped all-reduce, without its wrapper.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,10 +126,21 @@ def init(launch, device: torch.device | str) -> Dist:
         init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     timeout = datetime.timedelta(minutes=30)
-    torch.distributed.init_process_group(backend, store=group_store(init_method or "env://", launch, timeout),
-                                         rank=launch.rank, world_size=launch.world_size, timeout=timeout, **kwargs)
-    return Dist(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=device,
-                group=torch.distributed.group.WORLD)
+    torch.distributed.init_process_group(
+        backend,
+        store=group_store(init_method or "env://", launch, timeout),
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=timeout,
+        **kwargs,
+    )
+    return Dist(
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        device=device,
+        group=torch.distributed.group.WORLD,
+    )
 
 
 _joined = 0  # process groups this process has joined: every rank joins the same ones, in the same order
@@ -199,7 +211,7 @@ class GradBuckets:
             buf.zero_()
         for i, p in enumerate(self.params):
             at = self.offset[i]
-            p.grad = self.buffers[(p.device, p.dtype)][at: at + p.numel()].view_as(p)
+            p.grad = self.buffers[(p.device, p.dtype)][at : at + p.numel()].view_as(p)
         self.touched = [False] * len(self.params)
         self.armed = False
         self.launched_in_backward = 0
@@ -220,6 +232,7 @@ class GradBuckets:
                 while self.next < len(self.buckets) and self.pending[self.next] == 0:
                     self._launch(self.next)
                 self.launched_in_backward += self.next - before
+
         return hook
 
     def _launch(self, b: int) -> None:

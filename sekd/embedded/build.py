@@ -4,6 +4,7 @@ pretrained on it (the teacher bigger and longer, so KD has something real to tra
 Every artifact is built once under a key of its inputs (sekd.core.artifacts); only the first run pays for it. For the
 task-specific regime, `build_task_pair` fine-tunes the teacher on the embedded arithmetic task.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ def tokenizer(artifacts_dir: Path, vocab_size: int) -> Path:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(corpus.load_split("train"), trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
         fast.save_pretrained(out)
@@ -79,8 +84,9 @@ def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
     )
 
 
-def fit_lm(model, data, spec: dict[str, Any], seed: int, *, desc: str,
-           trim_padding: bool = False, val=None) -> tuple[float, int, float, list[dict]]:
+def fit_lm(
+    model, data, spec: dict[str, Any], seed: int, *, desc: str, trim_padding: bool = False, val=None
+) -> tuple[float, int, float, list[dict]]:
     """Next-token CE on `data` (labels -100 ignored) for spec["steps"] batches of spec["batch_size"]:
     AdamW, 5% warm-up then cosine at spec["lr"], clipped gradients. Returns (final loss, epochs, seconds, curve).
     trim_padding drops each batch's columns after its last label (right padding only: same loss).
@@ -94,7 +100,8 @@ def fit_lm(model, data, spec: dict[str, Any], seed: int, *, desc: str,
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     steps, warm = spec["steps"], max(1, spec["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     keep_best = val is not None and spec.get("keep", "last") == "best_validation"
     every = int(spec.get("eval_every", 50))
     best, best_state, curve = math.inf, None, []
@@ -136,13 +143,16 @@ def mean_ce(model, data, batch_size: int = 32) -> float:
     for i in range(0, len(data.input_ids), batch_size):
         x, y = data.input_ids[i : i + batch_size], data.labels[i : i + batch_size]
         logits = model(input_ids=x).logits
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((y != -100).sum())
     return total / max(1, count)
 
 
-def pretrained_model(artifacts_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> Path:
+def pretrained_model(
+    artifacts_dir: Path, role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int
+) -> Path:
     """A tiny Qwen3 pretrained with next-token CE on the train split (cosine lr), saved with its tokenizer."""
 
     def build(out: Path) -> None:
@@ -153,7 +163,9 @@ def pretrained_model(artifacts_dir: Path, role: str, tok_dir: Path, spec: dict[s
         tok = AutoTokenizer.from_pretrained(tok_dir)
 
         def pack(split: str):
-            return build_packed("embedded", split, tok, seq_len=seq_len, token_budget=None, artifacts_dir=artifacts_dir / "data")
+            return build_packed(
+                "embedded", split, tok, seq_len=seq_len, token_budget=None, artifacts_dir=artifacts_dir / "data"
+            )
 
         val = pack("validation") if spec.get("keep", "last") == "best_validation" else None
         torch.manual_seed(seed)
@@ -173,16 +185,24 @@ def pretrained_model(artifacts_dir: Path, role: str, tok_dir: Path, spec: dict[s
 
 def model_inputs(role: str, tok_dir: Path, spec: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
     """What a pretrained model's artifact is keyed by."""
-    return {"role": role, "tokenizer": tok_dir.name, "spec": dict(spec), "seq_len": seq_len, "seed": seed,
-            "corpus": corpus.signature()}
+    return {
+        "role": role,
+        "tokenizer": tok_dir.name,
+        "spec": dict(spec),
+        "seq_len": seq_len,
+        "seed": seed,
+        "corpus": corpus.signature(),
+    }
 
 
 def build_pair(artifacts_dir: Path, emb: dict[str, Any]) -> tuple[Path, Path]:
     """(teacher folder, student folder), each holding a model and the shared tokenizer."""
     artifacts_dir = Path(artifacts_dir)
     tok_dir = tokenizer(artifacts_dir, emb["vocab_size"])
-    args = {"teacher": (emb["teacher"], emb["seq_len"], emb["seed"]),
-            "student": (emb["student"], emb["seq_len"], emb["seed"] + 1)}
+    args = {
+        "teacher": (emb["teacher"], emb["seq_len"], emb["seed"]),
+        "student": (emb["student"], emb["seq_len"], emb["seed"] + 1),
+    }
     # The cells of a sweep start together: while one pretrains the teacher, the next pretrains the student
     # instead of waiting (each model seeds its own pretraining, so the order changes nothing in either).
     teacher = artifact_path(artifacts_dir, "model-teacher", model_inputs("teacher", tok_dir, *args["teacher"]))
@@ -213,12 +233,12 @@ def task_model(artifacts_dir: Path, base: Path, role: str, task: dict[str, Any],
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         # labels are -100 outside the answer: the prompt and the padding teach nothing
-        loss, epochs, seconds, _ = fit_lm(model, data, task, seed, desc=f"fine-tune {role} on arith",
-                                          trim_padding=True)
+        loss, epochs, seconds, _ = fit_lm(model, data, task, seed, desc=f"fine-tune {role} on arith", trim_padding=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         (out / "finetune.txt").write_text(
-            f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f} task={json.dumps(task)}\n")
+            f"final_loss={loss:.4f} epochs={epochs} seconds={seconds:.1f} task={json.dumps(task)}\n"
+        )
 
     inputs = {"role": role, "base": Path(base).name, "task": dict(task), "seed": seed, "arith": arith.signature()}
     return cached(artifacts_dir, f"task-{role}", inputs, build)
@@ -232,8 +252,9 @@ def build_task_pair(artifacts_dir: Path, emb: dict[str, Any], task: dict[str, An
     return teacher, student
 
 
-def exact_match(folder: Path, split: str = "test", n: int | None = None, batch_size: int = 64,
-                max_new_tokens: int = 24) -> float:
+def exact_match(
+    folder: Path, split: str = "test", n: int | None = None, batch_size: int = 64, max_new_tokens: int = 24
+) -> float:
     """Greedy-decoding exact match (qa_format.final_answer) of a model folder on the arith task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,11 +267,20 @@ def exact_match(folder: Path, split: str = "test", n: int | None = None, batch_s
     hits = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        enc = tok([qa_format.prompt_text(p["question"]) for p in chunk], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+        enc = tok(
+            [qa_format.prompt_text(p["question"]) for p in chunk],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += sum(qa_format.final_answer(t) == qa_format.final_answer(p["answer"]) for t, p in zip(texts, chunk))
     return hits / max(1, len(problems))

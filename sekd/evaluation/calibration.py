@@ -3,6 +3,7 @@
 confidence = max softmax over an item's per-choice log-likelihoods; correct = argmax is gold;
 ECE = sum_b (n_b / n) |acc_b - conf_b| over 15 equal-width confidence bins ((b-1)/15, b/15].
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

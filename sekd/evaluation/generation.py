@@ -11,6 +11,7 @@ The build is deterministic and cached under a content hash of (problems, name, m
 version), atomically, like `tasks.build_tasks`: the folder holds `problems.jsonl` and `<name>.yaml`
 with an absolute data path (rewritten on every call, so a moved cache still works).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE before the first Hugging Face import
 (the entry point's job): set later they do nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -198,7 +199,8 @@ def write_raw(res: dict, folder: Path) -> None:
     """lm-eval's output as it is: results.json (all but samples) and samples_<task>.jsonl; results last."""
     folder.mkdir(parents=True, exist_ok=True)
     for task, rows in res.get("samples", {}).items():
-        atomic_write_text(folder / f"samples_{task}.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+        atomic_write_text(
+            folder / f"samples_{task}.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        )
     rest = {k: v for k, v in res.items() if k != "samples"}
     atomic_write_text(folder / "results.json", json.dumps(rest, default=_jsonable, indent=2))
-

@@ -16,6 +16,7 @@
   validation split at all: `sekd_gsm8k_validation` scores the last 500 training problems (the
   run's data.validation_size when it trains on GSM8K) and draws its few-shot examples from the others.
 """
+
 from __future__ import annotations
 
 import functools
@@ -152,7 +153,9 @@ def validation(split: str | None, *, gsm8k_validation_size: int = GSM8K_HELD_OUT
                 {
                     "test_split": "train",
                     "process_docs": functools.partial(gsm8k_held_out, n_held=gsm8k_validation_size),
-                    "fewshot_config": {"process_docs": functools.partial(gsm8k_fewshot_pool, n_held=gsm8k_validation_size)},
+                    "fewshot_config": {
+                        "process_docs": functools.partial(gsm8k_fewshot_pool, n_held=gsm8k_validation_size)
+                    },
                 },
             ),
         },
@@ -175,7 +178,9 @@ def lm_eval_tasks(suite: Suite, task_manager: Any) -> list[str | dict[str, Any]]
         cfg = load_yaml(entry.yaml_path, resolve_func=True)
         for key in ("tag", "group", "task_alias"):  # the derived task joins none of the base's tags
             cfg.pop(key, None)
-        merged = {k: {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-                  for k, v in overrides.items()}  # a dict override updates the base's dict (generation_kwargs)
+        merged = {
+            k: {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+            for k, v in overrides.items()
+        }  # a dict override updates the base's dict (generation_kwargs)
         out.append({**cfg, **merged, "task": name})
     return out

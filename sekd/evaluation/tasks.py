@@ -6,6 +6,7 @@ The build is deterministic and cached under a content hash of (docs, builder ver
 folder holds the jsonl data and one YAML config per task, with absolute `data_files` paths because
 lm-eval resolves relative ones against the working directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -108,9 +109,7 @@ def choice_items(docs: list[str], p: TaskParams) -> list[dict]:
                 continue
             label = rng.randrange(len(choices))
             choices[0], choices[label] = choices[label], choices[0]
-            items.append(
-                {"doc": d, "context": " ".join(words[cut - n_ctx : cut]), "choices": choices, "label": label}
-            )
+            items.append({"doc": d, "context": " ".join(words[cut - n_ctx : cut]), "choices": choices, "label": label})
     return _cap(rng, items, p.max_items)
 
 

@@ -21,6 +21,7 @@ criterion's sparse form (a criterion without one is refused) against the selecto
 by chunk from the positions' keys (the same numbers whatever the chunking), or cached ones. tests/kd/test_protocols.py holds both flows equal for every
 registered criterion x policy x class selector.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -164,9 +165,20 @@ def accumulation_dtype(h: Tensor, head: Head) -> torch.dtype:
 
 
 @torch.no_grad()
-def chunked_importance(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
-                  labels: Tensor, valid: Tensor, *, generator, temperature: float, chunk_size: int,
-                  keys: RowKeys | None = None) -> Tensor | None:
+def chunked_importance(
+    sel: Selector,
+    h_s: Tensor,
+    student: Head,
+    h_t: Tensor | None,
+    teacher: Head | None,
+    labels: Tensor,
+    valid: Tensor,
+    *,
+    generator,
+    temperature: float,
+    chunk_size: int,
+    keys: RowKeys | None = None,
+) -> Tensor | None:
     """u(t) on [B,T] as `signals.importance`, from heads over chunks of valid positions; never [B,T,V]."""
     sig, how = sel.signal, sel.signal_normalization
     if sig is None:
@@ -248,16 +260,25 @@ class SelectedHeadLoss(torch.autograd.Function):
     product added into float32 (`AddProduct`), with no [V,d] allocation per chunk."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, vocab: int, chunk_grad: ChunkGrad, parts: list[slice],
-                W_c: Tensor | None = None):
+    def forward(
+        ctx,
+        h: Tensor,
+        W: Tensor,
+        b: Tensor | None,
+        vocab: int,
+        chunk_grad: ChunkGrad,
+        parts: list[slice],
+        W_c: Tensor | None = None,
+    ):
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_W or need_b
         Wv = W.detach()[:vocab]  #                                                   [V,d]
         g_h = torch.zeros_like(h) if need_h else None  #                            [N,d]
         g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
         g_b = torch.zeros_like(b) if need_b else None
-        total = torch.zeros((), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32,
-                            device=h.device)  # sum_n c_n l(t_n)
+        total = torch.zeros(
+            (), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32, device=h.device
+        )  # sum_n c_n l(t_n)
         W_as = {Wv.dtype: Wv, **({W_c.dtype: W_c} if W_c is not None else {})}  # W[:V] per dtype, cast once
         add_product: AddProduct | None = None
         for sl in parts:
@@ -307,8 +328,15 @@ def autograd_chunks(head: Head, loss_chunk: Callable[[Tensor, slice], Tensor]) -
     return run
 
 
-def closed_form_chunks(head: Head, with_grad: Callable, teacher_into: Callable[[Tensor, slice], Tensor],
-                       c: Tensor, *, scale: float, temperature: float) -> ChunkGrad:
+def closed_form_chunks(
+    head: Head,
+    with_grad: Callable,
+    teacher_into: Callable[[Tensor, slice], Tensor],
+    c: Tensor,
+    *,
+    scale: float,
+    temperature: float,
+) -> ChunkGrad:
     """Each chunk's loss sum_n c_n scale D_n and dz = c_n scale dD_n/dz from the criterion's closed form, in
     three blocks reused for every chunk (SCRATCH; under autocast two more in the compute dtype: the logits'
     product, dz): no autograd, no [C,V] allocation per chunk."""
@@ -364,8 +392,21 @@ def chunked_kd_loss(
     student_c = student.for_compute(h_s.device)  # the heads in the compute dtype, cast once per step, not per chunk
     teacher = teacher.for_compute(h_s.device) if teacher is not None else None
     keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
-    u, draws = select_positions(sel, h_s, student_c, h_t, teacher, labels, valid, keys=keys, generator=generator,
-                                step=step, gather=gather, temperature=temperature, chunk_size=chunk_size)
+    u, draws = select_positions(
+        sel,
+        h_s,
+        student_c,
+        h_t,
+        teacher,
+        labels,
+        valid,
+        keys=keys,
+        generator=generator,
+        step=step,
+        gather=gather,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
     mw = draws.dense(T)  # m_t * w_t                                             [B,T]
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     y = labels[rows, cols]  #                                                      [N]
@@ -375,32 +416,80 @@ def chunked_kd_loss(
     parts = chunks(rows.numel(), chunk_size)
     teacher_at = selective_teacher(h_t, teacher, rows, cols)  # z_t at selected positions only
     pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
-    D, one_chunk = (divergence_chunk(sel, labels, rows, cols, y, u, teacher_at, temperature=temperature,
-                                     generator=generator, cached=cached, parts=parts, keys=pkeys)
-                    if lam > 0 else (None, False))
+    D, one_chunk = (
+        divergence_chunk(
+            sel,
+            labels,
+            rows,
+            cols,
+            y,
+            u,
+            teacher_at,
+            temperature=temperature,
+            generator=generator,
+            cached=cached,
+            parts=parts,
+            keys=pkeys,
+        )
+        if lam > 0
+        else (None, False)
+    )
     if one_chunk:
         parts = [slice(0, rows.numel())]
 
     if closed_form_applies(sel, lam=lam, cached=cached, teacher=teacher):
-        chunk_grad = closed_form_chunks(student_c, sel.criterion.closed_form, teacher_into(teacher, h_t, rows, cols),
-                                        c, scale=temperature**2, temperature=temperature)
+        chunk_grad = closed_form_chunks(
+            student_c,
+            sel.criterion.closed_form,
+            teacher_into(teacher, h_t, rows, cols),
+            c,
+            scale=temperature**2,
+            temperature=temperature,
+        )
     else:
         chunk_grad = autograd_chunks(student_c, weighted_loss(D, y, c, lam=lam, temperature=temperature))
     W_c = student_c.weight if student_c is not student else None
     loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts, W_c)
     SCRATCH.release(h_s.device)
-    metrics = {"positions_valid": float(valid.sum()), "positions_selected": float(n_sel.sum()),
-               **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached)}
+    metrics = {
+        "positions_valid": float(valid.sum()),
+        "positions_selected": float(n_sel.sum()),
+        **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached),
+    }
     return StepOut(loss_sum, weight, draws, u, metrics)
 
 
-def select_positions(sel: Selector, h_s: Tensor, student: Head, h_t: Tensor | None, teacher: Head | None,
-                     labels: Tensor, valid: Tensor, *, keys, generator, step: int, gather, temperature: float,
-                     chunk_size: int):
+def select_positions(
+    sel: Selector,
+    h_s: Tensor,
+    student: Head,
+    h_t: Tensor | None,
+    teacher: Head | None,
+    labels: Tensor,
+    valid: Tensor,
+    *,
+    keys,
+    generator,
+    step: int,
+    gather,
+    temperature: float,
+    chunk_size: int,
+):
     """The position axis from the heads: u(t) by chunked scoring (None without a signal), then m_t, w_t by the
     policy, as draws.  -> u [B,T] | None, draws [B,K]"""
-    u = chunked_importance(sel, h_s.detach(), student, h_t, teacher, labels, valid, generator=generator,
-                      temperature=temperature, chunk_size=chunk_size, keys=keys)
+    u = chunked_importance(
+        sel,
+        h_s.detach(),
+        student,
+        h_t,
+        teacher,
+        labels,
+        valid,
+        generator=generator,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        keys=keys,
+    )
     scores = u if u is not None else torch.zeros(labels.shape, device=labels.device)
     return u, call_policy(sel.policy, scores, valid, generator=generator, step=step, keys=keys, gather=gather)
 
@@ -424,8 +513,9 @@ def teacher_into(teacher: Head, h_t: Tensor, rows: Tensor, cols: Tensor) -> Call
     return lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])
 
 
-def position_weights(mw: Tensor, rows: Tensor, cols: Tensor, n_sel: Tensor, normalization: str,
-                     acc: torch.dtype) -> tuple[Tensor, float]:
+def position_weights(
+    mw: Tensor, rows: Tensor, cols: Tensor, n_sel: Tensor, normalization: str, acc: torch.dtype
+) -> tuple[Tensor, float]:
     """c_n, each selected position's weight in the loss sum, and the batch's weight the step divides by:
     per_sequence, c_n = m_t w_t / n_sel_i and sum_i s_i (L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i);
     batch_tokens, c_n = m_t w_t and the number of selected positions.  -> [N], float"""
@@ -442,12 +532,20 @@ def closed_form_applies(sel: Selector, *, lam: float, cached, teacher) -> bool:
     full vocabulary against the teacher's own logits, with a pointwise criterion that declares one and takes
     no options."""
     crit = sel.criterion
-    return (lam == 1 and cached is None and sel.classes is None and teacher is not None
-            and crit.coupling == "pointwise" and crit.closed_form is not None and not crit.options)
+    return (
+        lam == 1
+        and cached is None
+        and sel.classes is None
+        and teacher is not None
+        and crit.coupling == "pointwise"
+        and crit.closed_form is not None
+        and not crit.options
+    )
 
 
-def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor,
-                      cols: Tensor) -> Callable[[slice], Tensor]:
+def selective_teacher(
+    h_t: Tensor | None, teacher: Head | None, rows: Tensor, cols: Tensor
+) -> Callable[[slice], Tensor]:
     """The selective teacher head: z_t at the selected positions rows[sl], cols[sl], no grad.  -> [C,V]"""
 
     @torch.no_grad()
@@ -459,10 +557,21 @@ def selective_teacher(h_t: Tensor | None, teacher: Head | None, rows: Tensor,
     return at
 
 
-def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, y: Tensor, u: Tensor | None,
-                     teacher_at: Callable[[slice], Tensor], *, temperature: float, generator,
-                     cached: SparseTarget | None, parts: list[slice],
-                     keys: PositionKeys | None = None) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
+def divergence_chunk(
+    sel: Selector,
+    labels: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    y: Tensor,
+    u: Tensor | None,
+    teacher_at: Callable[[slice], Tensor],
+    *,
+    temperature: float,
+    generator,
+    cached: SparseTarget | None,
+    parts: list[slice],
+    keys: PositionKeys | None = None,
+) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
     """D_C(p_t, q_t) on one chunk of selected positions, as `objective.divergence`: (s_c [C,V], sl) -> [C];
     and whether it must run as one chunk (a criterion that declares it sees all positions at once)."""
     crit = sel.criterion
@@ -470,9 +579,19 @@ def divergence_chunk(sel: Selector, labels: Tensor, rows: Tensor, cols: Tensor, 
         D, idx = sparse_divergence(crit, "the teacher cache"), valid_order(labels)[rows, cols]  #   [N]
         return (lambda s, sl: D(s, cached.take(idx[sl]).to(s.device), temperature)), False
     if sel.classes is not None:  # C_t subset of V, drawn from the teacher's logits at the chunk
-        return (lambda s, sl: crit.sparse(s, draw_classes(
-            sel, teacher_at(sl), temperature=temperature, generator=generator,
-            keys=keys.take(sl) if keys is not None else None), temperature)), False
+        return (
+            lambda s, sl: crit.sparse(
+                s,
+                draw_classes(
+                    sel,
+                    teacher_at(sl),
+                    temperature=temperature,
+                    generator=generator,
+                    keys=keys.take(sl) if keys is not None else None,
+                ),
+                temperature,
+            )
+        ), False
     u_sel = u[rows, cols] if u is not None else None
     d = crit.over(Selected(y, rows, u_sel, teacher_at, tuple(parts), temperature))  # batch-level: prepared here
     return (lambda s, sl: d(s, teacher_at(sl), sl)), crit.coupling == "all"

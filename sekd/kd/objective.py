@@ -8,6 +8,7 @@ The step returns the loss *sum* and the weight it is normalized by, so the train
 accumulated gradients once per optimizer step: the loss of an effective batch then does not depend
 on how it was split into micro-batches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,11 @@ class Selector:
     @property
     def random(self) -> bool:
         """Whether any piece draws (the random signal, a sampling policy, a class sampler)."""
-        return bool((self.signal is not None and self.signal.random) or self.policy.random
-                    or (self.classes is not None and self.classes.random))
+        return bool(
+            (self.signal is not None and self.signal.random)
+            or self.policy.random
+            or (self.classes is not None and self.classes.random)
+        )
 
     def keys(self, B: int, *, generator, step: int, rows) -> RowKeys | None:
         """The micro-batch's per-row keys (sekd/core/rng.py `step_keys`) when a piece draws, else None."""
@@ -82,8 +86,20 @@ def token_ce(s_logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(upcast(s_logits), targets, reduction="none")
 
 
-def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, temperature, generator, cached,
-               keys: PositionKeys | None = None):
+def divergence(
+    s_sel,
+    t_logits,
+    labels,
+    rows,
+    cols,
+    u,
+    sel: Selector,
+    *,
+    temperature,
+    generator,
+    cached,
+    keys: PositionKeys | None = None,
+):
     """D_C(p_t, q_t) at the selected positions (rows, cols), all at once.  -> [N]"""
     crit = sel.criterion
     if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
@@ -93,8 +109,9 @@ def divergence(s_sel, t_logits, labels, rows, cols, u, sel: Selector, *, tempera
         raise ValueError("lam > 0 needs teacher logits or cached class targets")
     t_sel = at_positions(t_logits, rows, cols)  #                                 [N,V]
     if sel.classes is not None:  # C_t subset of V: the criterion's sparse form (Selector checked it has one)
-        return crit.sparse(s_sel, draw_classes(sel, t_sel, temperature=temperature, generator=generator, keys=keys),
-                           temperature)
+        return crit.sparse(
+            s_sel, draw_classes(sel, t_sel, temperature=temperature, generator=generator, keys=keys), temperature
+        )
     u_sel = u[rows, cols] if u is not None else None
     return crit(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
 
@@ -108,8 +125,9 @@ def at_positions(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return x[rows, cols]
 
 
-def covering_positions(sel: Selector, rows: Tensor, B: int, T: int,
-                       cached: SparseTarget | None) -> tuple[Tensor, Tensor] | None:
+def covering_positions(
+    sel: Selector, rows: Tensor, B: int, T: int, cached: SparseTarget | None
+) -> tuple[Tensor, Tensor] | None:
     """Every position, row-major, when computing l there and dropping the unselected is cheaper than copying the
     selected logits out: Full KD on packed text selects all but each row's last position (it has no target), and
     [B,T,V] logits are a [B*T,V] view while x[rows, cols] is an [N,V] copy (and, backward, an index_put). Only
@@ -122,23 +140,47 @@ def covering_positions(sel: Selector, rows: Tensor, B: int, T: int,
     return every // T, every % T
 
 
-def per_position_loss(s_logits, t_logits, labels, rows, cols, u, sel: Selector, *, lam: float, temperature: float,
-                      generator, cached, keys: RowKeys | None) -> Tensor:
+def per_position_loss(
+    s_logits,
+    t_logits,
+    labels,
+    rows,
+    cols,
+    u,
+    sel: Selector,
+    *,
+    lam: float,
+    temperature: float,
+    generator,
+    cached,
+    keys: RowKeys | None,
+) -> Tensor:
     """l(t) = lam T^2 D_C(p_t, q_t) + (1 - lam) CE(x_{t+1}, q_t) at positions (rows, cols).  -> [N]"""
     s_sel, y_sel = at_positions(s_logits, rows, cols), labels[rows, cols]  #   [N,V], [N]
     ell = torch.zeros(y_sel.shape, dtype=upcast(s_sel).dtype, device=y_sel.device)
     if lam > 0:
         pkeys = PositionKeys(keys, rows, cols, labels.shape[1]) if keys is not None else None
-        ell = ell + lam * temperature**2 * divergence(s_sel, t_logits, labels, rows, cols, u, sel,
-                                                      temperature=temperature, generator=generator, cached=cached,
-                                                      keys=pkeys)
+        ell = ell + lam * temperature**2 * divergence(
+            s_sel,
+            t_logits,
+            labels,
+            rows,
+            cols,
+            u,
+            sel,
+            temperature=temperature,
+            generator=generator,
+            cached=cached,
+            keys=pkeys,
+        )
     if lam < 1:
         ell = ell + (1 - lam) * token_ce(s_sel, y_sel)
     return ell
 
 
-def draw_classes(sel: Selector, t_sel: Tensor, *, temperature: float, generator,
-                 keys: PositionKeys | None) -> SparseTarget:
+def draw_classes(
+    sel: Selector, t_sel: Tensor, *, temperature: float, generator, keys: PositionKeys | None
+) -> SparseTarget:
     """The class selector's targets at positions t_sel [N,V]; a random one draws from the positions' keys."""
     kw = {"keys": keys} if sel.classes.random and keys is not None else {}
     return sel.classes(t_sel, temperature=temperature, generator=generator, **kw)
@@ -190,22 +232,62 @@ def selective_kd_loss(
     keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
     u = None
     if sel.signal is not None:
-        u = S.importance(sel.signal, s_logits.detach(), t_logits, labels, valid, generator=generator, keys=keys,
-                    normalization=sel.signal_normalization, temperature=temperature)  # u(t)  [B,T]
-    draws = call_policy(sel.policy, u if u is not None else torch.zeros(B, T, device=labels.device), valid,
-                        generator=generator, step=step, keys=keys, gather=gather)  # m_t, w_t as draws [B,K]
+        u = S.importance(
+            sel.signal,
+            s_logits.detach(),
+            t_logits,
+            labels,
+            valid,
+            generator=generator,
+            keys=keys,
+            normalization=sel.signal_normalization,
+            temperature=temperature,
+        )  # u(t)  [B,T]
+    draws = call_policy(
+        sel.policy,
+        u if u is not None else torch.zeros(B, T, device=labels.device),
+        valid,
+        generator=generator,
+        step=step,
+        keys=keys,
+        gather=gather,
+    )  # m_t, w_t as draws [B,K]
     mw = draws.dense(T)  # m_t * w_t                                       [B,T]
 
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     cover = covering_positions(sel, rows, B, T, cached)
     if cover is None:
-        ell = per_position_loss(s_logits, t_logits, labels, rows, cols, u, sel, lam=lam, temperature=temperature,
-                                generator=generator, cached=cached, keys=keys)  # l(t)  [N]
+        ell = per_position_loss(
+            s_logits,
+            t_logits,
+            labels,
+            rows,
+            cols,
+            u,
+            sel,
+            lam=lam,
+            temperature=temperature,
+            generator=generator,
+            cached=cached,
+            keys=keys,
+        )  # l(t)  [N]
     else:  # l at every position, read in place; the few unselected ones are dropped
         every_r, every_c = cover
         u_every = u.nan_to_num(neginf=0.0) if u is not None else None  # finite where unselected: no nan grads
-        ell = per_position_loss(s_logits, t_logits, labels.clamp_min(0), every_r, every_c, u_every, sel, lam=lam,
-                                temperature=temperature, generator=generator, cached=None, keys=None)
+        ell = per_position_loss(
+            s_logits,
+            t_logits,
+            labels.clamp_min(0),
+            every_r,
+            every_c,
+            u_every,
+            sel,
+            lam=lam,
+            temperature=temperature,
+            generator=generator,
+            cached=None,
+            keys=None,
+        )
         ell = ell[rows * T + cols]  #                                              [N]
 
     per_row = torch.zeros(B, dtype=ell.dtype, device=ell.device).index_add(0, rows, mw[rows, cols] * ell)

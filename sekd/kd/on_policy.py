@@ -43,6 +43,7 @@ optimizer step, global sample index)), so a sample's answer depends on that key,
 weights only: not on its micro-batch, its rank, its neighbours' lengths, or the global RNG, which is
 not touched. A resumed run samples the same answers, and so does any world size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -88,8 +89,8 @@ def left_pad(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     mask = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         n = p.numel()
-        ids[i, P - n:] = p.to(device=device, dtype=torch.long)
-        mask[i, P - n:] = 1
+        ids[i, P - n :] = p.to(device=device, dtype=torch.long)
+        mask[i, P - n :] = 1
     return ids, mask
 
 
@@ -165,8 +166,17 @@ def _check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p={top_p!r}; must be in (0, 1]")
 
 
-def sample_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
-                   max_new_tokens: int | list[int], keys: RowKeys) -> list[Tensor]:
+def sample_answers(
+    student,
+    prompts: list[Tensor],
+    *,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int | list[int],
+    keys: RowKeys,
+) -> list[Tensor]:
     """The student's answers to `prompts`: a batched sampling loop over the model's KV cache.
 
     The left-padded prompts run once (attention mask, and position ids counted from each row's first
@@ -255,8 +265,10 @@ def build_rollout(prompts: list[Tensor], answers: list[Tensor], *, pad_id: int, 
     if seq_len is not None and int(seq_len) < 1:
         raise ValueError(f"seq_len={seq_len!r}; must be >= 1")
     device = next((a.device for a in answers if a.numel()), prompts[0].device)
-    rows = [torch.cat([p.to(device=device, dtype=torch.long), a.to(device=device, dtype=torch.long).reshape(-1)])
-            for p, a in zip(prompts, answers)]
+    rows = [
+        torch.cat([p.to(device=device, dtype=torch.long), a.to(device=device, dtype=torch.long).reshape(-1)])
+        for p, a in zip(prompts, answers)
+    ]
     W = max(r.numel() for r in rows) if seq_len is None else int(seq_len) + 1  # tokens per row
     L = W - 1
     w = torch.full((len(rows), W), int(pad_id), dtype=torch.long, device=device)
@@ -280,16 +292,45 @@ def answer_caps(prompts: list[Tensor], max_new_tokens: int, seq_len: int | None)
     return [max(0, min(c, int(seq_len) + 1 - p.numel())) for c, p in zip(caps, prompts)]
 
 
-def rollout(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
-            max_new_tokens: int, keys: RowKeys, seq_len: int | None = None) -> Rollout:
+def rollout(
+    student,
+    prompts: list[Tensor],
+    *,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    keys: RowKeys,
+    seq_len: int | None = None,
+) -> Rollout:
     """sample_answers then build_rollout; with seq_len, each row samples at most what it can keep."""
-    answers = rollout_answers(student, prompts, pad_id=pad_id, eos_id=eos_id, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, keys=keys, seq_len=seq_len)
+    answers = rollout_answers(
+        student,
+        prompts,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        keys=keys,
+        seq_len=seq_len,
+    )
     return build_rollout(prompts, answers, pad_id=pad_id, seq_len=seq_len)
 
 
-def rollout_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int, temperature: float, top_p: float,
-                    max_new_tokens: int, keys: RowKeys, seq_len: int | None = None) -> list[Tensor]:
+def rollout_answers(
+    student,
+    prompts: list[Tensor],
+    *,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    keys: RowKeys,
+    seq_len: int | None = None,
+) -> list[Tensor]:
     """The answers `rollout` trains on, one per prompt (empty where the prompt fills seq_len). A row's answer
     depends on its prompt and key only, so the prompts of several micro-batches can be sampled at once."""
     _check_prompts(prompts)
@@ -300,9 +341,16 @@ def rollout_answers(student, prompts: list[Tensor], *, pad_id: int, eos_id: int,
     answers = [torch.zeros(0, dtype=torch.long, device=p.device) for p in prompts]
     live = [i for i, c in enumerate(caps) if c > 0]  # a prompt that fills seq_len gets no answer
     if live:
-        got = sample_answers(student, [prompts[i] for i in live], pad_id=pad_id, eos_id=eos_id,
-                             temperature=temperature, top_p=top_p, max_new_tokens=[caps[i] for i in live],
-                             keys=RowKeys(tuple(keys.keys[i] for i in live)))
+        got = sample_answers(
+            student,
+            [prompts[i] for i in live],
+            pad_id=pad_id,
+            eos_id=eos_id,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=[caps[i] for i in live],
+            keys=RowKeys(tuple(keys.keys[i] for i in live)),
+        )
         for i, a in zip(live, got):
             answers[i] = a
     return answers

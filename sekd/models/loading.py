@@ -1,4 +1,5 @@
 """Teacher and student: where they come from, that they share a tokenizer, and loading them."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,9 @@ def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
         from sekd.embedded.build import build_pair
 
         emb = m.embedded
-        if is_task_source(cfg.data.name) and m.task:  # a teacher that can do the task it is to teach (docs/method.md §10)
+        if (
+            is_task_source(cfg.data.name) and m.task
+        ):  # a teacher that can do the task it is to teach (docs/method.md §10)
             from sekd.embedded.build import build_task_pair
 
             teacher, student = build_task_pair(Path(cfg.paths.cache) / "embedded", emb, m.task)
@@ -36,16 +39,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remote_code: bool = False):
     """Teacher and student must share the tokenizer (docs/method.md §1); returns it. Cheap: no weights load."""
-    tok = _tokenizer_of("model.tokenizer" if tokenizer not in (teacher, student) else "model.student",
-                        tokenizer, trust_remote_code)
+    tok = _tokenizer_of(
+        "model.tokenizer" if tokenizer not in (teacher, student) else "model.student", tokenizer, trust_remote_code
+    )
     for key, path in (("model.teacher", teacher), ("model.student", student)):
         if path == tokenizer:
             continue
         other = _tokenizer_of(key, path, trust_remote_code)
         if other.get_vocab() != tok.get_vocab():
             diff = len(set(other.get_vocab().items()) ^ set(tok.get_vocab().items()))
-            raise ConfigError(f"{key}={path!r}: its tokenizer differs from {tokenizer!r} "
-                              f"({diff} vocabulary entries differ); teacher and student must share one")
+            raise ConfigError(
+                f"{key}={path!r}: its tokenizer differs from {tokenizer!r} "
+                f"({diff} vocabulary entries differ); teacher and student must share one"
+            )
     return tok
 
 
@@ -62,8 +68,10 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}=cuda but this machine has no CUDA device (torch.cuda.is_available() is False); "
-                          "choose one of: auto, cpu")
+        raise ConfigError(
+            f"{key}=cuda but this machine has no CUDA device (torch.cuda.is_available() is False); "
+            "choose one of: auto, cpu"
+        )
     return torch.device(name)
 
 
@@ -77,13 +85,16 @@ def teacher_device(name: str | None, student: torch.device) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"model.teacher_device={name} but this machine has no CUDA device "
-                              "(torch.cuda.is_available() is False); use cpu, or null for the student's device")
+            raise ConfigError(
+                f"model.teacher_device={name} but this machine has no CUDA device "
+                "(torch.cuda.is_available() is False); use cpu, or null for the student's device"
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device.index >= count:
-            raise ConfigError(f"model.teacher_device={name} but this machine has {count} CUDA device(s): "
-                              f"cuda:0 .. cuda:{count - 1}")
+            raise ConfigError(
+                f"model.teacher_device={name} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
+            )
     return device
 
 
@@ -130,6 +141,7 @@ class PlacedTeacher(torch.nn.Module):
 
         def run(input_ids: torch.Tensor, **kwargs):
             return decoder(input_ids=input_ids.to(self.home, non_blocking=True), **kwargs)
+
         return run
 
     def get_output_embeddings(self):
@@ -178,8 +190,10 @@ def check_on_disk(key: str, name: str, *, tokenizer_only: bool = False) -> None:
     if folder.is_dir():
         files = ("tokenizer_config.json", "tokenizer.json") if tokenizer_only else ("config.json",)
         if not any((folder / f).is_file() for f in files):
-            raise ConfigError(f"{key}={name!r} is a folder without {' or '.join(files)}: not a Hugging Face "
-                              f"{'tokenizer' if tokenizer_only else 'model'} folder")
+            raise ConfigError(
+                f"{key}={name!r} is a folder without {' or '.join(files)}: not a Hugging Face "
+                f"{'tokenizer' if tokenizer_only else 'model'} folder"
+            )
         return
     if name.startswith(("/", ".", "~")) or folder.exists():
         raise ConfigError(f"{key}={name!r}: no such folder")
@@ -189,9 +203,11 @@ def check_on_disk(key: str, name: str, *, tokenizer_only: bool = False) -> None:
         raise ConfigError(f"{key}={name!r} is neither a local folder nor a hub name (owner/name)") from None
     if is_offline_mode() and not isinstance(cached, str):
         var = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)), "HF_HUB_OFFLINE")
-        raise ConfigError(f"{key}={name!r} is not on local disk and the hub is offline ({var}="
-                          f"{os.environ.get(var, '1')}): download it on a connected machine "
-                          f"(`hf download {name}`, into this machine's HF_HOME) or set {key} to a local folder")
+        raise ConfigError(
+            f"{key}={name!r} is not on local disk and the hub is offline ({var}="
+            f"{os.environ.get(var, '1')}): download it on a connected machine "
+            f"(`hf download {name}`, into this machine's HF_HOME) or set {key} to a local folder"
+        )
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -6,6 +6,7 @@ are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=t
     sekd-report outputs/demo --out outputs/demo
     sekd-report outputs/embedded --table T2 --table T7 --out outputs/embedded/tables   # the paper's layout
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,40 @@ MODE_ORDER = {"score_student": 0, "score_teacher": 1, "distill": 2}
 
 # Fields a record must hold with these types (or null) for the report to read it; anything else in it is optional.
 SHAPE: dict[str, tuple[type, ...]] = {
-    "preset": (str,), "mode": (str,), "seed": (int,), "label": (str,), "metrics": (dict,), "config": (dict,),
-    "costs": (dict,), "train_time_s": (int, float), "wall_time_s": (int, float), "tokens_seen": (int, float),
-    "steps": (int, float), "peak_memory_mb": (int, float)}
+    "preset": (str,),
+    "mode": (str,),
+    "seed": (int,),
+    "label": (str,),
+    "metrics": (dict,),
+    "config": (dict,),
+    "costs": (dict,),
+    "train_time_s": (int, float),
+    "wall_time_s": (int, float),
+    "tokens_seen": (int, float),
+    "steps": (int, float),
+    "peak_memory_mb": (int, float),
+}
 REQUIRED = ("preset", "mode", "seed")
-RECORD_FIELDS = ("preset", "label", "mode", "seed", "config_hash", "steps", "tokens_seen", "tokens_supervised",
-                 "train_time_s", "wall_time_s", "peak_memory_mb", "git_commit", "run_dir", "finished_at",
-                 "train_samples", "world_size", "device_count", "tokens_per_s_per_device")
+RECORD_FIELDS = (
+    "preset",
+    "label",
+    "mode",
+    "seed",
+    "config_hash",
+    "steps",
+    "tokens_seen",
+    "tokens_supervised",
+    "train_time_s",
+    "wall_time_s",
+    "peak_memory_mb",
+    "git_commit",
+    "run_dir",
+    "finished_at",
+    "train_samples",
+    "world_size",
+    "device_count",
+    "tokens_per_s_per_device",
+)
 
 
 def shape_problem(rec: Any) -> str | None:
@@ -77,8 +105,13 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
     rows = []
     for rec in read_records(folders) if recs is None else recs:
         row = {k: rec.get(k) for k in RECORD_FIELDS}
-        row.update({k: v for k, v in (rec.get("metrics") or {}).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        row.update(
+            {
+                k: v
+                for k, v in (rec.get("metrics") or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         row.update(flatten(rec.get("costs") or {}, "costs"))
         row.update(flatten(rec.get("config") or {}, "config"))
         rows.append(row)
@@ -122,8 +155,14 @@ def grouped_key(key: str) -> bool:
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """The metrics' columns (everything numeric that is not identity, cost or config)."""
-    return [c for c in df.columns if c not in RECORD_FIELDS and not c.startswith(("config.", "costs.", "_"))
-            and c != "method" and pd.api.types.is_numeric_dtype(df[c])]
+    return [
+        c
+        for c in df.columns
+        if c not in RECORD_FIELDS
+        and not c.startswith(("config.", "costs.", "_"))
+        and c != "method"
+        and pd.api.types.is_numeric_dtype(df[c])
+    ]
 
 
 def scored(df: pd.DataFrame) -> pd.Series:
@@ -157,7 +196,7 @@ def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     `key=value` for each key whose value differs among the configurations of its preset, plus 'limit=N'."""
     df = df.copy()
     df["label"] = df["label"].fillna(df["preset"]) if "label" in df.columns else df["preset"]
-    cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config."):])]
+    cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config.") :])]
     canon = df[cols].map(tables.canon) if cols else pd.DataFrame(index=df.index)
     df["_group"] = [json.dumps(r, sort_keys=True) for r in canon.to_dict("records")] if cols else ""
     bare = ~df[cols].notna().any(axis=1) if cols else pd.Series(True, index=df.index)
@@ -168,8 +207,10 @@ def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
         configs = canon.loc[part.index].drop_duplicates()
         keys = [k for k in differing_keys(configs) if k != "config.eval.limit"]
         if keys:
-            suffix[part.index] = [", ".join(f"{k[len('config.'):]}={_shown(v)}" for k, v in zip(keys, vals))
-                                  for vals in canon.loc[part.index, keys].itertuples(index=False)]
+            suffix[part.index] = [
+                ", ".join(f"{k[len('config.') :]}={_shown(v)}" for k, v in zip(keys, vals))
+                for vals in canon.loc[part.index, keys].itertuples(index=False)
+            ]
     limit = df["config.eval.limit"] if "config.eval.limit" in df.columns else pd.Series(None, index=df.index)
     marks = [", ".join(m for m in (s, limit_mark(lim)) if m) for s, lim in zip(suffix, limit)]
     df["method"] = [f"{lab} ({m})" if m else lab for lab, m in zip(label, marks)]
@@ -180,8 +221,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per configuration (runs differing only in the seed and NOT_GROUPED keys): mean and std over seeds of
     every metric and cost, its `method` label, and the number of seeds that were scored."""
     df = assign_methods(df)
-    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and c != "seed"
-               and not c.startswith(("config.", "_"))]
+    numeric = [
+        c
+        for c in df.columns
+        if pd.api.types.is_numeric_dtype(df[c]) and c != "seed" and not c.startswith(("config.", "_"))
+    ]
     keys = ["preset", "_group"]
     g = df.groupby(keys, sort=False)
     out = g[numeric].agg(["mean", "std"])
@@ -209,14 +253,19 @@ VERSUS = ("acc", "ppl")
 def method_context(df: pd.DataFrame) -> pd.Series:
     """Per run: its configuration minus the method (the selection axes, the criterion, the mode, the preset)
     and the seed, one string. SE-KD at 300 steps compares with Full KD at 300 steps, never at 100."""
-    cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config."):])
-            and not is_axis(c[len("config."):]) and c[len("config."):] not in (*NOT_AXES, "preset")]
+    cols = [
+        c
+        for c in df.columns
+        if c.startswith("config.")
+        and grouped_key(c[len("config.") :])
+        and not is_axis(c[len("config.") :])
+        and c[len("config.") :] not in (*NOT_AXES, "preset")
+    ]
     canon = df[cols].map(tables.canon) if cols else pd.DataFrame(index=df.index)
     return pd.Series([json.dumps(r, sort_keys=True) for r in canon.to_dict("records")], index=df.index)
 
 
-def versus_reference(df: pd.DataFrame, metric: str,
-                     reference: str = REFERENCE_PRESET) -> dict[tuple[str, str], str]:
+def versus_reference(df: pd.DataFrame, metric: str, reference: str = REFERENCE_PRESET) -> dict[tuple[str, str], str]:
     """Per configuration (preset, _group) of a distilled method: its difference from the `reference` preset's
     in `metric`, paired by seed, and whether it is beyond seed noise (tables.paired_difference); 'ref.' on
     the reference itself, '–' where there is no reference of the same context or the row is not distilled.
@@ -252,8 +301,12 @@ def markdown_table(df: pd.DataFrame) -> str:
     metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
     tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
     assigned = assign_methods(df)
-    versus = {(m, name): versus_reference(assigned, m, preset) for name, preset in REFERENCES.items()
-              for m in VERSUS if m in metrics}
+    versus = {
+        (m, name): versus_reference(assigned, m, preset)
+        for name, preset in REFERENCES.items()
+        for m in VERSUS
+        if m in metrics
+    }
     rows = []
     for (preset, group), r in s.iterrows():
         row = {"Method": r[("method", "")], "preset": preset}
@@ -318,11 +371,20 @@ def write_tables(df: pd.DataFrame, names: list[str], out: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sekd-report", description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="folders searched (recursively) for record.json")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="write results.csv and table.md here (with --table: table_<T>.md, .csv, .tex)")
-    ap.add_argument("--table", action="append", choices=tables.TABLES, default=None,
-                    help="print the paper's table T in its layout (rows, order, columns), ours beside the paper's; "
-                         "repeat for several")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write results.csv and table.md here (with --table: table_<T>.md, .csv, .tex)",
+    )
+    ap.add_argument(
+        "--table",
+        action="append",
+        choices=tables.TABLES,
+        default=None,
+        help="print the paper's table T in its layout (rows, order, columns), ours beside the paper's; "
+        "repeat for several",
+    )
     args = ap.parse_args(argv)
     for f in args.folders:
         if not f.exists():
@@ -335,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         models = sorted(df["config.model.name"].dropna().unique()) if "config.model.name" in df else []
         if len(models) > 1:  # one table must not average the embedded pair with Qwen3
-            print(f"sekd-report: runs of several models ({', '.join(models)}); point --table at one profile's "
-                  f"folder (outputs/embedded or outputs/paper)", file=sys.stderr)
+            print(
+                f"sekd-report: runs of several models ({', '.join(models)}); point --table at one profile's "
+                f"folder (outputs/embedded or outputs/paper)",
+                file=sys.stderr,
+            )
             return 2
         print(write_tables(df, args.table, args.out))
         return 0

@@ -7,6 +7,7 @@ repository at run time): paper_reference.csv, regenerated from the paper's publi
 
     python -m sekd.report.tables
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,20 @@ import pandas as pd
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, as its tables print them
 REFERENCE = PAPER_DIR / "paper_reference.csv"
 PAPER_ROWS = PAPER_DIR / "paper_rows.csv"
-REFERENCE_COLUMNS = ["table", "section", "method", "preset", "acc", "ifeval", "ppl", "ece", "gsm8k", "wall_s",
-                     "selection_s", "notes"]
+REFERENCE_COLUMNS = [
+    "table",
+    "section",
+    "method",
+    "preset",
+    "acc",
+    "ifeval",
+    "ppl",
+    "ece",
+    "gsm8k",
+    "wall_s",
+    "selection_s",
+    "notes",
+]
 
 # table -> its columns, as the paper prints them
 COLUMNS = {
@@ -35,18 +48,33 @@ COLUMNS = {
     "V2": ["acc"],
 }
 TABLES = tuple(COLUMNS)
-HEADER = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K", "wall_s": "Wall time",
-          "selection_s": "Sample selection", "teacher_tokens": "Teacher tokens",
-          "tokens_per_s_device": "Tokens/s per device"}
+HEADER = {
+    "acc": "Acc.",
+    "ifeval": "IFEval",
+    "ppl": "PPL",
+    "ece": "ECE",
+    "gsm8k": "GSM8K",
+    "wall_s": "Wall time",
+    "selection_s": "Sample selection",
+    "teacher_tokens": "Teacher tokens",
+    "tokens_per_s_device": "Tokens/s per device",
+}
 LOWER_IS_BETTER = {"ppl", "ece", "wall_s", "selection_s", "teacher_tokens"}
 # column -> the record column holding ours (metrics are their own column; training_costs adds the _ ones)
-SOURCE = {"wall_s": "_train_wall_s", "selection_s": "_selection_s", "teacher_tokens": "costs.teacher_forward_tokens",
-          "tokens_per_s_device": "_tokens_per_s_device"}
+SOURCE = {
+    "wall_s": "_train_wall_s",
+    "selection_s": "_selection_s",
+    "teacher_tokens": "costs.teacher_forward_tokens",
+    "tokens_per_s_device": "_tokens_per_s_device",
+}
 METRICS = ("acc", "ifeval", "ppl", "ece", "gsm8k")  # a run holding one of them was scored
 # what a sample pre-pass costs depends on: runs sharing these share one stored set of sample scores
 PREPASS_KEY = ("config.samples.name", "config.model.name", "config.data.name", "config.data.seq_len")
 VALIDATION = {"V1", "V2"}
-GENERAL_DATA = ("embedded", "fineweb_edu")  # the general-purpose regime (docs/method.md §10); anything else is task data
+GENERAL_DATA = (
+    "embedded",
+    "fineweb_edu",
+)  # the general-purpose regime (docs/method.md §10); anything else is task data
 MISSING = "–"
 
 # The offline cache's two T7 rows are one preset; a run's costs say which it was.
@@ -57,12 +85,18 @@ VARIANTS: dict[tuple[str, str], Callable[[pd.DataFrame], pd.Series]] = {
 
 # Rows of paper_efficiency.csv (T7) that paper_rows.csv does not map.
 T7_PRESETS = {
-    "Full KD (100% positions)": "full_kd", "RandomPos 20%": "random_pos", "TopSmp CE ratio": "top_smp_ce_ratio",
-    "TopSmp KL": "top_smp_kl", "TopSmp student entropy": "top_smp", "SE-KD3X (cache construction)": "se_kd3x",
-    "SE-KD3X (reuse offline cache)": "se_kd3x"}
+    "Full KD (100% positions)": "full_kd",
+    "RandomPos 20%": "random_pos",
+    "TopSmp CE ratio": "top_smp_ce_ratio",
+    "TopSmp KL": "top_smp_kl",
+    "TopSmp student entropy": "top_smp",
+    "SE-KD3X (cache construction)": "se_kd3x",
+    "SE-KD3X (reuse offline cache)": "se_kd3x",
+}
 
 
 # ---- the paper's numbers --------------------------------------------------------------------
+
 
 def hours(text: Any) -> float:
     """'22h52m' -> seconds; anything else -> NaN."""
@@ -80,14 +114,19 @@ def build_reference(tables: pd.DataFrame, efficiency: pd.DataFrame, rows: pd.Dat
     # T5 names its methods twice (off-policy, on-policy): the section tells the rows apart
     main = main.merge(rows[["table", "section", "method", "preset"]], on=["table", "section", "method"], how="left")
     eff = efficiency[efficiency["table"].eq("T7")]
-    t7 = pd.DataFrame({
-        "table": "T7", "section": "runtime", "method": eff["configuration"],
-        "preset": eff["configuration"].map(T7_PRESETS),
-        "acc": pd.to_numeric(_note(r"acc ([\d.]+)", eff["notes"])),
-        "wall_s": eff["wall"].map(hours),
-        # 'sample-selection time 0h00m', 'sample-selection scoring 8h50m', 'scoring 2h11m'
-        "selection_s": _note(r"(?:selection|time|scoring) (\d+h\d+m)", eff["notes"]).map(hours),
-        "notes": eff["notes"]})
+    t7 = pd.DataFrame(
+        {
+            "table": "T7",
+            "section": "runtime",
+            "method": eff["configuration"],
+            "preset": eff["configuration"].map(T7_PRESETS),
+            "acc": pd.to_numeric(_note(r"acc ([\d.]+)", eff["notes"])),
+            "wall_s": eff["wall"].map(hours),
+            # 'sample-selection time 0h00m', 'sample-selection scoring 8h50m', 'scoring 2h11m'
+            "selection_s": _note(r"(?:selection|time|scoring) (\d+h\d+m)", eff["notes"]).map(hours),
+            "notes": eff["notes"],
+        }
+    )
     return pd.concat([main, t7], ignore_index=True).reindex(columns=REFERENCE_COLUMNS)
 
 
@@ -101,6 +140,7 @@ def reference_rows(reference: pd.DataFrame, table: str) -> pd.DataFrame:
 
 
 # ---- our runs -------------------------------------------------------------------------------
+
 
 def canon(value: Any) -> str:
     """One spelling per value, so a config read back from JSON compares equal to one composed fresh."""
@@ -184,8 +224,9 @@ def match_rows(ref: pd.DataFrame, records: pd.DataFrame, table: str) -> pd.DataF
     return full_evaluations(m[keep])
 
 
-def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
-                axes: pd.DataFrame | None = None) -> pd.DataFrame:
+def paper_table(
+    records: pd.DataFrame, reference: pd.DataFrame, table: str, axes: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One row per paper row: n_seeds and, per column, <c>_ours_mean, <c>_ours_std, <c>_paper, <c>_best."""
     if table not in COLUMNS:
         raise ValueError(f"unknown table {table!r}; choose one of: {', '.join(TABLES)}")
@@ -203,8 +244,9 @@ def paper_table(records: pd.DataFrame, reference: pd.DataFrame, table: str,
     if table == "T7":  # runs of a row may have spanned different numbers of devices: say how many
         devices = m.groupby("row")["_devices"].agg(lambda d: sorted({int(x) for x in d})).reindex(ref.index)
         out["devices"] = devices.map(lambda d: "/".join(map(str, d)) if isinstance(d, list) else "")
-        out["label"] = [lab if d in ("", "1") else f"{lab} ({d} devices)"
-                        for lab, d in zip(out["label"], out["devices"])]
+        out["label"] = [
+            lab if d in ("", "1") else f"{lab} ({d} devices)" for lab, d in zip(out["label"], out["devices"])
+        ]
     out["eval_limit"] = limit
     metrics = [c for c in METRICS if c in m.columns]
     was_scored = m[metrics].notna().any(axis=1) if metrics else pd.Series(False, index=m.index)
@@ -235,8 +277,9 @@ def paired_difference(ours: pd.Series, ref: pd.Series, alpha: float = NOISE_ALPH
     both runs alike (its data order, its random keys), so the test asks only whether the method moved the
     metric. With 2 seeds the test has one degree of freedom and calls almost nothing beyond noise: that is
     the honest answer for 2 seeds. Fewer than 2 paired seeds: 'cannot tell'."""
-    both = pd.concat([pd.to_numeric(ours, errors="coerce"), pd.to_numeric(ref, errors="coerce")],
-                     axis=1, join="inner").dropna()
+    both = pd.concat(
+        [pd.to_numeric(ours, errors="coerce"), pd.to_numeric(ref, errors="coerce")], axis=1, join="inner"
+    ).dropna()
     diff = both.iloc[:, 0] - both.iloc[:, 1]
     n = len(diff)
     mean = float(diff.mean()) if n else math.nan
@@ -262,6 +305,7 @@ def fmt_difference(d: dict[str, Any], digits: int = 1) -> str:
 
 
 # ---- formatting -----------------------------------------------------------------------------
+
 
 def fmt_duration(s: float) -> str:
     """Seconds as the paper writes hours ('22h52m'), or minutes/seconds for CPU-sized runs."""
@@ -291,8 +335,17 @@ def fmt_value(col: str, x: float) -> str:
     return f"{x:.1f}"
 
 
-def cell(col: str, mean: float, std: float, paper: float, best: bool, *, pm: str = "±", bold=("**", "**"),
-         missing: str = MISSING) -> str:
+def cell(
+    col: str,
+    mean: float,
+    std: float,
+    paper: float,
+    best: bool,
+    *,
+    pm: str = "±",
+    bold=("**", "**"),
+    missing: str = MISSING,
+) -> str:
     """'64.8 ± 0.2 (64.4)': ours (bold when best), the paper's value in parentheses; '–' where there is none
     (a single seed's spread too: '64.8 ± – (64.4)')."""
     if pd.isna(mean):
@@ -310,21 +363,27 @@ def display(frame: pd.DataFrame, *, method: Callable[[str], str] = str, **style)
     cols = COLUMNS.get(table, [])
     out = pd.DataFrame({"Method": frame["label"].map(method)})
     for c in cols:
-        out[HEADER[c]] = [cell(c, *v, **style) for v in
-                          frame[[f"{c}_ours_mean", f"{c}_ours_std", f"{c}_paper", f"{c}_best"]].itertuples(index=False)]
+        out[HEADER[c]] = [
+            cell(c, *v, **style)
+            for v in frame[[f"{c}_ours_mean", f"{c}_ours_std", f"{c}_paper", f"{c}_best"]].itertuples(index=False)
+        ]
     out["n"] = frame["n_seeds"]
     return out
 
 
 def caption(table: str) -> str:
-    text = (f"Table {table}: ours as mean ± std over n scored seeds, the paper's value in parentheses; "
-            f"the best of our distilled rows per column in bold; {MISSING} where there is no run or no number; "
-            "'limit=N': scored on the first N examples only.")
+    text = (
+        f"Table {table}: ours as mean ± std over n scored seeds, the paper's value in parentheses; "
+        f"the best of our distilled rows per column in bold; {MISSING} where there is no run or no number; "
+        "'limit=N': scored on the first N examples only."
+    )
     if table == "T7":
-        text += (" Wall time: sample selection, teacher-cache build and distillation (not pretraining the "
-                 "embedded pair, not scoring); the cache build counts only in the row of the runs that built it. "
-                 "Tokens/s per device: training tokens over distillation time and the devices a run spanned (every "
-                 "rank's, and a teacher's own); a row whose runs spanned several devices says how many.")
+        text += (
+            " Wall time: sample selection, teacher-cache build and distillation (not pretraining the "
+            "embedded pair, not scoring); the cache build counts only in the row of the runs that built it. "
+            "Tokens/s per device: training tokens over distillation time and the devices a run spanned (every "
+            "rank's, and a teacher's own); a row whose runs spanned several devices says how many."
+        )
     return text
 
 
@@ -333,8 +392,18 @@ def to_markdown(frame: pd.DataFrame, table: str) -> str:
     return f"{caption(table)}\n\n{display(frame).to_markdown(index=False, disable_numparse=True)}"
 
 
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -350,17 +419,27 @@ def to_latex(frame: pd.DataFrame, table: str) -> str:
 
 # ---- regenerate sekd/report/paper/paper_reference.csv ----------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     """python -m sekd.report.tables [--paper DIR] [--out sekd/report/paper/paper_reference.csv]"""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m sekd.report.tables", description="regenerate sekd/report/paper/paper_reference.csv")
-    ap.add_argument("--paper", type=Path, default=PAPER_DIR,
-                    help="folder holding the paper's paper_tables.csv and paper_efficiency.csv (default: %(default)s)")
+    ap = argparse.ArgumentParser(
+        prog="python -m sekd.report.tables", description="regenerate sekd/report/paper/paper_reference.csv"
+    )
+    ap.add_argument(
+        "--paper",
+        type=Path,
+        default=PAPER_DIR,
+        help="folder holding the paper's paper_tables.csv and paper_efficiency.csv (default: %(default)s)",
+    )
     ap.add_argument("--out", type=Path, default=REFERENCE)
     args = ap.parse_args(argv)
-    ref = build_reference(pd.read_csv(args.paper / "paper_tables.csv"),
-                          pd.read_csv(args.paper / "paper_efficiency.csv"), pd.read_csv(PAPER_ROWS))
+    ref = build_reference(
+        pd.read_csv(args.paper / "paper_tables.csv"),
+        pd.read_csv(args.paper / "paper_efficiency.csv"),
+        pd.read_csv(PAPER_ROWS),
+    )
     from sekd.core.files import atomic_write_text
 
     atomic_write_text(args.out, ref.to_csv(index=False))

@@ -14,6 +14,7 @@ draws on each call. A random one takes the positions' keys (`keys`, sekd/core/rn
 (r, c) draws from row r's per-sample key), so its draws do not depend on the chunk, the batch or the
 rank; without keys it draws from the generator (in chunk order).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -102,8 +103,9 @@ def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callab
 
 
 @class_sampler("rs_kd", RSKDOptions, random=True)
-def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None,
-          keys: PositionKeys | None = None) -> SparseTarget:
+def rs_kd(
+    t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]
     With `keys` (one per row of t), position n's N uniforms come from its row's per-sample key."""
     from sekd.selection.draws import rs_kd_draws, to_sparse
@@ -115,8 +117,9 @@ def rs_kd(t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=N
 
 
 @class_sampler("top_k_truncation", TruncationOptions, random=False)
-def top_k_truncation(t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None,
-                     keys: PositionKeys | None = None) -> SparseTarget:
+def top_k_truncation(
+    t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = upcast(t)
     vals, ids = (t / temperature).topk(min(top, t.shape[-1]), dim=-1)

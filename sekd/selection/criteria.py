@@ -16,6 +16,7 @@ No criterion multiplies by T^2: the objective does (l(t) = lam T^2 D + ...).
 The objective averages D over each sequence's selected positions, L_i = sum_t m_t w_t D_t / sum_t m_t;
 batch-level criteria return per-position values whose mean gives their formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,10 @@ class Criterion:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"criterion {self.name!r}: coupling={self.coupling!r}; allowed: {', '.join(COUPLINGS)}")
         if self.coupling == "batch" and self.prepare is None:
-            raise ValueError(f"criterion {self.name!r} is batch-level but declares no prepare step: a chunked "
-                             f"flow could only run it as one [N,V] chunk")
+            raise ValueError(
+                f"criterion {self.name!r} is batch-level but declares no prepare step: a chunked "
+                f"flow could only run it as one [N,V] chunk"
+            )
         if self.coupling != "batch" and (self.prepare is not None or self.needs):
             raise ValueError(f"criterion {self.name!r}: only a batch-level criterion has a prepare step and needs")
         unknown = set(self.needs) - set(NEEDS)
@@ -100,8 +103,9 @@ class Criterion:
             if "u" in self.needs and sel.u is None:
                 raise ValueError(f"criterion {self.name!r} needs a signal: it reads u(t)")
             return self.prepare(sel, **self.options)
-        return lambda s, t, sl: self(s, t, sel.y[sl], temperature=T, row=sel.row[sl],
-                                     u=sel.u[sl] if sel.u is not None else None)
+        return lambda s, t, sl: self(
+            s, t, sel.y[sl], temperature=T, row=sel.row[sl], u=sel.u[sl] if sel.u is not None else None
+        )
 
 
 def criterion(name: str, options: type = NoOptions, **declared: Any) -> Callable[[Callable], Criterion]:
@@ -131,16 +135,20 @@ def sparse_capable() -> list[str]:
 def sparse_divergence(crit: Criterion, source: str) -> Callable[..., Tensor]:
     """crit's D against a sparse class target from `source`; refused where it declares none."""
     if crit.sparse is None:
-        raise ValueError(f"criterion {crit.name!r} cannot use a sparse class target ({source}); "
-                         f"choose one of: {', '.join(sparse_capable())}")
+        raise ValueError(
+            f"criterion {crit.name!r} cannot use a sparse class target ({source}); "
+            f"choose one of: {', '.join(sparse_capable())}"
+        )
     return crit.sparse
 
 
 @torch.no_grad()
 def teacher_target_prob(sel: Selected) -> Tensor:
     """p_t(x_{t+1}) at temperature T at every selected position, from a no-grad teacher pass.  [N]"""
-    p = [_log_softmax(sel.teacher(sl), sel.temperature).gather(1, sel.y[sl].long().unsqueeze(-1)).squeeze(-1).exp()
-         for sl in sel.parts]
+    p = [
+        _log_softmax(sel.teacher(sl), sel.temperature).gather(1, sel.y[sl].long().unsqueeze(-1)).squeeze(-1).exp()
+        for sl in sel.parts
+    ]
     return torch.cat(p) if p else torch.zeros(0, device=sel.y.device)
 
 
@@ -277,8 +285,17 @@ class DKDOptions:
 
 
 @criterion("dkd", options=DKDOptions)
-def dkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
-        row=None, u=None) -> Tensor:
+def dkd(
+    s: Tensor,
+    t: Tensor,
+    y: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    row=None,
+    u=None,
+) -> Tensor:
     """D = alpha * TCKD + beta * NCKD (Zhao et al. 2022), at temperature T; the objective adds T^2."""
     return alpha * tckd(s, t, y, temperature) + beta * nckd(s, t, y, temperature)
 
@@ -320,8 +337,17 @@ def atkd_prepare(sel: Selected, *, hard_fraction: float, easy_weight: float) -> 
 
 
 @criterion("atkd", options=ATKDOptions, coupling="batch", needs=frozenset({"teacher"}), prepare=atkd_prepare)
-def atkd(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, hard_fraction: float = 0.5,
-         easy_weight: float = 0.2, row=None, u=None) -> Tensor:
+def atkd(
+    s: Tensor,
+    t: Tensor,
+    y: Tensor,
+    *,
+    temperature: float = 1.0,
+    hard_fraction: float = 0.5,
+    easy_weight: float = 0.2,
+    row=None,
+    u=None,
+) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
     D = easy_weight * NCKD (easy), (1 - easy_weight) * (TCKD + NCKD) (hard), so that
     mean_t D = (0.2 sum_easy NCKD + 0.8 sum_hard (TCKD + NCKD)) / P. The paper runs it at T = 1.
@@ -344,8 +370,10 @@ def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
     if not bool(torch.isfinite(w).all()):
         raise ValueError("criterion 'weighted': u(t) must be finite at the positions passed in")
     if bool((w < -1e-5 * max(1.0, float(w.abs().max()))).any()):
-        raise ValueError("criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
-                         "(or normalization=minmax, not zscore)")
+        raise ValueError(
+            "criterion 'weighted': w_t = u(t) must be >= 0; use a non-negative signal "
+            "(or normalization=minmax, not zscore)"
+        )
     w = w.clamp_min(0.0)
     n_rows = int(row.max().item()) + 1 if row.numel() else 0
     W = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)  # sum_t w_t      [rows]

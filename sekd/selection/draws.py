@@ -7,6 +7,7 @@ draws of a sample never depend on its batch, its position in the data, or the wo
 The generator is a CPU one whatever the teacher's device (sekd/core/rng.py): a CUDA build draws what a CPU
 build draws.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,12 @@ def sample_generator(sample_id: str, seed: int) -> torch.Generator:
 
 
 def rs_kd_draws(
-    t_logits: Tensor, n_draws: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-    u: Tensor | None = None, rows: Tensor | None = None,
+    t_logits: Tensor,
+    n_draws: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    u: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """N draws per row from softmax(z / T), reduced to distinct ids (ascending) and counts c_v; the
     uniforms come from `generator`, or are given (u [P,N], per-position keyed ones in training).

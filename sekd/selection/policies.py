@@ -15,6 +15,7 @@ row, so a row's draws do not depend on the other rows of its batch or on which r
 
 The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -118,8 +119,16 @@ def as_policy(fn: Callable[..., Draws]) -> PolicyPiece:
     return fn if isinstance(fn, PolicyPiece) else Policy(getattr(fn, "__name__", "policy"), fn)
 
 
-def call_policy(policy: PolicyPiece, u: Tensor, valid: Tensor, *, generator=None, step: int = 0,
-                keys: RowKeys | None = None, gather: Callable[[Tensor], Tensor] | None = None) -> Draws:
+def call_policy(
+    policy: PolicyPiece,
+    u: Tensor,
+    valid: Tensor,
+    *,
+    generator=None,
+    step: int = 0,
+    keys: RowKeys | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> Draws:
     """Call `policy` with the call-time keywords it declares it uses: `keys` if random, `gather` if stateful."""
     kw: dict[str, Any] = {"generator": generator, "step": step}
     if policy.random and keys is not None:
@@ -235,8 +244,9 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
 
 
 @policy("random", BudgetOptions, random=True)
-def random_positions(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0,
-                     keys: RowKeys | None = None) -> Draws:
+def random_positions(
+    u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0, keys: RowKeys | None = None
+) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement (row i: T uniforms of its key)."""
     B, T = valid.shape
     keys = row_keys(B, keys=keys, generator=generator, who="random policy")
@@ -295,10 +305,17 @@ class GLS:
     def push(self, scores: Tensor) -> None:
         """Append scores [N] (in position order) and keep the last Q."""
         q = torch.cat([self.queue, scores.detach().float().cpu().reshape(-1)])
-        self.queue = q[-self.Q:].clone()
+        self.queue = q[-self.Q :].clone()
 
-    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0,
-                 gather: Callable[[Tensor], Tensor] | None = None) -> Draws:
+    def __call__(
+        self,
+        u: Tensor,
+        valid: Tensor,
+        *,
+        generator=None,
+        step: int = 0,
+        gather: Callable[[Tensor], Tensor] | None = None,
+    ) -> Draws:
         """m_t = 1[u(t) >= tau] against earlier batches (top_k while the queue is empty); then enqueue the
         scores of the whole global micro-batch: `gather` concatenates every rank's row-major valid scores
         in rank order (identity in one process), so every rank pushes the same scores and keeps one queue."""
@@ -317,7 +334,7 @@ class GLS:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["Q"]) != self.Q:
             raise ValueError(f"gls checkpoint has Q={state['Q']}, this run Q={self.Q}")
-        self.queue = state["queue"].detach().float().cpu()[-self.Q:].clone()
+        self.queue = state["queue"].detach().float().cpu()[-self.Q :].clone()
 
 
 # ---- sampling policies (Pos RS-KD) ----------------------------------------------------------
@@ -379,8 +396,17 @@ def _pos_rs(u, valid, *, k, tau, coverage, keys: RowKeys, star: bool, who: str) 
 
 
 @policy("pos_rs", PosRSOptions, random=True)
-def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
-           generator=None, step: int = 0, keys: RowKeys | None = None) -> Draws:
+def pos_rs(
+    u: Tensor,
+    valid: Tensor,
+    *,
+    k: float,
+    tau: float = 1.0,
+    coverage: float = 0.0,
+    generator=None,
+    step: int = 0,
+    keys: RowKeys | None = None,
+) -> Draws:
     """Pos RS-KD: K = n_sel draws i.i.d. from q(t) = w(t) / sum_j w(j), w = u^(1/tau); weight 1 each.
 
     E[L_i] = sum_t w(t) l(t) / sum_t w(t): weighted KD (tau = 1: w = u). With `coverage` c, the
@@ -393,8 +419,17 @@ def pos_rs(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: fl
 
 
 @policy("pos_rs_star", PosRSOptions, random=True)
-def pos_rs_star(u: Tensor, valid: Tensor, *, k: float, tau: float = 1.0, coverage: float = 0.0,
-                generator=None, step: int = 0, keys: RowKeys | None = None) -> Draws:
+def pos_rs_star(
+    u: Tensor,
+    valid: Tensor,
+    *,
+    k: float,
+    tau: float = 1.0,
+    coverage: float = 0.0,
+    generator=None,
+    step: int = 0,
+    keys: RowKeys | None = None,
+) -> Draws:
     """Pos RS-KD*: pos_rs's draws, each weighted 1 / (n_valid q(t)); E[L_i] = mean_t l(t) (Full KD).
 
     Unbiased where q(t) > 0 on every valid position (u > 0; tau does not change the support). With

@@ -5,6 +5,7 @@ u(t) of docs/method.md §4; the floor(l * N) samples with the largest U_i are ke
 This module holds the pure rules (the registry, the budget, the ranking, U_i from logits); running the
 pre-pass over a model and storing U_i by sample content is sekd/stores/sample_importance.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,15 +79,16 @@ def random_samples(n: int, n_keep: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def mean_signal(sig_name: str, s_logits: Tensor, t_logits: Tensor | None, labels: Tensor, *,
-                temperature: float = 1.0) -> Tensor:
+def mean_signal(
+    sig_name: str, s_logits: Tensor, t_logits: Tensor | None, labels: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """U_i = (1 / n_i) sum_{t valid} u(t), float32, -inf where n_i = 0.  [B,T,V] -> [B]"""
     sig = SIGNALS.get(sig_name)
     valid = labels != IGNORE  # t < L_i                                          [B,T]
     rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions            [P]
     u = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)  # u(t), 0 where invalid  [B,T]
     for lo in range(0, rows.numel(), CHUNK):  # never a float32 [P,V] copy of the whole batch
-        r, c = rows[lo:lo + CHUNK], cols[lo:lo + CHUNK]
+        r, c = rows[lo : lo + CHUNK], cols[lo : lo + CHUNK]
         t = t_logits[r, c] if t_logits is not None else None
         u[r, c] = importance_terms(sig, s_logits[r, c], t, labels[r, c], temperature=temperature).sum(0)  # [p]
     total, n = u.sum(-1), valid.sum(-1)  # a row sum, not atomics: the same U_i on every run

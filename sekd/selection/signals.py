@@ -9,6 +9,7 @@ Entropies use the raw logits (T = 1); divergences and cross-entropies use the KD
 `ce_ratio_plus_student_entropy` adds H(q_t) / ln|V|, as the paper's runs computed it (docs/method.md §4);
 `ce_ratio_plus_student_entropy_unscaled` is the plain sum ce_ratio + H(q_t).
 """
+
 from __future__ import annotations
 
 import math

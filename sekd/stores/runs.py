@@ -10,6 +10,7 @@ One trained student is scored by as many eval configs as ask for it (Table 2 on 
 validation) without training it again; each scoring writes its own record. The folder names come
 from the run's identity, defined here too: its resolved config and the hashes of that config.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,25 @@ from sekd.core.artifacts import content_key
 from sekd.core.files import atomic_write_json, atomic_write_text, sweep_tmp
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
-UNHASHED = ("paths", "logging", "resources", "force", "stage", "hydra", "train.device", "train.threads",
-            "train.distributed", "train.fsdp", "train.profile_steps", "model.teacher_device", "train.log_every", "train.chunk_size",
-            "eval.batch_size", "eval.device", "label")
+UNHASHED = (
+    "paths",
+    "logging",
+    "resources",
+    "force",
+    "stage",
+    "hydra",
+    "train.device",
+    "train.threads",
+    "train.distributed",
+    "train.fsdp",
+    "train.profile_steps",
+    "model.teacher_device",
+    "train.log_every",
+    "train.chunk_size",
+    "eval.batch_size",
+    "eval.device",
+    "label",
+)
 # Keys the schema (sekd/config/schema.py) declares that some group's YAML leaves out (model.task: only the embedded
 # pair has one): null there means what the key's absence meant, so it is left out of the hash too, and the
 # schema moved no run folder.
@@ -71,6 +88,7 @@ def _env_as_text(cfg: DictConfig) -> DictConfig:
             if isinstance(raw, str) and "oc.env" in raw:
                 with open_dict(node), read_write(node):
                     node[key] = raw.replace("${", "\\${")
+
     walk(cfg)
     return cfg
 
@@ -249,8 +267,9 @@ def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = N
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

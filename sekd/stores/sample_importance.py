@@ -18,6 +18,7 @@ sharded: the missing samples are cut into the single process's batches, rank r s
 and every rank gathers all scores. Rank 0 alone holds the store's lock, reads it and writes it; the
 others get what it read. Each batch is the one a single process scores, so the stored file is the same.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,14 @@ from tqdm.auto import tqdm
 from sekd.core.artifacts import content_key, lock
 from sekd.data.packing import PackedData
 from sekd.core.files import atomic_write_json
-from sekd.selection.samples import SAMPLE_SELECTORS, SampleSelector, mean_signal, random_samples, sample_budget, top_samples
+from sekd.selection.samples import (
+    SAMPLE_SELECTORS,
+    SampleSelector,
+    mean_signal,
+    random_samples,
+    sample_budget,
+    top_samples,
+)
 
 STORE_FORMAT = 1  # bump when the store's layout or the meaning of U_i changes
 
@@ -106,22 +114,32 @@ class _Frozen:
 
 
 @torch.no_grad()
-def prepass(selector: SampleSelector, data: PackedData, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
-            batch_size: int = 16, device: str | torch.device = "cpu", vocab: int | None = None,
-            temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+def prepass(
+    selector: SampleSelector,
+    data: PackedData,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    vocab: int | None = None,
+    temperature: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
     run's: bf16 autocast on a GPU, so the [B,T,V] logits are half the bytes of fp32's and the forwards run
     at the run's speed, which Table 7 counts).  -> float32 [N]"""
     U = torch.empty(len(data), dtype=torch.float32)
     kind = torch.device(device).type
     with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
-        for lo in tqdm(range(0, len(data), batch_size), desc=f"score samples ({selector.name})", leave=False,
-                       unit="batch"):
-            x = data.input_ids[lo:lo + batch_size].to(device)  # [B,T]
-            y = data.labels[lo:lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
+        for lo in tqdm(
+            range(0, len(data), batch_size), desc=f"score samples ({selector.name})", leave=False, unit="batch"
+        ):
+            x = data.input_ids[lo : lo + batch_size].to(device)  # [B,T]
+            y = data.labels[lo : lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
             s = _logits(student, x, vocab)  # [B,T,V]
             t = _logits(teacher, x, vocab) if selector.needs_teacher else None  # [B,T,V]
-            U[lo:lo + batch_size] = mean_signal(selector.signal, s, t, y, temperature=temperature).cpu()
+            U[lo : lo + batch_size] = mean_signal(selector.signal, s, t, y, temperature=temperature).cpu()
     return U
 
 
@@ -131,17 +149,34 @@ def prepass(selector: SampleSelector, data: PackedData, student: torch.nn.Module
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def store_fields(selector: SampleSelector, *, student_sig: str, teacher_sig: str, tokenizer_sig: str,
-                 vocab: int | None, temperature: float, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def store_fields(
+    selector: SampleSelector,
+    *,
+    student_sig: str,
+    teacher_sig: str,
+    tokenizer_sig: str,
+    vocab: int | None,
+    temperature: float,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     """Everything U_i depends on besides the sample itself (hashed into the store key)."""
-    needed = {"student_sig": (selector.needs_student, student_sig), "teacher_sig": (selector.needs_teacher, teacher_sig),
-              "tokenizer_sig": (True, tokenizer_sig)}
+    needed = {
+        "student_sig": (selector.needs_student, student_sig),
+        "teacher_sig": (selector.needs_teacher, teacher_sig),
+        "tokenizer_sig": (True, tokenizer_sig),
+    }
     missing = [k for k, (used, v) in needed.items() if used and not v]
     if missing:  # an empty signature would let different models share one store
         raise ValueError(f"sample selector {selector.name!r} stores scores; give {', '.join(missing)}")
-    fields: dict[str, Any] = {"format": STORE_FORMAT, "sampler": selector.name, "signal": selector.signal,
-                              "student_sig": student_sig, "tokenizer_sig": tokenizer_sig, "vocab": vocab,
-                              "dtype": DTYPE_NAMES[dtype]}  # bf16 scores are not fp32 scores
+    fields: dict[str, Any] = {
+        "format": STORE_FORMAT,
+        "sampler": selector.name,
+        "signal": selector.signal,
+        "student_sig": student_sig,
+        "tokenizer_sig": tokenizer_sig,
+        "vocab": vocab,
+        "dtype": DTYPE_NAMES[dtype],
+    }  # bf16 scores are not fp32 scores
     if selector.needs_teacher:
         fields["teacher_sig"] = teacher_sig
     if selector.uses_temperature:
@@ -173,9 +208,17 @@ def save_importance(path: Path, fields: dict[str, Any], scores: dict[str, float]
 # ---- selection ---------------------------------------------------------------------------------
 
 
-def sample_importance(selector: SampleSelector, data: PackedData, *, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                  fields: dict[str, Any] | None, store_dir: Path | None, dist: Ranks | None = None,
-                  **run: Any) -> SampleSelection:
+def sample_importance(
+    selector: SampleSelector,
+    data: PackedData,
+    *,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    fields: dict[str, Any] | None,
+    store_dir: Path | None,
+    dist: Ranks | None = None,
+    **run: Any,
+) -> SampleSelection:
     """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
     dist = dist or OneProcess()
     if store_dir is None:
@@ -206,13 +249,21 @@ def sample_importance(selector: SampleSelector, data: PackedData, *, student: to
 def shard_batches(missing: list[int], batch_size: int, rank: int, world_size: int) -> list[int]:
     """The samples rank `rank` scores: batches r::world of the single process's batches of `missing`,
     so each batch (and its U_i, to the bit) is the one a single process computes."""
-    batches = [missing[a:a + batch_size] for a in range(0, len(missing), batch_size)]
+    batches = [missing[a : a + batch_size] for a in range(0, len(missing), batch_size)]
     return [i for b in batches[rank::world_size] for i in b]
 
 
-def _score_missing(selector: SampleSelector, data: PackedData, missing: list[int], stored: dict[str, float],
-                   student: torch.nn.Module, teacher: torch.nn.Module | None, *, dist: Ranks,
-                   **run: Any) -> SampleSelection:
+def _score_missing(
+    selector: SampleSelector,
+    data: PackedData,
+    missing: list[int],
+    stored: dict[str, float],
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    *,
+    dist: Ranks,
+    **run: Any,
+) -> SampleSelection:
     """Runs the pre-pass over `missing` only (this rank's share), gathers every rank's scores into
     `stored`, returns U for all of `data`."""
     seconds = 0.0
@@ -225,9 +276,17 @@ def _score_missing(selector: SampleSelector, data: PackedData, missing: list[int
             stored.update({data.sample_ids[i]: u for i, u in part})
     U = torch.tensor([stored[sid] for sid in data.sample_ids], dtype=torch.float32)
     tokens = len(missing) * data.seq_len
-    return SampleSelection([], U, seconds, reused=not missing, n_scored=len(missing),
-                           forward_tokens={"student": tokens if selector.needs_student else 0,
-                                           "teacher": tokens if selector.needs_teacher else 0})
+    return SampleSelection(
+        [],
+        U,
+        seconds,
+        reused=not missing,
+        n_scored=len(missing),
+        forward_tokens={
+            "student": tokens if selector.needs_student else 0,
+            "teacher": tokens if selector.needs_teacher else 0,
+        },
+    )
 
 
 def select_samples(
@@ -256,15 +315,36 @@ def select_samples(
     if selector.signal is None or n_keep == n:  # nothing to rank: no pre-pass, no cost
         keep = random_samples(n, n_keep, seed) if selector.random else list(range(n))
         return SampleSelection(keep)
-    for role, model, needed in (("student", student, selector.needs_student), ("teacher", teacher, selector.needs_teacher)):
+    for role, model, needed in (
+        ("student", student, selector.needs_student),
+        ("teacher", teacher, selector.needs_teacher),
+    ):
         if needed and model is None:
             raise ValueError(f"sample selector {name!r} needs the {role} for its pre-pass")
     fields = None
     if store_dir is not None:
-        fields = store_fields(selector, student_sig=student_sig, teacher_sig=teacher_sig, tokenizer_sig=tokenizer_sig,
-                              vocab=vocab, temperature=temperature, dtype=dtype)
-    sel = sample_importance(selector, data, student=student, teacher=teacher, fields=fields, store_dir=store_dir,
-                        batch_size=batch_size, device=device, vocab=vocab, temperature=temperature, dtype=dtype,
-                        dist=dist)
+        fields = store_fields(
+            selector,
+            student_sig=student_sig,
+            teacher_sig=teacher_sig,
+            tokenizer_sig=tokenizer_sig,
+            vocab=vocab,
+            temperature=temperature,
+            dtype=dtype,
+        )
+    sel = sample_importance(
+        selector,
+        data,
+        student=student,
+        teacher=teacher,
+        fields=fields,
+        store_dir=store_dir,
+        batch_size=batch_size,
+        device=device,
+        vocab=vocab,
+        temperature=temperature,
+        dtype=dtype,
+        dist=dist,
+    )
     sel.indices = top_samples(sel.importance, n_keep)
     return sel

@@ -26,6 +26,7 @@ all-reduce is then skipped. A stand-in rank still runs its backward (at zero wei
 rank must join every reduce-scatter. The weights and optimizer state are saved by every rank into a
 torch.distributed.checkpoint folder that checkpoint.pt names.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,15 @@ from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import Selector, selective_kd_loss
 from sekd.config.schema import TrainConfig
 from sekd.selection.classes import SparseTarget
-from sekd.distributed.fsdp import (full_state_dict, full_value, load_sharded, remove_sharded, save_sharded, shard_student,
-                           shard_teacher)
+from sekd.distributed.fsdp import (
+    full_state_dict,
+    full_value,
+    load_sharded,
+    remove_sharded,
+    save_sharded,
+    shard_student,
+    shard_teacher,
+)
 
 
 @dataclass
@@ -100,12 +108,11 @@ def rank_share(idx: list[int], rank: int, world_size: int) -> list[int]:
     one is split as evenly as it goes (sizes differ by at most one), in rank order."""
     base, extra = divmod(len(idx), world_size)
     start = rank * base + min(rank, extra)
-    share = idx[start: start + base + (rank < extra)]
+    share = idx[start : start + base + (rank < extra)]
     return share if share else StandIn(idx[:1])
 
 
-def micro_batches(data, mb: int, seed: int, prog: Progress, rank: int = 0, world_size: int = 1
-                  ) -> Iterator[list[int]]:
+def micro_batches(data, mb: int, seed: int, prog: Progress, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
     """Seeded epochs of micro-batches, from the saved position on; advances `prog` as it goes. With
     several ranks: global micro-batches of world_size x mb, of which each rank yields its share."""
     from sekd.data.dataset import batches
@@ -127,10 +134,13 @@ def total_steps(n_samples: int, t: TrainConfig, world_size: int = 1) -> int:
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     """Every RNG state as tensors and plain data, which torch.load(weights_only=True) reads back."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-            "selection": gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "selection": gen.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
@@ -157,15 +167,19 @@ def load_checkpoint(path, sharded: bool | None = None) -> dict[str, Any]:
     code on resume. A truncated, foreign or unsafe file is refused in one line, and so is one of the other
     form than `sharded` asks for (fsdp's names a torch.distributed.checkpoint folder). Loaded on the CPU: RNG
     states must be CPU tensors, and load_state_dict moves weights and optimizer state to their device."""
+
     def refuse(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); delete it, or rerun with "
-                               "force=true to train this run from scratch")
+        return CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({why}); delete it, or rerun with "
+            "force=true to train this run from scratch"
+        )
 
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's own message suggests loading it anyway: not here
-        raise refuse("UnpicklingError: it holds objects other than tensors and plain data, and loading them "
-                     "could run code") from None
+        raise refuse(
+            "UnpicklingError: it holds objects other than tensors and plain data, and loading them could run code"
+        ) from None
     except Exception as err:  # RuntimeError (a truncated zip), EOFError, OSError, ...
         first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]  # its first sentence
         raise refuse(f"{type(err).__name__}: {first}") from None
@@ -192,13 +206,21 @@ class StudentLoss(torch.nn.Module):
         super().__init__()
         self.model, self.sel, self.V, self.chunk_size, self.flow = model, sel, vocab, chunk_size, flow
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_out: torch.Tensor | None, head_t,
-                opts: dict[str, Any]):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_out: torch.Tensor | None, head_t, opts: dict[str, Any]):
         if self.flow == "chunked":  # bodies only; the heads run in chunks, at the positions that need them
             h_s = self.model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # [B,T,d_s]
             teacher_out = arrived(teacher_out, h_s.device)  # a placed teacher's, queued after the student's body
-            out = chunked_kd_loss(h_s, self.model.get_output_embeddings(), teacher_out, head_t, y, self.sel,
-                                  vocab=self.V, chunk_size=self.chunk_size, **opts)
+            out = chunked_kd_loss(
+                h_s,
+                self.model.get_output_embeddings(),
+                teacher_out,
+                head_t,
+                y,
+                self.sel,
+                vocab=self.V,
+                chunk_size=self.chunk_size,
+                **opts,
+            )
         else:  # the reference: full [B,T,V] logits
             s_logits = self.model(input_ids=x).logits[..., : self.V]  # [B,T,V]
             teacher_out = arrived(teacher_out, s_logits.device)
@@ -234,9 +256,17 @@ class OnPolicy:
         in one batched loop (half the forwards of two)."""
         from sekd.kd.on_policy import rollout_answers
 
-        return rollout_answers(student, self.prompts(idx), pad_id=self.pad_id, eos_id=self.eos_id,
-                               temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                               keys=keys, seq_len=self.seq_len)
+        return rollout_answers(
+            student,
+            self.prompts(idx),
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            keys=keys,
+            seq_len=self.seq_len,
+        )
 
     def batch(self, idx: list[int], answers: list[torch.Tensor]):
         """The training rows of samples `idx` and their answers. With seq_len every batch has the data rows'
@@ -248,9 +278,25 @@ class OnPolicy:
 
 
 class Trainer:
-    def __init__(self, *, student, teacher, data, selector: Selector, train_cfg: TrainConfig, vocab: int, seed: int,
-                 run, tracker, device: torch.device, dtype: torch.dtype, trace=None, cache=None,
-                 on_policy: OnPolicy | None = None, dist: Dist | None = None):
+    def __init__(
+        self,
+        *,
+        student,
+        teacher,
+        data,
+        selector: Selector,
+        train_cfg: TrainConfig,
+        vocab: int,
+        seed: int,
+        run,
+        tracker,
+        device: torch.device,
+        dtype: torch.dtype,
+        trace=None,
+        cache=None,
+        on_policy: OnPolicy | None = None,
+        dist: Dist | None = None,
+    ):
         self.dist = dist or Dist.single(device)
         self.student, self.teacher, self.data, self.sel = student, teacher, data, selector
         self.on_policy = on_policy
@@ -292,10 +338,17 @@ class Trainer:
         if not self.sharded:
             weights = {"student": self.student.state_dict(), "optimizer": self.opt.state_dict()}
         extra = {"rng_ranks": rngs} if self.dist.active else {}
-        atomic_torch_save(self.run.checkpoint, {
-            **weights, "schedule": self.sched.state_dict(), "progress": asdict(self.prog), "rng": rngs[0],
-            "selector": self.sel.state_dict(), **extra,
-        })
+        atomic_torch_save(
+            self.run.checkpoint,
+            {
+                **weights,
+                "schedule": self.sched.state_dict(),
+                "progress": asdict(self.prog),
+                "rng": rngs[0],
+                "selector": self.sel.state_dict(),
+                **extra,
+            },
+        )
         if self.sharded:
             remove_sharded(self.run.path, keep=weights["sharded"])
 
@@ -338,8 +391,9 @@ class Trainer:
             return None
         flat = [i for idx in micro_idx for i in idx]
         with self.autocast():
-            answers = self.on_policy.answers(self.student, flat, step_keys(len(flat), generator=self.gen,
-                                                                           step=self.prog.step, rows=flat))
+            answers = self.on_policy.answers(
+                self.student, flat, step_keys(len(flat), generator=self.gen, step=self.prog.step, rows=flat)
+            )
         ends = torch.tensor([len(idx) for idx in micro_idx]).cumsum(0).tolist()
         return [answers[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
@@ -359,10 +413,16 @@ class Trainer:
         cached = None
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
             cached = SparseTarget(*self.cache.targets(samples, y.cpu())).to(self.device)
-        opts = dict(lam=self.t.lam, temperature=self.t.temperature, normalization=self.t.normalization,
-                    generator=self.gen, step=self.prog.step, cached=cached,
-                    rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
-                    gather=self.gather(stand_in=isinstance(idx, StandIn)))  # GLS: one global queue
+        opts = dict(
+            lam=self.t.lam,
+            temperature=self.t.temperature,
+            normalization=self.t.normalization,
+            generator=self.gen,
+            step=self.prog.step,
+            cached=cached,
+            rows=idx,  # global sample indices: a row's draws do not depend on its rank or micro-batch
+            gather=self.gather(stand_in=isinstance(idx, StandIn)),
+        )  # GLS: one global queue
         stand_in = isinstance(idx, StandIn)
         # a stand-in keeps no autograd graph: it has no backward, except under fsdp (every rank must join
         # each reduce-scatter, so it runs one at zero weight)
@@ -418,8 +478,16 @@ class Trainer:
             if self.buckets is not None and i == len(micro_idx) - 1:  # reduce each bucket as soon as it is done
                 self.buckets.arm()
             out.loss_sum.backward()
-            tally[:5] += torch.tensor([float(out.loss_sum.detach()), out.weight, out.metrics["positions_selected"],
-                                       out.metrics["positions_valid"], x.numel()], dtype=torch.float64)
+            tally[:5] += torch.tensor(
+                [
+                    float(out.loss_sum.detach()),
+                    out.weight,
+                    out.metrics["positions_selected"],
+                    out.metrics["positions_valid"],
+                    x.numel(),
+                ],
+                dtype=torch.float64,
+            )
         if self.buckets is not None:  # every rank's gradients (fsdp reduce-scattered them in each backward),
             self.buckets.finish()  # before the counts: the same collectives in the same order on every rank
         if self.dist.active:  # every rank's counts
@@ -443,8 +511,11 @@ class Trainer:
         """One optimizer step over one effective batch; returns its loss, grad norm (a tensor: reading it
         waits for the device, so only logged steps do) and position counts."""
         loss, sel_pos, valid_pos = self.accumulate(stream)
-        gnorm = (full_value(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm))
-                 if self.t.max_grad_norm else torch.tensor(float("nan")))  # full_value: the norm over every shard
+        gnorm = (
+            full_value(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.t.max_grad_norm))
+            if self.t.max_grad_norm
+            else torch.tensor(float("nan"))
+        )  # full_value: the norm over every shard
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -453,9 +524,16 @@ class Trainer:
         return loss, gnorm, sel_pos, valid_pos
 
     def log(self, loss: float, gnorm: torch.Tensor, sel_pos: float, valid_pos: float, sec_per_step: float) -> None:
-        row = {"step": self.prog.step, "loss": loss, "grad_norm": float(gnorm), "lr": self.sched.get_last_lr()[0],
-               "sel_frac": sel_pos / max(valid_pos, 1), "tokens_seen": self.prog.tokens_seen,
-               "tokens_supervised": self.prog.tokens_supervised, "sec_per_step": sec_per_step}
+        row = {
+            "step": self.prog.step,
+            "loss": loss,
+            "grad_norm": float(gnorm),
+            "lr": self.sched.get_last_lr()[0],
+            "sel_frac": sel_pos / max(valid_pos, 1),
+            "tokens_seen": self.prog.tokens_seen,
+            "tokens_supervised": self.prog.tokens_supervised,
+            "sec_per_step": sec_per_step,
+        }
         if not self.dist.is_main:
             return
         self.run.log_metrics(row)
@@ -463,11 +541,13 @@ class Trainer:
 
     def fit(self) -> Progress:
         resumed = self.resume()
-        stream = micro_batches(self.data, self.t.micro_batch_size, self.seed, self.prog, self.dist.rank,
-                               self.dist.world_size)
+        stream = micro_batches(
+            self.data, self.t.micro_batch_size, self.seed, self.prog, self.dist.rank, self.dist.world_size
+        )
         self.student.train()
-        bar = tqdm(total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True,
-                   disable=not self.dist.is_main)
+        bar = tqdm(
+            total=self.steps, initial=self.prog.step, desc="distill", dynamic_ncols=True, disable=not self.dist.is_main
+        )
         if resumed:
             bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
         t_last = time.time()
@@ -533,9 +613,14 @@ class StepProfiler:
 def selection_trace_row(step: int, sample: str, labels_row, u_row, draws, b: int) -> dict[str, Any]:
     valid = (labels_row != -100).nonzero().flatten().tolist()
     k = draws.mask[b]
-    return {"step": step, "sample": sample, "valid": valid,
-            "scores": [float(u_row[t]) for t in valid] if u_row is not None else [0.0] * len(valid),
-            "selected": draws.index[b][k].tolist(), "weights": [float(w) for w in draws.weight[b][k]]}
+    return {
+        "step": step,
+        "sample": sample,
+        "valid": valid,
+        "scores": [float(u_row[t]) for t in valid] if u_row is not None else [0.0] * len(valid),
+        "selected": draws.index[b][k].tolist(),
+        "weights": [float(w) for w in draws.weight[b][k]],
+    }
 
 
 class SelectionTrace:
@@ -545,8 +630,10 @@ class SelectionTrace:
         self.path, self.steps = path, steps
 
     def rows(self, step: int, samples: list[str], labels, out) -> list[dict[str, Any]]:
-        return [selection_trace_row(step, sample, labels[b], out.u[b] if out.u is not None else None, out.draws, b)
-                for b, sample in enumerate(samples)]
+        return [
+            selection_trace_row(step, sample, labels[b], out.u[b] if out.u is not None else None, out.draws, b)
+            for b, sample in enumerate(samples)
+        ]
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         with open(self.path, "a") as f:

@@ -1,5 +1,6 @@
 """analysis/miniature.py on synthetic records (tests/test_report_tables.record): the distillation-length and
 pretrained-pair tables, the Full KD loss curve from metrics.jsonl, the PNGs and CSVs its CLI writes."""
+
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import miniature
-from sekd.app.checks import resolved
+from sekd.stores.runs import resolved
 from tests.helpers import compose_cfg
 from tests.test_report_tables import deep_update, record
 
@@ -22,14 +23,17 @@ def configs():
 
 
 def write(configs, root, preset, steps, acc, *, student_steps=300, seed=1337):
-    cfg = deep_update(copy.deepcopy(configs[preset]), {"train": {"steps": steps},
-                                                       "model": {"embedded": {"student": {"steps": student_steps}}}})
+    cfg = deep_update(
+        copy.deepcopy(configs[preset]),
+        {"train": {"steps": steps}, "model": {"embedded": {"student": {"steps": student_steps}}}},
+    )
     rec = record(cfg, preset, seed, (acc, 1000.0 / acc, 50.0), root)
     if preset != "student":  # record() writes 20 steps: the run's own count is what the tables read
         path = root / "runs" / rec["run_dir"].rsplit("/", 1)[1] / "record.json"
         path.write_text(json.dumps({**rec, "steps": steps}))
         (path.parent / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(5, steps + 1, 5)))
+            "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(5, steps + 1, 5))
+        )
 
 
 def test_tables_curves_and_files(configs, tmp_path):
@@ -43,7 +47,10 @@ def test_tables_curves_and_files(configs, tmp_path):
     steps = miniature.steps_table(df)
     assert steps["preset"].tolist() == ["student", *["full_kd"] * 3, *["se_kd"] * 3]
     assert steps.loc[steps["preset"].eq("full_kd"), ["train_steps", "acc_mean"]].values.tolist() == [
-        [25, 15.0], [100, 17.0], [300, 19.0]]
+        [25, 15.0],
+        [100, 17.0],
+        [300, 19.0],
+    ]
     sizes = miniature.sizes_table(df)
     assert sizes.loc[sizes["preset"].eq("full_kd"), "student_steps"].tolist() == [300, 1200]
     curves = miniature.loss_curves(df)
@@ -84,7 +91,7 @@ def test_spearman_against_the_paper_is_per_seed(tmp_path):
             record(cfg, preset, 1339, (acc - 60, 10.0, 5.0), root)
     r = miniature.spearman_vs_paper(miniature.runs([root]), "T2")
     assert (r["seeds"], r["rows"]) == (2, len(rows))
-    assert r["mean"] == pytest.approx(0.0) and r["std"] == pytest.approx(2 ** 0.5)
+    assert r["mean"] == pytest.approx(0.0) and r["std"] == pytest.approx(2**0.5)
 
 
 def test_pretraining_curves_mark_the_kept_step(configs, tmp_path):
@@ -93,8 +100,9 @@ def test_pretraining_curves_mark_the_kept_step(configs, tmp_path):
         folder = cache / "embedded" / f"model-{role}-abc"
         folder.mkdir(parents=True)
         (folder / "inputs.json").write_text(json.dumps({"role": role, "spec": {"steps": 150, "hidden_size": 64}}))
-        (folder / "pretrain_curve.json").write_text(json.dumps(
-            [{"step": 50 * (i + 1), "train_loss": v - 0.5, "val_loss": v} for i, v in enumerate(vals)]))
+        (folder / "pretrain_curve.json").write_text(
+            json.dumps([{"step": 50 * (i + 1), "train_loss": v - 0.5, "val_loss": v} for i, v in enumerate(vals)])
+        )
     curves = miniature.pretrain_curves(cache)
     assert curves.groupby("role")["kept"].first().to_dict() == {"student": 150, "teacher": 100}
     root = tmp_path / "m"

@@ -1,5 +1,6 @@
 """analysis/*.ipynb: each notebook runs headless (nbclient, the venv's python3 kernel) against synthetic
 record.json files / CSVs in tmp_path and saves valid PNGs; with no sweep or no data it says so instead of failing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,11 +54,16 @@ def python3_kernel():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PREFER_ENV_PATH", "1")  # this environment's kernelspecs before the user's
         if resolved() != me:
-            subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+                check=True,
+                capture_output=True,
+            )
         if resolved() != me:
-            pytest.fail(f"kernelspec 'python3' starts {resolved()}, not {me} "
-                        f"(spec: {KernelSpecManager().find_kernel_specs().get('python3')})")
+            pytest.fail(
+                f"kernelspec 'python3' starts {resolved()}, not {me} "
+                f"(spec: {KernelSpecManager().find_kernel_specs().get('python3')})"
+            )
         yield "python3"
 
 
@@ -66,8 +72,9 @@ def execute(name: str, kernel: str, env: dict[str, str], monkeypatch: pytest.Mon
     for k, v in {"MPLBACKEND": "Agg", "PYDEVD_DISABLE_FILE_VALIDATION": "1", **env}.items():
         monkeypatch.setenv(k, v)  # the kernel inherits this process's environment
     nb = nbformat.read(ANALYSIS / f"{name}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=TIMEOUT, kernel_name=kernel,
-                                     resources={"metadata": {"path": str(ANALYSIS)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=TIMEOUT, kernel_name=kernel, resources={"metadata": {"path": str(ANALYSIS)}}
+    )
     client.execute()
     out = []
     for cell in nb.cells:
@@ -88,29 +95,77 @@ def assert_png(path: Path) -> None:
 SEEDS = (1337, 1338)
 
 
-def record(preset: str, label: str, seed: int, *, mode: str = "distill", k: float = 1.0, l: float = 1.0,
-           acc: float = 60.0, wall: float = 100.0, teacher_tokens: int | None = 1000, cache_bytes: int = 0,
-           split: str = "test") -> dict:
+def record(
+    preset: str,
+    label: str,
+    seed: int,
+    *,
+    mode: str = "distill",
+    k: float = 1.0,
+    l: float = 1.0,
+    acc: float = 60.0,
+    wall: float = 100.0,
+    teacher_tokens: int | None = 1000,
+    cache_bytes: int = 0,
+    split: str = "test",
+) -> dict:
     """A record.json as sekd/app/record.py writes it (the fields the analysis reads, and the usual others)."""
     h = hashlib.sha256(repr((preset, seed, k, l, split)).encode()).hexdigest()[:12]
-    costs = {} if mode != "distill" else {
-        "teacher_loaded": teacher_tokens > 0, "prepass_seconds": 0.0, "prepass_reused": False,
-        "prepass_forward_tokens": {}, "cache_build_seconds": 0.0, "cache": None,
-        "cache_bytes_read": cache_bytes, "teacher_forward_tokens": teacher_tokens}
+    costs = (
+        {}
+        if mode != "distill"
+        else {
+            "teacher_loaded": teacher_tokens > 0,
+            "prepass_seconds": 0.0,
+            "prepass_reused": False,
+            "prepass_forward_tokens": {},
+            "cache_build_seconds": 0.0,
+            "cache": None,
+            "cache_bytes_read": cache_bytes,
+            "teacher_forward_tokens": teacher_tokens,
+        }
+    )
     return {
-        "preset": preset, "label": label, "mode": mode, "seed": seed, "config_hash": h,
-        "run_dir": f"outputs/x/runs/{preset}-s{seed}-{h}", "model": "m",
+        "preset": preset,
+        "label": label,
+        "mode": mode,
+        "seed": seed,
+        "config_hash": h,
+        "run_dir": f"outputs/x/runs/{preset}-s{seed}-{h}",
+        "model": "m",
         "metrics": {"acc": acc, "ppl": 10.0, "ece": 20.0, "sekd_choice_test/acc": acc / 100},
-        "tokens_seen": 4096, "tokens_supervised": int(4096 * k), "steps": 10, "train_time_s": wall - 5,
-        "costs": costs, "train_samples": 100, "available_samples": 100, "wall_time_s": wall,
-        "peak_memory_mb": 800.0, "git_commit": "0" * 40, "overrides": [f"experiment={preset}", f"seed={seed}"],
-        "config": {"preset": preset, "label": label, "mode": mode, "seed": seed,
-                   "position": {"k": k, "policy": "top_k" if k < 1 else "all", "signal": None, "normalization": "sum",
-                                "options": {}},
-                   "samples": {"l": l, "name": "all" if l == 1 else "top_student_entropy", "batch_size": 16},
-                   "classes": {"name": "all", "cache": None, "options": {}}, "train": {"flow": "chunked"},
-                   "model": {"name": "embedded"}, "eval": {"suite": "embedded", "split": split, "limit": None}},
-        "slurm_job_id": None, "slurm_array_task_id": None, "host": "test",
+        "tokens_seen": 4096,
+        "tokens_supervised": int(4096 * k),
+        "steps": 10,
+        "train_time_s": wall - 5,
+        "costs": costs,
+        "train_samples": 100,
+        "available_samples": 100,
+        "wall_time_s": wall,
+        "peak_memory_mb": 800.0,
+        "git_commit": "0" * 40,
+        "overrides": [f"experiment={preset}", f"seed={seed}"],
+        "config": {
+            "preset": preset,
+            "label": label,
+            "mode": mode,
+            "seed": seed,
+            "position": {
+                "k": k,
+                "policy": "top_k" if k < 1 else "all",
+                "signal": None,
+                "normalization": "sum",
+                "options": {},
+            },
+            "samples": {"l": l, "name": "all" if l == 1 else "top_student_entropy", "batch_size": 16},
+            "classes": {"name": "all", "cache": None, "options": {}},
+            "train": {"flow": "chunked"},
+            "model": {"name": "embedded"},
+            "eval": {"suite": "embedded", "split": split, "limit": None},
+        },
+        "slurm_job_id": None,
+        "slurm_array_task_id": None,
+        "host": "test",
         "finished_at": f"2026-01-01T00:00:{seed % 60:02d}+0000",
     }
 
@@ -124,21 +179,70 @@ def write(root: Path, rec: dict) -> None:
 def write_grid(root: Path, sweeps: bool = True, split: str = "test") -> Path:
     """Student, teacher, Full KD; with `sweeps`, SE-KD and RandomPos over k and SE-KD3X over l."""
     for s, seed in enumerate(SEEDS):
-        write(root, record("student", "Student (no distillation)", seed, mode="score_student", acc=50.0,
-                           wall=5, teacher_tokens=None, split=split))
-        write(root, record("teacher", "Teacher", seed, mode="score_teacher", acc=70.0, wall=6, teacher_tokens=None,
-                           split=split))
+        write(
+            root,
+            record(
+                "student",
+                "Student (no distillation)",
+                seed,
+                mode="score_student",
+                acc=50.0,
+                wall=5,
+                teacher_tokens=None,
+                split=split,
+            ),
+        )
+        write(
+            root,
+            record(
+                "teacher", "Teacher", seed, mode="score_teacher", acc=70.0, wall=6, teacher_tokens=None, split=split
+            ),
+        )
         write(root, record("full_kd", "Full KD", seed, acc=62.0 + s, wall=200, teacher_tokens=10_000, split=split))
         ks = (0.05, 0.1, 0.2, 0.5) if sweeps else (0.2,)
         for k in ks:
-            write(root, record("se_kd", "SE-KD", seed, k=k, acc=60 + 4 * k + s, wall=150 + 50 * k,
-                               teacher_tokens=10_000, split=split))
-            write(root, record("random_pos", "RandomPos", seed, k=k, acc=55 + 8 * k + s, wall=140 + 50 * k,
-                               teacher_tokens=10_000, split=split))
+            write(
+                root,
+                record(
+                    "se_kd",
+                    "SE-KD",
+                    seed,
+                    k=k,
+                    acc=60 + 4 * k + s,
+                    wall=150 + 50 * k,
+                    teacher_tokens=10_000,
+                    split=split,
+                ),
+            )
+            write(
+                root,
+                record(
+                    "random_pos",
+                    "RandomPos",
+                    seed,
+                    k=k,
+                    acc=55 + 8 * k + s,
+                    wall=140 + 50 * k,
+                    teacher_tokens=10_000,
+                    split=split,
+                ),
+            )
         for l in (0.1, 0.2, 0.5) if sweeps else (0.2,):
-            write(root, record("se_kd3x", "SE-KD3X", seed, k=0.2, l=l, acc=58 + 6 * l + s, wall=40 + 100 * l,
-                               teacher_tokens=int(10_000 * l) if s == 0 else 0, cache_bytes=int(1e6 * l),
-                               split=split))
+            write(
+                root,
+                record(
+                    "se_kd3x",
+                    "SE-KD3X",
+                    seed,
+                    k=0.2,
+                    l=l,
+                    acc=58 + 6 * l + s,
+                    wall=40 + 100 * l,
+                    teacher_tokens=int(10_000 * l) if s == 0 else 0,
+                    cache_bytes=int(1e6 * l),
+                    split=split,
+                ),
+            )
     return root
 
 
@@ -154,8 +258,9 @@ def test_budget_curves_notebook(tmp_path, python3_kernel, monkeypatch):
 
 def test_budget_curves_notebook_without_sweeps_says_so(tmp_path, python3_kernel, monkeypatch):
     results, figs = write_grid(tmp_path / "results", sweeps=False), tmp_path / "figs"
-    out = execute("budget_curves", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)},
-                  monkeypatch)
+    out = execute(
+        "budget_curves", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)}, monkeypatch
+    )
     text = "\n".join(out)
     assert "no method was run at two or more values of k" in text and "values of l" in text
     assert not (figs / "k_budget.png").exists() and not (figs / "l_budget.png").exists()
@@ -167,8 +272,9 @@ def test_budget_curves_notebook_keeps_to_one_setting(tmp_path, python3_kernel, m
     results = write_grid(tmp_path / "results", sweeps=False, split="test")
     write_grid(results, sweeps=True, split="validation")
     figs = tmp_path / "figs"
-    out = execute("budget_curves", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)},
-                  monkeypatch)
+    out = execute(
+        "budget_curves", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)}, monkeypatch
+    )
     assert "(setting: embedded embedded/validation)" in "\n".join(out)
     assert_png(figs / "k_budget.png")
 
@@ -190,11 +296,20 @@ def test_pareto_notebook_plots_throughput_per_device_when_world_sizes_differ(tmp
         rec = json.loads(path.read_text())
         if rec["mode"] == "distill":
             world = 2 if rec["preset"] == "se_kd" else 1
-            rec.update(throughput({"tokens_seen": rec["tokens_seen"], "train_time_s": rec["train_time_s"],
-                                   "world_size": world, "devices": {"student": "cpu", "teacher": "cpu"}}))
+            rec.update(
+                throughput(
+                    {
+                        "tokens_seen": rec["tokens_seen"],
+                        "train_time_s": rec["train_time_s"],
+                        "world_size": world,
+                        "devices": {"student": "cpu", "teacher": "cpu"},
+                    }
+                )
+            )
             path.write_text(json.dumps(rec, indent=2))
-    out = "\n".join(execute("pareto", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)},
-                            monkeypatch))
+    out = "\n".join(
+        execute("pareto", python3_kernel, {"SEKD_RESULTS": str(results), "SEKD_FIGURES": str(figs)}, monkeypatch)
+    )
     assert "runs on [1, 2] devices: tokens_per_s_device (more is better) instead of train_wall_s" in out
     for cost in ("tokens_per_s_device", "teacher_forward_tokens", "cache_bytes_read"):
         assert_png(figs / f"pareto_{cost}.png")
@@ -219,14 +334,26 @@ def test_relative_sekd_paths_are_taken_from_where_the_command_ran(tmp_path, pyth
     """`cd somewhere && SEKD_RESULTS=results SEKD_FIGURES=figs jupyter ...`: the kernel starts in analysis/, the
     paths still mean somewhere/results and somewhere/figs."""
     write_grid(tmp_path / "results")
-    script = ("import nbclient, nbformat; "
-              f"nb = nbformat.read({str(ANALYSIS / 'pareto.ipynb')!r}, as_version=4); "
-              f"nbclient.NotebookClient(nb, timeout={TIMEOUT}, kernel_name={python3_kernel!r}, "
-              f"resources={{'metadata': {{'path': {str(ANALYSIS)!r}}}}}).execute()")
+    script = (
+        "import nbclient, nbformat; "
+        f"nb = nbformat.read({str(ANALYSIS / 'pareto.ipynb')!r}, as_version=4); "
+        f"nbclient.NotebookClient(nb, timeout={TIMEOUT}, kernel_name={python3_kernel!r}, "
+        f"resources={{'metadata': {{'path': {str(ANALYSIS)!r}}}}}).execute()"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEKD_")}
-    res = subprocess.run(["bash", "-c", f'cd "{tmp_path}" && SEKD_RESULTS=results SEKD_FIGURES=figs '
-                          f'MPLBACKEND=Agg JUPYTER_PREFER_ENV_PATH=1 "{sys.executable}" -c "$0"', script],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'cd "{tmp_path}" && SEKD_RESULTS=results SEKD_FIGURES=figs '
+            f'MPLBACKEND=Agg JUPYTER_PREFER_ENV_PATH=1 "{sys.executable}" -c "$0"',
+            script,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert_png(tmp_path / "figs" / "pareto_train_wall_s.png")
     assert not (ANALYSIS / "figs").exists()
@@ -237,20 +364,25 @@ def test_signal_overlap_notebook(tmp_path, python3_kernel, monkeypatch):
     import pandas as pd
 
     names = ["student_entropy", "kl", "random", "ce_ratio_plus_student_entropy"]
-    J = np.array([[1, .5, .1, .6], [.5, 1, .1, .3], [.1, .1, 1, .1], [.6, .3, .1, 1]])
+    J = np.array([[1, 0.5, 0.1, 0.6], [0.5, 1, 0.1, 0.3], [0.1, 0.1, 1, 0.1], [0.6, 0.3, 0.1, 1]])
     csv = tmp_path / "overlap.csv"
     pd.DataFrame(J, index=names, columns=names).to_csv(csv, float_format="%.6f")  # as analysis.overlap --csv does
     figs = tmp_path / "figs"
-    out = execute("signal_overlap", python3_kernel, {"SEKD_OVERLAP_CSV": str(csv), "SEKD_FIGURES": str(figs)},
-                  monkeypatch)
+    out = execute(
+        "signal_overlap", python3_kernel, {"SEKD_OVERLAP_CSV": str(csv), "SEKD_FIGURES": str(figs)}, monkeypatch
+    )
     assert_png(figs / "signal_overlap.png")
     assert "4 signals" in "\n".join(out)
 
 
 def test_signal_overlap_notebook_without_a_matrix_says_so(tmp_path, python3_kernel, monkeypatch):
     figs = tmp_path / "figs"
-    out = execute("signal_overlap", python3_kernel,
-                  {"SEKD_OVERLAP_CSV": str(tmp_path / "missing.csv"), "SEKD_FIGURES": str(figs)}, monkeypatch)
+    out = execute(
+        "signal_overlap",
+        python3_kernel,
+        {"SEKD_OVERLAP_CSV": str(tmp_path / "missing.csv"), "SEKD_FIGURES": str(figs)},
+        monkeypatch,
+    )
     assert "no overlap matrix" in "\n".join(out)
     assert not (figs / "signal_overlap.png").exists()
 

@@ -1,5 +1,6 @@
 """analysis/overlap.py: Jaccard against hand counts and a set reference, exact top_k counts, an end-to-end
 pass over two tiny random Qwen3 models, and the PNG."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """analysis/plots.py and analysis/results_io.py: line and point counts on small synthetic tables, the Pareto
 front against a hand example and a brute-force reference, atomic PNG writes, and record flattening."""
+
 from __future__ import annotations
 
 import json
@@ -21,21 +22,35 @@ def runs(rows: list[tuple]) -> pd.DataFrame:
     out = []
     for preset, label, mode, k, l, acc, wall, tokens in rows:
         for seed in (0, 1):
-            out.append({"preset": preset, "label": label, "mode": mode, "seed": seed, "k": k, "l": l,
-                        "acc": acc + seed, "ppl": 10.0 - seed, "wall_time_s": wall + 10 * seed,
-                        "teacher_forward_tokens": tokens, "cache_bytes_read": 0.0 if tokens == tokens else np.nan})
+            out.append(
+                {
+                    "preset": preset,
+                    "label": label,
+                    "mode": mode,
+                    "seed": seed,
+                    "k": k,
+                    "l": l,
+                    "acc": acc + seed,
+                    "ppl": 10.0 - seed,
+                    "wall_time_s": wall + 10 * seed,
+                    "teacher_forward_tokens": tokens,
+                    "cache_bytes_read": 0.0 if tokens == tokens else np.nan,
+                }
+            )
     return pd.DataFrame(out)
 
 
 NAN = float("nan")
-GRID = runs([
-    ("student", "Student", "score_student", 1.0, 1.0, 50, 5, NAN),
-    ("teacher", "Teacher", "score_teacher", 1.0, 1.0, 70, 6, NAN),
-    ("full_kd", "Full KD", "distill", 1.0, 1.0, 62, 200, 1000),
-    *[("se_kd", "SE-KD", "distill", k, 1.0, 60 + 4 * k, 150 + 50 * k, 1000) for k in (0.05, 0.1, 0.2, 0.5)],
-    *[("random_pos", "RandomPos", "distill", k, 1.0, 55 + 8 * k, 140 + 50 * k, 1000) for k in (0.1, 0.2, 0.5)],
-    *[("se_kd3x", "SE-KD3X", "distill", 0.2, l, 58 + 6 * l, 40 + 100 * l, 500 * l) for l in (0.1, 0.2, 0.5)],
-])
+GRID = runs(
+    [
+        ("student", "Student", "score_student", 1.0, 1.0, 50, 5, NAN),
+        ("teacher", "Teacher", "score_teacher", 1.0, 1.0, 70, 6, NAN),
+        ("full_kd", "Full KD", "distill", 1.0, 1.0, 62, 200, 1000),
+        *[("se_kd", "SE-KD", "distill", k, 1.0, 60 + 4 * k, 150 + 50 * k, 1000) for k in (0.05, 0.1, 0.2, 0.5)],
+        *[("random_pos", "RandomPos", "distill", k, 1.0, 55 + 8 * k, 140 + 50 * k, 1000) for k in (0.1, 0.2, 0.5)],
+        *[("se_kd3x", "SE-KD3X", "distill", 0.2, l, 58 + 6 * l, 40 + 100 * l, 500 * l) for l in (0.1, 0.2, 0.5)],
+    ]
+)
 
 
 def lines(fig, gid: str) -> list:
@@ -89,8 +104,12 @@ def test_budget_curve_without_a_sweep_raises():
 
 
 def test_figures_refuse_to_mix_settings():
-    mixed = pd.concat([GRID.assign(setting="embedded embedded/test"),
-                       GRID.assign(setting="embedded embedded/validation", acc=GRID.acc + 5)])
+    mixed = pd.concat(
+        [
+            GRID.assign(setting="embedded embedded/test"),
+            GRID.assign(setting="embedded embedded/validation", acc=GRID.acc + 5),
+        ]
+    )
     with pytest.raises(ValueError, match="several settings"):
         plots.budget_curve(mixed, "k")
     with pytest.raises(ValueError, match="several settings"):
@@ -118,7 +137,7 @@ def test_one_setting_picks_the_one_with_the_most_rows():
 def test_pareto_front_hand_example():
     #            a    b    c    d    e    f(ties a)  g(NaN)
     cost = [1.0, 2.0, 3.0, 2.5, 4.0, 1.0, NAN]
-    acc = [60., 65., 64., 66., 66., 59., 99.]
+    acc = [60.0, 65.0, 64.0, 66.0, 66.0, 59.0, 99.0]
     # a cheapest; b beats a; c is beaten by b (cheaper, better); d best under 4; e ties d's acc at more cost;
     # f costs what a costs but scores less; g has no cost
     expected = [True, True, False, True, False, False, False]
@@ -132,8 +151,9 @@ def test_pareto_front_hand_example():
 def test_pareto_front_matches_brute_force():
     rng = np.random.default_rng(0)
     c, v = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 40).astype(float)
-    brute = [not any(c[j] <= c[i] and v[j] >= v[i] and (c[j] < c[i] or v[j] > v[i]) for j in range(40))
-             for i in range(40)]
+    brute = [
+        not any(c[j] <= c[i] and v[j] >= v[i] and (c[j] < c[i] or v[j] > v[i]) for j in range(40)) for i in range(40)
+    ]
     assert plots.pareto_front(c, v).tolist() == brute
 
 
@@ -173,7 +193,7 @@ def test_pareto_without_the_cost_raises():
 
 def test_overlap_heatmap_annotates_every_cell():
     names = ["student_entropy", "kl", "random"]
-    J = pd.DataFrame([[1, .5, NAN], [.5, 1, .1], [NAN, .1, 1]], index=names, columns=names)
+    J = pd.DataFrame([[1, 0.5, NAN], [0.5, 1, 0.1], [NAN, 0.1, 1]], index=names, columns=names)
     fig = plots.overlap_heatmap(J, title="t")
     ax = fig.axes[0]
     assert len(ax.texts) == 9 and sum(t.get_text() == "n/a" for t in ax.texts) == 2
@@ -196,20 +216,41 @@ def test_save_writes_a_png_atomically(tmp_path):
 
 
 def _record(preset, seed, k, l, acc, costs):
-    return {"preset": preset, "label": preset.upper(), "mode": "distill", "seed": seed,
-            "config_hash": f"{preset}{seed}{k}",
-            "run_dir": f"runs/{preset}-{seed}", "metrics": {"acc": acc, "task/acc": acc / 100, "note": "text"},
-            "costs": costs, "wall_time_s": 10.0, "finished_at": f"2026-01-01T00:00:0{seed}",
-            "config": {"position": {"k": k, "policy": "top_k", "signal": "student_entropy"},
-                       "samples": {"l": l, "name": "all"}, "classes": {"name": "all"}, "train": {"flow": "chunked"},
-                       "model": {"name": "embedded"}, "eval": {"suite": "embedded", "split": "test"}}}
+    return {
+        "preset": preset,
+        "label": preset.upper(),
+        "mode": "distill",
+        "seed": seed,
+        "config_hash": f"{preset}{seed}{k}",
+        "run_dir": f"runs/{preset}-{seed}",
+        "metrics": {"acc": acc, "task/acc": acc / 100, "note": "text"},
+        "costs": costs,
+        "wall_time_s": 10.0,
+        "finished_at": f"2026-01-01T00:00:0{seed}",
+        "config": {
+            "position": {"k": k, "policy": "top_k", "signal": "student_entropy"},
+            "samples": {"l": l, "name": "all"},
+            "classes": {"name": "all"},
+            "train": {"flow": "chunked"},
+            "model": {"name": "embedded"},
+            "eval": {"suite": "embedded", "split": "test"},
+        },
+    }
 
 
 def test_load_runs_adds_budgets_and_costs(tmp_path):
-    recs = [_record("se_kd", 0, 0.2, 1.0, 60.0, {"teacher_forward_tokens": 100, "cache_bytes_read": 0,
-                                                 "prepass_seconds": 1.5, "cache_build_seconds": 0.0}),
-            _record("se_kd", 1, 0.1, 1.0, 61.0, {}),  # a record written before costs existed
-            _record("full_kd", 0, 1.0, 1.0, 62.0, {"teacher_forward_tokens": 500})]
+    recs = [
+        _record(
+            "se_kd",
+            0,
+            0.2,
+            1.0,
+            60.0,
+            {"teacher_forward_tokens": 100, "cache_bytes_read": 0, "prepass_seconds": 1.5, "cache_build_seconds": 0.0},
+        ),
+        _record("se_kd", 1, 0.1, 1.0, 61.0, {}),  # a record written before costs existed
+        _record("full_kd", 0, 1.0, 1.0, 62.0, {"teacher_forward_tokens": 500}),
+    ]
     for i, r in enumerate(recs):
         d = tmp_path / "runs" / f"r{i}"
         d.mkdir(parents=True)
@@ -248,8 +289,19 @@ def test_cache_built_and_cache_reused_runs_are_separate_pareto_points(tmp_path):
     """The run that built the offline teacher cache pays for it; the runs that reused it are another point."""
     recs = []
     for seed, build in ((0, 300.0), (1, 0.0), (2, 0.0)):
-        r = _record("se_kd3x", seed, 0.2, 0.2, 60.0 + seed, {"cache_build_seconds": build, "prepass_seconds": 0.0,
-                                                            "pretrain_seconds": 0.0, "teacher_forward_tokens": 10})
+        r = _record(
+            "se_kd3x",
+            seed,
+            0.2,
+            0.2,
+            60.0 + seed,
+            {
+                "cache_build_seconds": build,
+                "prepass_seconds": 0.0,
+                "pretrain_seconds": 0.0,
+                "teacher_forward_tokens": 10,
+            },
+        )
         r["config"]["classes"]["cache"] = "auto"
         r["train_time_s"] = 50.0
         recs.append(r)
@@ -258,7 +310,10 @@ def test_cache_built_and_cache_reused_runs_are_separate_pareto_points(tmp_path):
     _write(tmp_path, recs)
     df = load_runs([tmp_path])
     assert df.set_index("seed").query("preset == 'se_kd3x'")["cache_role"].to_dict() == {
-        0: "built", 1: "reused", 2: "reused"}
+        0: "built",
+        1: "reused",
+        2: "reused",
+    }
     assert df[df.preset == "full_kd"]["cache_role"].isna().all()
     t = plots.pareto_table(df, "train_wall_s", "acc").set_index("name")
     assert t.loc["SE_KD3X (cache built)", ["train_wall_s_mean", "n"]].tolist() == [350.0, 1]
@@ -277,9 +332,18 @@ def test_pareto_by_tokens_per_second_per_device_says_the_world_size(tmp_path):
     recs = []
     for seed, world, seconds, acc in ((0, 1, 40.0, 60.0), (1, 2, 10.0, 60.5), (2, 2, 10.0, 61.5)):
         r = _record("se_kd", seed, 0.2, 1.0, acc, {"pretrain_seconds": 0.0})
-        r.update(tokens_seen=40000, train_time_s=seconds,
-                 **throughput({"tokens_seen": 40000, "train_time_s": seconds, "world_size": world,
-                               "devices": {"student": "cpu", "teacher": "cpu"}}))
+        r.update(
+            tokens_seen=40000,
+            train_time_s=seconds,
+            **throughput(
+                {
+                    "tokens_seen": 40000,
+                    "train_time_s": seconds,
+                    "world_size": world,
+                    "devices": {"student": "cpu", "teacher": "cpu"},
+                }
+            ),
+        )
         recs.append(r)
     old = _record("full_kd", 0, 1.0, 1.0, 62.0, {"pretrain_seconds": 0.0})  # no world size: one device
     old.update(tokens_seen=40000, train_time_s=100.0)
@@ -298,16 +362,21 @@ def test_pareto_by_tokens_per_second_per_device_says_the_world_size(tmp_path):
     assert "devices" not in plots.pareto(one, "tokens_per_s_device", "acc").axes[0].get_title()
     # wall-clock costs do not compare across world sizes: plot throughput per device instead; other costs stay
     assert [plots.fair_cost(df, c) for c in ("train_wall_s", "wall_time_s", "teacher_forward_tokens")] == [
-        "tokens_per_s_device", "tokens_per_s_device", "teacher_forward_tokens"]
+        "tokens_per_s_device",
+        "tokens_per_s_device",
+        "teacher_forward_tokens",
+    ]
     assert plots.fair_cost(one, "train_wall_s") == "train_wall_s"
 
 
 def test_train_wall_leaves_out_pretraining_and_scoring(tmp_path):
-    first = _record("se_kd", 0, 0.2, 1.0, 60.0, {"pretrain_seconds": 1200.0, "cache_build_seconds": 0.0,
-                                                 "prepass_seconds": 0.0})
+    first = _record(
+        "se_kd", 0, 0.2, 1.0, 60.0, {"pretrain_seconds": 1200.0, "cache_build_seconds": 0.0, "prepass_seconds": 0.0}
+    )
     first.update(train_time_s=40.0, wall_time_s=1300.0)  # the cell that happened to pretrain the embedded pair
-    later = _record("se_kd", 1, 0.2, 1.0, 61.0, {"pretrain_seconds": 0.0, "cache_build_seconds": 0.0,
-                                                 "prepass_seconds": 0.0})
+    later = _record(
+        "se_kd", 1, 0.2, 1.0, 61.0, {"pretrain_seconds": 0.0, "cache_build_seconds": 0.0, "prepass_seconds": 0.0}
+    )
     later.update(train_time_s=42.0, wall_time_s=60.0)
     _write(tmp_path, [first, later])
     df = load_runs([tmp_path]).set_index("seed")

@@ -1,5 +1,6 @@
 """A run's console: one line per cell and sekd's own bars; lm-eval's INFO lines, prints and bars go to the
 scores folder's lm_eval.log, the Hugging Face loading bars stay off; logging.verbose=true brings them back."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,11 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 
 def score_student(root: Path, *extra: str):
-    res = sekd_train([*TINY, "experiment=student", "eval.limit=8", f"paths.root={root}",
-                      f"paths.cache={root.parent}/cache", *extra], env=OFFLINE, timeout=600)
+    res = sekd_train(
+        [*TINY, "experiment=student", "eval.limit=8", f"paths.root={root}", f"paths.cache={root.parent}/cache", *extra],
+        env=OFFLINE,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 

@@ -1,5 +1,6 @@
 """benchmarks/distributed.py: every mode runs at the tiny shape on CPU (ddp and fsdp as 2 gloo ranks started by
 torchrun, as on a GPU node); what this machine or launch cannot run is refused in one line, exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ def env(**extra: str) -> dict:
 def bench(args: list[str], *, ranks: int = 0, **extra: str) -> subprocess.CompletedProcess:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     torchrun = torchrun if ranks else [sys.executable]
-    return subprocess.run([*torchrun, "benchmarks/distributed.py", *args], cwd=ROOT, env=env(**extra),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*torchrun, "benchmarks/distributed.py", *args],
+        cwd=ROOT,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("mode,ranks,devices", [("none", 0, 1), ("placed", 0, 1), ("ddp", 2, 2), ("fsdp", 2, 2)])
@@ -50,16 +57,34 @@ def test_every_mode_runs_and_reports_per_device(tmp_path, mode, ranks, devices):
                 assert held["local_fraction"] <= 0.5 + 0.02, (part, held)  # about half on each of 2 ranks
 
 
-@pytest.mark.parametrize("args,extra,line", [
-    ([], {}, "distributed: --shape qwen3_8b_to_1.7b (a GPU shape) needs CUDA, but this machine has no CUDA device; "
-             "run it on a GPU node, or pass --shape tiny --device cpu to run it here"),
-    (["--mode", "ddp", *TINY], {}, "distributed: --mode ddp needs the ranks torchrun starts: torchrun "
-                                   "--nproc_per_node N benchmarks/distributed.py --mode ddp ..."),
-    (["--mode", "fsdp", *TINY], {"RANK": "0", "WORLD_SIZE": "1"},
-     "distributed: --mode fsdp shards over ranks: start at least 2 (torchrun --nproc_per_node 2 or more)"),
-    (["--mode", "placed", *TINY], {}, "distributed: --teacher-device cuda:1: this machine has 0 CUDA device(s); "
-                                      "--mode placed needs two (or --teacher-device cpu)"),
-])
+@pytest.mark.parametrize(
+    "args,extra,line",
+    [
+        (
+            [],
+            {},
+            "distributed: --shape qwen3_8b_to_1.7b (a GPU shape) needs CUDA, but this machine has no CUDA device; "
+            "run it on a GPU node, or pass --shape tiny --device cpu to run it here",
+        ),
+        (
+            ["--mode", "ddp", *TINY],
+            {},
+            "distributed: --mode ddp needs the ranks torchrun starts: torchrun "
+            "--nproc_per_node N benchmarks/distributed.py --mode ddp ...",
+        ),
+        (
+            ["--mode", "fsdp", *TINY],
+            {"RANK": "0", "WORLD_SIZE": "1"},
+            "distributed: --mode fsdp shards over ranks: start at least 2 (torchrun --nproc_per_node 2 or more)",
+        ),
+        (
+            ["--mode", "placed", *TINY],
+            {},
+            "distributed: --teacher-device cuda:1: this machine has 0 CUDA device(s); "
+            "--mode placed needs two (or --teacher-device cpu)",
+        ),
+    ],
+)
 def test_refuses_in_one_line_what_this_machine_cannot_run(tmp_path, args, extra, line):
     out = tmp_path / "out.json"
     res = bench([*args, "--json", str(out)], **extra)
@@ -69,9 +94,16 @@ def test_refuses_in_one_line_what_this_machine_cannot_run(tmp_path, args, extra,
 
 
 def test_the_gpu_smoke_script_refuses_a_machine_without_cuda(tmp_path):
-    res = subprocess.run(["bash", "benchmarks/gpu_smoke.sh", str(tmp_path / "smoke")], cwd=ROOT,
-                         env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_smoke.sh", str(tmp_path / "smoke")],
+        cwd=ROOT,
+        env={**env(), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [
-        "gpu_smoke: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"]
+        "gpu_smoke: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"
+    ]
     assert not (tmp_path / "smoke").exists()

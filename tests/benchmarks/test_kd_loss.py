@@ -1,4 +1,5 @@
 """benchmarks/kd_loss.py: every Full KD variant computes the same loss gradient; the tiny shape runs end to end."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,26 @@ def test_full_kd_variants_give_plain_torchs_gradients(variant):
 
 def test_tiny_times_every_variant_and_measures_fresh_peaks(tmp_path):
     out = tmp_path / "tiny.json"
-    res = subprocess.run([sys.executable, "benchmarks/kd_loss.py", "--shape", "tiny", "--rounds", "2", "--threads", "1",
-                          "--chunk-sizes", "16,40", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/kd_loss.py",
+            "--shape",
+            "tiny",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+            "--chunk-sizes",
+            "16,40",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["results"]
     assert [(r["chunk_size"], r["variant"]) for r in rows] == [(c, v) for c in (16, 40) for v in kd_loss.VARIANTS]
@@ -44,23 +62,40 @@ def test_tiny_times_every_variant_and_measures_fresh_peaks(tmp_path):
 
 
 def test_unknown_variant_is_refused_in_one_line():
-    res = subprocess.run([sys.executable, "benchmarks/kd_loss.py", "--variants", "plain_torch_full_kd,fast_kd"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "benchmarks/kd_loss.py", "--variants", "plain_torch_full_kd,fast_kd"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "unknown variants ['fast_kd']" in res.stderr.strip().splitlines()[-1]
 
 
 def test_the_gpu_script_refuses_a_machine_without_cuda(tmp_path):
     import os
 
-    res = subprocess.run(["bash", "benchmarks/gpu_kd.sh", str(tmp_path / "out")], cwd=ROOT,
-                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu_kd.sh", str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [
-        "gpu_kd: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"]
+        "gpu_kd: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"
+    ]
     assert not (tmp_path / "out").exists()
 
 
 def test_a_gpu_shape_without_cuda_is_refused_in_one_line():
-    res = subprocess.run([sys.executable, "benchmarks/kd_loss.py", "--shape", "qwen3_8b_to_1.7b", "--device", "cuda"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "benchmarks/kd_loss.py", "--shape", "qwen3_8b_to_1.7b", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "needs CUDA" in res.stderr

@@ -1,4 +1,5 @@
 """benchmarks/kd_step.py: the tiny shape runs every variant end to end; the real shapes are Qwen3's."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,25 @@ import kd_step  # noqa: E402
 
 def test_tiny_runs_every_variant_interleaved_with_fresh_process_peaks(tmp_path):
     out = tmp_path / "tiny.json"
-    res = subprocess.run([sys.executable, "benchmarks/kd_step.py", "--shape", "tiny", "--rounds", "2", "--threads", "1",
-                          "--fresh-process", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/kd_step.py",
+            "--shape",
+            "tiny",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+            "--fresh-process",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     rows = {r["variant"]: r for r in report["results"]}
@@ -35,8 +53,16 @@ def test_cache_se_kd_reads_a_real_cache_folder(tmp_path):
     teacher's rs_kd draws give for those rows, each step."""
     from sekd.stores.teacher_cache.store import TeacherCache
 
-    bench = kd_step.Bench(kd_step.SHAPES["tiny"], batch=2, seq=16, device="cpu", dtype="float32", optimizer="sgd",
-                          chunk_size=8, variants=("cache_se_kd",))
+    bench = kd_step.Bench(
+        kd_step.SHAPES["tiny"],
+        batch=2,
+        seq=16,
+        device="cpu",
+        dtype="float32",
+        optimizer="sgd",
+        chunk_size=8,
+        variants=("cache_se_kd",),
+    )
     assert bench.teacher is None and isinstance(bench.cache, TeacherCache)  # the student alone trains
     assert (Path(bench.cache.root) / "manifest.json").exists()
     ids, probs, mask = bench.cache.targets(bench.sample_ids, bench.y)
@@ -58,8 +84,16 @@ def test_qwen3_shapes_have_the_real_sizes(role, params):
 
 def test_the_plain_torch_reference_is_the_same_loss_as_full_kd():
     # every position of the synthetic batch is valid: F.kl_div's batchmean is Full KD's per-sequence mean
-    bench = kd_step.Bench(kd_step.SHAPES["tiny"], batch=2, seq=16, device="cpu", dtype="float32", optimizer="sgd",
-                          chunk_size=8, variants=("plain_torch_full_kd", "dense_full_kd", "chunked_full_kd"))
+    bench = kd_step.Bench(
+        kd_step.SHAPES["tiny"],
+        batch=2,
+        seq=16,
+        device="cpu",
+        dtype="float32",
+        optimizer="sgd",
+        chunk_size=8,
+        variants=("plain_torch_full_kd", "dense_full_kd", "chunked_full_kd"),
+    )
     plain = bench.loss("plain_torch_full_kd").item()
     assert plain == pytest.approx(bench.loss("dense_full_kd").item(), rel=1e-5)
     assert plain == pytest.approx(bench.loss("chunked_full_kd").item(), rel=1e-5)

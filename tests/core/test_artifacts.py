@@ -1,5 +1,6 @@
 """sekd.core.artifacts.build_once: built once under concurrent builders, all or nothing, and the cache names
 its users had before it (so existing caches stay valid)."""
+
 from __future__ import annotations
 
 import hashlib

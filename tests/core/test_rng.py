@@ -2,6 +2,7 @@
 uniforms (drawn on the CPU, moved to the tensor's device), and categorical draws are an inverse CDF
 on the device. CUDA refuses a CPU generator for a CUDA tensor; `DrawAudit` catches the calls that
 would meet it without a GPU, by flagging any generator given to anything but a CPU factory call."""
+
 from __future__ import annotations
 
 import types
@@ -22,8 +23,23 @@ from sekd.selection.signals import SIGNALS, importance
 torch.set_num_threads(1)
 
 FACTORIES = {"rand", "randn", "randint", "randperm"}
-RANDOM_OPS = {"multinomial", "bernoulli", "bernoulli_", "normal", "normal_", "poisson", "rand_like", "randn_like",
-              "randint_like", "uniform_", "random_", "exponential_", "geometric_", "cauchy_", "log_normal_"}
+RANDOM_OPS = {
+    "multinomial",
+    "bernoulli",
+    "bernoulli_",
+    "normal",
+    "normal_",
+    "poisson",
+    "rand_like",
+    "randn_like",
+    "randint_like",
+    "uniform_",
+    "random_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+}
 
 
 class DrawAudit(TorchFunctionMode):
@@ -75,8 +91,13 @@ def inputs(seed=0):
 
 
 def selector(policy, signal, classes, **opts):
-    return Selector(SIGNALS.get(signal) if signal else None, POLICIES.build(policy, **opts),
-                    CRITERIA.build("forward_kl"), signal_normalization="sum", classes=classes)
+    return Selector(
+        SIGNALS.get(signal) if signal else None,
+        POLICIES.build(policy, **opts),
+        CRITERIA.build("forward_kl"),
+        signal_normalization="sum",
+        classes=classes,
+    )
 
 
 HEAD_S = torch.nn.Linear(4, V, dtype=torch.float64)  # made here: their init draws from the global RNG
@@ -84,17 +105,35 @@ HEAD_T = torch.nn.Linear(5, V, dtype=torch.float64).requires_grad_(False)
 CASES = {  # every place a generator reaches: class draws, sampling policies, the random signal
     "rs_kd draws": lambda g: rs_kd_draws(inputs()[1].reshape(-1, V), 16, 1.5, g),
     "rs_kd classes": lambda g: CLASSES.build("rs_kd", n_draws=8)(inputs()[1][0], temperature=1.0, generator=g),
-    "random signal": lambda g: importance(SIGNALS.get("random"), None, None, inputs()[2], inputs()[2] != IGNORE,
-                                     generator=g),
-    **{f"{p} policy": (lambda p: lambda g: POLICIES.build(p, k=0.4)(
-        inputs()[1][..., 0].abs(), inputs()[2] != IGNORE, generator=g))(p) for p in ("random", "pos_rs", "pos_rs_star")},
+    "random signal": lambda g: importance(
+        SIGNALS.get("random"), None, None, inputs()[2], inputs()[2] != IGNORE, generator=g
+    ),
+    **{
+        f"{p} policy": (
+            lambda p: lambda g: POLICIES.build(p, k=0.4)(inputs()[1][..., 0].abs(), inputs()[2] != IGNORE, generator=g)
+        )(p)
+        for p in ("random", "pos_rs", "pos_rs_star")
+    },
     "dense flow": lambda g: selective_kd_loss(
-        *inputs(), selector("pos_rs", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5),
-        lam=1.0, temperature=1.0, generator=g),
+        *inputs(),
+        selector("pos_rs", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5),
+        lam=1.0,
+        temperature=1.0,
+        generator=g,
+    ),
     "chunked flow": lambda g: chunked_kd_loss(
-        torch.randn(B, T, 4, dtype=torch.float64), HEAD_S, torch.randn(B, T, 5, dtype=torch.float64), HEAD_T,
-        inputs()[2], selector("pos_rs_star", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5, coverage=0.3),
-        vocab=V, lam=1.0, temperature=1.0, generator=g, chunk_size=4),
+        torch.randn(B, T, 4, dtype=torch.float64),
+        HEAD_S,
+        torch.randn(B, T, 5, dtype=torch.float64),
+        HEAD_T,
+        inputs()[2],
+        selector("pos_rs_star", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5, coverage=0.3),
+        vocab=V,
+        lam=1.0,
+        temperature=1.0,
+        generator=g,
+        chunk_size=4,
+    ),
 }
 
 
@@ -135,10 +174,15 @@ def test_cpu_draws_are_torch_multinomials(shape):
 def test_inverse_cdf_matches_the_distribution():
     """Frequencies over many draws are p / sum(p) within 5 standard errors, classes of probability 0 are
     never drawn, and a row of zeros draws uniformly; rows need not be normalized."""
-    w = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 1e-3],
-                      [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
-                      [0.0] * 7,
-                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]], dtype=torch.float64)
+    w = torch.tensor(
+        [
+            [0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 1e-3],
+            [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+            [0.0] * 7,
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0],
+        ],
+        dtype=torch.float64,
+    )
     n = 200_000
     draws = rng.categorical(w, n, torch.Generator().manual_seed(0))
     freq = torch.stack([torch.bincount(r, minlength=7) for r in draws]).double() / n

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny byte-level BPE tokenizer and local folders shaped like FineWeb-Edu."""
+
 import os
 
 # must precede any Hugging Face import, or it does nothing
@@ -9,7 +10,18 @@ import pandas as pd
 import pytest
 
 EOS = "<|endoftext|>"
-FINEWEB_COLUMNS = ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score"]
+FINEWEB_COLUMNS = [
+    "text",
+    "id",
+    "dump",
+    "url",
+    "file_path",
+    "language",
+    "language_score",
+    "token_count",
+    "score",
+    "int_score",
+]
 
 
 def make_tokenizer(vocab_size: int = 500):
@@ -23,7 +35,10 @@ def make_tokenizer(vocab_size: int = 500):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus.load_split("train")[:40], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)

@@ -1,4 +1,5 @@
 """sekd/data/arith.py: the embedded arithmetic word problems (disjoint hash splits, correct answers)."""
+
 import re
 
 import pytest

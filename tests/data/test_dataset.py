@@ -1,4 +1,5 @@
 """sekd/data/dataset.py: cached build_packed (keys, hits, concurrency) and the deterministic batch order."""
+
 import json
 import os
 import threading
@@ -50,21 +51,29 @@ def test_cache_key_covers_inputs(tmp_path, tokenizer, other_tokenizer):
 def test_jsonl_cache_misses_when_the_file_changes(tmp_path, tokenizer):
     f = tmp_path / "t.jsonl"
     f.write_text("".join(json.dumps({"text": f"line {i} of the corpus"}) + "\n" for i in range(50)))
-    a = build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f))
+    a = build_packed(
+        "jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f)
+    )
     f.write_text("".join(json.dumps({"text": f"other {i} words here"}) + "\n" for i in range(60)))
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     tok = Counting(tokenizer)
-    b = build_packed("jsonl", "train", tok, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f))
+    b = build_packed(
+        "jsonl", "train", tok, seq_len=16, token_budget=None, artifacts_dir=tmp_path / "c", train_file=str(f)
+    )
     assert tok.calls > 0 and not same(a, b)
 
 
 def test_errors_before_tokenizing(tmp_path, tokenizer):
     with pytest.raises(DataError, match="data.train_file: no such file"):
-        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file="nope.jsonl")
+        build_packed(
+            "jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file="nope.jsonl"
+        )
     f = tmp_path / "t.jsonl"
     f.write_text('{"text": "hi"}\n')
     with pytest.raises(DataError, match="fewer than 17 tokens"):
-        build_packed("jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file=str(f))
+        build_packed(
+            "jsonl", "train", tokenizer, seq_len=16, token_budget=None, artifacts_dir=tmp_path, train_file=str(f)
+        )
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -85,9 +94,13 @@ def test_concurrent_builders_share_one_build(tmp_path, tokenizer):
 
 def test_fineweb_build_with_budget(fineweb_dir, tmp_path, tokenizer):
     opts = dict(path=str(fineweb_dir), heldout_fraction=0.2)
-    d = build_packed("fineweb_edu", "train", tokenizer, seq_len=32, token_budget=32 * 30, artifacts_dir=tmp_path, **opts)
+    d = build_packed(
+        "fineweb_edu", "train", tokenizer, seq_len=32, token_budget=32 * 30, artifacts_dir=tmp_path, **opts
+    )
     assert d.input_ids.shape == (30, 32)
-    v = build_packed("fineweb_edu", "validation", tokenizer, seq_len=32, token_budget=32 * 5, artifacts_dir=tmp_path, **opts)
+    v = build_packed(
+        "fineweb_edu", "validation", tokenizer, seq_len=32, token_budget=32 * 5, artifacts_dir=tmp_path, **opts
+    )
     assert len(v) == 5 and not set(v.sample_ids) & set(d.sample_ids)
     assert ((d.labels == IGNORE).sum(1) > 0).any()
 
@@ -129,12 +142,20 @@ def test_resume_from_offset_sees_the_same_remaining_batches(epoch):
 def test_separator_token_ends_documents(tmp_path, tokenizer):
     """data.separator picks the token that ends each document (Qwen3: <|endoftext|>, not its eos)."""
     sep = tokenizer.convert_ids_to_tokens(7)
-    d = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path,
-                     separator=sep)
+    d = build_packed(
+        "embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path, separator=sep
+    )
     docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in SOURCES.get("embedded")("validation")]
     assert same(d, pack_documents(docs, 64, 7))
     default = build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path)
     assert not same(d, default)  # a different separator is a different cache entry
     with pytest.raises(DataError, match="data.separator"):
-        build_packed("embedded", "validation", tokenizer, seq_len=64, token_budget=None, artifacts_dir=tmp_path,
-                     separator="<no such token>")
+        build_packed(
+            "embedded",
+            "validation",
+            tokenizer,
+            seq_len=64,
+            token_budget=None,
+            artifacts_dir=tmp_path,
+            separator="<no such token>",
+        )

@@ -1,4 +1,5 @@
 """sekd/data/packing.py: boundary masks (docs/method.md §1 valid(t)), token budget, content ids, save/load."""
+
 import hashlib
 import random
 
@@ -29,7 +30,10 @@ def reference_pack(docs, L, eos, token_budget=None):
 
 def random_docs(rng, n, max_len=40, vocab=(1, 99)):
     # lengths include 0 (a lone eos) and documents longer than a window
-    return [[rng.randint(*vocab) for _ in range(rng.choice([0, 1, 2, 5, max_len, rng.randint(0, max_len)]))] for _ in range(n)]
+    return [
+        [rng.randint(*vocab) for _ in range(rng.choice([0, 1, 2, 5, max_len, rng.randint(0, max_len)]))]
+        for _ in range(n)
+    ]
 
 
 def test_hand_example():
@@ -139,6 +143,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_refuses_another_format(tmp_path):
-    torch.save({"format": 999, "input_ids": torch.zeros(1, 2), "labels": torch.zeros(1, 2), "sample_ids": ["x"]}, tmp_path / "x.pt")
+    torch.save(
+        {"format": 999, "input_ids": torch.zeros(1, 2), "labels": torch.zeros(1, 2), "sample_ids": ["x"]},
+        tmp_path / "x.pt",
+    )
     with pytest.raises(ValueError, match="format"):
         PackedData.load(tmp_path / "x.pt")

@@ -1,4 +1,5 @@
 """sekd/data/qa.py: task sources (arith, gsm8k), answer-only labels, the cache, prompt lengths."""
+
 import json
 
 import pandas as pd
@@ -15,18 +16,24 @@ L = 96  # every arith problem fits the test tokenizer (500-token BPE) at 96
 
 # GSM8K's schema: reasoning with <<calc>> annotations, then "#### <number>"
 GSM8K_ROWS = [
-    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-                 "How many clips did Natalia sell altogether in April and May?",
-     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
-               "altogether in April and May.\n#### 72"},
-    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-                 "How much did she earn?",
-     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
-               "$<<0.2*50=10>>10.\n#### 10"},
-    {"question": "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write "
-                 "a year?",
-     "answer": "He writes each friend 3*2=<<3*2=6>>6 pages a week\nSo he writes 6*2=<<6*2=12>>12 pages every "
-               "week\nThat means he writes 12*52=<<12*52=624>>624 pages a year\n#### 624"},
+    {
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+        "altogether in April and May.\n#### 72",
+    },
+    {
+        "question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+        "How much did she earn?",
+        "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+        "$<<0.2*50=10>>10.\n#### 10",
+    },
+    {
+        "question": "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write "
+        "a year?",
+        "answer": "He writes each friend 3*2=<<3*2=6>>6 pages a week\nSo he writes 6*2=<<6*2=12>>12 pages every "
+        "week\nThat means he writes 12*52=<<12*52=624>>624 pages a year\n#### 624",
+    },
 ]
 
 
@@ -95,8 +102,13 @@ def test_padding_is_eos_and_ignored(tmp_path, tokenizer):
 
 def test_too_long_problems_are_dropped_and_counted(tmp_path, tokenizer):
     problems = arith.problems("validation")
-    lengths = sorted(len(r) for r in [encode(tokenizer, qa_format.prompt_text(p["question"]) +
-                                              qa_format.target_text(p["answer"])) for p in problems])
+    lengths = sorted(
+        len(r)
+        for r in [
+            encode(tokenizer, qa_format.prompt_text(p["question"]) + qa_format.target_text(p["answer"]))
+            for p in problems
+        ]
+    )
     seq_len = lengths[len(lengths) // 2]  # about half need more than seq_len + 1 tokens
     d = build_qa("arith", "validation", tokenizer, seq_len=seq_len, artifacts_dir=tmp_path)
     ref_in, ref_lab, dropped = reference(tokenizer, problems, seq_len)
@@ -155,7 +167,9 @@ def test_prompt_lengths_and_ids_match_the_prompt_tokenization(tmp_path, tokenize
 
 
 def test_separator_ends_the_answer(tmp_path, tokenizer):
-    d = build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=3, separator="<|endoftext|>")
+    d = build_qa(
+        "arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, max_samples=3, separator="<|endoftext|>"
+    )
     assert (d.labels != IGNORE).any()
     with pytest.raises(DataError, match="data.separator='<nope>'"):
         build_qa("arith", "test", tokenizer, seq_len=L, artifacts_dir=tmp_path, separator="<nope>")
@@ -170,7 +184,9 @@ def test_gsm8k_from_local_jsonl(tmp_path, tokenizer):
     val = write_jsonl(tmp_path / "val.jsonl", GSM8K_ROWS[2:])
     assert gsm8k("validation", train_file=train, validation_file=val) == GSM8K_ROWS[2:]
 
-    d = build_qa("gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=train, test_file=test)
+    d = build_qa(
+        "gsm8k", "train", tokenizer, seq_len=512, artifacts_dir=tmp_path / "c", train_file=train, test_file=test
+    )
     ref_in, ref_lab, _ = reference(tokenizer, GSM8K_ROWS, 512)
     assert d.input_ids.tolist() == ref_in and d.labels.tolist() == ref_lab
     finals = [qa_format.final_answer(tokenizer.decode(row[row != IGNORE][:-1])) for row in d.labels]

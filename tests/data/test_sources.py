@@ -1,4 +1,5 @@
 """sekd/data/sources.py: embedded, jsonl and fineweb_edu (local parquet folders), and check_source."""
+
 import json
 
 import pandas as pd
@@ -44,7 +45,9 @@ def test_jsonl_reads_text_field(tmp_path):
     (tmp_path / "train.jsonl").write_text(f.read_text() + "\n")  # a blank line is skipped
     assert list(SOURCES.get("jsonl")("train", train_file=str(f))) == ["a b", "c", "e"]
     g = write_jsonl(tmp_path / "val.jsonl", [{"body": "v"}])
-    assert list(SOURCES.get("jsonl")("validation", train_file=str(f), validation_file=str(g), text_field="body")) == ["v"]
+    assert list(SOURCES.get("jsonl")("validation", train_file=str(f), validation_file=str(g), text_field="body")) == [
+        "v"
+    ]
 
 
 def test_jsonl_missing_file(tmp_path):

@@ -4,6 +4,7 @@ flat buffer (each .grad a view of it, the same memory every step) and the reduct
 gradient-sized tensor (the old path concatenated every gradient into a new one, then cloned each back); with
 small buckets, some are all-reduced from the hooks during the last backward (overlapped), while a rank whose
 last micro-batch is a stand-in launches them all at the end, in the same order."""
+
 from __future__ import annotations
 
 import json
@@ -69,10 +70,16 @@ def _rank(rank: int, port: int, out: str) -> None:
     for _ in range(2):
         with NewBig(total, list(tr.buckets.buffers.values())) as big:
             loss, _, _ = tr.accumulate(it)
-        got["steps"].append({
-            "loss": loss, "new_gradient_sized": big.count, "ops": big.ops, "in_buffers": in_buffers(tr),
-            "launched_in_backward": tr.buckets.launched_in_backward,
-            "grads": {n: p.grad.tolist() if p.grad is not None else None for n, p in tr.student.named_parameters()}})
+        got["steps"].append(
+            {
+                "loss": loss,
+                "new_gradient_sized": big.count,
+                "ops": big.ops,
+                "in_buffers": in_buffers(tr),
+                "launched_in_backward": tr.buckets.launched_in_backward,
+                "grads": {n: p.grad.tolist() if p.grad is not None else None for n, p in tr.student.named_parameters()},
+            }
+        )
         tr.opt.step()
         tr.opt.zero_grad(set_to_none=True)
     got["same_buffers"] = buffers == {k: v.data_ptr() for k, v in tr.buckets.buffers.items()}

@@ -1,4 +1,5 @@
 """sekd.distributed.launch reads a process's place in a run from the environment its launcher gives it."""
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,31 @@ from sekd.distributed.launch import PORT_BASE, PORT_SPAN, Launch, card_index, fi
 
 
 def test_torchrun_environment():
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29500",
-           "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}  # torchrun inside a Slurm allocation: torchrun's wins
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "29500",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+    }  # torchrun inside a Slurm allocation: torchrun's wins
     assert from_env(env) == Launch(rank=3, world_size=4, local_rank=1, master_addr="node7", master_port=29500)
 
 
 def slurm_env(procid: int, **extra) -> dict:
     """What srun gives task `procid` of a 2-task, one-node job 4242 (submitit's jobs are srun steps)."""
-    return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(procid), "SLURM_STEP_ID": "0",
-            "SLURM_LOCALID": str(procid), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2",
-            "PATH": "", **extra}  # no scontrol on PATH: the list is read directly
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(procid),
+        "SLURM_STEP_ID": "0",
+        "SLURM_LOCALID": str(procid),
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "PATH": "",
+        **extra,
+    }  # no scontrol on PATH: the list is read directly
 
 
 @pytest.mark.parametrize("procid", [0, 1])
@@ -49,8 +65,10 @@ def test_job_ports_are_in_a_safe_range_and_differ_for_neighbouring_jobs():
     assert job_port("123_4") == job_port("1234")  # an array task's display id still gives a number
 
 
-@pytest.mark.parametrize("nodelist,host", [("gpu[03-04,07],cpu1", "gpu03"), ("node1,node2", "node1"),
-                                           ("a-[9-10]", "a-9"), ("solo", "solo"), ("", None)])
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [("gpu[03-04,07],cpu1", "gpu03"), ("node1,node2", "node1"), ("a-[9-10]", "a-9"), ("solo", "solo"), ("", None)],
+)
 def test_first_host_of_a_node_list_without_slurm(nodelist, host, monkeypatch):
     monkeypatch.setenv("PATH", "")
     assert first_host(nodelist) == host
@@ -61,9 +79,14 @@ def test_first_host_agrees_with_scontrol():
     assert first_host("gpu[03-04,07],cpu1") == "gpu03"
 
 
-@pytest.mark.parametrize("env,key", [({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
-                                     ({"RANK": "0"} | {"WORLD_SIZE": ""}, "WORLD_SIZE"),
-                                     (slurm_env(0, SLURM_PROCID="zero"), "SLURM_PROCID")])
+@pytest.mark.parametrize(
+    "env,key",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
+        ({"RANK": "0"} | {"WORLD_SIZE": ""}, "WORLD_SIZE"),
+        (slurm_env(0, SLURM_PROCID="zero"), "SLURM_PROCID"),
+    ],
+)
 def test_a_bad_launcher_variable_is_one_line_naming_it(env, key):
     with pytest.raises(ConfigError, match=f"environment variable {key}") as e:
         from_env(env)
@@ -78,12 +101,15 @@ def test_from_env_reads_the_process_environment_by_default():
     assert out.stdout.split() == ["1", "2", "1"]
 
 
-@pytest.mark.parametrize("env,visible,card", [
-    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 8, 3),  # torchrun: every card of the node visible
-    (slurm_env(1), 2, 1),  # srun --gpus-per-node=2: both cards visible to both tasks
-    (slurm_env(1), 1, 0),  # srun --gpus-per-task=1 / --gpu-bind: task 1 sees only its own card, as cuda:0
-    (slurm_env(0), 1, 0),
-])
+@pytest.mark.parametrize(
+    "env,visible,card",
+    [
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 8, 3),  # torchrun: every card of the node visible
+        (slurm_env(1), 2, 1),  # srun --gpus-per-node=2: both cards visible to both tasks
+        (slurm_env(1), 1, 0),  # srun --gpus-per-task=1 / --gpu-bind: task 1 sees only its own card, as cuda:0
+        (slurm_env(0), 1, 0),
+    ],
+)
 def test_each_rank_takes_a_card_it_can_see(env, visible, card):
     assert card_index(from_env(env).local_rank, visible) == card
 

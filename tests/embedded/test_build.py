@@ -1,5 +1,6 @@
 """The embedded pair's pretraining (sekd/embedded/build.py): with keep=best_validation a model ends at its
 best held-out step, measured on the validation split, not at its last."""
+
 import json
 
 import torch
@@ -8,8 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sekd.data.dataset import build_packed
 from sekd.embedded.build import mean_ce, pretrained_model, tokenizer
 
-TINY_STUDENT = {"hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64,
-                "batch_size": 8}
+TINY_STUDENT = {"hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64, "batch_size": 8}
 
 
 def test_best_validation_keeps_the_step_with_the_lowest_held_out_loss(tmp_path):
@@ -23,10 +23,16 @@ def test_best_validation_keeps_the_step_with_the_lowest_held_out_loss(tmp_path):
     best = min(curve, key=lambda c: c["val_loss"])
     assert f"kept_step={best['step']} " in (folder / "pretrain.txt").read_text()
 
-    val = build_packed("embedded", "validation", AutoTokenizer.from_pretrained(folder), seq_len=64,
-                       token_budget=None, artifacts_dir=tmp_path / "data")
+    val = build_packed(
+        "embedded",
+        "validation",
+        AutoTokenizer.from_pretrained(folder),
+        seq_len=64,
+        token_budget=None,
+        artifacts_dir=tmp_path / "data",
+    )
     kept = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    assert abs(mean_ce(kept, val) - best["val_loss"]) < 1e-3   # the saved weights are the best step's
+    assert abs(mean_ce(kept, val) - best["val_loss"]) < 1e-3  # the saved weights are the best step's
 
     # the same run keeping its last step ends elsewhere (unless the last step was the best)
     last = pretrained_model(tmp_path, "student", tok_dir, {**spec, "keep": "last"}, seq_len=64, seed=0)

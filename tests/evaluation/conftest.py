@@ -1,4 +1,5 @@
 """Shared fixtures: offline Hugging Face settings (before any HF import) and one tiny Qwen3 checkpoint."""
+
 import os
 
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

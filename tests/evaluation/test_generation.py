@@ -55,9 +55,10 @@ def test_build_writes_data_and_yaml(built, tmp_path):
     # cached by content: same folder again, another for other settings, no temp folders left
     assert build_exact_match_task(PROBLEMS, built.parent.parent, name="sekd_arith_x") == built
     other = build_exact_match_task(PROBLEMS, built.parent.parent, name="sekd_arith_x", max_gen_toks=8)
-    assert other != built and yaml.safe_load((other / "sekd_arith_x.yaml").read_text())["generation_kwargs"][
-        "max_gen_toks"
-    ] == 8
+    assert (
+        other != built
+        and yaml.safe_load((other / "sekd_arith_x.yaml").read_text())["generation_kwargs"]["max_gen_toks"] == 8
+    )
     elsewhere = build_exact_match_task(PROBLEMS, tmp_path, name="sekd_arith_x")
     assert elsewhere.name == built.name and (elsewhere / DATA_FILE).read_bytes() == (built / DATA_FILE).read_bytes()
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]
@@ -143,6 +144,7 @@ def test_simple_evaluate_with_canned_model(built, tmp_path):
     assert [strict[i]["resps"][0][0] for i in range(5)] == [CANNED[prompt_text(p["question"])] for p in PROBLEMS]
     assert [strict[i]["filtered_resps"][0] for i in range(5)] == ["7", "1234", "[invalid]", "41", "18."]
     assert [strict[i]["exact_match"] for i in range(5)] == [1, 1, 0, 0, 1]
+
 
 def test_arith_task_builder(tmp_path):
     folder = build_arith_task("validation", tmp_path, problems=PROBLEMS[:2], max_gen_toks=16)

@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sekd.evaluation.suites import (GSM8K_HELD_OUT, IFEVAL_MAX_GEN_TOKS, SUITES, get_suite,
-                                   lm_eval_tasks)
+from sekd.evaluation.suites import GSM8K_HELD_OUT, IFEVAL_MAX_GEN_TOKS, SUITES, get_suite, lm_eval_tasks
 from sekd.evaluation.tasks import task_configs
 
 
@@ -115,8 +114,9 @@ def gsm8k_validation_task(task_manager, tmp_path, n_rows, **suite_opts):
     """The derived sekd_gsm8k_validation task over n_rows stand-in training problems (the hub is out of reach)."""
     from lm_eval.api.task import ConfigurableTask
 
-    specs = {s["task"]: s for s in lm_eval_tasks(get_suite("validation", **suite_opts), task_manager)
-             if isinstance(s, dict)}
+    specs = {
+        s["task"]: s for s in lm_eval_tasks(get_suite("validation", **suite_opts), task_manager) if isinstance(s, dict)
+    }
     gsm_rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(n_rows)]
     return ConfigurableTask(
         config={

@@ -1,6 +1,7 @@
 """hydra/sweeper=sekd on the in-process launcher: every cell is validated before any runs, finished
 cells are skipped (a finished sweep does nothing and says so), one failing cell keeps the others'
 records, and a trained student is re-scored by another eval config without training again."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def test_one_invalid_cell_stops_the_sweep_before_anything_runs(tmp_path):
 
 def test_a_failing_cell_keeps_the_other_records_and_a_rerun_retries_only_it(tmp_path):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
-    lines = [json.dumps({"text": f"Sentence number {i} says that the cat sat on mat {i % 7} today."}) for i in range(120)]
+    lines = [
+        json.dumps({"text": f"Sentence number {i} says that the cat sat on mat {i % 7} today."}) for i in range(120)
+    ]
     good.write_text("\n".join(lines) + "\n")
     # well-formed (validation reads every line of a data file) but shorter than one sequence: fails while packing
     bad.write_text(lines[0] + "\n")
@@ -98,6 +101,7 @@ def test_stage_score_before_training_is_refused_and_train_then_score_gives_the_r
 
 def job_processes(sweep_pid: int) -> list[int]:
     """The submitit job processes (each runs one cell) below the sweep's process."""
+
     def cmdline(pid: int) -> bytes:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -111,10 +115,18 @@ def test_a_job_killed_outright_is_reported_and_its_checkpoint_kept_for_the_rerun
     """On the submitit launcher a job that dies without a result (here SIGKILLed once its step-2 checkpoint
     is written) makes submitit raise; the sweep says so in one line, and a re-run resumes the cell from
     its checkpoint."""
-    args = ["-m", *FAST, "train.steps=4", "train.ckpt_every=2", "experiment=se_kd", "hydra/launcher=local",
-            f"paths.root={tmp_path}"]
-    killed = sekd_train_killed(args, ready=lambda: any(tmp_path.glob("runs/*/checkpoint.pt")), env=OFFLINE,
-                               timeout=300, victims=job_processes)
+    args = [
+        "-m",
+        *FAST,
+        "train.steps=4",
+        "train.ckpt_every=2",
+        "experiment=se_kd",
+        "hydra/launcher=local",
+        f"paths.root={tmp_path}",
+    ]
+    killed = sekd_train_killed(
+        args, ready=lambda: any(tmp_path.glob("runs/*/checkpoint.pt")), env=OFFLINE, timeout=300, victims=job_processes
+    )
     assert killed.returncode == 1, killed.stderr[-2000:]
     assert "died without a result" in killed.stderr and "Re-run the sweep" in killed.stderr
     assert list(tmp_path.glob("runs/*/checkpoint.pt")) and not records(tmp_path)

@@ -9,6 +9,7 @@ a dispatch mode sees the tensors an op returns, but not what a kernel allocates 
 mixed-dtype in-place add, float32 += bfloat16, casts the bfloat16 operand to a float32 temporary of its
 full size inside `add_`); the profiler sees every allocation of the CPU allocator.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,10 +41,14 @@ def setup(seed: int = 0):
 
 
 CASES = {  # (selector, lam): the closed-form path (forward KL, lam = 1) and autograd paths
-    "closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
-                                     CRITERIA.build("forward_kl")), 1.0),
-    "autograd_lam": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
-                                      CRITERIA.build("forward_kl")), 0.6),
+    "closed_form": (
+        lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8), CRITERIA.build("forward_kl")),
+        1.0,
+    ),
+    "autograd_lam": (
+        lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8), CRITERIA.build("forward_kl")),
+        0.6,
+    ),
     "autograd_dkd": (lambda: Selector(None, POLICIES.build("all"), CRITERIA.build("dkd")), 1.0),
 }
 
@@ -54,8 +59,9 @@ def step(case: str, chunk_size: int, autocast: bool):
     sel, lam = CASES[case]
     h = h_s.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = chunked_kd_loss(h, head_s, h_t, head_t, y, sel(), vocab=V, lam=lam, temperature=1.0,
-                              chunk_size=chunk_size)
+        out = chunked_kd_loss(
+            h, head_s, h_t, head_t, y, sel(), vocab=V, lam=lam, temperature=1.0, chunk_size=chunk_size
+        )
         (out.loss_sum / out.weight).backward()
     return out.loss_sum.detach(), h.grad, head_s.weight.grad, head_s.bias.grad
 

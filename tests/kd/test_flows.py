@@ -1,6 +1,7 @@
 """The chunked flow (sekd/kd/flows.py) equals the dense reference on the heads' logits, in float64:
 loss, weight, draws, scores and every gradient (hidden states, head weight and bias); and it holds
 far less memory at a logit-heavy shape."""
+
 from __future__ import annotations
 
 import json
@@ -43,13 +44,28 @@ def batch(seed: int = 0):
 
 
 def sel(policy="all", signal=None, criterion="forward_kl", classes=None, normalization="sum", crit_opts=None, **opts):
-    return Selector(SIGNALS.get(signal) if signal else None, POLICIES.build(policy, **opts),
-                    CRITERIA.build(criterion, **(crit_opts or {})), signal_normalization=normalization,
-                    classes=classes)
+    return Selector(
+        SIGNALS.get(signal) if signal else None,
+        POLICIES.build(policy, **opts),
+        CRITERIA.build(criterion, **(crit_opts or {})),
+        signal_normalization=normalization,
+        classes=classes,
+    )
 
 
-def both(selector_fn, *, lam=1.0, temperature=1.0, normalization="per_sequence", chunk_size=7, seed=0,
-         cached=None, gen_seed=5, teacher=True, step=0):
+def both(
+    selector_fn,
+    *,
+    lam=1.0,
+    temperature=1.0,
+    normalization="per_sequence",
+    chunk_size=7,
+    seed=0,
+    cached=None,
+    gen_seed=5,
+    teacher=True,
+    step=0,
+):
     """(dense, chunked): StepOut and grads (h_s, W, b) of loss_sum / weight for each flow."""
     head_s, head_t = heads(seed)
     h_s, h_t, y = batch(seed)
@@ -58,15 +74,30 @@ def both(selector_fn, *, lam=1.0, temperature=1.0, normalization="per_sequence",
     for flow in ("dense", "chunked"):
         head_s.zero_grad()
         h = h_s.clone().requires_grad_()
-        kw = dict(lam=lam, temperature=temperature, normalization=normalization, cached=cached,
-                  generator=torch.Generator().manual_seed(gen_seed), step=step)
+        kw = dict(
+            lam=lam,
+            temperature=temperature,
+            normalization=normalization,
+            cached=cached,
+            generator=torch.Generator().manual_seed(gen_seed),
+            step=step,
+        )
         if flow == "dense":
             s_logits = F.linear(h, head_s.weight, head_s.bias)[..., :V]
             t_logits = F.linear(h_t, head_t.weight, head_t.bias)[..., :V] if h_t is not None else None
             out = selective_kd_loss(s_logits, t_logits, y, selector_fn(), **kw)
         else:
-            out = chunked_kd_loss(h, head_s, h_t, head_t if h_t is not None else None, y, selector_fn(), vocab=V,
-                                  chunk_size=chunk_size, **kw)
+            out = chunked_kd_loss(
+                h,
+                head_s,
+                h_t,
+                head_t if h_t is not None else None,
+                y,
+                selector_fn(),
+                vocab=V,
+                chunk_size=chunk_size,
+                **kw,
+            )
         (out.loss_sum / max(out.weight, 1e-12)).backward()
         results.append((out, (h.grad, head_s.weight.grad.clone(), head_s.bias.grad.clone())))
     return results
@@ -101,12 +132,14 @@ CASES = {
     "reverse_kl": lambda: sel("top_k", "student_entropy", "reverse_kl", k=0.5),
     "dkd": lambda: sel("all", None, "dkd", crit_opts={"beta": 4.0}),
     "atkd": lambda: sel("all", None, "atkd"),
-    "atkd_options": lambda: sel("top_k", "student_entropy", "atkd", k=0.6,
-                                crit_opts={"hard_fraction": 0.3, "easy_weight": 0.1}),
+    "atkd_options": lambda: sel(
+        "top_k", "student_entropy", "atkd", k=0.6, crit_opts={"hard_fraction": 0.3, "easy_weight": 0.1}
+    ),
     "weighted": lambda: sel("top_k", "student_entropy", "weighted", k=0.5),
     "weighted_all": lambda: sel("all", "teacher_ce", "weighted"),
-    "top_k_truncation": lambda: sel("top_k", "student_entropy", k=0.4,
-                                    classes=CLASSES.build("top_k_truncation", top=5)),
+    "top_k_truncation": lambda: sel(
+        "top_k", "student_entropy", k=0.4, classes=CLASSES.build("top_k_truncation", top=5)
+    ),
 }
 
 
@@ -181,8 +214,18 @@ def test_selective_heads_run_only_where_needed():
     n_valid = int((y != IGNORE).sum())
 
     def run(selector):
-        return chunked_kd_loss(h_s.clone().requires_grad_(), head_s, h_t, head_t, y, selector, vocab=V,
-                               lam=1.0, temperature=1.0, chunk_size=4).metrics
+        return chunked_kd_loss(
+            h_s.clone().requires_grad_(),
+            head_s,
+            h_t,
+            head_t,
+            y,
+            selector,
+            vocab=V,
+            lam=1.0,
+            temperature=1.0,
+            chunk_size=4,
+        ).metrics
 
     m = run(sel("top_k", "student_entropy", k=0.2))  # SE-KD: teacher head at the selected positions only
     assert m["head_positions_teacher"] == m["positions_selected"] < n_valid
@@ -204,11 +247,27 @@ def test_tied_head_and_frozen_head():
         head_s.zero_grad()
         h = h_s + emb(x)
         if flow == "dense":
-            out = selective_kd_loss(F.linear(h, head_s.weight)[..., :V], F.linear(h_t, head_t.weight)[..., :V], y,
-                                    sel("top_k", "student_entropy", k=0.3), lam=1.0, temperature=1.0)
+            out = selective_kd_loss(
+                F.linear(h, head_s.weight)[..., :V],
+                F.linear(h_t, head_t.weight)[..., :V],
+                y,
+                sel("top_k", "student_entropy", k=0.3),
+                lam=1.0,
+                temperature=1.0,
+            )
         else:
-            out = chunked_kd_loss(h, head_s, h_t, head_t, y, sel("top_k", "student_entropy", k=0.3), vocab=V,
-                                  lam=1.0, temperature=1.0, chunk_size=5)
+            out = chunked_kd_loss(
+                h,
+                head_s,
+                h_t,
+                head_t,
+                y,
+                sel("top_k", "student_entropy", k=0.3),
+                vocab=V,
+                lam=1.0,
+                temperature=1.0,
+                chunk_size=5,
+            )
         out.loss_sum.backward()
         if flow == "dense":
             dense_grad = head_s.weight.grad.clone()
@@ -238,16 +297,26 @@ def test_errors_match_the_dense_flow():
     with pytest.raises(ValueError, match="wider than the LM head"):
         chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel("all"), vocab=V + PAD + 1, lam=1.0, temperature=1.0)
     with pytest.raises(ValueError, match="normalization"):
-        chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0,
-                        normalization="mean")
+        chunked_kd_loss(
+            h_s, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0, normalization="mean"
+        )
 
 
 def test_no_valid_target_gives_zero_loss_and_grads():
     h_s, h_t, y = batch()
     head_s, head_t = heads()
     h = h_s.clone().requires_grad_()
-    out = chunked_kd_loss(h, head_s, h_t, head_t, torch.full_like(y, IGNORE), sel("top_k", "student_entropy", k=0.2),
-                          vocab=V, lam=1.0, temperature=1.0)
+    out = chunked_kd_loss(
+        h,
+        head_s,
+        h_t,
+        head_t,
+        torch.full_like(y, IGNORE),
+        sel("top_k", "student_entropy", k=0.2),
+        vocab=V,
+        lam=1.0,
+        temperature=1.0,
+    )
     out.loss_sum.backward()
     assert out.weight == 0.0 and float(out.loss_sum.detach()) == 0.0 and not h.grad.any()
 
@@ -289,8 +358,9 @@ PEAK = textwrap.dedent("""
 def peak_rss(flow: str, signal: str) -> dict:
     from tests.helpers import ROOT
 
-    res = subprocess.run([sys.executable, "-c", PEAK, flow, signal], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK, flow, signal], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -312,9 +382,17 @@ def test_tiny_qwen3_pair_trainer_recipe():
 
     def model(d, layers, seed):
         torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=V + PAD, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=d // 2, tie_word_embeddings=True,
-                          use_cache=False)
+        cfg = Qwen3Config(
+            vocab_size=V + PAD,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=d // 2,
+            tie_word_embeddings=True,
+            use_cache=False,
+        )
         return Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
 
     student, teacher = model(16, 1, 0), model(32, 2, 1).requires_grad_(False)
@@ -326,14 +404,24 @@ def test_tiny_qwen3_pair_trainer_recipe():
         student.zero_grad()
         kw = dict(lam=0.8, temperature=1.0, generator=torch.Generator().manual_seed(0))
         if flow == "dense":
-            out = selective_kd_loss(student(input_ids=x).logits[..., :V], teacher(input_ids=x).logits[..., :V], y,
-                                    selector(), **kw)
+            out = selective_kd_loss(
+                student(input_ids=x).logits[..., :V], teacher(input_ids=x).logits[..., :V], y, selector(), **kw
+            )
         else:
             h_s = student.get_decoder()(input_ids=x).last_hidden_state  # [B,T,d]
             with torch.no_grad():
                 h_t = teacher.get_decoder()(input_ids=x).last_hidden_state
-            out = chunked_kd_loss(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(), y,
-                                  selector(), vocab=V, chunk_size=4, **kw)
+            out = chunked_kd_loss(
+                h_s,
+                student.get_output_embeddings(),
+                h_t,
+                teacher.get_output_embeddings(),
+                y,
+                selector(),
+                vocab=V,
+                chunk_size=4,
+                **kw,
+            )
         (out.loss_sum / out.weight).backward()
         grads[flow] = {n: p.grad.clone() for n, p in student.named_parameters()}
     assert grads["dense"].keys() == grads["chunked"].keys()

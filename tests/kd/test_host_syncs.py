@@ -10,6 +10,7 @@ device (sekd/core/rng.py `PositionKeys`). On-policy sampling checks whether ever
 Counted on CPU by wrapping the Tensor methods that read values to the host; the numbers themselves are
 held equal across chunkings and samplings by tests/kd/test_protocols.py, test_flows.py, test_on_policy.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def host_syncs(skip: tuple[str, ...] = (), only: str = ""):
             if not where.endswith(skip) and only in where:
                 seen[name, os.path.basename(where)] += 1
             return orig(self, *args, **kwargs)
+
         return call
 
     for name, orig in originals.items():
@@ -56,14 +58,25 @@ def host_syncs(skip: tuple[str, ...] = (), only: str = ""):
 
 
 CASES = {
-    "forward_kl_closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
-                                                CRITERIA.build("forward_kl")), 1.0),
-    "reverse_kl_closed_form": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
-                                                CRITERIA.build("reverse_kl")), 1.0),
+    "forward_kl_closed_form": (
+        lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8), CRITERIA.build("forward_kl")),
+        1.0,
+    ),
+    "reverse_kl_closed_form": (
+        lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8), CRITERIA.build("reverse_kl")),
+        1.0,
+    ),
     # rs_kd's sparse target has a data-dependent width per chunk (the most distinct classes a position drew,
     # sekd/selection/draws.py): those reads are its own; what is held here is the positions' keys (sekd/core/rng.py)
-    "rs_kd_keys": (lambda: Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.8),
-                                    CRITERIA.build("forward_kl"), classes=CLASSES.build("rs_kd", n_draws=8)), 0.7),
+    "rs_kd_keys": (
+        lambda: Selector(
+            SIGNALS.get("student_entropy"),
+            POLICIES.build("top_k", k=0.8),
+            CRITERIA.build("forward_kl"),
+            classes=CLASSES.build("rs_kd", n_draws=8),
+        ),
+        0.7,
+    ),
 }
 
 
@@ -74,8 +87,20 @@ def chunked_step_syncs(case: str, chunk_size: int) -> Counter:
     h = h_s.clone().requires_grad_()
     selector = sel()
     with host_syncs(skip=("sekd/selection/draws.py",) if case == "rs_kd_keys" else ()) as seen:
-        out = chunked_kd_loss(h, head_s, h_t, head_t, y, selector, vocab=V, lam=lam, temperature=1.0,
-                              chunk_size=chunk_size, generator=torch.Generator().manual_seed(0), rows=[4, 5, 6])
+        out = chunked_kd_loss(
+            h,
+            head_s,
+            h_t,
+            head_t,
+            y,
+            selector,
+            vocab=V,
+            lam=lam,
+            temperature=1.0,
+            chunk_size=chunk_size,
+            generator=torch.Generator().manual_seed(0),
+            rows=[4, 5, 6],
+        )
         out.loss_sum.backward()
     return seen
 
@@ -94,9 +119,19 @@ def tiny_student(vocab: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, eos_token_id=1, pad_token_id=0,
-                      bos_token_id=None, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
 
 
@@ -107,8 +142,16 @@ def sampled(model, vocab: int, max_new: int, top_p: float) -> tuple[list[torch.T
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, vocab, (n,), generator=g) for n in (2, 5, 9)]
     with host_syncs(only=os.sep + "sekd" + os.sep) as seen:  # the model's own forward is not sekd's to change
-        answers = sample_answers(model, prompts, pad_id=0, eos_id=1, temperature=1.5, top_p=top_p,
-                                 max_new_tokens=max_new, keys=RowKeys.of_samples(3, 0, range(3)))
+        answers = sample_answers(
+            model,
+            prompts,
+            pad_id=0,
+            eos_id=1,
+            temperature=1.5,
+            top_p=top_p,
+            max_new_tokens=max_new,
+            keys=RowKeys.of_samples(3, 0, range(3)),
+        )
     return answers, seen
 
 

@@ -1,4 +1,5 @@
 """The selective objective (docs/method.md §2) against a dense float64 reference, values and gradients."""
+
 import math
 
 import pytest
@@ -75,8 +76,9 @@ def test_loss_is_additive_over_micro_batches():
         num = den = 0.0
         start = 0
         for n in split:
-            part = selective_kd_loss(s[start:start + n], t[start:start + n], y[start:start + n], full_kd(),
-                                     lam=1.0, temperature=1.0)
+            part = selective_kd_loss(
+                s[start : start + n], t[start : start + n], y[start : start + n], full_kd(), lam=1.0, temperature=1.0
+            )
             num, den, start = num + part.loss_sum, den + part.weight, start + n
         assert math.isclose(float((num / den).detach()), float(whole.loss_sum.detach() / whole.weight), rel_tol=1e-12)
 

@@ -1,5 +1,6 @@
 """Selection through the objective: k = 1 equals Full KD, Pos RS-KD(*) estimators are unbiased,
 weighted KD, the signal's temperature, and a stateful policy's checkpoint."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,15 +60,17 @@ def tiled(s, t, y):
 def monte_carlo(s, t, y, policy, temperature=1.0, **opts):
     """Mean and standard error over R draws of the per-batch loss, and the objective's own mean."""
     S_, T_, Y_ = tiled(s, t, y)
-    out = selective_kd_loss(S_, T_, Y_, sel(policy, **opts), lam=1.0, temperature=temperature,
-                            generator=torch.Generator().manual_seed(123))
+    out = selective_kd_loss(
+        S_, T_, Y_, sel(policy, **opts), lam=1.0, temperature=temperature, generator=torch.Generator().manual_seed(123)
+    )
     mean_obj = (out.loss_sum / out.weight).item()
     # per-draw batch losses, from the same draws: L_i = sum_j w_j l(t_j) / K_i, batch = mean_i L_i
     valid = Y_ != IGNORE
     rows, cols = valid.nonzero(as_tuple=True)
     ell = torch.zeros(Y_.shape)
-    ell[rows, cols] = temperature**2 * CRITERIA.get("forward_kl")(S_[rows, cols], T_[rows, cols], Y_[rows, cols],
-                                                                 temperature=temperature)
+    ell[rows, cols] = temperature**2 * CRITERIA.get("forward_kl")(
+        S_[rows, cols], T_[rows, cols], Y_[rows, cols], temperature=temperature
+    )
     L_i = (out.draws.dense(T) * ell).sum(-1) / out.draws.count()
     per_draw = L_i.view(R, B).double().mean(-1)
     assert per_draw.mean().item() == pytest.approx(mean_obj, rel=1e-4)
@@ -80,13 +83,19 @@ def weighted_kd(s, t, y, signal="student_entropy", power=1.0, temperature=1.0):
     u = importance(SIGNALS.get(signal), s, t, y, valid).double().masked_fill(~valid, 0.0).clamp_min(0) ** power
     rows, cols = valid.nonzero(as_tuple=True)
     ell = torch.zeros(B, T, dtype=torch.float64)
-    ell[rows, cols] = temperature**2 * CRITERIA.get("forward_kl")(s[rows, cols], t[rows, cols], y[rows, cols],
-                                                                 temperature=temperature).double()
+    ell[rows, cols] = (
+        temperature**2
+        * CRITERIA.get("forward_kl")(s[rows, cols], t[rows, cols], y[rows, cols], temperature=temperature).double()
+    )
     return ((u * ell).sum(-1) / u.sum(-1)).mean().item()
 
 
-SAMPLING_OPTS = [{"k": 0.25}, {"k": 0.25, "tau": 2.0}, {"k": 0.5, "coverage": 0.5},
-                 {"k": 0.5, "tau": 0.5, "coverage": 0.3}]
+SAMPLING_OPTS = [
+    {"k": 0.25},
+    {"k": 0.25, "tau": 2.0},
+    {"k": 0.5, "coverage": 0.5},
+    {"k": 0.5, "tau": 0.5, "coverage": 0.3},
+]
 
 
 @pytest.mark.parametrize("opts", SAMPLING_OPTS)
@@ -97,8 +106,10 @@ def test_pos_rs_is_unbiased_for_weighted_kd(opts):
     assert abs(mean - target) < 4 * se, (mean, target, se)
 
 
-@pytest.mark.parametrize("signal, opts", [("student_entropy", o) for o in SAMPLING_OPTS]
-                         + [("teacher_ce", {"k": 0.25, "tau": 2.0, "coverage": 0.5})])
+@pytest.mark.parametrize(
+    "signal, opts",
+    [("student_entropy", o) for o in SAMPLING_OPTS] + [("teacher_ce", {"k": 0.25, "tau": 2.0, "coverage": 0.5})],
+)
 def test_pos_rs_star_is_unbiased_for_full_kd(signal, opts):
     s, t, y = batch(3)
     full = loss(s, t, y, sel("all", None)).item()
@@ -177,6 +188,7 @@ def test_draws_with_zero_weight_rows_drop_out():
         m[1:] = False
         return Draws.from_mask(m)
 
-    out = selective_kd_loss(s, t, y, Selector(None, first_row_only, CRITERIA.get("forward_kl")), lam=1.0,
-                            temperature=1.0)
+    out = selective_kd_loss(
+        s, t, y, Selector(None, first_row_only, CRITERIA.get("forward_kl")), lam=1.0, temperature=1.0
+    )
     assert out.weight == 1.0

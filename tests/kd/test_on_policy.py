@@ -3,6 +3,7 @@ right-aligned rows give every real position its unpadded logits, sampling draws 
 key whatever the batch, follows the top-p/temperature distribution, and leaves the global RNG and the
 model's mode alone, reverse KL and selection act on generated positions only, and the on/off-policy
 mixing schedule."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,19 @@ import pytest
 import torch
 
 from sekd.kd.objective import Selector, selective_kd_loss
-from sekd.kd.on_policy import (IGNORE, Rollout, answer_caps, build_rollout, draw_tokens, left_pad, nucleus,
-                               on_policy_count, on_policy_step, rollout, sample_answers)
+from sekd.kd.on_policy import (
+    IGNORE,
+    Rollout,
+    answer_caps,
+    build_rollout,
+    draw_tokens,
+    left_pad,
+    nucleus,
+    on_policy_count,
+    on_policy_step,
+    rollout,
+    sample_answers,
+)
 from sekd.core.rng import RowKeys
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES, n_select
@@ -27,9 +39,19 @@ def tiny(seed: int, d: int = 32, layers: int = 2):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=d // 2, eos_token_id=EOS,
-                      pad_token_id=PAD, bos_token_id=None, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=V,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=d // 2,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
 
 
@@ -54,8 +76,16 @@ def keys(seed: int, n: int = len(LENGTHS)) -> RowKeys:
 
 
 def sample(model, ps, seed, pad=PAD, temperature=1.5, top_p=1.0, max_new=MAX_NEW):
-    return sample_answers(model, ps, pad_id=pad, eos_id=EOS, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new, keys=keys(seed, len(ps)))
+    return sample_answers(
+        model,
+        ps,
+        pad_id=pad,
+        eos_id=EOS,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new,
+        keys=keys(seed, len(ps)),
+    )
 
 
 def roll(model, ps, seed, **kw):
@@ -81,7 +111,7 @@ def greedy_unpadded(model, prompt, max_new) -> torch.Tensor:
             seq = torch.cat([seq, nxt[None]])
             if int(nxt) == EOS:
                 break
-    return seq[prompt.numel():]
+    return seq[prompt.numel() :]
 
 
 # ---- padding and the mask -------------------------------------------------------------------
@@ -110,9 +140,9 @@ def test_mask_covers_exactly_the_generated_tokens(student, pad):
         assert int((a == EOS).sum()) == (a.numel() < MAX_NEW) and (a.numel() == MAX_NEW or int(a[-1]) == EOS)
         w = torch.cat([p, a])
         assert r.input_ids[i, : n[i]].tolist() == w[: r.input_ids.shape[1]].tolist()
-        assert (r.input_ids[i, n[i]:] == pad).all()
+        assert (r.input_ids[i, n[i] :] == pad).all()
         expected = torch.full((r.labels.shape[1],), IGNORE)
-        expected[p.numel() - 1: n[i] - 1] = a  # position t predicts w[t+1]: the generated tokens
+        expected[p.numel() - 1 : n[i] - 1] = a  # position t predicts w[t+1]: the generated tokens
         assert r.labels[i].tolist() == expected.tolist()
         assert int((r.labels[i] != IGNORE).sum()) == a.numel()
 
@@ -212,19 +242,43 @@ def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
     """Row i's answer is the same alone, in another order, beside other prompts, and under a longer cap
     (its shorter-capped answer is a prefix): what lets 2 ranks draw what 1 process draws."""
     ps, k = prompts(), keys(4)
-    batch = sample_answers(student, ps, pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95, max_new_tokens=MAX_NEW,
-                           keys=k)
+    batch = sample_answers(
+        student, ps, pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95, max_new_tokens=MAX_NEW, keys=k
+    )
     other = prompts((15, 1), seed=9)
-    mixed = sample_answers(student, [other[0], ps[2], other[1], ps[0]], pad_id=PAD, eos_id=EOS, temperature=0.9,
-                           top_p=0.95, max_new_tokens=[3, MAX_NEW, 20, MAX_NEW],
-                           keys=RowKeys((99, k.keys[2], 98, k.keys[0])))
+    mixed = sample_answers(
+        student,
+        [other[0], ps[2], other[1], ps[0]],
+        pad_id=PAD,
+        eos_id=EOS,
+        temperature=0.9,
+        top_p=0.95,
+        max_new_tokens=[3, MAX_NEW, 20, MAX_NEW],
+        keys=RowKeys((99, k.keys[2], 98, k.keys[0])),
+    )
     assert mixed[1].tolist() == batch[2].tolist() and mixed[3].tolist() == batch[0].tolist()
     for i, p in enumerate(ps):
-        alone = sample_answers(student, [p], pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95,
-                               max_new_tokens=MAX_NEW, keys=RowKeys((k.keys[i],)))
+        alone = sample_answers(
+            student,
+            [p],
+            pad_id=PAD,
+            eos_id=EOS,
+            temperature=0.9,
+            top_p=0.95,
+            max_new_tokens=MAX_NEW,
+            keys=RowKeys((k.keys[i],)),
+        )
         assert alone[0].tolist() == batch[i].tolist()
-        short = sample_answers(student, [p], pad_id=PAD, eos_id=EOS, temperature=0.9, top_p=0.95, max_new_tokens=4,
-                               keys=RowKeys((k.keys[i],)))
+        short = sample_answers(
+            student,
+            [p],
+            pad_id=PAD,
+            eos_id=EOS,
+            temperature=0.9,
+            top_p=0.95,
+            max_new_tokens=4,
+            keys=RowKeys((k.keys[i],)),
+        )
         assert short[0].tolist() == batch[i][:4].tolist()
     assert len({tuple(a.tolist()) for a in batch}) == 3  # the keys differ, so do the answers
 
@@ -237,8 +291,16 @@ def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(
     from sekd.core.rng import step_keys
 
     ps = prompts((2, 5, 9, 4), seed=1)
-    op = OnPolicy(prompts=lambda idx: [ps[i] for i in idx], pad_id=PAD, eos_id=EOS, mix=1.0, temperature=1.5,
-                  top_p=0.95, max_new_tokens=MAX_NEW, seq_len=16)
+    op = OnPolicy(
+        prompts=lambda idx: [ps[i] for i in idx],
+        pad_id=PAD,
+        eos_id=EOS,
+        mix=1.0,
+        temperature=1.5,
+        top_p=0.95,
+        max_new_tokens=MAX_NEW,
+        seq_len=16,
+    )
     gen = torch.Generator().manual_seed(1234)
 
     def batch(idx, step=3):
@@ -317,8 +379,16 @@ def test_sampled_tokens_follow_the_top_p_temperature_distribution(peaked, temper
     within 4.5 binomial standard deviations (a false alarm over 2 x 50 classes: ~1e-3; the draws are
     seeded, so the test is deterministic), and a class outside the nucleus is never drawn."""
     student, p, N = peaked, prompts((6,), seed=3)[0], 8000
-    got = sample_answers(student, [p] * N, pad_id=PAD, eos_id=EOS, temperature=temperature, top_p=top_p,
-                         max_new_tokens=2, keys=keys(0, N))
+    got = sample_answers(
+        student,
+        [p] * N,
+        pad_id=PAD,
+        eos_id=EOS,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=2,
+        keys=keys(0, N),
+    )
     with torch.no_grad():
         z1 = student(input_ids=p[None]).logits[0, -1]
     q1 = nucleus_by_hand(z1, temperature, top_p)
@@ -353,8 +423,18 @@ def test_no_top_k_truncation():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(2)
-    cfg = Qwen3Config(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=8, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    cfg = Qwen3Config(
+        vocab_size=120,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=None,
+    )
     model = Qwen3ForCausalLM._from_config(cfg, dtype=torch.float64)
     r = roll(model, prompts(), 0, temperature=100.0)
     with torch.no_grad():

@@ -17,6 +17,7 @@ What each combination checks:
 - a sparse class target (a selector or the cache) with a criterion that declares no sparse form:
   the protocol refuses it, as config.validate refuses that config; the test asserts the refusal.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -62,8 +63,15 @@ def test_chunked_equals_dense_for_every_combination(crit, policy, classes):
     random_classes = classes in CLASSES and CLASSES.get(classes).random
     cached = cached_targets() if classes == "cached" else None
     for chunk_size in [3, 1000] if random_classes else [3]:
-        d, c = both(lambda: selector(crit, policy, classes), chunk_size=chunk_size, step=STEP, seed=3,
-                    cached=cached, teacher=cached is None, lam=0.7)
+        d, c = both(
+            lambda: selector(crit, policy, classes),
+            chunk_size=chunk_size,
+            step=STEP,
+            seed=3,
+            cached=cached,
+            teacher=cached is None,
+            lam=0.7,
+        )
         assert_same(d, c)
         assert c[0].metrics["positions_selected"] > 3, "3 positions a chunk must split the selected positions"
 
@@ -89,7 +97,9 @@ def assert_refused(crit: str, policy: str, classes: str) -> None:
 def test_sparse_capable_criteria_are_the_ones_config_allows():
     from tests.helpers import compose_cfg
 
-    from sekd.app.checks import ConfigError, validate
+    from sekd.core.errors import ConfigError
+
+    from sekd.app.checks import validate
 
     for name in CRITERIA.names():
         cfg = compose_cfg(["classes=rs_kd", f"criterion={name}"])
@@ -115,23 +125,38 @@ def test_every_criterion_declares_how_it_may_be_chunked(name):
 
 def test_declarations_of_the_registered_pieces():
     couplings = {n: CRITERIA.get(n).coupling for n in CRITERIA.names()}
-    assert couplings == {"forward_kl": "pointwise", "reverse_kl": "pointwise", "dkd": "pointwise",
-                         "atkd": "batch", "weighted": "batch"}
+    assert couplings == {
+        "forward_kl": "pointwise",
+        "reverse_kl": "pointwise",
+        "dkd": "pointwise",
+        "atkd": "batch",
+        "weighted": "batch",
+    }
     assert CRITERIA.get("atkd").needs == {"teacher"} and CRITERIA.get("weighted").needs == {"u"}
     assert sparse_capable() == ["forward_kl"]
     assert all(isinstance(CLASSES.get(n), ClassSampler) for n in CLASSES.names())
     assert {n: CLASSES.get(n).random for n in CLASSES.names()} == {"rs_kd": True, "top_k_truncation": False}
     traits = {n: (p.random, p.stepped, p.stateful) for n in POLICIES.names() for p in [build_policy(n)]}
     assert all(isinstance(build_policy(n), PolicyPiece) for n in POLICIES.names())
-    assert traits == {"all": (False, False, False), "top_k": (False, False, False), "random": (True, False, False),
-                      "curriculum": (False, True, False), "gls": (False, False, True),
-                      "pos_rs": (True, False, False), "pos_rs_star": (True, False, False)}
+    assert traits == {
+        "all": (False, False, False),
+        "top_k": (False, False, False),
+        "random": (True, False, False),
+        "curriculum": (False, True, False),
+        "gls": (False, False, True),
+        "pos_rs": (True, False, False),
+        "pos_rs_star": (True, False, False),
+    }
     assert {n: (SIGNALS.get(n).random, SIGNALS.get(n).needs_teacher) for n in ("random", "kl", SIGNAL)} == {
-        "random": (True, False), "kl": (False, True), SIGNAL: (False, False)}
+        "random": (True, False),
+        "kl": (False, True),
+        SIGNAL: (False, False),
+    }
 
 
 def test_a_batch_level_criterion_without_a_prepare_step_is_refused():
     """It could only run as one [N,V] chunk: refused when declared, so it never reaches the registry."""
+
     def coupled(s, t, y, *, temperature=1.0, row=None, u=None):
         return forward_kl(s, t, y, temperature=temperature)
 
@@ -148,6 +173,7 @@ def test_a_batch_level_criterion_without_a_prepare_step_is_refused():
 def test_a_new_batch_level_criterion_with_a_prepare_step_is_chunked_exactly():
     """D_t = KL_t - mean over the batch's selected positions of the teacher's target probability: a
     batch quantity from a no-grad teacher pass, declared, so the chunked flow needs no knowledge of it."""
+
     def dense(s, t, y, *, temperature=1.0, row=None, u=None):
         p_y = torch.softmax(t.double() / temperature, -1).gather(1, y.unsqueeze(-1)).squeeze(-1)
         return forward_kl(s, t, y, temperature=temperature) * (1 + p_y.mean())

@@ -6,6 +6,7 @@ GLS sees the scores of every rank through `gather` and keeps one queue; curricul
 "Two ranks" here are two calls on the halves of one batch, as the loop splits a global micro-batch in rank
 order; the real 2-process runs are tests/test_distributed.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -45,8 +46,13 @@ def per_row(d, i):
     return d.index[i][d.mask[i]].tolist(), d.weight[i][d.mask[i]].tolist()
 
 
-POLICY_CASES = {"random": dict(k=0.4), "pos_rs": dict(k=0.5, tau=0.5), "pos_rs_star": dict(k=0.6, coverage=0.3),
-                "curriculum": dict(k=0.3, S=100), "top_k": dict(k=0.3)}
+POLICY_CASES = {
+    "random": dict(k=0.4),
+    "pos_rs": dict(k=0.5, tau=0.5),
+    "pos_rs_star": dict(k=0.6, coverage=0.3),
+    "curriculum": dict(k=0.3, S=100),
+    "top_k": dict(k=0.3),
+}
 
 
 @pytest.mark.parametrize("name", sorted(POLICY_CASES))
@@ -58,8 +64,11 @@ def test_a_policy_draws_per_sample_whatever_the_batch(name):
     whole = policy(u, valid, keys=keys(IDX), step=STEP) if policy.random else policy(u, valid, step=STEP)
     for part in HALVES:
         rows = IDX[part]
-        half = policy(u[part], valid[part], keys=keys(rows), step=STEP) if policy.random else \
-            policy(u[part], valid[part], step=STEP)
+        half = (
+            policy(u[part], valid[part], keys=keys(rows), step=STEP)
+            if policy.random
+            else policy(u[part], valid[part], step=STEP)
+        )
         for j, i in enumerate(range(B)[part]):
             assert per_row(half, j) == per_row(whole, i)
     perm = [4, 0, 5, 2, 1, 3]
@@ -75,12 +84,20 @@ def test_the_random_signal_draws_per_sample():
     _, _, y = inputs()
     valid = y != IGNORE
     whole = importance(SIGNALS.get("random"), None, None, y, valid, keys=keys(IDX))
-    halves = torch.cat([importance(SIGNALS.get("random"), None, None, y[p], valid[p], keys=keys(IDX[p])) for p in HALVES])
+    halves = torch.cat(
+        [importance(SIGNALS.get("random"), None, None, y[p], valid[p], keys=keys(IDX[p])) for p in HALVES]
+    )
     assert torch.equal(whole, halves)
     # a longer (padded) batch keeps each row's numbers at its own positions: a stream's prefix
     longer = torch.cat([y, torch.full((B, 5), IGNORE)], 1)
-    wide = importance(SIGNALS.get("random"), None, None, longer, torch.cat([valid, torch.ones(B, 5, dtype=torch.bool)], 1),
-                 keys=keys(IDX))
+    wide = importance(
+        SIGNALS.get("random"),
+        None,
+        None,
+        longer,
+        torch.cat([valid, torch.ones(B, 5, dtype=torch.bool)], 1),
+        keys=keys(IDX),
+    )
     assert torch.equal(wide[:, :T][valid], whole[valid])
 
 
@@ -118,8 +135,12 @@ def run_flow(flow, name, part, *, rows, chunk_size=4, gather=None, policy=None):
     from sekd.selection.criteria import CRITERIA
 
     signal, pol, opts, classes = SELECTORS[name] if name in SELECTORS else ("student_entropy", None, None, None)
-    sel = Selector(SIGNALS.get(signal) if signal else None, policy or POLICIES.build(pol, **opts),
-                   CRITERIA.build("forward_kl"), classes=CLASSES.build(classes, n_draws=8) if classes else None)
+    sel = Selector(
+        SIGNALS.get(signal) if signal else None,
+        policy or POLICIES.build(pol, **opts),
+        CRITERIA.build("forward_kl"),
+        classes=CLASSES.build(classes, n_draws=8) if classes else None,
+    )
     g = torch.Generator().manual_seed(1)
     h_s = torch.randn(B, T, 5, generator=g, dtype=torch.float64)[part].requires_grad_()
     h_t = torch.randn(B, T, 4, generator=g, dtype=torch.float64)[part]
@@ -129,11 +150,13 @@ def run_flow(flow, name, part, *, rows, chunk_size=4, gather=None, policy=None):
         for p in [*head_s.parameters(), *head_t.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
     y = inputs()[2][part]
-    kw = dict(lam=0.8, temperature=1.0, generator=torch.Generator().manual_seed(SEED), step=STEP, rows=rows,
-              gather=gather)
+    kw = dict(
+        lam=0.8, temperature=1.0, generator=torch.Generator().manual_seed(SEED), step=STEP, rows=rows, gather=gather
+    )
     if flow == "dense":
-        out = selective_kd_loss(F.linear(h_s, head_s.weight, head_s.bias), F.linear(h_t, head_t.weight, head_t.bias),
-                                y, sel, **kw)
+        out = selective_kd_loss(
+            F.linear(h_s, head_s.weight, head_s.bias), F.linear(h_t, head_t.weight, head_t.bias), y, sel, **kw
+        )
     else:
         out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel, vocab=V, chunk_size=chunk_size, **kw)
     out.loss_sum.backward()
@@ -201,8 +224,9 @@ def test_keys_depend_on_seed_step_and_sample_only():
     assert len({keys([3]).keys, keys([3], step=STEP + 1).keys, keys([3], seed=SEED + 1).keys, keys([4]).keys}) == 4
     g = keys([3]).generator(0, "a")
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=keys([3]).generator(0, "a")))
-    assert not torch.equal(torch.rand(4, generator=keys([3]).generator(0, "a")),
-                           torch.rand(4, generator=keys([3]).generator(0, "b")))
+    assert not torch.equal(
+        torch.rand(4, generator=keys([3]).generator(0, "a")), torch.rand(4, generator=keys([3]).generator(0, "b"))
+    )
 
 
 def test_keyed_pos_rs_draws_follow_q_over_many_samples():

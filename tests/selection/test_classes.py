@@ -1,4 +1,5 @@
 """The class axis: sparse targets, RS-KD's unbiased gradient, truncation, and the objective with them."""
+
 import pytest
 import torch
 
@@ -27,8 +28,10 @@ def test_sparse_kl_against_a_float64_loop():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
     got = sparse_forward_kl(s, SparseTarget(ids, probs, mask), 1.0)
     logq = torch.log_softmax(s, -1)
-    want = [sum(float(probs[n, k]) * (torch.log(probs[n, k]) - logq[n, ids[n, k]]) for k in range(3) if mask[n, k])
-            for n in range(3)]
+    want = [
+        sum(float(probs[n, k]) * (torch.log(probs[n, k]) - logq[n, ids[n, k]]) for k in range(3) if mask[n, k])
+        for n in range(3)
+    ]
     torch.testing.assert_close(got, torch.stack(want))
 
 

@@ -1,4 +1,5 @@
 """Alignment criteria D: hand-computed cases, float64 references, and a contract over CRITERIA."""
+
 from __future__ import annotations
 
 import math
@@ -117,16 +118,18 @@ def test_dkd_matches_the_papers_reference_code(temperature):
     for i in range(len(y)):
         ref = dkd_paper64(s[i].numpy(), t[i].numpy(), int(y[i]), temperature, 1.0, 8.0)
         assert d[i].item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
-        assert tckd(s[i:i + 1], t[i:i + 1], y[i:i + 1], temperature).item() == pytest.approx(
-            tckd64(s[i].numpy(), t[i].numpy(), int(y[i]), temperature), rel=1e-4, abs=1e-6)
+        assert tckd(s[i : i + 1], t[i : i + 1], y[i : i + 1], temperature).item() == pytest.approx(
+            tckd64(s[i].numpy(), t[i].numpy(), int(y[i]), temperature), rel=1e-4, abs=1e-6
+        )
 
 
 def test_kl_decomposes_into_tckd_and_nckd():
     """KL = TCKD + (1 - p_t(y)) NCKD (Zhao et al. 2022, eq. 4)."""
     s, t, y, _, _ = flat(seed=2)
     p_y = torch.softmax(t, -1).gather(1, y[:, None]).squeeze(1)
-    torch.testing.assert_close(tckd(s, t, y) + (1 - p_y) * nckd(s, t, y),
-                               CRITERIA.get("forward_kl")(s, t, y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        tckd(s, t, y) + (1 - p_y) * nckd(s, t, y), CRITERIA.get("forward_kl")(s, t, y), rtol=1e-4, atol=1e-5
+    )
 
 
 # ---- AT-KD --------------------------------------------------------------------------------
@@ -166,7 +169,8 @@ def test_atkd_mean_is_the_spec_formula(P):
     assert D.mean().item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
     ref2 = atkd64(s.numpy(), t.numpy(), y.numpy(), hard_fraction=0.25, easy_weight=0.4)
     assert CRITERIA.get("atkd")(s, t, y, hard_fraction=0.25, easy_weight=0.4).mean().item() == pytest.approx(
-        ref2, rel=1e-4, abs=1e-6)
+        ref2, rel=1e-4, abs=1e-6
+    )
 
 
 # ---- weighted ----------------------------------------------------------------------------

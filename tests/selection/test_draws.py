@@ -1,4 +1,5 @@
 """sekd/selection/draws.py: RS-KD draws are i.i.d. from softmax(z / T), reduced losslessly, seeded per sample."""
+
 import pytest
 import torch
 
@@ -45,7 +46,7 @@ def test_flat_form_is_distinct_sorted_and_sums_to_n():
     ids, counts, offsets = rs_kd_draws(z, N, 1.0, torch.Generator().manual_seed(2))
     assert offsets.shape == (P + 1,) and offsets[0] == 0 and offsets[-1] == len(ids) == len(counts)
     for i in range(P):
-        row, c = ids[offsets[i]:offsets[i + 1]], counts[offsets[i]:offsets[i + 1]]
+        row, c = ids[offsets[i] : offsets[i + 1]], counts[offsets[i] : offsets[i + 1]]
         assert (row[1:] > row[:-1]).all() and (c >= 1).all() and c.sum() == N
         assert ((row >= 0) & (row < V)).all()
 
@@ -58,7 +59,7 @@ def test_draws_equal_multinomial_reduced():
     ids, counts, offsets = rs_kd_draws(z, N, 1.5, torch.Generator().manual_seed(9))
     for i in range(P):
         u, c = raw[i].unique(return_counts=True)
-        assert torch.equal(ids[offsets[i]:offsets[i + 1]], u) and torch.equal(counts[offsets[i]:offsets[i + 1]], c)
+        assert torch.equal(ids[offsets[i] : offsets[i + 1]], u) and torch.equal(counts[offsets[i] : offsets[i + 1]], c)
 
 
 def test_to_sparse():

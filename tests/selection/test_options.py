@@ -1,5 +1,6 @@
 """Every selection piece declares its options (a dataclass at registration); the registry checks names,
 types and ranges against it and binds the checked values."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,11 @@ def test_every_piece_declares_options_that_match_its_keywords(kind, name):
     entry = reg.get(name)
     fn = entry if inspect.isclass(entry) else entry.fn  # a class with state (GLS), or a piece's function
     params = inspect.signature(fn).parameters
-    keywords = {n: p.default for n, p in params.items()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in reg.call_time}
+    keywords = {
+        n: p.default
+        for n, p in params.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in reg.call_time
+    }
     if inspect.isfunction(fn):
         keywords = {n: d for n, d in keywords.items() if params[n].kind is params[n].KEYWORD_ONLY}
     declared = {f.name: f.default for f in dataclasses.fields(spec)}

@@ -1,5 +1,6 @@
 """Selection policies: exact counts, ties, GLS's queue, curriculum windows, sampling, and a contract
 over every POLICIES entry. Estimator expectations live in tests/kd/test_objective_selection.py."""
+
 from __future__ import annotations
 
 import io
@@ -91,7 +92,7 @@ def test_policy_rejects_bad_budget_and_unknown_options(name):
 def test_top_k_counts(k, n_valid):
     T = 512
     valid = torch.zeros(1, T, dtype=torch.bool)
-    valid[0, T - n_valid:] = True  # invalid prefix (e.g. a prompt)
+    valid[0, T - n_valid :] = True  # invalid prefix (e.g. a prompt)
     u = torch.rand(1, T, generator=torch.Generator().manual_seed(n_valid)).masked_fill(~valid, float("-inf"))
     d = POLICIES.build("top_k", k=k)(u, valid)
     assert int(d.count()[0]) == expected_n(k, n_valid) == int(n_select(valid, k)[0])
@@ -231,7 +232,7 @@ def curriculum_reference(u, valid, k, pi):
         asc = desc[::-1]
         n = expected_n(k, len(v))
         start = math.floor((len(v) - n) * pi)
-        out.append(set(asc[start:start + n]))
+        out.append(set(asc[start : start + n]))
     return out
 
 
@@ -292,8 +293,9 @@ def test_pos_rs_draw_frequencies_follow_q(tau):
     u = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     R = 20_000
-    d = POLICIES.build("pos_rs", k=1.0, tau=tau)(u.expand(R, T), valid.expand(R, T),
-                                                  generator=torch.Generator().manual_seed(0))
+    d = POLICIES.build("pos_rs", k=1.0, tau=tau)(
+        u.expand(R, T), valid.expand(R, T), generator=torch.Generator().manual_seed(0)
+    )
     freq = d.dense(T).sum(0) / d.count().sum()
     w = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 0.0]) ** (1 / tau)
     q = w / w.sum()
@@ -306,8 +308,9 @@ def test_pos_rs_rejects_negative_scores_but_clamps_round_off():
     valid = torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match=">= 0"):
         POLICIES.build("pos_rs", k=0.5)(torch.tensor([[1.0, -0.5, 2.0, 0.3]]), valid)
-    d = POLICIES.build("pos_rs", k=1.0)(torch.tensor([[1.0, -1e-9, 2.0, 0.3]]), valid,
-                                        generator=torch.Generator().manual_seed(0))
+    d = POLICIES.build("pos_rs", k=1.0)(
+        torch.tensor([[1.0, -1e-9, 2.0, 0.3]]), valid, generator=torch.Generator().manual_seed(0)
+    )
     assert 1 not in selected(d, 0)
 
 

@@ -1,6 +1,7 @@
 """The sample-selection pre-pass across ranks (sekd/stores/sample_importance.py; issue 13): two real gloo processes share the
 pre-pass (rank r scores the single process's batches r::world), gather every score, pick the same samples,
 and rank 0 alone writes a store file identical, byte for byte, to the one a single process writes."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,19 @@ def pick(store: Path, dist=None):
     student, teacher, data = pair_and_data()
     calls = []
     student.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
-    sel = select_samples(NAME, data, l=0.5, seed=0, student=student, teacher=teacher, vocab=V, batch_size=BATCH,
-                         store_dir=store, dist=dist, **SIGS)
+    sel = select_samples(
+        NAME,
+        data,
+        l=0.5,
+        seed=0,
+        student=student,
+        teacher=teacher,
+        vocab=V,
+        batch_size=BATCH,
+        store_dir=store,
+        dist=dist,
+        **SIGS,
+    )
     return sel, calls
 
 
@@ -43,8 +55,11 @@ def rank_main(rank: int, root: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=2)
     try:
         sel, calls = pick(Path(root) / "shared", Dist(rank=rank, world_size=2))
-        (Path(root) / f"rank{rank}.json").write_text(json.dumps(
-            {"indices": sel.indices, "scores": sel.importance.tolist(), "calls": calls, "n_scored": sel.n_scored}))
+        (Path(root) / f"rank{rank}.json").write_text(
+            json.dumps(
+                {"indices": sel.indices, "scores": sel.importance.tolist(), "calls": calls, "n_scored": sel.n_scored}
+            )
+        )
     finally:
         torch.distributed.destroy_process_group()
 

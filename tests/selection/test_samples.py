@@ -1,5 +1,6 @@
 """Sample selection (docs/method.md §7): U_i against float64 references, exact budgets, seeded random, the
 score store's reuse (docs/method.md §13), and a contract over every SAMPLE_SELECTORS entry."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Importance signals u(t): float64 references, flags, normalization, and a contract over SIGNALS."""
+
 from __future__ import annotations
 
 import math
@@ -67,9 +68,17 @@ TERMS = {  # the per-term references, for normalization
     "ce_ratio_plus_student_entropy_unscaled": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
 }
 NEEDS_TEACHER = {  # docs/method.md §4's table
-    "student_entropy": False, "teacher_entropy": True, "student_ce": False, "teacher_ce": True,
-    "kl": True, "reverse_kl": True, "kl_plus_student_entropy": True, "ce_ratio": True,
-    "ce_ratio_plus_student_entropy": True, "ce_ratio_plus_student_entropy_unscaled": True, "random": False,
+    "student_entropy": False,
+    "teacher_entropy": True,
+    "student_ce": False,
+    "teacher_ce": True,
+    "kl": True,
+    "reverse_kl": True,
+    "kl_plus_student_entropy": True,
+    "ce_ratio": True,
+    "ce_ratio_plus_student_entropy": True,
+    "ce_ratio_plus_student_entropy_unscaled": True,
+    "random": False,
 }
 
 
@@ -101,8 +110,10 @@ def test_signal_matches_float64_reference(name, temperature):
 def test_entropies_ignore_temperature_divergences_do_not():
     s, t, y, valid = batch(1)
     for name in ("student_entropy", "teacher_entropy"):
-        assert torch.equal(importance(SIGNALS.get(name), s, t, y, valid, temperature=3.0),
-                           importance(SIGNALS.get(name), s, t, y, valid))
+        assert torch.equal(
+            importance(SIGNALS.get(name), s, t, y, valid, temperature=3.0),
+            importance(SIGNALS.get(name), s, t, y, valid),
+        )
     kl1 = importance(SIGNALS.get("kl"), s, t, y, valid)
     kl3 = importance(SIGNALS.get("kl"), s, t, y, valid, temperature=3.0)
     assert not torch.allclose(kl1[valid], kl3[valid])
@@ -167,8 +178,9 @@ def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
     teacher = Head(torch.randn(V + pad, d, generator=g), None, V)
     _, _, y, valid = batch(6)
     sel = Selector(SIGNALS.get(name), POLICIES.build("top_k", k=0.5), forward_kl)
-    chunked = chunked_importance(sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0,
-                            chunk_size=chunk_size)
+    chunked = chunked_importance(
+        sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0, chunk_size=chunk_size
+    )
     dense = importance(SIGNALS.get(name), student(h_s), teacher(h_t), y, valid)
     ref = reference_u(REFERENCE[name], student(h_s).detach(), teacher(h_t), y, valid, 1.0)
     torch.testing.assert_close(chunked, dense)
@@ -224,8 +236,16 @@ def test_signal_contract(name, normalization):
     s, t, y, valid = batch(4)
     s.requires_grad_(True)
     sig = SIGNALS.get(name)
-    run = lambda seed: importance(sig, s, t, y, valid, generator=torch.Generator().manual_seed(seed),  # noqa: E731
-                             normalization=normalization, temperature=1.5)
+    run = lambda seed: importance(
+        sig,
+        s,
+        t,
+        y,
+        valid,
+        generator=torch.Generator().manual_seed(seed),  # noqa: E731
+        normalization=normalization,
+        temperature=1.5,
+    )
     u = run(0)
     assert u.shape == (B, T) and u.dtype == torch.float32 and not u.requires_grad
     assert torch.isfinite(u[valid]).all() and torch.isneginf(u[~valid]).all()

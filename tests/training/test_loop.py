@@ -1,5 +1,6 @@
 """The training loop (sekd/training/loop.py): the micro-batch split does not change the step; a run killed after a
 checkpoint resumes to the same weights."""
+
 import json
 import pytest
 import torch
@@ -35,15 +36,40 @@ def packed(n=4, seed=0) -> PackedData:
     return PackedData(input_ids=x, labels=y, sample_ids=[f"s{i}" for i in range(n)])
 
 
-def trainer(mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense", *, n=4,
-            dist=None):
-    t = TrainConfig(flow=flow, chunk_size=5, lr=1e-3, steps=1, epochs=1, micro_batch_size=mb, grad_accum=accum,
-                    normalization=normalization, max_grad_norm=None, log_every=1, ckpt_every=0)
+def trainer(
+    mb: int, accum: int, policy="all", signal=None, normalization="per_sequence", flow="dense", *, n=4, dist=None
+):
+    t = TrainConfig(
+        flow=flow,
+        chunk_size=5,
+        lr=1e-3,
+        steps=1,
+        epochs=1,
+        micro_batch_size=mb,
+        grad_accum=accum,
+        normalization=normalization,
+        max_grad_norm=None,
+        log_every=1,
+        ckpt_every=0,
+    )
     opts = {"k": 0.25} if policy != "all" else {}
-    sel = Selector(signal=SIGNALS.get(signal) if signal else None, policy=POLICIES.build(policy, **opts),
-                   criterion=forward_kl)
-    return Trainer(student=tiny_model(0), teacher=tiny_model(1).eval(), data=packed(n), selector=sel, train_cfg=t,
-                   vocab=V, seed=0, run=None, tracker=None, device=torch.device("cpu"), dtype=torch.float32, dist=dist)
+    sel = Selector(
+        signal=SIGNALS.get(signal) if signal else None, policy=POLICIES.build(policy, **opts), criterion=forward_kl
+    )
+    return Trainer(
+        student=tiny_model(0),
+        teacher=tiny_model(1).eval(),
+        data=packed(n),
+        selector=sel,
+        train_cfg=t,
+        vocab=V,
+        seed=0,
+        run=None,
+        tracker=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        dist=dist,
+    )
 
 
 @pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "student_entropy")])
@@ -101,15 +127,26 @@ def final_weights(root):
     return load_file(model)
 
 
-@pytest.mark.parametrize("preset,extra", [
-    ("se_kd", []),
-    ("gls", []),  # its score queue must survive the restart
-    ("on_policy_se_kd", ["data.seq_len=128", "regime.max_new_tokens=8"]),  # the same sampled answers after it
-])
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("se_kd", []),
+        ("gls", []),  # its score queue must survive the restart
+        ("on_policy_se_kd", ["data.seq_len=128", "regime.max_new_tokens=8"]),  # the same sampled answers after it
+    ],
+)
 def test_killed_run_resumes_to_the_same_weights(tmp_path, preset, extra):
     cache = f"paths.cache={tmp_path}/cache"
-    args = [*TINY, f"experiment={preset}", "train.steps=5", "train.ckpt_every=2", "train.trace_selection_steps=5",
-            "eval=none", cache, *extra]
+    args = [
+        *TINY,
+        f"experiment={preset}",
+        "train.steps=5",
+        "train.ckpt_every=2",
+        "train.trace_selection_steps=5",
+        "eval=none",
+        cache,
+        *extra,
+    ]
     done = sekd_train([*args, f"paths.root={tmp_path}/a"])
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -2,12 +2,19 @@
 
 Re-exports are lazy (PEP 562) so `sekd-cache verify | ls | stats` start without importing torch.
 """
+
 from importlib import import_module
 
 _EXPORTS = {
-    "TeacherCache": "store", "CacheError": "store", "data_signature": "store", "shard_of": "store",
-    "build_cache": "build", "worker_shards": "build",
-    "rs_kd_draws": "draws", "sample_generator": "draws", "to_sparse": "draws",
+    "TeacherCache": "store",
+    "CacheError": "store",
+    "data_signature": "store",
+    "shard_of": "store",
+    "build_cache": "build",
+    "worker_shards": "build",
+    "rs_kd_draws": "draws",
+    "sample_generator": "draws",
+    "to_sparse": "draws",
 }
 __all__ = sorted(_EXPORTS)
 

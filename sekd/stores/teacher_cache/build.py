@@ -11,6 +11,7 @@ Resumable and shareable between workers:
 - a folder holding another signature is refused, never overwritten.
 Draws use a generator seeded by (sample id, seed) only; shard membership is int(sample_id, 16) % S.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,19 @@ from tqdm.auto import tqdm
 
 from sekd.stores.teacher_cache import format as fmt
 from sekd.selection.draws import rs_kd_draws, sample_generator
-from sekd.stores.teacher_cache.store import (FORMAT, MANIFEST, check_signature, data_signature, encode_block,
-                              encode_shard, file_sha256, read_manifest, shard_name, shard_of, write_manifest)
+from sekd.stores.teacher_cache.store import (
+    FORMAT,
+    MANIFEST,
+    check_signature,
+    data_signature,
+    encode_block,
+    encode_shard,
+    file_sha256,
+    read_manifest,
+    shard_name,
+    shard_of,
+    write_manifest,
+)
 from sekd.data.packing import PackedData
 from sekd.core.files import atomic_write_bytes
 from sekd.core.tensors import IGNORE
@@ -39,9 +51,20 @@ def worker_shards(num_shards: int, worker_index: int, num_workers: int) -> list[
     return list(range(worker_index, num_shards, num_workers))
 
 
-def make_signature(*, teacher_name: str, tokenizer_sig: str, vocab_size: int, temperature: float, n_draws: int,
-                   seed: int, sample_ids: list[str], seq_len: int, num_shards: int, teacher_dtype: str,
-                   device_type: str) -> dict[str, Any]:
+def make_signature(
+    *,
+    teacher_name: str,
+    tokenizer_sig: str,
+    vocab_size: int,
+    temperature: float,
+    n_draws: int,
+    seed: int,
+    sample_ids: list[str],
+    seq_len: int,
+    num_shards: int,
+    teacher_dtype: str,
+    device_type: str,
+) -> dict[str, Any]:
     """Everything the cached bytes depend on. dtype and device type change the draws (logit rounding,
     and CPU and CUDA generators differ), so a resumed build must use the same ones."""
     fmt.bytes_per_record(vocab_size, n_draws)  # validates n_draws
@@ -92,12 +115,28 @@ def _done(out: Path, i: int, num_shards: int) -> bool:
     man = read_manifest(out)
     entry = next((e for e in man["shards"] if e["index"] == i), None)
     path = out / shard_name(i, num_shards)
-    return entry is not None and path.exists() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]
+    return (
+        entry is not None
+        and path.exists()
+        and path.stat().st_size == entry["bytes"]
+        and file_sha256(path) == entry["sha256"]
+    )
 
 
 @torch.inference_mode()
-def shard_bytes(teacher, data: PackedData, rows: list[int], *, n_draws: int, temperature: float, seed: int,
-                vocab_size: int, batch_size: int, device: torch.device, bar=None) -> tuple[bytes, dict[str, int]]:
+def shard_bytes(
+    teacher,
+    data: PackedData,
+    rows: list[int],
+    *,
+    n_draws: int,
+    temperature: float,
+    seed: int,
+    vocab_size: int,
+    batch_size: int,
+    device: torch.device,
+    bar=None,
+) -> tuple[bytes, dict[str, int]]:
     """Run the teacher over `rows` (sorted by sample id) and encode their draws as one shard file."""
     blocks, positions, records = [], 0, 0
     for start in range(0, len(rows), batch_size):
@@ -110,8 +149,9 @@ def shard_bytes(teacher, data: PackedData, rows: list[int], *, n_draws: int, tem
             g = sample_generator(sid, seed)  # a CPU generator: the same draws on every device
             at = valid.to(device).nonzero().squeeze(1)  # the valid positions, read in place       [P]
             ids, counts, offsets = rs_kd_draws(z[b], n_draws, temperature, g, rows=at)  # [R],[R],[P+1]
-            body, n_pos, n_rec = encode_block(valid.numpy(), ids.cpu().numpy(), counts.cpu().numpy(),
-                                              offsets.cpu().numpy(), n_draws, vocab_size)
+            body, n_pos, n_rec = encode_block(
+                valid.numpy(), ids.cpu().numpy(), counts.cpu().numpy(), offsets.cpu().numpy(), n_draws, vocab_size
+            )
             blocks.append((sid, body, n_pos, n_rec))
             positions, records = positions + n_pos, records + n_rec
         if bar is not None:
@@ -143,19 +183,41 @@ def build_cache(
     device = torch.device(device)
     teacher, vocab_size = _ready_teacher(teacher, device, vocab_size)
     first = first_rows(data)
-    sig = make_signature(teacher_name=teacher_name, tokenizer_sig=tokenizer_sig, vocab_size=vocab_size,
-                         temperature=temperature, n_draws=n_draws, seed=seed, sample_ids=list(first),
-                         seq_len=data.seq_len, num_shards=num_shards,
-                         teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
-                         device_type=device.type)
+    sig = make_signature(
+        teacher_name=teacher_name,
+        tokenizer_sig=tokenizer_sig,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        n_draws=n_draws,
+        seed=seed,
+        sample_ids=list(first),
+        seq_len=data.seq_len,
+        num_shards=num_shards,
+        teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        device_type=device.type,
+    )
     _merge_manifest(out, sig, len(first), None)  # refuses a folder of another signature before any work
     members = shard_members(first, _checked_shards(shards, num_shards), num_shards)
-    draw = {"n_draws": n_draws, "temperature": temperature, "seed": seed, "vocab_size": vocab_size,
-            "batch_size": batch_size, "device": device}
-    with tqdm(total=sum(len(m) for m in members.values()), unit="sample", desc=f"cache {out.name}",
-              disable=not progress, leave=False) as bar:
-        _each_shard_once(out, sorted(members), lambda i: _build_shard(
-            out, i, members[i], sig, len(first), teacher, data, bar, **draw))
+    draw = {
+        "n_draws": n_draws,
+        "temperature": temperature,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "batch_size": batch_size,
+        "device": device,
+    }
+    with tqdm(
+        total=sum(len(m) for m in members.values()),
+        unit="sample",
+        desc=f"cache {out.name}",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        _each_shard_once(
+            out,
+            sorted(members),
+            lambda i: _build_shard(out, i, members[i], sig, len(first), teacher, data, bar, **draw),
+        )
     return read_manifest(out)
 
 
@@ -194,8 +256,9 @@ def shard_members(first: dict[str, int], todo: list[int], num_shards: int) -> di
     return members
 
 
-def _build_shard(out: Path, i: int, rows: list[int], sig: dict[str, Any], n_samples: int, teacher,
-                 data: PackedData, bar, **draw: Any) -> None:
+def _build_shard(
+    out: Path, i: int, rows: list[int], sig: dict[str, Any], n_samples: int, teacher, data: PackedData, bar, **draw: Any
+) -> None:
     """Shard i, unless the manifest already holds it intact: encoded, written atomically, then entered."""
     num_shards = sig["num_shards"]
     if _done(out, i, num_shards):

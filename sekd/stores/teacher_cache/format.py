@@ -6,6 +6,7 @@ Wide record (otherwise), 6 bytes: id as uint32 LE, then count as uint16 LE.
 
 The paper's code packs 17-bit ids, which corrupts Qwen3 ids >= 131,072 (docs/method.md §13); 18 bits do not.
 """
+
 from __future__ import annotations
 
 import numpy as np

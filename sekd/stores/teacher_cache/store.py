@@ -17,6 +17,7 @@ Shard file, all little-endian:
               recs   n_rec records (format.py), positions in order, ids ascending within a position
 A shard is keyed by content (sample id), never by batch, step or position in the dataset (docs/method.md §13).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,9 +96,11 @@ def encode_block(valid: np.ndarray, ids, counts, offsets, n_draws: int, vocab_si
     lens = np.diff(offsets)
     if len(lens) != int(valid.sum()):
         raise ValueError(f"{len(lens)} positions of draws for {int(valid.sum())} valid positions")
-    body = (np.packbits(valid.astype(bool), bitorder="little").tobytes()
-            + lens.astype(lens_dtype(n_draws)).tobytes()
-            + fmt.pack(ids, counts, n_draws, vocab_size))
+    body = (
+        np.packbits(valid.astype(bool), bitorder="little").tobytes()
+        + lens.astype(lens_dtype(n_draws)).tobytes()
+        + fmt.pack(ids, counts, n_draws, vocab_size)
+    )
     return body, len(lens), int(offsets[-1])
 
 
@@ -109,7 +112,9 @@ def encode_shard(blocks: list[tuple[str, bytes, int, int]], *, n_draws: int, seq
     for i, (sid, body, n_pos, n_rec) in enumerate(blocks):
         index[i] = (sid_int(sid), offset, len(body), n_pos, n_rec)
         offset += len(body)
-    header = HEADER.pack(MAGIC, FORMAT, int(fmt.is_wide(vocab_size, n_draws)), n_draws, seq_len, len(blocks), vocab_size, 0)
+    header = HEADER.pack(
+        MAGIC, FORMAT, int(fmt.is_wide(vocab_size, n_draws)), n_draws, seq_len, len(blocks), vocab_size, 0
+    )
     return b"".join([header, index.tobytes(), *(b[1] for b in blocks)])
 
 
@@ -154,8 +159,11 @@ class Shard:
         self.index = np.frombuffer(self.buf, dtype=INDEX, count=n, offset=HEADER.size)
         self.rec = fmt.WIDE.itemsize if self.wide else fmt.NARROW_BYTES
         self.lens_dtype = lens_dtype(n_draws)
-        expect = valid_bytes(seq_len) + self.index["n_pos"].astype(np.int64) * self.lens_dtype.itemsize \
+        expect = (
+            valid_bytes(seq_len)
+            + self.index["n_pos"].astype(np.int64) * self.lens_dtype.itemsize
             + self.index["n_rec"].astype(np.int64) * self.rec
+        )
         ends = self.index["offset"].astype(np.int64) + self.index["nbytes"].astype(np.int64)
         starts = np.concatenate([[end_index], ends[:-1]]).astype(np.int64)
         if n and (np.any(self.index["nbytes"].astype(np.int64) != expect) or np.any(self.index["offset"] != starts)):
@@ -165,7 +173,9 @@ class Shard:
             raise CacheError(f"{path}: corrupt index (sample ids not strictly ascending)")
         last = int(ends[-1]) if n else end_index
         if size != last:
-            raise CacheError(f"{path}: {'truncated' if size < last else 'trailing bytes'}: {size} bytes, blocks end at {last}")
+            raise CacheError(
+                f"{path}: {'truncated' if size < last else 'trailing bytes'}: {size} bytes, blocks end at {last}"
+            )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -181,7 +191,9 @@ class Shard:
     def read(self, i: int) -> SampleDraws:
         off, nbytes, n_pos, n_rec = (int(self.index[k][i]) for k in ("offset", "nbytes", "n_pos", "n_rec"))
         vb = valid_bytes(self.seq_len)
-        valid = np.unpackbits(np.frombuffer(self.buf, np.uint8, vb, off), count=self.seq_len, bitorder="little").astype(bool)
+        valid = np.unpackbits(np.frombuffer(self.buf, np.uint8, vb, off), count=self.seq_len, bitorder="little").astype(
+            bool
+        )
         lens = np.frombuffer(self.buf, self.lens_dtype, n_pos, off + vb).astype(np.int64)
         rec_off = off + vb + n_pos * self.lens_dtype.itemsize
         ids, counts = fmt.unpack(memoryview(self.buf)[rec_off : rec_off + n_rec * self.rec], n_rec, self.wide)
@@ -197,7 +209,9 @@ class Shard:
             raise CacheError(f"{self.path}: sample {sid}: block does not decode (positions or lengths inconsistent)")
         lens = np.diff(d.offsets)
         if n_pos and (lens.min() < 1 or d.ids.max() >= self.vocab or d.counts.min() < 1):
-            raise CacheError(f"{self.path}: sample {sid}: block does not decode (empty position, id or count out of range)")
+            raise CacheError(
+                f"{self.path}: sample {sid}: block does not decode (empty position, id or count out of range)"
+            )
         row = np.repeat(np.arange(n_pos), lens)
         if np.any(np.bincount(row, weights=d.counts, minlength=n_pos) != self.n_draws):
             raise CacheError(f"{self.path}: sample {sid}: counts do not sum to n_draws={self.n_draws}")
@@ -234,26 +248,33 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CacheError(f"{mpath}: unreadable manifest ({type(e).__name__})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         found = man.get("format") if isinstance(man, dict) else type(man).__name__
-        raise CacheError(f"{mpath}: manifest format {found!r}, this sekd reads {FORMAT} "
-                         f"(rebuild the cache with `sekd-cache build`)")
+        raise CacheError(
+            f"{mpath}: manifest format {found!r}, this sekd reads {FORMAT} (rebuild the cache with `sekd-cache build`)"
+        )
     digest = manifest_checksum(man)
     if man.get("checksum") != digest:
-        raise CacheError(f"{mpath}: manifest checksum mismatch: sha256 {digest[:16]}..., the manifest records "
-                         f"{str(man.get('checksum'))[:16]}... (edited after it was written; rebuild the cache)")
+        raise CacheError(
+            f"{mpath}: manifest checksum mismatch: sha256 {digest[:16]}..., the manifest records "
+            f"{str(man.get('checksum'))[:16]}... (edited after it was written; rebuild the cache)"
+        )
     return man
 
 
 # why a field differs, for the refusal's one line
-HINTS = {"data": " (the cache was built on other data: build it with the run's data settings)",
-         "seed": " (the draws follow the run's seed: build one cache per seed)"}
+HINTS = {
+    "data": " (the cache was built on other data: build it with the run's data settings)",
+    "seed": " (the draws follow the run's seed: build one cache per seed)",
+}
 
 
 def check_signature(mpath: Path, found: dict[str, Any], expect: dict[str, Any]) -> None:
     """Every key of `expect` must equal the cache's; the first that differs is named."""
     for key in sorted(expect):
         if key not in found or found[key] != expect[key]:
-            raise CacheError(f"{mpath}: signature mismatch: {key} expected {expect[key]!r}, "
-                             f"found {found.get(key, '<missing>')!r}{HINTS.get(key, '')}")
+            raise CacheError(
+                f"{mpath}: signature mismatch: {key} expected {expect[key]!r}, "
+                f"found {found.get(key, '<missing>')!r}{HINTS.get(key, '')}"
+            )
 
 
 class TeacherCache:
@@ -270,8 +291,15 @@ class TeacherCache:
         self.bytes_read = 0
 
     @classmethod
-    def open(cls, path: str | Path, expect: dict[str, Any] | None = None, *, sample_ids: list[str] | None = None,
-             verify: bool = False, lazy_checksums: bool = True) -> "TeacherCache":
+    def open(
+        cls,
+        path: str | Path,
+        expect: dict[str, Any] | None = None,
+        *,
+        sample_ids: list[str] | None = None,
+        verify: bool = False,
+        lazy_checksums: bool = True,
+    ) -> "TeacherCache":
         """Load the manifest; refuse (CacheError, one line) on a signature mismatch, a missing or truncated
         shard, or (with `sample_ids`) a missing sample. `verify` checks every checksum now; otherwise
         each shard's checksum is checked the first time it is read (`lazy_checksums`)."""
@@ -285,8 +313,10 @@ class TeacherCache:
             shard_path = root / shard_name(i, cache.num_shards)
             entry = cache.entries.get(i)
             if entry is None:
-                raise CacheError(f"{shard_path}: missing shard (not in {MANIFEST}; the build did not finish: "
-                                 f"run `sekd-cache build` again to resume)")
+                raise CacheError(
+                    f"{shard_path}: missing shard (not in {MANIFEST}; the build did not finish: "
+                    f"run `sekd-cache build` again to resume)"
+                )
             if not shard_path.exists():
                 raise CacheError(f"{shard_path}: missing shard file (listed in {MANIFEST})")
             size = shard_path.stat().st_size
@@ -316,7 +346,9 @@ class TeacherCache:
         path = self.root / shard_name(i, self.num_shards)
         digest = file_sha256(path)
         if digest != self.entries[i]["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch: sha256 {digest[:16]}..., {MANIFEST} says {self.entries[i]['sha256'][:16]}...")
+            raise CacheError(
+                f"{path}: checksum mismatch: sha256 {digest[:16]}..., {MANIFEST} says {self.entries[i]['sha256'][:16]}..."
+            )
 
     def verify(self) -> None:
         """Every shard: checksum, header, index and every block decodable; then the signature's data and
@@ -329,8 +361,10 @@ class TeacherCache:
             entry = self.entries[i]
             found = (len(shard), int(shard.index["n_pos"].sum()), int(shard.index["n_rec"].sum()))
             if found != (entry["samples"], entry["positions"], entry["records"]):
-                raise CacheError(f"{shard.path}: holds (samples, positions, records) {found}, "
-                                 f"{MANIFEST} says {(entry['samples'], entry['positions'], entry['records'])}")
+                raise CacheError(
+                    f"{shard.path}: holds (samples, positions, records) {found}, "
+                    f"{MANIFEST} says {(entry['samples'], entry['positions'], entry['records'])}"
+                )
             for j in range(len(shard)):
                 shard.check_block(j)
             ids += shard.sample_ids()
@@ -338,10 +372,14 @@ class TeacherCache:
         if self.signature.get("format") != FORMAT:
             raise CacheError(f"{mpath}: signature format {self.signature.get('format')!r}, this sekd reads {FORMAT}")
         if data_signature(ids) != self.signature.get("data"):
-            raise CacheError(f"{mpath}: signature data {self.signature.get('data')!r} is not the shards' samples "
-                             f"(their data signature is {data_signature(ids)!r})")
+            raise CacheError(
+                f"{mpath}: signature data {self.signature.get('data')!r} is not the shards' samples "
+                f"(their data signature is {data_signature(ids)!r})"
+            )
         if len(ids) != self.manifest.get("samples"):
-            raise CacheError(f"{mpath}: the shards hold {len(ids)} samples, the manifest says {self.manifest.get('samples')}")
+            raise CacheError(
+                f"{mpath}: the shards hold {len(ids)} samples, the manifest says {self.manifest.get('samples')}"
+            )
 
     def locate(self, sample_id: str) -> tuple[Shard, int]:
         s = shard_of(sample_id, self.num_shards)
@@ -376,17 +414,22 @@ class TeacherCache:
         for b, sid in enumerate(sample_ids):
             d = self.read(sid)
             if d.valid.shape != valid[b].shape or not np.array_equal(d.valid, valid[b]):
-                raise CacheError(f"{self.locate(sid)[0].path}: sample {sid}: cached valid positions differ from the "
-                                 f"batch's labels != -100 ({int(d.valid.sum())} cached, {int(valid[b].sum())} in the batch)")
+                raise CacheError(
+                    f"{self.locate(sid)[0].path}: sample {sid}: cached valid positions differ from the "
+                    f"batch's labels != -100 ({int(d.valid.sum())} cached, {int(valid[b].sum())} in the batch)"
+                )
             lens.append(np.diff(d.offsets))
             ids.append(d.ids)
             counts.append(d.counts)
         lens_all = torch.from_numpy(np.concatenate(lens) if lens else np.zeros(0, np.int64))
         offsets = torch.zeros(len(lens_all) + 1, dtype=torch.long)
         offsets[1:] = lens_all.cumsum(0)
-        return to_sparse(torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)),
-                         torch.from_numpy(np.concatenate(counts) if counts else np.zeros(0, np.int64)),
-                         offsets, self.n_draws)
+        return to_sparse(
+            torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)),
+            torch.from_numpy(np.concatenate(counts) if counts else np.zeros(0, np.int64)),
+            offsets,
+            self.n_draws,
+        )
 
     def stats(self) -> dict[str, Any]:
         """Totals from the manifest: positions, records, bytes; bytes and distinct classes per position."""
@@ -417,8 +460,9 @@ class TeacherCache:
 PAPER_TABLE6_TB = {"full": 10_000.0, "rs_kd_12": 3.6, "rs_kd_64": 19.2, "sekd3x_12": 0.72, "sekd3x_64": 3.84, "ce": 0.3}
 
 
-def storage_rows(vocab_size: int, *, tokens: float = 100e9, sample_fraction: float = 0.2,
-                 measured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def storage_rows(
+    vocab_size: int, *, tokens: float = 100e9, sample_fraction: float = 0.2, measured: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Bytes per position and TB for `tokens` tokens, per storage scheme (paper Table 6 layout).
 
     Full KD: |V| float16 = 2|V| B; RS-KD: 3 B per sampled class x U; SE-KD3X: RS-KD x l (sample
@@ -433,8 +477,13 @@ def storage_rows(vocab_size: int, *, tokens: float = 100e9, sample_fraction: flo
         ("ce", "Vanilla CE (token id)", 3.0),
     ]
     if measured is not None:
-        rows.append(("measured_records", f"this cache, records only (measured, N={measured['n_draws']})",
-                     measured["record_bytes_per_position"]))
+        rows.append(
+            (
+                "measured_records",
+                f"this cache, records only (measured, N={measured['n_draws']})",
+                measured["record_bytes_per_position"],
+            )
+        )
         rows.append(("measured_files", "this cache, whole files (measured)", measured["bytes_per_position"]))
     return [{"key": k, "method": name, "bytes_per_position": bpp, "tb": bpp * tokens / 1e12} for k, name, bpp in rows]
 

@@ -1,4 +1,5 @@
 """Helpers for the cache tests: the tiny teacher's spec, build options, folder bytes, subprocesses."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 SPEC = {"hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2, "kv_heads": 1}
 PAD_ROWS = 5  # the head is wider than the tokenizer, as Qwen3's is: the cache must cut it
-BUILD = dict(teacher_name="tiny-teacher", tokenizer_sig="tok-sig", n_draws=64, temperature=1.0, seed=0,
-             num_shards=4, batch_size=3, progress=False)
+BUILD = dict(
+    teacher_name="tiny-teacher",
+    tokenizer_sig="tok-sig",
+    n_draws=64,
+    temperature=1.0,
+    seed=0,
+    num_shards=4,
+    batch_size=3,
+    progress=False,
+)
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:

@@ -1,4 +1,5 @@
 """sekd/stores/teacher_cache/build.py: resumable (a killed build ends byte-identical), shareable between workers, refuses mixing."""
+
 import json
 import signal
 

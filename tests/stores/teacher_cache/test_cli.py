@@ -1,5 +1,6 @@
 """sekd/cli/cache.py: sekd-cache build (two workers) / verify / ls / stats on a tiny teacher folder, in subprocesses.
 The build takes sekd-train's overrides; verify refuses every tampering in one line."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ from tests.stores.teacher_cache.helpers import ROOT, edit_manifest
 
 def sekd_cache(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "sekd.cli.cache", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "sekd.cli.cache", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,18 @@ def cli_cache(teacher_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "cache"
     base = ["build", "--out", str(out), "--num-shards", "2", "--num-workers", "2", "--quiet"]
-    run = ["model.source=pretrained", f"model.teacher={teacher_dir}", f"model.student={teacher_dir}",
-           "data.seq_len=32", "data.token_budget=640", f"paths.cache={tmp / 'harness'}", "classes.options.n_draws=16",
-           "train.device=cpu", "train.threads=1", "seed=5"]
+    run = [
+        "model.source=pretrained",
+        f"model.teacher={teacher_dir}",
+        f"model.student={teacher_dir}",
+        "data.seq_len=32",
+        "data.token_budget=640",
+        f"paths.cache={tmp / 'harness'}",
+        "classes.options.n_draws=16",
+        "train.device=cpu",
+        "train.threads=1",
+        "seed=5",
+    ]
     first = sekd_cache(*base, "--worker", "0", *run)
     half_verify = sekd_cache("verify", str(out))
     second = sekd_cache(*base, "--worker", "1", *run)
@@ -83,8 +94,15 @@ def test_stats(cli_cache):
     res = sekd_cache("stats", str(cli_cache[0]), "--tokens", "100e9", "--sample-fraction", "0.2")
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    for row in ("Full KD", "RS-KD (U=12)", "RS-KD (U=64)", "SE-KD3X (U=12, l=20%)", "SE-KD3X (U=64, l=20%)",
-                "Vanilla CE", "this cache, records only"):
+    for row in (
+        "Full KD",
+        "RS-KD (U=12)",
+        "RS-KD (U=64)",
+        "SE-KD3X (U=12, l=20%)",
+        "SE-KD3X (U=64, l=20%)",
+        "Vanilla CE",
+        "this cache, records only",
+    ):
         assert row in out, out
     assert "| 3.60 |" in out and "| 19.20 |" in out and "| 0.72 |" in out and "| 3.84 |" in out and "| 0.30 |" in out
     measured = next(l for l in out.splitlines() if "records only" in l)
@@ -101,11 +119,17 @@ def test_build_refuses_a_bad_override_in_one_line(tmp_path):
     res = sekd_cache("build", "--out", str(tmp_path / "c"), "--quiet", "train.temperature=0")
     assert res.returncode == 2 and not (tmp_path / "c").exists()
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sekd-cache build: config error:") and "train.temperature" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("sekd-cache build: config error:") and "train.temperature" in lines[0]
+    )
 
 
 TAMPER = {  # signature field -> an edited value
-    "teacher": "another-teacher", "temperature": 2.0, "seed": 7, "data": "0123456789abcdef", "n_draws": 12,
+    "teacher": "another-teacher",
+    "temperature": 2.0,
+    "seed": 7,
+    "data": "0123456789abcdef",
+    "n_draws": 12,
     "vocab_size": 299,
 }
 

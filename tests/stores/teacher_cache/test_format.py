@@ -1,4 +1,5 @@
 """sekd/stores/teacher_cache/format.py: 3-byte records (18-bit id | 6-bit count-1) and 6-byte wide records, lossless."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings

@@ -1,6 +1,7 @@
 """classes.cache=auto on several ranks (sekd.app.training.auto_cache): the ranks are the cache's workers,
 rank r building shards r, r+W, ..., and together they build the folder a single process builds, byte for
 byte (the draws are keyed by sample and seed, not by who draws them)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,16 +15,20 @@ from tests.stores.teacher_cache.helpers import BUILD, folder_bytes
 from tests.helpers import sekd_train
 from tests.test_distributed import args, torchrun
 
-EXPECT = {"teacher": BUILD["teacher_name"], "tokenizer": BUILD["tokenizer_sig"], "n_draws": BUILD["n_draws"],
-          "temperature": BUILD["temperature"], "seed": BUILD["seed"]}
+EXPECT = {
+    "teacher": BUILD["teacher_name"],
+    "tokenizer": BUILD["tokenizer_sig"],
+    "n_draws": BUILD["n_draws"],
+    "temperature": BUILD["temperature"],
+    "seed": BUILD["seed"],
+}
 
 
 def built_shards(folder: Path) -> list[int]:
     return sorted(e["index"] for e in read_manifest(folder)["shards"])
 
 
-def test_each_rank_builds_its_own_shards_and_together_they_build_the_one_process_cache(teacher, data, vocab,
-                                                                                       tmp_path):
+def test_each_rank_builds_its_own_shards_and_together_they_build_the_one_process_cache(teacher, data, vocab, tmp_path):
     cfg = SimpleNamespace(paths=SimpleNamespace(cache=str(tmp_path)), samples=SimpleNamespace(batch_size=3))
     parts = SimpleNamespace(teacher=SimpleNamespace(raw=lambda: teacher), data=data, vocab=vocab, costs={})
     folder = auto_cache(cfg, EXPECT, parts, Dist(rank=1, world_size=2))
@@ -41,7 +46,9 @@ def test_two_torchrun_ranks_build_the_one_process_cache(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one = sekd_train(args(tmp_path / "b" / "run", "se_kd3x", 4, steps=1), env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
-    (a,), (b,) = list((tmp_path / "a" / "cache" / "teacher_cache").iterdir()), \
-        list((tmp_path / "b" / "cache" / "teacher_cache").iterdir())
+    (a,), (b,) = (
+        list((tmp_path / "a" / "cache" / "teacher_cache").iterdir()),
+        list((tmp_path / "b" / "cache" / "teacher_cache").iterdir()),
+    )
     assert len(built_shards(b)) == NUM_SHARDS
     assert folder_bytes(a) == folder_bytes(b)

@@ -1,4 +1,5 @@
 """sekd/stores/teacher_cache/store.py: lossless, content-keyed targets; every corruption refused in one line naming the file."""
+
 import json
 import random
 
@@ -6,8 +7,16 @@ import pytest
 import torch
 
 from sekd.selection.draws import rs_kd_draws, sample_generator, to_sparse
-from sekd.stores.teacher_cache.store import (MANIFEST, PAPER_TABLE6_TB, CacheError, TeacherCache, shard_name, shard_of,
-                              storage_markdown, storage_rows)
+from sekd.stores.teacher_cache.store import (
+    MANIFEST,
+    PAPER_TABLE6_TB,
+    CacheError,
+    TeacherCache,
+    shard_name,
+    shard_of,
+    storage_markdown,
+    storage_rows,
+)
 from tests.stores.teacher_cache.helpers import BUILD, edit_manifest
 
 N = BUILD["n_draws"]
@@ -50,8 +59,9 @@ def test_counts_repeat(built):
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_batch_size_and_order_do_not_matter(built, data, vocab, batch_size):
     cache = TeacherCache.open(built)
-    per_sample = {sid: dense(*cache.targets([sid], data.labels[r : r + 1]), vocab)
-                  for r, sid in enumerate(data.sample_ids)}
+    per_sample = {
+        sid: dense(*cache.targets([sid], data.labels[r : r + 1]), vocab) for r, sid in enumerate(data.sample_ids)
+    }
     order = list(range(len(data)))
     random.Random(batch_size).shuffle(order)
     for i in range(0, len(order), batch_size):
@@ -112,8 +122,11 @@ def test_truncated_shard_with_matching_manifest_refused(cache_copy):
 
     path = cache_copy / shard_name(2, 4)
     path.write_bytes(path.read_bytes()[:-3])
-    edit_manifest(cache_copy, lambda man: man["shards"][2].update(bytes=path.stat().st_size, sha256=file_sha256(path)),
-                  reseal=True)
+    edit_manifest(
+        cache_copy,
+        lambda man: man["shards"][2].update(bytes=path.stat().st_size, sha256=file_sha256(path)),
+        reseal=True,
+    )
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy, verify=True)
     one_line_error(e, path, "truncated")
@@ -193,14 +206,22 @@ def test_storage_markdown_with_measured(built):
     md = storage_markdown(rows)
     assert md.splitlines()[0].startswith("| Storage |") and "this cache" in md and len(md.splitlines()) == 2 + 8
     measured = {r["key"]: r for r in rows}["measured_records"]
-    assert measured["bytes_per_position"] < 3 * N and measured["tb"] == pytest.approx(measured["bytes_per_position"] * 0.1)
+    assert measured["bytes_per_position"] < 3 * N and measured["tb"] == pytest.approx(
+        measured["bytes_per_position"] * 0.1
+    )
 
 
 # ---------------------------------------------------------------- the manifest refuses every edit
 
 EDITS = {  # signature field -> an edited value (each changes the draws the cache claims to hold)
-    "teacher": "another-teacher", "tokenizer": "another-tokenizer", "vocab_size": 299, "temperature": 2.0,
-    "n_draws": 12, "seed": 7, "data": "0123456789abcdef", "format": 1,
+    "teacher": "another-teacher",
+    "tokenizer": "another-tokenizer",
+    "vocab_size": 299,
+    "temperature": 2.0,
+    "n_draws": 12,
+    "seed": 7,
+    "data": "0123456789abcdef",
+    "format": 1,
 }
 
 
@@ -224,8 +245,10 @@ def test_a_resealed_signature_edit_is_named_with_expected_and_found(cache_copy, 
     one_line_error(e, cache_copy / MANIFEST, f"{key} expected {sig[key]!r}, found {EDITS[key]!r}")
 
 
-@pytest.mark.parametrize("key,what", [("data", "not the shards' samples"), ("n_draws", "header n_draws"),
-                                      ("vocab_size", "header vocab_size")])
+@pytest.mark.parametrize(
+    "key,what",
+    [("data", "not the shards' samples"), ("n_draws", "header n_draws"), ("vocab_size", "header vocab_size")],
+)
 def test_verify_sees_a_resealed_edit_the_shards_contradict(cache_copy, key, what):
     edit_manifest(cache_copy, lambda man: man["signature"].update({key: EDITS[key]}), reseal=True)
     with pytest.raises(CacheError) as e:
@@ -246,6 +269,7 @@ def test_a_flipped_manifest_byte_is_refused(cache_copy):
 
 def test_a_cache_of_the_previous_format_is_refused(cache_copy):
     """Caches written before the manifest carried a checksum (format 1) are refused by their format."""
+
     def to_format_1(man):
         man.pop("checksum", None)
         man["format"] = man["signature"]["format"] = 1

@@ -1,6 +1,7 @@
 """The cache as training sees it, in real sekd-train subprocesses: a cache built by `sekd-cache build` serves the
 run it was built for (any data options); every tampering is refused in one line, before any model is built or
 loaded; the draws follow the run's seed (classes.cache=auto keys one cache per seed)."""
+
 import json
 import shutil
 
@@ -34,7 +35,9 @@ def root(tmp_path_factory):
 def cli_cache(root):
     """Built by the CLI with the run's own overrides (the tiny pair is built under root/cache)."""
     out = root / "cli"
-    res = sekd_cache("build", "--out", str(out), "--num-shards", "2", "--quiet", *TINY, *DATA, f"paths.cache={root}/cache")
+    res = sekd_cache(
+        "build", "--out", str(out), "--num-shards", "2", "--quiet", *TINY, *DATA, f"paths.cache={root}/cache"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -103,7 +106,9 @@ def test_training_refuses_another_teacher(root, cli_cache, tmp_path):
 
 
 def test_a_cache_of_another_seed_is_refused(root, cli_cache, tmp_path):
-    res = train(tmp_path, "run", "experiment=rs_kd", "seed=1338", f"classes.cache={cli_cache}", f"paths.cache={root}/cache")
+    res = train(
+        tmp_path, "run", "experiment=rs_kd", "seed=1338", f"classes.cache={cli_cache}", f"paths.cache={root}/cache"
+    )
     line = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and "seed expected 1338, found 1337" in line and "one cache per seed" in line
 
@@ -116,7 +121,9 @@ def test_each_seed_draws_its_own_auto_cache(root):
         caches[seed] = TeacherCache.open(record(root, f"auto{seed}")["costs"]["cache"], verify=True)
     a, b = caches[1337], caches[1338]
     assert a.root != b.root and (a.signature["seed"], b.signature["seed"]) == (1337, 1338)
-    common = sorted(set(a.shard(0).sample_ids() + a.shard(1).sample_ids()) & set(b.shard(0).sample_ids() + b.shard(1).sample_ids()))
+    common = sorted(
+        set(a.shard(0).sample_ids() + a.shard(1).sample_ids()) & set(b.shard(0).sample_ids() + b.shard(1).sample_ids())
+    )
     assert common
     differ = 0
     for sid in common:
@@ -134,10 +141,23 @@ def test_a_cli_cache_serves_jsonl_data_with_its_separator_and_options(root, tmp_
     path.write_text("".join(json.dumps({"body": t}) + "\n" for t in corpus.load_split("train")[:200]))
     data = ["data=jsonl", f"data.train_file={path}", "data.text_field=body", "data.separator=.", *DATA]
     out = tmp_path / "cache"
-    res = sekd_cache("build", "--out", str(out), "--num-shards", "2", "--quiet", *TINY, *data, f"paths.cache={root}/cache")
+    res = sekd_cache(
+        "build", "--out", str(out), "--num-shards", "2", "--quiet", *TINY, *data, f"paths.cache={root}/cache"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    res = sekd_train([*TINY, *data, "experiment=rs_kd", "train.steps=2", "eval=none", f"classes.cache={out}",
-                      f"paths.root={tmp_path}/run", f"paths.cache={root}/cache"], env=QUIET)
+    res = sekd_train(
+        [
+            *TINY,
+            *data,
+            "experiment=rs_kd",
+            "train.steps=2",
+            "eval=none",
+            f"classes.cache={out}",
+            f"paths.root={tmp_path}/run",
+            f"paths.cache={root}/cache",
+        ],
+        env=QUIET,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     c = record(tmp_path, "run")["costs"]
     assert not c["teacher_loaded"] and c["cache_bytes_read"] > 0
