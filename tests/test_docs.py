@@ -185,3 +185,48 @@ def test_readme_and_docs_link_only_to_files_that_exist(texts):
             if "://" not in target and not (ROOT / name).parent.joinpath(target).exists():
                 bad.append(f"{name} -> {target}")
     assert not bad, "links to missing files:\n" + "\n".join(bad)
+
+
+RESOLVERS = {"sekd.tasks_per_node"}  # OmegaConf resolvers registered under sekd.*, not modules
+
+
+def stale_module_names(name: str, text: str) -> list[str]:
+    """`sekd/...py` paths and dotted `sekd.x.y` names in `text` that name no module or folder of the package
+    (a dotted name may end in attributes: sekd.stores.runs.train_hash)."""
+    bad = [p for p in re.findall(r"(?<![\w/.-])(sekd/[\w/]+\.py)\b", text) if not (ROOT / p).is_file()]
+    for dotted in re.findall(r"(?<![\w/.{-])(sekd(?:\.[a-z_]\w*)+)", text):
+        if dotted in RESOLVERS:
+            continue
+        parts = dotted.split(".")
+        head = ROOT.joinpath(*parts[:2])
+        if not (head.with_suffix(".py").is_file() or head.is_dir()):
+            bad.append(dotted)
+            continue
+        for k in range(3, len(parts) + 1):  # deeper parts: modules while they exist, then attributes
+            sub = ROOT.joinpath(*parts[:k])
+            if not (sub.with_suffix(".py").is_file() or sub.is_dir()):
+                if ROOT.joinpath(*parts[: k - 1]).is_dir():  # a package's missing child is stale, not an attribute
+                    init = ROOT.joinpath(*parts[: k - 1], "__init__.py")
+                    names = init.read_text() if init.is_file() else ""
+                    if not re.search(rf"\b{parts[k - 1]}\b", names):
+                        bad.append(dotted)
+                break
+    return [f"{name}: {b}" for b in bad]
+
+
+def test_docs_and_code_name_modules_that_exist(texts):
+    """After a move, every path and dotted module name in the docs, the README, configs and the code itself
+    points at the new place: nothing names a module that is gone."""
+    bad = [
+        line for name, text in texts.items() if not name.startswith("tests/") for line in stale_module_names(name, text)
+    ]
+    assert not bad, "names of modules that do not exist:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_the_stale_name_check_sees_gone_modules_and_allows_attributes():
+    assert stale_module_names("x", "see sekd/loop.py and sekd.run.run_dir") == [
+        "x: sekd/loop.py",
+        "x: sekd.run.run_dir",
+    ]
+    assert stale_module_names("x", "sekd/stores/runs.py, sekd.stores.runs.train_hash, python -m sekd.train") == []
+    assert stale_module_names("x", "sekd.stores.gone") == ["x: sekd.stores.gone"]
