@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,14 +29,13 @@ from sekd.core.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
-QA_SOURCES = Registry("task source")
+Problem = dict[str, str]
+QA_SOURCES: Registry[Callable[..., list[Problem]]] = Registry("task source")  # (split, **options)
 FORMAT = 1  # bump when the row layout changes
 GSM8K = "openai/gsm8k"
 GSM8K_VALIDATION = 500  # GSM8K has no validation split: ours is the last 500 train problems (data.validation_size)
 FILE_KEYS = tuple(f"{s}_file" for s in SPLITS)
 FIELDS = ("question", "answer")
-
-Problem = dict[str, str]
 
 
 @QA_SOURCES.register("arith")
@@ -233,10 +232,11 @@ def build_qa(
 
 def fitting_rows(
     prompts: list[list[int]], targets: list[list[int]], sep_id: int, pad_id: int, seq_len: int, max_samples: int | None
-) -> tuple[list, int]:
+) -> tuple[list[tuple[Tensor, Tensor]], int]:
     """The rows (`qa_row`) of the problems that fit seq_len, in order, at most `max_samples` of them, and how
     many were dropped for length before the cap was reached."""
-    rows, dropped = [], 0
+    rows: list[tuple[Tensor, Tensor]] = []
+    dropped = 0
     for p, t in zip(prompts, targets):
         if max_samples is not None and len(rows) >= max_samples:
             break

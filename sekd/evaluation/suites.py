@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sekd.core.registry import Registry
 
@@ -48,7 +48,7 @@ class Suite:
     arith: str | None = None  # the embedded arithmetic generation task (generation.py), built locally
 
 
-SUITES = Registry("suite")
+SUITES: Registry[Callable[..., Suite]] = Registry("suite")  # (split, [gsm8k_validation_size]) -> Suite
 
 
 def _check_split(name: str, split: str | None, allowed: tuple[str, ...]) -> str:

@@ -27,7 +27,7 @@ from sekd.core.registry import Registry, at_least
 from sekd.core.rng import PositionKeys
 from sekd.core.tensors import upcast
 
-CLASSES = Registry("class selector", call_time=("temperature", "generator", "keys"))
+CLASSES: Registry[ClassSampler] = Registry("class selector", call_time=("temperature", "generator", "keys"))
 
 
 @dataclass

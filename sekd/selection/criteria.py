@@ -30,7 +30,7 @@ from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_ra
 from sekd.selection.classes import sparse_forward_kl
 from sekd.core.tensors import upcast
 
-CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
+CRITERIA: Registry[Criterion] = Registry("criterion", call_time=("temperature", "row", "u"))
 
 COUPLINGS = ("pointwise", "batch", "all")
 NEEDS = {"u": "the scores u(t) at the selected positions", "teacher": "a no-grad teacher pass over them"}
@@ -102,6 +102,7 @@ class Criterion:
         if self.coupling == "batch":
             if "u" in self.needs and sel.u is None:
                 raise ValueError(f"criterion {self.name!r} needs a signal: it reads u(t)")
+            assert self.prepare is not None  # __post_init__: a batch-level criterion declares one
             return self.prepare(sel, **self.options)
         return lambda s, t, sl: self(
             s, t, sel.y[sl], temperature=T, row=sel.row[sl], u=sel.u[sl] if sel.u is not None else None
@@ -383,6 +384,7 @@ def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
 
 def weighted_prepare(sel: Selected) -> ChunkD:
     """Weighted KD's factor n_i w_t / sum_{t' in i} w_t' needs only u and the rows; then D_t is pointwise."""
+    assert sel.u is not None  # Criterion.over: it declares needs={"u"}
     scale = weighted_scale(sel.u, sel.row)  #                                                  [N]
 
     def d_weighted(s: Tensor, t: Tensor, sl: slice) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 from sekd.core.registry import NoOptions, Registry, at_least, in_range, positive
 from sekd.core.rng import RowKeys, categorical, row_keys
 
-POLICIES = Registry("policy", call_time=("generator", "step", "keys", "gather"))
+POLICIES: Registry[PolicyPiece] = Registry("policy", call_time=("generator", "step", "keys", "gather"))
 
 
 @dataclass
@@ -77,10 +77,20 @@ class PolicyPiece(Protocol):
     """(u [B,T], valid [B,T], *, generator, step, [keys], [gather]) -> Draws, and what the policy declares
     about itself: a random one also takes `keys` (per-row RowKeys), a stateful one `gather`."""
 
-    name: str
-    random: bool  # draws (per-row keys, or keys drawn from the generator)
-    stepped: bool  # reads the optimizer step
-    stateful: bool  # keeps state for the checkpoint (state_dict / load_state_dict)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def random(self) -> bool:  # draws (per-row keys, or keys drawn from the generator)
+        ...
+
+    @property
+    def stepped(self) -> bool:  # reads the optimizer step
+        ...
+
+    @property
+    def stateful(self) -> bool:  # keeps state for the checkpoint (state_dict / load_state_dict)
+        ...
 
     def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws: ...
 
