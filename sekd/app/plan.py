@@ -36,13 +36,19 @@ import re
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from sekd.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from sekd.config.schema import RunConfig, TrainConfig
 
 GIB = 2**30
 
 # Known shapes of hub models, used when their config.json is not on local disk (offline, or never downloaded).
-KNOWN = {
+KNOWN: dict[str, dict[str, Any]] = {
     "Qwen/Qwen3-8B": dict(
         model_type="qwen3",
         vocab_size=151936,
@@ -108,7 +114,7 @@ class Shape:
         return self.vocab * self.hidden
 
     @staticmethod
-    def of_config(cfg, source: str) -> "Shape":
+    def of_config(cfg: PretrainedConfig, source: str) -> "Shape":
         """From a transformers config; parameters counted on the meta device (nothing allocated)."""
         import torch
         from transformers import AutoModelForCausalLM
@@ -135,7 +141,7 @@ class Shape:
         )
 
 
-def model_config(key: str, name: str, trust_remote_code: bool = False):
+def model_config(key: str, name: str, trust_remote_code: bool = False) -> tuple[PretrainedConfig, str]:
     """(transformers config, where it came from) for a local folder or hub name; never asks the hub."""
     from pathlib import Path
 
@@ -157,19 +163,21 @@ def model_config(key: str, name: str, trust_remote_code: bool = False):
     )
 
 
-def pair_shapes(cfg) -> tuple[Shape, Shape]:
+def pair_shapes(cfg: RunConfig) -> tuple[Shape, Shape]:
     """(teacher, student) shapes of the run's pair, without building or loading either."""
     m = cfg.model
     if m.source == "embedded":
         from sekd.data.qa import is_task_source
         from sekd.embedded.build import qwen3_config
 
-        vocab = int(m.embedded["vocab_size"])
+        emb = m.embedded
+        assert emb is not None  # ModelConfig requires it for source=embedded
+        vocab = int(emb["vocab_size"])
         where = "embedded pair's config" + (" (task fine-tuned)" if is_task_source(cfg.data.name) and m.task else "")
-        return tuple(
-            Shape.of_config(qwen3_config(m.embedded[role], vocab, 0), where)  # type: ignore[return-value]
-            for role in ("teacher", "student")
+        teacher, student = (
+            Shape.of_config(qwen3_config(emb[role], vocab, 0), where) for role in ("teacher", "student")
         )
+        return teacher, student
     out = []
     for key, name in (("model.teacher", m.teacher), ("model.student", m.student)):
         conf, where = model_config(key, str(name), m.trust_remote_code)
@@ -212,7 +220,7 @@ def teacher_forward_bytes(t: Shape, tokens: int, tbytes: int) -> int:
     return tokens * tbytes * (3 * t.hidden + 3 * t.intermediate)
 
 
-def chunk_for(train, vocab: int, device_type: str) -> int:
+def chunk_for(train: TrainConfig, vocab: int, device_type: str) -> int:
     from sekd.kd.flows import auto_chunk_size
 
     return auto_chunk_size(vocab, device_type) if train.chunk_size == "auto" else int(train.chunk_size)
@@ -234,7 +242,7 @@ class Device:
 
 @dataclass
 class Plan:
-    teacher: Shape
+    teacher: Shape | None  # None: no teacher in memory (an offline cache)
     student: Shape
     device_type: str
     dtype: str
@@ -277,8 +285,8 @@ def teacher_bytes(teacher: Shape | None, tokens: int, cbytes: int, shard: int | 
     units it gathers whole."""
     if teacher is None:
         return 0.0, 0.0, 0.0
-    weights = cbytes * teacher.params
-    fwd = teacher_forward_bytes(teacher, tokens, cbytes)
+    weights: float = cbytes * teacher.params
+    fwd: float = teacher_forward_bytes(teacher, tokens, cbytes)
     if shard is not None:
         head = teacher.vocab * teacher.hidden * cbytes  # the teacher's head stays replicated (untied)
         weights = (cbytes * teacher.params - head) / shard + head
@@ -286,7 +294,7 @@ def teacher_bytes(teacher: Shape | None, tokens: int, cbytes: int, shard: int | 
     return weights, fwd, cbytes * teacher.hidden * tokens
 
 
-def head_bytes(student: Shape, chunk: int, tokens: int, cbytes: int, selected: float):
+def head_bytes(student: Shape, chunk: int, tokens: int, cbytes: int, selected: float) -> tuple[int, int, int, float]:
     """The selective LM head's memory: (one float32 [C,V] block, the [V,d_s] fp32 weight gradient, W and a chunk's
     logits in the compute dtype under autocast, the [N,d_s] gradient of h at the selected positions)."""
     V, d = student.vocab, student.hidden
@@ -364,7 +372,7 @@ def estimate(
             "fsdp gathered units": gathered,
             "runtime reserve": reserve,
         }
-        worst = max(phases, key=phases.get)
+        worst = max(phases, key=lambda p: phases[p])
         dev = Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst])
         dev.phase = worst
         return dev
@@ -429,7 +437,7 @@ def cpu_above_loaded(
     return d.peak - d.rows.get("teacher weights", 0.0) - d.rows["student weights (fp32)"]  # the reserve stays
 
 
-def max_micro_batch(fit, card: float, limit: int = 4096) -> int:
+def max_micro_batch(fit: Callable[[int], Plan], card: float, limit: int = 4096) -> int:
     """The largest micro-batch whose worst device fits `card` bytes (0: not even one); fit(mb) -> Plan."""
     if fit(1).worst > card:
         return 0
@@ -497,7 +505,7 @@ def parse_args(argv: list[str]) -> Args:
     return out
 
 
-def compose_run(overrides: list[str]):
+def compose_run(overrides: list[str]) -> RunConfig:
     """The run's typed config, composed and checked as `sekd-train` would (ConfigError in one line)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -515,7 +523,9 @@ def compose_run(overrides: list[str]):
     return cfg
 
 
-def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shapes=None) -> Plan:
+def plan_run(
+    cfg: RunConfig, world: int | None = None, micro_batch: int | None = None, shapes: tuple[Shape, Shape] | None = None
+) -> Plan:
     """The plan of a composed run (`world`: ranks under ddp/fsdp)."""
     mode = cfg.train.distributed
     if mode == "none" and (world or 1) > 1:
@@ -554,7 +564,7 @@ def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shap
     return plan
 
 
-def fsdp_shard(cfg, world: int) -> tuple[int | None, str]:
+def fsdp_shard(cfg: RunConfig, world: int) -> tuple[int | None, str]:
     """Ranks per shard group under train.distributed=fsdp (train.fsdp.mesh, where the config has it): flat =
     every rank; RxS = S; hybrid = the ranks of one node (taken as min(world, 8) here)."""
     mesh = str(getattr(getattr(cfg.train, "fsdp", None), "mesh", "flat"))
@@ -571,7 +581,7 @@ def fsdp_shard(cfg, world: int) -> tuple[int | None, str]:
     return shard, f"fsdp mesh hybrid: each weight sharded over the {shard} ranks of a node (taken as min(world, 8))"
 
 
-def position_work(cfg) -> tuple[float, int]:
+def position_work(cfg: RunConfig) -> tuple[float, int]:
     """(fraction of positions the head runs at with gradient, [C,V] temporaries per chunk while scoring): a
     signal computed from one head's logits makes three (log-softmax, its exp, their product), one that
     needs the teacher's too makes five."""
@@ -585,7 +595,7 @@ def position_work(cfg) -> tuple[float, int]:
     return selected, 0 if sig.random else (5 if sig.needs_teacher else 3) + len(sig.terms) - 1
 
 
-def run_seq_len(cfg) -> int:
+def run_seq_len(cfg: RunConfig) -> int:
     """Positions per training row: the data's packed length (task data: the on-policy rollouts' or the rows')."""
     return int(cfg.data.seq_len)
 
@@ -670,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_json(plan: Plan, card: float | None, best: int | None) -> dict:
+def plan_json(plan: Plan, card: float | None, best: int | None) -> dict[str, Any]:
     """The plan as data (GiB): per device its rows, its estimated peak, and the peak without the runtime
     reserve, which is what torch.cuda.max_memory_allocated measures (the CUDA context is not allocated)."""
 

@@ -23,7 +23,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from sekd.core.errors import ConfigError
 
@@ -303,7 +303,9 @@ class TrainConfig:
     temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2
     normalization: str = "per_sequence"
     flow: str = "chunked"
-    chunk_size: Any = "auto"  # positions per LM-head chunk: "auto" or an integer
+    # positions per LM-head chunk: "auto" or an integer (Any: OmegaConf's Union[int, str] would refuse 1.5 or
+    # true itself, before the one-line check below)
+    chunk_size: Any = "auto"
     precision: str = "auto"
     device: str = "auto"
     threads: Optional[int] = None  # torch CPU threads; None = torch's default
@@ -396,8 +398,11 @@ class RunConfig:
     resources: Resources = field(default_factory=Resources)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Each source has its own keys: Hydra holds a mapping, __post_init__ makes it a DataConfig.
-    data: Any = field(default_factory=dict)
+    # Each source has its own keys: Hydra holds a mapping (Any to OmegaConf), __post_init__ makes it a DataConfig.
+    if TYPE_CHECKING:
+        data: DataConfig = field(default_factory=DataConfig)
+    else:
+        data: Any = field(default_factory=dict)
     position: PositionConfig = field(default_factory=PositionConfig)
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)

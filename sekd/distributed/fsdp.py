@@ -33,10 +33,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from sekd.core.errors import ConfigError
 
@@ -119,7 +122,7 @@ def precision(dtype: torch.dtype | None):
     )
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face causal LM (Qwen3, Llama, ...): the bulk of the weights."""
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
@@ -128,7 +131,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_student(
-    root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+    root: nn.Module,
+    model: PreTrainedModel,
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    mesh: str = "flat",
 ) -> None:
     """FSDP2 units: each decoder layer of `model` (gathered in the compute `dtype`), then `root` (the module
     whose forward is the loss and which holds `model`) for the rest (float32). Reductions sum in float32
@@ -146,7 +154,7 @@ def shard_student(
 
 
 def shard_teacher(
-    teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+    teacher: PreTrainedModel, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
 ) -> None:
     """The frozen teacher sharded for inference: its decoder layers and its decoder (embeddings, norm),
     gathered in the compute `dtype` and resharded after each forward; the LM head stays replicated (untied
@@ -160,12 +168,15 @@ def shard_teacher(
     fully_shard(teacher.get_decoder(), mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
 
 
-def untie_head(model: nn.Module) -> None:
+def untie_head(model: PreTrainedModel) -> None:
     """A head tied to the input embedding gets its own copy of the weights, so sharding the embedding
     leaves the head whole on every rank."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and embed is not None and head.weight is embed.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    if head is None or embed is None:
+        return
+    weight = head.weight
+    if isinstance(weight, nn.Parameter) and weight is embed.weight:
+        head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -182,7 +193,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     which save_pretrained would recognise the tie), so the saved files are the one-process ones."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))  # a model's: tensors
     first = {name for name, _ in model.named_parameters()}
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
     return {k: v for k, v in full.items() if k not in tied}

@@ -106,6 +106,7 @@ def first_host(nodelist: str) -> Optional[str]:
 def _first_host_simple(nodelist: str) -> str:
     """The first host of a node list without Slurm: a prefix, then the start of its first range, if any."""
     m = re.match(r"([^,\[]*)(?:\[([^,\-\]]*))?", nodelist.strip())
+    assert m is not None  # both groups may be empty: every string matches
     prefix, first = m.group(1), m.group(2)
     return prefix + (first or "")
 

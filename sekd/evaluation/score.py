@@ -96,11 +96,12 @@ def task_manager(s: Suite, artifacts_dir, docs: list[str] | None, problems: list
         from sekd.data.corpus import load_split
 
         docs = load_split(s.split)
-    include: str | list[str] = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
+    local = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
+    include: str | list[str] = local
     if s.arith:
         from sekd.evaluation.generation import build_arith_task
 
-        include = [include, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
+        include = [local, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
     return TaskManager(include_path=include, include_defaults=False)
 
 

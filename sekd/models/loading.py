@@ -19,6 +19,7 @@ def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
         from sekd.embedded.build import build_pair
 
         emb = m.embedded
+        assert emb is not None  # ModelConfig requires it for source=embedded
         if (
             is_task_source(cfg.data.name) and m.task
         ):  # a teacher that can do the task it is to teach (docs/method.md §10)
@@ -225,7 +226,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
     device = torch.device(device)
     direct = {"device_map": {"": device}} if device.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **direct)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to stub drops Module.to's signature
 
 
 def shared_vocab(tok, *models) -> int:

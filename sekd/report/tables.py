@@ -360,7 +360,7 @@ def cell(
 def display(frame: pd.DataFrame, *, method: Callable[[str], str] = str, **style) -> pd.DataFrame:
     """The printable table: Method | <the table's columns> | n."""
     table = frame["table"].iloc[0] if len(frame) else None
-    cols = COLUMNS.get(table, [])
+    cols = COLUMNS.get(table, []) if table is not None else []
     out = pd.DataFrame({"Method": frame["label"].map(method)})
     for c in cols:
         out[HEADER[c]] = [

@@ -66,8 +66,11 @@ class SampleSelection:
 class Ranks(Protocol):
     """What the pre-pass needs of a process group (sekd.distributed.process_group.Dist has it)."""
 
-    rank: int
-    world_size: int
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
 
     def all_gather_objects(self, obj: Any) -> list[Any]: ...
 
@@ -129,6 +132,9 @@ def prepass(
     """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
     run's: bf16 autocast on a GPU, so the [B,T,V] logits are half the bytes of fp32's and the forwards run
     at the run's speed, which Table 7 counts).  -> float32 [N]"""
+    sig = selector.signal
+    assert sig is not None, f"sample selector {selector.name!r} has no pre-pass"  # select_samples skips it
+    needed = teacher if selector.needs_teacher else None
     U = torch.empty(len(data), dtype=torch.float32)
     kind = torch.device(device).type
     with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
@@ -138,8 +144,8 @@ def prepass(
             x = data.input_ids[lo : lo + batch_size].to(device)  # [B,T]
             y = data.labels[lo : lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
             s = _logits(student, x, vocab)  # [B,T,V]
-            t = _logits(teacher, x, vocab) if selector.needs_teacher else None  # [B,T,V]
-            U[lo : lo + batch_size] = mean_signal(selector.signal, s, t, y, temperature=temperature).cpu()
+            t = _logits(needed, x, vocab) if needed is not None else None  # [B,T,V]
+            U[lo : lo + batch_size] = mean_signal(sig, s, t, y, temperature=temperature).cpu()
     return U
 
 
@@ -220,27 +226,28 @@ def sample_importance(
     **run: Any,
 ) -> SampleSelection:
     """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
-    dist = dist or OneProcess()
+    ranks: Ranks = dist or OneProcess()
     if store_dir is None:
-        return _score_missing(selector, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
+        return _score_missing(selector, data, list(range(len(data))), {}, student, teacher, dist=ranks, **run)
+    assert fields is not None  # a store's key (store_fields)
     path = store_path(store_dir, fields)
-    main = dist.rank == 0
+    main = ranks.rank == 0
     if main:
         path.parent.mkdir(parents=True, exist_ok=True)
     # one scorer per key; a run sharing it waits, then finds the scores and pays nothing. Only rank 0
     # touches the file: it locks, reads and writes; the other ranks get what it read.
     with lock(path) if main else nullcontext():
-        got = None
+        got: tuple[dict[str, float] | None, str | None] | None = None
         if main:
             try:
                 got = (load_importance(path, fields), None)
             except ValueError as e:  # every rank stops with rank 0's one line
                 got = (None, str(e))
-        stored, error = from_main(dist, got)
+        stored, error = from_main(ranks, got)
         if error is not None:
             raise ValueError(error)
         missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
-        out = _score_missing(selector, data, missing, stored, student, teacher, dist=dist, **run)
+        out = _score_missing(selector, data, missing, stored, student, teacher, dist=ranks, **run)
         if missing and main:
             save_importance(path, fields, stored)
     return out
@@ -321,6 +328,7 @@ def select_samples(
     ):
         if needed and model is None:
             raise ValueError(f"sample selector {name!r} needs the {role} for its pre-pass")
+    assert student is not None  # the pre-pass reads the student's logits (every selector with a signal needs it)
     fields = None
     if store_dir is not None:
         fields = store_fields(
@@ -346,5 +354,6 @@ def select_samples(
         dtype=dtype,
         dist=dist,
     )
+    assert sel.importance is not None  # the pre-pass's U_i
     sel.indices = top_samples(sel.importance, n_keep)
     return sel
