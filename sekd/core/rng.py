@@ -39,7 +39,11 @@ def check_cpu_generator(generator: torch.Generator | None, who: str) -> None:
 
 
 def uniform(
-    shape, generator: torch.Generator | None, device, dtype: torch.dtype = torch.float32, who: str = "uniform"
+    shape: int | Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    who: str = "uniform",
 ) -> Tensor:
     """U[0,1) of `shape` from the CPU `generator` (the global CPU one when None), on `device`."""
     check_cpu_generator(generator, who)
@@ -75,7 +79,7 @@ def categorical(
 # ---- per-sample keys ----------------------------------------------------------------------
 
 
-def mix(*parts) -> int:
+def mix(*parts: object) -> int:
     """A 63-bit seed from the first 8 bytes of sha256("a/b/..."), as sekd/selection/draws.py `sample_generator`."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
@@ -108,7 +112,9 @@ class RowKeys:
         """Row i's CPU generator for `stream` (each random piece names its own)."""
         return torch.Generator().manual_seed(mix(self.keys[i], stream))
 
-    def uniform(self, lengths: Sequence[int], stream: str, device, dtype: torch.dtype = torch.float32) -> Tensor:
+    def uniform(
+        self, lengths: Sequence[int], stream: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Row i's first lengths[i] uniforms of `stream`, padded with 0 to the longest.  -> [B,max(lengths)]"""
         if len(lengths) != len(self.keys):
             raise ValueError(f"{stream}: {len(lengths)} rows, {len(self.keys)} row keys")
@@ -156,7 +162,7 @@ class PositionKeys:
         """The keys of the positions [sl] (a chunk)."""
         return PositionKeys(self.keys, self.rows[sl], self.cols[sl], self.T, self._memo)
 
-    def table(self, width: int, stream: str, device) -> Tensor:
+    def table(self, width: int, stream: str, device: torch.device | str) -> Tensor:
         """Every row's T x width uniforms of `stream`, drawn once.  -> [rows,T,width] float64 on `device`"""
         device = torch.device(device)
         key = (stream, int(width), str(device))
@@ -174,7 +180,7 @@ class PositionKeys:
             self._memo[key] = cpu.to(device)
         return self._memo[key]
 
-    def uniform(self, width: int, stream: str, device) -> Tensor:
+    def uniform(self, width: int, stream: str, device: torch.device | str) -> Tensor:
         """`width` uniforms per position.  -> [n,width] float64 on `device`"""
         table = self.table(width, stream, device)
         return table[self.rows.to(table.device), self.cols.to(table.device)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from sekd.data.dataset import cached_packed, separator_id, tokenizer_signature
 from sekd.data.packing import IGNORE, PackedData, sample_id
 from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file, jsonl_records
 from sekd.core.registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def qa_row(
 def build_qa(
     source: str,
     split: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
     artifacts_dir: Path,
@@ -248,7 +251,7 @@ def fitting_rows(
     return rows, dropped
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]

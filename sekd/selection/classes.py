@@ -42,7 +42,7 @@ class SparseTarget:
         """The targets of a subset of positions.  index [M] -> [M,K]"""
         return SparseTarget(self.ids[index], self.probs[index], self.mask[index])
 
-    def to(self, device) -> "SparseTarget":
+    def to(self, device: torch.device | str) -> "SparseTarget":
         return SparseTarget(self.ids.to(device), self.probs.to(device), self.mask.to(device))
 
 
@@ -104,7 +104,12 @@ def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callab
 
 @class_sampler("rs_kd", RSKDOptions, random=True)
 def rs_kd(
-    t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+    t: Tensor,
+    *,
+    n_draws: int = 64,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    keys: PositionKeys | None = None,
 ) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]
     With `keys` (one per row of t), position n's N uniforms come from its row's per-sample key."""
@@ -118,7 +123,12 @@ def rs_kd(
 
 @class_sampler("top_k_truncation", TruncationOptions, random=False)
 def top_k_truncation(
-    t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+    t: Tensor,
+    *,
+    top: int = 64,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    keys: PositionKeys | None = None,
 ) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = upcast(t)
@@ -126,7 +136,7 @@ def top_k_truncation(
     return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
 
 
-def build_classes(name: str, **opts) -> ClassSampler | None:
+def build_classes(name: str, **opts: Any) -> ClassSampler | None:
     """None for `full` (the dense distribution), else the bound class selector."""
     if name == "full":
         return None

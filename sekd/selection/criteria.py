@@ -232,13 +232,17 @@ def _kl(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
 
 
 @criterion("forward_kl", sparse=sparse_forward_kl, closed_form=forward_kl_with_grad)
-def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def forward_kl(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
     return _kl(s, t, temperature, reverse=False)
 
 
 @criterion("reverse_kl", closed_form=reverse_kl_with_grad)
-def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def reverse_kl(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
     return _kl(s, t, temperature, reverse=True)
 
@@ -294,8 +298,8 @@ def dkd(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 8.0,
-    row=None,
-    u=None,
+    row: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """D = alpha * TCKD + beta * NCKD (Zhao et al. 2022), at temperature T; the objective adds T^2."""
     return alpha * tckd(s, t, y, temperature) + beta * nckd(s, t, y, temperature)
@@ -346,8 +350,8 @@ def atkd(
     temperature: float = 1.0,
     hard_fraction: float = 0.5,
     easy_weight: float = 0.2,
-    row=None,
-    u=None,
+    row: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
     D = easy_weight * NCKD (easy), (1 - easy_weight) * (TCKD + NCKD) (hard), so that
@@ -395,7 +399,9 @@ def weighted_prepare(sel: Selected) -> ChunkD:
 
 
 @criterion("weighted", coupling="batch", needs=frozenset({"u"}), prepare=weighted_prepare)
-def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def weighted(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """D_t = n_i w_t KL_t / sum_{t' in i} w_t', w_t = u(t) detached, n_i = positions of sequence i passed in,
     so the objective's per-sequence mean gives sum_t w_t KL_t / sum_t w_t. Meant for unit-weight policies
     (all, top_k, random, gls, curriculum); a sequence whose w are all 0 falls back to the plain mean.

@@ -92,7 +92,9 @@ class PolicyPiece(Protocol):
     def stateful(self) -> bool:  # keeps state for the checkpoint (state_dict / load_state_dict)
         ...
 
-    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws: ...
+    def __call__(
+        self, u: Tensor, valid: Tensor, *, generator: torch.Generator | None = None, step: int = 0
+    ) -> Draws: ...
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def call_policy(
     u: Tensor,
     valid: Tensor,
     *,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
@@ -240,13 +242,13 @@ def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
 
 
 @policy("all", NoOptions)
-def all_positions(u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
+def all_positions(u: Tensor, valid: Tensor, *, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = valid(t): Full KD."""
     return Draws.from_mask(valid)
 
 
 @policy("top_k", BudgetOptions)
-def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
+def top_k(u: Tensor, valid: Tensor, *, k: float, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
     rank = masked_rank(u, valid)
     m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
@@ -255,7 +257,13 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
 
 @policy("random", BudgetOptions, random=True)
 def random_positions(
-    u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0, keys: RowKeys | None = None
+    u: Tensor,
+    valid: Tensor,
+    *,
+    k: float,
+    generator: torch.Generator | None = None,
+    step: int = 0,
+    keys: RowKeys | None = None,
 ) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement (row i: T uniforms of its key)."""
     B, T = valid.shape
@@ -267,7 +275,9 @@ def random_positions(
 
 
 @policy("curriculum", CurriculumOptions, stepped=True)
-def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=None, step: int = 0) -> Draws:
+def curriculum(
+    u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator: torch.Generator | None = None, step: int = 0
+) -> Draws:
     """pi = min(1, step / S); the n_sel positions at ascending-u ranks [floor((n_valid - n_sel) pi), +n_sel).
 
     Ascending order is the exact reverse of top_k's descending order, so pi = 1 gives top_k's draws.
@@ -322,7 +332,7 @@ class GLS:
         u: Tensor,
         valid: Tensor,
         *,
-        generator=None,
+        generator: torch.Generator | None = None,
         step: int = 0,
         gather: Callable[[Tensor], Tensor] | None = None,
     ) -> Draws:
@@ -364,7 +374,9 @@ def _sample(w: Tensor, n: Tensor, keys: RowKeys) -> tuple[Tensor, Tensor]:
     return index, mask
 
 
-def _pos_rs(u, valid, *, k, tau, coverage, keys: RowKeys, star: bool, who: str) -> Draws:
+def _pos_rs(
+    u: Tensor, valid: Tensor, *, k: float, tau: float, coverage: float, keys: RowKeys, star: bool, who: str
+) -> Draws:
     """Shared body of pos_rs / pos_rs_star; see their docstrings."""
     check_k(k)
     if tau <= 0:
@@ -413,7 +425,7 @@ def pos_rs(
     k: float,
     tau: float = 1.0,
     coverage: float = 0.0,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
 ) -> Draws:
@@ -436,7 +448,7 @@ def pos_rs_star(
     k: float,
     tau: float = 1.0,
     coverage: float = 0.0,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
 ) -> Draws:

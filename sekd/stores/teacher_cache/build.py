@@ -135,7 +135,7 @@ def shard_bytes(
     vocab_size: int,
     batch_size: int,
     device: torch.device,
-    bar=None,
+    bar: tqdm | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """Run the teacher over `rows` (sorted by sample id) and encode their draws as one shard file."""
     blocks, positions, records = [], 0, 0
