@@ -308,6 +308,100 @@ def gathered_bytes(student: Shape, cbytes: int) -> float:
     return 4 * student.embed_params + 2 * cbytes * student.layer_params / student.layers
 
 
+@dataclass(frozen=True)
+class StudentBytes:
+    """What a student's card holds through a step, its teacher aside (bytes): the rows `student_card` adds
+    up by phase. Under fsdp the weights, gradients and optimizer state are this rank's shard."""
+
+    optimizer: str
+    weights: float  # fp32 master weights
+    grads: float
+    opt: float  # optimizer state
+    opt_tmp: float  # the optimizer step's temporaries
+    held: float  # ddp's gradient buffer, held all step (GradBuckets); 0 otherwise
+    tied_tmp: float  # a tied embedding's dense gradient at the backward's end
+    act: float  # saved activations
+    block: float  # one float32 [C,V] block of the head
+    w_grad: float  # the head's [V,d_s] fp32 weight gradient
+    w_copy: float  # W and a chunk's logits in the compute dtype (autocast)
+    h_grad: float  # the gradient of h at the selected positions
+    score_blocks: int  # [C,V] temporaries per chunk while scoring
+    gathered: float  # fsdp's units gathered whole while they run
+    reserve: float
+    kept: float  # CPU keeps the head's blocks from step to step; a GPU gives them back
+
+    @property
+    def blocks(self) -> float:
+        return 3 * self.block
+
+
+def student_bytes(
+    student: Shape,
+    *,
+    tokens: int,
+    chunk: int,
+    cbytes: int,
+    device_type: str,
+    optimizer: str,
+    mode: str,
+    world: int,
+    shard: int,
+    selected: float,
+    score_blocks: int,
+) -> StudentBytes:
+    """The student's side of `estimate`: its card's rows for a micro-batch of `tokens` positions."""
+    P, largest = student.params, student.vocab * student.hidden  # the largest parameter: the embedding
+    block, w_grad, w_copy, h_grad = head_bytes(student, chunk, tokens, cbytes, selected)
+    grads = 4 * P / shard
+    fused = optimizer == "adamw" and device_type == "cuda"
+    return StudentBytes(
+        optimizer=optimizer,
+        weights=4 * P / shard,
+        grads=grads,
+        opt=OPTIMIZER_BYTES[optimizer] * P / shard,
+        opt_tmp=4 * P / shard if fused else 2 * 4 * largest / shard,
+        held=grads if mode == "ddp" and world > 1 else 0.0,
+        tied_tmp=4 * student.embed_params / shard if student.tied else 0.0,
+        act=activation_bytes(student, tokens, autocast=cbytes < 4),  # a compute dtype below fp32: autocast
+        block=block,
+        w_grad=w_grad,
+        w_copy=w_copy,
+        h_grad=h_grad,
+        score_blocks=score_blocks,
+        gathered=gathered_bytes(student, cbytes) if mode == "fsdp" else 0.0,
+        reserve=RESERVE_GIB[device_type] * GIB,
+        kept=3 * block if device_type == "cpu" else 0.0,
+    )
+
+
+def student_card(name: str, b: StudentBytes, t_w: float, t_hid: float, t_f: float, t_copy: float = 0.0) -> Device:
+    """A device holding a student (and the teacher's weights `t_w`, last hidden states `t_hid`, forward work
+    `t_f`, head copy `t_copy` where they live on it): its rows and its peak, the largest of the PHASES."""
+    phases = {
+        "teacher forward": t_f + t_hid + b.kept,
+        "scoring": b.act + t_hid + b.blocks + b.score_blocks * b.block,
+        "selective head": b.act + t_hid + b.blocks + b.w_grad + b.h_grad + b.w_copy,
+        "backward end": b.grads - b.held + b.tied_tmp + b.kept,
+        "optimizer step": b.grads - b.held + b.opt_tmp + b.kept,
+    }
+    persistent = t_w + t_copy + b.weights + b.opt + b.gathered + b.reserve + b.held
+    rows = {
+        "teacher weights": t_w,
+        "teacher head copy": t_copy,
+        "student weights (fp32)": b.weights,
+        "gradients (fp32)": b.grads,
+        f"optimizer ({b.optimizer})": b.opt,
+        "LM head (blocks, dW, W copy)": b.blocks + b.w_grad + b.w_copy,
+        "LM head scoring temporaries": b.score_blocks * b.block,
+        "activations": b.act,
+        "teacher forward": t_f + t_hid,
+        "fsdp gathered units": b.gathered,
+        "runtime reserve": b.reserve,
+    }
+    worst = max(phases, key=lambda p: phases[p])
+    return Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst], phase=worst)
+
+
 def estimate(
     teacher: Shape | None,
     student: Shape,
@@ -331,65 +425,35 @@ def estimate(
     the weights, the optimizer state and the reserve plus the largest of the step's PHASES."""
     from sekd.kd.flows import auto_chunk_size
 
-    autocast = dtype != "fp32"
     cbytes = 4 if dtype == "fp32" else 2
     tokens = micro_batch * seq_len
     chunk = min(chunk or auto_chunk_size(student.vocab, device_type), tokens)  # a block holds at most every position
-    V, P = student.vocab, student.params
     shard = (shard or world) if mode == "fsdp" else 1
-    s_weights, grads, opt = 4 * P / shard, 4 * P / shard, OPTIMIZER_BYTES[optimizer] * P / shard
-    block, w_grad, w_copy, h_grad = head_bytes(student, chunk, tokens, cbytes, selected)
-    blocks = 3 * block
-    act = activation_bytes(student, tokens, autocast)
+    b = student_bytes(
+        student,
+        tokens=tokens,
+        chunk=chunk,
+        cbytes=cbytes,
+        device_type=device_type,
+        optimizer=optimizer,
+        mode=mode,
+        world=world,
+        shard=shard,
+        selected=selected,
+        score_blocks=score_blocks,
+    )
     t_weights, t_fwd, t_hidden = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
-    gathered = gathered_bytes(student, cbytes) if mode == "fsdp" else 0.0
-    largest = V * student.hidden  # the largest parameter: the embedding
-    opt_tmp = 4 * P / shard if (optimizer == "adamw" and device_type == "cuda") else 2 * 4 * largest / shard
-    held = grads if mode == "ddp" and world > 1 else 0.0  # GradBuckets: the gradients' buffer stays all step
-    tied_tmp = 4 * student.embed_params / shard if student.tied else 0.0
-    reserve = RESERVE_GIB[device_type] * GIB
-    kept = blocks if device_type == "cpu" else 0.0  # CPU keeps the blocks step to step; a GPU gives them back
-
-    def student_card(name: str, t_w: float, t_hid: float, t_f: float, t_copy: float = 0.0) -> Device:
-        phases = {
-            "teacher forward": t_f + t_hid + kept,
-            "scoring": act + t_hid + blocks + score_blocks * block,
-            "selective head": act + t_hid + blocks + w_grad + h_grad + w_copy,
-            "backward end": grads - held + tied_tmp + kept,
-            "optimizer step": grads - held + opt_tmp + kept,
-        }
-        persistent = t_w + t_copy + s_weights + opt + gathered + reserve + held
-        rows = {
-            "teacher weights": t_w,
-            "teacher head copy": t_copy,
-            "student weights (fp32)": s_weights,
-            "gradients (fp32)": grads,
-            f"optimizer ({optimizer})": opt,
-            "LM head (blocks, dW, W copy)": blocks + w_grad + w_copy,
-            "LM head scoring temporaries": score_blocks * block,
-            "activations": act,
-            "teacher forward": t_f + t_hid,
-            "fsdp gathered units": gathered,
-            "runtime reserve": reserve,
-        }
-        worst = max(phases, key=lambda p: phases[p])
-        dev = Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst])
-        dev.phase = worst
-        return dev
-
     if placed and teacher is not None:
-        card = student_card("student card", 0.0, t_hidden, 0.0, teacher.vocab * teacher.hidden * cbytes)
-        devices = [
-            card,
-            Device(
-                "teacher card",
-                {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": reserve},
-                t_weights + t_fwd + t_hidden + reserve,
-                phase="teacher forward",
-            ),
-        ]
+        teacher_card = Device(
+            "teacher card",
+            {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": b.reserve},
+            t_weights + t_fwd + t_hidden + b.reserve,
+            phase="teacher forward",
+        )
+        head_copy = teacher.vocab * teacher.hidden * cbytes
+        devices = [student_card("student card", b, 0.0, t_hidden, 0.0, head_copy), teacher_card]
     else:
-        card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), t_weights, t_hidden, t_fwd)
+        card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), b, t_weights, t_hidden, t_fwd)
         card.count = world if mode in ("ddp", "fsdp") else 1
         devices = [card]
     return Plan(

@@ -207,30 +207,55 @@ def build_qa(
 
     def pack() -> tuple[PackedData, dict[str, Any]]:
         problems = QA_SOURCES.get(source)(split, **opts)
-        prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
-        targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
-        rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
-        if not rows:
-            shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
-            raise DataError(
-                f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
-                f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})"
-            )
-        if dropped:
-            log.warning(
-                "%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
-                source,
-                split,
-                dropped,
-                len(rows) + dropped,
-                seq_len + 1,
-            )
-        input_ids = torch.stack([r[0] for r in rows])  # [N,L]
-        labels = torch.stack([r[1] for r in rows])  # [N,L]
-        data = PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))])
+        data, dropped = qa_rows(
+            problems,
+            tokenizer,
+            source=source,
+            split=split,
+            sep_id=sep_id,
+            pad_id=pad_id,
+            seq_len=seq_len,
+            max_samples=max_samples,
+        )
         return data, {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)}
 
     return cached_packed(path, pack)
+
+
+def qa_rows(
+    problems: list[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str,
+    split: str,
+    sep_id: int,
+    pad_id: int,
+    seq_len: int,
+    max_samples: int | None,
+) -> tuple[PackedData, int]:
+    """The problems of `source`'s `split` as rows (`fitting_rows`), and how many were dropped for length;
+    none fitting is a DataError, some dropped a warning."""
+    prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
+    targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
+    rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
+    if not rows:
+        shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
+        raise DataError(
+            f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
+            f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})"
+        )
+    if dropped:
+        log.warning(
+            "%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
+            source,
+            split,
+            dropped,
+            len(rows) + dropped,
+            seq_len + 1,
+        )
+    input_ids = torch.stack([r[0] for r in rows])  # [N,L]
+    labels = torch.stack([r[1] for r in rows])  # [N,L]
+    return PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))]), dropped
 
 
 def fitting_rows(
