@@ -402,6 +402,33 @@ def student_card(name: str, b: StudentBytes, t_w: float, t_hid: float, t_f: floa
     return Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst], phase=worst)
 
 
+def plan_devices(
+    b: StudentBytes,
+    teacher: Shape | None,
+    t_bytes: tuple[float, float, float],
+    cbytes: int,
+    *,
+    mode: str,
+    world: int,
+    placed: bool,
+) -> list[Device]:
+    """The plan's devices: the student's card (one, or each rank's, with the teacher's `t_bytes` on it) or,
+    with the teacher placed on a device of its own, the student's card and the teacher's."""
+    t_weights, t_fwd, t_hidden = t_bytes
+    if placed and teacher is not None:
+        teacher_card = Device(
+            "teacher card",
+            {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": b.reserve},
+            t_weights + t_fwd + t_hidden + b.reserve,
+            phase="teacher forward",
+        )
+        head_copy = teacher.vocab * teacher.hidden * cbytes
+        return [student_card("student card", b, 0.0, t_hidden, 0.0, head_copy), teacher_card]
+    card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), b, t_weights, t_hidden, t_fwd)
+    card.count = world if mode in ("ddp", "fsdp") else 1
+    return [card]
+
+
 def estimate(
     teacher: Shape | None,
     student: Shape,
@@ -442,20 +469,8 @@ def estimate(
         selected=selected,
         score_blocks=score_blocks,
     )
-    t_weights, t_fwd, t_hidden = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
-    if placed and teacher is not None:
-        teacher_card = Device(
-            "teacher card",
-            {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": b.reserve},
-            t_weights + t_fwd + t_hidden + b.reserve,
-            phase="teacher forward",
-        )
-        head_copy = teacher.vocab * teacher.hidden * cbytes
-        devices = [student_card("student card", b, 0.0, t_hidden, 0.0, head_copy), teacher_card]
-    else:
-        card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), b, t_weights, t_hidden, t_fwd)
-        card.count = world if mode in ("ddp", "fsdp") else 1
-        devices = [card]
+    t_bytes = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
+    devices = plan_devices(b, teacher, t_bytes, cbytes, mode=mode, world=world, placed=placed)
     return Plan(
         teacher=teacher,
         student=student,

@@ -218,7 +218,7 @@ def sample_importance(
     selector: SampleSelector,
     data: PackedData,
     *,
-    student: torch.nn.Module,
+    student: torch.nn.Module | None,
     teacher: torch.nn.Module | None,
     fields: dict[str, Any] | None,
     store_dir: Path | None,
@@ -265,7 +265,7 @@ def _score_missing(
     data: PackedData,
     missing: list[int],
     stored: dict[str, float],
-    student: torch.nn.Module,
+    student: torch.nn.Module | None,
     teacher: torch.nn.Module | None,
     *,
     dist: Ranks,
@@ -275,6 +275,7 @@ def _score_missing(
     `stored`, returns U for all of `data`."""
     seconds = 0.0
     if missing:
+        assert student is not None  # the pre-pass reads the student's logits (select_samples checks it)
         t0 = time.perf_counter()
         mine = shard_batches(missing, int(run.get("batch_size", 16)), dist.rank, dist.world_size)
         U_mine = prepass(selector, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
@@ -328,7 +329,6 @@ def select_samples(
     ):
         if needed and model is None:
             raise ValueError(f"sample selector {name!r} needs the {role} for its pre-pass")
-    assert student is not None  # the pre-pass reads the student's logits (every selector with a signal needs it)
     fields = None
     if store_dir is not None:
         fields = store_fields(
