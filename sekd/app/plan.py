@@ -1,33 +1,13 @@
 """Will it fit? The memory of a run, per device, before anything loads (`sekd-train ... --plan`, `sekd-plan`).
 
     sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB
-    sekd-plan experiment=se_kd model=qwen3_8b_to_1.7b train=paper train.optimizer=adamw \
-        train.distributed=fsdp --world 8 --card 24GB
+    sekd-plan experiment=se_kd model=qwen3_8b_to_1.7b train=paper train.distributed=fsdp --world 8 --card 24GB
 
-The run is composed from the real Hydra config (a bad override is refused in one line, as a run's is),
-but no weights load and the hub is never asked: each model's shape comes from its config.json (a local
-folder, or the local Hugging Face cache), from the embedded pair's own config, or, for a hub name that is
-not on disk, from a built-in table of known configs (the output says which). Parameters are counted
-exactly on the meta device.
-
-What one device holds (docs/method.md §9), in GiB:
-
-  teacher weights     P_t x bytes of the compute dtype (bf16 on a GPU with train.precision=auto)
-  student weights     P_s x 4 (fp32 master weights)
-  gradients           P_s x 4
-  optimizer state     AdamW: P_s x 8; adam8bit: P_s x 2
-  LM head             3 float32 [C,V] blocks (C = train.chunk_size or sekd.kd.flows.auto_chunk_size), the
-                      [V,d_s] fp32 weight-gradient buffer, the [V,d_s] copy of W in the compute dtype (autocast)
-  activations         the student's decoder without checkpointing: L_s x micro-batch x seq_len x a(d, I, heads),
-                      a the bytes one Hugging Face Qwen3/Llama layer saves per token (`layer_bytes`), plus the
-                      bf16 copies of its weights autocast keeps for the backward
-  teacher forward     no grad: its last hidden states [B,T,d_t] and one layer's transient work
-
-The estimated peak is not the sum of the rows: gradients grow while the backward frees activations, so
-the peak is the weights and optimizer state plus the larger of the forward's end (activations, head
-blocks, the teacher's hidden states) and the step's end (gradients, the optimizer's temporaries); a
-runtime reserve (CUDA context and allocator slack) is added. `benchmarks/plan_check.py` checks the
-prediction against measured CPU peaks.
+The run is composed from the real Hydra config (a bad override is refused in one line, as a run's is), but no
+weights load and the hub is never asked: a model's shape comes from its config.json (a local folder or the
+local Hugging Face cache), the embedded pair's own config, or the built-in table KNOWN (the output says which);
+parameters are counted on the meta device. What each row holds and why the peak is not their sum (the step's
+PHASES): docs/method.md §9, "Will it fit?". `benchmarks/plan_check.py` checks it against measured CPU peaks.
 """
 
 from __future__ import annotations

@@ -1,19 +1,14 @@
 """The run's config as one tree of dataclasses: the schema Hydra composes conf/ against, and the typed
 object the program reads.
 
-Hydra merges every group's YAML into these classes (registered in its ConfigStore as `base_config`,
-the first entry of conf/config.yaml's defaults), so it refuses a key a class does not have and a value
-of the wrong type while composing. `OmegaConf.to_object` then builds the objects, and each class's
-`__post_init__` checks its own values, raising ConfigError with one line naming the key and what is
-allowed. Checks that need another node or a registry (a signal's name, the class target a criterion
-can take, data files) are sekd.app.checks's.
-
-The YAML files keep the values; a class's defaults are the embedded profile's, so a test can build
-`TrainConfig()` alone. A field exists only where every YAML of its group has the key, so the composed
-tree, and the hashes that name run folders, are what they were before the schema (sekd.app.checks.
-SCHEMA_ONLY names the one exception). Two nodes hold keys that vary: `data` (each source has its own:
-a mapping for Hydra, `DataConfig` with the source's keys under `options` once converted) and `regime`
-(the on-policy keys live in `OnPolicyRegime`, which conf/regime/on_policy.yaml extends).
+Hydra merges every group's YAML into these classes (`base_config`, conf/config.yaml's first default), so it
+refuses an unknown key or a value of the wrong type while composing; `OmegaConf.to_object` then builds the
+objects and each class's `__post_init__` checks its own values (ConfigError, one line naming the key).
+Checks across nodes or against a registry are sekd.app.checks's. A class's defaults are the embedded
+profile's, and a field exists only where every YAML of its group has the key, so the composed tree and the
+hashes naming run folders are what they were before the schema (sekd.app.checks.SCHEMA_ONLY names the one
+exception). Two nodes' keys vary: `data` (each source's own, `options` once a DataConfig) and `regime`
+(the on-policy keys of OnPolicyRegime, which conf/regime/on_policy.yaml extends).
 """
 
 from __future__ import annotations

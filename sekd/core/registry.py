@@ -1,23 +1,13 @@
 """One registry per axis: short stable names -> small functions (or classes with state).
 
-A piece that takes options declares them where it is registered, as a small dataclass:
-
-    @dataclass(frozen=True)
-    class GLSOptions(BudgetOptions):
-        Q: int = 30_000
-        def __post_init__(self): ...; at_least("Q", self.Q, 1)
-
-    @POLICIES.register("gls", options=GLSOptions)
-
-Its fields are the option names, types and defaults; `__post_init__` checks ranges with the helpers
-below. `check_kwargs` / `build` construct it, so a wrong name, type or range fails at start-up with one
-line naming the config key (`position.options.Q='abc' must be an integer (policy 'gls')`). Keywords
-supplied at call time (generator, step, temperature, ...) are not options.
-
-What a piece is beyond its options (a criterion's coupling of positions, a policy's state, a class
-selector's randomness) is declared by the kind's own protocol, where the piece is registered: an entry
-that is a `Piece` binds its options itself and keeps its declaration (selection/criteria.py `Criterion`,
-selection/classes.py `ClassSampler`, selection/policies.py `Policy`); flows read only that.
+A piece that takes options declares them where it is registered, as a small dataclass whose fields are the
+option names, types and defaults and whose `__post_init__` checks ranges with the helpers below
+(`@POLICIES.register("gls", options=GLSOptions)`). `check_kwargs` / `build` construct it, so a wrong name,
+type or range fails at start-up with one line naming the config key (`position.options.Q='abc' must be an
+integer (policy 'gls')`); keywords supplied at call time (generator, step, temperature, ...) are not
+options. What a piece is beyond its options (a criterion's coupling of positions, a policy's state, a class
+sampler's randomness) is declared by its kind's protocol: an entry that is a `Piece` binds its options
+itself and keeps its declaration (`Criterion`, `ClassSampler`, `Policy`); flows read only that.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
-"""Random draws that are the same on every device.
+"""Random draws that are the same on every device (docs/method.md §1, "Randomness").
 
-Every random number of a run comes from a CPU `torch.Generator` (seeded by the run, or per cache
-sample): uniforms are drawn on the CPU, where they do not depend on the device, and moved to the
-tensor's device; a categorical draw is then an inverse CDF computed there. So a CUDA run draws what
-a CPU run draws for the same seed (up to logits that differ in rounding), and no CPU generator ever
-meets a CUDA tensor inside torch (which refuses the pair).
-
-Training draws are keyed per sample (`RowKeys`, docs/method.md §5): each row of a micro-batch has a key
-hashed from (seed, optimizer step, global sample index), and each random piece draws that row's numbers
-from a small CPU generator seeded by (row key, stream name). A sample's draws then do not depend on its
-micro-batch, its rank, its place in the batch or the chunking, so any world size draws the same numbers.
-Callers without sample indices get fresh keys drawn from their generator (`RowKeys.drawn`).
+Every random number of a run comes from a CPU `torch.Generator` (seeded by the run, or per cache sample):
+uniforms are drawn on the CPU and moved to the tensor's device, and a categorical draw is an inverse CDF
+computed there, so a CUDA run draws what a CPU run draws for the same seed (up to logits that differ in
+rounding), and no CPU generator ever meets a CUDA tensor inside torch (which refuses the pair). Training
+draws are keyed per sample (`RowKeys`): a row's key hashes (seed, optimizer step, global sample index) and
+each random piece draws from a CPU generator seeded by (row key, stream name), so a sample's draws do not
+depend on its micro-batch, its rank, its place in the batch or the chunking. Callers without sample
+indices get fresh keys drawn from their generator (`RowKeys.drawn`).
 """
 
 from __future__ import annotations

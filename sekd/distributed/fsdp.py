@@ -1,30 +1,13 @@
-"""train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (`fully_shard`).
+"""train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (docs/method.md §9,
+"Sharded models").
 
-Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the
-whole per-micro-batch loss (sekd.training.loop.StudentLoss: body, heads, selection, the loss sum). The root
-must be that module, not the Hugging Face model: the chunked flow never calls the model's forward
-(it runs the body, then the LM head at chosen positions), so hooks on the model would never unshard
-the embeddings, norm and head, nor reduce-scatter their gradients. Gradients are *summed* over ranks
-(divide factor 1): the loop divides the summed loss gradient once per optimizer step by the global
-weight Σ s_i, as in one process.
-
-Precision: under bf16 (train.precision) the decoder layers gather their weights in the compute dtype
-(MixedPrecisionPolicy param_dtype) and reduce their gradients in float32 (reduce_dtype), into float32
-sharded master weights; the root unit (embeddings, final norm, LM head) keeps float32 parameters, since
-the chunked flow accumulates the head's gradient over its chunks in the parameters' dtype (autocast
-still runs its matmuls in bf16, as in one process). The teacher's units gather in the compute dtype.
-
-Mesh (train.fsdp.mesh): flat shards every weight over all ranks (a 1-D mesh); hybrid (HSDP) shards it
-over the ranks of a node and replicates it across nodes, a 2-D (replicate, shard) mesh: gradients are
-reduce-scattered within a node, then all-reduced across nodes, both summing; "RxS" names that mesh.
-
-Teacher: inference only. Each decoder layer and the decoder are FSDP units, resharded after every
-forward (no gradients, so nothing to reduce). Its LM head stays a plain replicated module (an untied
-copy when it was tied to the sharded input embedding): the selective teacher head runs it at the
-selected positions, inside the student's loss, outside any teacher forward.
-
-Checkpoints: the sharded weights and optimizer state go through torch.distributed.checkpoint (every
-rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd.training.loop).
+Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the whole
+per-micro-batch loss (sekd.training.loop.StudentLoss), not the Hugging Face model: the chunked flow never
+calls the model's forward, so hooks on it would neither unshard the embeddings, norm and head nor reduce
+their gradients. Gradients are summed over ranks (divide factor 1); the loop divides once per step. Under
+bf16 the layers gather in the compute dtype and reduce in float32; the root unit keeps float32 parameters.
+Teacher: inference only, its layers and decoder resharded after each forward, its LM head a replicated
+(untied) copy. Checkpoints go through torch.distributed.checkpoint, every rank writing its shard.
 """
 
 from __future__ import annotations

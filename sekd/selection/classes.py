@@ -1,18 +1,13 @@
 """The class axis (docs/method.md §6): which vocabulary classes C_t the divergence uses, and their target p~.
 
-`full` keeps the dense teacher distribution. The others turn the teacher's logits at the selected
-positions into a sparse target (ids, probabilities) over C_t:
-- `rs_kd`: N i.i.d. draws from p_t; p~(v) = c_v / N over the distinct draws. Unbiased for Full KD's
-  gradient, because the loss is linear in p~ and E[p~] = p.
-- `top_k_truncation`: the teacher's `top` classes, renormalized (a biased baseline).
-The divergence against a sparse target is `sparse_forward_kl`, with the student's full-vocabulary
-softmax (no renormalization over C_t); a criterion declares whether it consumes one (criteria.py).
-
-Each selector is registered as a `ClassSampler`, which declares what it is to a flow: it reads the
-teacher's logits at the selected positions (z_t [N,V]) and nothing else, and `random` says whether it
-draws on each call. A random one takes the positions' keys (`keys`, sekd/core/rng.py `PositionKeys`: position
-(r, c) draws from row r's per-sample key), so its draws do not depend on the chunk, the batch or the
-rank; without keys it draws from the generator (in chunk order).
+`full` keeps the dense teacher distribution; `rs_kd` (N i.i.d. draws from p_t, p~(v) = c_v / N: unbiased
+for Full KD's gradient) and `top_k_truncation` (the teacher's `top` classes, renormalized: a biased
+baseline) give a sparse target over C_t, compared by `sparse_forward_kl` with the student's full-vocabulary
+softmax (no renormalization over C_t); a criterion declares whether it consumes one (criteria.py). Each is
+a registered `ClassSampler`: it reads the teacher's logits at the selected positions (z_t [N,V]) and
+nothing else, and `random` says whether it draws on each call. A random one takes the positions' keys
+(`keys`, sekd/core/rng.py `PositionKeys`: position (r, c) draws from row r's per-sample key), so its draws
+do not depend on the chunk, the batch or the rank; without keys it draws from the generator.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """Alignment criteria D(p_t, q_t) (docs/method.md §3), per selected position.
 
-A criterion maps flat selected positions to a divergence each:
-(s_logits [N,V], t_logits [N,V], targets [N], *, temperature, row [N], u [N]) -> D [N].
-`row` (the sequence of each position) and `u` (its score) are there for batch-level criteria
-(AT-KD's hard/easy split, weighted KD); simple divergences ignore them.
-
-Each is registered as a `Criterion`, which declares how it couples positions (so a flow that cuts the
-selected positions into chunks knows what it may do) and whether it consumes a sparse class target:
-- pointwise: D_t depends on position t alone; any chunking is exact (forward_kl, reverse_kl, dkd).
-- batch: D_t also depends on batch-level quantities, computed by the criterion's `prepare` step in a
-  first no-grad pass over all selected positions; given them, D is pointwise again (atkd: the hard/easy
-  split by the teacher's target probability; weighted: the per-sequence normalization of u).
-
-No criterion multiplies by T^2: the objective does (l(t) = lam T^2 D + ...).
-The objective averages D over each sequence's selected positions, L_i = sum_t m_t w_t D_t / sum_t m_t;
-batch-level criteria return per-position values whose mean gives their formula.
+A criterion maps flat selected positions to a divergence each: (s_logits [N,V], t_logits [N,V], targets
+[N], *, temperature, row [N], u [N]) -> D [N]; `row` (each position's sequence) and `u` (its score) serve
+batch-level criteria (AT-KD's hard/easy split, weighted KD). Each is a registered `Criterion`, which
+declares how it couples positions, so a flow that cuts them into chunks knows what it may do: pointwise
+(D_t from position t alone: any chunking is exact) or batch (batch-level quantities first, from a no-grad
+`prepare` pass over all selected positions; then D is pointwise again), and whether it consumes a sparse
+class target. No criterion multiplies by T^2 (the objective does); batch-level ones return per-position
+values whose mean over a sequence's selected positions gives their formula.
 """
 
 from __future__ import annotations

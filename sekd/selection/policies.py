@@ -1,19 +1,13 @@
 """Selection policies m_t (docs/method.md §5): which positions of each sequence get teacher supervision.
 
-A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
-selected positions in draw order with one weight each (repeats allowed for sampling policies).
-All take keyword options bound at build time (k, Q, S, tau, coverage), plus `generator` and `step`
-at call time, and what they declare they use: `keys` (random ones) and `gather` (stateful ones).
-
-Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws: row i's numbers come
-from its per-sample `keys`, sekd/core/rng.py `RowKeys`, or, without keys, from keys drawn from the CPU
-`generator`; no global RNG), `stepped` (it reads the optimizer step: curriculum's window, a global
-count) and `stateful` (it keeps state that goes into the checkpoint: GLS's queue, a class with
-`state_dict`/`load_state_dict`; it sees the scores of every rank through `gather`, so its state is the
-same on every rank). Stateless policies are plain functions registered as a `Policy`; they act row by
-row, so a row's draws do not depend on the other rows of its batch or on which rank holds it.
-
-The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
+A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the selected
+positions in draw order with one weight each (repeats allowed for sampling policies), which the objective
+turns into L_i = sum_j w_j l(t_j) / K_i. Options (k, Q, S, tau, coverage) are bound at build time,
+`generator` and `step` come at call time. Each declares what it is (`PolicyPiece`): `random` (row i's
+numbers come from its per-sample `keys`, sekd/core/rng.py `RowKeys`, or from keys drawn from the CPU
+`generator`; no global RNG), `stepped` (it reads the optimizer step) and `stateful` (GLS's queue, kept in
+the checkpoint; it sees every rank's scores through `gather`, so its state is the same on every rank).
+Stateless policies are plain functions registered as a `Policy`, acting row by row.
 """
 
 from __future__ import annotations

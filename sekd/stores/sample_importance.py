@@ -1,22 +1,13 @@
 """The sample-score store and pre-pass (docs/method.md §7): U_i of every sample, computed once per model pair.
 
-One pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) gives each sample
-U_i (sekd.selection.samples.mean_signal); the pure rules there pick the kept samples.
-
-Scores are stored per sample content hash (never by batch, step or order), one JSON file per key
-
-    <store_dir>/<sampler>-<key>.json   {"format", "fields", "scores": {sample_id: U_i | null}}
-    <store_dir>/<sampler>-<key>.json.lock   (held while written: sekd.core.artifacts.lock)
-
-where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
-signature, vocab cut, the pre-pass's compute dtype, and T for signals that use it. A later run with the same key (any subset or
-order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
-paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
-
-Across ranks (`dist`: rank, world_size, all_gather_objects, as sekd.distributed.process_group.Dist) the pre-pass is
-sharded: the missing samples are cut into the single process's batches, rank r scores batches r::world,
-and every rank gathers all scores. Rank 0 alone holds the store's lock, reads it and writes it; the
-others get what it read. Each batch is the one a single process scores, so the stored file is the same.
+One pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) gives each sample U_i
+(sekd.selection.samples.mean_signal). Scores are stored by sample content hash, never by batch, step or
+order, one JSON file per key: `<store_dir>/<sampler>-<key>.json` = {"format", "fields", "scores":
+{sample_id: U_i, or null for no valid position}}, locked while written (sekd.core.artifacts.lock), `key`
+a hash of `store_fields`. A later run with the same key scores only the samples the file lacks. Across
+ranks (`Ranks`) the missing samples are cut into the single process's batches, rank r scores batches
+r::world and every rank gathers all scores; rank 0 alone locks, reads and writes the store, so the file is
+the one a single process writes.
 """
 
 from __future__ import annotations
