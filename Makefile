@@ -36,10 +36,12 @@ test: install slurm-install
 test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not e2e and not slow" --basetemp=$(CURDIR)/.pytest_tmp
 
-# pyflakes-level lint (pyproject.toml [tool.ruff]); CI runs it before the tests
+# ruff's lint and format check (pyproject.toml [tool.ruff]), then mypy over the folders [tool.mypy] names;
+# CI runs it before the tests, and `pre-commit install` runs the same on every commit (.pre-commit-config.yaml)
 lint: install
 	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests
 	$(BIN)/ruff format --check sekd hydra_plugins analysis benchmarks tests
+	$(BIN)/mypy
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them

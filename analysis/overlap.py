@@ -134,6 +134,7 @@ def signal_overlap(
     need_teacher = any(SIGNALS.get(n).needs_teacher for n in names)
     if need_teacher and teacher is None:
         raise ValueError("a signal needs teacher logits but no teacher was given")
+    read_teacher = teacher if need_teacher else None  # the teacher, where a signal reads its logits
     if n_sequences < 1 or batch_size < 1:
         raise ValueError(f"n_sequences={n_sequences} and batch_size={batch_size} must be >= 1")
     n = min(n_sequences, len(data))
@@ -148,12 +149,12 @@ def signal_overlap(
             x = data.input_ids[i : min(i + batch_size, n)].to(device)  #          [B,T]
             y = data.labels[i : min(i + batch_size, n)].to(device)  #             [B,T]
             s_logits = _logits(student, x, vocab)  #                              [B,T,V]
-            t_logits = _logits(teacher, x, vocab) if need_teacher else None  #     [B,T,V]
+            t_logits = _logits(read_teacher, x, vocab) if read_teacher is not None else None  # [B,T,V]
             batch = selections(
                 s_logits, t_logits, y, names, k, generator=gen, normalization=normalization, temperature=temperature
             )
-            for name, m in batch.items():
-                parts[name].append(m.cpu())
+            for name, picked in batch.items():
+                parts[name].append(picked.cpu())
     finally:
         for mod, mode in modes:
             mod.training = mode

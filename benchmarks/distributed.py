@@ -37,6 +37,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -212,7 +213,7 @@ def measure(args) -> dict | None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = [step.run() for _ in range(args.steps)]
-        mine = {
+        mine: dict[str, Any] = {
             "rank": rank,
             "device": str(device),
             "median_s": statistics.median(times),
@@ -227,9 +228,9 @@ def measure(args) -> dict | None:
         if args.mode == "placed":
             mine["teacher_device"] = args.teacher_device
             mine["teacher_peak_gib"] = peak_gib(torch.device(args.teacher_device))
-        ranks = [mine]
+        ranks: list[Any] = [mine]
         if world > 1:
-            ranks = [None] * world
+            ranks = [None] * world  # all_gather_object fills in every rank's
             dist.all_gather_object(ranks, mine)
     finally:
         if dist.is_initialized():

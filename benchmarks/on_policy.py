@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -71,15 +72,15 @@ def main(argv=None) -> list[dict]:
 
     args = parse(argv)
     info = machine("cpu")
-    per_step = {r: [] for r in REGIMES}
-    batches = {r: [] for r in REGIMES}
+    per_step: dict[str, list[float]] = {r: [] for r in REGIMES}
+    batches: dict[str, list[int]] = {r: [] for r in REGIMES}
     with tempfile.TemporaryDirectory() as tmp:
         for k in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
             for regime in REGIMES:
                 stats = run_once(regime, args, Path(tmp) / f"{regime}-{k}")
                 per_step[regime].append(stats["train_time_s"] / stats["steps"])
                 batches[regime].append(stats["on_policy_batches"])
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "regime": r,
             "min_s_per_step": min(per_step[r]),

@@ -87,7 +87,7 @@ def config(body: Body, vocab: int):
         head_dim=body.head_dim,
         tie_word_embeddings=body.tied,
         max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
+        rope_theta=1_000_000.0,  # type: ignore[call-arg]  # 4.x's name: transformers 5's stub lists rope_parameters
         rms_norm_eps=1e-6,
         attention_dropout=0.0,
         use_cache=False,

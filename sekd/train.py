@@ -8,6 +8,7 @@ sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80G
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,8 @@ def app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     # as typed: reading the items would resolve an ${oc.env:...} in them, and the records must not hold it
-    execute(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+    overrides = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+    execute(cfg, overrides)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ small function each. Every refusal is a ConfigError with one line naming the key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,11 +45,13 @@ def typed(cfg: DictConfig) -> RunConfig:
         if OmegaConf.select(cfg, "regime.name") == "on_policy":  # what conf/regime/on_policy.yaml extends
             schema = OmegaConf.merge(schema, {"regime": OmegaConf.structured(OnPolicyRegime)})
         try:
-            cfg = OmegaConf.merge(schema, cfg)
+            cfg = cast(DictConfig, OmegaConf.merge(schema, cfg))  # two dict configs merge into one
         except (ConfigKeyError, ValidationError) as err:
             raise schema_error(err) from None
     _known_keys(cfg)
-    return OmegaConf.to_object(cfg)
+    run = OmegaConf.to_object(cfg)
+    assert isinstance(run, RunConfig)  # the tree is typed by the schema (merged into it above)
+    return run
 
 
 def _known_keys(node: DictConfig, path: str = "") -> None:
@@ -62,13 +64,13 @@ def _known_keys(node: DictConfig, path: str = "") -> None:
     allowed = [f.name for f in dataclasses.fields(kind)]
     for key in node.keys():
         if key not in allowed:
-            raise unknown_key(f"{path}{key}", allowed)
+            raise unknown_key(f"{path}{key!s}", allowed)
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not (child._is_none() or child._is_missing() or child._is_interpolation()):
             _known_keys(child, f"{path}{key}.")
 
 
-def schema_error(err: Exception, overrides: list[str] = ()) -> ConfigError:
+def schema_error(err: Exception, overrides: Sequence[str] = ()) -> ConfigError:
     """One line for OmegaConf's refusal of a key or a value's type, in the words of the schema's checks:
     `seed=True must be an integer`, `unknown key 'train.lrr'; allowed in train: ...`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -382,7 +384,7 @@ def source_options(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     """The data group's keys that belong to its source (all but the keys every source shares)."""
     if isinstance(cfg, RunConfig):
         return dict(cfg.data.options)
-    return DataConfig.of(OmegaConf.to_container(cfg.data, resolve=True)).options
+    return DataConfig.of(cast(dict[str, Any], OmegaConf.to_container(cfg.data, resolve=True))).options
 
 
 def policy_options(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -392,7 +394,7 @@ def policy_options(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     opts = dict(
         cfg.position.options
         if isinstance(cfg, RunConfig)
-        else OmegaConf.to_container(cfg.position.options, resolve=True) or {}
+        else cast(dict[str, Any], OmegaConf.to_container(cfg.position.options, resolve=True)) or {}
     )
     if "k" in POLICIES.options(cfg.position.policy) and "k" not in opts:
         opts["k"] = float(cfg.position.k)

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -23,10 +23,18 @@ from sekd.core.errors import ConfigError
 from sekd.stores.runs import resolved, run_dir
 from sekd.config.schema import RunConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sekd.app.tracking import Tracker
+    from sekd.distributed.launch import Launch
+    from sekd.distributed.process_group import Dist
+    from sekd.stores.runs import RunDir
+
 CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
 
 
-def fail(err: Exception) -> None:
+def fail(err: Exception) -> NoReturn:
     """A single run stops with one line and exit status 2. In a multirun the error is raised instead:
     Hydra records it as that cell's failure and the sweep goes on with the other cells."""
     from hydra.core.hydra_config import HydraConfig
@@ -56,6 +64,12 @@ def _remove_empty_run_log() -> None:
             out.parent.rmdir()
 
 
+def _one_process() -> Dist:
+    from sekd.distributed.process_group import Dist
+
+    return Dist.single()
+
+
 @dataclass
 class Job:
     """One composed run: its config and folder, the resolved pair and their shared tokenizer."""
@@ -63,21 +77,13 @@ class Job:
     cfg: RunConfig  # the typed config every stage reads
     tree: DictConfig  # Hydra's composed tree: the hashes naming the run's folders, config.yaml, the record
     overrides: list[str]
-    run: Any  # sekd.stores.runs.RunDir
+    run: RunDir
     teacher_path: str  # model folders (or hub names)
     student_path: str
-    tok: Any
+    tok: PreTrainedTokenizerBase
     pretrain_s: float  # building the embedded pair: a cost of its own, never training time
     started: float  # time.time() when the run's work began (the record's wall_time_s)
-    dist: Any = field(
-        default=None
-    )  # sekd.distributed.process_group.Dist: this process's rank (one process: Dist.single())
-
-    def __post_init__(self):
-        if self.dist is None:
-            from sekd.distributed.process_group import Dist
-
-            self.dist = Dist.single()
+    dist: Dist = field(default_factory=_one_process)  # this process's rank
 
 
 def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
@@ -120,7 +126,7 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     )
 
 
-def check_launch(cfg: RunConfig):
+def check_launch(cfg: RunConfig) -> Launch:
     """The launcher's environment (sekd.distributed.launch) against train.distributed: ddp needs ranks a launcher
     started (torchrun, a Slurm job's tasks); ranks need a distributed mode, or each would train the whole
     run alone and write the same files."""
@@ -176,7 +182,7 @@ def check_fsdp(cfg: RunConfig) -> None:
         )
 
 
-def join(cfg: RunConfig, launch):
+def join(cfg: RunConfig, launch: Launch) -> Dist:
     """This process's place in the run: the process group of the launcher's ranks (gloo on CPU, nccl on
     CUDA: LOCAL_RANK's card, sekd.distributed.launch.card_index), or Dist.single() for one process. The group lives for one run: `execute`
     closes it (Dist.close) when the run's training ends, so each cell of a multirun under torchrun
@@ -200,7 +206,7 @@ def already_finished(cfg: DictConfig) -> bool:
     return True
 
 
-def check_stage(cfg: RunConfig, run) -> None:
+def check_stage(cfg: RunConfig, run: RunDir) -> None:
     if cfg.stage == "score" and cfg.mode == "distill" and not run.trained():
         raise ConfigError(
             f"stage=score: {run.path} holds no trained student yet; run this cell with stage=train (or stage=all) first"
@@ -223,7 +229,7 @@ def set_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def run_tokenizer(cfg: RunConfig):
+def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     """The run's tokenizer, without building or loading any model (the embedded pair's is built alone)."""
     from sekd.models.loading import load_tokenizer
 
@@ -231,6 +237,7 @@ def run_tokenizer(cfg: RunConfig):
     if m.source == "embedded":
         from sekd.embedded.build import tokenizer
 
+        assert m.embedded is not None  # ModelConfig requires it for source=embedded
         return load_tokenizer(str(tokenizer(Path(cfg.paths.cache) / "embedded", int(m.embedded["vocab_size"]))))
     path = str(m.tokenizer or m.student)
     try:
@@ -255,7 +262,7 @@ def check_cache_before_models(cfg: RunConfig) -> None:
     open_named_cache(cfg.classes.cache, cache_expectation(cfg, None, tok, data), data.sample_ids)
 
 
-def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
+def open_named_cache(path: str | Path, expect: dict[str, Any], sample_ids: list[str] | None = None) -> None:
     """classes.cache=<folder> opened against what this run expects; a mismatch is one line."""
     from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
@@ -265,7 +272,7 @@ def open_named_cache(path, expect: dict[str, Any], sample_ids=None) -> None:
         raise ConfigError(f"classes.cache: {err}") from None
 
 
-def resolve(cfg: RunConfig) -> tuple[str, str, Any, float]:
+def resolve(cfg: RunConfig) -> tuple[str, str, PreTrainedTokenizerBase, float]:
     """The teacher/student pair (built when embedded; that time is returned as its own cost) and their
     shared tokenizer; a named cache is then checked against the resolved teacher."""
     from sekd.models.loading import check_same_tokenizer, resolve_pair
@@ -286,7 +293,7 @@ def built_since(t: float, *folders: str) -> bool:
     return any(m.is_file() and m.stat().st_mtime >= t for m in marks)
 
 
-def open_tracker(job: Job):
+def open_tracker(job: Job) -> Tracker:
     """wandb (offline by default) for the run; ${oc.env:...} values stay text in its config."""
     from sekd.app.tracking import Tracker
 

@@ -1,33 +1,13 @@
 """Will it fit? The memory of a run, per device, before anything loads (`sekd-train ... --plan`, `sekd-plan`).
 
     sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB
-    sekd-plan experiment=se_kd model=qwen3_8b_to_1.7b train=paper train.optimizer=adamw \
-        train.distributed=fsdp --world 8 --card 24GB
+    sekd-plan experiment=se_kd model=qwen3_8b_to_1.7b train=paper train.distributed=fsdp --world 8 --card 24GB
 
-The run is composed from the real Hydra config (a bad override is refused in one line, as a run's is),
-but no weights load and the hub is never asked: each model's shape comes from its config.json (a local
-folder, or the local Hugging Face cache), from the embedded pair's own config, or, for a hub name that is
-not on disk, from a built-in table of known configs (the output says which). Parameters are counted
-exactly on the meta device.
-
-What one device holds (docs/method.md §9), in GiB:
-
-  teacher weights     P_t x bytes of the compute dtype (bf16 on a GPU with train.precision=auto)
-  student weights     P_s x 4 (fp32 master weights)
-  gradients           P_s x 4
-  optimizer state     AdamW: P_s x 8; adam8bit: P_s x 2
-  LM head             3 float32 [C,V] blocks (C = train.chunk_size or sekd.kd.flows.auto_chunk_size), the
-                      [V,d_s] fp32 weight-gradient buffer, the [V,d_s] copy of W in the compute dtype (autocast)
-  activations         the student's decoder without checkpointing: L_s x micro-batch x seq_len x a(d, I, heads),
-                      a the bytes one Hugging Face Qwen3/Llama layer saves per token (`layer_bytes`), plus the
-                      bf16 copies of its weights autocast keeps for the backward
-  teacher forward     no grad: its last hidden states [B,T,d_t] and one layer's transient work
-
-The estimated peak is not the sum of the rows: gradients grow while the backward frees activations, so
-the peak is the weights and optimizer state plus the larger of the forward's end (activations, head
-blocks, the teacher's hidden states) and the step's end (gradients, the optimizer's temporaries); a
-runtime reserve (CUDA context and allocator slack) is added. `benchmarks/plan_check.py` checks the
-prediction against measured CPU peaks.
+The run is composed from the real Hydra config (a bad override is refused in one line, as a run's is), but no
+weights load and the hub is never asked: a model's shape comes from its config.json (a local folder or the
+local Hugging Face cache), the embedded pair's own config, or the built-in table KNOWN (the output says which);
+parameters are counted on the meta device. What each row holds and why the peak is not their sum (the step's
+PHASES): docs/method.md §9, "Will it fit?". `benchmarks/plan_check.py` checks it against measured CPU peaks.
 """
 
 from __future__ import annotations
@@ -36,13 +16,19 @@ import re
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from sekd.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from sekd.config.schema import RunConfig, TrainConfig
 
 GIB = 2**30
 
 # Known shapes of hub models, used when their config.json is not on local disk (offline, or never downloaded).
-KNOWN = {
+KNOWN: dict[str, dict[str, Any]] = {
     "Qwen/Qwen3-8B": dict(
         model_type="qwen3",
         vocab_size=151936,
@@ -108,7 +94,7 @@ class Shape:
         return self.vocab * self.hidden
 
     @staticmethod
-    def of_config(cfg, source: str) -> "Shape":
+    def of_config(cfg: PretrainedConfig, source: str) -> "Shape":
         """From a transformers config; parameters counted on the meta device (nothing allocated)."""
         import torch
         from transformers import AutoModelForCausalLM
@@ -135,7 +121,7 @@ class Shape:
         )
 
 
-def model_config(key: str, name: str, trust_remote_code: bool = False):
+def model_config(key: str, name: str, trust_remote_code: bool = False) -> tuple[PretrainedConfig, str]:
     """(transformers config, where it came from) for a local folder or hub name; never asks the hub."""
     from pathlib import Path
 
@@ -157,19 +143,21 @@ def model_config(key: str, name: str, trust_remote_code: bool = False):
     )
 
 
-def pair_shapes(cfg) -> tuple[Shape, Shape]:
+def pair_shapes(cfg: RunConfig) -> tuple[Shape, Shape]:
     """(teacher, student) shapes of the run's pair, without building or loading either."""
     m = cfg.model
     if m.source == "embedded":
         from sekd.data.qa import is_task_source
         from sekd.embedded.build import qwen3_config
 
-        vocab = int(m.embedded["vocab_size"])
+        emb = m.embedded
+        assert emb is not None  # ModelConfig requires it for source=embedded
+        vocab = int(emb["vocab_size"])
         where = "embedded pair's config" + (" (task fine-tuned)" if is_task_source(cfg.data.name) and m.task else "")
-        return tuple(
-            Shape.of_config(qwen3_config(m.embedded[role], vocab, 0), where)  # type: ignore[return-value]
-            for role in ("teacher", "student")
+        teacher, student = (
+            Shape.of_config(qwen3_config(emb[role], vocab, 0), where) for role in ("teacher", "student")
         )
+        return teacher, student
     out = []
     for key, name in (("model.teacher", m.teacher), ("model.student", m.student)):
         conf, where = model_config(key, str(name), m.trust_remote_code)
@@ -212,7 +200,7 @@ def teacher_forward_bytes(t: Shape, tokens: int, tbytes: int) -> int:
     return tokens * tbytes * (3 * t.hidden + 3 * t.intermediate)
 
 
-def chunk_for(train, vocab: int, device_type: str) -> int:
+def chunk_for(train: TrainConfig, vocab: int, device_type: str) -> int:
     from sekd.kd.flows import auto_chunk_size
 
     return auto_chunk_size(vocab, device_type) if train.chunk_size == "auto" else int(train.chunk_size)
@@ -234,7 +222,7 @@ class Device:
 
 @dataclass
 class Plan:
-    teacher: Shape
+    teacher: Shape | None  # None: no teacher in memory (an offline cache)
     student: Shape
     device_type: str
     dtype: str
@@ -277,8 +265,8 @@ def teacher_bytes(teacher: Shape | None, tokens: int, cbytes: int, shard: int | 
     units it gathers whole."""
     if teacher is None:
         return 0.0, 0.0, 0.0
-    weights = cbytes * teacher.params
-    fwd = teacher_forward_bytes(teacher, tokens, cbytes)
+    weights: float = cbytes * teacher.params
+    fwd: float = teacher_forward_bytes(teacher, tokens, cbytes)
     if shard is not None:
         head = teacher.vocab * teacher.hidden * cbytes  # the teacher's head stays replicated (untied)
         weights = (cbytes * teacher.params - head) / shard + head
@@ -286,7 +274,7 @@ def teacher_bytes(teacher: Shape | None, tokens: int, cbytes: int, shard: int | 
     return weights, fwd, cbytes * teacher.hidden * tokens
 
 
-def head_bytes(student: Shape, chunk: int, tokens: int, cbytes: int, selected: float):
+def head_bytes(student: Shape, chunk: int, tokens: int, cbytes: int, selected: float) -> tuple[int, int, int, float]:
     """The selective LM head's memory: (one float32 [C,V] block, the [V,d_s] fp32 weight gradient, W and a chunk's
     logits in the compute dtype under autocast, the [N,d_s] gradient of h at the selected positions)."""
     V, d = student.vocab, student.hidden
@@ -298,6 +286,127 @@ def gathered_bytes(student: Shape, cbytes: int) -> float:
     """What fsdp's units gather whole while they run: the root unit (fp32 under any precision: embeddings, norm,
     head) all step, and a layer and its prefetched successor in the compute dtype (MixedPrecisionPolicy)."""
     return 4 * student.embed_params + 2 * cbytes * student.layer_params / student.layers
+
+
+@dataclass(frozen=True)
+class StudentBytes:
+    """What a student's card holds through a step, its teacher aside (bytes): the rows `student_card` adds
+    up by phase. Under fsdp the weights, gradients and optimizer state are this rank's shard."""
+
+    optimizer: str
+    weights: float  # fp32 master weights
+    grads: float
+    opt: float  # optimizer state
+    opt_tmp: float  # the optimizer step's temporaries
+    held: float  # ddp's gradient buffer, held all step (GradBuckets); 0 otherwise
+    tied_tmp: float  # a tied embedding's dense gradient at the backward's end
+    act: float  # saved activations
+    block: float  # one float32 [C,V] block of the head
+    w_grad: float  # the head's [V,d_s] fp32 weight gradient
+    w_copy: float  # W and a chunk's logits in the compute dtype (autocast)
+    h_grad: float  # the gradient of h at the selected positions
+    score_blocks: int  # [C,V] temporaries per chunk while scoring
+    gathered: float  # fsdp's units gathered whole while they run
+    reserve: float
+    kept: float  # CPU keeps the head's blocks from step to step; a GPU gives them back
+
+    @property
+    def blocks(self) -> float:
+        return 3 * self.block
+
+
+def student_bytes(
+    student: Shape,
+    *,
+    tokens: int,
+    chunk: int,
+    cbytes: int,
+    device_type: str,
+    optimizer: str,
+    mode: str,
+    world: int,
+    shard: int,
+    selected: float,
+    score_blocks: int,
+) -> StudentBytes:
+    """The student's side of `estimate`: its card's rows for a micro-batch of `tokens` positions."""
+    P, largest = student.params, student.vocab * student.hidden  # the largest parameter: the embedding
+    block, w_grad, w_copy, h_grad = head_bytes(student, chunk, tokens, cbytes, selected)
+    grads = 4 * P / shard
+    fused = optimizer == "adamw" and device_type == "cuda"
+    return StudentBytes(
+        optimizer=optimizer,
+        weights=4 * P / shard,
+        grads=grads,
+        opt=OPTIMIZER_BYTES[optimizer] * P / shard,
+        opt_tmp=4 * P / shard if fused else 2 * 4 * largest / shard,
+        held=grads if mode == "ddp" and world > 1 else 0.0,
+        tied_tmp=4 * student.embed_params / shard if student.tied else 0.0,
+        act=activation_bytes(student, tokens, autocast=cbytes < 4),  # a compute dtype below fp32: autocast
+        block=block,
+        w_grad=w_grad,
+        w_copy=w_copy,
+        h_grad=h_grad,
+        score_blocks=score_blocks,
+        gathered=gathered_bytes(student, cbytes) if mode == "fsdp" else 0.0,
+        reserve=RESERVE_GIB[device_type] * GIB,
+        kept=3 * block if device_type == "cpu" else 0.0,
+    )
+
+
+def student_card(name: str, b: StudentBytes, t_w: float, t_hid: float, t_f: float, t_copy: float = 0.0) -> Device:
+    """A device holding a student (and the teacher's weights `t_w`, last hidden states `t_hid`, forward work
+    `t_f`, head copy `t_copy` where they live on it): its rows and its peak, the largest of the PHASES."""
+    phases = {
+        "teacher forward": t_f + t_hid + b.kept,
+        "scoring": b.act + t_hid + b.blocks + b.score_blocks * b.block,
+        "selective head": b.act + t_hid + b.blocks + b.w_grad + b.h_grad + b.w_copy,
+        "backward end": b.grads - b.held + b.tied_tmp + b.kept,
+        "optimizer step": b.grads - b.held + b.opt_tmp + b.kept,
+    }
+    persistent = t_w + t_copy + b.weights + b.opt + b.gathered + b.reserve + b.held
+    rows = {
+        "teacher weights": t_w,
+        "teacher head copy": t_copy,
+        "student weights (fp32)": b.weights,
+        "gradients (fp32)": b.grads,
+        f"optimizer ({b.optimizer})": b.opt,
+        "LM head (blocks, dW, W copy)": b.blocks + b.w_grad + b.w_copy,
+        "LM head scoring temporaries": b.score_blocks * b.block,
+        "activations": b.act,
+        "teacher forward": t_f + t_hid,
+        "fsdp gathered units": b.gathered,
+        "runtime reserve": b.reserve,
+    }
+    worst = max(phases, key=lambda p: phases[p])
+    return Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst], phase=worst)
+
+
+def plan_devices(
+    b: StudentBytes,
+    teacher: Shape | None,
+    t_bytes: tuple[float, float, float],
+    cbytes: int,
+    *,
+    mode: str,
+    world: int,
+    placed: bool,
+) -> list[Device]:
+    """The plan's devices: the student's card (one, or each rank's, with the teacher's `t_bytes` on it) or,
+    with the teacher placed on a device of its own, the student's card and the teacher's."""
+    t_weights, t_fwd, t_hidden = t_bytes
+    if placed and teacher is not None:
+        teacher_card = Device(
+            "teacher card",
+            {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": b.reserve},
+            t_weights + t_fwd + t_hidden + b.reserve,
+            phase="teacher forward",
+        )
+        head_copy = teacher.vocab * teacher.hidden * cbytes
+        return [student_card("student card", b, 0.0, t_hidden, 0.0, head_copy), teacher_card]
+    card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), b, t_weights, t_hidden, t_fwd)
+    card.count = world if mode in ("ddp", "fsdp") else 1
+    return [card]
 
 
 def estimate(
@@ -323,67 +432,25 @@ def estimate(
     the weights, the optimizer state and the reserve plus the largest of the step's PHASES."""
     from sekd.kd.flows import auto_chunk_size
 
-    autocast = dtype != "fp32"
     cbytes = 4 if dtype == "fp32" else 2
     tokens = micro_batch * seq_len
     chunk = min(chunk or auto_chunk_size(student.vocab, device_type), tokens)  # a block holds at most every position
-    V, P = student.vocab, student.params
     shard = (shard or world) if mode == "fsdp" else 1
-    s_weights, grads, opt = 4 * P / shard, 4 * P / shard, OPTIMIZER_BYTES[optimizer] * P / shard
-    block, w_grad, w_copy, h_grad = head_bytes(student, chunk, tokens, cbytes, selected)
-    blocks = 3 * block
-    act = activation_bytes(student, tokens, autocast)
-    t_weights, t_fwd, t_hidden = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
-    gathered = gathered_bytes(student, cbytes) if mode == "fsdp" else 0.0
-    largest = V * student.hidden  # the largest parameter: the embedding
-    opt_tmp = 4 * P / shard if (optimizer == "adamw" and device_type == "cuda") else 2 * 4 * largest / shard
-    held = grads if mode == "ddp" and world > 1 else 0.0  # GradBuckets: the gradients' buffer stays all step
-    tied_tmp = 4 * student.embed_params / shard if student.tied else 0.0
-    reserve = RESERVE_GIB[device_type] * GIB
-    kept = blocks if device_type == "cpu" else 0.0  # CPU keeps the blocks step to step; a GPU gives them back
-
-    def student_card(name: str, t_w: float, t_hid: float, t_f: float, t_copy: float = 0.0) -> Device:
-        phases = {
-            "teacher forward": t_f + t_hid + kept,
-            "scoring": act + t_hid + blocks + score_blocks * block,
-            "selective head": act + t_hid + blocks + w_grad + h_grad + w_copy,
-            "backward end": grads - held + tied_tmp + kept,
-            "optimizer step": grads - held + opt_tmp + kept,
-        }
-        persistent = t_w + t_copy + s_weights + opt + gathered + reserve + held
-        rows = {
-            "teacher weights": t_w,
-            "teacher head copy": t_copy,
-            "student weights (fp32)": s_weights,
-            "gradients (fp32)": grads,
-            f"optimizer ({optimizer})": opt,
-            "LM head (blocks, dW, W copy)": blocks + w_grad + w_copy,
-            "LM head scoring temporaries": score_blocks * block,
-            "activations": act,
-            "teacher forward": t_f + t_hid,
-            "fsdp gathered units": gathered,
-            "runtime reserve": reserve,
-        }
-        worst = max(phases, key=phases.get)
-        dev = Device(name, {k: v for k, v in rows.items() if v}, persistent + phases[worst])
-        dev.phase = worst
-        return dev
-
-    if placed and teacher is not None:
-        card = student_card("student card", 0.0, t_hidden, 0.0, teacher.vocab * teacher.hidden * cbytes)
-        devices = [
-            card,
-            Device(
-                "teacher card",
-                {"teacher weights": t_weights, "teacher forward": t_fwd + t_hidden, "runtime reserve": reserve},
-                t_weights + t_fwd + t_hidden + reserve,
-                phase="teacher forward",
-            ),
-        ]
-    else:
-        card = student_card({"none": "one device"}.get(mode, f"each of {world} ranks"), t_weights, t_hidden, t_fwd)
-        card.count = world if mode in ("ddp", "fsdp") else 1
-        devices = [card]
+    b = student_bytes(
+        student,
+        tokens=tokens,
+        chunk=chunk,
+        cbytes=cbytes,
+        device_type=device_type,
+        optimizer=optimizer,
+        mode=mode,
+        world=world,
+        shard=shard,
+        selected=selected,
+        score_blocks=score_blocks,
+    )
+    t_bytes = teacher_bytes(teacher, tokens, cbytes, shard if mode == "fsdp" else None)
+    devices = plan_devices(b, teacher, t_bytes, cbytes, mode=mode, world=world, placed=placed)
     return Plan(
         teacher=teacher,
         student=student,
@@ -429,7 +496,7 @@ def cpu_above_loaded(
     return d.peak - d.rows.get("teacher weights", 0.0) - d.rows["student weights (fp32)"]  # the reserve stays
 
 
-def max_micro_batch(fit, card: float, limit: int = 4096) -> int:
+def max_micro_batch(fit: Callable[[int], Plan], card: float, limit: int = 4096) -> int:
     """The largest micro-batch whose worst device fits `card` bytes (0: not even one); fit(mb) -> Plan."""
     if fit(1).worst > card:
         return 0
@@ -497,7 +564,7 @@ def parse_args(argv: list[str]) -> Args:
     return out
 
 
-def compose_run(overrides: list[str]):
+def compose_run(overrides: list[str]) -> RunConfig:
     """The run's typed config, composed and checked as `sekd-train` would (ConfigError in one line)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -515,7 +582,9 @@ def compose_run(overrides: list[str]):
     return cfg
 
 
-def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shapes=None) -> Plan:
+def plan_run(
+    cfg: RunConfig, world: int | None = None, micro_batch: int | None = None, shapes: tuple[Shape, Shape] | None = None
+) -> Plan:
     """The plan of a composed run (`world`: ranks under ddp/fsdp)."""
     mode = cfg.train.distributed
     if mode == "none" and (world or 1) > 1:
@@ -554,7 +623,7 @@ def plan_run(cfg, world: int | None = None, micro_batch: int | None = None, shap
     return plan
 
 
-def fsdp_shard(cfg, world: int) -> tuple[int | None, str]:
+def fsdp_shard(cfg: RunConfig, world: int) -> tuple[int | None, str]:
     """Ranks per shard group under train.distributed=fsdp (train.fsdp.mesh, where the config has it): flat =
     every rank; RxS = S; hybrid = the ranks of one node (taken as min(world, 8) here)."""
     mesh = str(getattr(getattr(cfg.train, "fsdp", None), "mesh", "flat"))
@@ -571,7 +640,7 @@ def fsdp_shard(cfg, world: int) -> tuple[int | None, str]:
     return shard, f"fsdp mesh hybrid: each weight sharded over the {shard} ranks of a node (taken as min(world, 8))"
 
 
-def position_work(cfg) -> tuple[float, int]:
+def position_work(cfg: RunConfig) -> tuple[float, int]:
     """(fraction of positions the head runs at with gradient, [C,V] temporaries per chunk while scoring): a
     signal computed from one head's logits makes three (log-softmax, its exp, their product), one that
     needs the teacher's too makes five."""
@@ -585,7 +654,7 @@ def position_work(cfg) -> tuple[float, int]:
     return selected, 0 if sig.random else (5 if sig.needs_teacher else 3) + len(sig.terms) - 1
 
 
-def run_seq_len(cfg) -> int:
+def run_seq_len(cfg: RunConfig) -> int:
     """Positions per training row: the data's packed length (task data: the on-policy rollouts' or the rows')."""
     return int(cfg.data.seq_len)
 
@@ -670,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_json(plan: Plan, card: float | None, best: int | None) -> dict:
+def plan_json(plan: Plan, card: float | None, best: int | None) -> dict[str, Any]:
     """The plan as data (GiB): per device its rows, its estimated peak, and the peak without the runtime
     reserve, which is what torch.cuda.max_memory_allocated measures (the CUDA context is not allocated)."""
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
+    from sekd.app.tracking import Tracker
 
 
 def scored_model(job: Job) -> str:
@@ -18,7 +19,7 @@ def scored_model(job: Job) -> str:
     return job.student_path if mode == "score_student" else job.teacher_path
 
 
-def score(job: Job, tracker) -> dict[str, Any]:
+def score(job: Job, tracker: Tracker) -> dict[str, Any]:
     """lm-eval over eval.suite (nothing for eval=none); raw outputs go under the run's scores folder."""
     metrics = run_suite(job) if job.cfg.eval.suite != "none" else {}
     tracker.summary({f"eval/{k}": v for k, v in metrics.items()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 
 class Tracker:
@@ -43,7 +43,7 @@ class Tracker:
             id=run_id,
             resume="allow",
             config=config,
-            mode=mode,
+            mode=cast(Literal["online", "offline"], mode),  # the schema's logging.wandb choice, less disabled
             dir=str(wdir),
             reinit="finish_previous",
         )

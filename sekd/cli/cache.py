@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sekd.stores.teacher_cache.store import (
     CacheError,
@@ -24,6 +25,9 @@ from sekd.stores.teacher_cache.store import (
     storage_markdown,
     storage_rows,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BuildConfigError(ValueError):
@@ -115,7 +119,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_device(device, worker: int, visible: int | None = None):
+def worker_device(device: torch.device, worker: int, visible: int | None = None) -> torch.device:
     """Worker I's device: on CUDA, card I mod the cards it sees (sekd.distributed.launch.card_index), so W workers on one
     node spread over its cards instead of each loading the teacher on cuda:0; a worker bound to one card
     sees only that one. `visible`: the card count (None: this process's)."""

@@ -1,19 +1,14 @@
 """The run's config as one tree of dataclasses: the schema Hydra composes conf/ against, and the typed
 object the program reads.
 
-Hydra merges every group's YAML into these classes (registered in its ConfigStore as `base_config`,
-the first entry of conf/config.yaml's defaults), so it refuses a key a class does not have and a value
-of the wrong type while composing. `OmegaConf.to_object` then builds the objects, and each class's
-`__post_init__` checks its own values, raising ConfigError with one line naming the key and what is
-allowed. Checks that need another node or a registry (a signal's name, the class target a criterion
-can take, data files) are sekd.app.checks's.
-
-The YAML files keep the values; a class's defaults are the embedded profile's, so a test can build
-`TrainConfig()` alone. A field exists only where every YAML of its group has the key, so the composed
-tree, and the hashes that name run folders, are what they were before the schema (sekd.app.checks.
-SCHEMA_ONLY names the one exception). Two nodes hold keys that vary: `data` (each source has its own:
-a mapping for Hydra, `DataConfig` with the source's keys under `options` once converted) and `regime`
-(the on-policy keys live in `OnPolicyRegime`, which conf/regime/on_policy.yaml extends).
+Hydra merges every group's YAML into these classes (`base_config`, conf/config.yaml's first default), so it
+refuses an unknown key or a value of the wrong type while composing; `OmegaConf.to_object` then builds the
+objects and each class's `__post_init__` checks its own values (ConfigError, one line naming the key).
+Checks across nodes or against a registry are sekd.app.checks's. A class's defaults are the embedded
+profile's, and a field exists only where every YAML of its group has the key, so the composed tree and the
+hashes naming run folders are what they were before the schema (sekd.app.checks.SCHEMA_ONLY names the one
+exception). Two nodes' keys vary: `data` (each source's own, `options` once a DataConfig) and `regime`
+(the on-policy keys of OnPolicyRegime, which conf/regime/on_policy.yaml extends).
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from sekd.core.errors import ConfigError
 
@@ -303,7 +298,9 @@ class TrainConfig:
     temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2
     normalization: str = "per_sequence"
     flow: str = "chunked"
-    chunk_size: Any = "auto"  # positions per LM-head chunk: "auto" or an integer
+    # positions per LM-head chunk: "auto" or an integer (Any: OmegaConf's Union[int, str] would refuse 1.5 or
+    # true itself, before the one-line check below)
+    chunk_size: Any = "auto"
     precision: str = "auto"
     device: str = "auto"
     threads: Optional[int] = None  # torch CPU threads; None = torch's default
@@ -396,8 +393,11 @@ class RunConfig:
     resources: Resources = field(default_factory=Resources)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Each source has its own keys: Hydra holds a mapping, __post_init__ makes it a DataConfig.
-    data: Any = field(default_factory=dict)
+    # Each source has its own keys: Hydra holds a mapping (Any to OmegaConf), __post_init__ makes it a DataConfig.
+    if TYPE_CHECKING:
+        data: DataConfig = field(default_factory=DataConfig)
+    else:
+        data: Any = field(default_factory=dict)
     position: PositionConfig = field(default_factory=PositionConfig)
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)

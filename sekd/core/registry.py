@@ -1,23 +1,13 @@
 """One registry per axis: short stable names -> small functions (or classes with state).
 
-A piece that takes options declares them where it is registered, as a small dataclass:
-
-    @dataclass(frozen=True)
-    class GLSOptions(BudgetOptions):
-        Q: int = 30_000
-        def __post_init__(self): ...; at_least("Q", self.Q, 1)
-
-    @POLICIES.register("gls", options=GLSOptions)
-
-Its fields are the option names, types and defaults; `__post_init__` checks ranges with the helpers
-below. `check_kwargs` / `build` construct it, so a wrong name, type or range fails at start-up with one
-line naming the config key (`position.options.Q='abc' must be an integer (policy 'gls')`). Keywords
-supplied at call time (generator, step, temperature, ...) are not options.
-
-What a piece is beyond its options (a criterion's coupling of positions, a policy's state, a class
-selector's randomness) is declared by the kind's own protocol, where the piece is registered: an entry
-that is a `Piece` binds its options itself and keeps its declaration (selection/criteria.py `Criterion`,
-selection/classes.py `ClassSampler`, selection/policies.py `Policy`); flows read only that.
+A piece that takes options declares them where it is registered, as a small dataclass whose fields are the
+option names, types and defaults and whose `__post_init__` checks ranges with the helpers below
+(`@POLICIES.register("gls", options=GLSOptions)`). `check_kwargs` / `build` construct it, so a wrong name,
+type or range fails at start-up with one line naming the config key (`position.options.Q='abc' must be an
+integer (policy 'gls')`); keywords supplied at call time (generator, step, temperature, ...) are not
+options. What a piece is beyond its options (a criterion's coupling of positions, a policy's state, a class
+sampler's randomness) is declared by its kind's protocol: an entry that is a `Piece` binds its options
+itself and keeps its declaration (`Criterion`, `ClassSampler`, `Policy`); flows read only that.
 """
 
 from __future__ import annotations
@@ -28,7 +18,10 @@ import inspect
 import math
 import types
 import typing
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar, cast, runtime_checkable
+
+E = TypeVar("E")  # what a registry serves: its entries, and what `build` returns
+F = TypeVar("F")  # what a decorator registers, returned as it is
 
 
 class RegistryError(ValueError):
@@ -48,7 +41,8 @@ class Piece(Protocol):
     """A registered entry that declares what kind of piece it is (a criterion's coupling, a policy's state,
     ...) and binds its own options, so what `build` returns still says what it declared."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def bind(self, **options: Any) -> "Piece": ...
 
@@ -97,19 +91,22 @@ def _typed(option: str, hint: Any, value: Any) -> Any:
     return value
 
 
-class Registry:
+class Registry(Generic[E]):
+    """Entries of one kind E by name (`SIGNALS: Registry[Signal]`). An entry that is a class is its own
+    factory: `build` constructs it, and its instances are the E (the GLS policy)."""
+
     def __init__(self, kind: str, call_time: tuple[str, ...] = ()):
         self.kind = kind
         self.call_time = set(call_time)  # keywords supplied at call time, not options
-        self._entries: dict[str, Callable] = {}
+        self._entries: dict[str, Any] = {}  # an E, or a class whose instances are
         self._declared: dict[str, type] = {}  # name -> its options dataclass
 
-    def register(self, name: str, options: type | None = None) -> Callable[[Callable], Callable]:
+    def register(self, name: str, options: type | None = None) -> Callable[[F], F]:
         """Add an entry; `options` is the dataclass declaring its options (None: read the signature)."""
         if options is not None and not dataclasses.is_dataclass(options):
             raise RegistryError(f"{self.kind} {name!r}: options must be a dataclass, not {options!r}")
 
-        def add(fn: Callable) -> Callable:
+        def add(fn: F) -> F:
             if name in self._entries:
                 raise RegistryError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = fn
@@ -129,12 +126,15 @@ class Registry:
         spec = self.declared(name)
         if spec is not None:
             return [f.name for f in dataclasses.fields(spec)]
-        fn = self.get(name)
+        fn = self._entry(name)
         params = inspect.signature(fn).parameters
-        kinds = (inspect.Parameter.KEYWORD_ONLY,)
-        if inspect.isclass(fn):
-            kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        return [n for n, p in params.items() if p.kind in kinds and n not in self.call_time]
+        positional = inspect.isclass(fn)  # a class's constructor takes its options by name too
+        return [
+            n
+            for n, p in params.items()
+            if (p.kind is p.KEYWORD_ONLY or (positional and p.kind is p.POSITIONAL_OR_KEYWORD))
+            and n not in self.call_time
+        ]
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -142,10 +142,15 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
-    def get(self, name: str) -> Callable:
+    def get(self, name: str) -> E:
+        """The entry as registered (a class entry: the class; `build` makes the E)."""
+        return self._entry(name)
+
+    def _entry(self, name: str) -> Any:
+        """The entry as registered (an E, or a class whose instances are)."""
         if name not in self._entries:
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]
@@ -154,7 +159,7 @@ class Registry:
         """Fail at start-up, not at step ten thousand, on an option that does not exist or whose value
         breaks its declared type or range; `key` (e.g. `position.options`) prefixes the option's name.
         Returns the options to bind: for a declared entry checked, typed and completed by its defaults."""
-        fn = self.get(name)
+        fn = self._entry(name)
         spec = self._declared.get(name)
         if spec is None and any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
             return dict(kwargs)
@@ -182,16 +187,16 @@ class Registry:
             raise RegistryError(f"{where(err.option)}={shown!r} must be {err.rule} ({self.kind} {name!r})") from None
         return {f.name: getattr(opts, f.name) for f in dataclasses.fields(spec)}
 
-    def build(self, name: str, **kwargs: Any) -> Callable:
+    def build(self, name: str, **kwargs: Any) -> E:
         """Bind keyword options now (checked), call later with tensors. A class is constructed with them;
         a `Piece` (an entry that declares its protocol, e.g. a `Criterion`) binds them itself, keeping
         what it declares; a plain function gets them through `functools.partial`."""
         opts = self.check_kwargs(name, kwargs)
-        fn = self.get(name)
+        fn = self._entry(name)
         if inspect.isclass(fn):
-            return fn(**opts)
+            return cast(E, fn(**opts))  # a class entry builds an E
         if not opts:
             return fn
         if isinstance(fn, Piece):
-            return fn.bind(**opts)
-        return functools.partial(fn, **opts)
+            return cast(E, fn.bind(**opts))  # a piece binds into its own kind
+        return cast(E, functools.partial(fn, **opts))  # a function's partial is called as the function

@@ -1,16 +1,13 @@
-"""Random draws that are the same on every device.
+"""Random draws that are the same on every device (docs/method.md §1, "Randomness").
 
-Every random number of a run comes from a CPU `torch.Generator` (seeded by the run, or per cache
-sample): uniforms are drawn on the CPU, where they do not depend on the device, and moved to the
-tensor's device; a categorical draw is then an inverse CDF computed there. So a CUDA run draws what
-a CPU run draws for the same seed (up to logits that differ in rounding), and no CPU generator ever
-meets a CUDA tensor inside torch (which refuses the pair).
-
-Training draws are keyed per sample (`RowKeys`, docs/method.md §5): each row of a micro-batch has a key
-hashed from (seed, optimizer step, global sample index), and each random piece draws that row's numbers
-from a small CPU generator seeded by (row key, stream name). A sample's draws then do not depend on its
-micro-batch, its rank, its place in the batch or the chunking, so any world size draws the same numbers.
-Callers without sample indices get fresh keys drawn from their generator (`RowKeys.drawn`).
+Every random number of a run comes from a CPU `torch.Generator` (seeded by the run, or per cache sample):
+uniforms are drawn on the CPU and moved to the tensor's device, and a categorical draw is an inverse CDF
+computed there, so a CUDA run draws what a CPU run draws for the same seed (up to logits that differ in
+rounding), and no CPU generator ever meets a CUDA tensor inside torch (which refuses the pair). Training
+draws are keyed per sample (`RowKeys`): a row's key hashes (seed, optimizer step, global sample index) and
+each random piece draws from a CPU generator seeded by (row key, stream name), so a sample's draws do not
+depend on its micro-batch, its rank, its place in the batch or the chunking. Callers without sample
+indices get fresh keys drawn from their generator (`RowKeys.drawn`).
 """
 
 from __future__ import annotations
@@ -39,7 +36,11 @@ def check_cpu_generator(generator: torch.Generator | None, who: str) -> None:
 
 
 def uniform(
-    shape, generator: torch.Generator | None, device, dtype: torch.dtype = torch.float32, who: str = "uniform"
+    shape: int | Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    who: str = "uniform",
 ) -> Tensor:
     """U[0,1) of `shape` from the CPU `generator` (the global CPU one when None), on `device`."""
     check_cpu_generator(generator, who)
@@ -75,7 +76,7 @@ def categorical(
 # ---- per-sample keys ----------------------------------------------------------------------
 
 
-def mix(*parts) -> int:
+def mix(*parts: object) -> int:
     """A 63-bit seed from the first 8 bytes of sha256("a/b/..."), as sekd/selection/draws.py `sample_generator`."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
@@ -108,7 +109,9 @@ class RowKeys:
         """Row i's CPU generator for `stream` (each random piece names its own)."""
         return torch.Generator().manual_seed(mix(self.keys[i], stream))
 
-    def uniform(self, lengths: Sequence[int], stream: str, device, dtype: torch.dtype = torch.float32) -> Tensor:
+    def uniform(
+        self, lengths: Sequence[int], stream: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Row i's first lengths[i] uniforms of `stream`, padded with 0 to the longest.  -> [B,max(lengths)]"""
         if len(lengths) != len(self.keys):
             raise ValueError(f"{stream}: {len(lengths)} rows, {len(self.keys)} row keys")
@@ -156,7 +159,7 @@ class PositionKeys:
         """The keys of the positions [sl] (a chunk)."""
         return PositionKeys(self.keys, self.rows[sl], self.cols[sl], self.T, self._memo)
 
-    def table(self, width: int, stream: str, device) -> Tensor:
+    def table(self, width: int, stream: str, device: torch.device | str) -> Tensor:
         """Every row's T x width uniforms of `stream`, drawn once.  -> [rows,T,width] float64 on `device`"""
         device = torch.device(device)
         key = (stream, int(width), str(device))
@@ -174,7 +177,7 @@ class PositionKeys:
             self._memo[key] = cpu.to(device)
         return self._memo[key]
 
-    def uniform(self, width: int, stream: str, device) -> Tensor:
+    def uniform(self, width: int, stream: str, device: torch.device | str) -> Tensor:
         """`width` uniforms per position.  -> [n,width] float64 on `device`"""
         table = self.table(width, stream, device)
         return table[self.rows.to(table.device), self.cols.to(table.device)]

@@ -12,7 +12,7 @@ import hashlib
 import json
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -23,10 +23,13 @@ from sekd.data.packing import PackedData, pack_documents
 from sekd.data.sources import SOURCES, DataError, check_source, source_signature
 from sekd.core.files import atomic_write_json
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 TOKENIZE_BATCH = 256  # documents per tokenizer call; a streamed source is read at most this far past the budget
 
 
-def tokenizer_signature(tokenizer: Any) -> str:
+def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> str:
     """16 hex chars of sha256 over the tokenizer's full json (vocab, merges, normalizer, specials) + eos id."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -38,7 +41,7 @@ def tokenizer_signature(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def separator_id(tokenizer: Any, separator: str | None, *, ends: str) -> int:
+def separator_id(tokenizer: PreTrainedTokenizerBase, separator: str | None, *, ends: str) -> int:
     """The id of `separator` (a token of the tokenizer), or the tokenizer's eos when it is None."""
     sep_id = tokenizer.eos_token_id
     if separator is not None:
@@ -51,7 +54,13 @@ def separator_id(tokenizer: Any, separator: str | None, *, ends: str) -> int:
 
 
 def cache_fields(
-    source: str, split: str, tokenizer: Any, *, seq_len: int, token_budget: int | None, source_opts: dict[str, Any]
+    source: str,
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seq_len: int,
+    token_budget: int | None,
+    source_opts: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything the packed result depends on (hashed into the cache key)."""
     return {
@@ -73,7 +82,7 @@ def cache_path(artifacts_dir: Path, fields: dict[str, Any]) -> Path:
 def build_packed(
     source: str,
     split: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
     token_budget: int | None,
@@ -117,7 +126,7 @@ def cached_packed(path: Path, make: Callable[[], tuple[PackedData, dict[str, Any
     return made[0] if made else PackedData.load(path)
 
 
-def _tokenize(texts: Iterable[str], tokenizer: Any, bar: tqdm) -> Iterator[list[int]]:
+def _tokenize(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, bar: tqdm) -> Iterator[list[int]]:
     """Batched tokenization, lazily: the packer stops pulling once its budget is met."""
     it = iter(texts)
     while raw := list(islice(it, TOKENIZE_BATCH)):

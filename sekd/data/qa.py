@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -27,16 +27,18 @@ from sekd.data.packing import IGNORE, PackedData, sample_id
 from sekd.data.sources import SPLITS, DataError, _check_split, _file_sig, _jsonl_file, check_jsonl_file, jsonl_records
 from sekd.core.registry import Registry, RegistryError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
-QA_SOURCES = Registry("task source")
+Problem = dict[str, str]
+QA_SOURCES: Registry[Callable[..., list[Problem]]] = Registry("task source")  # (split, **options)
 FORMAT = 1  # bump when the row layout changes
 GSM8K = "openai/gsm8k"
 GSM8K_VALIDATION = 500  # GSM8K has no validation split: ours is the last 500 train problems (data.validation_size)
 FILE_KEYS = tuple(f"{s}_file" for s in SPLITS)
 FIELDS = ("question", "answer")
-
-Problem = dict[str, str]
 
 
 @QA_SOURCES.register("arith")
@@ -167,7 +169,7 @@ def qa_row(
 def build_qa(
     source: str,
     split: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
     artifacts_dir: Path,
@@ -205,38 +207,64 @@ def build_qa(
 
     def pack() -> tuple[PackedData, dict[str, Any]]:
         problems = QA_SOURCES.get(source)(split, **opts)
-        prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
-        targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
-        rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
-        if not rows:
-            shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
-            raise DataError(
-                f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
-                f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})"
-            )
-        if dropped:
-            log.warning(
-                "%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
-                source,
-                split,
-                dropped,
-                len(rows) + dropped,
-                seq_len + 1,
-            )
-        input_ids = torch.stack([r[0] for r in rows])  # [N,L]
-        labels = torch.stack([r[1] for r in rows])  # [N,L]
-        data = PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))])
+        data, dropped = qa_rows(
+            problems,
+            tokenizer,
+            source=source,
+            split=split,
+            sep_id=sep_id,
+            pad_id=pad_id,
+            seq_len=seq_len,
+            max_samples=max_samples,
+        )
         return data, {**fields, "n_samples": len(data), "n_dropped": dropped, "n_problems": len(problems)}
 
     return cached_packed(path, pack)
 
 
+def qa_rows(
+    problems: list[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str,
+    split: str,
+    sep_id: int,
+    pad_id: int,
+    seq_len: int,
+    max_samples: int | None,
+) -> tuple[PackedData, int]:
+    """The problems of `source`'s `split` as rows (`fitting_rows`), and how many were dropped for length;
+    none fitting is a DataError, some dropped a warning."""
+    prompts = _encode(tokenizer, [qa_format.prompt_text(p["question"]) for p in problems])
+    targets = _encode(tokenizer, [qa_format.target_text(p["answer"]) for p in problems])
+    rows, dropped = fitting_rows(prompts, targets, sep_id, pad_id, seq_len, max_samples)
+    if not rows:
+        shortest = min((len(p) + len(t) + 1 for p, t in zip(prompts, targets)), default=0)
+        raise DataError(
+            f"task source {source!r} split {split!r}: none of its {len(problems)} problems fits "
+            f"data.seq_len={seq_len} (the shortest needs seq_len >= {shortest - 1})"
+        )
+    if dropped:
+        log.warning(
+            "%s/%s: dropped %d of %d problems longer than seq_len + 1 = %d tokens",
+            source,
+            split,
+            dropped,
+            len(rows) + dropped,
+            seq_len + 1,
+        )
+    input_ids = torch.stack([r[0] for r in rows])  # [N,L]
+    labels = torch.stack([r[1] for r in rows])  # [N,L]
+    return PackedData(input_ids, labels, [sample_id(input_ids[i], labels[i]) for i in range(len(rows))]), dropped
+
+
 def fitting_rows(
     prompts: list[list[int]], targets: list[list[int]], sep_id: int, pad_id: int, seq_len: int, max_samples: int | None
-) -> tuple[list, int]:
+) -> tuple[list[tuple[Tensor, Tensor]], int]:
     """The rows (`qa_row`) of the problems that fit seq_len, in order, at most `max_samples` of them, and how
     many were dropped for length before the cap was reached."""
-    rows, dropped = [], 0
+    rows: list[tuple[Tensor, Tensor]] = []
+    dropped = 0
     for p, t in zip(prompts, targets):
         if max_samples is not None and len(rows) >= max_samples:
             break
@@ -248,7 +276,7 @@ def fitting_rows(
     return rows, dropped
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]

@@ -11,11 +11,11 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sekd.core.registry import Registry
 
-SOURCES = Registry("data source")
+SOURCES: Registry[Callable[..., Iterable[str]]] = Registry("data source")  # (split, **options) -> documents
 SPLITS = ("train", "validation", "test")
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 
@@ -103,9 +103,10 @@ def _jsonl_file(
 ) -> Path:
     """The existing file `data.<split>_file` names; `why` completes the error when it is unset."""
     key = f"{split}_file"
-    if not files.get(key):
+    name = files.get(key)
+    if not name:
         raise DataError(f"data.{key} is not set; {why.format(split=split)}")
-    path = Path(files[key]).expanduser()
+    path = Path(name).expanduser()
     if not path.is_file():
         raise DataError(f"data.{key}: no such file {str(path)!r}")
     return path

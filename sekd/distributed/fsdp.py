@@ -1,30 +1,13 @@
-"""train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (`fully_shard`).
+"""train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (docs/method.md §9,
+"Sharded models").
 
-Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the
-whole per-micro-batch loss (sekd.training.loop.StudentLoss: body, heads, selection, the loss sum). The root
-must be that module, not the Hugging Face model: the chunked flow never calls the model's forward
-(it runs the body, then the LM head at chosen positions), so hooks on the model would never unshard
-the embeddings, norm and head, nor reduce-scatter their gradients. Gradients are *summed* over ranks
-(divide factor 1): the loop divides the summed loss gradient once per optimizer step by the global
-weight Σ s_i, as in one process.
-
-Precision: under bf16 (train.precision) the decoder layers gather their weights in the compute dtype
-(MixedPrecisionPolicy param_dtype) and reduce their gradients in float32 (reduce_dtype), into float32
-sharded master weights; the root unit (embeddings, final norm, LM head) keeps float32 parameters, since
-the chunked flow accumulates the head's gradient over its chunks in the parameters' dtype (autocast
-still runs its matmuls in bf16, as in one process). The teacher's units gather in the compute dtype.
-
-Mesh (train.fsdp.mesh): flat shards every weight over all ranks (a 1-D mesh); hybrid (HSDP) shards it
-over the ranks of a node and replicates it across nodes, a 2-D (replicate, shard) mesh: gradients are
-reduce-scattered within a node, then all-reduced across nodes, both summing; "RxS" names that mesh.
-
-Teacher: inference only. Each decoder layer and the decoder are FSDP units, resharded after every
-forward (no gradients, so nothing to reduce). Its LM head stays a plain replicated module (an untied
-copy when it was tied to the sharded input embedding): the selective teacher head runs it at the
-selected positions, inside the student's loss, outside any teacher forward.
-
-Checkpoints: the sharded weights and optimizer state go through torch.distributed.checkpoint (every
-rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd.training.loop).
+Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the whole
+per-micro-batch loss (sekd.training.loop.StudentLoss), not the Hugging Face model: the chunked flow never
+calls the model's forward, so hooks on it would neither unshard the embeddings, norm and head nor reduce
+their gradients. Gradients are summed over ranks (divide factor 1); the loop divides once per step. Under
+bf16 the layers gather in the compute dtype and reduce in float32; the root unit keeps float32 parameters.
+Teacher: inference only, its layers and decoder resharded after each forward, its LM head a replicated
+(untied) copy. Checkpoints go through torch.distributed.checkpoint, every rank writing its shard.
 """
 
 from __future__ import annotations
@@ -33,10 +16,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from sekd.core.errors import ConfigError
 
@@ -119,7 +105,7 @@ def precision(dtype: torch.dtype | None):
     )
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face causal LM (Qwen3, Llama, ...): the bulk of the weights."""
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
@@ -128,7 +114,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_student(
-    root: nn.Module, model: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+    root: nn.Module,
+    model: PreTrainedModel,
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    mesh: str = "flat",
 ) -> None:
     """FSDP2 units: each decoder layer of `model` (gathered in the compute `dtype`), then `root` (the module
     whose forward is the loss and which holds `model`) for the rest (float32). Reductions sum in float32
@@ -146,7 +137,7 @@ def shard_student(
 
 
 def shard_teacher(
-    teacher: nn.Module, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
+    teacher: PreTrainedModel, device: torch.device, *, dtype: torch.dtype = torch.float32, mesh: str = "flat"
 ) -> None:
     """The frozen teacher sharded for inference: its decoder layers and its decoder (embeddings, norm),
     gathered in the compute `dtype` and resharded after each forward; the LM head stays replicated (untied
@@ -160,12 +151,15 @@ def shard_teacher(
     fully_shard(teacher.get_decoder(), mesh=m, reshard_after_forward=True, mp_policy=precision(dtype))
 
 
-def untie_head(model: nn.Module) -> None:
+def untie_head(model: PreTrainedModel) -> None:
     """A head tied to the input embedding gets its own copy of the weights, so sharding the embedding
     leaves the head whole on every rank."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and embed is not None and head.weight is embed.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    if head is None or embed is None:
+        return
+    weight = head.weight
+    if isinstance(weight, nn.Parameter) and weight is embed.weight:
+        head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
@@ -182,7 +176,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     which save_pretrained would recognise the tie), so the saved files are the one-process ones."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))  # a model's: tensors
     first = {name for name, _ in model.named_parameters()}
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
     return {k: v for k, v in full.items() if k not in tied}

@@ -1,16 +1,11 @@
-"""Where this process sits in a run: its rank among how many, and where rank 0 listens.
+"""Where this process sits in a run: its rank among how many, and where rank 0 listens (docs/slurm.md).
 
-Three launchers are understood, read from the environment alone (nothing is started or joined here;
-sekd.distributed.process_group does the init):
-- torchrun, or any launcher that sets PyTorch's standard RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT;
-- Slurm, one task per rank (`srun`, or submitit's jobs with tasks_per_node > 1, which are srun steps):
-  SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the same variables submitit's SlurmJobEnvironment reads.
-  Rank 0 listens on the first host of SLURM_JOB_NODELIST, at a port derived from SLURM_JOB_ID, so every
-  task of a job computes the same address without talking to the others; MASTER_ADDR/MASTER_PORT, when
-  set, win;
-- neither: one process, world size 1.
-A one-task Slurm job is a single process too, so every existing one-GPU job runs as before; so is a job's
-batch script, which Slurm gives SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: only the
+Read from the environment alone (nothing is started or joined here; sekd.distributed.process_group does the
+init): torchrun's (or any launcher's) RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; else Slurm's, one
+task per rank (`srun`, or submitit's jobs with tasks_per_node > 1): SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID,
+rank 0 listening on the first host of SLURM_JOB_NODELIST at a port derived from SLURM_JOB_ID, so every task
+computes the same address alone (MASTER_ADDR/MASTER_PORT, when set, win); else one process. A one-task
+Slurm job is one process, and so is a job's batch script (SLURM_PROCID=0 but no SLURM_STEP_ID): only the
 tasks `srun` starts are ranks.
 """
 
@@ -106,6 +101,7 @@ def first_host(nodelist: str) -> Optional[str]:
 def _first_host_simple(nodelist: str) -> str:
     """The first host of a node list without Slurm: a prefix, then the start of its first range, if any."""
     m = re.match(r"([^,\[]*)(?:\[([^,\-\]]*))?", nodelist.strip())
+    assert m is not None  # both groups may be empty: every string matches
     prefix, first = m.group(1), m.group(2)
     return prefix + (first or "")
 

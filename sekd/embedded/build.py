@@ -11,13 +11,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from sekd.core.artifacts import build_once, content_key
 from sekd.data import corpus
+
+if TYPE_CHECKING:
+    from transformers import Qwen3Config
+
+    from sekd.data.packing import PackedData
 
 EOS = "<|endoftext|>"
 FORMAT = 1  # in every artifact's key: bump to rebuild them all
@@ -63,7 +68,7 @@ def tokenizer(artifacts_dir: Path, vocab_size: int) -> Path:
     return cached(artifacts_dir, "tokenizer", inputs, build)
 
 
-def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
+def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int) -> Qwen3Config:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -80,13 +85,20 @@ def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int):
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         attention_dropout=0.0,
-        torch_dtype="float32",
+        torch_dtype="float32",  # type: ignore[call-arg]  # 4.x's name (pyproject allows >= 4.51): 5's stub omits it
     )
 
 
 def fit_lm(
-    model, data, spec: dict[str, Any], seed: int, *, desc: str, trim_padding: bool = False, val=None
-) -> tuple[float, int, float, list[dict]]:
+    model: torch.nn.Module,
+    data: PackedData,
+    spec: dict[str, Any],
+    seed: int,
+    *,
+    desc: str,
+    trim_padding: bool = False,
+    val: PackedData | None = None,
+) -> tuple[float, int, float, list[dict[str, float]]]:
     """Next-token CE on `data` (labels -100 ignored) for spec["steps"] batches of spec["batch_size"]:
     AdamW, 5% warm-up then cosine at spec["lr"], clipped gradients. Returns (final loss, epochs, seconds, curve).
     trim_padding drops each batch's columns after its last label (right padding only: same loss).
@@ -102,11 +114,13 @@ def fit_lm(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    keep_best = val is not None and spec.get("keep", "last") == "best_validation"
+    held = val if spec.get("keep", "last") == "best_validation" else None  # None: the model ends at its last step
     every = int(spec.get("eval_every", 50))
-    best, best_state, curve = math.inf, None, []
+    best, curve = math.inf, []
+    best_state: dict[str, torch.Tensor] | None = None
     model.train()
-    it, epoch, t0 = iter(()), 0, time.time()
+    it: Iterator[list[int]] = iter(())
+    epoch, t0 = 0, time.time()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         idx = next(it, None)
         if idx is None:
@@ -123,8 +137,8 @@ def fit_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if keep_best and (step % every == 0 or step == steps):
-            held_out = mean_ce(model, val)
+        if held is not None and (step % every == 0 or step == steps):
+            held_out = mean_ce(model, held)
             curve.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss": round(held_out, 4)})
             if held_out < best:
                 best = held_out
@@ -136,7 +150,7 @@ def fit_lm(
 
 
 @torch.no_grad()
-def mean_ce(model, data, batch_size: int = 32) -> float:
+def mean_ce(model: torch.nn.Module, data: PackedData, batch_size: int = 32) -> float:
     """Mean next-token CE per labelled token of `data` (packed, labels -100 ignored), in eval mode."""
     model.eval()
     total, count = 0.0, 0

@@ -1,15 +1,13 @@
 """Local lm-eval generation tasks scored by exact match on the final number (GSM8K-style, docs/method.md §10).
 
 A task is built from problems {"question", "answer"} whose answers end in "#### <number>"
-(`sekd.data.qa_format`). The model sees exactly `qa_format.prompt_text(question)`, generates greedily
-until a blank line or the next "Question:", and is scored like lm-eval's gsm8k: the "strict-match"
-filter takes the number after "#### ", "flexible-extract" the last number of the generation, and
-exact_match compares it with the problem's final number (`qa_format.final_answer`), ignoring commas,
-"$" and a trailing ".".
-
-The build is deterministic and cached under a content hash of (problems, name, max_gen_toks, builder
-version), atomically, like `tasks.build_tasks`: the folder holds `problems.jsonl` and `<name>.yaml`
-with an absolute data path (rewritten on every call, so a moved cache still works).
+(`sekd.data.qa_format`). The model sees exactly `qa_format.prompt_text(question)`, generates greedily until
+a blank line or the next "Question:", and is scored like lm-eval's gsm8k: "strict-match" takes the number
+after "#### ", "flexible-extract" the generation's last number, and exact_match compares it with the
+problem's final number (`qa_format.final_answer`), ignoring commas, "$" and a trailing ".". The build is
+cached under a content hash of (problems, name, max_gen_toks, builder version), atomically, like
+`tasks.build_tasks`: the folder holds `problems.jsonl` and `<name>.yaml` with an absolute data path
+(rewritten on every call, so a moved cache still works).
 """
 
 from __future__ import annotations

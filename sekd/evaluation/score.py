@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tas
 from sekd.evaluation.tasks import build_tasks
 from sekd.core.files import atomic_write_text
 from sekd.distributed.launch import one_process
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 
 def score_checkpoint(
@@ -85,7 +88,9 @@ def score_checkpoint(
     return flatten(res, s)
 
 
-def task_manager(s: Suite, artifacts_dir, docs: list[str] | None, problems: list[dict] | None):
+def task_manager(
+    s: Suite, artifacts_dir: str | os.PathLike, docs: list[str] | None, problems: list[dict] | None
+) -> TaskManager:
     """lm-eval's TaskManager for suite `s`: the embedded suites' local tasks (built from `docs` / `problems`,
     or the split's own), without indexing lm-eval's built-in tasks (8 s); the others', all of them."""
     from lm_eval.tasks import TaskManager
@@ -96,11 +101,12 @@ def task_manager(s: Suite, artifacts_dir, docs: list[str] | None, problems: list
         from sekd.data.corpus import load_split
 
         docs = load_split(s.split)
-    include: str | list[str] = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
+    local = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
+    include: str | list[str] = local
     if s.arith:
         from sekd.evaluation.generation import build_arith_task
 
-        include = [include, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
+        include = [local, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
     return TaskManager(include_path=include, include_defaults=False)
 
 

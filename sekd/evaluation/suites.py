@@ -1,27 +1,20 @@
 """Evaluation suites: which lm-eval tasks run, and which result fills which reported column (docs/method.md §11).
 
 - `embedded`: the local tasks of `tasks.py` on the held-out corpus (split test or validation).
-- `task` (task-specific distillation at embedded scale): the embedded tasks plus the arithmetic
-  generation task `sekd_arith_<split>` of `generation.py`, scored by exact match on the final number.
-  Acc. = mean of the three accuracies (choice acc, last-word acc, arith strict-match exact match);
-  PPL = last-word perplexity; ECE over the choice task; the gsm8k column = the arith exact match.
-- `paper`: arc_easy, hellaswag, piqa (acc), lambada_openai (acc, perplexity), gsm8k (exact_match,
-  strict-match), ifeval (prompt-level strict acc). Acc. = unweighted mean of the five accuracies x100;
-  IFEval is its own column; PPL = lambada_openai perplexity. IFEval generates at most 512 new tokens,
-  as the paper's runs did (lm-eval's own config allows 1280).
-- `validation` (choosing k and l): arc_easy, gsm8k, hellaswag, piqa on validation data.
-  lm-eval's hellaswag and piqa already score their validation splits (the test labels are hidden),
-  so they are the same runs as in `paper`. arc_easy scores its test split by default: we derive
-  `sekd_arc_easy_validation` with no test split, so lm-eval falls back to validation. GSM8K has no
-  validation split at all: `sekd_gsm8k_validation` scores the last 500 training problems (the
-  run's data.validation_size when it trains on GSM8K) and draws its few-shot examples from the others.
+- `task`: the embedded tasks plus the arithmetic generation task `sekd_arith_<split>` of `generation.py`;
+  Acc. = mean of choice acc, last-word acc and arith strict-match; the gsm8k column = the arith match.
+- `paper`: arc_easy, hellaswag, piqa, lambada_openai (acc, perplexity), gsm8k (strict-match), ifeval
+  (prompt-level strict, at most 512 new tokens as the paper's runs; lm-eval's own config allows 1280).
+- `validation` (choosing k and l): arc_easy, gsm8k, hellaswag, piqa on validation data: hellaswag and piqa
+  as in `paper`, `sekd_arc_easy_validation` without a test split (lm-eval falls back to validation), and
+  `sekd_gsm8k_validation` on the last 500 training problems, its few-shot examples drawn from the others.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sekd.core.registry import Registry
 
@@ -48,7 +41,7 @@ class Suite:
     arith: str | None = None  # the embedded arithmetic generation task (generation.py), built locally
 
 
-SUITES = Registry("suite")
+SUITES: Registry[Callable[..., Suite]] = Registry("suite")  # (split, [gsm8k_validation_size]) -> Suite
 
 
 def _check_split(name: str, split: str | None, allowed: tuple[str, ...]) -> str:

@@ -53,7 +53,8 @@ class EmbeddedTasks:
 
 def prose_runs(doc: str) -> list[list[str]]:
     """Words of each maximal run of unindented lines (blank lines do not break a run)."""
-    runs, run = [], []
+    runs: list[list[str]] = []
+    run: list[str] = []
     for line in doc.splitlines():
         if line[:1].isspace():  # code, grammar or an indented example
             if run:

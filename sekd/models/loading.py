@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sekd.data.qa import is_task_source
 from sekd.core.errors import ConfigError
 from sekd.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
@@ -19,6 +23,7 @@ def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
         from sekd.embedded.build import build_pair
 
         emb = m.embedded
+        assert emb is not None  # ModelConfig requires it for source=embedded
         if (
             is_task_source(cfg.data.name) and m.task
         ):  # a teacher that can do the task it is to teach (docs/method.md §10)
@@ -31,13 +36,15 @@ def resolve_pair(cfg: RunConfig) -> tuple[str, str, str]:
     return str(m.teacher), str(m.student), str(m.tokenizer or m.student)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remote_code: bool = False):
+def check_same_tokenizer(
+    teacher: str, student: str, tokenizer: str, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Teacher and student must share the tokenizer (docs/method.md §1); returns it. Cheap: no weights load."""
     tok = _tokenizer_of(
         "model.tokenizer" if tokenizer not in (teacher, student) else "model.student", tokenizer, trust_remote_code
@@ -55,7 +62,7 @@ def check_same_tokenizer(teacher: str, student: str, tokenizer: str, trust_remot
     return tok
 
 
-def _tokenizer_of(key: str, path: str, trust_remote_code: bool):
+def _tokenizer_of(key: str, path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
         return load_tokenizer(path, trust_remote_code)
     except (OSError, ValueError, TypeError) as err:  # no tokenizer files, or files transformers cannot read
@@ -216,7 +223,7 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model in `dtype` on `device`. On a card its weights are read from the files straight onto it
     (device_map), not built whole in host RAM first: eight ranks of a node each holding an 8B teacher in
     host RAM on the way to their cards would need 8 x 16 GB of it at once."""
@@ -225,10 +232,10 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
     device = torch.device(device)
     direct = {"device_map": {"": device}} if device.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **direct)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to stub drops Module.to's signature
 
 
-def shared_vocab(tok, *models) -> int:
+def shared_vocab(tok: PreTrainedTokenizerBase, *models) -> int:
     """Logit widths may differ only by padding rows (Qwen-style heads): keep the tokenizer's real size."""
     V = len(tok)
     for model in models:

@@ -343,7 +343,7 @@ def cell(
     best: bool,
     *,
     pm: str = "±",
-    bold=("**", "**"),
+    bold: tuple[str, str] = ("**", "**"),
     missing: str = MISSING,
 ) -> str:
     """'64.8 ± 0.2 (64.4)': ours (bold when best), the paper's value in parentheses; '–' where there is none
@@ -357,10 +357,10 @@ def cell(
     return ours if ours == missing and theirs == missing else f"{ours} ({theirs})"
 
 
-def display(frame: pd.DataFrame, *, method: Callable[[str], str] = str, **style) -> pd.DataFrame:
+def display(frame: pd.DataFrame, *, method: Callable[[str], str] = str, **style: Any) -> pd.DataFrame:
     """The printable table: Method | <the table's columns> | n."""
     table = frame["table"].iloc[0] if len(frame) else None
-    cols = COLUMNS.get(table, [])
+    cols = COLUMNS.get(table, []) if table is not None else []
     out = pd.DataFrame({"Method": frame["label"].map(method)})
     for c in cols:
         out[HEADER[c]] = [

@@ -1,18 +1,13 @@
 """The class axis (docs/method.md §6): which vocabulary classes C_t the divergence uses, and their target p~.
 
-`full` keeps the dense teacher distribution. The others turn the teacher's logits at the selected
-positions into a sparse target (ids, probabilities) over C_t:
-- `rs_kd`: N i.i.d. draws from p_t; p~(v) = c_v / N over the distinct draws. Unbiased for Full KD's
-  gradient, because the loss is linear in p~ and E[p~] = p.
-- `top_k_truncation`: the teacher's `top` classes, renormalized (a biased baseline).
-The divergence against a sparse target is `sparse_forward_kl`, with the student's full-vocabulary
-softmax (no renormalization over C_t); a criterion declares whether it consumes one (criteria.py).
-
-Each selector is registered as a `ClassSampler`, which declares what it is to a flow: it reads the
-teacher's logits at the selected positions (z_t [N,V]) and nothing else, and `random` says whether it
-draws on each call. A random one takes the positions' keys (`keys`, sekd/core/rng.py `PositionKeys`: position
-(r, c) draws from row r's per-sample key), so its draws do not depend on the chunk, the batch or the
-rank; without keys it draws from the generator (in chunk order).
+`full` keeps the dense teacher distribution; `rs_kd` (N i.i.d. draws from p_t, p~(v) = c_v / N: unbiased
+for Full KD's gradient) and `top_k_truncation` (the teacher's `top` classes, renormalized: a biased
+baseline) give a sparse target over C_t, compared by `sparse_forward_kl` with the student's full-vocabulary
+softmax (no renormalization over C_t); a criterion declares whether it consumes one (criteria.py). Each is
+a registered `ClassSampler`: it reads the teacher's logits at the selected positions (z_t [N,V]) and
+nothing else, and `random` says whether it draws on each call. A random one takes the positions' keys
+(`keys`, sekd/core/rng.py `PositionKeys`: position (r, c) draws from row r's per-sample key), so its draws
+do not depend on the chunk, the batch or the rank; without keys it draws from the generator.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from sekd.core.registry import Registry, at_least
 from sekd.core.rng import PositionKeys
 from sekd.core.tensors import upcast
 
-CLASSES = Registry("class selector", call_time=("temperature", "generator", "keys"))
+CLASSES: Registry[ClassSampler] = Registry("class selector", call_time=("temperature", "generator", "keys"))
 
 
 @dataclass
@@ -42,7 +37,7 @@ class SparseTarget:
         """The targets of a subset of positions.  index [M] -> [M,K]"""
         return SparseTarget(self.ids[index], self.probs[index], self.mask[index])
 
-    def to(self, device) -> "SparseTarget":
+    def to(self, device: torch.device | str) -> "SparseTarget":
         return SparseTarget(self.ids.to(device), self.probs.to(device), self.mask.to(device))
 
 
@@ -104,7 +99,12 @@ def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callab
 
 @class_sampler("rs_kd", RSKDOptions, random=True)
 def rs_kd(
-    t: Tensor, *, n_draws: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+    t: Tensor,
+    *,
+    n_draws: int = 64,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    keys: PositionKeys | None = None,
 ) -> SparseTarget:
     """C_t = distinct ids among N draws from p_t = softmax(z_t / T); p~(v) = c_v / N.  [N,V] -> [N,K]
     With `keys` (one per row of t), position n's N uniforms come from its row's per-sample key."""
@@ -118,7 +118,12 @@ def rs_kd(
 
 @class_sampler("top_k_truncation", TruncationOptions, random=False)
 def top_k_truncation(
-    t: Tensor, *, top: int = 64, temperature: float = 1.0, generator=None, keys: PositionKeys | None = None
+    t: Tensor,
+    *,
+    top: int = 64,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    keys: PositionKeys | None = None,
 ) -> SparseTarget:
     """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
     t = upcast(t)
@@ -126,7 +131,7 @@ def top_k_truncation(
     return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
 
 
-def build_classes(name: str, **opts) -> ClassSampler | None:
+def build_classes(name: str, **opts: Any) -> ClassSampler | None:
     """None for `full` (the dense distribution), else the bound class selector."""
     if name == "full":
         return None

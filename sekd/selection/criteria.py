@@ -1,20 +1,13 @@
 """Alignment criteria D(p_t, q_t) (docs/method.md §3), per selected position.
 
-A criterion maps flat selected positions to a divergence each:
-(s_logits [N,V], t_logits [N,V], targets [N], *, temperature, row [N], u [N]) -> D [N].
-`row` (the sequence of each position) and `u` (its score) are there for batch-level criteria
-(AT-KD's hard/easy split, weighted KD); simple divergences ignore them.
-
-Each is registered as a `Criterion`, which declares how it couples positions (so a flow that cuts the
-selected positions into chunks knows what it may do) and whether it consumes a sparse class target:
-- pointwise: D_t depends on position t alone; any chunking is exact (forward_kl, reverse_kl, dkd).
-- batch: D_t also depends on batch-level quantities, computed by the criterion's `prepare` step in a
-  first no-grad pass over all selected positions; given them, D is pointwise again (atkd: the hard/easy
-  split by the teacher's target probability; weighted: the per-sequence normalization of u).
-
-No criterion multiplies by T^2: the objective does (l(t) = lam T^2 D + ...).
-The objective averages D over each sequence's selected positions, L_i = sum_t m_t w_t D_t / sum_t m_t;
-batch-level criteria return per-position values whose mean gives their formula.
+A criterion maps flat selected positions to a divergence each: (s_logits [N,V], t_logits [N,V], targets
+[N], *, temperature, row [N], u [N]) -> D [N]; `row` (each position's sequence) and `u` (its score) serve
+batch-level criteria (AT-KD's hard/easy split, weighted KD). Each is a registered `Criterion`, which
+declares how it couples positions, so a flow that cuts them into chunks knows what it may do: pointwise
+(D_t from position t alone: any chunking is exact) or batch (batch-level quantities first, from a no-grad
+`prepare` pass over all selected positions; then D is pointwise again), and whether it consumes a sparse
+class target. No criterion multiplies by T^2 (the objective does); batch-level ones return per-position
+values whose mean over a sequence's selected positions gives their formula.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_ra
 from sekd.selection.classes import sparse_forward_kl
 from sekd.core.tensors import upcast
 
-CRITERIA = Registry("criterion", call_time=("temperature", "row", "u"))
+CRITERIA: Registry[Criterion] = Registry("criterion", call_time=("temperature", "row", "u"))
 
 COUPLINGS = ("pointwise", "batch", "all")
 NEEDS = {"u": "the scores u(t) at the selected positions", "teacher": "a no-grad teacher pass over them"}
@@ -102,6 +95,7 @@ class Criterion:
         if self.coupling == "batch":
             if "u" in self.needs and sel.u is None:
                 raise ValueError(f"criterion {self.name!r} needs a signal: it reads u(t)")
+            assert self.prepare is not None  # __post_init__: a batch-level criterion declares one
             return self.prepare(sel, **self.options)
         return lambda s, t, sl: self(
             s, t, sel.y[sl], temperature=T, row=sel.row[sl], u=sel.u[sl] if sel.u is not None else None
@@ -231,13 +225,17 @@ def _kl(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
 
 
 @criterion("forward_kl", sparse=sparse_forward_kl, closed_form=forward_kl_with_grad)
-def forward_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def forward_kl(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """KL(p_t || q_t) = sum_v p (log p - log q), at temperature T."""
     return _kl(s, t, temperature, reverse=False)
 
 
 @criterion("reverse_kl", closed_form=reverse_kl_with_grad)
-def reverse_kl(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def reverse_kl(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """KL(q_t || p_t) = sum_v q (log q - log p), at temperature T."""
     return _kl(s, t, temperature, reverse=True)
 
@@ -293,8 +291,8 @@ def dkd(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 8.0,
-    row=None,
-    u=None,
+    row: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """D = alpha * TCKD + beta * NCKD (Zhao et al. 2022), at temperature T; the objective adds T^2."""
     return alpha * tckd(s, t, y, temperature) + beta * nckd(s, t, y, temperature)
@@ -345,8 +343,8 @@ def atkd(
     temperature: float = 1.0,
     hard_fraction: float = 0.5,
     easy_weight: float = 0.2,
-    row=None,
-    u=None,
+    row: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """u_t = 1 - p_t(x_{t+1}); over the positions passed in, the top hard_fraction by u_t are hard:
     D = easy_weight * NCKD (easy), (1 - easy_weight) * (TCKD + NCKD) (hard), so that
@@ -383,6 +381,7 @@ def weighted_scale(u: Tensor, row: Tensor) -> Tensor:
 
 def weighted_prepare(sel: Selected) -> ChunkD:
     """Weighted KD's factor n_i w_t / sum_{t' in i} w_t' needs only u and the rows; then D_t is pointwise."""
+    assert sel.u is not None  # Criterion.over: it declares needs={"u"}
     scale = weighted_scale(sel.u, sel.row)  #                                                  [N]
 
     def d_weighted(s: Tensor, t: Tensor, sl: slice) -> Tensor:
@@ -393,7 +392,9 @@ def weighted_prepare(sel: Selected) -> ChunkD:
 
 
 @criterion("weighted", coupling="batch", needs=frozenset({"u"}), prepare=weighted_prepare)
-def weighted(s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row=None, u=None) -> Tensor:
+def weighted(
+    s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
+) -> Tensor:
     """D_t = n_i w_t KL_t / sum_{t' in i} w_t', w_t = u(t) detached, n_i = positions of sequence i passed in,
     so the objective's per-sequence mean gives sum_t w_t KL_t / sum_t w_t. Meant for unit-weight policies
     (all, top_k, random, gls, curriculum); a sequence whose w are all 0 falls back to the plain mean.

@@ -1,19 +1,13 @@
 """Selection policies m_t (docs/method.md §5): which positions of each sequence get teacher supervision.
 
-A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the
-selected positions in draw order with one weight each (repeats allowed for sampling policies).
-All take keyword options bound at build time (k, Q, S, tau, coverage), plus `generator` and `step`
-at call time, and what they declare they use: `keys` (random ones) and `gather` (stateful ones).
-
-Each policy declares what it is (the `PolicyPiece` protocol): `random` (it draws: row i's numbers come
-from its per-sample `keys`, sekd/core/rng.py `RowKeys`, or, without keys, from keys drawn from the CPU
-`generator`; no global RNG), `stepped` (it reads the optimizer step: curriculum's window, a global
-count) and `stateful` (it keeps state that goes into the checkpoint: GLS's queue, a class with
-`state_dict`/`load_state_dict`; it sees the scores of every rank through `gather`, so its state is the
-same on every rank). Stateless policies are plain functions registered as a `Policy`; they act row by
-row, so a row's draws do not depend on the other rows of its batch or on which rank holds it.
-
-The objective turns draws into L_i = sum_j w_j l(t_j) / K_i, K_i = number of draws of sequence i.
+A policy maps scores u [B,T] (-inf where invalid) and the valid mask to `Draws`: per sequence, the selected
+positions in draw order with one weight each (repeats allowed for sampling policies), which the objective
+turns into L_i = sum_j w_j l(t_j) / K_i. Options (k, Q, S, tau, coverage) are bound at build time,
+`generator` and `step` come at call time. Each declares what it is (`PolicyPiece`): `random` (row i's
+numbers come from its per-sample `keys`, sekd/core/rng.py `RowKeys`, or from keys drawn from the CPU
+`generator`; no global RNG), `stepped` (it reads the optimizer step) and `stateful` (GLS's queue, kept in
+the checkpoint; it sees every rank's scores through `gather`, so its state is the same on every rank).
+Stateless policies are plain functions registered as a `Policy`, acting row by row.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from torch import Tensor
 from sekd.core.registry import NoOptions, Registry, at_least, in_range, positive
 from sekd.core.rng import RowKeys, categorical, row_keys
 
-POLICIES = Registry("policy", call_time=("generator", "step", "keys", "gather"))
+POLICIES: Registry[PolicyPiece] = Registry("policy", call_time=("generator", "step", "keys", "gather"))
 
 
 @dataclass
@@ -77,12 +71,24 @@ class PolicyPiece(Protocol):
     """(u [B,T], valid [B,T], *, generator, step, [keys], [gather]) -> Draws, and what the policy declares
     about itself: a random one also takes `keys` (per-row RowKeys), a stateful one `gather`."""
 
-    name: str
-    random: bool  # draws (per-row keys, or keys drawn from the generator)
-    stepped: bool  # reads the optimizer step
-    stateful: bool  # keeps state for the checkpoint (state_dict / load_state_dict)
+    @property
+    def name(self) -> str: ...
 
-    def __call__(self, u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws: ...
+    @property
+    def random(self) -> bool:  # draws (per-row keys, or keys drawn from the generator)
+        ...
+
+    @property
+    def stepped(self) -> bool:  # reads the optimizer step
+        ...
+
+    @property
+    def stateful(self) -> bool:  # keeps state for the checkpoint (state_dict / load_state_dict)
+        ...
+
+    def __call__(
+        self, u: Tensor, valid: Tensor, *, generator: torch.Generator | None = None, step: int = 0
+    ) -> Draws: ...
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def call_policy(
     u: Tensor,
     valid: Tensor,
     *,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
@@ -230,13 +236,13 @@ def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
 
 
 @policy("all", NoOptions)
-def all_positions(u: Tensor, valid: Tensor, *, generator=None, step: int = 0) -> Draws:
+def all_positions(u: Tensor, valid: Tensor, *, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = valid(t): Full KD."""
     return Draws.from_mask(valid)
 
 
 @policy("top_k", BudgetOptions)
-def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) -> Draws:
+def top_k(u: Tensor, valid: Tensor, *, k: float, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
     rank = masked_rank(u, valid)
     m = (rank < n_select(valid, check_k(k)).unsqueeze(-1)) & valid
@@ -245,7 +251,13 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0) 
 
 @policy("random", BudgetOptions, random=True)
 def random_positions(
-    u: Tensor, valid: Tensor, *, k: float, generator=None, step: int = 0, keys: RowKeys | None = None
+    u: Tensor,
+    valid: Tensor,
+    *,
+    k: float,
+    generator: torch.Generator | None = None,
+    step: int = 0,
+    keys: RowKeys | None = None,
 ) -> Draws:
     """ceil(k * n_valid) valid positions uniformly without replacement (row i: T uniforms of its key)."""
     B, T = valid.shape
@@ -257,7 +269,9 @@ def random_positions(
 
 
 @policy("curriculum", CurriculumOptions, stepped=True)
-def curriculum(u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator=None, step: int = 0) -> Draws:
+def curriculum(
+    u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator: torch.Generator | None = None, step: int = 0
+) -> Draws:
     """pi = min(1, step / S); the n_sel positions at ascending-u ranks [floor((n_valid - n_sel) pi), +n_sel).
 
     Ascending order is the exact reverse of top_k's descending order, so pi = 1 gives top_k's draws.
@@ -312,7 +326,7 @@ class GLS:
         u: Tensor,
         valid: Tensor,
         *,
-        generator=None,
+        generator: torch.Generator | None = None,
         step: int = 0,
         gather: Callable[[Tensor], Tensor] | None = None,
     ) -> Draws:
@@ -354,7 +368,9 @@ def _sample(w: Tensor, n: Tensor, keys: RowKeys) -> tuple[Tensor, Tensor]:
     return index, mask
 
 
-def _pos_rs(u, valid, *, k, tau, coverage, keys: RowKeys, star: bool, who: str) -> Draws:
+def _pos_rs(
+    u: Tensor, valid: Tensor, *, k: float, tau: float, coverage: float, keys: RowKeys, star: bool, who: str
+) -> Draws:
     """Shared body of pos_rs / pos_rs_star; see their docstrings."""
     check_k(k)
     if tau <= 0:
@@ -403,7 +419,7 @@ def pos_rs(
     k: float,
     tau: float = 1.0,
     coverage: float = 0.0,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
 ) -> Draws:
@@ -426,7 +442,7 @@ def pos_rs_star(
     k: float,
     tau: float = 1.0,
     coverage: float = 0.0,
-    generator=None,
+    generator: torch.Generator | None = None,
     step: int = 0,
     keys: RowKeys | None = None,
 ) -> Draws:

@@ -20,7 +20,7 @@ from sekd.core.registry import Registry
 from sekd.selection.signals import SIGNALS, importance_terms
 from sekd.core.tensors import IGNORE
 
-SAMPLE_SELECTORS = Registry("sample selector")
+SAMPLE_SELECTORS: Registry[SampleSelector] = Registry("sample selector")
 CHUNK = 2048  # flat positions per signal call: bounds the float32 [CHUNK,V] temporaries
 
 

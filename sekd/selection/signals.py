@@ -22,7 +22,7 @@ from torch import Tensor
 from sekd.core.registry import Registry
 from sekd.core.rng import RowKeys, row_keys
 
-SIGNALS = Registry("signal")
+SIGNALS: Registry[Signal] = Registry("signal")
 CE_RATIO_EPS = 1e-6
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,7 +62,7 @@ def resolved(cfg: DictConfig, keep_env: bool = False) -> dict[str, Any]:
     text, in every value that interpolates it too. Hashes use the resolved values, as they always did."""
     if keep_env:
         cfg = _env_as_text(cfg)
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig's: a dict by name
     tree.pop("hydra", None)
     return tree
 

@@ -1,22 +1,13 @@
 """The sample-score store and pre-pass (docs/method.md §7): U_i of every sample, computed once per model pair.
 
-One pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) gives each sample
-U_i (sekd.selection.samples.mean_signal); the pure rules there pick the kept samples.
-
-Scores are stored per sample content hash (never by batch, step or order), one JSON file per key
-
-    <store_dir>/<sampler>-<key>.json   {"format", "fields", "scores": {sample_id: U_i | null}}
-    <store_dir>/<sampler>-<key>.json.lock   (held while written: sekd.core.artifacts.lock)
-
-where `key` hashes `fields`: sampler, signal, the student / teacher signatures it uses, tokenizer
-signature, vocab cut, the pre-pass's compute dtype, and T for signals that use it. A later run with the same key (any subset or
-order of the same samples) reads them and scores only the samples the file lacks (docs/method.md §13: the
-paper's code never reuses them). null stands for a sample with no valid position (U_i = -inf).
-
-Across ranks (`dist`: rank, world_size, all_gather_objects, as sekd.distributed.process_group.Dist) the pre-pass is
-sharded: the missing samples are cut into the single process's batches, rank r scores batches r::world,
-and every rank gathers all scores. Rank 0 alone holds the store's lock, reads it and writes it; the
-others get what it read. Each batch is the one a single process scores, so the stored file is the same.
+One pre-pass of the frozen initial student (and the teacher, for ce_ratio / kl) gives each sample U_i
+(sekd.selection.samples.mean_signal). Scores are stored by sample content hash, never by batch, step or
+order, one JSON file per key: `<store_dir>/<sampler>-<key>.json` = {"format", "fields", "scores":
+{sample_id: U_i, or null for no valid position}}, locked while written (sekd.core.artifacts.lock), `key`
+a hash of `store_fields`. A later run with the same key scores only the samples the file lacks. Across
+ranks (`Ranks`) the missing samples are cut into the single process's batches, rank r scores batches
+r::world and every rank gathers all scores; rank 0 alone locks, reads and writes the store, so the file is
+the one a single process writes.
 """
 
 from __future__ import annotations
@@ -66,8 +57,11 @@ class SampleSelection:
 class Ranks(Protocol):
     """What the pre-pass needs of a process group (sekd.distributed.process_group.Dist has it)."""
 
-    rank: int
-    world_size: int
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
 
     def all_gather_objects(self, obj: Any) -> list[Any]: ...
 
@@ -129,6 +123,9 @@ def prepass(
     """U_i for every sample of `data`, one forward of each needed model per batch, computed in `dtype` (the
     run's: bf16 autocast on a GPU, so the [B,T,V] logits are half the bytes of fp32's and the forwards run
     at the run's speed, which Table 7 counts).  -> float32 [N]"""
+    sig = selector.signal
+    assert sig is not None, f"sample selector {selector.name!r} has no pre-pass"  # select_samples skips it
+    needed = teacher if selector.needs_teacher else None
     U = torch.empty(len(data), dtype=torch.float32)
     kind = torch.device(device).type
     with _Frozen(student, teacher), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
@@ -138,8 +135,8 @@ def prepass(
             x = data.input_ids[lo : lo + batch_size].to(device)  # [B,T]
             y = data.labels[lo : lo + batch_size].to(device)  # x_{t+1} or -100   [B,T]
             s = _logits(student, x, vocab)  # [B,T,V]
-            t = _logits(teacher, x, vocab) if selector.needs_teacher else None  # [B,T,V]
-            U[lo : lo + batch_size] = mean_signal(selector.signal, s, t, y, temperature=temperature).cpu()
+            t = _logits(needed, x, vocab) if needed is not None else None  # [B,T,V]
+            U[lo : lo + batch_size] = mean_signal(sig, s, t, y, temperature=temperature).cpu()
     return U
 
 
@@ -212,7 +209,7 @@ def sample_importance(
     selector: SampleSelector,
     data: PackedData,
     *,
-    student: torch.nn.Module,
+    student: torch.nn.Module | None,
     teacher: torch.nn.Module | None,
     fields: dict[str, Any] | None,
     store_dir: Path | None,
@@ -220,27 +217,28 @@ def sample_importance(
     **run: Any,
 ) -> SampleSelection:
     """U_i for every sample: stored ones read, only the missing ones scored (then stored).  indices unset."""
-    dist = dist or OneProcess()
+    ranks: Ranks = dist or OneProcess()
     if store_dir is None:
-        return _score_missing(selector, data, list(range(len(data))), {}, student, teacher, dist=dist, **run)
+        return _score_missing(selector, data, list(range(len(data))), {}, student, teacher, dist=ranks, **run)
+    assert fields is not None  # a store's key (store_fields)
     path = store_path(store_dir, fields)
-    main = dist.rank == 0
+    main = ranks.rank == 0
     if main:
         path.parent.mkdir(parents=True, exist_ok=True)
     # one scorer per key; a run sharing it waits, then finds the scores and pays nothing. Only rank 0
     # touches the file: it locks, reads and writes; the other ranks get what it read.
     with lock(path) if main else nullcontext():
-        got = None
+        got: tuple[dict[str, float] | None, str | None] | None = None
         if main:
             try:
                 got = (load_importance(path, fields), None)
             except ValueError as e:  # every rank stops with rank 0's one line
                 got = (None, str(e))
-        stored, error = from_main(dist, got)
+        stored, error = from_main(ranks, got)
         if error is not None:
             raise ValueError(error)
         missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
-        out = _score_missing(selector, data, missing, stored, student, teacher, dist=dist, **run)
+        out = _score_missing(selector, data, missing, stored, student, teacher, dist=ranks, **run)
         if missing and main:
             save_importance(path, fields, stored)
     return out
@@ -258,7 +256,7 @@ def _score_missing(
     data: PackedData,
     missing: list[int],
     stored: dict[str, float],
-    student: torch.nn.Module,
+    student: torch.nn.Module | None,
     teacher: torch.nn.Module | None,
     *,
     dist: Ranks,
@@ -268,6 +266,7 @@ def _score_missing(
     `stored`, returns U for all of `data`."""
     seconds = 0.0
     if missing:
+        assert student is not None  # the pre-pass reads the student's logits (select_samples checks it)
         t0 = time.perf_counter()
         mine = shard_batches(missing, int(run.get("batch_size", 16)), dist.rank, dist.world_size)
         U_mine = prepass(selector, data.subset(mine), student, teacher, **run) if mine else torch.empty(0)
@@ -346,5 +345,6 @@ def select_samples(
         dtype=dtype,
         dist=dist,
     )
+    assert sel.importance is not None  # the pre-pass's U_i
     sel.indices = top_samples(sel.importance, n_keep)
     return sel

@@ -1,15 +1,11 @@
 """Build the offline teacher cache (docs/method.md §9): one teacher pass, RS-KD draws per sample, shard by shard.
 
-Resumable and shareable between workers:
-- a shard is written whole and atomically (temp file + os.replace), then entered in manifest.json
-  with its sha256; a shard already entered with a matching checksum is skipped, so a killed build
-  resumes where it stopped and ends byte-identical to an uninterrupted one;
-- the manifest is read, merged and rewritten atomically under a file lock, so concurrent builders
-  never drop each other's entries, and sealed with its own checksum, so an edit is refused on read;
-  each shard is built under its own lock, so two builders given the same shards split them instead
-  of both building (or overwriting) the same one;
-- a folder holding another signature is refused, never overwritten.
-Draws use a generator seeded by (sample id, seed) only; shard membership is int(sample_id, 16) % S.
+Resumable and shareable between workers: a shard is written whole and atomically, then entered in
+manifest.json with its sha256, and one already entered intact is skipped, so a killed build resumes to
+byte-identical files; the manifest is merged and rewritten atomically under a file lock and sealed with its
+own checksum; each shard is built under its own lock, so two builders given the same shards split them; a
+folder holding another signature is refused, never overwritten. Draws use a generator seeded by (sample id,
+seed) only; shard membership is int(sample_id, 16) % S.
 """
 
 from __future__ import annotations
@@ -135,7 +131,7 @@ def shard_bytes(
     vocab_size: int,
     batch_size: int,
     device: torch.device,
-    bar=None,
+    bar: tqdm | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """Run the teacher over `rows` (sorted by sample id) and encode their draws as one shard file."""
     blocks, positions, records = [], 0, 0

@@ -1,21 +1,11 @@
-"""The cache on disk (docs/method.md §9): a manifest plus shard files, and the reader the trainer uses.
+"""The cache on disk (docs/method.md §9, with its files' byte layout): a manifest plus shard files, and the
+reader the trainer uses.
 
-Folder layout:
-    manifest.json                 signature, num_shards, one entry per finished shard (sha256, bytes, counts),
-                                  and `checksum`: sha256 over the rest of the manifest as canonical JSON
-    shard-00003-of-00008.bin      the samples with int(sample_id, 16) % num_shards == 3
-    .manifest.lock, .shard-*.lock builders' file locks (hidden, like the temp files of atomic writes)
-
-Shard file, all little-endian:
-    header  32 bytes: magic b"SEKDRSKD", u16 format, u16 wide (record kind, format.py), u32 n_draws,
-            u32 seq_len L, u32 n_samples S, u32 vocab_size, u32 reserved (0)
-    index   S x 32 bytes, ascending sample id: u64 sample id (its 16 hex chars), u64 byte offset of
-            the block in the file, u64 block bytes, u32 valid positions n_pos, u32 records n_rec
-    blocks  one per sample, in index order, back to back:
-              valid  ceil(L/8) bytes, packbits(labels != -100, bitorder="little")
-              lens   n_pos x u8 (u16 when n_draws > 255): distinct classes at each valid position
-              recs   n_rec records (format.py), positions in order, ids ascending within a position
-A shard is keyed by content (sample id), never by batch, step or position in the dataset (docs/method.md §13).
+`manifest.json` holds the signature, num_shards, one entry per finished shard (sha256, bytes, counts) and a
+`checksum` over the rest; `shard-<i>-of-<S>.bin` holds the samples with int(sample_id, 16) % S == i: a
+header, an index by sample id, and one block per sample (its valid mask, the distinct classes at each valid
+position, their records of format.py). A shard is keyed by content (sample id), never by batch, step or
+position in the dataset (docs/method.md §13).
 """
 
 from __future__ import annotations
