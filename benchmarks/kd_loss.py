@@ -50,8 +50,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from kd_step import SHAPES, full_kd, machine, se_kd  # noqa: E402
+from reference_losses import plain_full_kd  # noqa: E402
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
-from sekd.kd.objective import IGNORE, selective_kd_loss  # noqa: E402
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss  # noqa: E402
 
 GIB = 2**30
 
@@ -108,10 +109,7 @@ class Linear:  # what chunked_kd_loss takes for a head: something with .weight a
 
 
 def plain_torch_full_kd(inp: Inputs) -> None:
-    z_s, z_t = inp.logits()
-    logq = F.log_softmax(z_s[:, :-1].float(), -1).flatten(0, 1)  # the last position has no target
-    logp = F.log_softmax(z_t[:, :-1].float(), -1).flatten(0, 1)
-    F.kl_div(logq, logp, log_target=True, reduction="batchmean").backward()
+    plain_full_kd(*inp.logits()).backward()
 
 
 def trl_gkd_full_kd(inp: Inputs) -> None:
@@ -130,23 +128,20 @@ def trl_chunked_full_kd(inp: Inputs) -> None:
 
 def sekd_dense_full_kd(inp: Inputs) -> None:
     z_s, z_t = inp.logits()
-    out = selective_kd_loss(z_s, z_t, inp.y, full_kd(), lam=1.0, temperature=1.0)
+    out = selective_kd_loss(z_s, z_t, inp.y, LossInputs(full_kd(), lam=1.0, temperature=1.0))
     (out.loss_sum / out.weight).backward()
 
 
-def _chunked(inp: Inputs, sel) -> None:
+def _chunked(inp: Inputs, sel: Selector) -> None:
     out = chunked_kd_loss(
         inp.h_s,
         Linear(inp.W_s),
         inp.h_t,
         Linear(inp.W_t),
         inp.y,
-        sel,
+        LossInputs(sel, lam=1.0, temperature=1.0, generator=torch.Generator()),
         vocab=inp.W_s.shape[0],
-        lam=1.0,
-        temperature=1.0,
         chunk_size=inp.chunk_size,
-        generator=torch.Generator(),
     )
     (out.loss_sum / out.weight).backward()
 

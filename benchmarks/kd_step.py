@@ -5,7 +5,7 @@
     python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json gpu.json
 
 Teacher and student are Qwen3ForCausalLM built from config alone (random weights, nothing downloads).
-The student keeps float32 master weights and computes under autocast in --dtype (as sekd/training/loop.py);
+The student keeps float32 master weights and computes under autocast in --dtype (as sekd/training/trainer.py);
 the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the training loop's default; --optimizer sgd
 for plain SGD).
 
@@ -53,10 +53,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch.nn.functional as F  # noqa: E402
-
-from sekd.kd.flows import auto_chunk_size, chunked_kd_loss, floor_loss  # noqa: E402
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss  # noqa: E402
+from reference_losses import floor_loss, plain_full_kd  # noqa: E402
+from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss  # noqa: E402
 from sekd.selection.classes import SparseTarget  # noqa: E402
 from sekd.selection.criteria import forward_kl  # noqa: E402
 from sekd.selection.policies import POLICIES  # noqa: E402
@@ -268,58 +267,61 @@ class Bench:
         return model.get_decoder()(input_ids=self.x, use_cache=False).last_hidden_state
 
     def loss(self, variant: str) -> torch.Tensor:
-        kw = dict(lam=1.0, temperature=1.0, generator=self.gen)
         with self.autocast():
             if variant == "floor":
                 with torch.no_grad():
                     self.hidden(self.teacher)
                 return floor_loss(self.hidden(self.student))
             if variant.startswith(("dense", "plain", "trl_gkd")):
-                s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
-                with torch.no_grad():
-                    t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
-                if variant == "plain_torch_full_kd":  # KL(p || q) averaged over the positions with a target
-                    logq = F.log_softmax(s_logits[:, :-1].float(), -1).flatten(0, 1)  # the last has none
-                    logp = F.log_softmax(t_logits[:, :-1].float(), -1).flatten(0, 1)
-                    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
-                if variant == "trl_gkd_full_kd":
-                    from trl.experimental.gkd import GKDTrainer
+                return self.logits_loss(variant)
+            if variant == "trl_chunked_full_kd":
+                return self.trl_chunked_loss()
+            return self.chunked_loss(variant)
 
-                    return GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(), labels=self.y, beta=0.0)
-            elif variant == "trl_chunked_full_kd":
-                from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    def inputs(self, variant: str, cached: SparseTarget | None = None) -> LossInputs:
+        sel = full_kd() if variant.endswith("full_kd") else se_kd()
+        return LossInputs(sel, lam=1.0, temperature=1.0, generator=self.gen, cached=cached)
 
-                h_s = self.hidden(self.student)
-                with torch.no_grad():
-                    h_t = self.hidden(self.teacher)
-                W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
-                loss, _, _ = _chunked_divergence_loss(
-                    h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
-                )
-                return loss
-            else:
-                h_s = self.hidden(self.student)
-                h_t, head_t, cached = None, None, None
-                if variant == "cache_se_kd":  # read from the cache folder every step, as the training loop does
-                    cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
-                else:
-                    with torch.no_grad():
-                        h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
-                sel = full_kd() if variant == "chunked_full_kd" else se_kd()
-                out = chunked_kd_loss(
-                    h_s,
-                    self.student.get_output_embeddings(),
-                    h_t,
-                    head_t,
-                    self.y,
-                    sel,
-                    vocab=self.V,
-                    cached=cached,
-                    chunk_size=self.chunk_size,
-                    **kw,
-                )
-                return out.loss_sum / max(out.weight, 1e-12)
-        out = selective_kd_loss(s_logits, t_logits, self.y, full_kd() if variant == "dense_full_kd" else se_kd(), **kw)
+    def logits_loss(self, variant: str) -> torch.Tensor:
+        """The variants on both models' [B,L,V] logits."""
+        s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+        if variant == "plain_torch_full_kd":
+            return plain_full_kd(s_logits, t_logits)
+        if variant == "trl_gkd_full_kd":
+            from trl.experimental.gkd import GKDTrainer
+
+            return GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(), labels=self.y, beta=0.0)
+        out = selective_kd_loss(s_logits, t_logits, self.y, self.inputs(variant))
+        return out.loss_sum / max(out.weight, 1e-12)
+
+    def trl_chunked_loss(self) -> torch.Tensor:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        h_s = self.hidden(self.student)
+        with torch.no_grad():
+            h_t = self.hidden(self.teacher)
+        W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
+        loss, _, _ = _chunked_divergence_loss(
+            h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
+        )
+        return loss
+
+    def chunked_loss(self, variant: str) -> torch.Tensor:
+        """The chunked flow from the bodies' hidden states; cache_se_kd with no teacher, its targets read from the
+        cache folder every step, as the training loop does."""
+        h_s = self.hidden(self.student)
+        h_t, head_t, cached = None, None, None
+        if self.cache is not None and variant == "cache_se_kd":
+            cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
+        elif self.teacher is not None:
+            with torch.no_grad():
+                h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
+        head_s = self.student.get_output_embeddings()
+        out = chunked_kd_loss(
+            h_s, head_s, h_t, head_t, self.y, self.inputs(variant, cached), vocab=self.V, chunk_size=self.chunk_size
+        )
         return out.loss_sum / max(out.weight, 1e-12)
 
     @torch.no_grad()

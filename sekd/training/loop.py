@@ -47,7 +47,7 @@ from sekd.distributed.process_group import Dist, GradBuckets
 from sekd.core.errors import ConfigError
 from sekd.core.files import atomic_torch_save
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss
-from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
 from sekd.config.schema import TrainConfig
 from sekd.selection.classes import SparseTarget
 from sekd.distributed.fsdp import (
@@ -216,15 +216,14 @@ class StudentLoss(torch.nn.Module):
                 teacher_out,
                 head_t,
                 y,
-                self.sel,
+                LossInputs(self.sel, **opts),
                 vocab=self.V,
                 chunk_size=self.chunk_size,
-                **opts,
             )
         else:  # the reference: full [B,T,V] logits
             s_logits = self.model(input_ids=x).logits[..., : self.V]  # [B,T,V]
             teacher_out = arrived(teacher_out, s_logits.device)
-            out = selective_kd_loss(s_logits, teacher_out, y, self.sel, **opts)
+            out = selective_kd_loss(s_logits, teacher_out, y, LossInputs(self.sel, **opts))
         return out.loss_sum, out
 
 

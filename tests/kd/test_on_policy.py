@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
 from sekd.kd.on_policy import (
     IGNORE,
     Rollout,
@@ -468,10 +468,14 @@ def test_reverse_kl_on_the_rollout_equals_a_dense_reference(student, teacher, te
             lq, lp = log_softmax_by_hand(s[i, j] / temperature), log_softmax_by_hand(t[i, j] / temperature)
             kl[i, j] = (lq.exp() * (lq - lp)).sum()
     sel = Selector(None, POLICIES.build("all"), CRITERIA.get("reverse_kl"))
-    tok = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=temperature, normalization="batch_tokens")
+    tok = selective_kd_loss(
+        s, t, r.labels, LossInputs(sel, lam=1.0, temperature=temperature, normalization="batch_tokens")
+    )
     assert tok.weight == int(r.gen_lens.sum())
     torch.testing.assert_close(tok.loss_sum, temperature**2 * kl.sum(), rtol=1e-10, atol=1e-12)
-    seq = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=temperature, normalization="per_sequence")
+    seq = selective_kd_loss(
+        s, t, r.labels, LossInputs(sel, lam=1.0, temperature=temperature, normalization="per_sequence")
+    )
     per_row = temperature**2 * kl.sum(-1) / r.gen_lens.double()
     assert seq.weight == len(ps)
     torch.testing.assert_close(seq.loss_sum, per_row.sum(), rtol=1e-10, atol=1e-12)
@@ -485,7 +489,7 @@ def test_selection_picks_generated_positions_only(student, teacher):
         s, t = student(input_ids=r.input_ids).logits, teacher(input_ids=r.input_ids).logits
     k = 0.25
     sel = Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=k), CRITERIA.get("reverse_kl"))
-    out = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, t, r.labels, LossInputs(sel, lam=1.0, temperature=1.0))
     picked = out.draws.dense(r.labels.shape[1]) != 0  # [B,L]
     generated = r.labels != IGNORE
     assert not (picked & ~generated).any()
