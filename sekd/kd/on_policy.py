@@ -193,42 +193,66 @@ def sample_answers(
     """
     _check_prompts(prompts)
     _check_sampling(temperature, top_p)
-    B = len(prompts)
+    caps = _row_caps(max_new_tokens, len(prompts), keys)
+    device = next(student.parameters()).device
+    ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
+    u = keys.uniform(caps, STREAM, device, torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
+    cap = torch.tensor(caps, device=device)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            out = _decode(student, ids, mask, u, cap, max(caps), pad_id, eos_id, float(temperature), float(top_p))
+    finally:
+        student.train(was_training)
+    return [row[:n] for row, n in zip(out, _answer_lengths(out, eos_id, cap))]
+
+
+def _row_caps(max_new_tokens: int | list[int], B: int, keys: RowKeys) -> list[int]:
+    """Each row's cap on new tokens (one for every row, or one per row), checked, and the keys' count."""
     caps = [int(max_new_tokens)] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(caps) != B or min(caps) < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be >= 1 (one value, or one per prompt)")
     if len(keys) != B:
         raise ValueError(f"{len(keys)} row keys for {B} prompts")
-    device = next(student.parameters()).device
-    ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
-    u = keys.uniform(caps, STREAM, device, torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
-    cap = torch.tensor(caps, device=device)
-    out = torch.full((B, max(caps)), int(pad_id), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            cache = _new_cache(student)
-            step = {_cache_kwarg(student): cache, "use_cache": True, "logits_to_keep": 1}
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
-            logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
-            for t in range(max(caps)):
-                tok = draw_tokens(logits, u[:, t], float(temperature), float(top_p))
-                tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
-                out[:, t] = tok
-                done |= (tok == int(eos_id)) | (t + 1 >= cap)
-                # whether every row has finished is read on the host every SYNC_EVERY tokens (and at the last):
-                # a row that finished earlier only writes pad, which its answer drops, so the answers are the
-                # same; a batch that ended early runs at most SYNC_EVERY - 1 forwards more
-                if t + 1 == max(caps) or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                pos = pos[:, -1:] + 1
-                logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
-    finally:
-        student.train(was_training)
-    return [row[:n] for row, n in zip(out, _answer_lengths(out, eos_id, cap))]
+    return caps
+
+
+def _decode(
+    student,
+    ids: Tensor,
+    mask: Tensor,
+    u: Tensor,
+    cap: Tensor,
+    width: int,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    top_p: float,
+) -> Tensor:
+    """The sampling loop: the left-padded prompts ids, mask [B,P] run once, then one forward per new token for
+    the whole batch over the model's KV cache; token t of row i drawn with u[i, t].  -> [B,width], pad after
+    each row's end (its eos, or its cap)"""
+    B = ids.shape[0]
+    out = torch.full((B, width), int(pad_id), dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    step = {_cache_kwarg(student): _new_cache(student), "use_cache": True, "logits_to_keep": 1}
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
+    logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+    for t in range(width):
+        tok = draw_tokens(logits, u[:, t], temperature, top_p)
+        tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
+        out[:, t] = tok
+        done |= (tok == int(eos_id)) | (t + 1 >= cap)
+        # whether every row has finished is read on the host every SYNC_EVERY tokens (and at the last):
+        # a row that finished earlier only writes pad, which its answer drops, so the answers are the
+        # same; a batch that ended early runs at most SYNC_EVERY - 1 forwards more
+        if t + 1 == width or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+    return out
 
 
 def _new_cache(student):
