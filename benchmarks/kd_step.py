@@ -47,6 +47,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -149,7 +150,8 @@ def qwen3(body: Body, vocab: int, dtype: torch.dtype, device: str):
     """A Qwen3ForCausalLM with random weights, built on `device` in `dtype`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(
+    # rope_theta: transformers 4 takes it by name, 5 folds it into rope_parameters (its signature lacks it)
+    cfg = Qwen3Config(  # type: ignore[call-arg]
         vocab_size=vocab,
         hidden_size=body.hidden,
         intermediate_size=body.intermediate,
@@ -169,11 +171,11 @@ def qwen3(body: Body, vocab: int, dtype: torch.dtype, device: str):
 
 
 def se_kd() -> Selector:
-    return Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.2), forward_kl)
+    return Selector.of(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.2), forward_kl)
 
 
 def full_kd() -> Selector:
-    return Selector(None, POLICIES.build("all"), forward_kl)
+    return Selector.of(None, POLICIES.build("all"), forward_kl)
 
 
 def have_trl() -> bool:
@@ -282,11 +284,16 @@ class Bench:
         sel = full_kd() if variant.endswith("full_kd") else se_kd()
         return LossInputs(sel, lam=1.0, temperature=1.0, generator=self.gen, cached=cached)
 
+    def the_teacher(self):
+        if self.teacher is None:
+            raise ValueError("this variant runs the teacher, which cache_se_kd alone leaves out")
+        return self.teacher
+
     def logits_loss(self, variant: str) -> torch.Tensor:
         """The variants on both models' [B,L,V] logits."""
         s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+            t_logits = self.the_teacher()(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
         if variant == "plain_torch_full_kd":
             return plain_full_kd(s_logits, t_logits)
         if variant == "trl_gkd_full_kd":
@@ -302,7 +309,7 @@ class Bench:
         h_s = self.hidden(self.student)
         with torch.no_grad():
             h_t = self.hidden(self.teacher)
-        W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
+        W_s, W_t = self.student.get_output_embeddings().weight, self.the_teacher().get_output_embeddings().weight
         loss, _, _ = _chunked_divergence_loss(
             h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
         )
@@ -329,7 +336,7 @@ class Bench:
         """teacher_forward: the teacher's logits with its full head; cache_build: the cache's work per batch."""
         with self.autocast():
             if variant == "teacher_forward":
-                self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
+                self.the_teacher()(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
                 return
         from sekd.stores.teacher_cache.build import shard_bytes
         from sekd.data.packing import PackedData
@@ -371,7 +378,7 @@ def time_rounds(bench: Bench, variants: tuple[str, ...], *, rounds: int) -> dict
 
     for v in variants:
         bench.step(v)
-    times = {v: [] for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in tqdm(range(rounds), desc="rounds", leave=False, file=sys.stderr):
         for v in variants:
             times[v].append(bench.step(v))
@@ -380,7 +387,10 @@ def time_rounds(bench: Bench, variants: tuple[str, ...], *, rounds: int) -> dict
 
 def _status_bytes(key: str) -> int:
     """A field of /proc/self/status (Linux), in bytes."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+    found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return int(found.group(1)) * 1024
 
 
 def peak_above_baseline(bench: Bench, variant: str, steps: int = 3) -> tuple[float, float]:
@@ -516,7 +526,7 @@ def parse(argv=None):
         "--fresh-process", action="store_true", help="also each variant's peak memory, each in its own process"
     )
     p.add_argument("--json", type=Path, help="write machine info, options and results here")
-    p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
+    p.add_argument("--artifacts-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
     p.add_argument("--peak-json", type=Path, help=argparse.SUPPRESS)  # child_peak's child
     return p.parse_args(argv)
 
@@ -570,7 +580,7 @@ def main(argv=None) -> list[dict]:
         return []
     times = time_rounds(bench, variants, rounds=args.rounds)
     tokens = bench.x.numel()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "variant": v,
             "min_s": min(times[v]),

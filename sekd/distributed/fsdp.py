@@ -1,7 +1,7 @@
 """train.distributed=fsdp: the student and the teacher sharded over the ranks with FSDP2 (`fully_shard`).
 
 Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the
-whole per-micro-batch loss (sekd.training.loop.StudentLoss: body, heads, selection, the loss sum). The root
+whole per-micro-batch loss (sekd.training.trainer.StudentLoss: body, heads, selection, the loss sum). The root
 must be that module, not the Hugging Face model: the chunked flow never calls the model's forward
 (it runs the body, then the LM head at chosen positions), so hooks on the model would never unshard
 the embeddings, norm and head, nor reduce-scatter their gradients. Gradients are *summed* over ranks
@@ -24,7 +24,7 @@ copy when it was tied to the sharded input embedding): the selective teacher hea
 selected positions, inside the student's loss, outside any teacher forward.
 
 Checkpoints: the sharded weights and optimizer state go through torch.distributed.checkpoint (every
-rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd.training.loop).
+rank writes its own shard into one folder); the rest of checkpoint.pt is unchanged (sekd/training/checkpoint.py).
 """
 
 from __future__ import annotations

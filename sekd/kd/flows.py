@@ -25,7 +25,7 @@ registered criterion x policy x class selector.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ from sekd.core.tensors import IGNORE
 # ---- heads ----------------------------------------------------------------------------------
 
 
-def compute_dtype(W: Tensor, device) -> torch.dtype:
+def compute_dtype(W: Tensor, device: torch.device | str) -> torch.dtype:
     """What a matmul with W computes in on `device`: autocast's dtype where autocast is on (it leaves float64
     alone), else W's own."""
     dev = torch.device(device).type
@@ -89,7 +89,7 @@ class Head:
         b = self.bias.detach()[: self.vocab] if self.bias is not None else None
         return Head(W.to(dtype), b.to(dtype) if b is not None else None, self.vocab)
 
-    def for_compute(self, device) -> "Head":
+    def for_compute(self, device: torch.device) -> "Head":
         """This head as the chunk loops use it: cast once to autocast's dtype where autocast is on (and the
         weight is not already in it); itself otherwise."""
         dtype = compute_dtype(self.weight, device)
@@ -126,10 +126,10 @@ class Scratch:
     or heap holes that the small tensors made between them keep from closing; one allocation serves every
     chunk of every step. `blocks` hands out views, valid until its next call."""
 
-    def __init__(self):
-        self._blocks: dict[tuple, list[Tensor]] = {}
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
 
-    def blocks(self, k: int, rows: int, cols: int, dtype: torch.dtype, device) -> list[Tensor]:
+    def blocks(self, k: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
         key, need = (torch.device(device), dtype), rows * cols
         have = self._blocks.get(key, [])
         if len(have) < k or have[0].numel() < need:
@@ -274,7 +274,7 @@ class AddProduct:
     block (and on CPU a staging block in g's dtype: copy_ casts without allocating, a mixed add_ does not), so
     no [V,d] tensor is allocated per chunk. Built once per call."""
 
-    def __init__(self, g: Tensor, vocab: int, dtype: torch.dtype):
+    def __init__(self, g: Tensor, vocab: int, dtype: torch.dtype) -> None:
         d = g.shape[1]
         budget = _PRODUCT_ELEMENTS if g.device.type == "cpu" else _PRODUCT_ELEMENTS_GPU
         self.g, self.vocab, self.rows = g, vocab, max(1, min(vocab, budget // max(d, 1)))
@@ -303,7 +303,7 @@ class SelectedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         h: Tensor,
         W: Tensor,
         b: Tensor | None,
@@ -311,7 +311,7 @@ class SelectedHeadLoss(torch.autograd.Function):
         chunk_grad: ChunkGrad,
         parts: list[slice],
         W_c: Tensor | None = None,
-    ):
+    ) -> Tensor:
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_W or need_b
         Wv = W.detach()[:vocab]  #                                                   [V,d]
@@ -348,7 +348,7 @@ class SelectedHeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.grads
         del ctx.grads
         return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None, None)

@@ -48,7 +48,22 @@ class Selector:
     signal_normalization: str = "sum"
     classes: ClassSampler | None = None  # None: C_t = V (the dense teacher distribution)
 
-    def __post_init__(self):
+    @classmethod
+    def of(
+        cls,
+        signal: Callable[..., Any] | None,
+        policy: Callable[..., Draws],
+        criterion: Callable[..., Tensor],
+        signal_normalization: str = "sum",
+        classes: ClassSampler | None = None,
+    ) -> Selector:
+        """From registry entries (which the registries hand out as plain callables): the policy and criterion
+        taken for what they declare (`as_policy`, `as_criterion`); the signal must be a registered `Signal`."""
+        if signal is not None and not isinstance(signal, S.Signal):
+            raise TypeError(f"{signal!r} is not a registered signal")
+        return cls(signal, as_policy(policy), as_criterion(criterion), signal_normalization, classes)
+
+    def __post_init__(self) -> None:
         self.policy = as_policy(self.policy)
         self.criterion = as_criterion(self.criterion)
         if self.classes is not None:
@@ -65,7 +80,9 @@ class Selector:
             or (self.classes is not None and self.classes.random)
         )
 
-    def keys(self, B: int, *, generator, step: int, rows) -> RowKeys | None:
+    def keys(
+        self, B: int, *, generator: torch.Generator | None, step: int, rows: Sequence[int] | Tensor | None
+    ) -> RowKeys | None:
         """The micro-batch's per-row keys (sekd/core/rng.py `step_keys`) when a piece draws, else None."""
         return step_keys(B, generator=generator, step=step, rows=rows) if self.random else None
 
@@ -284,7 +301,7 @@ def covering_positions(
 
 
 def draw_classes(
-    sel: Selector, t_sel: Tensor, *, temperature: float, generator, keys: PositionKeys | None
+    sel: Selector, t_sel: Tensor, *, temperature: float, generator: torch.Generator | None, keys: PositionKeys | None
 ) -> SparseTarget:
     """The class selector's targets at positions t_sel [N,V]; a random one draws from the positions' keys."""
     if sel.classes is None:

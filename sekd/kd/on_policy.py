@@ -48,12 +48,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sekd.core.rng import RowKeys, categorical
 from sekd.core.tensors import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Rollout:
     prompt_lens: Tensor  # [B]  tokens of each prompt
     gen_lens: Tensor  # [B]  generated tokens kept in the row (= its number of labels != -100)
 
-    def to(self, device) -> "Rollout":
+    def to(self, device: torch.device | str) -> "Rollout":
         return Rollout(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
@@ -151,7 +155,7 @@ def draw_tokens(logits: Tensor, u: Tensor, temperature: float, top_p: float) -> 
     return order.gather(-1, pick).squeeze(-1)
 
 
-def _cache_kwarg(student) -> str:
+def _cache_kwarg(student: PreTrainedModel) -> str:
     """The name the model's forward takes its KV cache by (`cache` in recent transformers, `past_key_values`
     before)."""
     import inspect
@@ -167,7 +171,7 @@ def _check_sampling(temperature: float, top_p: float) -> None:
 
 
 def sample_answers(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,
@@ -219,7 +223,7 @@ def _row_caps(max_new_tokens: int | list[int], B: int, keys: RowKeys) -> list[in
 
 
 def _decode(
-    student,
+    student: PreTrainedModel,
     ids: Tensor,
     mask: Tensor,
     u: Tensor,
@@ -255,7 +259,7 @@ def _decode(
     return out
 
 
-def _new_cache(student):
+def _new_cache(student: PreTrainedModel) -> DynamicCache:
     """An empty KV cache the forward fills in place (transformers' DynamicCache)."""
     from transformers import DynamicCache
 
@@ -317,7 +321,7 @@ def answer_caps(prompts: list[Tensor], max_new_tokens: int, seq_len: int | None)
 
 
 def rollout(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,
@@ -344,7 +348,7 @@ def rollout(
 
 
 def rollout_answers(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,

@@ -284,10 +284,10 @@ def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
 
 
 def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(student):
-    """sekd.training.loop.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/core/rng.py
+    """sekd.training.on_policy.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/core/rng.py
     step_keys): one micro-batch of 4 samples, or two of 2 (two ranks, or two micro-batches), give the same
     rows; rows are the data's length (seq_len), so the shapes match too."""
-    from sekd.training.loop import OnPolicy
+    from sekd.training.on_policy import OnPolicy
     from sekd.core.rng import step_keys
 
     ps = prompts((2, 5, 9, 4), seed=1)

@@ -249,9 +249,9 @@ def test_curriculum_reads_the_optimizer_step_the_loop_passes():
     the same on every rank), never a per-rank micro-batch count."""
     import inspect
 
-    import sekd.training.loop as loop
+    from sekd.training.trainer import Trainer
 
-    assert "step=self.prog.step" in inspect.getsource(loop.Trainer.forward)  # Progress.step: optimizer steps
+    assert "step=self.prog.step" in inspect.getsource(Trainer.loss_inputs)  # Progress.step: optimizer steps
     u, _, y = inputs()
     valid = y != IGNORE
     c = POLICIES.build("curriculum", k=0.3, S=10)
