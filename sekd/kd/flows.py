@@ -37,8 +37,8 @@ from sekd.kd.objective import (
     StepOut,
     draw_classes,
     draw_positions,
+    normalizers,
     position_metrics,
-    position_weights,
     token_ce,
     valid_order,
 )
@@ -507,7 +507,8 @@ def chunked_kd_loss(
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     n_sel = draws.count().to(labels.device)  # sum_t m_t                          [B]
     acc = accumulation_dtype(h_s, student)
-    c, weight = position_weights(mw, rows, cols, n_sel, inputs.normalization, acc)  # c_n [N]; sum_i s_i or n_sel
+    norm, weight = normalizers(n_sel, inputs.normalization, acc)  # n_sel_i or 1  [B]; sum_i s_i or n_sel
+    c = mw[rows, cols].to(acc) / norm[rows]  # c_n: m_t w_t / n_sel_i, or m_t w_t               [N]
     at = Positions(labels, rows, cols, u, keys)
     chunk_grad, parts = chunk_gradients(inputs, student_c, TeacherAt(teacher, h_t, rows, cols), at, c, chunk_size)
     W_c = student_c.weight if student_c is not student else None

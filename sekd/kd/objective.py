@@ -7,7 +7,7 @@
 The step returns the loss *sum* and the weight it is normalized by, so the trainer can divide the
 accumulated gradients once per optimizer step: the loss of an effective batch then does not depend
 on how it was split into micro-batches. Both flows (this one and sekd/kd/flows.py) take one `LossInputs`,
-draw positions with `draw_positions` and weigh them with `position_weights`.
+draw positions with `draw_positions` and divide each sequence's weighted losses by its `normalizers`.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class StepOut:
 def selective_kd_loss(s_logits: Tensor, t_logits: Tensor | None, labels: Tensor, inputs: LossInputs) -> StepOut:
     """The loss sum of §2 on full logits [B,T,V] (the student's with grad; the teacher's, or None with the
     teacher cache): u(t), then m_t w_t from the policy, then l(t) at the selected positions, each weighed by
-    its c_n (`position_weights`)."""
+    m_t w_t and summed per sequence, divided by its normalizer (`normalizers`)."""
     sel, valid = inputs.selector, labels != IGNORE  # valid(t)                       [B,T]
     keys = inputs.row_keys(labels.shape[0])  # per-row keys when something draws
     u = None
@@ -164,8 +164,9 @@ def selective_kd_loss(s_logits: Tensor, t_logits: Tensor | None, labels: Tensor,
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
     ell = selected_loss(s_logits, t_logits, labels, rows, cols, u, inputs, keys)  # l(t)  [N]
     n_sel = draws.count().to(ell.device)  # sum_t m_t                               [B]
-    c, weight = position_weights(mw, rows, cols, n_sel, inputs.normalization, ell.dtype)
-    return StepOut((c * ell).sum(), weight, draws, u, position_metrics(valid, n_sel))
+    norm, weight = normalizers(n_sel, inputs.normalization, ell.dtype)  # n_sel_i or 1  [B]; sum_i s_i or n_sel
+    per_row = torch.zeros(norm.shape, dtype=ell.dtype, device=ell.device).index_add(0, rows, mw[rows, cols] * ell)
+    return StepOut((per_row / norm).sum(), weight, draws, u, position_metrics(valid, n_sel))
 
 
 def draw_positions(inputs: LossInputs, u: Tensor | None, valid: Tensor, keys: RowKeys | None) -> Draws:
@@ -182,18 +183,15 @@ def draw_positions(inputs: LossInputs, u: Tensor | None, valid: Tensor, keys: Ro
     )
 
 
-def position_weights(
-    mw: Tensor, rows: Tensor, cols: Tensor, n_sel: Tensor, normalization: str, dtype: torch.dtype
-) -> tuple[Tensor, float]:
-    """c_n, each selected position's weight in the loss sum, and the batch's weight the step divides by:
-    per_sequence, c_n = m_t w_t / n_sel_i and sum_i s_i (L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i, s_i = 1
-    where row i has a selected position); batch_tokens, c_n = m_t w_t and the number of selected positions.
-    -> [N], float"""
-    c = mw[rows, cols].to(dtype)  # m_t w_t                                            [N]
+def normalizers(n_sel: Tensor, normalization: str, dtype: torch.dtype) -> tuple[Tensor, float]:
+    """What each sequence's weighted losses m_t w_t l(t) are divided by in the loss sum, and the weight the step
+    divides the summed loss by: per_sequence, n_sel_i = sum_t m_t (at least 1) and sum_i s_i (s_i = 1 where row
+    i has a selected position), so the loss sum is sum_i s_i L_i; batch_tokens, 1 and the number of selected
+    positions.  n_sel [B] -> [B], float"""
     if normalization == "per_sequence":
-        return c / n_sel[rows].to(dtype).clamp_min(1), float((n_sel > 0).sum())
+        return n_sel.to(dtype).clamp_min(1), float((n_sel > 0).sum())
     if normalization == "batch_tokens":
-        return c, float(n_sel.sum())
+        return torch.ones(n_sel.shape, dtype=dtype, device=n_sel.device), float(n_sel.sum())
     raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
 
 
