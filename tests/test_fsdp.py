@@ -236,7 +236,7 @@ def _shard_in_bf16(rank: int, port: int, out: str) -> None:
     from sekd.distributed.launch import Launch
     from sekd.training.trainer import StudentLoss
     from sekd.distributed.fsdp import shard_student, shard_teacher
-    from tests.training.test_loop import tiny_model
+    from tests.training.test_trainer import tiny_model
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")

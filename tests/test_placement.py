@@ -7,7 +7,7 @@ import torch
 from sekd.core.errors import ConfigError
 from sekd.training.batches import micro_batches
 from sekd.models.loading import PlacedTeacher, place_teacher, teacher_device
-from tests.training.test_loop import V, packed, tiny_model, trainer
+from tests.training.test_trainer import V, packed, tiny_model, trainer
 
 
 def grads_of(tr):

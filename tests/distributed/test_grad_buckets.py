@@ -48,7 +48,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     from sekd.distributed.process_group import GradBuckets, init
     from sekd.distributed.launch import Launch
     from sekd.training.batches import StandIn, micro_batches
-    from tests.training.test_loop import trainer
+    from tests.training.test_trainer import trainer
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
@@ -90,7 +90,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 def test_two_ranks_sum_the_one_process_gradients_in_place(tmp_path):
     from sekd.training.batches import micro_batches
-    from tests.training.test_loop import trainer
+    from tests.training.test_trainer import trainer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -175,3 +175,18 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, preset, extra):
 
     again = sekd_train([*args, f"paths.root={tmp_path}/b"])
     assert again.returncode == 0 and "already done" in again.stdout
+
+
+def test_the_steps_counts_travel_as_one_tensor():
+    """StepCounts: one float64 tensor for the one all-reduce of a step, and back, field by field; one process
+    sums nothing."""
+    from sekd.distributed.process_group import Dist
+    from sekd.training.trainer import StepCounts
+
+    counts = StepCounts(1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    t = counts.to_tensor()
+    assert t.dtype == torch.float64 and t.tolist() == [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert StepCounts.from_tensor(t) == counts
+    assert counts.summed(Dist.single()) is counts
+    assert counts.loss == 1.5 / 2.0 and counts.selected_fraction == 3.0 / 4.0
+    assert StepCounts().loss == 0.0 and StepCounts().scale == 1e12  # an empty step divides by nothing
