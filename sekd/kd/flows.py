@@ -24,7 +24,7 @@ registered criterion x policy x class selector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -527,11 +527,10 @@ class Positions:
     cols: Tensor  # [N]
     u: Tensor | None  # u(t) [B,T], None without a signal
     keys: RowKeys | None  # the rows' keys when something draws
+    y: Tensor = field(init=False)  # x_{t+1} at each selected position             [N]
 
-    @property
-    def y(self) -> Tensor:
-        """x_{t+1} at each selected position.  [N]"""
-        return self.labels[self.rows, self.cols]
+    def __post_init__(self) -> None:
+        self.y = self.labels[self.rows, self.cols]
 
 
 def chunk_gradients(
@@ -542,7 +541,7 @@ def chunk_gradients(
     (`WeightedLoss`), in one chunk where the criterion must see every position at once."""
     sel, n = inputs.selector, at.rows.numel()
     parts = chunks(n, chunk_size)
-    with_grad = sel.criterion.closed_form
+    with_grad = sel.criterion.closed_form  # None where it declares none (closed_form_applies checks it too)
     if with_grad is not None and closed_form_applies(
         sel, lam=inputs.lam, cached=inputs.cached, teacher=teacher_at.head
     ):
