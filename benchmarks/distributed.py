@@ -18,7 +18,7 @@ with --batch sequences per rank (train.micro_batch_size is per rank). Modes:
   fsdp    sharded exactly as train.distributed=fsdp trains (sekd.distributed.fsdp's shard_teacher / shard_student): the
           teacher's decoder layers and decoder (embeddings, norm) resharded after each forward, its head
           replicated; the student's decoder layers, then its root unit, the module whose forward is the whole
-          loss (sekd.training.loop.StudentLoss), holding the embeddings, norm and head; gradients summed (reduce-scatter);
+          loss (sekd.training.trainer.StudentLoss), holding the embeddings, norm and head; gradients summed (reduce-scatter);
           bf16 layers gathered in bf16, reduced in float32; --fsdp-mesh is train.fsdp.mesh (flat | hybrid | RxS)
 
 Tokens/s per device: the step's tokens over all ranks / the median step time / the devices used (every
@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT.parent))
 from kd_step import GIB, SHAPES, machine, qwen3, se_kd  # noqa: E402
 
 from sekd.kd.flows import auto_chunk_size  # noqa: E402
-from sekd.kd.objective import IGNORE  # noqa: E402
-from sekd.training.loop import StudentLoss  # noqa: E402
+from sekd.kd.objective import IGNORE, LossInputs  # noqa: E402
+from sekd.training.trainer import StudentLoss  # noqa: E402
 
 MODES = ("none", "placed", "ddp", "fsdp")
 LAUNCHED = ("ddp", "fsdp")  # the modes whose ranks torchrun starts
@@ -141,7 +141,8 @@ class Step:
         self.teacher = qwen3(shape.teacher, self.V, self.dtype, str(teacher_device)).eval().requires_grad_(False)
         self.chunk = auto_chunk_size(self.V, device.type)
         # the student's per-micro-batch loss as one module (the training loop's): under fsdp, the root unit
-        self.objective = StudentLoss(self.student, se_kd(), vocab=self.V, chunk_size=self.chunk, flow="chunked")
+        self.objective = StudentLoss(self.student, vocab=self.V, chunk_size=self.chunk, flow="chunked")
+        self.sel = se_kd()
         self.sync_params = []
         if args.mode == "fsdp":  # as the Trainer shards: the teacher first, then the student (summed gradients)
             from sekd.distributed.fsdp import shard_student, shard_teacher
@@ -172,7 +173,7 @@ class Step:
                 self.y,
                 h_t,
                 self.teacher.get_output_embeddings(),
-                dict(lam=1.0, temperature=1.0, generator=self.gen),
+                LossInputs(self.sel, lam=1.0, temperature=1.0, generator=self.gen),
             )
         return loss_sum / max(out.weight, 1e-12)
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from kd_step import SHAPES, full_kd, machine, se_kd  # noqa: E402
+from reference_losses import plain_full_kd  # noqa: E402
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
-from sekd.kd.objective import IGNORE, selective_kd_loss  # noqa: E402
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss  # noqa: E402
 
 GIB = 2**30
 
@@ -108,10 +109,7 @@ class Linear:  # what chunked_kd_loss takes for a head: something with .weight a
 
 
 def plain_torch_full_kd(inp: Inputs) -> None:
-    z_s, z_t = inp.logits()
-    logq = F.log_softmax(z_s[:, :-1].float(), -1).flatten(0, 1)  # the last position has no target
-    logp = F.log_softmax(z_t[:, :-1].float(), -1).flatten(0, 1)
-    F.kl_div(logq, logp, log_target=True, reduction="batchmean").backward()
+    plain_full_kd(*inp.logits()).backward()
 
 
 def trl_gkd_full_kd(inp: Inputs) -> None:
@@ -130,23 +128,20 @@ def trl_chunked_full_kd(inp: Inputs) -> None:
 
 def sekd_dense_full_kd(inp: Inputs) -> None:
     z_s, z_t = inp.logits()
-    out = selective_kd_loss(z_s, z_t, inp.y, full_kd(), lam=1.0, temperature=1.0)
+    out = selective_kd_loss(z_s, z_t, inp.y, LossInputs(full_kd(), lam=1.0, temperature=1.0))
     (out.loss_sum / out.weight).backward()
 
 
-def _chunked(inp: Inputs, sel) -> None:
+def _chunked(inp: Inputs, sel: Selector) -> None:
     out = chunked_kd_loss(
         inp.h_s,
         Linear(inp.W_s),
         inp.h_t,
         Linear(inp.W_t),
         inp.y,
-        sel,
+        LossInputs(sel, lam=1.0, temperature=1.0, generator=torch.Generator()),
         vocab=inp.W_s.shape[0],
-        lam=1.0,
-        temperature=1.0,
         chunk_size=inp.chunk_size,
-        generator=torch.Generator(),
     )
     (out.loss_sum / out.weight).backward()
 
@@ -214,7 +209,7 @@ def time_rounds(inp: Inputs, variants: list[str], rounds: int, device) -> dict[s
     """Every variant once per round, in turn, after one warm-up round.  name -> seconds per round"""
     for v in variants:
         call(VARIANTS[v], inp, device)
-    times = {v: [] for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     from tqdm import tqdm
 
     for _ in tqdm(range(rounds), desc="rounds", leave=False, file=sys.stderr):
@@ -225,7 +220,10 @@ def time_rounds(inp: Inputs, variants: list[str], rounds: int, device) -> dict[s
 
 def _status(key: str) -> int:
     """A field of /proc/self/status in bytes (Linux)."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+    found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return int(found.group(1)) * 1024
 
 
 def peak_above_inputs(fn, inp: Inputs, device, calls: int = 2) -> float:
@@ -369,7 +367,7 @@ def main(argv=None) -> list[dict]:
     if any(v in NEEDS_TRL for v in variants) and not have_trl():
         raise SystemExit("kd_loss: the TRL variants need trl: pip install -e '.[bench]'")
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seq in seqs:
         for chunk in chunk_sizes:
             print(
@@ -380,7 +378,7 @@ def main(argv=None) -> list[dict]:
             )
             times = time_rounds(inputs(seq, chunk), variants, args.rounds, args.device)
             for v in variants:
-                peak = None if args.no_peaks else fresh_peak(args, v, seq, chunk)
+                fresh = None if args.no_peaks else fresh_peak(args, v, seq, chunk)
                 rows.append(
                     {
                         "L": seq,
@@ -389,7 +387,7 @@ def main(argv=None) -> list[dict]:
                         "min_s": min(times[v]),
                         "median_s": statistics.median(times[v]),
                         "times_s": times[v],
-                        "peak_above_inputs_gib": peak,
+                        "peak_above_inputs_gib": fresh,
                     }
                 )
     for r in rows:
@@ -398,8 +396,8 @@ def main(argv=None) -> list[dict]:
             None,
         )
         r["time_vs_plain"] = r["median_s"] / ref["median_s"] if ref else None
-        both = ref and r["peak_above_inputs_gib"] is not None and ref["peak_above_inputs_gib"]
-        r["peak_vs_plain"] = r["peak_above_inputs_gib"] / ref["peak_above_inputs_gib"] if both else None
+        both = ref is not None and r["peak_above_inputs_gib"] is not None and ref["peak_above_inputs_gib"]
+        r["peak_vs_plain"] = r["peak_above_inputs_gib"] / ref["peak_above_inputs_gib"] if ref and both else None
     print(table(rows))
     if args.json:
         opts = {

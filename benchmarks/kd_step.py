@@ -5,7 +5,7 @@
     python benchmarks/kd_step.py --shape qwen3_8b_to_1.7b --device cuda --fresh-process --json gpu.json
 
 Teacher and student are Qwen3ForCausalLM built from config alone (random weights, nothing downloads).
-The student keeps float32 master weights and computes under autocast in --dtype (as sekd/training/loop.py);
+The student keeps float32 master weights and computes under autocast in --dtype (as sekd/training/trainer.py);
 the teacher is stored in --dtype. Optimizer: AdamW (lr 1e-5, the training loop's default; --optimizer sgd
 for plain SGD).
 
@@ -47,16 +47,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch.nn.functional as F  # noqa: E402
-
-from sekd.kd.flows import auto_chunk_size, chunked_kd_loss, floor_loss  # noqa: E402
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss  # noqa: E402
+from reference_losses import floor_loss, plain_full_kd  # noqa: E402
+from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss  # noqa: E402
 from sekd.selection.classes import SparseTarget  # noqa: E402
 from sekd.selection.criteria import forward_kl  # noqa: E402
 from sekd.selection.policies import POLICIES  # noqa: E402
@@ -150,7 +150,8 @@ def qwen3(body: Body, vocab: int, dtype: torch.dtype, device: str):
     """A Qwen3ForCausalLM with random weights, built on `device` in `dtype`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(
+    # rope_theta: transformers 4 takes it by name, 5 folds it into rope_parameters (its signature lacks it)
+    cfg = Qwen3Config(  # type: ignore[call-arg]
         vocab_size=vocab,
         hidden_size=body.hidden,
         intermediate_size=body.intermediate,
@@ -170,11 +171,11 @@ def qwen3(body: Body, vocab: int, dtype: torch.dtype, device: str):
 
 
 def se_kd() -> Selector:
-    return Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.2), forward_kl)
+    return Selector.of(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=0.2), forward_kl)
 
 
 def full_kd() -> Selector:
-    return Selector(None, POLICIES.build("all"), forward_kl)
+    return Selector.of(None, POLICIES.build("all"), forward_kl)
 
 
 def have_trl() -> bool:
@@ -268,58 +269,66 @@ class Bench:
         return model.get_decoder()(input_ids=self.x, use_cache=False).last_hidden_state
 
     def loss(self, variant: str) -> torch.Tensor:
-        kw = dict(lam=1.0, temperature=1.0, generator=self.gen)
         with self.autocast():
             if variant == "floor":
                 with torch.no_grad():
                     self.hidden(self.teacher)
                 return floor_loss(self.hidden(self.student))
             if variant.startswith(("dense", "plain", "trl_gkd")):
-                s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
-                with torch.no_grad():
-                    t_logits = self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
-                if variant == "plain_torch_full_kd":  # KL(p || q) averaged over the positions with a target
-                    logq = F.log_softmax(s_logits[:, :-1].float(), -1).flatten(0, 1)  # the last has none
-                    logp = F.log_softmax(t_logits[:, :-1].float(), -1).flatten(0, 1)
-                    return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
-                if variant == "trl_gkd_full_kd":
-                    from trl.experimental.gkd import GKDTrainer
+                return self.logits_loss(variant)
+            if variant == "trl_chunked_full_kd":
+                return self.trl_chunked_loss()
+            return self.chunked_loss(variant)
 
-                    return GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(), labels=self.y, beta=0.0)
-            elif variant == "trl_chunked_full_kd":
-                from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    def inputs(self, variant: str, cached: SparseTarget | None = None) -> LossInputs:
+        sel = full_kd() if variant.endswith("full_kd") else se_kd()
+        return LossInputs(sel, lam=1.0, temperature=1.0, generator=self.gen, cached=cached)
 
-                h_s = self.hidden(self.student)
-                with torch.no_grad():
-                    h_t = self.hidden(self.teacher)
-                W_s, W_t = self.student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
-                loss, _, _ = _chunked_divergence_loss(
-                    h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
-                )
-                return loss
-            else:
-                h_s = self.hidden(self.student)
-                h_t, head_t, cached = None, None, None
-                if variant == "cache_se_kd":  # read from the cache folder every step, as the training loop does
-                    cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
-                else:
-                    with torch.no_grad():
-                        h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
-                sel = full_kd() if variant == "chunked_full_kd" else se_kd()
-                out = chunked_kd_loss(
-                    h_s,
-                    self.student.get_output_embeddings(),
-                    h_t,
-                    head_t,
-                    self.y,
-                    sel,
-                    vocab=self.V,
-                    cached=cached,
-                    chunk_size=self.chunk_size,
-                    **kw,
-                )
-                return out.loss_sum / max(out.weight, 1e-12)
-        out = selective_kd_loss(s_logits, t_logits, self.y, full_kd() if variant == "dense_full_kd" else se_kd(), **kw)
+    def the_teacher(self):
+        if self.teacher is None:
+            raise ValueError("this variant runs the teacher, which cache_se_kd alone leaves out")
+        return self.teacher
+
+    def logits_loss(self, variant: str) -> torch.Tensor:
+        """The variants on both models' [B,L,V] logits."""
+        s_logits = self.student(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+        with torch.no_grad():
+            t_logits = self.the_teacher()(input_ids=self.x, use_cache=False).logits[..., : self.V]  # [B,L,V]
+        if variant == "plain_torch_full_kd":
+            return plain_full_kd(s_logits, t_logits)
+        if variant == "trl_gkd_full_kd":
+            from trl.experimental.gkd import GKDTrainer
+
+            return GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(), labels=self.y, beta=0.0)
+        out = selective_kd_loss(s_logits, t_logits, self.y, self.inputs(variant))
+        return out.loss_sum / max(out.weight, 1e-12)
+
+    def trl_chunked_loss(self) -> torch.Tensor:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        h_s = self.hidden(self.student)
+        with torch.no_grad():
+            h_t = self.hidden(self.teacher)
+        W_s, W_t = self.student.get_output_embeddings().weight, self.the_teacher().get_output_embeddings().weight
+        loss, _, _ = _chunked_divergence_loss(
+            h_s, h_t, W_s[: self.V], W_t[: self.V], (self.y != IGNORE).long(), beta=0.0
+        )
+        return loss
+
+    def chunked_loss(self, variant: str) -> torch.Tensor:
+        """The chunked flow from the bodies' hidden states; cache_se_kd with no teacher, its targets read from the
+        cache folder every step, as the training loop does."""
+        h_s = self.hidden(self.student)
+        h_t, head_t, cached = None, None, None
+        if self.cache is not None and variant == "cache_se_kd":
+            cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
+        elif self.teacher is not None:
+            with torch.no_grad():
+                h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
+        head_s = self.student.get_output_embeddings()
+        out = chunked_kd_loss(
+            h_s, head_s, h_t, head_t, self.y, self.inputs(variant, cached), vocab=self.V, chunk_size=self.chunk_size
+        )
         return out.loss_sum / max(out.weight, 1e-12)
 
     @torch.no_grad()
@@ -327,7 +336,7 @@ class Bench:
         """teacher_forward: the teacher's logits with its full head; cache_build: the cache's work per batch."""
         with self.autocast():
             if variant == "teacher_forward":
-                self.teacher(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
+                self.the_teacher()(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
                 return
         from sekd.stores.teacher_cache.build import shard_bytes
         from sekd.data.packing import PackedData
@@ -369,7 +378,7 @@ def time_rounds(bench: Bench, variants: tuple[str, ...], *, rounds: int) -> dict
 
     for v in variants:
         bench.step(v)
-    times = {v: [] for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in tqdm(range(rounds), desc="rounds", leave=False, file=sys.stderr):
         for v in variants:
             times[v].append(bench.step(v))
@@ -378,7 +387,10 @@ def time_rounds(bench: Bench, variants: tuple[str, ...], *, rounds: int) -> dict
 
 def _status_bytes(key: str) -> int:
     """A field of /proc/self/status (Linux), in bytes."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+    found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return int(found.group(1)) * 1024
 
 
 def peak_above_baseline(bench: Bench, variant: str, steps: int = 3) -> tuple[float, float]:
@@ -514,7 +526,7 @@ def parse(argv=None):
         "--fresh-process", action="store_true", help="also each variant's peak memory, each in its own process"
     )
     p.add_argument("--json", type=Path, help="write machine info, options and results here")
-    p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
+    p.add_argument("--artifacts-dir", type=Path, help=argparse.SUPPRESS)  # a built cache for cache_se_kd
     p.add_argument("--peak-json", type=Path, help=argparse.SUPPRESS)  # child_peak's child
     return p.parse_args(argv)
 
@@ -568,7 +580,7 @@ def main(argv=None) -> list[dict]:
         return []
     times = time_rounds(bench, variants, rounds=args.rounds)
     tokens = bench.x.numel()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "variant": v,
             "min_s": min(times[v]),

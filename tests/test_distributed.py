@@ -277,8 +277,8 @@ def test_collectives_on_two_processes(tmp_path):
 
 def test_rank_shares_cover_the_global_micro_batch_in_order():
     """Full global micro-batches split [r*mb, (r+1)*mb); a short last one as evenly as it goes; a rank it
-    leaves without a sequence runs a stand-in at zero weight (sekd.training.loop.StandIn)."""
-    from sekd.training.loop import StandIn, rank_share
+    leaves without a sequence runs a stand-in at zero weight (sekd.training.batches.StandIn)."""
+    from sekd.training.batches import StandIn, rank_share
 
     full = list(range(10, 18))
     assert [rank_share(full, r, 2) for r in (0, 1)] == [[10, 11, 12, 13], [14, 15, 16, 17]]

@@ -141,7 +141,7 @@ def test_what_fsdp_does_not_do_is_refused_in_one_line(tmp_path, extra, key):
 def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
     """A checkpoint of the other form than the run's train.distributed (the run folder does not hash it)
     is one line, not a crash in load_state_dict."""
-    from sekd.training.loop import CheckpointError, load_checkpoint
+    from sekd.training.checkpoint import CheckpointError, load_checkpoint
 
     ck = tmp_path / "checkpoint.pt"
     (tmp_path / "checkpoint-2.dcp").mkdir()
@@ -234,15 +234,15 @@ def test_the_installed_torch_has_what_sharding_uses():
 def _shard_in_bf16(rank: int, port: int, out: str) -> None:
     from sekd.distributed.process_group import init
     from sekd.distributed.launch import Launch
-    from sekd.training.loop import StudentLoss
+    from sekd.training.trainer import StudentLoss
     from sekd.distributed.fsdp import shard_student, shard_teacher
-    from tests.training.test_loop import tiny_model
+    from tests.training.test_trainer import tiny_model
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
     student, teacher = tiny_model(0), tiny_model(1).to(torch.bfloat16)
     shard_teacher(teacher, dist.device, dtype=torch.bfloat16, mesh="2x1")
-    root = StudentLoss(student, None, vocab=64, chunk_size=5, flow="dense")
+    root = StudentLoss(student, vocab=64, chunk_size=5, flow="dense")
     shard_student(root, student, dist.device, dtype=torch.bfloat16, mesh="2x1")
 
     def policy(unit):  # FSDP2's state of a unit (a private attribute: what fully_shard was given)

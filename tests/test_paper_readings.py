@@ -13,7 +13,7 @@ from sekd.core.errors import ConfigError
 
 from sekd.app.checks import validate
 from sekd.data.qa import gsm8k
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import Signal
 from tests.helpers import ROOT, TINY, compose_cfg, sekd_train
@@ -69,10 +69,7 @@ def per_token_weights(normalization: str, u: torch.Tensor, valid: torch.Tensor, 
         s_logits,
         s_logits,
         labels,
-        Selector(given, policy, criterion),
-        lam=1.0,
-        temperature=1.0,
-        normalization=normalization,
+        LossInputs(Selector(given, policy, criterion), lam=1.0, temperature=1.0, normalization=normalization),
     )
     (out.loss_sum / out.weight).backward()
     return probe["d"].grad, probe["rows"]
@@ -136,7 +133,7 @@ def test_at_kd_token_mean_is_its_formula_over_p():
     hard[torch.argsort(1 - p_target, descending=True, stable=True)[: -(-len(yv) // 2)]] = True
     ref = (0.2 * nckd(sv, tv, yv)[~hard].sum() + 0.8 * (tckd(sv, tv, yv) + nckd(sv, tv, yv))[hard].sum()) / len(yv)
     for normalization, equal in (("batch_tokens", True), ("per_sequence", False)):
-        out = selective_kd_loss(s, t, labels, sel, lam=1.0, temperature=1.0, normalization=normalization)
+        out = selective_kd_loss(s, t, labels, LossInputs(sel, lam=1.0, temperature=1.0, normalization=normalization))
         got = out.loss_sum / out.weight
         assert torch.isclose(got, ref, rtol=1e-12, atol=0).item() is equal, normalization
 

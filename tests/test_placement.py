@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from sekd.core.errors import ConfigError
-from sekd.training.loop import micro_batches
+from sekd.training.batches import micro_batches
 from sekd.models.loading import PlacedTeacher, place_teacher, teacher_device
-from tests.training.test_loop import V, packed, tiny_model, trainer
+from tests.training.test_trainer import V, packed, tiny_model, trainer
 
 
 def grads_of(tr):
-    loss, _, _ = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog))
+    loss = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog)).loss
     return loss, {n: p.grad.clone() for n, p in tr.student.named_parameters()}
 
 
@@ -34,8 +34,8 @@ def test_a_placed_teacher_gives_the_same_loss_and_gradients(flow, policy, signal
 def test_the_teachers_outputs_land_on_the_students_device():
     """The teacher computes on its own device (cpu) and hands its output back there; the step moves what the
     loss reads to the student's (meta here: a second device every machine has) once the student's body is
-    queued (sekd.training.loop.arrived), and the teacher's weights stay where they are."""
-    from sekd.training.loop import arrived
+    queued (sekd.training.trainer.arrived), and the teacher's weights stay where they are."""
+    from sekd.training.trainer import arrived
 
     teacher = tiny_model(1).eval()
     placed = PlacedTeacher(teacher, torch.device("meta"))
@@ -171,15 +171,14 @@ def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(
 def test_a_placed_teachers_output_moves_after_the_students_body_is_queued(flow, monkeypatch):
     """Two cards overlap only if the student's body is queued on its card before the copy of the teacher's
     output (which waits for the teacher's card): the teacher's pass hands its output back where it computed
-    it (test above), and the step moves it (sekd.training.loop.arrived) after the student's body ran. On CPU the
-    order of the calls is what can be checked."""
-    import sekd.training.loop
-    from sekd.training.loop import micro_batches
+    it (test above), and the step moves it (sekd.training.trainer.arrived) after the student's body ran. On CPU
+    the order of the calls is what can be checked."""
+    import sekd.training.trainer
 
     log: list[str] = []
-    move = sekd.training.loop.arrived
+    move = sekd.training.trainer.arrived
     monkeypatch.setattr(
-        sekd.training.loop, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device)
+        sekd.training.trainer, "arrived", lambda out, device: log.append("teacher output moved") or move(out, device)
     )
     tr = trainer(2, 1, "top_k", "student_entropy", "per_sequence", flow)
     tr.teacher = PlacedTeacher(tr.teacher, torch.device("cpu"))

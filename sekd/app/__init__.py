@@ -42,7 +42,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         finally:
             tracker.finish()
             job.dist.close()
-    except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.training.loop.CheckpointError)
+    except ConfigError as err:  # e.g. an unreadable checkpoint.pt (sekd.training.checkpoint.CheckpointError)
         fail(err)
     record = build_record(job, stats, metrics)
     job.run.write_record(record)

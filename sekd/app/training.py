@@ -15,10 +15,16 @@ from typing import TYPE_CHECKING, Any
 from sekd.app.checks import source_options
 from sekd.core.errors import ConfigError
 from sekd.core.files import atomic_write_json
-from sekd.config.schema import RunConfig
+from sekd.config.schema import OnPolicyRegime, RunConfig
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
+    from sekd.app.tracking import Tracker
+    from sekd.data.packing import PackedData
+    from sekd.kd.objective import Selector
+    from sekd.stores.teacher_cache.store import TeacherCache
+    from sekd.training.on_policy import OnPolicy
+    from sekd.training.trainer import Trainer
 
 
 def train(job: Job, tracker) -> dict[str, Any]:
@@ -103,8 +109,8 @@ class Parts:
     student: Any
     vocab: int
     teacher: Teacher
-    selector: Any
-    data: Any  # the samples training sees (after the sample axis)
+    selector: Selector
+    data: PackedData  # the samples training sees (after the sample axis)
     available: int  # samples in the train split
     costs: dict[str, Any] = field(
         default_factory=lambda: {
@@ -206,12 +212,13 @@ def pick_samples(job: Job, parts: Parts) -> None:
     from sekd.data.dataset import tokenizer_signature
     from sekd.models.loading import model_signature
     from sekd.stores.sample_importance import select_samples
-    from sekd.selection.samples import SAMPLE_SELECTORS
+    from sekd.selection.samples import SAMPLE_SELECTORS, SampleSelector
 
     cfg, s = job.cfg, job.cfg.samples
     if s.name == "all":
         return
-    wants_teacher = SAMPLE_SELECTORS.get(s.name).needs_teacher
+    kind = SAMPLE_SELECTORS.get(s.name)
+    wants_teacher = isinstance(kind, SampleSelector) and kind.needs_teacher
     with on_device(parts.student, parts.device) as student:  # fsdp: whole on the card for the pre-pass only
         picked = select_samples(  # the pre-pass sharded across the ranks, gathered; rank 0 stores the scores
             s.name,
@@ -243,10 +250,11 @@ def pick_samples(job: Job, parts: Parts) -> None:
     )
 
 
-def fit(job: Job, parts: Parts, cache, tracker):
+def fit(job: Job, parts: Parts, cache: TeacherCache | None, tracker: Tracker) -> Trainer:
     """The training loop over the kept samples (returns the Trainer, its run done); the teacher runs only
     where no cache stands in for it."""
-    from sekd.training.loop import SelectionTrace, Trainer
+    from sekd.training.trace import SelectionTrace
+    from sekd.training.trainer import Trainer
 
     cfg, t = job.cfg, job.cfg.train
     needs_teacher = (t.lam > 0 and cache is None) or parts.selector.needs_teacher_everywhere
@@ -349,7 +357,7 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build_selector(cfg: RunConfig):
+def build_selector(cfg: RunConfig) -> Selector:
     """The position axis (signal + policy), the criterion and the class axis, from the registries."""
     from sekd.app.checks import policy_options
     from sekd.kd.objective import Selector
@@ -362,7 +370,7 @@ def build_selector(cfg: RunConfig):
     policy = POLICIES.build(p.policy, **policy_options(cfg))
     criterion = CRITERIA.build(cfg.criterion.name, **cfg.criterion.options)
     classes = build_classes(cfg.classes.name, **cfg.classes.options)
-    return Selector(
+    return Selector.of(
         signal=SIGNALS.get(p.signal) if p.signal else None,
         policy=policy,
         criterion=criterion,
@@ -403,14 +411,14 @@ def training_data(cfg: RunConfig, tok):
     )
 
 
-def on_policy(cfg: RunConfig, data, tok):
+def on_policy(cfg: RunConfig, data: PackedData, tok: Any) -> OnPolicy | None:
     """regime=on_policy: the kept samples' prompts, answered by the student (None off-policy)."""
     r = cfg.regime
-    if r.name != "on_policy":
+    if r.name != "on_policy" or not isinstance(r, OnPolicyRegime):  # RegimeConfig: on_policy is an OnPolicyRegime
         return None
     from sekd.data.dataset import separator_id
     from sekd.data.qa import prompt_ids
-    from sekd.training.loop import OnPolicy
+    from sekd.training.on_policy import OnPolicy
 
     stop = separator_id(tok, cfg.data.separator, ends="an answer")  # the token the task rows end answers with
     # rows as long as the data's (seq_len): a step's tokens, and the record's token counts, are the same
@@ -451,20 +459,22 @@ def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) 
     return expect
 
 
-def open_teacher_cache(job: Job, parts: Parts):
+def open_teacher_cache(job: Job, parts: Parts) -> TeacherCache:
     """The run's offline teacher cache, for the samples it trains on. `auto` builds (or finishes) one
     keyed by its whole signature, the seed and these samples included; a folder is opened as it is (its
     data was checked against the whole train split before the models loaded). Either way a mismatch is
     refused in one line."""
     from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
-    cfg, data = job.cfg, parts.data
-    if cfg.classes.cache == "auto":
+    cfg, data, cache = job.cfg, parts.data, job.cfg.classes.cache
+    if cache is None:
+        raise ValueError("classes.cache is unset: there is no teacher cache to open")
+    if cache == "auto":
         expect = cache_expectation(cfg, job.teacher_path, job.tok, data)
         path = auto_cache(cfg, expect, parts, job.dist)  # the ranks are its workers: each builds its shards
         job.dist.barrier()  # every shard is in the manifest before any rank opens the cache
     else:
-        path, expect = Path(cfg.classes.cache), cache_expectation(cfg, job.teacher_path, job.tok)
+        path, expect = Path(cache), cache_expectation(cfg, job.teacher_path, job.tok)
     parts.costs["cache"] = str(path)
     try:
         return TeacherCache.open(path, expect=expect, sample_ids=data.sample_ids)

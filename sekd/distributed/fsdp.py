@@ -2,7 +2,7 @@
 "Sharded models").
 
 Student: each decoder layer is one FSDP unit, and the root unit is the module whose forward is the whole
-per-micro-batch loss (sekd.training.loop.StudentLoss), not the Hugging Face model: the chunked flow never
+per-micro-batch loss (sekd.training.trainer.StudentLoss), not the Hugging Face model: the chunked flow never
 calls the model's forward, so hooks on it would neither unshard the embeddings, norm and head nor reduce
 their gradients. Gradients are summed over ranks (divide factor 1); the loop divides once per step. Under
 bf16 the layers gather in the compute dtype and reduce in float32; the root unit keeps float32 parameters.

@@ -1,9 +1,10 @@
-"""One run over several processes (ranks): the process group and the few collectives the loop needs.
+"""One run over several processes (ranks): the process group and the few collectives training needs.
 
 Everything that can span ranks takes a `Dist` explicitly (no globals), and `Dist.single()` is the
 one-process version whose operations are identities, so world size 1 runs the very same code.
 Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files.
-`GradBuckets` is train.distributed=ddp's gradient sum: DDP's bucketed, overlapped all-reduce, without its wrapper.
+`broadcast_params` gives every rank rank 0's weights; `GradBuckets` is train.distributed=ddp's gradient sum: DDP's
+bucketed, overlapped all-reduce, without its wrapper (docs/method.md §9).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, overload
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sekd.distributed.launch import Launch
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -43,7 +47,13 @@ class Dist:
         return self.world_size > 1
 
     # -- collectives (identities for one process) ---------------------------------------------
-    def all_reduce_sum(self, x: Tensor | float | int) -> Tensor | float:
+    @overload
+    def all_reduce_sum(self, x: Tensor) -> Tensor: ...
+
+    @overload
+    def all_reduce_sum(self, x: float) -> float: ...
+
+    def all_reduce_sum(self, x: Tensor | float) -> Tensor | float:
         """Σ over ranks. A tensor is summed in place and returned; a number comes back a float."""
         if not self.active:
             return x if isinstance(x, Tensor) else float(x)
@@ -60,13 +70,17 @@ class Dist:
         if not self.active:
             return t
         n = torch.tensor([t.shape[0]], dtype=torch.long, device=self.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        torch.distributed.all_gather(sizes, n)
-        sizes = [int(s) for s in sizes]
+        counts = [torch.zeros_like(n) for _ in range(self.world_size)]
+        torch.distributed.all_gather(counts, n)
+        sizes = [int(s) for s in counts]
         pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
         parts = [t.new_empty((max(sizes), *t.shape[1:])) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, torch.cat([t, pad]).contiguous())
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    def all_gather_others(self, t: Tensor) -> Tensor:
+        """`all_gather_cat` where this rank adds no rows (a stand-in micro-batch): the other ranks' rows of `t`."""
+        return self.all_gather_cat(t[:0])
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, in rank order."""
@@ -105,7 +119,7 @@ class Dist:
         self.group = None
 
 
-def init(launch, device: torch.device | str) -> Dist:
+def init(launch: Launch, device: torch.device | str) -> Dist:
     """Join the process group the launcher set up (`launch`: sekd.distributed.launch.Launch). One process (world
     size 1) starts no group. On CUDA each rank takes card LOCAL_RANK mod the cards it sees."""
     device = torch.device(device)
@@ -124,7 +138,6 @@ def init(launch, device: torch.device | str) -> Dist:
     init_method = "env://" if {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ) else None
     if init_method is None and launch.master_addr is not None and launch.master_port is not None:
         init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     timeout = datetime.timedelta(minutes=30)
     torch.distributed.init_process_group(
         backend,
@@ -132,7 +145,7 @@ def init(launch, device: torch.device | str) -> Dist:
         rank=launch.rank,
         world_size=launch.world_size,
         timeout=timeout,
-        **kwargs,
+        device_id=device if device.type == "cuda" else None,
     )
     return Dist(
         rank=launch.rank,
@@ -146,7 +159,7 @@ def init(launch, device: torch.device | str) -> Dist:
 _joined = 0  # process groups this process has joined: every rank joins the same ones, in the same order
 
 
-def group_store(init_method: str, launch, timeout: datetime.timedelta):
+def group_store(init_method: str, launch: Launch, timeout: datetime.timedelta) -> torch.distributed.PrefixStore:
     """The rendezvous store torch's init_process_group would use, under a prefix of its own for each group
     this process joins. A multirun under torchrun runs its cells one after another in the same ranks,
     each joining a new group (and leaving it): in torchrun's store, which outlives them, a plain re-init
@@ -156,6 +169,19 @@ def group_store(init_method: str, launch, timeout: datetime.timedelta):
     store, _, _ = next(torch.distributed.rendezvous(init_method, launch.rank, launch.world_size, timeout=timeout))
     store.set_timeout(timeout)
     return torch.distributed.PrefixStore(f"sekd/group{_joined}", store)
+
+
+def broadcast_params(params: list[Tensor], dist: Dist) -> None:
+    """Rank 0's values of `params` on every rank. One off the rank's device (the fsdp student, on the CPU
+    until it is sharded) goes through the device one parameter at a time: NCCL moves device memory only."""
+    if dist.active:
+        for p in params:
+            if p.device == dist.device:
+                torch.distributed.broadcast(p.data, src=0)
+            else:
+                on_device = p.data.to(dist.device)
+                torch.distributed.broadcast(on_device, src=0)
+                p.data.copy_(on_device)
 
 
 class GradBuckets:
@@ -174,7 +200,7 @@ class GradBuckets:
     any micro-batch (the hooks record which did; the flags are summed over ranks) ends with .grad None, as in
     one process."""
 
-    def __init__(self, params: list[Tensor], dist: Dist, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, params: Sequence[Tensor], dist: Dist, bucket_bytes: int = BUCKET_BYTES) -> None:
         self.params, self.dist = list(params), dist
         self.offset: list[int] = [0] * len(self.params)
         self.bucket_of: list[int] = [0] * len(self.params)
@@ -221,7 +247,7 @@ class GradBuckets:
         """Before the last micro-batch's backward: from here on a finished bucket is reduced at once."""
         self.armed = True
 
-    def _hook(self, i: int):
+    def _hook(self, i: int) -> Callable[[Tensor], None]:
         def hook(_: Tensor) -> None:
             self.touched[i] = True
             if self.armed and not self.counted[i]:

@@ -24,31 +24,46 @@ registered criterion x policy x class selector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sekd.kd.objective import Selector, StepOut, draw_classes, token_ce, valid_order
+from sekd.kd.objective import (
+    LossInputs,
+    Selector,
+    StepOut,
+    draw_classes,
+    draw_positions,
+    normalizers,
+    position_metrics,
+    token_ce,
+    valid_order,
+)
 from sekd.core.rng import PositionKeys, RowKeys
-from sekd.selection.policies import call_policy
 from sekd.selection import signals as S
 from sekd.selection.classes import SparseTarget
-from sekd.selection.criteria import Selected, sparse_divergence
-from sekd.core.tensors import IGNORE, upcast
+from sekd.selection.criteria import ChunkD, Selected, sparse_divergence
+from sekd.core.tensors import IGNORE
 
 # ---- heads ----------------------------------------------------------------------------------
 
 
-def compute_dtype(W: Tensor, device) -> torch.dtype:
+def compute_dtype(W: Tensor, device: torch.device | str) -> torch.dtype:
     """What a matmul with W computes in on `device`: autocast's dtype where autocast is on (it leaves float64
     alone), else W's own."""
     dev = torch.device(device).type
     if torch.is_autocast_enabled(dev) and W.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return W.dtype
+
+
+class LinearLike(Protocol):
+    """An LM head as the flows read it: an nn.Linear, or anything with its weight (and maybe bias)."""
+
+    weight: Tensor
 
 
 @dataclass
@@ -60,7 +75,7 @@ class Head:
     vocab: int
 
     @staticmethod
-    def of(module, vocab: int) -> "Head":
+    def of(module: LinearLike, vocab: int) -> "Head":
         """From an nn.Linear-like module (`model.get_output_embeddings()`)."""
         W = module.weight
         if vocab > W.shape[0]:
@@ -74,7 +89,7 @@ class Head:
         b = self.bias.detach()[: self.vocab] if self.bias is not None else None
         return Head(W.to(dtype), b.to(dtype) if b is not None else None, self.vocab)
 
-    def for_compute(self, device) -> "Head":
+    def for_compute(self, device: torch.device) -> "Head":
         """This head as the chunk loops use it: cast once to autocast's dtype where autocast is on (and the
         weight is not already in it); itself otherwise."""
         dtype = compute_dtype(self.weight, device)
@@ -111,10 +126,10 @@ class Scratch:
     or heap holes that the small tensors made between them keep from closing; one allocation serves every
     chunk of every step. `blocks` hands out views, valid until its next call."""
 
-    def __init__(self):
-        self._blocks: dict[tuple, list[Tensor]] = {}
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
 
-    def blocks(self, k: int, rows: int, cols: int, dtype: torch.dtype, device) -> list[Tensor]:
+    def blocks(self, k: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
         key, need = (torch.device(device), dtype), rows * cols
         have = self._blocks.get(key, [])
         if len(have) < k or have[0].numel() < need:
@@ -174,7 +189,7 @@ def chunked_importance(
     labels: Tensor,
     valid: Tensor,
     *,
-    generator,
+    generator: torch.Generator | None,
     temperature: float,
     chunk_size: int,
     keys: RowKeys | None = None,
@@ -184,13 +199,15 @@ def chunked_importance(
     if sig is None:
         return None
     if sig.random:  # T uniforms per row from its key, exactly as the dense flow
-        return S.importance(sig, None, None, labels, valid, generator=generator, normalization=how, keys=keys)
+        # a random signal reads no logits
+        return S.importance(sig, None, None, labels, valid, generator=generator, normalization=how, keys=keys)  # type: ignore[arg-type]
     if how not in S.NORMALIZATIONS:
         raise ValueError(f"signal normalization {how!r}; allowed: {', '.join(S.NORMALIZATIONS)}")
     if sig.needs_teacher and (h_t is None or teacher is None):
         raise ValueError(f"signal {sig.name!r} needs teacher logits at every position")
     rows, cols = valid.nonzero(as_tuple=True)  # flat valid positions                [P]
     y = labels[rows, cols]
+    teacher_at = TeacherAt(teacher, h_t, rows, cols) if sig.needs_teacher else None
     # written into in place: a small tensor kept per chunk would land in the holes the [C,V] blocks leave on the
     # CPU heap, and the heap would grow with the number of chunks
     terms = torch.empty(len(sig.terms), rows.numel(), device=labels.device)  #     [n_terms,P]
@@ -198,7 +215,7 @@ def chunked_importance(
     for sl in chunks(rows.numel(), chunk_size):
         r, c = rows[sl], cols[sl]
         z_s, z_t = SCRATCH.blocks(2, len(r), student.vocab, acc, h_s.device)  #    [C,V] x 2
-        t = teacher.into(z_t, h_t[r, c]) if sig.needs_teacher else None
+        t = teacher_at.into(z_t, sl) if teacher_at is not None else None
         terms[:, sl] = S.importance_terms(sig, student.into(z_s, h_s[r, c]), t, y[sl], temperature=temperature)
     u = torch.zeros(valid.shape, dtype=torch.float32, device=labels.device)
     for term in terms:
@@ -206,6 +223,31 @@ def chunked_importance(
         x[rows, cols] = term
         u = u + S.normalize(x, valid, how)
     return u.masked_fill(~valid, float("-inf"))
+
+
+@dataclass
+class TeacherAt:
+    """The selective teacher head: z_t at the positions (rows[sl], cols[sl]) of h_t, no grad.  -> [C,V]"""
+
+    head: Head | None  # None without a teacher: asking for its logits is then an error
+    h: Tensor | None  # [B,T,d_t]
+    rows: Tensor
+    cols: Tensor
+
+    def parts(self) -> tuple[Head, Tensor]:
+        if self.head is None or self.h is None:
+            raise ValueError("lam > 0 needs teacher logits or cached class targets")
+        return self.head, self.h
+
+    @torch.no_grad()
+    def __call__(self, sl: slice) -> Tensor:
+        head, h = self.parts()
+        return head(h[self.rows[sl], self.cols[sl]])
+
+    def into(self, out: Tensor, sl: slice) -> Tensor:
+        """The same logits written into a reused block (`Head.into`)."""
+        head, h = self.parts()
+        return head.into(out, h[self.rows[sl], self.cols[sl]])
 
 
 # ---- the selective student head with chunked gradients --------------------------------------
@@ -232,7 +274,7 @@ class AddProduct:
     block (and on CPU a staging block in g's dtype: copy_ casts without allocating, a mixed add_ does not), so
     no [V,d] tensor is allocated per chunk. Built once per call."""
 
-    def __init__(self, g: Tensor, vocab: int, dtype: torch.dtype):
+    def __init__(self, g: Tensor, vocab: int, dtype: torch.dtype) -> None:
         d = g.shape[1]
         budget = _PRODUCT_ELEMENTS if g.device.type == "cpu" else _PRODUCT_ELEMENTS_GPU
         self.g, self.vocab, self.rows = g, vocab, max(1, min(vocab, budget // max(d, 1)))
@@ -253,7 +295,7 @@ class SelectedHeadLoss(torch.autograd.Function):
     """sum over chunks of loss_c(z_c), z_c = h_c W[:V]^T + b[:V]; d/dh, d/dW computed per chunk in forward.
 
     `chunk_grad` gives each chunk's loss and the logits' gradient dz_c [C,V] (closed form where the criterion
-    declares one, `closed_form_chunks`; else autograd, `autograd_chunks`); then d/dh_c = dz_c W, and
+    declares one, `ClosedFormChunks`; else autograd, `AutogradChunks`); then d/dh_c = dz_c W, and
     d/dW += dz_c^T h_c is accumulated in place into one [V,d] buffer, never a fresh [V,d] gradient per chunk
     to add afterwards. `W_c`: W[:V] already in the compute dtype (autocast's, `Head.for_compute`), else it is
     cast here once: under autocast dz is bf16 over fp32 master weights, and the weight gradient is the bf16
@@ -261,7 +303,7 @@ class SelectedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         h: Tensor,
         W: Tensor,
         b: Tensor | None,
@@ -269,13 +311,13 @@ class SelectedHeadLoss(torch.autograd.Function):
         chunk_grad: ChunkGrad,
         parts: list[slice],
         W_c: Tensor | None = None,
-    ):
+    ) -> Tensor:
         need_h, need_W, need_b = ctx.needs_input_grad[:3]
         need = need_h or need_W or need_b
         Wv = W.detach()[:vocab]  #                                                   [V,d]
         g_h = torch.zeros_like(h) if need_h else None  #                            [N,d]
         g_W = torch.zeros_like(W) if need_W else None  #                            [V_head,d]
-        g_b = torch.zeros_like(b) if need_b else None
+        g_b = torch.zeros_like(b) if need_b and b is not None else None
         total = torch.zeros(
             (), dtype=torch.float64 if h.dtype == W.dtype == torch.float64 else torch.float32, device=h.device
         )  # sum_n c_n l(t_n)
@@ -283,15 +325,15 @@ class SelectedHeadLoss(torch.autograd.Function):
         add_product: AddProduct | None = None
         for sl in parts:
             h_c = h[sl].detach()  #                                                  [C,d]
-            loss_c, dz = chunk_grad(h_c, sl, need)  #                               [], [C,V]
+            loss_c, dz = chunk_grad(h_c, sl, need)  #                               [], [C,V] (None: no grad)
             total += loss_c
-            if not need:
+            if dz is None:
                 continue
-            if need_h:
+            if g_h is not None:
                 if dz.dtype not in W_as:
                     W_as[dz.dtype] = Wv.to(dz.dtype)
                 g_h[sl] = dz @ W_as[dz.dtype]
-            if need_W:
+            if g_W is not None:
                 if dz.dtype == h_c.dtype == g_W.dtype:
                     g_W[:vocab].addmm_(dz.t(), h_c)
                 elif dz.dtype == g_W.dtype:
@@ -300,61 +342,127 @@ class SelectedHeadLoss(torch.autograd.Function):
                     if add_product is None:
                         add_product = AddProduct(g_W, vocab, dz.dtype)
                     add_product(dz, h_c.to(dz.dtype))
-            if need_b:
+            if g_b is not None:
                 g_b[:vocab] += dz.sum(0).to(g_b.dtype)
         ctx.grads = (g_h, g_W, g_b)
         return total
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         grads = ctx.grads
         del ctx.grads
         return (*(x.mul_(g) if x is not None else None for x in grads), None, None, None, None)
 
 
-def autograd_chunks(head: Head, loss_chunk: Callable[[Tensor, slice], Tensor]) -> ChunkGrad:
+ChunkLoss = Callable[[Tensor, slice], Tensor]  # (s_c [C,V], sl) -> one chunk's loss or D  [] or [C]
+
+
+@dataclass
+class AutogradChunks:
     """Each chunk's loss on fresh logits, and dz from autograd (any criterion)."""
 
-    def run(h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        z_c = head(h_c)  #                                                           [C,V]
+    head: Head
+    loss_chunk: ChunkLoss
+
+    def __call__(self, h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        z_c = self.head(h_c)  #                                                      [C,V]
         if not need_grad:
-            return loss_chunk(z_c, sl).detach(), None
+            return self.loss_chunk(z_c, sl).detach(), None
         z_c.requires_grad_()
         with torch.enable_grad():
-            loss_c = loss_chunk(z_c, sl)  # sum_n c_n l(t_n)                        []
+            loss_c = self.loss_chunk(z_c, sl)  # sum_n c_n l(t_n)                   []
             (dz,) = torch.autograd.grad(loss_c, z_c)
         return loss_c.detach(), dz
 
-    return run
 
+@dataclass
+class ClosedFormChunks:
+    """Each chunk's loss sum_n c_n T^2 D_n and dz = c_n T^2 dD_n/dz from the criterion's closed form, in three
+    blocks reused for every chunk (SCRATCH; under autocast two more in the compute dtype: the logits' product,
+    dz): no autograd, no [C,V] allocation per chunk."""
 
-def closed_form_chunks(
-    head: Head,
-    with_grad: Callable,
-    teacher_into: Callable[[Tensor, slice], Tensor],
-    c: Tensor,
-    *,
-    scale: float,
-    temperature: float,
-) -> ChunkGrad:
-    """Each chunk's loss sum_n c_n scale D_n and dz = c_n scale dD_n/dz from the criterion's closed form, in
-    three blocks reused for every chunk (SCRATCH; under autocast two more in the compute dtype: the logits'
-    product, dz): no autograd, no [C,V] allocation per chunk."""
+    head: Head
+    with_grad: Callable[..., tuple[Tensor, Tensor]]  # the criterion's closed form
+    teacher_at: TeacherAt
+    c: Tensor  # c_n  [N]
+    temperature: float
 
-    def run(h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        z_s, z_t, work = SCRATCH.blocks(3, h_c.shape[0], head.vocab, c.dtype, h_c.device)  # [C,V] x 3
-        D, dz = with_grad(head.into(z_s, h_c), teacher_into(z_t, sl), temperature, work)
-        w = c[sl] * scale  #                                                         [C]
+    def __call__(self, h_c: Tensor, sl: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        z_s, z_t, work = SCRATCH.blocks(3, h_c.shape[0], self.head.vocab, self.c.dtype, h_c.device)  # [C,V] x 3
+        D, dz = self.with_grad(self.head.into(z_s, h_c), self.teacher_at.into(z_t, sl), self.temperature, work)
+        w = self.c[sl] * self.temperature**2  #                                      [C]
         loss_c = (w * D).sum()
         if not need_grad:
             return loss_c, None
         dz = dz.mul_(w.unsqueeze(-1))
-        dtype = compute_dtype(head.weight, h_c.device)
+        dtype = compute_dtype(self.head.weight, h_c.device)
         if dz.dtype != dtype:  # the matmuls in the compute dtype, as autograd's dz would be; in a reused block
-            dz = SCRATCH.blocks(2, h_c.shape[0], head.vocab, dtype, h_c.device)[1].copy_(dz)
+            dz = SCRATCH.blocks(2, h_c.shape[0], self.head.vocab, dtype, h_c.device)[1].copy_(dz)
         return loss_c, dz
 
-    return run
+
+@dataclass
+class WeightedLoss:
+    """One chunk's sum_n c_n l(t_n), l = lam T^2 D_C(p, q) + (1 - lam) CE, from its student logits.  [C,V] -> []"""
+
+    D: ChunkLoss | None  # D_C on a chunk (`chunk_divergence`); None where lam = 0
+    y: Tensor  # x_{t+1} at the selected positions                                [N]
+    c: Tensor  # c_n                                                              [N]
+    lam: float
+    temperature: float
+
+    def __call__(self, s_c: Tensor, sl: slice) -> Tensor:
+        ell = torch.zeros(s_c.shape[0], dtype=self.c.dtype, device=s_c.device)  #  [C]
+        if self.D is not None:
+            ell = ell + self.lam * self.temperature**2 * self.D(s_c, sl)
+        if self.lam < 1:
+            ell = ell + (1 - self.lam) * token_ce(s_c, self.y[sl])
+        return (self.c[sl] * ell).sum()
+
+
+@dataclass
+class CachedDivergence:
+    """D_C on a chunk against the offline cache's targets (C_t and p~, indexed by valid-position order)."""
+
+    D: Callable[..., Tensor]  # the criterion's sparse form
+    cached: SparseTarget
+    order: Tensor  # each selected position's index in valid order                [N]
+    temperature: float
+
+    def __call__(self, s: Tensor, sl: slice) -> Tensor:
+        return self.D(s, self.cached.take(self.order[sl]).to(s.device), self.temperature)
+
+
+@dataclass
+class DrawnDivergence:
+    """D_C on a chunk against the class selector's targets, drawn from the teacher's logits at the chunk with
+    the positions' keys (the same numbers whatever the chunking)."""
+
+    sel: Selector
+    D: Callable[..., Tensor]  # the criterion's sparse form
+    teacher_at: TeacherAt
+    temperature: float
+    generator: torch.Generator | None
+    keys: PositionKeys | None
+
+    def __call__(self, s: Tensor, sl: slice) -> Tensor:
+        keys = self.keys.take(sl) if self.keys is not None else None
+        target = draw_classes(
+            self.sel, self.teacher_at(sl), temperature=self.temperature, generator=self.generator, keys=keys
+        )
+        return self.D(s, target, self.temperature)
+
+
+@dataclass
+class FullDivergence:
+    """D on a chunk over the full vocabulary, against the teacher's logits there (a batch-level criterion
+    already prepared)."""
+
+    D: ChunkD
+    teacher_at: TeacherAt
+
+    def __call__(self, s: Tensor, sl: slice) -> Tensor:
+        return self.D(s, self.teacher_at(sl), sl)
 
 
 # ---- the step ------------------------------------------------------------------------------
@@ -362,172 +470,90 @@ def closed_form_chunks(
 
 def chunked_kd_loss(
     h_s: Tensor,
-    head_s,
+    head_s: LinearLike,
     h_t: Tensor | None,
-    head_t,
+    head_t: LinearLike | None,
     labels: Tensor,
-    sel: Selector,
+    inputs: LossInputs,
     *,
     vocab: int,
-    lam: float,
-    temperature: float,
-    normalization: str = "per_sequence",
-    generator: torch.Generator | None = None,
-    step: int = 0,
-    cached: SparseTarget | None = None,
     chunk_size: int = 1024,
-    rows: Sequence[int] | Tensor | None = None,
-    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> StepOut:
     """`selective_kd_loss` on z = head(h)[..., :vocab], never holding [B,T,V]: O(chunk_size x V) logits at once.
 
     h_s [B,T,d] student final hidden states (with grad), head_s its output Linear (weight [V_s,d], maybe
-    tied); h_t [B,T,d_t] / head_t the teacher's (no grad), or None; `cached`: class targets of every
-    valid position, row-major (the offline teacher cache). `rows`, `gather`: as `selective_kd_loss`.
+    tied); h_t [B,T,d_t] / head_t the teacher's (no grad), or None (the teacher cache in `inputs.cached`).
     """
-    valid = labels != IGNORE  # valid(t)                                        [B,T]
-    B, T = labels.shape
+    sel, valid = inputs.selector, labels != IGNORE  # valid(t)                     [B,T]
     student = Head.of(head_s, vocab)
-    teacher = Head.of(head_t, vocab) if head_t is not None and h_t is not None else None
     student_c = student.for_compute(h_s.device)  # the heads in the compute dtype, cast once per step, not per chunk
-    teacher = teacher.for_compute(h_s.device) if teacher is not None else None
-    keys = sel.keys(B, generator=generator, step=step, rows=rows)  # per-row keys when something draws
-    u, draws = select_positions(
+    teacher = Head.of(head_t, vocab).for_compute(h_s.device) if head_t is not None and h_t is not None else None
+    keys = inputs.row_keys(labels.shape[0])  # per-row keys when something draws
+    u = chunked_importance(
         sel,
-        h_s,
+        h_s.detach(),
         student_c,
         h_t,
         teacher,
         labels,
         valid,
-        keys=keys,
-        generator=generator,
-        step=step,
-        gather=gather,
-        temperature=temperature,
+        generator=inputs.generator,
+        temperature=inputs.temperature,
         chunk_size=chunk_size,
-    )
-    mw = draws.dense(T)  # m_t * w_t                                             [B,T]
+        keys=keys,
+    )  # u(t)  [B,T]
+    draws = draw_positions(inputs, u, valid, keys)  # m_t, w_t as draws            [B,K]
+    mw = draws.dense(labels.shape[1])  # m_t * w_t                                   [B,T]
     rows, cols = (mw != 0).nonzero(as_tuple=True)  # positions that carry weight  [N]
-    y = labels[rows, cols]  #                                                      [N]
     n_sel = draws.count().to(labels.device)  # sum_t m_t                          [B]
     acc = accumulation_dtype(h_s, student)
-    c, weight = position_weights(mw, rows, cols, n_sel, normalization, acc)  # c_n [N]; sum_i s_i or n_sel
-    parts = chunks(rows.numel(), chunk_size)
-    teacher_at = selective_teacher(h_t, teacher, rows, cols)  # z_t at selected positions only
-    pkeys = PositionKeys(keys, rows, cols, T) if keys is not None else None
-    D, one_chunk = (
-        divergence_chunk(
-            sel,
-            labels,
-            rows,
-            cols,
-            y,
-            u,
-            teacher_at,
-            temperature=temperature,
-            generator=generator,
-            cached=cached,
-            parts=parts,
-            keys=pkeys,
-        )
-        if lam > 0
-        else (None, False)
-    )
-    if one_chunk:
-        parts = [slice(0, rows.numel())]
-
-    if closed_form_applies(sel, lam=lam, cached=cached, teacher=teacher):
-        chunk_grad = closed_form_chunks(
-            student_c,
-            sel.criterion.closed_form,
-            teacher_into(teacher, h_t, rows, cols),
-            c,
-            scale=temperature**2,
-            temperature=temperature,
-        )
-    else:
-        chunk_grad = autograd_chunks(student_c, weighted_loss(D, y, c, lam=lam, temperature=temperature))
+    norm, weight = normalizers(n_sel, inputs.normalization, acc)  # n_sel_i or 1  [B]; sum_i s_i or n_sel
+    c = mw[rows, cols].to(acc) / norm[rows]  # c_n: m_t w_t / n_sel_i, or m_t w_t               [N]
+    at = Positions(labels, rows, cols, u, keys)
+    chunk_grad, parts = chunk_gradients(inputs, student_c, TeacherAt(teacher, h_t, rows, cols), at, c, chunk_size)
     W_c = student_c.weight if student_c is not student else None
     loss_sum = SelectedHeadLoss.apply(h_s[rows, cols], student.weight, student.bias, vocab, chunk_grad, parts, W_c)
     SCRATCH.release(h_s.device)
-    metrics = {
-        "positions_valid": float(valid.sum()),
-        "positions_selected": float(n_sel.sum()),
-        **head_positions(sel, valid, rows.numel(), lam=lam, cached=cached),
-    }
+    metrics = position_metrics(valid, n_sel) | head_positions(inputs, valid, rows.numel())
     return StepOut(loss_sum, weight, draws, u, metrics)
 
 
-def select_positions(
-    sel: Selector,
-    h_s: Tensor,
-    student: Head,
-    h_t: Tensor | None,
-    teacher: Head | None,
-    labels: Tensor,
-    valid: Tensor,
-    *,
-    keys,
-    generator,
-    step: int,
-    gather,
-    temperature: float,
-    chunk_size: int,
-):
-    """The position axis from the heads: u(t) by chunked scoring (None without a signal), then m_t, w_t by the
-    policy, as draws.  -> u [B,T] | None, draws [B,K]"""
-    u = chunked_importance(
-        sel,
-        h_s.detach(),
-        student,
-        h_t,
-        teacher,
-        labels,
-        valid,
-        generator=generator,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        keys=keys,
-    )
-    scores = u if u is not None else torch.zeros(labels.shape, device=labels.device)
-    return u, call_policy(sel.policy, scores, valid, generator=generator, step=step, keys=keys, gather=gather)
+@dataclass
+class Positions:
+    """The selected positions (rows, cols) of a batch and what the loss reads there."""
+
+    labels: Tensor  # [B,T]
+    rows: Tensor  # [N]
+    cols: Tensor  # [N]
+    u: Tensor | None  # u(t) [B,T], None without a signal
+    keys: RowKeys | None  # the rows' keys when something draws
+    y: Tensor = field(init=False)  # x_{t+1} at each selected position             [N]
+
+    def __post_init__(self) -> None:
+        self.y = self.labels[self.rows, self.cols]
 
 
-def weighted_loss(D, y: Tensor, c: Tensor, *, lam: float, temperature: float) -> Callable[[Tensor, slice], Tensor]:
-    """One chunk's sum_n c_n l(t_n), l = lam T^2 D_C(p, q) + (1 - lam) CE, from its student logits.  [C,V] -> []"""
-
-    def loss_chunk(s_c: Tensor, sl: slice) -> Tensor:
-        ell = torch.zeros(s_c.shape[0], dtype=c.dtype, device=s_c.device)  #       [C]
-        if lam > 0:
-            ell = ell + lam * temperature**2 * D(s_c, sl)
-        if lam < 1:
-            ell = ell + (1 - lam) * token_ce(s_c, y[sl])
-        return (c[sl] * ell).sum()
-
-    return loss_chunk
-
-
-def teacher_into(teacher: Head, h_t: Tensor, rows: Tensor, cols: Tensor) -> Callable[[Tensor, slice], Tensor]:
-    """The teacher's logits at the selected positions rows[sl], cols[sl], written into a reused block (no grad)."""
-    return lambda out, sl: teacher.into(out, h_t[rows[sl], cols[sl]])
-
-
-def position_weights(
-    mw: Tensor, rows: Tensor, cols: Tensor, n_sel: Tensor, normalization: str, acc: torch.dtype
-) -> tuple[Tensor, float]:
-    """c_n, each selected position's weight in the loss sum, and the batch's weight the step divides by:
-    per_sequence, c_n = m_t w_t / n_sel_i and sum_i s_i (L = sum_i s_i sum_t m_t w_t l(t) / n_sel_i);
-    batch_tokens, c_n = m_t w_t and the number of selected positions.  -> [N], float"""
-    c = mw[rows, cols].to(acc)  # m_t w_t                                          [N]
-    if normalization == "per_sequence":
-        return c / n_sel[rows].to(acc).clamp_min(1), float((n_sel > 0).sum())
-    if normalization == "batch_tokens":
-        return c, float(n_sel.sum())
-    raise ValueError(f"train.normalization={normalization!r}; allowed: per_sequence, batch_tokens")
+def chunk_gradients(
+    inputs: LossInputs, student: Head, teacher_at: TeacherAt, at: Positions, c: Tensor, chunk_size: int
+) -> tuple[ChunkGrad, list[slice]]:
+    """How each chunk of the selected positions gets its loss and logits' gradient, and the chunks: from the
+    criterion's closed form where it applies (`closed_form_applies`), else by autograd on sum_n c_n l(t_n)
+    (`WeightedLoss`), in one chunk where the criterion must see every position at once."""
+    sel, n = inputs.selector, at.rows.numel()
+    parts = chunks(n, chunk_size)
+    with_grad = sel.criterion.closed_form  # None where it declares none (closed_form_applies checks it too)
+    if with_grad is not None and closed_form_applies(
+        sel, lam=inputs.lam, cached=inputs.cached, teacher=teacher_at.head
+    ):
+        return ClosedFormChunks(student, with_grad, teacher_at, c, inputs.temperature), parts
+    D: ChunkLoss | None = None
+    if inputs.lam > 0:
+        D, one_chunk = chunk_divergence(inputs, teacher_at, at, parts)
+        parts = [slice(0, n)] if one_chunk else parts
+    return AutogradChunks(student, WeightedLoss(D, at.y, c, inputs.lam, inputs.temperature)), parts
 
 
-def closed_form_applies(sel: Selector, *, lam: float, cached, teacher) -> bool:
+def closed_form_applies(sel: Selector, *, lam: float, cached: SparseTarget | None, teacher: Head | None) -> bool:
     """Whether each chunk's dz comes from the criterion's closed form (no autograd): pure KD (lam = 1) over the
     full vocabulary against the teacher's own logits, with a pointwise criterion that declares one and takes
     no options."""
@@ -543,71 +569,31 @@ def closed_form_applies(sel: Selector, *, lam: float, cached, teacher) -> bool:
     )
 
 
-def selective_teacher(
-    h_t: Tensor | None, teacher: Head | None, rows: Tensor, cols: Tensor
-) -> Callable[[slice], Tensor]:
-    """The selective teacher head: z_t at the selected positions rows[sl], cols[sl], no grad.  -> [C,V]"""
-
-    @torch.no_grad()
-    def at(sl: slice) -> Tensor:
-        if teacher is None:
-            raise ValueError("lam > 0 needs teacher logits or cached class targets")
-        return teacher(h_t[rows[sl], cols[sl]])
-
-    return at
-
-
-def divergence_chunk(
-    sel: Selector,
-    labels: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    y: Tensor,
-    u: Tensor | None,
-    teacher_at: Callable[[slice], Tensor],
-    *,
-    temperature: float,
-    generator,
-    cached: SparseTarget | None,
-    parts: list[slice],
-    keys: PositionKeys | None = None,
-) -> tuple[Callable[[Tensor, slice], Tensor], bool]:
+def chunk_divergence(
+    inputs: LossInputs, teacher_at: TeacherAt, at: Positions, parts: list[slice]
+) -> tuple[ChunkLoss, bool]:
     """D_C(p_t, q_t) on one chunk of selected positions, as `objective.divergence`: (s_c [C,V], sl) -> [C];
     and whether it must run as one chunk (a criterion that declares it sees all positions at once)."""
+    sel, temperature = inputs.selector, inputs.temperature
     crit = sel.criterion
-    if cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
-        D, idx = sparse_divergence(crit, "the teacher cache"), valid_order(labels)[rows, cols]  #   [N]
-        return (lambda s, sl: D(s, cached.take(idx[sl]).to(s.device), temperature)), False
+    if inputs.cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
+        order = valid_order(at.labels)[at.rows, at.cols]  #                          [N]
+        return CachedDivergence(sparse_divergence(crit, "the teacher cache"), inputs.cached, order, temperature), False
     if sel.classes is not None:  # C_t subset of V, drawn from the teacher's logits at the chunk
-        return (
-            lambda s, sl: crit.sparse(
-                s,
-                draw_classes(
-                    sel,
-                    teacher_at(sl),
-                    temperature=temperature,
-                    generator=generator,
-                    keys=keys.take(sl) if keys is not None else None,
-                ),
-                temperature,
-            )
-        ), False
-    u_sel = u[rows, cols] if u is not None else None
-    d = crit.over(Selected(y, rows, u_sel, teacher_at, tuple(parts), temperature))  # batch-level: prepared here
-    return (lambda s, sl: d(s, teacher_at(sl), sl)), crit.coupling == "all"
+        D = sparse_divergence(crit, f"classes {sel.classes.name!r}")
+        keys = PositionKeys(at.keys, at.rows, at.cols, at.labels.shape[1]) if at.keys is not None else None
+        return DrawnDivergence(sel, D, teacher_at, temperature, inputs.generator, keys), False
+    u_sel = at.u[at.rows, at.cols] if at.u is not None else None
+    d = crit.over(Selected(at.y, at.rows, u_sel, teacher_at, tuple(parts), temperature))  # batch-level: prepared
+    return FullDivergence(d, teacher_at), crit.coupling == "all"
 
 
-def head_positions(sel: Selector, valid: Tensor, n: int, *, lam: float, cached) -> dict[str, float]:
+def head_positions(inputs: LossInputs, valid: Tensor, n: int) -> dict[str, float]:
     """How many positions each LM head ran at (the selective head's saving, vs B*T for the dense flow)."""
-    n_valid = int(valid.sum())
+    sel, n_valid = inputs.selector, int(valid.sum())
     scored = sel.signal is not None and not sel.signal.random
     teacher = n_valid if sel.needs_teacher_everywhere else 0
-    if lam > 0 and cached is None:
+    if inputs.lam > 0 and inputs.cached is None:
         first_pass = sel.classes is None and "teacher" in sel.criterion.needs  # a prepare step's teacher pass
         teacher += n * (2 if first_pass else 1)
     return {"head_positions_student": float(n + (n_valid if scored else 0)), "head_positions_teacher": float(teacher)}
-
-
-def floor_loss(h_s: Tensor) -> Tensor:
-    """mean(h^2): a loss of the body alone, the benchmark's floor (no LM head, no KD)."""
-    return upcast(h_s).square().mean()

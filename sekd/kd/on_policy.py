@@ -48,12 +48,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sekd.core.rng import RowKeys, categorical
 from sekd.core.tensors import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Rollout:
     prompt_lens: Tensor  # [B]  tokens of each prompt
     gen_lens: Tensor  # [B]  generated tokens kept in the row (= its number of labels != -100)
 
-    def to(self, device) -> "Rollout":
+    def to(self, device: torch.device | str) -> "Rollout":
         return Rollout(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
@@ -151,7 +155,7 @@ def draw_tokens(logits: Tensor, u: Tensor, temperature: float, top_p: float) -> 
     return order.gather(-1, pick).squeeze(-1)
 
 
-def _cache_kwarg(student) -> str:
+def _cache_kwarg(student: PreTrainedModel) -> str:
     """The name the model's forward takes its KV cache by (`cache` in recent transformers, `past_key_values`
     before)."""
     import inspect
@@ -167,7 +171,7 @@ def _check_sampling(temperature: float, top_p: float) -> None:
 
 
 def sample_answers(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,
@@ -193,45 +197,69 @@ def sample_answers(
     """
     _check_prompts(prompts)
     _check_sampling(temperature, top_p)
-    B = len(prompts)
-    caps = [int(max_new_tokens)] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
-    if len(caps) != B or min(caps) < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be >= 1 (one value, or one per prompt)")
-    if len(keys) != B:
-        raise ValueError(f"{len(keys)} row keys for {B} prompts")
+    caps = _row_caps(max_new_tokens, len(prompts), keys)
     device = next(student.parameters()).device
     ids, mask = left_pad([p.to(device) for p in prompts], pad_id)
     u = keys.uniform(caps, STREAM, device, torch.float64)  # [B,max cap]: row i's first caps[i] uniforms
     cap = torch.tensor(caps, device=device)
-    out = torch.full((B, max(caps)), int(pad_id), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     was_training = student.training
     student.eval()
     try:
         with torch.no_grad():
-            cache = _new_cache(student)
-            step = {_cache_kwarg(student): cache, "use_cache": True, "logits_to_keep": 1}
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
-            logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
-            for t in range(max(caps)):
-                tok = draw_tokens(logits, u[:, t], float(temperature), float(top_p))
-                tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
-                out[:, t] = tok
-                done |= (tok == int(eos_id)) | (t + 1 >= cap)
-                # whether every row has finished is read on the host every SYNC_EVERY tokens (and at the last):
-                # a row that finished earlier only writes pad, which its answer drops, so the answers are the
-                # same; a batch that ended early runs at most SYNC_EVERY - 1 forwards more
-                if t + 1 == max(caps) or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                pos = pos[:, -1:] + 1
-                logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+            out = _decode(student, ids, mask, u, cap, max(caps), pad_id, eos_id, float(temperature), float(top_p))
     finally:
         student.train(was_training)
     return [row[:n] for row, n in zip(out, _answer_lengths(out, eos_id, cap))]
 
 
-def _new_cache(student):
+def _row_caps(max_new_tokens: int | list[int], B: int, keys: RowKeys) -> list[int]:
+    """Each row's cap on new tokens (one for every row, or one per row), checked, and the keys' count."""
+    caps = [int(max_new_tokens)] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(caps) != B or min(caps) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be >= 1 (one value, or one per prompt)")
+    if len(keys) != B:
+        raise ValueError(f"{len(keys)} row keys for {B} prompts")
+    return caps
+
+
+def _decode(
+    student: PreTrainedModel,
+    ids: Tensor,
+    mask: Tensor,
+    u: Tensor,
+    cap: Tensor,
+    width: int,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    top_p: float,
+) -> Tensor:
+    """The sampling loop: the left-padded prompts ids, mask [B,P] run once, then one forward per new token for
+    the whole batch over the model's KV cache; token t of row i drawn with u[i, t].  -> [B,width], pad after
+    each row's end (its eos, or its cap)"""
+    B = ids.shape[0]
+    out = torch.full((B, width), int(pad_id), dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    step = {_cache_kwarg(student): _new_cache(student), "use_cache": True, "logits_to_keep": 1}
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's own positions 0.. from its first token
+    logits = student(input_ids=ids, attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+    for t in range(width):
+        tok = draw_tokens(logits, u[:, t], temperature, top_p)
+        tok = torch.where(done, torch.full_like(tok, int(pad_id)), tok)
+        out[:, t] = tok
+        done |= (tok == int(eos_id)) | (t + 1 >= cap)
+        # whether every row has finished is read on the host every SYNC_EVERY tokens (and at the last):
+        # a row that finished earlier only writes pad, which its answer drops, so the answers are the
+        # same; a batch that ended early runs at most SYNC_EVERY - 1 forwards more
+        if t + 1 == width or ((t + 1) % SYNC_EVERY == 0 and bool(done.all())):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = student(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, **step).logits[:, -1]
+    return out
+
+
+def _new_cache(student: PreTrainedModel) -> DynamicCache:
     """An empty KV cache the forward fills in place (transformers' DynamicCache)."""
     from transformers import DynamicCache
 
@@ -293,7 +321,7 @@ def answer_caps(prompts: list[Tensor], max_new_tokens: int, seq_len: int | None)
 
 
 def rollout(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,
@@ -320,7 +348,7 @@ def rollout(
 
 
 def rollout_answers(
-    student,
+    student: PreTrainedModel,
     prompts: list[Tensor],
     *,
     pad_id: int,

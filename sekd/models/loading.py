@@ -122,7 +122,7 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 class PlacedTeacher(torch.nn.Module):
     """The frozen teacher on its own device (model.teacher_device), as the loss sees it from the student's
     device: token ids go to the teacher's device, and what it returns is moved to the student's by the step,
-    after the student's body is queued (sekd.training.loop.arrived), so both cards compute at once.
+    after the student's body is queued (sekd.training.trainer.arrived), so both cards compute at once.
 
     The chunked flow moves the decoder's hidden states [B,T,d_t] and runs the teacher's head on the
     student's device, from a copy of the head made once. Per position that moves d_t numbers, where
@@ -139,7 +139,7 @@ class PlacedTeacher(torch.nn.Module):
         self.head = None  # the copy of the teacher's head on the student's device, made on first use
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        """The teacher's output where it computed it: the student's step moves it (sekd.training.loop.arrived) once its
+        """The teacher's output where it computed it: the student's step moves it (sekd.training.trainer.arrived) once its
         own body is queued, so the two cards overlap; whoever else reads it calls .to(device) itself."""
         return self.model(input_ids=input_ids.to(self.home, non_blocking=True), **kwargs)
 

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 import sekd.core.rng as rng
 from sekd.selection.draws import rs_kd_draws
 from sekd.kd.flows import chunked_kd_loss
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
@@ -116,10 +116,12 @@ CASES = {  # every place a generator reaches: class draws, sampling policies, th
     },
     "dense flow": lambda g: selective_kd_loss(
         *inputs(),
-        selector("pos_rs", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5),
-        lam=1.0,
-        temperature=1.0,
-        generator=g,
+        LossInputs(
+            selector("pos_rs", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5),
+            lam=1.0,
+            temperature=1.0,
+            generator=g,
+        ),
     ),
     "chunked flow": lambda g: chunked_kd_loss(
         torch.randn(B, T, 4, dtype=torch.float64),
@@ -127,11 +129,13 @@ CASES = {  # every place a generator reaches: class draws, sampling policies, th
         torch.randn(B, T, 5, dtype=torch.float64),
         HEAD_T,
         inputs()[2],
-        selector("pos_rs_star", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5, coverage=0.3),
+        LossInputs(
+            selector("pos_rs_star", "random", CLASSES.build("rs_kd", n_draws=8), k=0.5, coverage=0.3),
+            lam=1.0,
+            temperature=1.0,
+            generator=g,
+        ),
         vocab=V,
-        lam=1.0,
-        temperature=1.0,
-        generator=g,
         chunk_size=4,
     ),
 }

@@ -1,4 +1,4 @@
-"""train.distributed=ddp's gradient sum (sekd.distributed.process_group.GradBuckets, used by sekd.training.loop.Trainer): between two
+"""train.distributed=ddp's gradient sum (sekd.distributed.process_group.GradBuckets, used by sekd.training.trainer.Trainer): between two
 real gloo processes, the Trainer's accumulated gradients are the one-process ones; they live in one persistent
 flat buffer (each .grad a view of it, the same memory every step) and the reduction allocates no
 gradient-sized tensor (the old path concatenated every gradient into a new one, then cloned each back); with
@@ -47,8 +47,8 @@ def in_buffers(tr) -> bool:
 def _rank(rank: int, port: int, out: str) -> None:
     from sekd.distributed.process_group import GradBuckets, init
     from sekd.distributed.launch import Launch
-    from sekd.training.loop import StandIn, micro_batches
-    from tests.training.test_loop import trainer
+    from sekd.training.batches import StandIn, micro_batches
+    from tests.training.test_trainer import trainer
 
     torch.set_num_threads(1)
     dist = init(Launch(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port), "cpu")
@@ -69,7 +69,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     it = recorded()
     for _ in range(2):
         with NewBig(total, list(tr.buckets.buffers.values())) as big:
-            loss, _, _ = tr.accumulate(it)
+            loss = tr.accumulate(it).loss
         got["steps"].append(
             {
                 "loss": loss,
@@ -89,8 +89,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_sum_the_one_process_gradients_in_place(tmp_path):
-    from sekd.training.loop import micro_batches
-    from tests.training.test_loop import trainer
+    from sekd.training.batches import micro_batches
+    from tests.training.test_trainer import trainer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +101,7 @@ def test_two_ranks_sum_the_one_process_gradients_in_place(tmp_path):
     one = trainer(2, 2, n=3)
     stream = micro_batches(one.data, 2, one.seed, one.prog)
     for step in range(2):
-        loss, _, _ = one.accumulate(stream)
+        loss = one.accumulate(stream).loss
         for got in ranks:
             mine = got["steps"][step]
             assert mine["loss"] == pytest.approx(loss, rel=1e-5)

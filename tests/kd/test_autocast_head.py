@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sekd.kd.flows import Head, chunked_kd_loss
-from sekd.kd.objective import IGNORE, Selector
+from sekd.kd.objective import IGNORE, LossInputs, Selector
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS
@@ -60,7 +60,7 @@ def step(case: str, chunk_size: int, autocast: bool):
     h = h_s.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = chunked_kd_loss(
-            h, head_s, h_t, head_t, y, sel(), vocab=V, lam=lam, temperature=1.0, chunk_size=chunk_size
+            h, head_s, h_t, head_t, y, LossInputs(sel(), lam=lam, temperature=1.0), vocab=V, chunk_size=chunk_size
         )
         (out.loss_sum / out.weight).backward()
     return out.loss_sum.detach(), h.grad, head_s.weight.grad, head_s.bias.grad

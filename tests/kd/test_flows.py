@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sekd.kd.flows import chunked_kd_loss, floor_loss
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.kd.flows import chunked_kd_loss
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES, SparseTarget
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
@@ -85,7 +85,7 @@ def both(
         if flow == "dense":
             s_logits = F.linear(h, head_s.weight, head_s.bias)[..., :V]
             t_logits = F.linear(h_t, head_t.weight, head_t.bias)[..., :V] if h_t is not None else None
-            out = selective_kd_loss(s_logits, t_logits, y, selector_fn(), **kw)
+            out = selective_kd_loss(s_logits, t_logits, y, LossInputs(selector_fn(), **kw))
         else:
             out = chunked_kd_loss(
                 h,
@@ -93,10 +93,9 @@ def both(
                 h_t,
                 head_t if h_t is not None else None,
                 y,
-                selector_fn(),
+                LossInputs(selector_fn(), **kw),
                 vocab=V,
                 chunk_size=chunk_size,
-                **kw,
             )
         (out.loss_sum / max(out.weight, 1e-12)).backward()
         results.append((out, (h.grad, head_s.weight.grad.clone(), head_s.bias.grad.clone())))
@@ -220,10 +219,8 @@ def test_selective_heads_run_only_where_needed():
             h_t,
             head_t,
             y,
-            selector,
+            LossInputs(selector, lam=1.0, temperature=1.0),
             vocab=V,
-            lam=1.0,
-            temperature=1.0,
             chunk_size=4,
         ).metrics
 
@@ -251,9 +248,7 @@ def test_tied_head_and_frozen_head():
                 F.linear(h, head_s.weight)[..., :V],
                 F.linear(h_t, head_t.weight)[..., :V],
                 y,
-                sel("top_k", "student_entropy", k=0.3),
-                lam=1.0,
-                temperature=1.0,
+                LossInputs(sel("top_k", "student_entropy", k=0.3), lam=1.0, temperature=1.0),
             )
         else:
             out = chunked_kd_loss(
@@ -262,10 +257,8 @@ def test_tied_head_and_frozen_head():
                 h_t,
                 head_t,
                 y,
-                sel("top_k", "student_entropy", k=0.3),
+                LossInputs(sel("top_k", "student_entropy", k=0.3), lam=1.0, temperature=1.0),
                 vocab=V,
-                lam=1.0,
-                temperature=1.0,
                 chunk_size=5,
             )
         out.loss_sum.backward()
@@ -276,29 +269,29 @@ def test_tied_head_and_frozen_head():
     head_s.zero_grad()
     head_s.requires_grad_(False)
     h = h_s.clone().requires_grad_()
-    out = chunked_kd_loss(h, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0, chunk_size=5)
+    out = chunked_kd_loss(
+        h, head_s, h_t, head_t, y, LossInputs(sel("all"), lam=1.0, temperature=1.0), vocab=V, chunk_size=5
+    )
     out.loss_sum.backward()
     assert h.grad is not None and head_s.weight.grad is None
-
-
-def test_floor_loss_reaches_the_body():
-    h = torch.randn(2, 3, 4, requires_grad=True)
-    floor_loss(h).backward()
-    torch.testing.assert_close(h.grad, 2 * h.detach() / h.numel())
 
 
 def test_errors_match_the_dense_flow():
     h_s, h_t, y = batch()
     head_s, head_t = heads()
     with pytest.raises(ValueError, match="needs teacher logits"):
-        chunked_kd_loss(h_s, head_s, None, None, y, sel("all"), vocab=V, lam=1.0, temperature=1.0)
+        chunked_kd_loss(h_s, head_s, None, None, y, LossInputs(sel("all"), lam=1.0, temperature=1.0), vocab=V)
     with pytest.raises(ValueError, match="needs teacher logits at every position"):
-        chunked_kd_loss(h_s, head_s, None, None, y, sel("top_k", "kl", k=0.2), vocab=V, lam=0.0, temperature=1.0)
+        chunked_kd_loss(
+            h_s, head_s, None, None, y, LossInputs(sel("top_k", "kl", k=0.2), lam=0.0, temperature=1.0), vocab=V
+        )
     with pytest.raises(ValueError, match="wider than the LM head"):
-        chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel("all"), vocab=V + PAD + 1, lam=1.0, temperature=1.0)
+        chunked_kd_loss(
+            h_s, head_s, h_t, head_t, y, LossInputs(sel("all"), lam=1.0, temperature=1.0), vocab=V + PAD + 1
+        )
     with pytest.raises(ValueError, match="normalization"):
         chunked_kd_loss(
-            h_s, head_s, h_t, head_t, y, sel("all"), vocab=V, lam=1.0, temperature=1.0, normalization="mean"
+            h_s, head_s, h_t, head_t, y, LossInputs(sel("all"), lam=1.0, temperature=1.0, normalization="mean"), vocab=V
         )
 
 
@@ -312,10 +305,8 @@ def test_no_valid_target_gives_zero_loss_and_grads():
         h_t,
         head_t,
         torch.full_like(y, IGNORE),
-        sel("top_k", "student_entropy", k=0.2),
+        LossInputs(sel("top_k", "student_entropy", k=0.2), lam=1.0, temperature=1.0),
         vocab=V,
-        lam=1.0,
-        temperature=1.0,
     )
     out.loss_sum.backward()
     assert out.weight == 0.0 and float(out.loss_sum.detach()) == 0.0 and not h.grad.any()
@@ -326,7 +317,7 @@ def test_no_valid_target_gives_zero_loss_and_grads():
 PEAK = textwrap.dedent("""
     import json, re, sys, torch, torch.nn.functional as F
     from sekd.kd.flows import chunked_kd_loss
-    from sekd.kd.objective import Selector, selective_kd_loss
+    from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
     from sekd.selection.criteria import forward_kl
     from sekd.selection.policies import POLICIES
     from sekd.selection.signals import SIGNALS
@@ -346,9 +337,9 @@ PEAK = textwrap.dedent("""
     hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1])  # KiB
     base = hwm()
     if flow == "dense":
-        out = selective_kd_loss(head_s(h_s), head_t(h_t), y, sel, lam=1.0, temperature=1.0)
+        out = selective_kd_loss(head_s(h_s), head_t(h_t), y, LossInputs(sel, lam=1.0, temperature=1.0))
     else:
-        out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel, vocab=V, lam=1.0, temperature=1.0, chunk_size=128)
+        out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, LossInputs(sel, lam=1.0, temperature=1.0), vocab=V, chunk_size=128)
     out.loss_sum.backward()
     peak = hwm()
     print(json.dumps({"base_kib": base, "peak_kib": peak, "loss": float(out.loss_sum.detach())}))
@@ -405,7 +396,10 @@ def test_tiny_qwen3_pair_trainer_recipe():
         kw = dict(lam=0.8, temperature=1.0, generator=torch.Generator().manual_seed(0))
         if flow == "dense":
             out = selective_kd_loss(
-                student(input_ids=x).logits[..., :V], teacher(input_ids=x).logits[..., :V], y, selector(), **kw
+                student(input_ids=x).logits[..., :V],
+                teacher(input_ids=x).logits[..., :V],
+                y,
+                LossInputs(selector(), **kw),
             )
         else:
             h_s = student.get_decoder()(input_ids=x).last_hidden_state  # [B,T,d]
@@ -417,10 +411,9 @@ def test_tiny_qwen3_pair_trainer_recipe():
                 h_t,
                 teacher.get_output_embeddings(),
                 y,
-                selector(),
+                LossInputs(selector(), **kw),
                 vocab=V,
                 chunk_size=4,
-                **kw,
             )
         (out.loss_sum / out.weight).backward()
         grads[flow] = {n: p.grad.clone() for n, p in student.named_parameters()}

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sekd.kd.flows import chunked_kd_loss
-from sekd.kd.objective import Selector
+from sekd.kd.objective import LossInputs, Selector
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
@@ -93,13 +93,9 @@ def chunked_step_syncs(case: str, chunk_size: int) -> Counter:
             h_t,
             head_t,
             y,
-            selector,
+            LossInputs(selector, lam=lam, temperature=1.0, generator=torch.Generator().manual_seed(0), rows=[4, 5, 6]),
             vocab=V,
-            lam=lam,
-            temperature=1.0,
             chunk_size=chunk_size,
-            generator=torch.Generator().manual_seed(0),
-            rows=[4, 5, 6],
         )
         out.loss_sum.backward()
     return seen

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.criteria import forward_kl
 from sekd.selection.policies import POLICIES
 
@@ -49,7 +49,7 @@ def reference_loss(s, t, y, lam, T, normalization):
 @pytest.mark.parametrize("normalization", ["per_sequence", "batch_tokens"])
 def test_full_kd_matches_float64_reference(lam, T, normalization):
     s, t, y = random_batch(seed=int(lam * 10 + T * 100))
-    out = selective_kd_loss(s, t, y, full_kd(), lam=lam, temperature=T, normalization=normalization)
+    out = selective_kd_loss(s, t, y, LossInputs(full_kd(), lam=lam, temperature=T, normalization=normalization))
     loss = out.loss_sum / out.weight
     (grad,) = torch.autograd.grad(loss, s)
 
@@ -63,7 +63,7 @@ def test_full_kd_matches_float64_reference(lam, T, normalization):
 
 def test_weight_counts_sequences_with_targets_only():
     s, t, y = random_batch()
-    out = selective_kd_loss(s, t, y, full_kd(), lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, t, y, LossInputs(full_kd(), lam=1.0, temperature=1.0))
     assert out.weight == float(((y != IGNORE).sum(-1) > 0).sum())
     assert out.metrics["positions_selected"] == out.metrics["positions_valid"] == float((y != IGNORE).sum())
 
@@ -71,13 +71,16 @@ def test_weight_counts_sequences_with_targets_only():
 def test_loss_is_additive_over_micro_batches():
     """sum of micro-batch loss sums / sum of weights == the loss of the whole batch (any split)."""
     s, t, y = random_batch(B=6, seed=3)
-    whole = selective_kd_loss(s, t, y, full_kd(), lam=1.0, temperature=1.0)
+    whole = selective_kd_loss(s, t, y, LossInputs(full_kd(), lam=1.0, temperature=1.0))
     for split in ([1] * 6, [2, 4], [3, 3], [5, 1]):
         num = den = 0.0
         start = 0
         for n in split:
             part = selective_kd_loss(
-                s[start : start + n], t[start : start + n], y[start : start + n], full_kd(), lam=1.0, temperature=1.0
+                s[start : start + n],
+                t[start : start + n],
+                y[start : start + n],
+                LossInputs(full_kd(), lam=1.0, temperature=1.0),
             )
             num, den, start = num + part.loss_sum, den + part.weight, start + n
         assert math.isclose(float((num / den).detach()), float(whole.loss_sum.detach() / whole.weight), rel_tol=1e-12)
@@ -85,7 +88,7 @@ def test_loss_is_additive_over_micro_batches():
 
 def test_identical_distributions_give_zero_kd():
     s, _, y = random_batch()
-    out = selective_kd_loss(s, s.detach(), y, full_kd(), lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, s.detach(), y, LossInputs(full_kd(), lam=1.0, temperature=1.0))
     assert abs(float(out.loss_sum.detach())) < 1e-12
 
 
@@ -111,7 +114,7 @@ def test_full_kd_on_packed_text_matches_reference_and_reads_logits_in_place(lam,
 
     s, t, y = packed_text()
     with Indexing() as mode:
-        out = selective_kd_loss(s, t, y, full_kd(), lam=lam, temperature=T)
+        out = selective_kd_loss(s, t, y, LossInputs(full_kd(), lam=lam, temperature=T))
         loss = out.loss_sum / out.weight
         (grad,) = torch.autograd.grad(loss, s)
     assert mode.seen == []  # no x[rows, cols] copy of the logits, forward or backward
@@ -133,7 +136,7 @@ def test_packed_text_cover_keeps_pointwise_criteria_reading_u_finite():
 
     sel = Selector(SIGNALS.get("student_entropy"), POLICIES.build("all"), Criterion("scaled_kl", scaled_kl))
     s, t, y = packed_text()
-    out = selective_kd_loss(s, t, y, sel, lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, t, y, LossInputs(sel, lam=1.0, temperature=1.0))
     (grad,) = torch.autograd.grad(out.loss_sum, s)
     assert torch.isfinite(grad).all() and torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))
     u = out.u

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES, Draws
 from sekd.selection.signals import SIGNALS, importance
@@ -31,7 +31,7 @@ def sel(policy: str, signal: str | None = "student_entropy", criterion: str = "f
 
 
 def loss(s, t, y, selector, temperature=1.0, lam=1.0, generator=None, **kw):
-    out = selective_kd_loss(s, t, y, selector, lam=lam, temperature=temperature, generator=generator, **kw)
+    out = selective_kd_loss(s, t, y, LossInputs(selector, lam=lam, temperature=temperature, generator=generator, **kw))
     return out.loss_sum / out.weight
 
 
@@ -61,7 +61,10 @@ def monte_carlo(s, t, y, policy, temperature=1.0, **opts):
     """Mean and standard error over R draws of the per-batch loss, and the objective's own mean."""
     S_, T_, Y_ = tiled(s, t, y)
     out = selective_kd_loss(
-        S_, T_, Y_, sel(policy, **opts), lam=1.0, temperature=temperature, generator=torch.Generator().manual_seed(123)
+        S_,
+        T_,
+        Y_,
+        LossInputs(sel(policy, **opts), lam=1.0, temperature=temperature, generator=torch.Generator().manual_seed(123)),
     )
     mean_obj = (out.loss_sum / out.weight).item()
     # per-draw batch losses, from the same draws: L_i = sum_j w_j l(t_j) / K_i, batch = mean_i L_i
@@ -144,7 +147,7 @@ def test_weighted_criterion_with_all_positions_is_weighted_kd(temperature):
 def test_weighted_criterion_over_top_k_positions():
     s, t, y = batch(6)
     selector = sel("top_k", "kl", "weighted", k=0.5)
-    out = selective_kd_loss(s, t, y, selector, lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, t, y, LossInputs(selector, lam=1.0, temperature=1.0))
     m = out.draws.dense(T)  # unit weights on the selected positions
     valid = y != IGNORE
     rows, cols = valid.nonzero(as_tuple=True)
@@ -160,7 +163,7 @@ def test_weighted_criterion_over_top_k_positions():
 
 def test_objective_scores_at_the_kd_temperature():
     s, t, y = batch(7)
-    out = selective_kd_loss(s, t, y, sel("top_k", "kl", k=0.3), lam=1.0, temperature=2.0)
+    out = selective_kd_loss(s, t, y, LossInputs(sel("top_k", "kl", k=0.3), lam=1.0, temperature=2.0))
     valid = y != IGNORE
     assert torch.equal(out.u, importance(SIGNALS.get("kl"), s, t, y, valid, temperature=2.0))
     assert not torch.equal(out.u, importance(SIGNALS.get("kl"), s, t, y, valid))
@@ -170,7 +173,7 @@ def test_gls_state_round_trips_through_the_selector():
     a = sel("gls", k=0.3, Q=30)
     for seed in range(3):
         s, t, y = batch(10 + seed)
-        selective_kd_loss(s, t, y, a, lam=1.0, temperature=1.0)
+        selective_kd_loss(s, t, y, LossInputs(a, lam=1.0, temperature=1.0))
     b = sel("gls", k=0.3, Q=30)
     b.load_state_dict(a.state_dict())
     s, t, y = batch(20)
@@ -189,6 +192,6 @@ def test_draws_with_zero_weight_rows_drop_out():
         return Draws.from_mask(m)
 
     out = selective_kd_loss(
-        s, t, y, Selector(None, first_row_only, CRITERIA.get("forward_kl")), lam=1.0, temperature=1.0
+        s, t, y, LossInputs(Selector(None, first_row_only, CRITERIA.get("forward_kl")), lam=1.0, temperature=1.0)
     )
     assert out.weight == 1.0

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
 from sekd.kd.on_policy import (
     IGNORE,
     Rollout,
@@ -284,10 +284,10 @@ def test_a_rows_answer_depends_on_its_key_alone_never_on_its_batch(student):
 
 
 def test_the_trainers_on_policy_batch_is_the_same_however_the_samples_are_split(student):
-    """sekd.training.loop.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/core/rng.py
+    """sekd.training.on_policy.OnPolicy keyed as the trainer keys it (run seed, step, global sample index; sekd/core/rng.py
     step_keys): one micro-batch of 4 samples, or two of 2 (two ranks, or two micro-batches), give the same
     rows; rows are the data's length (seq_len), so the shapes match too."""
-    from sekd.training.loop import OnPolicy
+    from sekd.training.on_policy import OnPolicy
     from sekd.core.rng import step_keys
 
     ps = prompts((2, 5, 9, 4), seed=1)
@@ -468,10 +468,14 @@ def test_reverse_kl_on_the_rollout_equals_a_dense_reference(student, teacher, te
             lq, lp = log_softmax_by_hand(s[i, j] / temperature), log_softmax_by_hand(t[i, j] / temperature)
             kl[i, j] = (lq.exp() * (lq - lp)).sum()
     sel = Selector(None, POLICIES.build("all"), CRITERIA.get("reverse_kl"))
-    tok = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=temperature, normalization="batch_tokens")
+    tok = selective_kd_loss(
+        s, t, r.labels, LossInputs(sel, lam=1.0, temperature=temperature, normalization="batch_tokens")
+    )
     assert tok.weight == int(r.gen_lens.sum())
     torch.testing.assert_close(tok.loss_sum, temperature**2 * kl.sum(), rtol=1e-10, atol=1e-12)
-    seq = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=temperature, normalization="per_sequence")
+    seq = selective_kd_loss(
+        s, t, r.labels, LossInputs(sel, lam=1.0, temperature=temperature, normalization="per_sequence")
+    )
     per_row = temperature**2 * kl.sum(-1) / r.gen_lens.double()
     assert seq.weight == len(ps)
     torch.testing.assert_close(seq.loss_sum, per_row.sum(), rtol=1e-10, atol=1e-12)
@@ -485,7 +489,7 @@ def test_selection_picks_generated_positions_only(student, teacher):
         s, t = student(input_ids=r.input_ids).logits, teacher(input_ids=r.input_ids).logits
     k = 0.25
     sel = Selector(SIGNALS.get("student_entropy"), POLICIES.build("top_k", k=k), CRITERIA.get("reverse_kl"))
-    out = selective_kd_loss(s, t, r.labels, sel, lam=1.0, temperature=1.0)
+    out = selective_kd_loss(s, t, r.labels, LossInputs(sel, lam=1.0, temperature=1.0))
     picked = out.draws.dense(r.labels.shape[1]) != 0  # [B,L]
     generated = r.labels != IGNORE
     assert not (picked & ~generated).any()

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from sekd.kd.flows import chunked_kd_loss
-from sekd.kd.objective import Selector, selective_kd_loss
+from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES, ClassSampler
 from sekd.selection.criteria import COUPLINGS, CRITERIA, NEEDS, Criterion, criterion, forward_kl, sparse_capable
 from sekd.selection.policies import POLICIES, PolicyPiece
@@ -89,9 +89,11 @@ def assert_refused(crit: str, policy: str, classes: str) -> None:
     sel = Selector(SIGNALS.get(SIGNAL), build_policy(policy), CRITERIA.build(crit))
     s_logits = torch.nn.functional.linear(h_s, head_s.weight, head_s.bias)[..., :V]
     with pytest.raises(ValueError, match=message):
-        selective_kd_loss(s_logits, None, y, sel, lam=1.0, temperature=1.0, cached=cached_targets())
+        selective_kd_loss(s_logits, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached_targets()))
     with pytest.raises(ValueError, match=message):
-        chunked_kd_loss(h_s, head_s, None, None, y, sel, vocab=V, lam=1.0, temperature=1.0, cached=cached_targets())
+        chunked_kd_loss(
+            h_s, head_s, None, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached_targets()), vocab=V
+        )
 
 
 def test_sparse_capable_criteria_are_the_ones_config_allows():

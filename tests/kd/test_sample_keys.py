@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sekd.kd.flows import chunked_kd_loss
-from sekd.kd.objective import selective_kd_loss
+from sekd.kd.objective import LossInputs, selective_kd_loss
 from sekd.core.rng import PositionKeys, RowKeys
 from sekd.selection.classes import CLASSES
 from sekd.selection.policies import POLICIES
@@ -155,10 +155,13 @@ def run_flow(flow, name, part, *, rows, chunk_size=4, gather=None, policy=None):
     )
     if flow == "dense":
         out = selective_kd_loss(
-            F.linear(h_s, head_s.weight, head_s.bias), F.linear(h_t, head_t.weight, head_t.bias), y, sel, **kw
+            F.linear(h_s, head_s.weight, head_s.bias),
+            F.linear(h_t, head_t.weight, head_t.bias),
+            y,
+            LossInputs(sel, **kw),
         )
     else:
-        out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, sel, vocab=V, chunk_size=chunk_size, **kw)
+        out = chunked_kd_loss(h_s, head_s, h_t, head_t, y, LossInputs(sel, **kw), vocab=V, chunk_size=chunk_size)
     out.loss_sum.backward()
     return out, head_s.weight.grad
 
@@ -246,9 +249,9 @@ def test_curriculum_reads_the_optimizer_step_the_loop_passes():
     the same on every rank), never a per-rank micro-batch count."""
     import inspect
 
-    import sekd.training.loop as loop
+    from sekd.training.trainer import Trainer
 
-    assert "step=self.prog.step" in inspect.getsource(loop.Trainer.forward)  # Progress.step: optimizer steps
+    assert "step=self.prog.step" in inspect.getsource(Trainer.loss_inputs)  # Progress.step: optimizer steps
     u, _, y = inputs()
     valid = y != IGNORE
     c = POLICIES.build("curriculum", k=0.3, S=10)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sekd.kd.objective import IGNORE, Selector, selective_kd_loss
+from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES, SparseTarget, build_classes, rs_kd, sparse_forward_kl, top_k_truncation
 from sekd.selection.criteria import forward_kl
 from sekd.selection.policies import POLICIES
@@ -93,7 +93,7 @@ def test_objective_with_cached_targets_equals_online_targets():
     valid = y != IGNORE
     truncation = build_classes("top_k_truncation", top=3)  # deterministic, so both paths see one target
     sel = Selector(signal=None, policy=POLICIES.build("all"), criterion=forward_kl, classes=truncation)
-    online = selective_kd_loss(s, t, y, sel, lam=1.0, temperature=1.0)
+    online = selective_kd_loss(s, t, y, LossInputs(sel, lam=1.0, temperature=1.0))
     cached = truncation(t[valid])  # row-major valid positions, as TeacherCache.targets returns them
-    offline = selective_kd_loss(s, None, y, sel, lam=1.0, temperature=1.0, cached=cached)
+    offline = selective_kd_loss(s, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached))
     torch.testing.assert_close(online.loss_sum, offline.loss_sum)

@@ -1,4 +1,4 @@
-"""The training loop (sekd/training/loop.py): the micro-batch split does not change the step; a run killed after a
+"""The training loop (sekd/training/trainer.py): the micro-batch split does not change the step; a run killed after a
 checkpoint resumes to the same weights."""
 
 import json
@@ -12,7 +12,7 @@ from sekd.kd.objective import IGNORE, Selector
 from sekd.selection.criteria import forward_kl
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS
-from sekd.training.loop import Trainer
+from sekd.training.trainer import Trainer
 from sekd.config.schema import TrainConfig
 from tests.helpers import TINY, checkpoint_step, logged_steps, sekd_train, sekd_train_killed
 
@@ -77,12 +77,12 @@ def trainer(
 @pytest.mark.parametrize("flow", ["dense", "chunked"])
 def test_gradient_accumulation_does_not_change_the_step(policy, signal, normalization, flow):
     """The effective batch of 4 split as 4x1, 2x2 and 1x4 gives the same loss and gradients."""
-    from sekd.training.loop import micro_batches
+    from sekd.training.batches import micro_batches
 
     results = []
     for mb, accum in ((4, 1), (2, 2), (1, 4)):
         tr = trainer(mb, accum, policy, signal, normalization, flow)
-        loss, _, _ = tr.accumulate(micro_batches(tr.data, mb, tr.seed, tr.prog))
+        loss = tr.accumulate(micro_batches(tr.data, mb, tr.seed, tr.prog)).loss
         grads = {n: p.grad.clone() for n, p in tr.student.named_parameters()}
         results.append((loss, grads))
     (loss0, g0), *rest = results
@@ -95,12 +95,12 @@ def test_gradient_accumulation_does_not_change_the_step(policy, signal, normaliz
 @pytest.mark.parametrize("policy,signal", [("all", None), ("top_k", "kl")])
 def test_chunked_flow_takes_the_same_step_as_the_dense_flow(policy, signal):
     """Through real HF models: every student gradient of the chunked flow equals the dense one."""
-    from sekd.training.loop import micro_batches
+    from sekd.training.batches import micro_batches
 
     grads = {}
     for flow in ("dense", "chunked"):
         tr = trainer(2, 2, policy, signal, "per_sequence", flow)
-        loss, _, _ = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog))
+        loss = tr.accumulate(micro_batches(tr.data, 2, tr.seed, tr.prog)).loss
         grads[flow] = (loss, {n: p.grad.clone() for n, p in tr.student.named_parameters()})
     assert grads["chunked"][0] == pytest.approx(grads["dense"][0], rel=1e-5)
     for n, g in grads["dense"][1].items():
@@ -112,7 +112,7 @@ def test_a_stand_in_keeps_no_autograd_graph(flow):
     """A stand-in micro-batch (a rank's share of a short last global micro-batch, run again at zero weight)
     has no backward outside fsdp: its forward records no graph (no activations kept for a backward that
     never comes); a real micro-batch's does."""
-    from sekd.training.loop import StandIn
+    from sekd.training.batches import StandIn
 
     tr = trainer(1, 1, flow=flow)
     real, _ = tr.forward([0])
@@ -175,3 +175,18 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, preset, extra):
 
     again = sekd_train([*args, f"paths.root={tmp_path}/b"])
     assert again.returncode == 0 and "already done" in again.stdout
+
+
+def test_the_steps_counts_travel_as_one_tensor():
+    """StepCounts: one float64 tensor for the one all-reduce of a step, and back, field by field; one process
+    sums nothing."""
+    from sekd.distributed.process_group import Dist
+    from sekd.training.trainer import StepCounts
+
+    counts = StepCounts(1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    t = counts.to_tensor()
+    assert t.dtype == torch.float64 and t.tolist() == [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert StepCounts.from_tensor(t) == counts
+    assert counts.summed(Dist.single()) is counts
+    assert counts.loss == 1.5 / 2.0 and counts.selected_fraction == 3.0 / 4.0
+    assert StepCounts().loss == 0.0 and StepCounts().scale == 1e12  # an empty step divides by nothing
