@@ -1,25 +1,12 @@
-"""The selective objective of docs/method.md §2 from hidden states: chunked scoring and a selective LM head (docs/method.md §9).
+"""The selective objective of docs/method.md §2 from hidden states: chunked importance and a selective LM
+head (docs/method.md §9, "Chunked scoring", "Selective LM head").
 
-Same semantics as the dense reference `selective_kd_loss` on the logits the heads would give,
-z = F.linear(h, W, b)[..., :V], but no [B,T,V] tensor ever exists:
-
-    u(t)   from the heads over chunks of valid positions, no grad, reduced to scalars   [B,T]
-    m_t, w_t = policy(u)                                  (the same per-row keys as the dense flow)
-    l(t)   = lam * T^2 * D_C(p_t, q_t) + (1 - lam) * CE(x_{t+1}, q_t)   at selected positions only
-    loss   = sum_n c_n l(t_n),  c_n = m w / n_sel_i (per_sequence) or m w (batch_tokens)
-
-The student head runs with gradient only at the N selected positions, C at a time; the forward
-computes each chunk's gradients at once (`SelectedHeadLoss`), so forward and backward hold
-O(C x V) logits. The teacher head runs at every valid position only when the signal needs the
-teacher there; otherwise only at the selected positions.
-
-The criterion says how it may be chunked (selection/criteria.py `Criterion`): a pointwise one runs
-chunk by chunk as it is; a batch-level one (`weighted`, `atkd`) first runs its prepare step, a no-grad
-pass over all selected positions for what it declares it needs (u, or the teacher head's target
-probability), and is then pointwise; an undeclared callable runs as one chunk. The class axis: the
-criterion's sparse form (a criterion without one is refused) against the selector's targets, drawn chunk
-by chunk from the positions' keys (the same numbers whatever the chunking), or cached ones. tests/kd/test_protocols.py holds both flows equal for every
-registered criterion x policy x class selector.
+The same loss as the dense `selective_kd_loss` on the logits the heads would give, but no [B,T,V] tensor
+ever exists: u(t) from the heads over chunks of valid positions (no grad); m_t, w_t = policy(u) with the
+dense flow's per-row keys; the student head with gradient only at the selected positions, C at a time.
+A pointwise criterion runs chunk by chunk; a batch-level one (`weighted`, `atkd`) first runs its prepare
+step over all selected positions. tests/kd/test_protocols.py holds both flows equal for every registered
+criterion x policy x class sampler.
 """
 
 from __future__ import annotations

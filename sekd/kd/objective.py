@@ -51,7 +51,7 @@ class Selector:
     @classmethod
     def of(
         cls,
-        signal: Callable[..., Any] | None,
+        signal: S.Signal | None,
         policy: Callable[..., Draws],
         criterion: Callable[..., Tensor],
         signal_normalization: str = "sum",

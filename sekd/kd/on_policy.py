@@ -1,47 +1,13 @@
-"""On-policy rollouts (docs/method.md §10; Agarwal et al. 2024, "On-policy distillation of language models").
-
-For a batch of training prompts the student samples answers (paper: temperature 0.7, top-p 0.9, up to
-256 new tokens); the teacher then scores the student's own tokens and the selective objective (reverse
-KL by default) applies to the *generated* positions only. This module produces that training batch:
+"""On-policy rollouts (docs/method.md §10; Agarwal et al. 2024): the student samples answers to a batch of
+prompts and this module turns them into the training batch the selective objective reads.
 
     rollout(student, prompts, ...) = build_rollout(prompts, sample_answers(student, prompts, ...))
 
-Sampling is batched: the prompts are LEFT-padded (every row's next token is then written in the same
-column), run once with an attention mask and position ids counted from each row's first token, and
-then one forward per new token for the whole batch over the model's KV cache. Each row is sampled as
-if it were alone (up to float rounding): its logits see only its own tokens at its own positions.
-
-The training rows are RE-ALIGNED TO THE RIGHT: row i = prompt_i + answer_i, padded on the right.
-The trainer's forward (`Trainer.forward`) runs student and teacher on `input_ids` alone, with no
-attention mask and default position ids 0..L-1. With left padding that forward would be wrong: the
-real tokens would attend to the pad tokens and sit at shifted rotary positions. With right padding
-and causal attention, position t only sees tokens 0..t, all real for every real position, at their
-true positions 0..t, so every real position's logits are exactly those of an unpadded forward of
-that row alone (and of the sampler's masked, left-padded forward); the pad positions after the row's
-end produce logits nobody reads, since their labels are -100. No change to the trainer is needed.
-
-Labels: with w = prompt + answer (+ right padding), input_ids = w[:-1] and labels[t] = w[t+1]
-exactly where w[t+1] is a generated token (its eos included), else -100. The first supervised
-position is therefore the prompt's last token (it predicts the first generated token), and the
-objective's valid mask, selection policies and criterion see generated positions only.
-
-Length rule (`seq_len`): without it, L = longest row - 1 (the batch's own length). With it, every
-row is cut to its first seq_len + 1 tokens and padded to exactly that, so L = seq_len: the tail of
-a too-long answer is dropped, never the prompt's head, so every kept position keeps the exact
-context the student sampled it under. A row whose prompt alone fills seq_len + 1 tokens keeps no
-generated token: its labels are all -100 and the objective gives it no weight (s_i = 0).
-`rollout` caps each row's answer at what that row can keep (`answer_caps`), which drops only tokens
-the rule would cut anyway; the cap is the row's own, so its answer does not depend on the batch.
-
-Padding id: the pad positions are never attended to by real positions (causal attention) and carry
-no label, so any in-vocabulary id gives the same loss; pass the eos id to match the task data rows,
-which are right-padded with eos.
-
-Reproducibility (docs/method.md §10): row i's t-th token is an inverse-CDF draw (sekd/core/rng.py `categorical`)
-from the t-th uniform of its own key (`keys`, sekd/core/rng.py RowKeys; the trainer keys a row by (run seed,
-optimizer step, global sample index)), so a sample's answer depends on that key, its prompt and the
-weights only: not on its micro-batch, its rank, its neighbours' lengths, or the global RNG, which is
-not touched. A resumed run samples the same answers, and so does any world size.
+Prompts are left-padded for batched sampling over the KV cache; the training rows are re-aligned to the
+right (prompt + answer, then padding), so a forward with no mask gives every real position its unpadded
+logits. Labels are the generated tokens only; `seq_len` cuts an answer's tail, never the prompt. Row i's
+t-th token is an inverse-CDF draw from its own key (sekd/core/rng.py), so an answer depends on its key,
+prompt and weights only. docs/method.md §10 has the rules in full.
 """
 
 from __future__ import annotations

@@ -285,6 +285,9 @@ class Trainer:
         peak is the whole teacher alone, not the teacher plus the student's shard)."""
         mesh = self.t.fsdp.mesh
         if self.sharded and teacher is not None:
+            from sekd.models.loading import PlacedTeacher  # fsdp shards the teacher itself; checks refuse a placed one
+
+            assert not isinstance(teacher, PlacedTeacher)
             shard_teacher(teacher, self.dist.device, dtype=self.dtype, mesh=mesh)
         broadcast_params([p for p in student.parameters() if p.requires_grad], self.dist)  # rank 0's weights
         objective = StudentLoss(student, vocab=self.V, chunk_size=self.chunk_size, flow=self.t.flow)
