@@ -78,10 +78,31 @@ def pytest_configure(config):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its --dist loadgroup)
 def pytest_collection_modifyitems(config, items):
-    """Mark every test that starts a process, itself, through a helper or through one of its fixtures."""
+    """Mark every test that starts a process, itself, through a helper or through one of its fixtures; and keep
+    together, on one pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`), what must not be split."""
     for item in items:
         module = Path(str(item.fspath)).stem
         name = getattr(item, "originalname", item.name)
         if _spawns(module, name) or any(_spawns(module, f) for f in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+        group = xdist_group(item)
+        if group and not any(item.iter_markers("xdist_group")):  # a test's own group comes first
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def xdist_group(item) -> str | None:
+    """The pytest-xdist group a test joins unless it names its own:
+
+    - "slurm": every test of tests/test_slurm.py and every test using its cluster, so that one worker starts,
+      uses and stops the one-node cluster (two would start and stop it under each other);
+    - "<module>": a module's tests that share a module-scoped fixture (a run, a built cache): split over two
+      workers, each would build it (module fixtures are per process)."""
+    fixtures = getattr(item, "_fixtureinfo", None)
+    defs = fixtures.name2fixturedefs if fixtures else {}
+    if Path(str(item.fspath)).name == "test_slurm.py" or "cluster" in defs:
+        return "slurm"
+    if any(d.scope == "module" for ds in defs.values() for d in ds):
+        return item.nodeid.split("::")[0]
+    return None

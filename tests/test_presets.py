@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sekd.app import execute
-from tests.helpers import PRESETS, ROOT, TINY, compose_cfg
+from tests.helpers import PRESETS, ROOT, TINY, compose_cfg, shared_dir
 
 DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "distill"]
 PAPER = ROOT / "sekd" / "report" / "paper" / "paper_tables.csv"
@@ -27,9 +27,12 @@ def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
     assert len(on_policy) == 7 and all(compose_cfg([f"experiment={p}"]).regime.name == "on_policy" for p in on_policy)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    """One paths.cache for every preset, whichever pytest-xdist worker runs it (its builds take locks)."""
+    folder = shared_dir(tmp_path_factory) / "presets-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def prompt_lengths_by_sample(tree) -> dict[str, int]:
