@@ -51,17 +51,26 @@ def _functions() -> dict[tuple[str, str], set[str]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _by_name() -> dict[str, list[tuple[str, str]]]:
+    """Function name -> its (module stem, name) keys in _functions(), in their order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key in _functions():
+        out.setdefault(key[1], []).append(key)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _spawns(module: str, name: str, seen: frozenset = frozenset()) -> bool:
     """Whether the function `name` (resolved in `module` first, else in any test module) starts a process,
     itself or through a function of tests/ it uses."""
-    funcs = _functions()
-    keys = [(module, name)] if (module, name) in funcs else [k for k in funcs if k[1] == name]
+    funcs, by_name = _functions(), _by_name()
+    keys = [(module, name)] if (module, name) in funcs else by_name.get(name, [])
     for key in keys:
         if key in seen:
             continue
         used = funcs[key]
-        if used & SPAWNS or any(_spawns(key[0], u, seen | {key}) for u in used if any(k[1] == u for k in funcs)):
+        if used & SPAWNS or any(_spawns(key[0], u, seen | {key}) for u in used if u in by_name):
             return True
     return False
 
