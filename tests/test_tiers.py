@@ -38,8 +38,8 @@ def test_make_tests_workers_keep_together_what_must_not_be_split():
     assert xdist_group("tests/test_slurm.py::test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint") == (
         "slurm"
     )
-    runs = "tests/test_end_to_end.py::test_record_holds_what_the_issue_lists"  # its module's `runs` fixture
-    assert xdist_group(runs) == "tests/test_end_to_end.py"
+    shared = "tests/test_end_to_end.py::test_record_holds_what_the_issue_lists"  # its module-scoped fixture
+    assert xdist_group(shared) == "tests/test_end_to_end.py"
     alone = "tests/test_end_to_end.py::test_report_on_an_empty_folder_fails_clearly"
     assert xdist_group(alone) == alone
     # the 2-rank full_kd run three modules read: built once (tests/helpers.built_once), by one worker
@@ -53,5 +53,5 @@ def test_make_tests_workers_keep_together_what_must_not_be_split():
         ),
     } == {"ddp"}
     # the units that start processes or are slow are handed out first (the marks above, read from the sources)
-    assert _heavy(runs) and _heavy("tests/test_config_hashes.py::test_every_hash_is_what_it_was")
+    assert _heavy(shared) and _heavy("tests/test_config_hashes.py::test_every_hash_is_what_it_was")
     assert not _heavy(alone) and not _heavy("tests/test_tiers.py::test_a_test_that_starts_none_is_not")
