@@ -61,6 +61,21 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return folder
 
 
+def tiny_cache(tmp_path_factory, dest: Path) -> Path:
+    """A paths.cache at `dest` (which must not exist) holding the tiny pair as model=tiny builds it (tokenizer,
+    pretrained teacher and student), copied from one built once a session: for a run that needs a cache of its
+    own but not to build the pair. A test of the building itself, or of a cache left empty, starts from none."""
+
+    def build_tiny_pair(folder: Path) -> None:
+        from sekd.app.checks import typed
+        from sekd.models.loading import resolve_pair
+
+        resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={folder}"])))
+
+    shutil.copytree(built_once(tmp_path_factory, "tiny-cache", build_tiny_pair), dest)
+    return dest
+
+
 def compose_cfg(overrides: list[str], config_dir: Path = CONF, name: str = "config", hydra_node: bool = False):
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name=name, overrides=overrides, return_hydra_config=hydra_node)

@@ -38,7 +38,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, TINY, built_once, checkpoint_step, descendants, logged_steps, sekd_train
+from tests.helpers import ROOT, TINY, built_once, checkpoint_step, descendants, logged_steps, sekd_train, tiny_cache
 
 ATOL = 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -151,11 +151,12 @@ def one_process_runs(tmp_path_factory, preset: str) -> Path:
         presets, name = preset, f"one-process-{preset}"
 
     def train_one_process(folder: Path) -> None:
-        over = args(folder, presets, 4, TRACE, *PRESET_EXTRA.get(preset, []))
+        tiny_cache(tmp_path_factory, folder / "cache")
+        over = args(folder / "one", presets, 4, TRACE, *PRESET_EXTRA.get(preset, []))
         res = sekd_train(["-m", *over] if "," in presets else over, env=OMP1)
         assert res.returncode == 0, res.stderr[-3000:]
 
-    return built_once(tmp_path_factory, name, train_one_process)
+    return built_once(tmp_path_factory, name, train_one_process) / "one"
 
 
 def two_ranks(tmp_path_factory, preset: str) -> Path:
@@ -171,6 +172,7 @@ def two_ranks(tmp_path_factory, preset: str) -> Path:
 
     def train_two_ranks(folder: Path) -> None:
         (folder / "tmp").mkdir()
+        tiny_cache(tmp_path_factory, folder / "cache")
         over = args(folder / "two", presets, 2, TRACE, *extra)
         res = subprocess.run(
             [*TORCHRUN, *(["-m", *over] if "," in presets else over), "train.distributed=ddp"],
@@ -188,7 +190,7 @@ def two_ranks(tmp_path_factory, preset: str) -> Path:
 @pytest.mark.xdist_group("ddp")  # one worker builds the shared runs the others would wait for
 @pytest.mark.parametrize("preset", ["full_kd", *SWEPT, "on_policy_full_kd"])
 def test_two_ranks_train_the_one_process_weights(tmp_path_factory, tmp_path, preset):
-    two_root, one_root = two_ranks(tmp_path_factory, preset), one_process_runs(tmp_path_factory, preset)
+    one_root, two_root = one_process_runs(tmp_path_factory, preset), two_ranks(tmp_path_factory, preset)
     run, one = run_of(two_root, preset), run_of(one_root, preset)
     assert max_diff(weights_of(run), weights_of(one)) <= ATOL
 
@@ -209,12 +211,14 @@ def test_two_ranks_train_the_one_process_weights(tmp_path_factory, tmp_path, pre
         assert stats[key] == one_stats[key], key
 
     if preset == "full_kd":  # the bound separates: half the batch lands far outside it
+        tiny_cache(tmp_path_factory, tmp_path / "cache")
         half = sekd_train([*args(tmp_path / "half", preset, 2)], env=OMP1)
         assert half.returncode == 0, half.stderr[-3000:]
         assert max_diff(weights(tmp_path / "half"), weights_of(one)) > 100 * ATOL
 
 
-def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
+def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=2", steps=8)
     done = torchrun(a)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -26,7 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, built_once, checkpoint_step, compose_cfg, descendants, logged_steps, sekd_train
+from tests.helpers import (
+    ROOT,
+    TINY,
+    built_once,
+    checkpoint_step,
+    compose_cfg,
+    descendants,
+    logged_steps,
+    sekd_train,
+    tiny_cache,
+)
 from tests.test_distributed import (
     ATOL,
     ENV,
@@ -67,6 +77,7 @@ def fsdp_sweep(tmp_path_factory) -> Path:
 
     def train_fsdp_sweep(folder: Path) -> None:
         (folder / "tmp").mkdir()
+        tiny_cache(tmp_path_factory, folder / "cache")
         over = args(folder / "two", ",".join(FSDP_SWEPT), 2, TRACE)
         res = subprocess.run(
             [*TORCHRUN, "-m", *over, "train.distributed=fsdp"],
@@ -105,6 +116,7 @@ def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path_factory, tmp_
             run_of(one_process_runs(tmp_path_factory, preset), preset),
         )
     else:  # a run of its own: its data keys are no other test's
+        tiny_cache(tmp_path_factory, tmp_path / "cache")
         two_ranks_and_one(tmp_path, preset, *extra, mode="fsdp")
         run, one = the_run(tmp_path / "two"), the_run(tmp_path / "one")
     assert_two_ranks_match_one(run, one, "loss", "grad_norm", "tokens_seen", "tokens_supervised")
@@ -136,7 +148,8 @@ def test_an_fsdp_rank_loads_its_student_on_the_cpu_not_on_its_card(tmp_path):
     assert student_home(ddp, rank, card) == card and student_home(job.cfg, Dist.single(card), card) == card
 
 
-def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):
+def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=2", steps=6)
     done = torchrun_fsdp(a)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,6 +223,7 @@ def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
 @pytest.mark.xdist_group("fsdp")
 @pytest.mark.parametrize("mesh", ["2x1", "hybrid"])
 def test_fsdp_on_a_two_dimensional_mesh_trains_the_one_process_weights(tmp_path_factory, tmp_path, mesh):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")
     two = torchrun_fsdp(args(tmp_path / "two", "se_kd", 2, TRACE, f"train.fsdp.mesh={mesh}"))
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_of(one_process_runs(tmp_path_factory, "se_kd"), "se_kd")  # one process: no mesh, the same run

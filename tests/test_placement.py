@@ -73,12 +73,14 @@ def test_teacher_device_names_the_key():
             teacher_device(f"cuda:{count}", cpu)
 
 
-def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throughput(tmp_path):
+def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throughput(tmp_path_factory, tmp_path):
     """Through the real CLI: model.teacher_device=cpu (the student's device here) trains, and the record
     says one process, both devices and the tokens per second per device."""
     import json
 
-    from tests.helpers import TINY, sekd_train
+    from tests.helpers import TINY, sekd_train, tiny_cache
+
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
 
     res = sekd_train(
         [
