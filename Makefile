@@ -27,14 +27,20 @@ demo: install
 	$(BIN)/sekd-train --config-dir sweeps --config-name demo $(DEMO_ARGS)
 	$(BIN)/sekd-report outputs/demo/runs --out outputs/demo
 
-# pytest's temp folders under the checkout: another pytest session's cleanup never deletes them.
+# The tests run in TEST_WORKERS pytest-xdist workers (default: one per CPU, at most 4), one torch thread each;
+# tests/conftest.py keeps what must share a worker together (the Slurm cluster's tests, a module's shared
+# fixture) through --dist loadgroup. TEST_WORKERS=0 runs them in this process. pytest's temp folders are under
+# the checkout: another pytest session's cleanup never deletes them.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --basetemp=$(CURDIR)/.pytest_tmp
+
 test: install slurm-install
-	$(BIN)/pytest -q --basetemp=$(CURDIR)/.pytest_tmp
+	$(PYTEST)
 
 # The fast tier, for iterating: every test that starts no process (the CLI, torchrun, Slurm, a notebook) and
 # is not marked slow (tests/conftest.py marks them). `make test` still runs everything.
 test-fast: install
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not e2e and not slow" --basetemp=$(CURDIR)/.pytest_tmp
+	$(PYTEST) -m "not e2e and not slow"
 
 # ruff's lint and format check (pyproject.toml [tool.ruff]), then mypy over the folders [tool.mypy] names;
 # CI runs it before the tests, and `pre-commit install` runs the same on every commit (.pre-commit-config.yaml)

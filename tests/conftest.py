@@ -51,17 +51,26 @@ def _functions() -> dict[tuple[str, str], set[str]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _by_name() -> dict[str, list[tuple[str, str]]]:
+    """Function name -> its (module stem, name) keys in _functions(), in their order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key in _functions():
+        out.setdefault(key[1], []).append(key)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _spawns(module: str, name: str, seen: frozenset = frozenset()) -> bool:
     """Whether the function `name` (resolved in `module` first, else in any test module) starts a process,
     itself or through a function of tests/ it uses."""
-    funcs = _functions()
-    keys = [(module, name)] if (module, name) in funcs else [k for k in funcs if k[1] == name]
+    funcs, by_name = _functions(), _by_name()
+    keys = [(module, name)] if (module, name) in funcs else by_name.get(name, [])
     for key in keys:
         if key in seen:
             continue
         used = funcs[key]
-        if used & SPAWNS or any(_spawns(key[0], u, seen | {key}) for u in used if any(k[1] == u for k in funcs)):
+        if used & SPAWNS or any(_spawns(key[0], u, seen | {key}) for u in used if u in by_name):
             return True
     return False
 
@@ -85,3 +94,114 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         if _spawns(module, name) or any(_spawns(module, f) for f in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+
+
+# ---- `make test`: two pytest-xdist workers (-n 2 --dist loadgroup) ---------------------------------------
+#
+# Some tests must share a worker, and the scheduler below decides it from the nodeids alone (the controller
+# collects nothing), reading the test sources as the marking above does. pytest-xdist's own loadgroup reads
+# xdist_group marks by appending them to the nodeids, which pytest 9.2's structured nodeids ignore
+# (pytest-dev/pytest-xdist#1386): --dist loadgroup gets this scheduler instead, which also honours the marks.
+
+
+@functools.lru_cache(maxsize=None)
+def _module_info(path: str) -> tuple[dict[str, str], dict[str, set[str]], set[str], set[str]]:
+    """For the test module at `path` (rootdir-relative): function -> the xdist_group it names; function -> its
+    parameters (a test's or a fixture's fixtures); its module-scoped fixtures; its functions marked slow."""
+    groups: dict[str, str] = {}
+    params: dict[str, set[str]] = {}
+    module_fixtures: set[str] = set()
+    slow: set[str] = set()
+    file = TESTS.parent / path
+    tree = ast.parse(file.read_text()) if file.suffix == ".py" and file.exists() else ast.Module(body=[])
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        params[node.name] = {a.arg for a in [*node.args.args, *node.args.kwonlyargs]}
+        for d in node.decorator_list:
+            call = d if isinstance(d, ast.Call) else None
+            func = call.func if call else d
+            attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if attr == "xdist_group" and call and call.args and isinstance(call.args[0], ast.Constant):
+                groups[node.name] = str(call.args[0].value)
+            elif attr == "fixture" and call:
+                if any(k.arg == "scope" and getattr(k.value, "value", None) == "module" for k in call.keywords):
+                    module_fixtures.add(node.name)
+            elif attr == "slow":
+                slow.add(node.name)
+    return groups, params, module_fixtures, slow
+
+
+def _test_of(nodeid: str) -> tuple[str, str]:
+    """(rootdir-relative path, test function name) of a nodeid (an xdist "@group" suffix dropped)."""
+    if nodeid.rfind("@") > nodeid.rfind("]"):
+        nodeid = nodeid[: nodeid.rfind("@")]
+    path, _, rest = nodeid.partition("::")
+    return path, rest.split("[", 1)[0].split("::")[-1]
+
+
+def _fixtures_of(path: str, name: str) -> set[str]:
+    """The fixtures `name` asks for, through the fixtures of its own module too (those of conftest.py files
+    count by name only)."""
+    params = _module_info(path)[1]
+    seen, todo = set(), [name]
+    while todo:
+        for p in params.get(todo.pop(), set()) - seen:
+            seen.add(p)
+            todo.append(p)
+    return seen
+
+
+def xdist_group(nodeid: str) -> str:
+    """The work unit a test goes in, whole, to one worker:
+
+    - the group its xdist_group mark names (tests that read runs another builds once: tests/helpers.built_once);
+    - "slurm": tests/test_slurm.py, whose module fixture starts the one-node cluster and stops it (two workers
+      would start and stop it under each other);
+    - its module: a test using a module-scoped fixture of its module (a run, a built cache: split over two
+      workers, each would build it, module fixtures being per process);
+    - else the test alone."""
+    path, name = _test_of(nodeid)
+    groups, _, module_fixtures, _ = _module_info(path)
+    if name in groups:
+        return groups[name]
+    if path == "tests/test_slurm.py":
+        return "slurm"
+    if _fixtures_of(path, name) & module_fixtures:
+        return path
+    return nodeid
+
+
+def _heavy(nodeid: str) -> bool:
+    """Whether a test is one `make test-fast` leaves out: it starts a process (as marked above), or is marked slow."""
+    path, name = _test_of(nodeid)
+    stem = Path(path).stem
+    return (
+        name in _module_info(path)[3] or _spawns(stem, name) or any(_spawns(stem, f) for f in _fixtures_of(path, name))
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's loadscope with xdist_group()'s work units, the heavy ones (starting processes, slow) handed out
+        first and the largest of them first: the many short tests fill the end, and no long one starts last."""
+
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the first call: the queue of work units is complete
+                self.ordered = True
+                heavy = {scope: any(_heavy(n) for n in unit) for scope, unit in self.workqueue.items()}
+                order = sorted(self.workqueue, key=lambda scope: (not heavy[scope], -len(self.workqueue[scope])))
+                self.workqueue = type(self.workqueue)((scope, self.workqueue[scope]) for scope in order)
+            super()._assign_work_unit(node)
+
+    return GroupScheduling(config, log)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,9 +35,62 @@ TINY = [
 ]
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """This session's folder that every pytest-xdist worker sees: the basetemp's parent in a worker (xdist gives
+    each worker <basetemp>/popen-gwN), the basetemp itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """<shared_dir>/<name>, filled by `build(folder)` once per session however many tests (in however many
+    xdist workers) ask: the first builds under sekd.core.artifacts.build_once's lock, the others wait and reuse
+    it. For a run several tests read (a trained tiny run, a sweep): read-only for them, copy to modify."""
+    from sekd.core.artifacts import build_once
+
+    folder = shared_dir(tmp_path_factory) / "shared" / name
+
+    def build_folder(done: Path) -> None:
+        if folder.exists():  # left by a build that failed
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        build(folder)
+        done.write_text("")
+
+    build_once(folder.with_name(f"{name}.done"), build_folder)
+    return folder
+
+
+def tiny_cache(tmp_path_factory, dest: Path) -> Path:
+    """A paths.cache at `dest` (which must not exist) holding the tiny pair as model=tiny builds it (tokenizer,
+    pretrained teacher and student), copied from one built once a session: for a run that needs a cache of its
+    own but not to build the pair. A test of the building itself, or of a cache left empty, starts from none."""
+
+    def build_tiny_pair(folder: Path) -> None:
+        from sekd.app.checks import typed
+        from sekd.models.loading import resolve_pair
+
+        resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={folder}"])))
+
+    shutil.copytree(built_once(tmp_path_factory, "tiny-cache", build_tiny_pair), dest)
+    return dest
+
+
 def compose_cfg(overrides: list[str], config_dir: Path = CONF, name: str = "config", hydra_node: bool = False):
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name=name, overrides=overrides, return_hydra_config=hydra_node)
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(config_dir: str, name: str, overrides: tuple[str, ...]):
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def composed(config_dir: Path, name: str, overrides: list[str]):
+    """The config `name` of config_dir under `overrides`, as compose_cfg gives it, composed once per process (a
+    copy each call): tests/test_sweeps.py and tests/test_config_hashes.py compose every sweep cell, ~0.2 s each."""
+    return copy.deepcopy(_composed(str(config_dir), name, tuple(overrides)))
 
 
 def sekd_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

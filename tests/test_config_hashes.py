@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sekd.stores.runs import config_hash, eval_hash, train_hash
-from tests.helpers import CONF, PRESETS, ROOT
+from tests.helpers import CONF, PRESETS, ROOT, composed
 from tests.test_sweeps import NAMES, SWEEPS, grid
 
 FIXTURE = ROOT / "tests" / "fixtures" / "config_hashes.json"
@@ -80,8 +80,7 @@ def all_hashes() -> dict[str, dict[str, str]]:
     out = {}
     for (name, rest), seeded in by_config.items():
         where = CONF if name == "config" else SWEEPS
-        with initialize_config_dir(config_dir=str(where), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=[*([] if name == "config" else [SEARCH]), *rest])
+        cfg = composed(where, name, [*([] if name == "config" else [SEARCH]), *rest])  # tests/test_sweeps.py's too
         default_seed = cfg.seed
         for case, seed in seeded.items():
             cfg.seed = default_seed if seed is None else seed
@@ -99,6 +98,7 @@ def test_the_fixture_covers_every_preset_and_sweep_cell():
 
 
 @pytest.mark.slow  # composes all 625 cases: ~40 s
+@pytest.mark.xdist_group("compose")  # beside tests/test_sweeps.py's, which compose the same sweep cells
 def test_every_hash_is_what_it_was():
     expected, now = json.loads(FIXTURE.read_text()), all_hashes()
     changed = [f"{case}: {now[case]} != {expected[case]}" for case in expected if now.get(case) != expected[case]]

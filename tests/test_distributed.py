@@ -38,7 +38,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, TINY, checkpoint_step, descendants, logged_steps, sekd_train
+from tests.helpers import ROOT, TINY, built_once, checkpoint_step, descendants, logged_steps, sekd_train, tiny_cache
 
 ATOL = 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -111,6 +111,10 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
     return load_file(model)
 
 
+def weights_of(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -123,38 +127,98 @@ def the_run(root: Path) -> Path:
 
 # the tiny pair's 512-token vocabulary spells arithmetic problems in more than 64 tokens; short answers keep it quick
 PRESET_EXTRA = {"on_policy_full_kd": ["data.seq_len=128", "regime.max_new_tokens=8"]}
+TRACE = "train.trace_selection_steps=2"
+# Presets checked as cells of one multirun on each side (torchrun's two ranks; one process): the same runs as one
+# run each (a cell is a run of its own, in its own process group), for one process start instead of one per preset.
+# full_kd (scored, and the half-batch check) and on_policy_full_kd (its own data keys) run alone, as plain runs.
+SWEPT = ["se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd", "top_smp"]
+OMP1 = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize(
-    "preset", ["full_kd", "se_kd", "curriculum", "se_kd3x", "gls", "pos_rs", "rs_kd", "top_smp", "on_policy_full_kd"]
-)
-def test_two_ranks_train_the_one_process_weights(tmp_path, preset):
-    extra = ["train.trace_selection_steps=2", *PRESET_EXTRA.get(preset, [])]
-    two_ranks_and_one(tmp_path, preset, *extra)
+def run_of(root: Path, preset: str) -> Path:
+    """The run folder of `preset` under root (<preset>-s<seed>-<hash>; one per preset)."""
+    (run,) = [p for p in (root / "runs").iterdir() if p.name.startswith(f"{preset}-s")]
+    return run
+
+
+def one_process_runs(tmp_path_factory, preset: str) -> Path:
+    """The root holding `preset`'s one-process run at micro-batch 4 (the global batch of 2 ranks x 2), traced:
+    every test comparing two ranks with one process reads it (tests/test_fsdp.py too), built once a session.
+    Every SWEPT preset and full_kd are cells of one multirun."""
+    if preset in ("full_kd", *SWEPT):
+        presets, name = ",".join(["full_kd", *SWEPT]), "one-process"
+    else:
+        presets, name = preset, f"one-process-{preset}"
+
+    def train_one_process(folder: Path) -> None:
+        tiny_cache(tmp_path_factory, folder / "cache")
+        over = args(folder / "one", presets, 4, TRACE, *PRESET_EXTRA.get(preset, []))
+        res = sekd_train(["-m", *over] if "," in presets else over, env=OMP1)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once(tmp_path_factory, name, train_one_process) / "one"
+
+
+def two_ranks(tmp_path_factory, preset: str) -> Path:
+    """The root holding `preset`'s run on 2 ranks x micro-batch 2 (ddp, torchrun), traced, built once a session.
+    full_kd is scored too (eval=embedded, 8 documents a task): tests/test_distributed_scoring.py and
+    tests/test_placement.py read its record. The SWEPT presets are the cells of one multirun under torchrun;
+    rank 1's Hydra output goes to <root>/tmp (tempfile reads TMPDIR)."""
+    if preset in SWEPT:
+        name, presets, extra = "ddp-sweep", ",".join(SWEPT), []
+    else:
+        name, presets = f"ddp-{preset}", preset
+        extra = ["eval=embedded", "eval.limit=8"] if preset == "full_kd" else PRESET_EXTRA.get(preset, [])
+
+    def train_two_ranks(folder: Path) -> None:
+        (folder / "tmp").mkdir()
+        tiny_cache(tmp_path_factory, folder / "cache")
+        over = args(folder / "two", presets, 2, TRACE, *extra)
+        res = subprocess.run(
+            [*TORCHRUN, *(["-m", *over] if "," in presets else over), "train.distributed=ddp"],
+            cwd=ROOT,
+            env={**ENV, "TMPDIR": str(folder / "tmp")},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once(tmp_path_factory, name, train_two_ranks) / "two"
+
+
+@pytest.mark.xdist_group("ddp")  # one worker builds the shared runs the others would wait for
+@pytest.mark.parametrize("preset", ["full_kd", *SWEPT, "on_policy_full_kd"])
+def test_two_ranks_train_the_one_process_weights(tmp_path_factory, tmp_path, preset):
+    one_root, two_root = one_process_runs(tmp_path_factory, preset), two_ranks(tmp_path_factory, preset)
+    run, one = run_of(two_root, preset), run_of(one_root, preset)
+    assert max_diff(weights_of(run), weights_of(one)) <= ATOL
 
     # rank 0 alone wrote the shared files: one metrics row per step, one record, the trace of every rank's rows
-    run = the_run(tmp_path / "two")
-    assert logged_steps(tmp_path / "two") == [1, 2]
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len(list(run.glob("*/record.json"))) == 1
     rows = [json.loads(ln) for ln in (run / "selection_trace.jsonl").read_text().splitlines()]
-    one_rows = [json.loads(ln) for ln in (the_run(tmp_path / "one") / "selection_trace.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(ln) for ln in (one / "selection_trace.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # steps x grad_accum x global micro-batch
     assert [(r["step"], r["sample"], sorted(r["selected"])) for r in rows] == [
         (r["step"], r["sample"], sorted(r["selected"])) for r in one_rows
     ]
-    assert len(list((tmp_path / "two" / "hydra").iterdir())) == 1  # rank 1's Hydra log went elsewhere
+    if preset not in SWEPT:  # a plain run: rank 1's Hydra log went elsewhere (a multirun's: test below)
+        assert len(list((two_root / "hydra").iterdir())) == 1
     stats = json.loads((run / "train_stats.json").read_text())
-    one_stats = json.loads((the_run(tmp_path / "one") / "train_stats.json").read_text())
+    one_stats = json.loads((one / "train_stats.json").read_text())
     for key in ("tokens_seen", "tokens_supervised", "steps"):
         assert stats[key] == one_stats[key], key
 
     if preset == "full_kd":  # the bound separates: half the batch lands far outside it
-        half = sekd_train([*args(tmp_path / "half", preset, 2)], env={"OMP_NUM_THREADS": "1"})
+        tiny_cache(tmp_path_factory, tmp_path / "cache")
+        half = sekd_train([*args(tmp_path / "half", preset, 2)], env=OMP1)
         assert half.returncode == 0, half.stderr[-3000:]
-        assert max_diff(weights(tmp_path / "half"), weights(tmp_path / "one")) > 100 * ATOL
+        assert max_diff(weights(tmp_path / "half"), weights_of(one)) > 100 * ATOL
 
 
-def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
+def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=2", steps=8)
     done = torchrun(a)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -174,42 +238,32 @@ def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
     assert logged_steps(root_b) == list(range(1, 9))  # the lost steps' rows replaced, not duplicated
 
 
-def test_a_multirun_under_torchrun_trains_each_cell_over_both_ranks(tmp_path):
-    """`torchrun ... -m sekd.train -m train.lam=0.5,1.0 train.distributed=ddp`: Hydra's basic launcher runs
-    the cells one after another in each rank; each cell joins a process group and leaves it at its end,
-    so the next one can join again. Each cell ends with the weights of its own one-process run (same
-    bound as above); rank 0 alone writes the sweep's folder, rank 1's goes to a temporary folder."""
-    sweep = ["-m", "train.lam=0.5,1.0"]
-    tmp = tmp_path / "tmp"  # where rank 1 puts its Hydra output (tempfile reads TMPDIR)
-    tmp.mkdir()
-    two = subprocess.run(
-        [*TORCHRUN, *sweep, *args(tmp_path / "two", "full_kd", 2), "train.distributed=ddp"],
-        cwd=ROOT,
-        env={**ENV, "TMPDIR": str(tmp)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = sekd_train([*sweep, *args(tmp_path / "one", "full_kd", 4)], env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-3000:]
+@pytest.mark.xdist_group("ddp")
+def test_a_multirun_under_torchrun_trains_each_cell_over_both_ranks(tmp_path_factory):
+    """`torchrun ... -m sekd.train -m experiment=se_kd,curriculum,... train.distributed=ddp` (the SWEPT presets'
+    runs above): Hydra's basic launcher runs the cells one after another in each rank; each cell joins a process
+    group and leaves it at its end, so the next one can join again. Each cell ends with the weights of its own
+    one-process run (same bound as above; the test above checks each); rank 0 alone writes the sweep's folder,
+    rank 1's goes to a temporary folder."""
+    two, one = two_ranks(tmp_path_factory, SWEPT[0]), one_process_runs(tmp_path_factory, SWEPT[0])
 
-    # the same two run folders (named by the global micro-batch), each with the weights of its one-process cell
-    runs = sorted(p.name for p in (tmp_path / "two" / "runs").iterdir())
-    assert len(runs) == 2 and runs == sorted(p.name for p in (tmp_path / "one" / "runs").iterdir())
-    got = {r: load_file(tmp_path / "two" / "runs" / r / "model" / "model.safetensors") for r in runs}
+    # the same run folders (named by the global micro-batch) as the one-process cells, each with its weights
+    runs = sorted(p.name for p in (two / "runs").iterdir())
+    assert len(runs) == len(SWEPT) and set(runs) <= {p.name for p in (one / "runs").iterdir()}
+    got = {r: load_file(two / "runs" / r / "model" / "model.safetensors") for r in runs}
     for r in runs:
-        assert max_diff(got[r], load_file(tmp_path / "one" / "runs" / r / "model" / "model.safetensors")) <= ATOL, r
-        run = tmp_path / "two" / "runs" / r
+        assert max_diff(got[r], load_file(one / "runs" / r / "model" / "model.safetensors")) <= ATOL, r
+        run = two / "runs" / r
         assert len(list(run.glob("*/record.json"))) == 1
         assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert max_diff(*got.values()) > 100 * ATOL  # two cells, two different runs
+    assert max_diff(got[runs[0]], got[runs[1]]) > 100 * ATOL  # two cells, two different runs
 
     # rank 0's sweep folder alone under paths.root; rank 1's multirun.yaml and job folders in its own
-    (swept,) = list((tmp_path / "two" / "hydra").iterdir())
-    assert sorted(p.name for p in swept.iterdir()) == ["0", "1", "multirun.yaml"]
-    (own,) = list(tmp.glob("sekd-rank1-*"))
-    assert sorted(p.name for p in own.iterdir()) == ["0", "1", "multirun.yaml"]
+    cells = sorted([str(i) for i in range(len(SWEPT))] + ["multirun.yaml"])
+    (swept,) = list((two / "hydra").iterdir())
+    assert sorted(p.name for p in swept.iterdir()) == cells
+    (own,) = list((two.parent / "tmp").glob("sekd-rank1-*"))
+    assert sorted(p.name for p in own.iterdir()) == cells
 
 
 def test_ddp_without_a_launcher_is_refused(tmp_path):

@@ -16,26 +16,25 @@ import subprocess
 import pytest
 
 from sekd.distributed.launch import LAUNCH_VARIABLES, one_process
-from tests.test_distributed import args, the_run, torchrun
+from tests.test_distributed import run_of, two_ranks
 
 
-def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_process(tmp_path):
-    root = tmp_path / "two"
+@pytest.mark.xdist_group("ddp")  # the 2-rank full_kd run of tests/test_distributed.py, built once a session
+def test_scoring_after_two_ranks_sees_one_process_and_scores_the_weights_as_one_process(tmp_path_factory, tmp_path):
     try:
-        two = torchrun(args(root, "full_kd", 2, "eval=embedded", "eval.limit=8"), timeout=420)
+        root = two_ranks(tmp_path_factory, "full_kd")  # torchrun, full_kd, eval=embedded, eval.limit=8
     except subprocess.TimeoutExpired:
         pytest.fail("the 2-rank run with scoring on did not finish: lm-eval waited for ranks that had exited")
-    assert two.returncode == 0, two.stderr[-3000:]
-    (record_path,) = the_run(root).glob("eval-*/record.json")
+    run = run_of(root, "full_kd")
+    (record_path,) = run.glob("eval-*/record.json")
     record = json.loads(record_path.read_text())
     raw = json.loads((record_path.parent / "lm_eval" / "results.json").read_text())
     assert raw["sekd"]["eval_world_size"] == 1
 
-    # the same weights scored by this (one-process) pytest: the same numbers
     from sekd.evaluation.score import score_checkpoint
 
     again = score_checkpoint(
-        the_run(root) / "model",
+        run / "model",
         tmp_path / "again",
         suite="embedded",
         split="test",

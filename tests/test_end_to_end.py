@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 
 from sekd.report.results import main as report_main
-from tests.helpers import TINY, sekd_train
+from tests.helpers import TINY, sekd_train, tiny_cache
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
+    tiny_cache(tmp_path_factory, root / "cache")  # the pair prebuilt (tests/test_train_timing.py times its building)
     common = [*TINY, "logging=offline", "eval.limit=24", f"paths.root={root}", f"paths.cache={root}/cache"]
     for preset, seed in (("full_kd", 1337), ("full_kd", 1338), ("student", 1337), ("student", 1338)):
         res = sekd_train([*common, f"experiment={preset}", f"seed={seed}", "train.steps=3"])

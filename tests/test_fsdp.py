@@ -26,13 +26,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, checkpoint_step, compose_cfg, descendants, logged_steps, sekd_train
-from tests.test_distributed import ENV, TORCHRUN, args, max_diff, the_run, torchrun, two_ranks_and_one, weights
-
-
-def metrics(root: Path) -> list[dict]:
-    (path,) = list(root.glob("runs/*/metrics.jsonl"))
-    return [json.loads(ln) for ln in path.read_text().splitlines()]
+from tests.helpers import (
+    ROOT,
+    TINY,
+    built_once,
+    checkpoint_step,
+    compose_cfg,
+    descendants,
+    logged_steps,
+    sekd_train,
+    tiny_cache,
+)
+from tests.test_distributed import (
+    ATOL,
+    ENV,
+    TORCHRUN,
+    TRACE,
+    args,
+    max_diff,
+    one_process_runs,
+    run_of,
+    the_run,
+    torchrun,
+    two_ranks_and_one,
+    weights,
+    weights_of,
+)
 
 
 def torchrun_fsdp(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -45,21 +64,63 @@ def torchrun_fsdp(argv: list[str], timeout: int = 300) -> subprocess.CompletedPr
 SHORT = ["train.flow=dense", "data.token_budget=320"]
 
 
-# se_kd3x: the student's sample pre-pass (top_student_entropy) before the student is sharded, the teacher
-# loaded whole to build the offline cache (the ranks its workers) and released, training from the cache;
-# top_smp: the pre-pass, then the teacher loaded whole and sharded beside the student (sharded first)
+# Presets checked as cells of one multirun under torchrun (see tests/test_distributed.py's SWEPT), each against its
+# one-process run there. se_kd3x: the student's sample pre-pass (top_student_entropy) before the student is sharded,
+# the teacher loaded whole to build the offline cache (the ranks its workers) and released, training from the
+# cache; top_smp: the pre-pass, then the teacher loaded whole and sharded beside the student (sharded first)
+FSDP_SWEPT = ["full_kd", "se_kd", "se_kd3x", "top_smp"]
+
+
+def fsdp_sweep(tmp_path_factory) -> Path:
+    """The root holding every FSDP_SWEPT preset's run on 2 ranks x micro-batch 2 (fsdp), traced as the one-process
+    runs are: one multirun under torchrun, built once a session."""
+
+    def train_fsdp_sweep(folder: Path) -> None:
+        (folder / "tmp").mkdir()
+        tiny_cache(tmp_path_factory, folder / "cache")
+        over = args(folder / "two", ",".join(FSDP_SWEPT), 2, TRACE)
+        res = subprocess.run(
+            [*TORCHRUN, "-m", *over, "train.distributed=fsdp"],
+            cwd=ROOT,
+            env={**ENV, "TMPDIR": str(folder / "tmp")},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "fsdp-sweep", train_fsdp_sweep) / "two"
+
+
+def assert_two_ranks_match_one(run: Path, one: Path, *keys: str) -> None:
+    """The final weights within ATOL, and the logged `keys` per step at a relative 1e-5."""
+    assert max_diff(weights_of(run), weights_of(one)) <= ATOL
+    rows = lambda r: [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines()]
+    two_rows, one_rows = rows(run), rows(one)
+    assert len(two_rows) == len(one_rows)
+    for a, b in zip(two_rows, one_rows):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+@pytest.mark.xdist_group("fsdp")  # one worker builds the shared runs the others would wait for
 @pytest.mark.parametrize(
     "preset, extra",
     [("full_kd", []), ("se_kd", []), ("gls", SHORT), ("se_kd3x", []), ("top_smp", [])],
     ids=["full_kd", "se_kd", "gls-dense-stand-in", "se_kd3x", "top_smp"],
 )
-def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path, preset, extra):
-    two_ranks_and_one(tmp_path, preset, *extra, mode="fsdp")
-    run = the_run(tmp_path / "two")
-    assert logged_steps(tmp_path / "two") == [1, 2]
-    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
-        for key in ("loss", "grad_norm", "tokens_seen", "tokens_supervised"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+def test_fsdp_on_two_ranks_trains_the_one_process_weights(tmp_path_factory, tmp_path, preset, extra):
+    if preset in FSDP_SWEPT:
+        run, one = (
+            run_of(fsdp_sweep(tmp_path_factory), preset),
+            run_of(one_process_runs(tmp_path_factory, preset), preset),
+        )
+    else:  # a run of its own: its data keys are no other test's
+        tiny_cache(tmp_path_factory, tmp_path / "cache")
+        two_ranks_and_one(tmp_path, preset, *extra, mode="fsdp")
+        run, one = the_run(tmp_path / "two"), the_run(tmp_path / "one")
+    assert_two_ranks_match_one(run, one, "loss", "grad_norm", "tokens_seen", "tokens_supervised")
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len(list(run.glob("*/record.json"))) == 1  # rank 0 scored the saved model and wrote the record
     assert not list(run.glob("*checkpoint*"))  # checkpoint.pt and its sharded folder gone with the final model
 
@@ -87,7 +148,8 @@ def test_an_fsdp_rank_loads_its_student_on_the_cpu_not_on_its_card(tmp_path):
     assert student_home(ddp, rank, card) == card and student_home(job.cfg, Dist.single(card), card) == card
 
 
-def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path):
+def test_killed_fsdp_run_resumes_on_two_ranks_to_the_same_weights(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     a = args(tmp_path / "a", "se_kd", 2, "train.ckpt_every=2", steps=6)
     done = torchrun_fsdp(a)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,12 +220,14 @@ def test_fsdp_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
 # train.fsdp.mesh: a 2-D (replicate, shard) mesh (HSDP: reduce-scatter within a shard group, all-reduce across
 # replicas, both summing) trains the one-process weights too. 2x1: two replicas of one rank each (every weight
 # whole, all-reduced); hybrid: the ranks per node (torchrun's LOCAL_WORLD_SIZE, 2 here) shard, one replica: 1x2.
+@pytest.mark.xdist_group("fsdp")
 @pytest.mark.parametrize("mesh", ["2x1", "hybrid"])
-def test_fsdp_on_a_two_dimensional_mesh_trains_the_one_process_weights(tmp_path, mesh):
-    two_ranks_and_one(tmp_path, "se_kd", f"train.fsdp.mesh={mesh}", mode="fsdp")
-    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
-        for key in ("loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+def test_fsdp_on_a_two_dimensional_mesh_trains_the_one_process_weights(tmp_path_factory, tmp_path, mesh):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")
+    two = torchrun_fsdp(args(tmp_path / "two", "se_kd", 2, TRACE, f"train.fsdp.mesh={mesh}"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_of(one_process_runs(tmp_path_factory, "se_kd"), "se_kd")  # one process: no mesh, the same run
+    assert_two_ranks_match_one(the_run(tmp_path / "two"), one, "loss", "grad_norm")
 
 
 def test_the_fsdp_mesh_is_read_and_checked_in_one_line():

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, TINY, sekd_train
+from tests.helpers import ROOT, TINY, sekd_train, tiny_cache
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("multi")
+    folder = tmp_path_factory.mktemp("multi")
+    tiny_cache(tmp_path_factory, folder / "cache")  # the pair prebuilt: these tests are about the teacher's cache
+    return folder
 
 
 def record(root):

@@ -16,7 +16,7 @@ from sekd.data.qa import gsm8k
 from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import Signal
-from tests.helpers import ROOT, TINY, compose_cfg, sekd_train
+from tests.helpers import ROOT, TINY, compose_cfg, sekd_train, tiny_cache
 
 TOKEN_MEAN = ("gls", "at_kd")  # the presets whose paper formula averages over the batch's selected tokens
 
@@ -155,8 +155,9 @@ def test_eval_seed_is_fixed_not_the_runs_seed():
         validate(cfg)
 
 
-def test_the_scored_run_seeds_lm_eval_with_eval_seed(tmp_path):
+def test_the_scored_run_seeds_lm_eval_with_eval_seed(tmp_path_factory, tmp_path):
     """A real scoring job at seed 1338: lm-eval's four seeds (few-shot, python, numpy, torch) are eval.seed."""
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     res = sekd_train(
         [
             *TINY,
@@ -205,8 +206,9 @@ def test_gsm8k_validation_size_is_a_data_key(tmp_path):
         validate(compose_cfg([*base, "data.validation_size=0", "eval=validation"]))
 
 
-def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path):
+def test_gsm8k_validation_size_reaches_the_training_rows(tmp_path_factory, tmp_path):
     """Through the config: data.validation_size=7 trains on the other 93 problems (and names a new cache)."""
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     from sekd.app.checks import typed
     from sekd.models.loading import load_tokenizer, resolve_pair
     from sekd.app.training import training_data

@@ -73,12 +73,14 @@ def test_teacher_device_names_the_key():
             teacher_device(f"cuda:{count}", cpu)
 
 
-def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throughput(tmp_path):
+def test_a_run_with_its_teacher_placed_records_its_world_size_devices_and_throughput(tmp_path_factory, tmp_path):
     """Through the real CLI: model.teacher_device=cpu (the student's device here) trains, and the record
     says one process, both devices and the tokens per second per device."""
     import json
 
-    from tests.helpers import TINY, sekd_train
+    from tests.helpers import TINY, sekd_train, tiny_cache
+
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
 
     res = sekd_train(
         [
@@ -120,50 +122,22 @@ def test_a_teacher_on_another_gpu_gives_the_loss_and_gradients_of_one_beside_the
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
-def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(tmp_path):
+@pytest.mark.xdist_group("ddp")  # the 2-rank full_kd run of tests/test_distributed.py, built once a session
+def test_a_two_rank_run_records_its_world_size_and_tokens_per_second_per_device(tmp_path_factory):
     """torchrun, 2 gloo ranks: the record (rank 0's) says world size 2 over 2 devices, and tokens/s per device
     is every rank's tokens over the distillation time over both devices."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.helpers import ROOT, TINY
+    from tests.test_distributed import run_of, two_ranks
 
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        "-m",
-        "sekd.train",
-    ]
-    res = subprocess.run(
-        [
-            *torchrun,
-            *TINY,
-            "train.steps=2",
-            "eval.suite=none",
-            "train.distributed=ddp",
-            f"paths.root={tmp_path}/root",
-            f"paths.cache={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    (path,) = (tmp_path / "root").rglob("record.json")
+    run = run_of(two_ranks(tmp_path_factory, "full_kd"), "full_kd")  # 2 steps, micro-batch 2 a rank, ddp
+    (path,) = run.rglob("record.json")
     rec = json.loads(path.read_text())
     assert (rec["world_size"], rec["device_count"]) == (2, 2)
     assert rec["devices"] == {"student": "cpu", "teacher": "cpu"}
     peaks = rec["peak_memory_mb_per_device"]  # every rank's card, not rank 0's alone
     assert sorted(peaks) == ["rank0/cpu", "rank1/cpu"] and all(mb > 0 for mb in peaks.values())
-    assert rec["tokens_seen"] == 2 * 2 * 4 * 64 * 2  # steps x accumulation x micro-batch x seq_len x ranks
+    assert rec["tokens_seen"] == 2 * 2 * 2 * 64 * 2  # steps x accumulation x micro-batch x seq_len x ranks
     assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_seen"] / rec["train_time_s"] / 2, rel=0.02)
 
 

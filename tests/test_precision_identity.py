@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sekd.stores.runs import config_hash, eval_hash, train_hash
-from tests.helpers import TINY, compose_cfg, sekd_train
+from tests.helpers import TINY, compose_cfg, sekd_train, tiny_cache
 
 
 def hashes(overrides: list[str], cuda: bool) -> tuple[str, str, str]:
@@ -35,7 +35,8 @@ def test_precision_auto_resolves_where_the_run_computes():
     assert hashes(["eval=none"], cuda=False)[2] == hashes(["eval=none"], cuda=True)[2]
 
 
-def test_a_bf16_run_does_not_share_the_folder_of_an_fp32_run(tmp_path):
+def test_a_bf16_run_does_not_share_the_folder_of_an_fp32_run(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     base = [
         *TINY,
         "experiment=se_kd",

@@ -5,11 +5,18 @@ import json
 import math
 
 import pytest
+import yaml
 
 from sekd.app import execute
-from tests.helpers import PRESETS, ROOT, TINY, compose_cfg
+from tests.helpers import CONF, PRESETS, ROOT, TINY, compose_cfg, shared_dir
 
-DISTILL = [p for p in PRESETS if compose_cfg([f"experiment={p}"]).mode == "distill"]
+# the presets that distil (the others set mode: score_*), read from their files: composing each at collection would
+# cost every pytest process seconds; the test checks that each composes to mode=distill
+DISTILL = [
+    p
+    for p in PRESETS
+    if yaml.safe_load((CONF / "experiment" / f"{p}.yaml").read_text()).get("mode", "distill") == "distill"
+]
 PAPER = ROOT / "sekd" / "report" / "paper" / "paper_tables.csv"
 
 
@@ -27,9 +34,12 @@ def test_paper_rows_map_every_row_of_the_tables_to_a_preset():
     assert len(on_policy) == 7 and all(compose_cfg([f"experiment={p}"]).regime.name == "on_policy" for p in on_policy)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    """One paths.cache for every preset, whichever pytest-xdist worker runs it (its builds take locks)."""
+    folder = shared_dir(tmp_path_factory) / "presets-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def prompt_lengths_by_sample(tree) -> dict[str, int]:
@@ -91,6 +101,7 @@ def test_preset_runs_and_traces_its_policy(preset, cache, tmp_path):
     if on_policy:  # Table 5's on-policy rows answer task prompts
         over += ["data.seq_len=128", "regime.max_new_tokens=12"]  # the preset brings data=arith
     cfg = compose_cfg(over)
+    assert cfg.mode == "distill"
     if cfg.position.policy == "curriculum":
         cfg = compose_cfg([*over, "position.options.S=2"])  # reach the middle of the curriculum in 2 steps
     record = execute(cfg)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 from sekd.stores.runs import train_hash
-from tests.helpers import TINY, compose_cfg, sekd_train
+from tests.helpers import TINY, compose_cfg, sekd_train, tiny_cache
 
 
-def test_profile_steps_writes_a_trace_of_those_steps_and_keeps_the_run_folder(tmp_path):
+def test_profile_steps_writes_a_trace_of_those_steps_and_keeps_the_run_folder(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     base = [
         *TINY,
         "experiment=se_kd",

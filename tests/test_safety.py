@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sekd.stores.runs import _compute, _hash, config_hash, resolved, run_dir, train_hash
-from tests.helpers import TINY, checkpoint_step, compose_cfg, logged_steps, sekd_train, sekd_train_killed
+from tests.helpers import TINY, checkpoint_step, compose_cfg, logged_steps, sekd_train, sekd_train_killed, tiny_cache
 
 RUN = [*TINY, "train.steps=3", "eval=none"]
 
@@ -50,7 +50,8 @@ class Planted:
         return (Path.touch, (self.marker,))
 
 
-def test_a_planted_checkpoint_is_refused_and_runs_no_code(tmp_path):
+def test_a_planted_checkpoint_is_refused_and_runs_no_code(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     args = args_for(tmp_path)
     run = folder_of(args)
     run.mkdir(parents=True)
@@ -67,7 +68,8 @@ def test_a_planted_checkpoint_is_refused_and_runs_no_code(tmp_path):
     assert not marker.exists() and steps_logged(run) == [1, 2, 3] and not (run / "checkpoint.pt").exists()
 
 
-def test_a_truncated_checkpoint_names_the_file_and_force_starts_over(tmp_path):
+def test_a_truncated_checkpoint_names_the_file_and_force_starts_over(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     args = args_for(tmp_path, "train.ckpt_every=1")
     root = tmp_path / "root"
     killed = sekd_train_killed(args, ready=lambda: checkpoint_step(root) is not None)  # SIGKILL after a checkpoint
@@ -85,7 +87,8 @@ def test_a_truncated_checkpoint_names_the_file_and_force_starts_over(tmp_path):
     assert "resumed from" not in again.stdout + again.stderr and steps_logged(run) == [1, 2, 3]
 
 
-def test_a_restart_from_scratch_logs_each_step_once_and_leaves_nothing_behind(tmp_path):
+def test_a_restart_from_scratch_logs_each_step_once_and_leaves_nothing_behind(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     args = args_for(tmp_path, "train.ckpt_every=0")  # killed before any checkpoint: the rerun starts over
     root = tmp_path / "root"
     killed = sekd_train_killed(args, ready=lambda: 1 in logged_steps(root))  # SIGKILL once a step is logged
@@ -102,8 +105,9 @@ def test_a_restart_from_scratch_logs_each_step_once_and_leaves_nothing_behind(tm
     assert leftovers == []
 
 
-def test_environment_values_stay_out_of_every_record(tmp_path):
+def test_environment_values_stay_out_of_every_record(tmp_path_factory, tmp_path):
     """A token reaches the config through ${oc.env:...}: the records hold the interpolation's text."""
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     secret, other = "tok-S3CR3T-0451", "tok-0TH3R-7734"
     args = args_for(
         tmp_path, "logging=offline", "logging.entity=${oc.env:SEKD_TEST_TOKEN}", "label=run-${oc.env:SEKD_TEST_OTHER}"

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from sekd.app.checks import validate
 from sekd.evaluation.suites import get_suite
 from sekd.report.tables import REFERENCE
-from tests.helpers import ROOT
+from tests.helpers import ROOT, composed
 
 SWEEPS = ROOT / "sweeps"
 OTHERS = {"demo", "miniature", "smoke_slurm"}  # not paper grids; tests/test_config.py covers demo and miniature
@@ -68,6 +68,7 @@ def test_a_table_sweep_runs_every_row_of_its_table(name):
 
 
 @pytest.mark.slow  # every cell of every sweep, under both profiles
+@pytest.mark.xdist_group("compose")  # beside tests/test_config_hashes.py's, which compose the same cells
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 @pytest.mark.parametrize("name", NAMES)
 def test_every_cell_composes_and_validates(name, profile):
@@ -77,26 +78,23 @@ def test_every_cell_composes_and_validates(name, profile):
     by_method = {}
     for cell in cells:
         by_method.setdefault(tuple(o for o in cell if not o.startswith("seed=")), []).append(cell)
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        for method, seeded in by_method.items():
-            cfg = compose(
-                config_name=name,
-                overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", f"profile={profile}", *method],
-            )
-            assert "profile" not in cfg  # the profile only selects groups; no new top-level key
-            assert cfg.model.name == MODELS[profile] and cfg.paths.root == f"outputs/{profile}"
-            assert cfg.eval.split == ("validation" if name in VALIDATION else "test")
-            if profile == "paper":
-                assert cfg.eval.suite == ("validation" if name in VALIDATION else "paper")
-            get_suite(cfg.eval.suite, cfg.eval.split)  # the suite runs on that split (scoring would refuse)
-            for override in method:  # the grid's values reach the config
-                key, value = override.split("=", 1)
-                got = cfg.preset if key == "experiment" else OmegaConf.select(cfg, key)
-                assert str(got) == value, (override, got)
-            for cell in seeded:
-                (seed,) = [int(o.split("=")[1]) for o in cell if o.startswith("seed=")]
-                OmegaConf.update(cfg, "seed", seed)
-                validate(cfg)
+    for method, seeded in by_method.items():
+        # composed once a process: tests/test_config_hashes.py composes the same cells (same overrides)
+        cfg = composed(SWEEPS, name, [f"hydra.searchpath=[file://{ROOT / 'conf'}]", f"profile={profile}", *method])
+        assert "profile" not in cfg  # the profile only selects groups; no new top-level key
+        assert cfg.model.name == MODELS[profile] and cfg.paths.root == f"outputs/{profile}"
+        assert cfg.eval.split == ("validation" if name in VALIDATION else "test")
+        if profile == "paper":
+            assert cfg.eval.suite == ("validation" if name in VALIDATION else "paper")
+        get_suite(cfg.eval.suite, cfg.eval.split)  # the suite runs on that split (scoring would refuse)
+        for override in method:  # the grid's values reach the config
+            key, value = override.split("=", 1)
+            got = cfg.preset if key == "experiment" else OmegaConf.select(cfg, key)
+            assert str(got) == value, (override, got)
+        for cell in seeded:
+            (seed,) = [int(o.split("=")[1]) for o in cell if o.startswith("seed=")]
+            OmegaConf.update(cfg, "seed", seed)
+            validate(cfg)
 
 
 @pytest.mark.slow

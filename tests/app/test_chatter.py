@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import TINY, sekd_train
+from tests.helpers import TINY, sekd_train, tiny_cache
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -20,7 +20,8 @@ def score_student(root: Path, *extra: str):
     return res
 
 
-def test_the_console_holds_one_line_per_run_and_lm_eval_writes_to_its_log(tmp_path):
+def test_the_console_holds_one_line_per_run_and_lm_eval_writes_to_its_log(tmp_path_factory, tmp_path):
+    tiny_cache(tmp_path_factory, tmp_path / "cache")  # the pair prebuilt: this test is not about building it
     quiet = score_student(tmp_path / "quiet")
     console = quiet.stdout + quiet.stderr
     assert "lm_eval" not in console and "Loading weights" not in console and "bootstrapping" not in console

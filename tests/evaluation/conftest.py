@@ -46,6 +46,7 @@ def build_tiny_checkpoint(folder) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_qwen3")
-    build_tiny_checkpoint(folder)
-    return folder
+    """Built once a session, whichever pytest-xdist worker asks first (read-only for the tests)."""
+    from tests.helpers import built_once
+
+    return built_once(tmp_path_factory, "tiny_qwen3", build_tiny_checkpoint)

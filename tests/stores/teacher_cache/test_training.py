@@ -11,7 +11,7 @@ import torch
 from sekd.stores.teacher_cache.store import MANIFEST, TeacherCache, shard_name
 from tests.stores.teacher_cache.helpers import edit_manifest
 from tests.stores.teacher_cache.test_cli import sekd_cache
-from tests.helpers import TINY, sekd_train
+from tests.helpers import TINY, sekd_train, tiny_cache
 
 DATA = ["data.token_budget=3200"]  # 50 sequences of 64 tokens
 QUIET = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -28,7 +28,9 @@ def record(root, name):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("train_cache")
+    folder = tmp_path_factory.mktemp("train_cache")
+    tiny_cache(tmp_path_factory, folder / "cache")  # the pair prebuilt (root/fresh, the refusals' cache, starts empty)
+    return folder
 
 
 @pytest.fixture(scope="module")
