@@ -156,8 +156,8 @@ def xdist_group(nodeid: str) -> str:
     """The work unit a test goes in, whole, to one worker:
 
     - the group its xdist_group mark names (tests that read runs another builds once: tests/helpers.built_once);
-    - "slurm": tests/test_slurm.py, whose module fixture starts the one-node cluster and stops it (two workers
-      would start and stop it under each other);
+    - "slurm": tests/test_slurm.py, whose module fixture `cluster` starts the one-node cluster and stops it (two
+      workers would start and stop it under each other), and any test asking for a fixture of that name;
     - its module: a test using a module-scoped fixture of its module (a run, a built cache: split over two
       workers, each would build it, module fixtures being per process);
     - else the test alone."""
@@ -165,7 +165,7 @@ def xdist_group(nodeid: str) -> str:
     groups, _, module_fixtures, _ = _module_info(path)
     if name in groups:
         return groups[name]
-    if path == "tests/test_slurm.py":
+    if path == "tests/test_slurm.py" or "cluster" in _fixtures_of(path, name):
         return "slurm"
     if _fixtures_of(path, name) & module_fixtures:
         return path
