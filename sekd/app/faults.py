@@ -31,12 +31,12 @@ CAUSES = {
     errno.ENOENT: "its folder was removed while the run worked",
 }
 REMEDIES = {
-    errno.ENOSPC: "free space on it",
+    errno.ENOSPC: "free space on that disk",
     errno.EDQUOT: "free space within the quota",
-    errno.EROFS: "make it writable again",
-    errno.EACCES: "give this user write access to it",
-    errno.EPERM: "give this user write access to it",
-    errno.ENOENT: "leave the folder in place",
+    errno.EROFS: "make that file system writable again",
+    errno.EACCES: "give this user write access to its folder",
+    errno.EPERM: "give this user write access to its folder",
+    errno.ENOENT: "leave the run's folders in place while it works",
 }
 
 
@@ -60,9 +60,19 @@ def fault_line(fault: RunFault | OSError, cfg: RunConfig, run: RunDir | None, st
         return f"{fault}; re-run the same command: {picks_up(run, cfg)}"
     code = fault.errno if fault.errno in CAUSES else errno.EACCES
     where = fault.filename or f"a file written while {stage}"
-    about = ", ".join(x for x in (key_of(fault.filename, cfg), free_space(fault.filename, code)) if x)
+    key = key_of(fault.filename, cfg)
+    about = ", ".join(x for x in (key, free_space(fault.filename, code)) if x)
     cause = CAUSES[code] + (f" ({about})" if about else "")
-    return f"{where}: {cause}; {REMEDIES[code]} and re-run the same command: {picks_up(run, cfg)}"
+    remedy = REMEDIES[code] + (needs(cfg, key) if code in (errno.ENOSPC, errno.EDQUOT) else "")
+    return f"{where}: {cause}; {remedy} and re-run the same command: {picks_up(run, cfg)}"
+
+
+def needs(cfg: RunConfig, key: str) -> str:
+    """How much the run writes under `key`'s folder, roughly (sekd/app/preflight.py's estimate)."""
+    from sekd.app.preflight import estimate
+
+    need = estimate(cfg).get(key.split("=")[0], 0)
+    return f" (this run writes about {size(need)} there)" if need else ""
 
 
 def key_of(path: str | None, cfg: RunConfig) -> str:

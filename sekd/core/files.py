@@ -53,10 +53,11 @@ def storage_error(err: BaseException, path: Path | str | None = None) -> OSError
     return None
 
 
-def _mkstemp(path: Path) -> tuple[int, str]:
-    """A temporary sibling of `path`, its folder made first; a failure names `path`, not the temporary name."""
+def _mkstemp(path: Path, parents: bool = True) -> tuple[int, str]:
+    """A temporary sibling of `path`, its folder made first (`parents`); a failure names `path`."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         _reraise_named(err, path)
@@ -99,11 +100,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
+def atomic_torch_save(path: Path, obj: Any, parents: bool = True) -> None:
+    """`parents=False`: a folder removed meanwhile is an error (ENOENT), not one to make again."""
     import torch
 
     path = Path(path)
-    fd, tmp = _mkstemp(path)
+    fd, tmp = _mkstemp(path, parents)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
