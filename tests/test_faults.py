@@ -139,3 +139,23 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_any_model_loads(
         assert res.returncode == 2, res.stderr[-3000:]
         assert f"sekd: config error: paths.root: {disk} has 64 KiB free, but this run writes about" in res.stderr
         assert list(disk.iterdir()) == []
+
+
+def test_a_cache_disk_that_fills_while_the_teacher_cache_builds_stops_in_one_line(shared, tmp_path):
+    """classes.cache=auto builds its shards under paths.cache: a full disk there is the same one line, and
+    the rerun finishes the cache and the run."""
+    with mount_tmpfs(tmp_path / "disk", "16m") as disk:
+        shutil.copytree(shared[0], disk / "cache")  # the built pair: the preflight asks no room for it
+        fill(disk)
+        run_args = [*args(tmp_path / "root", disk / "cache", tmp_path), "classes=rs_kd", "classes.cache=auto"]
+        res = sekd_train([*run_args, "classes.options.n_draws=4"])
+        line = fault_line(res)
+        assert (
+            f"{disk}/cache/teacher_cache/" in line and f": no space left on device (paths.cache={disk}/cache, " in line
+        )
+        assert line.endswith("free space on that disk and re-run the same command: it trains from step 0"), line
+        assert [p.name for p in disk.rglob("*.tmp")] == []
+        (disk / "filler.bin").unlink()
+        again = sekd_train([*run_args, "classes.options.n_draws=4"])
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert logged_steps(tmp_path / "root") == list(range(1, STEPS + 1))

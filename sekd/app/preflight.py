@@ -98,7 +98,7 @@ def check_space(cfg: RunConfig, written: list[tuple[str, Path]]) -> None:
 def estimate(cfg: RunConfig) -> dict[str, int]:
     """Bytes per key, from the pair's shapes (nothing loaded): under paths.root two checkpoints (the old one
     stays until the new is whole: fp32 weights + the optimizer's state) and the fp32 model; under paths.cache
-    the embedded pair it builds. {} when the shapes are not on local disk (the run will say so itself)."""
+    the embedded pair, when it is not built yet. {} when the shapes are not on local disk (the run will say so itself)."""
     from sekd.app.plan import OPTIMIZER_BYTES, pair_shapes
 
     try:
@@ -109,6 +109,6 @@ def estimate(cfg: RunConfig) -> dict[str, int]:
     if cfg.mode == "distill" and cfg.stage != "score":
         checkpoint = student.params * (4 + OPTIMIZER_BYTES.get(cfg.train.optimizer, 8))
         needs["paths.root"] = 2 * checkpoint + 4 * student.params
-    if cfg.model.source == "embedded":
-        needs["paths.cache"] = 4 * (teacher.params + student.params)
+    if cfg.model.source == "embedded" and not any((Path(cfg.paths.cache) / "embedded").glob("model-*")):
+        needs["paths.cache"] = 4 * (teacher.params + student.params)  # built once, for every later run
     return needs
