@@ -50,8 +50,9 @@ def remount(folder: Path, read_only: bool) -> None:
     _mount(None, folder, None, MS_REMOUNT | (MS_RDONLY if read_only else 0), None)
 
 
-def fill(folder: Path) -> Path:
-    """Write one file until the disk under `folder` holds not one more byte; returns it (delete it to free)."""
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Write one file until the disk under `folder` holds not one more byte, then give back `leave` bytes
+    (a write that starts, then meets the full disk); returns the file (delete it to free the disk)."""
     filler = folder / "filler.bin"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -66,4 +67,5 @@ def fill(folder: Path) -> Path:
             f.write(b"\0" * 2**12)
     assert full.value.errno == errno.ENOSPC
     (folder / "probe").unlink(missing_ok=True)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler

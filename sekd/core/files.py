@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator, cast
 
 import numpy as np
 
@@ -100,6 +100,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True, default=str) + "\n")
 
 
+class _Kept:
+    """A file for torch.save that keeps the OSError of a failed write: torch's C++ writer would turn it into
+    a RuntimeError that names neither the file nor the cause."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(path: Path, obj: Any, parents: bool = True) -> None:
     """`parents=False`: a folder removed meanwhile is an error (ENOENT), not one to make again."""
     import torch
@@ -108,7 +127,13 @@ def atomic_torch_save(path: Path, obj: Any, parents: bool = True) -> None:
     fd, tmp = _mkstemp(path, parents)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            out = _Kept(f)
+            try:
+                torch.save(obj, cast(IO[bytes], out))  # torch calls only write and flush
+            except RuntimeError:  # torch's zip writer reports a failed write as "unexpected pos ..."
+                if out.error is None:
+                    raise
+                raise out.error from None
             f.flush()
             os.fsync(f.fileno())  # a crash of the machine must not leave a renamed but empty checkpoint
         os.chmod(tmp, FILE_MODE)

@@ -45,7 +45,6 @@ def save_checkpoint(tr: Trainer) -> None:
         save_sharded(tr.objective, tr.opt, tr.run.path / weights["sharded"], is_main=tr.dist.is_main)
     if not tr.dist.is_main:
         return
-    tr.run.require()  # a removed run folder is a fault, not a folder to make again around one file
     if not tr.sharded:
         weights = {"student": tr.student.state_dict(), "optimizer": tr.opt.state_dict()}
     extra = {"rng_ranks": rngs} if tr.dist.active else {}

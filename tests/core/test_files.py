@@ -50,6 +50,18 @@ def test_a_full_disk_keeps_the_old_checkpoint(disk):
     assert torch.load(target, weights_only=True) == {"step": 1} and leftovers(disk) == []
 
 
+@pytest.mark.parametrize("leave", [5_000, 90_000])
+def test_a_checkpoint_that_meets_the_full_disk_midway_names_it(disk, leave):
+    """torch's zip writer turns the failed write into a RuntimeError ("unexpected pos"): the OSError is kept."""
+    target = disk / "checkpoint.pt"
+    atomic_torch_save(target, {"step": 1})
+    fill(disk, leave=leave)
+    with pytest.raises(OSError) as err:
+        atomic_torch_save(target, {"step": 2, "weights": torch.zeros(100_000), "more": [torch.ones(10)] * 50})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert torch.load(target, weights_only=True) == {"step": 1} and leftovers(disk) == []
+
+
 def test_a_full_disk_appends_no_half_line(disk):
     log = disk / "metrics.jsonl"
     append_lines(log, '{"step": 1}\n')
