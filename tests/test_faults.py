@@ -126,10 +126,13 @@ def test_a_read_only_root_is_refused_before_any_model_loads(shared, tmp_path):
         remount(disk, read_only=True)
         try:
             res = sekd_train(args(disk / "outputs", tmp_path / "cache", tmp_path))
+            plain = [*RUN, f"paths.root={disk}/outputs", f"paths.cache={tmp_path}/cache"]
+            hydras = [sekd_train(plain), sekd_train(["-m", *plain, "seed=1,2"])]
         finally:
             remount(disk, read_only=False)
-        assert res.returncode == 2, res.stderr[-3000:]
-        assert f"sekd: config error: paths.root: cannot write in {disk} (Read-only file system)" in res.stderr
+        for out in (res, *hydras):  # the run folder; Hydra's own folder under paths.root, a run's and a sweep's
+            assert out.returncode == 2, out.stderr[-3000:]
+            assert f"sekd: config error: paths.root: cannot write in {disk} (Read-only file system)" in out.stderr
         assert list(disk.iterdir()) == [] and not (tmp_path / "cache").exists()
 
 
