@@ -86,3 +86,31 @@ def test_the_preflight_names_a_read_only_cache_and_a_small_disk(tmp_path):
     cfg, run = composed(tmp_path)
     preflight(cfg, run)  # room and rights: nothing to say, and nothing made
     assert not run.path.exists()
+
+
+class _Tokenizer:
+    def save_pretrained(self, folder) -> None:
+        (folder / "tokenizer.json").write_text("{}")
+
+
+def test_a_model_that_meets_a_full_disk_leaves_the_old_model_and_no_half_one(tmp_path):
+    """safetensors reports the full disk as text: it is the same OSError, naming the model's folder."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sekd.app.training import save_student
+    from tests.disks import fill
+
+    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
+    student = Qwen3ForCausalLM(cfg)
+    with mount_tmpfs(tmp_path / "disk", "2m") as disk:
+        _, run = composed(tmp_path, root=disk)
+        run.path.mkdir(parents=True)
+        (run.model).mkdir()
+        (run.model / "config.json").write_text('{"old": true}')
+        fill(disk, leave=50_000)
+        with pytest.raises(OSError) as err:
+            save_student(run, student, _Tokenizer())
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(run.model)
+        assert (run.model / "config.json").read_text() == '{"old": true}'
+        assert not (run.path / "model.tmp").exists()
