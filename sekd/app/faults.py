@@ -109,8 +109,10 @@ def size(n: float) -> str:
 
 def picks_up(run: RunDir | None, cfg: RunConfig) -> str:
     """Where the re-run starts: its last checkpoint's step, scoring alone, or the beginning."""
-    if run is None or cfg.mode != "distill":
-        return "it starts where this run did (nothing it wrote is half-written)"
+    if run is None:
+        return "what was built whole is kept, and the rest is built again"
+    if cfg.mode != "distill" or cfg.stage == "score":
+        return "it scores again"
     if run.trained():
         return "the student is trained and saved; it only scores"
     step = checkpoint_step(run.checkpoint)
