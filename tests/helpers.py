@@ -176,3 +176,45 @@ def descendants(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def sekd_train_paused(
+    args: list[str],
+    ready: Callable[[], bool],
+    action: Callable[[], bool],
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """Run the real CLI until `ready()` holds, then stop it (SIGSTOP), do `action()` to the world under it
+    (fill its disk, remount it read-only, delete its folder), and let it go on (SIGCONT) to meet the fault.
+    An action that returns False could not act yet (a file open for writing): retried a moment later."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sekd.train", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        try:
+            deadline = time.time() + timeout
+            while proc.poll() is None and not ready():
+                assert time.time() < deadline, "the run never got there"
+                time.sleep(0.01)
+            assert proc.poll() is None, "the run ended before the fault"
+            acted = False
+            while not acted:
+                assert time.time() < deadline, "the action never took"
+                os.kill(proc.pid, signal.SIGSTOP)
+                acted = action()
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0 if acted else 0.02)
+            proc.wait(timeout=max(1, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())

@@ -255,9 +255,30 @@ def check_command_line(argv: list[str], config_dir: str, config_name: str) -> No
     loader = _config_loader(config_dir, args.config_dir)
     name, overrides = args.config_name or config_name, list(args.overrides)
     cfg = _compose(loader, name, overrides, RunMode.MULTIRUN)  # how Hydra reads hydra.mode
-    if args.multirun or cfg.hydra.get("mode") == RunMode.MULTIRUN:
+    multirun = bool(args.multirun or cfg.hydra.get("mode") == RunMode.MULTIRUN)
+    if not multirun:
+        cfg = _compose(loader, name, overrides, RunMode.RUN)
+    check_hydra_folder(cfg, multirun)  # Hydra makes it before any job starts: a read-only disk is its traceback
+    if not multirun:
+        validate(without_hydra(cfg))
+
+
+def check_hydra_folder(cfg: DictConfig, multirun: bool) -> None:
+    """Hydra's output folder (hydra.run.dir, or hydra.sweep.dir for a multirun; under paths.root unless set)
+    must be writable: Hydra makes it, and its log, before the job's own checks run."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from sekd.app.preflight import check_writable
+
+    setup_globals()  # Hydra's resolvers (${now:...}), as its run registers them
+    node = "sweep" if multirun else "run"
+    raw = str(OmegaConf.select(cfg, f"hydra.{node}.dir", throw_on_resolution_failure=False) or "")
+    root = str(OmegaConf.select(cfg, "paths.root", throw_on_resolution_failure=False) or "")
+    if not raw or "${" in raw:  # a resolver Hydra alone knows: its job's own checks will see the disk
         return
-    validate(without_hydra(_compose(loader, name, overrides, RunMode.RUN)))
+    key = "paths.root" if root and Path(raw).absolute().is_relative_to(Path(root).absolute()) else f"hydra.{node}.dir"
+    check_writable(key, Path(raw))
 
 
 def _strict_flags(overrides: list[str]) -> None:

@@ -90,6 +90,7 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     """Check and resolve everything the run needs; None when the cell has nothing left to do.
     Hydra's tree is converted once, here, to the typed config the stages read. A refusal raises
     ConfigError (one line, naming the key or file)."""
+    from sekd.app.preflight import preflight
     from sekd.models.loading import check_environment
     from sekd.stores.runs import RunDir
 
@@ -100,6 +101,7 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     run = RunDir(tree)
     check_stage(cfg, run)
     check_environment(cfg)  # CUDA, and models on local disk when offline: before anything loads
+    preflight(cfg, run)  # every folder the run writes: writable, with room for what it will write
     set_threads(cfg)
     started = time.time()
     check_cache_before_models(cfg)  # a cache of other data, seed, N...: refused before the pair is built

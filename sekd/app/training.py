@@ -285,10 +285,20 @@ def fit(job: Job, parts: Parts, cache: TeacherCache | None, tracker: Tracker) ->
 def save_student(run, student, tok, state_dict=None) -> None:
     """run/model in Hugging Face format, swapped in whole (a kill leaves the old one or none). `state_dict`:
     the whole weights when the model itself holds only its shard (fsdp)."""
+    from sekd.core.files import storage_error
+
+    run.require()
     tmp = run.path / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tok.save_pretrained(tmp)
+    try:
+        student.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tok.save_pretrained(tmp)
+    except Exception as err:  # a full disk: no half model is left to be taken for a whole one
+        shutil.rmtree(tmp, ignore_errors=True)
+        fault = storage_error(err, run.model)  # safetensors reports an OS error as text
+        if fault is None:
+            raise
+        raise fault from err
     shutil.rmtree(run.model, ignore_errors=True)
     tmp.rename(run.model)
 

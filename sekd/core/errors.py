@@ -1,5 +1,13 @@
-"""The one-line error every layer raises for bad input (the app prints `sekd: config error: ...` and exits 2)."""
+"""The one-line errors every layer raises: a bad input (`sekd: config error: ...`, exit 2) and a fault that
+arrives while the run works (`sekd: run fault: ...`, exit 3; docs/bad-inputs.md, "Faults while running")."""
+
+CONFIG_EXIT = 2  # a bad input: nothing was built, loaded or written
+FAULT_EXIT = 3  # a fault while the run worked: what it wrote is whole, and a re-run picks up from there
 
 
 class ConfigError(ValueError):
     """One line: the offending key, what it holds, what is allowed."""
+
+
+class RunFault(RuntimeError):
+    """One line: what failed while the run worked (a file, a folder) and why; the app adds the remedy."""

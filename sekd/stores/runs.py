@@ -21,7 +21,8 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from sekd.core.artifacts import content_key
-from sekd.core.files import atomic_write_json, atomic_write_text, sweep_tmp
+from sekd.core.errors import RunFault
+from sekd.core.files import append_lines, atomic_write_json, atomic_write_text, sweep_tmp
 
 # Keys that do not change a run's result: left out of the config hash that names its folder.
 UNHASHED = (
@@ -220,15 +221,23 @@ class RunDir:
         atomic_write_text(self.eval_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.require()
+        append_lines(self.metrics, json.dumps(row) + "\n")
+
+    def require(self) -> None:
+        """The run folder is still there: one removed under a running job took its checkpoint and metrics
+        with it, and writing on would make a folder that looks whole and is not."""
+        if not self.path.is_dir():
+            raise RunFault(f"{self.path}: the run folder was removed while the run worked")
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget the metrics logged after the checkpoint we went back to, and the trace
-        rows of the steps that will be redone (the trace counts steps from 0, metrics from 1)."""
+        rows of the steps that will be redone (the trace counts steps from 0, metrics from 1). Only
+        whole lines count: a line a full disk cut short is dropped."""
         for path, keep in ((self.metrics, lambda s: s <= step), (self.trace, lambda s: s < step)):
             if path.exists():
-                rows = [ln for ln in path.read_text().splitlines() if ln and keep(json.loads(ln)["step"])]
+                lines = path.read_text().split("\n")[:-1]  # the last piece has no newline: not a whole line
+                rows = [ln for ln in lines if ln and keep(json.loads(ln)["step"])]
                 atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def start_over(self) -> None:
@@ -244,6 +253,7 @@ class RunDir:
                 sweep_tmp(folder)
 
     def write_record(self, record: dict[str, Any]) -> None:
+        self.require()
         self.eval_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record, record)
 

@@ -58,6 +58,7 @@ def save_checkpoint(tr: Trainer) -> None:
             "selector": tr.sel.state_dict(),
             **extra,
         },
+        parents=False,  # the run folder removed under the run: a fault (sekd/app/faults.py), not a new folder
     )
     if tr.sharded:
         remove_sharded(tr.run.path, keep=weights["sharded"])

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sekd.core.files import append_lines
 from sekd.distributed.process_group import Dist
 from sekd.kd.objective import StepOut
 from sekd.selection.policies import Draws
@@ -48,5 +49,4 @@ class SelectionTrace:
             self.append([r for part in rows for r in part])
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        append_lines(self.path, "".join(json.dumps(r) + "\n" for r in rows))

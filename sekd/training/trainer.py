@@ -102,6 +102,11 @@ class Trainer:
         )
         if resumed:
             bar.write(f"resumed from step {self.prog.step} ({self.run.checkpoint})")
+        with bar:  # a fault's one line starts a line of its own, after the bar's
+            self.loop(stream, bar)
+        return self.prog
+
+    def loop(self, stream: Iterator[list[int]], bar: tqdm) -> None:
         t_last = time.time()
         profiler = StepProfiler(self.t.profile_steps, self.run.path if self.run is not None else None, self.dist.rank)
         while self.prog.step < self.steps:
@@ -117,8 +122,6 @@ class Trainer:
                 t_last = now
             if self.t.ckpt_every and self.prog.step % self.t.ckpt_every == 0 and self.prog.step < self.steps:
                 save_checkpoint(self)
-        bar.close()
-        return self.prog
 
     def step(self, stream: Iterator[list[int]]) -> tuple[StepCounts, Tensor]:
         """One optimizer step over one effective batch; its counts, and the grad norm (a tensor: reading it
