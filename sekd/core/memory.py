@@ -1,0 +1,54 @@
+"""Out of memory: which memory ran out (a card's or the host's), what was asked for, and the run's peak.
+
+A card's torch.OutOfMemoryError, Python's MemoryError and torch's CPU allocator error ("can't allocate
+memory") are faults of the machine, not bugs: the trainer (sekd/training/trainer.py) and the app
+(sekd/app/faults.py) turn them into one line naming the peak and what to do.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+GIB = 2**30
+
+
+def exhausted(err: BaseException) -> str | None:
+    """ "card" for a CUDA out of memory, "host" for the host's RAM, None for any other error."""
+    loaded = sys.modules.get("torch")  # not imported: not torch's error (and no torch to load on the way out)
+    if loaded is not None and isinstance(err, loaded.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
+        return "card"
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        return "host"
+    return None
+
+
+def asked(err: BaseException) -> str:
+    """What the failed allocation asked for, as torch's message says it ("" where it does not)."""
+    text = str(err)
+    card = re.search(r"Tried to allocate (\d+(?:\.\d+)? [KMGT]?i?B)", text)
+    if card:
+        return f"tried to allocate {card.group(1)}"
+    host = re.search(r"you tried to allocate (\d+) bytes", text)
+    return f"tried to allocate {gib(int(host.group(1)))}" if host else ""
+
+
+def peak(device: torch.device | None, kind: str) -> str:
+    """The run's peak: a card's most allocated (of its total), or the process's resident peak (host RAM)."""
+    import torch
+
+    if kind == "card" and device is not None and device.type == "cuda" and torch.cuda.is_available():
+        held = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return f"peak {gib(held)} allocated of {gib(total)} on {device}"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return f"peak RSS {gib(rss)} of host memory"
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
