@@ -51,4 +51,5 @@ def peak(device: torch.device | None, kind: str) -> str:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """An amount of memory as people read it: MiB below a GiB, GiB with two decimals above."""
+    return f"{n / 2**20:.0f} MiB" if n < GIB else f"{n / GIB:.2f} GiB"
