@@ -46,7 +46,7 @@ def test_a_card_out_of_memory_in_a_step_stops_in_one_line_and_the_rerun_resumes(
     run_args = args(root, cache, tmp_path)
     line = fault_line(sekd_train(run_args, env=injected(SEKD_TEST_OOM="step:3")))
     assert line.startswith(
-        "sekd: run fault: out of card memory on cpu at step 3, micro-batch 2 of 2 (train.micro_batch_size=4): "
+        "sekd: run fault: out of card memory on cuda:0 at step 3, micro-batch 2 of 2 (train.micro_batch_size=4): "
         "tried to allocate 2.00 GiB, peak RSS "
     ), line
     assert (
@@ -72,7 +72,9 @@ def test_a_card_out_of_memory_while_scoring_names_eval_batch_size_and_the_rerun_
     shutil.copytree(reference, root)  # a trained student: the run goes straight to scoring
     run_args = args(root, cache, tmp_path, "eval=embedded", "eval.limit=2", "eval.batch_size=4")
     line = fault_line(sekd_train(run_args, env=injected(SEKD_TEST_OOM="scoring")))
-    assert line.startswith("sekd: run fault: out of card memory while scoring (tried to allocate 2.00 GiB, peak RSS ")
+    assert line.startswith(
+        "sekd: run fault: out of card memory on cuda:0 while scoring (tried to allocate 2.00 GiB, peak RSS "
+    )
     assert line.endswith(
         "; lower eval.batch_size (now 4) or free the card's memory; re-run the same command: the student is "
         "trained and saved; it only scores"

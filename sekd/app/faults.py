@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from sekd.core.errors import FAULT_EXIT, RunFault
 from sekd.core.files import storage_error
-from sekd.core.memory import asked, exhausted, peak
+from sekd.core.memory import asked, exhausted, failed_card, peak
 
 if TYPE_CHECKING:
     from sekd.config.schema import RunConfig
@@ -83,11 +83,11 @@ def fault_line(fault: RunFault | OSError, cfg: RunConfig, run: RunDir | None, st
 
 
 def memory_line(fault: OutOfMemory, cfg: RunConfig, stage: str) -> str:
-    """`out of <card|host> memory while <stage> (<asked>, <peak>); <remedy for that stage>`."""
+    """`out of <card|host> memory [on <card>] while <stage> (<asked>, <peak>); <remedy for that stage>`."""
     import torch
 
     on_card = fault.kind == "card" and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_card else None
+    device = failed_card(fault.err, torch.device("cuda", torch.cuda.current_device()) if on_card else None)
     facts = ", ".join(x for x in (asked(fault.err), peak(device, fault.kind)) if x)
     free = "free the card's memory" if fault.kind == "card" else "free host memory"
     if stage == "scoring":
@@ -96,7 +96,8 @@ def memory_line(fault: OutOfMemory, cfg: RunConfig, stage: str) -> str:
         remedy = f"see `sekd-train <these overrides> --plan --card <its memory>` for what fits, or {free}"
     else:
         remedy = free if fault.kind == "card" else f"{free} or give the job more (resources.mem_gb under Slurm)"
-    return f"{fault} while {stage} ({facts}); {remedy}"
+    where = f" on {device}" if device is not None else ""
+    return f"{fault}{where} while {stage} ({facts}); {remedy}"
 
 
 def needs(cfg: RunConfig, key: str) -> str:

@@ -38,6 +38,15 @@ def asked(err: BaseException) -> str:
     return f"tried to allocate {gib(int(host.group(1)))}" if host else ""
 
 
+def failed_card(err: BaseException, default: torch.device | None) -> torch.device | None:
+    """The card torch's message names ("GPU 1 has a total capacity ..."): a placed teacher's card
+    (model.teacher_device) is not the student's; `default` where the message names none."""
+    import torch
+
+    card = re.search(r"GPU (\d+) has a total capacity", str(err))
+    return torch.device("cuda", int(card.group(1))) if card else default
+
+
 def peak(device: torch.device | None, kind: str) -> str:
     """The run's peak: a card's most allocated (of its total), or the process's resident peak (host RAM)."""
     import torch

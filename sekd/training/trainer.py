@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sekd.config.schema import TrainConfig
 from sekd.core.errors import RunFault
-from sekd.core.memory import asked, exhausted, peak
+from sekd.core.memory import asked, exhausted, failed_card, peak
 from sekd.distributed.fsdp import full_state_dict, full_value, shard_student, shard_teacher
 from sekd.distributed.process_group import Dist, GradBuckets, broadcast_params
 from sekd.kd.flows import LinearLike, auto_chunk_size, chunked_kd_loss
@@ -291,10 +291,11 @@ class Trainer:
         """The one line of a step that ran out of memory: the step (as metrics.jsonl numbers it), where in it,
         the device, what was asked for and the peak, and how to make the step fit."""
         kind = exhausted(err) or "host"
+        device = failed_card(err, self.device) if kind == "card" else self.device
         rank = f" (rank {self.dist.rank})" if self.dist.active else ""
-        facts = ", ".join(x for x in (asked(err), peak(self.device, kind)) if x)
+        facts = ", ".join(x for x in (asked(err), peak(device, kind)) if x)
         return RunFault(
-            f"out of {kind} memory on {self.device}{rank} at step {self.prog.step + 1}, {self.phase} "
+            f"out of {kind} memory on {device}{rank} at step {self.prog.step + 1}, {self.phase} "
             f"(train.micro_batch_size={self.t.micro_batch_size}): {facts}; "
             f"{smaller_micro_batch(self.t, self.dist.world_size, kind)}"
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sekd.core.memory import asked, exhausted, gib, peak
+from sekd.core.memory import asked, exhausted, failed_card, gib, peak
 
 
 def real_host_errors() -> list[BaseException]:
@@ -35,6 +35,14 @@ def test_what_was_asked_for_reads_torchs_messages():
     cpu, python = real_host_errors()
     assert asked(cpu) == "tried to allocate 1048576.00 GiB"
     assert asked(python) == ""
+
+
+def test_the_card_that_failed_is_the_one_torch_names():
+    teachers = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 79.19 GiB"
+    )
+    assert failed_card(teachers, torch.device("cuda", 0)) == torch.device("cuda", 1)
+    assert failed_card(torch.OutOfMemoryError("CUDA out of memory."), None) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a card's peak needs a card")

@@ -87,7 +87,7 @@ def test_a_card_out_of_memory_names_the_step_the_micro_batch_and_the_remedy_and_
         tr.fit()
     line = str(err.value)
     assert line.startswith(
-        "out of card memory on cpu at step 3, micro-batch 2 of 2 (train.micro_batch_size=2): "
+        "out of card memory on cuda:0 at step 3, micro-batch 2 of 2 (train.micro_batch_size=2): "
         "tried to allocate 2.00 GiB, peak RSS "
     ), line
     assert line.endswith(
@@ -111,7 +111,7 @@ def test_the_optimizer_step_and_the_host_allocator_are_named_too(tmp_path, monke
     host memory (a 1 PiB tensor: no machine has it)."""
     tr = trainer(tmp_path / "a")
     fail_at(tr, monkeypatch, 1, "the optimizer step", card_oom)
-    with pytest.raises(RunFault, match="^out of card memory on cpu at step 1, the optimizer step "):
+    with pytest.raises(RunFault, match="^out of card memory on cuda:0 at step 1, the optimizer step "):
         tr.fit()
     assert not tr.run.checkpoint.exists() and not tr.run.metrics.exists()
     tr = trainer(tmp_path / "b")
