@@ -16,7 +16,8 @@ from tests.helpers import TINY, checkpoint_step, logged_steps, sekd_train, tiny_
 from tests.test_faults import fault_line, run_folder, weights
 
 STEPS = 4
-RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none"]
+# on the CPU even where there is a card: a card's OOM is simulated, and CUDA's address space would swamp RLIMIT_AS
+RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none", "train.device=cpu", "eval.device=cpu"]
 INJECT = Path(__file__).parent / "inject"
 
 

@@ -138,6 +138,7 @@ class Trainer:
         except Exception as err:
             if exhausted(err) is None:
                 raise
+            self.forget_failed_step()
             raise self.out_of_memory(err) from err
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -299,6 +300,13 @@ class Trainer:
             f"(train.micro_batch_size={self.t.micro_batch_size}): {facts}; "
             f"{smaller_micro_batch(self.t, self.dist.world_size, kind)}"
         )
+
+    def forget_failed_step(self) -> None:
+        """The selection trace's rows of the step that failed (its first micro-batches may have written some):
+        the re-run would drop them too. Best effort: the fault's own line matters more than this tidying."""
+        if self.trace is not None and self.dist.is_main and self.prog.step < self.trace.steps:
+            with contextlib.suppress(Exception):
+                self.run.truncate_after(self.prog.step)
 
     def final_weights(self) -> dict[str, Tensor] | None:
         """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must

@@ -17,6 +17,7 @@ from sekd.kd.objective import Selector
 from sekd.selection.criteria import forward_kl
 from sekd.selection.policies import POLICIES
 from sekd.stores.runs import RunDir
+from sekd.training.trace import SelectionTrace
 from sekd.training.trainer import Trainer, smaller_micro_batch
 from tests.helpers import TINY, compose_cfg
 from tests.training.test_trainer import packed, tiny_model
@@ -29,7 +30,8 @@ CARD_OOM = (
 
 
 def trainer(tmp_path, steps: int = 4) -> Trainer:
-    """A real run folder (checkpoint.pt, metrics.jsonl), 2 micro-batches of 2 a step, a checkpoint every step."""
+    """A real run folder (checkpoint.pt, metrics.jsonl, the selection trace of every step), 2 micro-batches of 2
+    a step, a checkpoint every step."""
     t = TrainConfig(flow="chunked", lr=1e-3, steps=steps, micro_batch_size=2, grad_accum=2, log_every=1, ckpt_every=1)
     run = RunDir(compose_cfg([*TINY, f"paths.root={tmp_path}"]))
     run.path.mkdir(parents=True, exist_ok=True)
@@ -46,6 +48,7 @@ def trainer(tmp_path, steps: int = 4) -> Trainer:
         tracker=Tracker("disabled", run.path, name="t", config={}, project="p"),
         device=torch.device("cpu"),
         dtype=torch.float32,
+        trace=SelectionTrace(run.trace, steps),
     )
 
 
@@ -68,6 +71,10 @@ def fail_at(tr: Trainer, monkeypatch, step: int, phase: str, raise_it) -> None:
 
 def logged(tr: Trainer) -> list[int]:
     return [json.loads(ln)["step"] for ln in tr.run.metrics.read_text().splitlines()]
+
+
+def traced(tr: Trainer) -> list[str]:
+    return tr.run.trace.read_text().splitlines()
 
 
 def saved_step(tr: Trainer) -> int:
@@ -97,11 +104,12 @@ def test_a_card_out_of_memory_names_the_step_the_micro_batch_and_the_remedy_and_
     ), line
     assert "\n" not in line and isinstance(err.value.__cause__, torch.OutOfMemoryError)
     assert saved_step(tr) == 2 and logged(tr) == [1, 2]  # nothing of step 3
+    assert traced(tr) == [r for r in traced(reference) if json.loads(r)["step"] < 2]  # micro-batch 1's rows gone
     assert [p.name for p in tr.run.path.rglob("*.tmp")] == []
     monkeypatch.undo()
     again = trainer(tmp_path / "faulted")  # the same command, run again: from step 2 to the end
     again.fit()
-    assert logged(again) == [1, 2, 3, 4]
+    assert logged(again) == [1, 2, 3, 4] and traced(again) == traced(reference)
     want = reference.student.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in again.student.state_dict().items())
 
