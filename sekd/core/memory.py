@@ -19,7 +19,7 @@ GIB = 2**30
 
 
 def exhausted(err: BaseException) -> str | None:
-    """ "card" for a CUDA out of memory, "host" for the host's RAM, None for any other error."""
+    """Which memory `err` says ran out: "card" (CUDA), "host" (RAM), or None for any other error."""
     loaded = sys.modules.get("torch")  # not imported: not torch's error (and no torch to load on the way out)
     if loaded is not None and isinstance(err, loaded.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
         return "card"
@@ -54,7 +54,7 @@ def peak(device: torch.device | None, kind: str) -> str:
     if kind == "card" and device is not None and device.type == "cuda" and torch.cuda.is_available():
         held = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
-        return f"peak {gib(held)} allocated of {gib(total)} on {device}"
+        return f"peak {gib(held)} allocated of {gib(total)}"  # the line names the card itself
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return f"peak RSS {gib(rss)} of host memory"
 
