@@ -93,8 +93,18 @@ def composed(config_dir: Path, name: str, overrides: list[str]):
     return copy.deepcopy(_composed(str(config_dir), name, tuple(overrides)))
 
 
-def sekd_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def sekd_train(
+    args: list[str], env: dict[str, str] | None = None, timeout: int = 600, address_space: int | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; `address_space`: its RLIMIT_AS in bytes (a host that runs out of memory)."""
     full_env = {**os.environ, **(env or {})}
+
+    def limit() -> None:
+        import resource
+
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
     return subprocess.run(
         [sys.executable, "-m", "sekd.train", *args],
         cwd=ROOT,
@@ -102,6 +112,7 @@ def sekd_train(args: list[str], env: dict[str, str] | None = None, timeout: int 
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=limit if address_space is not None else None,
     )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from sekd.core.errors import FAULT_EXIT, RunFault
 from sekd.core.files import storage_error
+from sekd.core.memory import asked, exhausted, failed_card, peak
 
 if TYPE_CHECKING:
     from sekd.config.schema import RunConfig
@@ -40,10 +41,22 @@ REMEDIES = {
 }
 
 
+class OutOfMemory(RunFault):
+    """Memory ran out outside the training step (which names its own: sekd/training/trainer.py): loading a
+    model, scoring, building a cache. `fault_line` names the stage and its remedy."""
+
+    def __init__(self, kind: str, err: BaseException) -> None:
+        super().__init__(f"out of {kind} memory")
+        self.kind, self.err = kind, err
+
+
 def as_fault(err: BaseException) -> RunFault | OSError | None:
-    """The run fault `err` is (a storage error, a removed run folder), or None: then it is a bug to show."""
+    """The run fault `err` is (a storage error, a removed run folder, memory run out), or None: a bug to show."""
     if isinstance(err, RunFault):
         return err
+    kind = exhausted(err)
+    if kind is not None:
+        return OutOfMemory(kind, err)
     fault = storage_error(err)
     if fault is not None and fault.errno == errno.ENOENT and not folder_gone(fault.filename):
         return None  # a file that is simply missing, in a folder still there: not the storage's doing
@@ -56,6 +69,8 @@ def folder_gone(path: str | None) -> bool:
 
 def fault_line(fault: RunFault | OSError, cfg: RunConfig, run: RunDir | None, stage: str) -> str:
     """`<file>: <cause> (<key>, <free>); <remedy> and re-run the same command: <where it picks up>`."""
+    if isinstance(fault, OutOfMemory):
+        return f"{memory_line(fault, cfg, stage)}; re-run the same command: {picks_up(run, cfg)}"
     if isinstance(fault, RunFault):
         return f"{fault}; re-run the same command: {picks_up(run, cfg)}"
     code = fault.errno if fault.errno in CAUSES else errno.EACCES
@@ -65,6 +80,24 @@ def fault_line(fault: RunFault | OSError, cfg: RunConfig, run: RunDir | None, st
     cause = CAUSES[code] + (f" ({about})" if about else "")
     remedy = REMEDIES[code] + (needs(cfg, key) if code in (errno.ENOSPC, errno.EDQUOT) else "")
     return f"{where}: {cause}; {remedy} and re-run the same command: {picks_up(run, cfg)}"
+
+
+def memory_line(fault: OutOfMemory, cfg: RunConfig, stage: str) -> str:
+    """`out of <card|host> memory [on <card>] while <stage> (<asked>, <peak>); <remedy for that stage>`."""
+    import torch
+
+    on_card = fault.kind == "card" and torch.cuda.is_available()
+    device = failed_card(fault.err, torch.device("cuda", torch.cuda.current_device()) if on_card else None)
+    facts = ", ".join(x for x in (asked(fault.err), peak(device, fault.kind)) if x)
+    free = "free the card's memory" if fault.kind == "card" else "free host memory"
+    if stage == "scoring":
+        remedy = f"lower eval.batch_size (now {cfg.eval.batch_size}) or {free}"
+    elif stage == "training" and fault.kind == "card":
+        remedy = f"see `sekd-train <these overrides> --plan --card <its memory>` for what fits, or {free}"
+    else:
+        remedy = free if fault.kind == "card" else f"{free} or give the job more (resources.mem_gb under Slurm)"
+    where = f" on {device}" if device is not None else ""
+    return f"{fault}{where} while {stage} ({facts}); {remedy}"
 
 
 def needs(cfg: RunConfig, key: str) -> str:

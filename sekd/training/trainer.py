@@ -19,6 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sekd.config.schema import TrainConfig
+from sekd.core.errors import RunFault
+from sekd.core.memory import asked, exhausted, failed_card, peak
 from sekd.distributed.fsdp import full_state_dict, full_value, shard_student, shard_teacher
 from sekd.distributed.process_group import Dist, GradBuckets, broadcast_params
 from sekd.kd.flows import LinearLike, auto_chunk_size, chunked_kd_loss
@@ -87,6 +89,7 @@ class Trainer:
         self.sched = build_schedule(self.opt, train_cfg, self.steps)
         self.gen = torch.Generator().manual_seed(seed)
         self.prog = Progress()
+        self.phase = ""  # where in its step the run is, for an out of memory's line
 
     # -- the loop: fit -> step -> accumulate -> micro_step -> forward ----------------------------
     def fit(self) -> Progress:
@@ -125,10 +128,18 @@ class Trainer:
 
     def step(self, stream: Iterator[list[int]]) -> tuple[StepCounts, Tensor]:
         """One optimizer step over one effective batch; its counts, and the grad norm (a tensor: reading it
-        waits for the device, so only logged steps do)."""
-        counts = self.accumulate(stream)
-        gnorm = self.clip_gradients()
-        self.opt.step()
+        waits for the device, so only logged steps do). Out of memory, it raises the one line of
+        `out_of_memory`: the step's checkpoint and metrics line come after it, so nothing of it is saved."""
+        try:
+            counts = self.accumulate(stream)
+            self.phase = "the optimizer step"  # AdamW makes its state on the first one
+            gnorm = self.clip_gradients()
+            self.opt.step()
+        except Exception as err:
+            if exhausted(err) is None:
+                raise
+            self.forget_failed_step()
+            raise self.out_of_memory(err) from err
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.prog.step += 1
@@ -142,11 +153,13 @@ class Trainer:
         """The gradient of L over one effective batch (grad_accum micro-batches of every rank) in .grad, and
         the step's counts. Sums, weights and gradients are summed over ranks before the one division."""
         micro_idx = [next(stream) for _ in range(self.t.grad_accum)]
+        self.phase = "sampling the student's answers"
         answers = self.sample_answers(micro_idx)
         counts = StepCounts()
         if self.buckets is not None:  # zeroed buffers, each .grad a view of them
             self.buckets.start()
         for i, (idx, ans) in enumerate(zip(micro_idx, answers)):
+            self.phase = f"micro-batch {i + 1} of {len(micro_idx)}"
             self.micro_step(idx, ans, counts, last=i == len(micro_idx) - 1)
         if self.buckets is not None:  # every rank's gradients (fsdp reduce-scattered them in each backward),
             self.buckets.finish()  # before the counts: the same collectives in the same order on every rank
@@ -275,6 +288,26 @@ class Trainer:
         self.run.log_metrics(row)
         self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
 
+    def out_of_memory(self, err: BaseException) -> RunFault:
+        """The one line of a step that ran out of memory: the step (as metrics.jsonl numbers it), where in it,
+        the device, what was asked for and the peak, and how to make the step fit."""
+        kind = exhausted(err) or "host"
+        device = failed_card(err, self.device) if kind == "card" else self.device
+        rank = f" (rank {self.dist.rank})" if self.dist.active else ""
+        facts = ", ".join(x for x in (asked(err), peak(device, kind)) if x)
+        return RunFault(
+            f"out of {kind} memory on {device}{rank} at step {self.prog.step + 1}, {self.phase} "
+            f"(train.micro_batch_size={self.t.micro_batch_size}): {facts}; "
+            f"{smaller_micro_batch(self.t, self.dist.world_size, kind)}"
+        )
+
+    def forget_failed_step(self) -> None:
+        """The selection trace's rows of the step that failed (its first micro-batches may have written some):
+        the re-run would drop them too. Best effort: the fault's own line matters more than this tidying."""
+        if self.trace is not None and self.dist.is_main and self.prog.step < self.trace.steps:
+            with contextlib.suppress(Exception):
+                self.run.truncate_after(self.prog.step)
+
     def final_weights(self) -> dict[str, Tensor] | None:
         """The whole student's weights for saving it, gathered on rank 0 when sharded (every rank must
         call it then); None when the model holds them whole."""
@@ -373,6 +406,25 @@ class StudentLoss(torch.nn.Module):
             teacher_out = arrived(teacher_out, s_logits.device)
             out = selective_kd_loss(s_logits, teacher_out, y, inputs)
         return out.loss_sum, out
+
+
+def smaller_micro_batch(t: TrainConfig, world: int, kind: str) -> str:
+    """What makes a step fit: a smaller micro-batch with more accumulation keeps the step the same (the
+    split does not change it, docs/method.md §9), but both keys name the run folder, so it starts anew."""
+    plan = (
+        "see `sekd-train <these overrides> --plan --card <its memory>` for the largest that fits, "
+        if kind == "card"
+        else ""
+    )
+    free = "or free the card's memory" if kind == "card" else "or free host memory"
+    m, a = t.micro_batch_size, t.grad_accum
+    if m == 1:
+        return f"train.micro_batch_size is 1 already: shorten data.seq_len, {plan}{free}"
+    d = max(k for k in range(1, m) if m % k == 0)
+    return (
+        f"lower train.micro_batch_size to {d} with train.grad_accum={a * m // d} (the same {m * a * world} "
+        f"sequences a step, in a new run folder from step 0), {plan}{free}"
+    )
 
 
 def arrived(teacher_out: Tensor | None, device: torch.device) -> Tensor | None:
