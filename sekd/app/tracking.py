@@ -70,10 +70,11 @@ class Tracker:
         """The one line, once; wandb is not called again, and its exit hook (which would print the same
         broken connection's traceback at exit) is torn down now, quietly."""
         self.run = None
-        print(
-            f"sekd: {what} ({cause(err)}); the run goes on without it, metrics.jsonl keeps every step",
-            file=sys.stderr,
-            flush=True,
+        from tqdm import tqdm
+
+        # tqdm.write: a line of its own, above a progress bar that is drawn at the time
+        tqdm.write(
+            f"sekd: {what} ({cause(err)}); the run goes on without it, metrics.jsonl keeps every step", sys.stderr
         )
         if "wandb" in sys.modules:
             try:

@@ -1,0 +1,105 @@
+"""Faults of the scoring and record stages, met for real (docs/bad-inputs.md, "Faults while running"):
+lm-eval failing on one of our tasks (its prepared data broken under paths.cache/eval), and the wandb service
+killed under a running job. A task fault is one line and exit status 3 with the trained student kept, no
+record and no lm-eval output taken for whole; the same command then only scores. A dead wandb is one line,
+once, and the run finishes as if nothing happened (metrics.jsonl every step, the record written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, checkpoint_step, descendants, logged_steps, sekd_train, sekd_train_paused, tiny_cache
+
+STEPS = 4
+RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval.limit=8"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """paths.cache with the tiny pair built; tests copy it (each may break its task data)."""
+    return tiny_cache(tmp_path_factory, tmp_path_factory.mktemp("scoring") / "cache")
+
+
+def args(root: Path, cache: Path, *extra: str) -> list[str]:
+    return [*RUN, f"paths.root={root}", f"paths.cache={cache}", f"hydra.run.dir={root}/hydra", *extra]
+
+
+def run_folder(root: Path) -> Path:
+    (run,) = Path(root).glob("runs/*")
+    return run
+
+
+def fault_line(res) -> str:
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("sekd: ")]
+    assert line.startswith("sekd: run fault: ")
+    return line
+
+
+def test_a_broken_task_file_stops_scoring_in_one_line_and_the_rerun_only_scores(cache, tmp_path):
+    from sekd.data.corpus import load_split
+    from sekd.evaluation.tasks import build_tasks
+
+    shutil.copytree(cache, tmp_path / "cache")
+    tasks = build_tasks(load_split("test"), tmp_path / "cache" / "eval", split="test").include_path
+    data = tasks / "choice.jsonl"
+    data.write_bytes(data.read_bytes()[:3000])  # cut short mid-line, as an interrupted copy leaves it
+    run_args = args(tmp_path / "root", tmp_path / "cache")
+    line = fault_line(sekd_train(run_args))
+    run = run_folder(tmp_path / "root")
+    assert line == (
+        f"sekd: run fault: lm-eval failed on task sekd_choice_test (eval.suite=embedded): {data} line 6 is not whole "
+        f"JSON (cut short or corrupted); the trained student is kept ({run}/model); remove {tasks} (paths.cache/eval: "
+        "it is built again from the corpus); re-run the same command: the student is trained and saved; it only scores"
+    )
+    (eval_dir,) = run.glob("eval-*")
+    assert not (eval_dir / "record.json").exists() and not (eval_dir / "lm_eval").exists()
+    trained = (run / "model" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(tasks)  # as the line says
+    again = sekd_train(run_args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "distill" not in again.stderr and (run / "model" / "model.safetensors").stat().st_mtime_ns == trained
+    assert logged_steps(tmp_path / "root") == list(range(1, STEPS + 1))
+    record = json.loads((eval_dir / "record.json").read_text())
+    assert record["steps"] == STEPS and record["metrics"]["acc"] >= 0
+    assert (eval_dir / "lm_eval" / "results.json").is_file()
+
+
+def wandb_services() -> list[int]:
+    """This test's own wandb-core processes (under pytest's process: the CLI's children)."""
+    out = []
+    for pid in descendants(os.getpid()):
+        try:
+            if b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
+def test_a_killed_wandb_service_is_one_line_and_the_run_finishes(cache, tmp_path):
+    root = tmp_path / "root"
+    run_args = args(root, cache, "logging=offline")
+
+    def kill_wandb() -> bool:
+        pids = wandb_services()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return bool(pids)
+
+    res = sekd_train_paused(run_args, ready=lambda: (checkpoint_step(root) or 0) >= 2, action=kill_wandb)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    said = [ln for ln in res.stderr.splitlines() if "wandb" in ln]
+    assert len(said) == 1 and said[0].startswith("sekd: wandb stopped logging ("), res.stderr[-3000:]
+    assert said[0].endswith("); the run goes on without it, metrics.jsonl keeps every step")
+    assert logged_steps(root) == list(range(1, STEPS + 1))
+    (record,) = run_folder(root).glob("eval-*/record.json")
+    assert json.loads(record.read_text())["steps"] == STEPS
