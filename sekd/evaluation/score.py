@@ -7,6 +7,7 @@ Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE before the firs
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from sekd.evaluation.calibration import suite_ece
 from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tasks
 from sekd.evaluation.task_files import broken_task
 from sekd.evaluation.tasks import build_tasks
-from sekd.core.files import atomic_write_text
+from sekd.core.files import atomic_write_text, storage_error
 from sekd.distributed.launch import one_process
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def lm_eval_output(log: Path, verbose: bool):
     logger = logging.getLogger("lm_eval")
     saved = logger.level, logger.propagate
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    with NamedLog(log) as out:
         to_file, to_console = logging.StreamHandler(out), logging.StreamHandler(sys.__stderr__)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         to_console.setLevel(logging.WARNING)
@@ -204,6 +205,43 @@ def lm_eval_output(log: Path, verbose: bool):
             logger.removeHandler(to_console)
             logger.setLevel(saved[0])
             logger.propagate = saved[1]
+
+
+class NamedLog(io.TextIOBase):
+    """lm_eval.log, whose storage faults name it: lm-eval's prints and log lines reach it through buffers,
+    where a full disk is an OSError naming no file (the fault's line would not say which)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self.named():
+            self.file = open(path, "w")
+
+    @contextlib.contextmanager
+    def named(self):
+        try:
+            yield
+        except OSError as err:
+            fault = storage_error(err, self.path)
+            if fault is None:
+                raise
+            raise fault from err
+
+    def write(self, text: str) -> int:
+        with self.named():
+            return self.file.write(text)
+
+    def flush(self) -> None:
+        with self.named():
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()  # flushes
+        finally:
+            with self.named():
+                self.file.close()
 
 
 def _number(v: Any) -> float | None:
