@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.disks import fill, mount_tmpfs
 from tests.helpers import TINY, checkpoint_step, descendants, logged_steps, sekd_train, sekd_train_paused, tiny_cache
 
 STEPS = 4
@@ -86,7 +87,7 @@ def wandb_services() -> list[int]:
 
 def test_a_killed_wandb_service_is_one_line_and_the_run_finishes(cache, tmp_path):
     root = tmp_path / "root"
-    run_args = args(root, cache, "logging=offline")
+    run_args = args(root, cache, "logging=offline", "eval=none")
 
     def kill_wandb() -> bool:
         pids = wandb_services()
@@ -103,3 +104,54 @@ def test_a_killed_wandb_service_is_one_line_and_the_run_finishes(cache, tmp_path
     assert logged_steps(root) == list(range(1, STEPS + 1))
     (record,) = run_folder(root).glob("eval-*/record.json")
     assert json.loads(record.read_text())["steps"] == STEPS
+
+
+def eval_outputs(eval_dir: Path) -> list[Path]:
+    return [eval_dir / "lm_eval.log", *sorted((eval_dir / "lm_eval").glob("*")), eval_dir / "record.json"]
+
+
+def pages(files: list[Path]) -> int:
+    """What the files take on a tmpfs: whole pages."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in files)
+
+
+def test_a_disk_that_fills_while_scoring_or_recording_stops_in_one_line_and_the_rerun_only_scores(cache, tmp_path):
+    """Full while lm-eval's output is written (the student saved, its checkpoint gone), then, scoring again,
+    with room for lm-eval's output but not for record.json: each one line naming the file, no record, no
+    results.json beside samples, and the same command then scores and records without training again."""
+    with mount_tmpfs(tmp_path / "disk", "16m") as disk:
+        run_args = args(disk, cache)
+        res = sekd_train_paused(
+            run_args,
+            ready=lambda: any(disk.glob("runs/*/train_stats.json")),
+            action=lambda: bool(fill(disk, leave=8192)),  # room for lm_eval.log, not for the samples
+        )
+        run = run_folder(disk)
+        (eval_dir,) = run.glob("eval-*")
+        trained = (run / "model" / "model.safetensors").stat().st_mtime_ns
+        line = fault_line(res)
+        assert line.startswith(f"sekd: run fault: {eval_dir}/lm_eval/samples_sekd_") and (
+            f".jsonl: no space left on device (paths.root={disk}, " in line
+        ), line
+        assert line.endswith(
+            "free space on that disk and re-run the same command: the student is trained and saved; it only scores"
+        ), line
+        assert [p.name for p in disk.rglob("*.tmp")] == [] and not (eval_dir / "record.json").exists()
+        assert not (eval_dir / "lm_eval" / "results.json").exists()
+        (disk / "filler.bin").unlink()
+        again = sekd_train(run_args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        written = pages(eval_outputs(eval_dir))
+        record = json.loads((eval_dir / "record.json").read_text())
+        for f in eval_outputs(eval_dir):
+            f.unlink()
+        fill(disk, leave=written - 4096)
+        line = fault_line(sekd_train(run_args))
+        assert line.startswith(f"sekd: run fault: {eval_dir}/record.json: no space left on device"), line
+        assert [p.name for p in disk.rglob("*.tmp")] == [] and not (eval_dir / "record.json").exists()
+        (disk / "filler.bin").unlink()
+        again = sekd_train(run_args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads((eval_dir / "record.json").read_text())["metrics"] == record["metrics"]
+        assert (run / "model" / "model.safetensors").stat().st_mtime_ns == trained
+        assert logged_steps(disk) == list(range(1, STEPS + 1))
