@@ -155,3 +155,33 @@ def test_a_disk_that_fills_while_scoring_or_recording_stops_in_one_line_and_the_
         assert json.loads((eval_dir / "record.json").read_text())["metrics"] == record["metrics"]
         assert (run / "model" / "model.safetensors").stat().st_mtime_ns == trained
         assert logged_steps(disk) == list(range(1, STEPS + 1))
+
+
+def test_a_cache_disk_that_fills_while_the_sample_scores_are_stored_stops_in_one_line(cache, tmp_path):
+    """samples=top_student_entropy stores its pre-pass scores under paths.cache/sample_scores: filled once the
+    run has started (past the preflight), the store is one line naming its file, none is left half-written,
+    and the re-run scores, stores and trains to the weights of a run that met no fault."""
+    from safetensors.torch import load_file
+
+    selective = ["samples=top_student_entropy", "samples.l=0.5", "eval=none"]
+    reference = sekd_train(args(tmp_path / "reference", cache, *selective))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    with mount_tmpfs(tmp_path / "disk", "16m") as disk:
+        shutil.copytree(cache, disk / "cache", ignore=shutil.ignore_patterns("sample_scores"))
+        root = tmp_path / "root"
+        run_args = args(root, disk / "cache", *selective)
+        res = sekd_train_paused(
+            run_args, ready=lambda: any(root.glob("runs/*/eval-*/config.yaml")), action=lambda: bool(fill(disk))
+        )
+        line = fault_line(res)
+        assert line.startswith(f"sekd: run fault: {disk}/cache/sample_scores/top_student_entropy-"), line
+        assert f".json: no space left on device (paths.cache={disk}/cache, " in line, line
+        assert line.endswith("and re-run the same command: it trains from step 0"), line
+        assert [p.name for p in disk.rglob("*.tmp")] == [] and list((disk / "cache").glob("sample_scores/*")) == []
+        (disk / "filler.bin").unlink()
+        again = sekd_train(run_args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert len(list((disk / "cache").glob("sample_scores/*.json"))) == 1
+        got = load_file(run_folder(root) / "model" / "model.safetensors")
+        want = load_file(run_folder(tmp_path / "reference") / "model" / "model.safetensors")
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
