@@ -185,3 +185,32 @@ def test_a_cache_disk_that_fills_while_the_sample_scores_are_stored_stops_in_one
         got = load_file(run_folder(root) / "model" / "model.safetensors")
         want = load_file(run_folder(tmp_path / "reference") / "model" / "model.safetensors")
         assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+
+
+def test_a_disk_that_fills_while_the_model_is_saved_stops_in_one_line_and_the_rerun_resumes(cache, tmp_path):
+    """Full after the last checkpoint (step 3 of 4; no metrics line after it, train.log_every=3): the model's
+    save is one line naming run/model, no half model or model.tmp is left, and the re-run resumes from step 3
+    to the weights of a run that met no fault."""
+    from safetensors.torch import load_file
+
+    plain = ["eval=none", "train.log_every=3"]
+    reference = sekd_train(args(tmp_path / "reference", cache, *plain))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    with mount_tmpfs(tmp_path / "disk", "16m") as disk:
+        run_args = args(disk, cache, *plain)
+        res = sekd_train_paused(
+            run_args, ready=lambda: checkpoint_step(disk) == STEPS - 1, action=lambda: bool(fill(disk))
+        )
+        line = fault_line(res)
+        run = run_folder(disk)
+        assert line.startswith(f"sekd: run fault: {run}/model: no space left on device (paths.root={disk}, "), line
+        assert line.endswith(f"re-run the same command: it resumes from step {STEPS - 1} (checkpoint.pt)"), line
+        assert not (run / "model").exists() and not (run / "model.tmp").exists()
+        assert [p.name for p in disk.rglob("*.tmp")] == []
+        (disk / "filler.bin").unlink()
+        again = sekd_train(run_args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resumed from step {STEPS - 1}" in again.stdout + again.stderr
+        got = load_file(run / "model" / "model.safetensors")
+        want = load_file(run_folder(tmp_path / "reference") / "model" / "model.safetensors")
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
