@@ -21,10 +21,11 @@ STEPS = 4
 RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval.limit=8"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """paths.cache with the tiny pair built; tests copy it (each may break its task data)."""
-    return tiny_cache(tmp_path_factory, tmp_path_factory.mktemp("scoring") / "cache")
+@pytest.fixture
+def cache(tmp_path_factory, tmp_path) -> Path:
+    """This test's paths.cache, the tiny pair built in it (a copy: a test may break its task data); no
+    module-scoped fixture, so that `make test`'s two workers may share these tests out."""
+    return tiny_cache(tmp_path_factory, tmp_path / "cache")
 
 
 def args(root: Path, cache: Path, *extra: str) -> list[str]:
@@ -48,11 +49,10 @@ def test_a_broken_task_file_stops_scoring_in_one_line_and_the_rerun_only_scores(
     from sekd.data.corpus import load_split
     from sekd.evaluation.tasks import build_tasks
 
-    shutil.copytree(cache, tmp_path / "cache")
-    tasks = build_tasks(load_split("test"), tmp_path / "cache" / "eval", split="test").include_path
+    tasks = build_tasks(load_split("test"), cache / "eval", split="test").include_path
     data = tasks / "choice.jsonl"
     data.write_bytes(data.read_bytes()[:3000])  # cut short mid-line, as an interrupted copy leaves it
-    run_args = args(tmp_path / "root", tmp_path / "cache")
+    run_args = args(tmp_path / "root", cache)
     line = fault_line(sekd_train(run_args))
     run = run_folder(tmp_path / "root")
     assert line == (
