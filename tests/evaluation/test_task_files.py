@@ -69,3 +69,24 @@ def test_task_data_removed_from_the_cache_is_built_again(tasks, tmp_path):
     arith = build_arith_task("test", tmp_path)
     (arith / DATA_FILE).unlink()
     assert build_arith_task("test", tmp_path) == arith and (arith / DATA_FILE).is_file()
+
+
+def test_score_checkpoint_names_the_broken_task_and_keeps_other_failures_whole(tiny_checkpoint, tmp_path):
+    """Real lm-eval: a task whose data is cut short is a TaskDataError naming it, from lm-eval's own error;
+    a failure no task file explains (no model at the path) stays lm-eval's error, and leaves no results.json."""
+    from sekd.evaluation.score import score_checkpoint
+    from sekd.evaluation.task_files import TaskDataError
+
+    docs = load_split("test")[:8]
+    tasks = build_tasks(docs, tmp_path / "cache", split="test").include_path
+    out = tmp_path / "run"
+    (out / "lm_eval").mkdir(parents=True)
+    (out / "lm_eval" / "results.json").write_text("{}")  # an older scoring's: not to be read beside new samples
+    with pytest.raises(OSError) as other:
+        score_checkpoint(tmp_path / "no-model", out, docs=docs, artifacts_dir=tmp_path / "cache", limit=2)
+    assert not isinstance(other.value, TaskDataError) and not (out / "lm_eval" / "results.json").exists()
+    (tasks / "lastword.jsonl").write_text('{"context": "a"\n')
+    with pytest.raises(TaskDataError) as broken:
+        score_checkpoint(tiny_checkpoint, out, docs=docs, artifacts_dir=tmp_path / "cache", limit=2)
+    assert broken.value.task == "sekd_lastword_test" and broken.value.problem.startswith("line 1 is not whole JSON")
+    assert broken.value.__cause__ is not None  # lm-eval's own error, kept for SEKD_TRACEBACK=1
