@@ -145,18 +145,30 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_any_model_loads(
 
 
 def test_a_cache_disk_that_fills_while_the_teacher_cache_builds_stops_in_one_line(shared, tmp_path):
-    """classes.cache=auto builds its shards under paths.cache: a full disk there is the same one line, and
-    the rerun finishes the cache and the run."""
+    """classes.cache=auto builds its shards under paths.cache: a disk already full there is refused before any
+    model loads (the preflight counts the cache); one that fills once the run has started is the same one
+    line as paths.root's, and the rerun finishes the cache and the run."""
     with mount_tmpfs(tmp_path / "disk", "16m") as disk:
         shutil.copytree(shared[0], disk / "cache")  # the built pair: the preflight asks no room for it
         fill(disk)
-        run_args = [*args(tmp_path / "root", disk / "cache", tmp_path), "classes=rs_kd", "classes.cache=auto"]
-        res = sekd_train([*run_args, "classes.options.n_draws=4"])
+        root = tmp_path / "root"
+        run_args = [*args(root, disk / "cache", tmp_path), "classes=rs_kd", "classes.cache=auto"]
+        refused = sekd_train([*run_args, "classes.options.n_draws=4"])
+        assert (
+            refused.returncode == 2 and f"sekd: config error: paths.cache: {disk}/cache has 0 B free" in refused.stderr
+        )
+        (disk / "filler.bin").unlink()
+        res = sekd_train_paused(  # past the preflight: the run folder's config is written
+            [*run_args, "classes.options.n_draws=4"],
+            ready=lambda: any(root.glob("runs/*/eval-*/config.yaml")),
+            action=lambda: bool(fill(disk)),
+        )
         line = fault_line(res)
         assert (
             f"{disk}/cache/teacher_cache/" in line and f": no space left on device (paths.cache={disk}/cache, " in line
         )
-        assert line.endswith("free space on that disk and re-run the same command: it trains from step 0"), line
+        assert "free space on that disk (this run writes about " in line, line
+        assert line.endswith(" there) and re-run the same command: it trains from step 0"), line
         assert [p.name for p in disk.rglob("*.tmp")] == []
         (disk / "filler.bin").unlink()
         again = sekd_train([*run_args, "classes.options.n_draws=4"])

@@ -78,7 +78,8 @@ def fault_line(fault: RunFault | OSError, cfg: RunConfig, run: RunDir | None, st
     key = key_of(fault.filename, cfg)
     about = ", ".join(x for x in (key, free_space(fault.filename, code)) if x)
     cause = CAUSES[code] + (f" ({about})" if about else "")
-    remedy = REMEDIES[code] + (needs(cfg, key) if code in (errno.ENOSPC, errno.EDQUOT) else "")
+    trained = run is not None and run.trained()
+    remedy = REMEDIES[code] + (needs(cfg, key, trained) if code in (errno.ENOSPC, errno.EDQUOT) else "")
     return f"{where}: {cause}; {remedy} and re-run the same command: {picks_up(run, cfg)}"
 
 
@@ -100,11 +101,11 @@ def memory_line(fault: OutOfMemory, cfg: RunConfig, stage: str) -> str:
     return f"{fault}{where} while {stage} ({facts}); {remedy}"
 
 
-def needs(cfg: RunConfig, key: str) -> str:
+def needs(cfg: RunConfig, key: str, trained: bool = False) -> str:
     """How much the run writes under `key`'s folder, roughly (sekd/app/preflight.py's estimate)."""
     from sekd.app.preflight import estimate
 
-    need = estimate(cfg).get(key.split("=")[0], 0)
+    need = estimate(cfg, trained).get(key.split("=")[0], 0)
     return f" (this run writes about {size(need)} there)" if need else ""
 
 

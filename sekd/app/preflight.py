@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from sekd.config.schema import RunConfig
     from sekd.stores.runs import RunDir
 
+WRITES = {
+    "paths.root": "checkpoint.pt, kept whole while it is replaced, and the model",
+    "paths.cache": "the embedded pair, the teacher cache and the sample scores it builds",
+}
 MARGIN = 1.25  # the estimate is rough: the tokenizer, data, metrics and lm-eval's output ride on top
 
 
@@ -30,7 +34,7 @@ def preflight(cfg: RunConfig, run: RunDir) -> None:
         check_writable(key, path)
     if cfg.classes.cache not in (None, "auto"):
         check_readable("classes.cache", Path(str(cfg.classes.cache)))
-    check_space(cfg, written)
+    check_space(cfg, written, run.trained())
 
 
 def folders(cfg: RunConfig, run: RunDir) -> list[tuple[str, Path]]:
@@ -73,9 +77,9 @@ def check_readable(key: str, path: Path) -> None:
         raise ConfigError(f"{key}={path}: cannot read this folder (permission denied)")
 
 
-def check_space(cfg: RunConfig, written: list[tuple[str, Path]]) -> None:
+def check_space(cfg: RunConfig, written: list[tuple[str, Path]], trained: bool = False) -> None:
     """Free space per disk against the bytes the run writes there; folders on one disk add up."""
-    needs = estimate(cfg)
+    needs = estimate(cfg, trained)
     if not needs:
         return
     disks: dict[int, tuple[Path, list[str], int]] = {}
@@ -90,15 +94,17 @@ def check_space(cfg: RunConfig, written: list[tuple[str, Path]]) -> None:
         if need * MARGIN > free:
             raise ConfigError(
                 f"{' and '.join(keys)}: {where} has {size(free)} free, but this run writes about "
-                f"{size(need * MARGIN)} there (checkpoint.pt, kept whole while it is replaced, and the "
-                "model); free space there, or point the key at a larger disk"
+                f"{size(need * MARGIN)} there ({'; '.join(WRITES[k.split('=')[0]] for k in keys if k.split('=')[0] in WRITES)}); "
+                "free space there, or point the key at a larger disk"
             )
 
 
-def estimate(cfg: RunConfig) -> dict[str, int]:
+def estimate(cfg: RunConfig, trained: bool = False) -> dict[str, int]:
     """Bytes per key, from the pair's shapes (nothing loaded): under paths.root two checkpoints (the old one
-    stays until the new is whole: fp32 weights + the optimizer's state) and the fp32 model; under paths.cache
-    the embedded pair, when it is not built yet. {} when the shapes are not on local disk (the run will say so itself)."""
+    stays until the new is whole: fp32 weights + the optimizer's state) and the fp32 model (none once
+    `trained`: the run only scores); under paths.cache the embedded pair when it is not built yet, the teacher
+    cache (classes.cache=auto) and the sample scores. {} when the shapes are not on local disk (the run will
+    say so itself)."""
     from sekd.app.plan import OPTIMIZER_BYTES, pair_shapes
 
     try:
@@ -106,9 +112,47 @@ def estimate(cfg: RunConfig) -> dict[str, int]:
     except (ConfigError, OSError, ValueError, KeyError):
         return {}
     needs = {}
-    if cfg.mode == "distill" and cfg.stage != "score":
+    if cfg.mode == "distill" and cfg.stage != "score" and not trained:
         checkpoint = student.params * (4 + OPTIMIZER_BYTES.get(cfg.train.optimizer, 8))
         needs["paths.root"] = 2 * checkpoint + 4 * student.params
+    cache = 0
     if cfg.model.source == "embedded" and not any((Path(cfg.paths.cache) / "embedded").glob("model-*")):
-        needs["paths.cache"] = 4 * (teacher.params + student.params)  # built once, for every later run
+        cache += 4 * (teacher.params + student.params)  # built once, for every later run
+    if not trained:
+        cache += sample_store_bytes(cfg) + teacher_cache_bytes(cfg, student.vocab)
+    if cache:
+        needs["paths.cache"] = cache
     return needs
+
+
+def data_tokens(cfg: RunConfig) -> int:
+    """The training data's tokens, roughly: data.token_budget, else what train.steps consume (a floor: the
+    whole train split is not known before it is read; 0 when train.steps=None counts epochs of it)."""
+    t = cfg.train
+    return int(cfg.data.token_budget or (t.steps or 0) * t.micro_batch_size * t.grad_accum * cfg.data.seq_len)
+
+
+def teacher_cache_bytes(cfg: RunConfig, vocab: int) -> int:
+    """classes.cache=auto: per position its valid bit, its count of distinct draws and at most n_draws
+    records (sekd/stores/teacher_cache/format.py); 0 for another cache setting."""
+    if cfg.classes.cache != "auto" or cfg.mode != "distill":
+        return 0
+    from sekd.stores.teacher_cache.format import bytes_per_record
+    from sekd.stores.teacher_cache.store import lens_dtype
+
+    n_draws = int(cfg.classes.options.get("n_draws", 64))
+    per_position = 1 / 8 + lens_dtype(n_draws).itemsize + min(n_draws, vocab) * bytes_per_record(vocab, n_draws)
+    return int(data_tokens(cfg) * per_position)
+
+
+SCORE_ENTRY_BYTES = 48  # one `"<16 hex>": <float>,` line of the sample-score store's JSON
+
+
+def sample_store_bytes(cfg: RunConfig) -> int:
+    """The sample-score store (samples.name scored by a pre-pass): one JSON entry per training sample."""
+    from sekd.selection.samples import SAMPLE_SELECTORS, SampleSelector
+
+    kind = SAMPLE_SELECTORS.get(cfg.samples.name) if cfg.mode == "distill" else None
+    if not isinstance(kind, SampleSelector) or kind.signal is None:
+        return 0
+    return SCORE_ENTRY_BYTES * max(1, data_tokens(cfg) // cfg.data.seq_len)

@@ -122,7 +122,7 @@ def build_exact_match_task(
         (tmp / DATA_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         _write_config(tmp, folder, name, max_gen_toks)
 
-    build_once(folder, fill, folder=True)
+    build_once(folder, fill, folder=True, ready=lambda f: (f / DATA_FILE).is_file())  # data removed: again
     _write_config(folder, folder, name, max_gen_toks)  # keep the data path absolute and current
     return folder
 

@@ -7,6 +7,7 @@ Set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE before the firs
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ import numpy as np
 
 from sekd.evaluation.calibration import suite_ece
 from sekd.evaluation.suites import GSM8K_HELD_OUT, Suite, get_suite, lm_eval_tasks
+from sekd.evaluation.task_files import broken_task
 from sekd.evaluation.tasks import build_tasks
-from sekd.core.files import atomic_write_text
+from sekd.core.files import atomic_write_text, storage_error
 from sekd.distributed.launch import one_process
 
 if TYPE_CHECKING:
@@ -61,25 +63,20 @@ def score_checkpoint(
         raise ValueError(f"docs only apply to the embedded suite, not {suite!r}")
     if problems is not None and not s.arith:
         raise ValueError(f"problems only apply to a suite with the arithmetic task, not {suite!r}")
-    import lm_eval
-
-    tm = task_manager(s, artifacts_dir, docs, problems)
+    folders = task_folders(s, artifacts_dir, docs, problems)
+    (Path(out_dir) / "lm_eval" / "results.json").unlink(missing_ok=True)  # no older results beside new samples
     with lm_eval_output(Path(out_dir) / "lm_eval.log", verbose), one_process():
         world = fresh_accelerate_state()
-        res = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
-            tasks=lm_eval_tasks(s, tm),
-            task_manager=tm,
+        res = run_lm_eval(
+            model_dir,
+            s,
+            folders,
             batch_size=batch_size,
             device=device,
             limit=limit,
-            log_samples=True,
-            bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            seed=seed,
+            dtype=dtype,
+            bootstrap_iters=bootstrap_iters,
         )
     if res is None:
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
@@ -88,26 +85,87 @@ def score_checkpoint(
     return flatten(res, s)
 
 
-def task_manager(
-    s: Suite, artifacts_dir: str | os.PathLike, docs: list[str] | None, problems: list[dict] | None
-) -> TaskManager:
-    """lm-eval's TaskManager for suite `s`: the embedded suites' local tasks (built from `docs` / `problems`,
-    or the split's own), without indexing lm-eval's built-in tasks (8 s); the others', all of them."""
-    from lm_eval.tasks import TaskManager
+def run_lm_eval(
+    model_dir: str | os.PathLike,
+    s: Suite,
+    folders: list[Path],
+    *,
+    batch_size: int,
+    device: str,
+    limit: int | float | None,
+    seed: int,
+    dtype: str,
+    bootstrap_iters: int,
+) -> dict | None:
+    """lm-eval over suite `s`; a failure one of our tasks' files in `folders` explains is a TaskDataError
+    naming the task, any other stays lm-eval's own error."""
+    try:
+        return simple_evaluate(model_dir, s, folders, batch_size, device, limit, seed, dtype, bootstrap_iters)
+    except Exception as err:
+        broken = broken_task(folders)
+        if broken is None:
+            raise
+        raise broken from err
 
+
+def simple_evaluate(
+    model_dir: str | os.PathLike,
+    s: Suite,
+    folders: list[Path],
+    batch_size: int,
+    device: str,
+    limit: int | float | None,
+    seed: int,
+    dtype: str,
+    bootstrap_iters: int,
+) -> dict | None:
+    import lm_eval
+
+    tm = task_manager(s, folders)
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
+        tasks=lm_eval_tasks(s, tm),
+        task_manager=tm,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+def task_folders(
+    s: Suite, artifacts_dir: str | os.PathLike, docs: list[str] | None, problems: list[dict] | None
+) -> list[Path]:
+    """The folders of the local tasks of an embedded suite `s` (built from `docs` / `problems`, or the split's
+    own); [] for the others (lm-eval's own tasks)."""
     if not s.embedded:
-        return TaskManager()
+        return []
     if docs is None:
         from sekd.data.corpus import load_split
 
         docs = load_split(s.split)
-    local = str(build_tasks(docs, artifacts_dir, split=s.split).include_path)
-    include: str | list[str] = local
+    folders = [build_tasks(docs, artifacts_dir, split=s.split).include_path]
     if s.arith:
         from sekd.evaluation.generation import build_arith_task
 
-        include = [local, str(build_arith_task(s.split, artifacts_dir, problems=problems))]
-    return TaskManager(include_path=include, include_defaults=False)
+        folders.append(build_arith_task(s.split, artifacts_dir, problems=problems))
+    return folders
+
+
+def task_manager(s: Suite, folders: list[Path]) -> TaskManager:
+    """lm-eval's TaskManager for suite `s`: the embedded suites' local tasks in `folders`, without indexing
+    lm-eval's built-in tasks (8 s); the others', all of them."""
+    from lm_eval.tasks import TaskManager
+
+    if not s.embedded:
+        return TaskManager()
+    return TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
 
 
 def fresh_accelerate_state() -> int:
@@ -131,7 +189,7 @@ def lm_eval_output(log: Path, verbose: bool):
     logger = logging.getLogger("lm_eval")
     saved = logger.level, logger.propagate
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    with NamedLog(log) as out:
         to_file, to_console = logging.StreamHandler(out), logging.StreamHandler(sys.__stderr__)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         to_console.setLevel(logging.WARNING)
@@ -147,6 +205,43 @@ def lm_eval_output(log: Path, verbose: bool):
             logger.removeHandler(to_console)
             logger.setLevel(saved[0])
             logger.propagate = saved[1]
+
+
+class NamedLog(io.TextIOBase):
+    """lm_eval.log, whose storage faults name it: lm-eval's prints and log lines reach it through buffers,
+    where a full disk is an OSError naming no file (the fault's line would not say which)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self.named():
+            self.file = open(path, "w")
+
+    @contextlib.contextmanager
+    def named(self):
+        try:
+            yield
+        except OSError as err:
+            fault = storage_error(err, self.path)
+            if fault is None:
+                raise
+            raise fault from err
+
+    def write(self, text: str) -> int:
+        with self.named():
+            return self.file.write(text)
+
+    def flush(self) -> None:
+        with self.named():
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()  # flushes
+        finally:
+            with self.named():
+                self.file.close()
 
 
 def _number(v: Any) -> float | None:

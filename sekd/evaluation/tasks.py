@@ -22,6 +22,7 @@ from sekd.core.artifacts import build_once
 from sekd.core.files import atomic_write_text
 
 BUILDER_VERSION = 1
+DATA_FILES = ("choice.jsonl", "lastword.jsonl")
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ def build_tasks(
         (tmp / "lastword.jsonl").write_text(_jsonl(lastword))
         _write_configs(tmp, folder, split)
 
-    build_once(folder, fill, folder=True)
+    # a folder whose data was removed since (a cleaned cache) is built again
+    build_once(folder, fill, folder=True, ready=lambda f: all((f / n).is_file() for n in DATA_FILES))
     # the cache may have been moved since it was built: keep data paths absolute and current
     _write_configs(folder, folder, split)
     return EmbeddedTasks(folder, f"sekd_choice_{split}", f"sekd_lastword_{split}")
