@@ -37,11 +37,7 @@ def train(job: Job, tracker) -> dict[str, Any]:
     once: one trains, the other waits and then only scores. The lock file goes on release (a crashed
     holder's with the next run), and so do the temporary files a killed run left. Several ranks: rank 0
     holds the lock and decides; every rank trains."""
-    from contextlib import ExitStack
-
-    from sekd.core.files import folder_lock
-
-    cfg, run, dist = job.cfg, job.run, job.dist
+    cfg, dist = job.cfg, job.dist
     if cfg.mode != "distill":
         return {
             "tokens_seen": 0,
@@ -50,13 +46,23 @@ def train(job: Job, tracker) -> dict[str, Any]:
             "train_time_s": 0.0,
             "costs": {"pretrain_seconds": job.pretrain_s},
         }
-    with ExitStack() as held:  # rank 0 holds the lock; every rank learns whether it could take it
+    return with_the_ranks(dist, lambda: train_locked(job, tracker))
+
+
+def train_locked(job: Job, tracker) -> dict[str, Any]:
+    """`train` under the run folder's lock, which rank 0 holds (every rank learns whether it could take it)."""
+    from contextlib import ExitStack
+
+    from sekd.core.files import folder_lock
+
+    cfg, run, dist = job.cfg, job.run, job.dist
+    with ExitStack() as held:
         dist.main_writes(lambda: lock_and_sweep(held, folder_lock(run.path / ".train.lock"), run))
         if dist.broadcast_object(run.trained() and not cfg.force):
             return json.loads(run.train_stats.read_text())  # trained before (another job or eval)
         if cfg.force:  # force=true trains from scratch, never from a checkpoint; no rank looks for one before
             dist.main_writes(run.start_over)  # rank 0 has removed it
-        return with_the_ranks(dist, lambda: timed_distill(job, tracker))
+        return timed_distill(job, tracker)
 
 
 def lock_and_sweep(held, lock, run) -> None:
