@@ -67,8 +67,11 @@ def train_locked(job: Job, tracker) -> dict[str, Any]:
 
 def lock_and_sweep(held, lock, run) -> None:
     """Rank 0 takes the run folder's lock and deletes what a killed writer left there."""
+    from sekd.distributed.fsdp import remove_unfinished
+
     held.enter_context(lock)
     run.sweep()
+    remove_unfinished(run.path)
 
 
 def timed_distill(job: Job, tracker) -> dict[str, Any]:

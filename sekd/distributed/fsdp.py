@@ -250,6 +250,13 @@ def load_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path) ->
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def remove_unfinished(run_path: Path) -> None:
+    """The temporary sharded folders a killed or faulted save left (never named by checkpoint.pt): their
+    room back before the run writes again. Rank 0, under the run folder's lock."""
+    for p in Path(run_path).glob(f".{SHARDED_GLOB}.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def remove_sharded(run_path: Path, keep: str | None = None) -> None:
     """The sharded folders (and half-written temporary ones) of a run, all but `keep`. Rank 0 only."""
     for p in [*Path(run_path).glob(SHARDED_GLOB), *Path(run_path).glob(f".{SHARDED_GLOB}.tmp")]:

@@ -27,3 +27,13 @@ def test_a_failure_that_is_no_storage_fault_stays_an_error_with_torchs_account()
     err = CheckpointException("save", {0: (ValueError("a bug"), None)})
     got = sharded_fault(err, Path("/runs/r/checkpoint-4.dcp"), is_main=True)
     assert type(got) is RuntimeError and "the sharded checkpoint failed" in str(got) and "a bug" in str(got)
+
+
+def test_an_unfinished_sharded_folder_is_removed_and_the_named_one_kept(tmp_path):
+    from sekd.distributed.fsdp import remove_unfinished
+
+    for name in (".checkpoint-6.dcp.tmp", "checkpoint-4.dcp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"shard")
+    remove_unfinished(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4.dcp"]
