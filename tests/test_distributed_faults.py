@@ -25,17 +25,38 @@ import pytest
 import torch
 
 from tests.disks import fill, mount_tmpfs
-from tests.helpers import ROOT, checkpoint_step, descendants, logged_steps, tiny_cache
-from tests.test_distributed import ENV, TORCHRUN, args, run_of, the_run, two_ranks, weights, weights_of
+from tests.helpers import ROOT, built_once, checkpoint_step, descendants, logged_steps, tiny_cache
+from tests.test_distributed import ENV, TORCHRUN, args, run_of, the_run, weights, weights_of
 from tests.test_fsdp import fsdp_sweep
 
 BOUND = 120  # seconds: a run that waits at a collective for a rank that is gone would take 30 minutes
+STEPS = 8  # enough that a fault met after the first checkpoint comes before the run's end
 
 
-def fault_args(root: Path) -> list[str]:
-    """full_kd on 2 ranks x micro-batch 2 for 2 steps, as the reference runs, with a checkpoint after step 1;
-    paths.cache beside `root` (tests/test_distributed.args); Hydra's log off the disk under test."""
-    return [*args(root, "full_kd", 2, "train.ckpt_every=1"), f"hydra.run.dir={root.parent}/hydra"]
+def fault_args(root: Path, steps: int = STEPS) -> list[str]:
+    """full_kd on 2 ranks x micro-batch 2 with a checkpoint every step; paths.cache beside `root`
+    (tests/test_distributed.args); Hydra's log off the disk under test."""
+    return [*args(root, "full_kd", 2, "train.ckpt_every=1", steps=steps), f"hydra.run.dir={root.parent}/hydra"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of an uninterrupted ddp run of fault_args, built once a session."""
+
+    def train_reference(folder: Path) -> None:
+        tiny_cache(tmp_path_factory, folder / "cache")
+        res = subprocess.run([*TORCHRUN, *fault_args(folder / "root"), "train.distributed=ddp"], **QUIET)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return weights(built_once(tmp_path_factory, "ddp-faults-reference", train_reference) / "root")
+
+
+QUIET = {"cwd": ROOT, "env": ENV, "capture_output": True, "text": True, "timeout": 300}
+
+
+def composed(root: Path) -> Callable[[], bool]:
+    """Past the free-space check (the run's config is written): the models load, nothing trains yet."""
+    return lambda: any(root.glob("runs/*/*/config.yaml"))
 
 
 def torchrun_paused(
@@ -43,15 +64,18 @@ def torchrun_paused(
 ) -> subprocess.CompletedProcess:
     """torchrun until `ready()` holds, then the agent and both ranks stopped (SIGSTOP), `action()` done to the
     world under them, and all let go on (SIGCONT) to meet the fault."""
+    root = Path(next(a for a in argv if a.startswith("paths.root=")).split("=", 1)[1])
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([*TORCHRUN, *argv], cwd=ROOT, env=ENV, stdout=out, stderr=err, text=True)
         deadline = time.time() + 300
         try:
-            while proc.poll() is None and not ready():
+            every: list[int] = []
+            while proc.poll() is None and not (every and ready()):
                 assert time.time() < deadline, "the run never got there"
-                time.sleep(0.01)
+                if not every and composed(root)():
+                    every = [proc.pid, *descendants(proc.pid)]  # both ranks are up: read once, stopped at once
+                time.sleep(0.005)
             assert proc.poll() is None, "the run ended before the fault"
-            every = [proc.pid, *descendants(proc.pid)]
             for pid in every:
                 os.kill(pid, signal.SIGSTOP)
             action()
@@ -96,37 +120,38 @@ def left_whole(root: Path) -> None:
     assert [p.name for p in run.glob("checkpoint-*.dcp")] == ([named] if named else [])
 
 
-def resumes_to(reference: Path, argv: list[str], root: Path, step: int | None) -> None:
-    again = subprocess.run([*TORCHRUN, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def resumes_to(want: dict[str, torch.Tensor], argv: list[str], root: Path, step: int | None, steps: int) -> None:
+    again = subprocess.run([*TORCHRUN, *argv], **QUIET)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (f"resumed from step {step}" in again.stdout + again.stderr) == bool(step), again.stderr[-3000:]
-    assert logged_steps(root) == [1, 2]
-    got, want = weights(root), weights_of(run_of(reference, "full_kd"))
+    assert logged_steps(root) == list(range(1, steps + 1))
+    got = weights(root)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.xdist_group("ddp")  # beside the ddp tests, whose reference run it reads
-def test_a_full_disk_under_rank_0_stops_both_ranks_in_one_line_and_the_rerun_resumes(tmp_path_factory, tmp_path):
-    """The disk fills after the step-1 checkpoint: rank 0's next write (step 2's metrics line, or the model)
+@pytest.mark.xdist_group("ddp")  # never beside the other 2-rank runs
+def test_a_full_disk_under_rank_0_stops_both_ranks_in_one_line_and_the_rerun_resumes(
+    ddp_reference, tmp_path_factory, tmp_path
+):
+    """The disk fills after the first checkpoint: rank 0's next write (a metrics line, or the next checkpoint)
     fails, and rank 1, which writes nothing there, learns it from rank 0 and stops too."""
-    reference = two_ranks(tmp_path_factory, "full_kd")
     tiny_cache(tmp_path_factory, tmp_path / "cache")
     with mount_tmpfs(tmp_path / "disk", "16m") as disk:
         argv = [*fault_args(disk), "train.distributed=ddp"]
-        t0 = time.time()
         saved = lambda: any(disk.glob("runs/*/checkpoint.pt"))  # written whole (renamed into place)
+        t0 = time.time()
         res = torchrun_paused(argv, ready=saved, action=lambda: fill(disk))
-        took = time.time() - t0
+        took, step = time.time() - t0, checkpoint_step(disk)
         line = one_line(res)
-        written = ("metrics.jsonl", "model", "train_stats.json")  # where step 2 is when the disk fills
+        assert step is not None and step < STEPS, line
+        written = ("metrics.jsonl", "checkpoint.pt", "model", "train_stats.json")  # where it is when the disk fills
         assert any(line.startswith(f"sekd: run fault: {the_run(disk) / name}: ") for name in written), line
         assert f"no space left on device (paths.root={disk}, " in line, line
-        assert " and re-run the same command: it resumes from step 1 (checkpoint.pt)" in line, line
+        assert f" and re-run the same command: it resumes from step {step} (checkpoint.pt)" in line, line
         assert took < BOUND
         left_whole(disk)
-        assert checkpoint_step(disk) == 1
         (disk / "filler.bin").unlink()
-        resumes_to(reference, argv, disk, 1)
+        resumes_to(ddp_reference, argv, disk, step, STEPS)
 
 
 @pytest.mark.xdist_group("fsdp")  # beside the fsdp tests, whose reference run it reads
@@ -136,19 +161,18 @@ def test_a_full_disk_under_an_fsdp_checkpoint_stops_both_ranks_in_one_line_and_l
     """The disk fills (96 KiB left: room for the metrics, not for the sharded checkpoint) once the run has
     passed its free-space check: every rank's torch.distributed.checkpoint save fails together, rank 0 names
     the checkpoint folder and the cause, and the half-written temporary folder is gone."""
-    reference = fsdp_sweep(tmp_path_factory)
+    reference = weights_of(run_of(fsdp_sweep(tmp_path_factory), "full_kd"))  # 2 steps, as this run
     tiny_cache(tmp_path_factory, tmp_path / "cache")
     with mount_tmpfs(tmp_path / "disk", "16m") as disk:
-        argv = [*fault_args(disk), "train.distributed=fsdp"]
-        composed = lambda: any(disk.glob("runs/*/*/config.yaml"))  # past the preflight; the models still load
-        res = torchrun_paused(argv, ready=composed, action=lambda: fill(disk, leave=96 * 1024))
+        argv = [*fault_args(disk, steps=2), "train.distributed=fsdp"]
+        res = torchrun_paused(argv, ready=composed(disk), action=lambda: fill(disk, leave=96 * 1024))
         line = one_line(res)
         assert line.startswith(f"sekd: run fault: {the_run(disk) / 'checkpoint-1.dcp'}: no space left on device")
         assert " and re-run the same command: it trains from step 0" in line, line
         left_whole(disk)
         assert not (the_run(disk) / "checkpoint.pt").exists()
         (disk / "filler.bin").unlink()
-        resumes_to(reference, argv, disk, None)
+        resumes_to(reference, argv, disk, None, 2)
 
 
 def free_port() -> int:
@@ -158,11 +182,12 @@ def free_port() -> int:
 
 
 @pytest.mark.xdist_group("ddp")
-def test_a_rank_killed_under_the_other_ends_it_in_one_line_not_a_30_minute_wait(tmp_path_factory, tmp_path):
-    """Ranks started as Slurm's tasks are (no agent to stop the others): rank 1 is SIGKILLed after the step-1
+def test_a_rank_killed_under_the_other_ends_it_in_one_line_not_a_30_minute_wait(
+    ddp_reference, tmp_path_factory, tmp_path
+):
+    """Ranks started as Slurm's tasks are (no agent to stop the others): rank 1 is SIGKILLed after the first
     checkpoint, as a preempted or OOM-killed process; rank 0, waiting for it in a collective, stops at once
-    with the one line. The same command then resumes from step 1 to the uninterrupted weights."""
-    reference = two_ranks(tmp_path_factory, "full_kd")
+    with the one line. The same command then resumes to the uninterrupted weights."""
     tiny_cache(tmp_path_factory, tmp_path / "cache")
     root = tmp_path / "root"
     argv = [*fault_args(root), "train.distributed=ddp"]
@@ -181,9 +206,9 @@ def test_a_rank_killed_under_the_other_ends_it_in_one_line_not_a_30_minute_wait(
         ]
         try:
             deadline = time.time() + 300
-            while checkpoint_step(root) != 1:
+            while not any(root.glob("runs/*/checkpoint.pt")):
                 assert time.time() < deadline and ranks[0].poll() is None, "the run never got there"
-                time.sleep(0.01)
+                time.sleep(0.005)
             ranks[1].kill()
             t0 = time.time()
             ranks[0].wait(timeout=BOUND)
@@ -195,12 +220,13 @@ def test_a_rank_killed_under_the_other_ends_it_in_one_line_not_a_30_minute_wait(
                 p.wait()
         err0.seek(0)
         stderr = err0.read()
-    assert ranks[0].returncode == 3 and took < 30, stderr[-3000:]
+    step = checkpoint_step(root)
+    assert ranks[0].returncode == 3 and took < 30 and step is not None and step < STEPS, stderr[-3000:]
     (line,) = [ln for ln in stderr.splitlines() if ln.startswith("sekd: ")]
     assert line == (
         "sekd: run fault: rank 0 of 2: another rank stopped while this one waited for it (killed, out of memory, "
-        "or its node lost; its own output says which); re-run the same command: it resumes from step 1 "
+        f"or its node lost; its own output says which); re-run the same command: it resumes from step {step} "
         "(checkpoint.pt)"
     ), stderr[-3000:]
     assert "Traceback" not in stderr
-    resumes_to(reference, argv, root, 1)
+    resumes_to(ddp_reference, argv, root, step, STEPS)
