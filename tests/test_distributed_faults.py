@@ -1,10 +1,10 @@
 """Faults in a run over two ranks (torchrun, gloo on the CPU, the tiny pair), met for real: the disk under
-paths.root fills while rank 0 alone writes there (metrics, checkpoint.pt, the model), or while every rank
-writes its shard of an fsdp checkpoint; a rank is killed under the others. Every rank stops at once (no rank
-waits at a collective for one that is gone), rank 0 prints the one line and the others nothing, what is left
-is whole, and the same command resumes to the weights of an uninterrupted two-rank run (tests/test_distributed.py
-and tests/test_fsdp.py build those, once a session). torchrun itself always ends a failed run with its own
-ChildFailedError block and exit status 1; the line is its "Root Cause" too (sekd.distributed.launch.tell_launcher).
+paths.root fills while rank 0 alone writes there (checkpoint.pt, metrics, the model), or while every rank
+writes its shard of an fsdp checkpoint; a rank is killed under the other. Every rank stops at once (none waits
+at a collective for one that is gone), rank 0 prints the one line and the others nothing, what is left is
+whole, and the same command resumes to the weights of an uninterrupted two-rank run (ddp: built here once a
+session; fsdp: tests/test_fsdp.py's). torchrun itself always ends a failed run with its own ChildFailedError
+block and exit status 1; the line is printed before it and is its "Root Cause" (sekd.distributed.launch.tell_launcher).
 """
 
 from __future__ import annotations
