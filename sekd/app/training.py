@@ -149,7 +149,8 @@ class Parts:
 
 def distill(job: Job, tracker) -> dict[str, Any]:
     """Select samples, get class targets, train the student with the run's selective KD; save it in
-    Hugging Face format under run/model (the checkpoint stays until train_stats.json is written). Returns training stats and costs (Table 7's columns)."""
+    Hugging Face format under run/model (the checkpoint stays until train_stats.json is written). Returns
+    training stats and costs (Table 7's columns)."""
     parts = build_parts(job)
     pick_samples(job, parts)
     cache = open_teacher_cache(job, parts) if job.cfg.classes.cache is not None else None

@@ -2,7 +2,8 @@
 
 Everything that can span ranks takes a `Dist` explicitly (no globals), and `Dist.single()` is the
 one-process version whose operations are identities, so world size 1 runs the very same code.
-Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files.
+Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files
+(`main_writes` tells every rank how the write went).
 `broadcast_params` gives every rank rank 0's weights; `GradBuckets` is train.distributed=ddp's gradient sum: DDP's
 bucketed, overlapped all-reduce, without its wrapper (docs/method.md §9).
 """
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from sekd.distributed.launch import Launch
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 T = TypeVar("T")
 WROTE, FAULT, FAILED = 0, 1, 2  # what rank 0 tells the others after a write only it makes
 
@@ -34,9 +36,6 @@ class EchoedFault(RunFault):
     prints the line (sekd/app/faults.py reads `quiet`)."""
 
     quiet = True
-
-
-BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 @dataclass
