@@ -172,9 +172,14 @@ def stop(line: str, err: BaseException, verbose: bool) -> NoReturn:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from sekd.distributed.launch import tell_launcher
+
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if verbose or os.environ.get("SEKD_TRACEBACK", "") not in ("", "0") or multirun:
+    quiet = getattr(err, "quiet", False)  # another rank's echo of rank 0's fault: rank 0 prints the line
+    if not quiet:
         print(f"sekd: run fault: {line}", file=sys.stderr)
+    if verbose or os.environ.get("SEKD_TRACEBACK", "") not in ("", "0") or multirun:
         raise err
-    print(f"sekd: run fault: {line}", file=sys.stderr)
+    if not quiet:
+        tell_launcher(f"sekd: run fault: {line}")
     sys.exit(FAULT_EXIT)

@@ -4,18 +4,22 @@ lock, and save it with its stats (docs/method.md §6-§10). Other modes train no
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sekd.app.checks import source_options
-from sekd.core.errors import ConfigError
+from sekd.core.errors import ConfigError, RunFault
 from sekd.core.files import atomic_write_json
 from sekd.config.schema import OnPolicyRegime, RunConfig
+
+# gloo's words when a peer's socket closes under a collective (a peer killed, or gone with its node)
+PEER_LOST = re.compile(r"Connection (closed|reset) by peer")
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
@@ -33,11 +37,7 @@ def train(job: Job, tracker) -> dict[str, Any]:
     once: one trains, the other waits and then only scores. The lock file goes on release (a crashed
     holder's with the next run), and so do the temporary files a killed run left. Several ranks: rank 0
     holds the lock and decides; every rank trains."""
-    from contextlib import nullcontext
-
-    from sekd.core.files import folder_lock
-
-    cfg, run, dist = job.cfg, job.run, job.dist
+    cfg, dist = job.cfg, job.dist
     if cfg.mode != "distill":
         return {
             "tokens_seen": 0,
@@ -46,15 +46,32 @@ def train(job: Job, tracker) -> dict[str, Any]:
             "train_time_s": 0.0,
             "costs": {"pretrain_seconds": job.pretrain_s},
         }
-    with folder_lock(run.path / ".train.lock") if dist.is_main else nullcontext():
-        if dist.is_main:
-            run.sweep()
+    return with_the_ranks(dist, lambda: train_locked(job, tracker))
+
+
+def train_locked(job: Job, tracker) -> dict[str, Any]:
+    """`train` under the run folder's lock, which rank 0 holds (every rank learns whether it could take it)."""
+    from contextlib import ExitStack
+
+    from sekd.core.files import folder_lock
+
+    cfg, run, dist = job.cfg, job.run, job.dist
+    with ExitStack() as held:
+        dist.main_writes(lambda: lock_and_sweep(held, folder_lock(run.path / ".train.lock"), run))
         if dist.broadcast_object(run.trained() and not cfg.force):
             return json.loads(run.train_stats.read_text())  # trained before (another job or eval)
-        if cfg.force and dist.is_main:
-            run.start_over()  # force=true trains from scratch, never from a checkpoint
-        dist.barrier()  # no rank looks for a checkpoint before rank 0 has removed it
+        if cfg.force:  # force=true trains from scratch, never from a checkpoint; no rank looks for one before
+            dist.main_writes(run.start_over)  # rank 0 has removed it
         return timed_distill(job, tracker)
+
+
+def lock_and_sweep(held, lock, run) -> None:
+    """Rank 0 takes the run folder's lock and deletes what a killed writer left there."""
+    from sekd.distributed.fsdp import remove_unfinished
+
+    held.enter_context(lock)
+    run.sweep()
+    remove_unfinished(run.path)
 
 
 def timed_distill(job: Job, tracker) -> dict[str, Any]:
@@ -65,9 +82,15 @@ def timed_distill(job: Job, tracker) -> dict[str, Any]:
     c = stats["costs"]
     c["pretrain_seconds"] = job.pretrain_s
     stats["train_time_s"] = round(time.time() - t0 - c["prepass_seconds"] - c["cache_build_seconds"], 2)
-    if job.dist.is_main:
-        atomic_write_json(job.run.train_stats, stats)
+    job.dist.main_writes(lambda: finish(job.run, stats))
     return stats
+
+
+def finish(run, stats: dict[str, Any]) -> None:
+    """train_stats.json, which marks the run trained, then the checkpoint goes: a fault before leaves the
+    checkpoint for the re-run to resume from."""
+    atomic_write_json(run.train_stats, stats)
+    remove_checkpoint(run)
 
 
 class Teacher:
@@ -126,15 +149,14 @@ class Parts:
 
 def distill(job: Job, tracker) -> dict[str, Any]:
     """Select samples, get class targets, train the student with the run's selective KD; save it in
-    Hugging Face format under run/model. Returns training stats and costs (Table 7's columns)."""
+    Hugging Face format under run/model (the checkpoint stays until train_stats.json is written). Returns
+    training stats and costs (Table 7's columns)."""
     parts = build_parts(job)
     pick_samples(job, parts)
     cache = open_teacher_cache(job, parts) if job.cfg.classes.cache is not None else None
     trainer = fit(job, parts, cache, tracker)
     weights = trainer.final_weights()  # sharded (fsdp): gathered whole on rank 0, every rank taking part
-    if job.dist.is_main:
-        save_student(job.run, parts.student, job.tok, state_dict=weights)
-        remove_checkpoint(job.run)  # the final model supersedes it
+    job.dist.main_writes(lambda: save_student(job.run, parts.student, job.tok, state_dict=weights))
     return train_stats(parts, trainer.prog, cache, job.dist)
 
 
@@ -239,10 +261,8 @@ def pick_samples(job: Job, parts: Parts) -> None:
             dist=job.dist,
         )
     parts.data = parts.data.subset(picked.indices)
-    if job.dist.is_main:
-        atomic_write_json(
-            job.run.path / "samples.json", {"selector": s.name, "l": s.l, "kept": parts.data.sample_ids}
-        )  # which samples training saw
+    kept = {"selector": s.name, "l": s.l, "kept": parts.data.sample_ids}  # which samples training saw
+    job.dist.main_writes(lambda: atomic_write_json(job.run.path / "samples.json", kept))
     parts.costs.update(
         prepass_seconds=picked.prepass_seconds,
         prepass_reused=picked.reused,
@@ -280,6 +300,20 @@ def fit(job: Job, parts: Parts, cache: TeacherCache | None, tracker: Tracker) ->
     )
     trainer.fit()
     return trainer
+
+
+def with_the_ranks(dist, work: Callable[[], Any]) -> Any:
+    """`work()` over several ranks: a rank that stops for good (killed, out of memory, its node lost) ends
+    the others' wait in a collective with gloo's "Connection closed/reset by peer", made here one line."""
+    try:
+        return work()
+    except RuntimeError as err:
+        if not (dist.active and PEER_LOST.search(str(err))):
+            raise
+        raise RunFault(
+            f"rank {dist.rank} of {dist.world_size}: another rank stopped while this one waited for it "
+            "(killed, out of memory, or its node lost; its own output says which)"
+        ) from err
 
 
 def save_student(run, student, tok, state_dict=None) -> None:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from sekd.core.errors import ConfigError
+from sekd.core.files import storage_error
+
+if TYPE_CHECKING:
+    from sekd.distributed.process_group import Dist
 
 SHARDED_GLOB = "checkpoint-*.dcp"  # the sharded folders of a run; checkpoint.pt names the live one
 # The first torch with all this module uses: fully_shard and MixedPrecisionPolicy public in torch.distributed.fsdp
@@ -183,25 +187,55 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in full.items() if k not in tied}
 
 
-def save_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, *, is_main: bool) -> None:
+def save_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, dist: Dist) -> None:
     """Every rank's shard of `module`'s weights and `opt`'s state into `folder` (torch.distributed.checkpoint),
     written under a temporary name and renamed into place by rank 0 once every rank has written: a kill
-    leaves a whole folder or none. Every rank must call it."""
+    leaves a whole folder or none, and only a whole one is named by checkpoint.pt. A storage fault on any
+    rank stops every rank, rank 0 naming `folder` and the cause. Every rank must call it."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()  # the folder exists, empty, before any rank writes into it
+    dist.main_writes(lambda: fresh_folder(tmp, folder))  # it exists, empty, before any rank writes into it
     model_sd, optim_sd = get_state_dict(module, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.distributed.barrier()  # every shard and the metadata are written
-    if is_main:
-        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except CheckpointException as err:  # every rank gets it, with every rank's error: a BaseException
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half folder is left to be taken for a whole one
+        raise sharded_fault(err, folder, dist.is_main) from None
+    dist.main_writes(lambda: in_place(tmp, folder))  # every shard and the metadata are written
+
+
+def fresh_folder(tmp: Path, folder: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise (storage_error(err, folder) or err) from err
+
+
+def in_place(tmp: Path, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
         tmp.rename(folder)
+    except OSError as err:
+        raise (storage_error(err, folder) or err) from err
+
+
+def sharded_fault(err: BaseException, folder: Path, is_main: bool) -> Exception:
+    """The error a failed sharded save raises on this rank: the first rank's storage fault naming `folder`
+    (rank 0; the others echo it quietly), else a plain RuntimeError with torch's account of every rank."""
+    from sekd.distributed.process_group import EchoedFault
+
+    failures = getattr(err, "failures", {})
+    for rank in sorted(failures):
+        fault = storage_error(failures[rank][0], folder)
+        if fault is not None:
+            return fault if is_main else EchoedFault(f"rank {rank}: {fault}")
+    return RuntimeError(f"{folder}: the sharded checkpoint failed: {err}")
 
 
 def load_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
@@ -214,6 +248,13 @@ def load_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path) ->
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def remove_unfinished(run_path: Path) -> None:
+    """The temporary sharded folders a killed or faulted save left (never named by checkpoint.pt): their
+    room back before the run writes again. Rank 0, under the run folder's lock."""
+    for p in Path(run_path).glob(f".{SHARDED_GLOB}.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_sharded(run_path: Path, keep: str | None = None) -> None:

@@ -12,10 +12,12 @@ tasks `srun` starts are ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
@@ -116,6 +118,19 @@ def _int(environ: Mapping[str, str], key: str, default=...):
         return int(value)
     except ValueError:
         raise ConfigError(f"environment variable {key}={value!r} must be an integer") from None
+
+
+def tell_launcher(line: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Under torchrun, `line` (a run fault's) in this rank's error file: torchrun always ends a failed run with
+    its own ChildFailedError block and exit status 1, and with the file its "Root Cause" names the fault
+    instead of a link. A file that cannot be written is left: the line is on stderr already."""
+    path = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    extra = {"py_callstack": line, "timestamp": str(int(time.time()))}  # py_callstack: shown as the traceback
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": extra}}, f)
 
 
 def tasks_per_node(gpus: int, tasks: Optional[int] = None) -> int:

@@ -2,7 +2,8 @@
 
 Everything that can span ranks takes a `Dist` explicitly (no globals), and `Dist.single()` is the
 one-process version whose operations are identities, so world size 1 runs the very same code.
-Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files.
+Backend: gloo on CPU, nccl on CUDA (LOCAL_RANK mod the visible cards picks the card). Rank 0 alone writes shared files
+(`main_writes` tells every rank how the write went).
 `broadcast_params` gives every rank rank 0's weights; `GradBuckets` is train.distributed=ddp's gradient sum: DDP's
 bucketed, overlapped all-reduce, without its wrapper (docs/method.md §9).
 """
@@ -13,16 +14,28 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, overload
 
 import torch
 from torch import Tensor
+
+from sekd.core.errors import RunFault
+from sekd.core.files import storage_error
 
 if TYPE_CHECKING:
     from sekd.distributed.launch import Launch
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+T = TypeVar("T")
+WROTE, FAULT, FAILED = 0, 1, 2  # what rank 0 tells the others after a write only it makes
+
+
+class EchoedFault(RunFault):
+    """Rank 0's run fault as another rank raises it: every rank stops with exit status 3, and rank 0 alone
+    prints the line (sekd/app/faults.py reads `quiet`)."""
+
+    quiet = True
 
 
 @dataclass
@@ -97,6 +110,31 @@ class Dist:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def main_writes(self, write: Callable[[], T]) -> T | None:
+        """Rank 0 runs `write` (a file only it writes: a checkpoint, metrics, the model) and tells every rank how it
+        went, in one small broadcast: a fault there stops every rank at once, rather than leaving the others to
+        wait at their next collective (30 minutes; for ever under srun). Rank 0 raises its own error; the others
+        an EchoedFault (a run fault) or a RuntimeError (a bug) with its text. Every rank must call it."""
+        if not self.active:
+            return write()
+        outcome = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if not self.is_main:
+            torch.distributed.broadcast(outcome, src=0)
+            if int(outcome.item()) == WROTE:
+                return None
+            told = self.broadcast_object(None)
+            raise (EchoedFault if int(outcome.item()) == FAULT else RuntimeError)(told)
+        try:
+            out = write()
+        except BaseException as err:
+            fault = isinstance(err, RunFault) or storage_error(err) is not None
+            outcome.fill_(FAULT if fault else FAILED)
+            torch.distributed.broadcast(outcome, src=0)
+            self.broadcast_object(f"rank 0 stopped: {type(err).__name__}: {err}"[:1000])
+            raise
+        torch.distributed.broadcast(outcome, src=0)
+        return out
 
     def barrier(self) -> None:
         if self.active:

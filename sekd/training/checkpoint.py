@@ -37,15 +37,19 @@ class Progress:
 def save_checkpoint(tr: Trainer) -> None:
     """checkpoint.pt, by rank 0; it holds every rank's RNG states (each rank draws for its own samples).
     Sharded (fsdp): every rank first writes its shard into the folder checkpoint.pt then names; the
-    older folder goes once checkpoint.pt no longer names it."""
+    older folder goes once checkpoint.pt no longer names it. Every rank learns whether rank 0's write
+    went through (a full disk there stops them all)."""
     rngs = tr.dist.all_gather_objects(rng_state(tr.gen))
-    weights: dict[str, Any] = {}
-    if tr.sharded:  # every rank writes its shard
-        weights["sharded"] = f"checkpoint-{tr.prog.step}.dcp"
-        save_sharded(tr.objective, tr.opt, tr.run.path / weights["sharded"], is_main=tr.dist.is_main)
-    if not tr.dist.is_main:
-        return
-    if not tr.sharded:
+    sharded = f"checkpoint-{tr.prog.step}.dcp" if tr.sharded else None
+    if sharded is not None:  # every rank writes its shard
+        save_sharded(tr.objective, tr.opt, tr.run.path / sharded, tr.dist)
+    tr.dist.main_writes(lambda: write_checkpoint(tr, rngs, sharded))
+
+
+def write_checkpoint(tr: Trainer, rngs: list[Any], sharded: str | None) -> None:
+    """checkpoint.pt itself (rank 0): the weights, or the sharded folder's name, and the rest."""
+    weights: dict[str, Any] = {"sharded": sharded}
+    if sharded is None:
         weights = {"student": tr.student.state_dict(), "optimizer": tr.opt.state_dict()}
     extra = {"rng_ranks": rngs} if tr.dist.active else {}
     atomic_torch_save(
@@ -60,16 +64,15 @@ def save_checkpoint(tr: Trainer) -> None:
         },
         parents=False,  # the run folder removed under the run: a fault (sekd/app/faults.py), not a new folder
     )
-    if tr.sharded:
-        remove_sharded(tr.run.path, keep=weights["sharded"])
+    if sharded is not None:
+        remove_sharded(tr.run.path, keep=sharded)
 
 
 def resume(tr: Trainer) -> bool:
     """Continue from checkpoint.pt; without one, start clean: the metrics and trace rows of a run
     killed before its first checkpoint are dropped, so every step is logged once."""
     if not tr.run.checkpoint.exists():
-        if tr.dist.is_main:
-            tr.run.truncate_after(0)
+        tr.dist.main_writes(lambda: tr.run.truncate_after(0))
         return False
     ck = load_checkpoint(tr.run.checkpoint, sharded=tr.sharded)
     rngs = ck.get("rng_ranks") or []
@@ -84,8 +87,7 @@ def resume(tr: Trainer) -> bool:
     tr.prog = Progress(**ck["progress"])
     set_rng_state(ck["rng"], tr.gen)
     tr.sel.load_state_dict(ck["selector"])
-    if tr.dist.is_main:
-        tr.run.truncate_after(tr.prog.step)
+    tr.dist.main_writes(lambda: tr.run.truncate_after(tr.prog.step))
     return True
 
 

@@ -45,8 +45,7 @@ class SelectionTrace:
     def record(self, step: int, samples: list[str], labels: Tensor, out: StepOut, dist: Dist) -> None:
         """The rows of one micro-batch on every rank (a stand-in's `samples` are none), written by rank 0."""
         rows = dist.all_gather_objects(self.rows(step, samples, labels, out))
-        if dist.is_main:
-            self.append([r for part in rows for r in part])
+        dist.main_writes(lambda: self.append([r for part in rows for r in part]))
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         append_lines(self.path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -283,9 +283,9 @@ class Trainer:
             "tokens_supervised": self.prog.tokens_supervised,
             "sec_per_step": sec_per_step,
         }
+        self.dist.main_writes(lambda: self.run.log_metrics(row))  # a full disk on rank 0 stops every rank
         if not self.dist.is_main:
             return
-        self.run.log_metrics(row)
         self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.prog.step)
 
     def out_of_memory(self, err: BaseException) -> RunFault:

@@ -118,3 +118,19 @@ def test_a_rank_that_sees_no_card_is_one_line():
     with pytest.raises(ConfigError, match="sees none") as e:
         card_index(0, 0)
     assert "\n" not in str(e.value)
+
+
+def test_a_run_fault_reaches_torchruns_summary_through_the_error_file(tmp_path):
+    """torchrun's own reader of a rank's error file (what its ChildFailedError block prints) finds the line as
+    the failure's traceback; without the file's variable, nothing is written."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sekd.distributed.launch import tell_launcher
+
+    line = "sekd: run fault: /runs/x/checkpoint.pt: no space left on device; free space on that disk"
+    tell_launcher(line, {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")})
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=3, error_file=str(tmp_path / "error.json"))
+    assert line in str(failure.message) and failure.timestamp > 0
+    tell_launcher(line, {})
+    tell_launcher(line, {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "gone" / "error.json")})  # unwritable: left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
