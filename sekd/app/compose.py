@@ -109,8 +109,8 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     try:
         with dist.main_first():  # rank 0 builds (the embedded pair) and stores; the others then find it built
             teacher_path, student_path, tok, pretrain_s = resolve(cfg)
-        if dist.is_main:
-            run.write_config(tree, overrides)  # the run's folder appears only once every check has passed
+        # the run's folder appears only once every check has passed; a fault there stops every rank
+        dist.main_writes(lambda: run.write_config(tree, overrides))
     except BaseException:
         dist.close()  # a multirun's next cell joins a group of its own
         raise

@@ -11,3 +11,10 @@ class ConfigError(ValueError):
 
 class RunFault(RuntimeError):
     """One line: what failed while the run worked (a file, a folder) and why; the app adds the remedy."""
+
+
+class EchoedFault(RunFault):
+    """Rank 0's run fault as another rank raises it: every rank stops with exit status 3, and rank 0 alone
+    prints the line (sekd/app/faults.py reads `quiet`)."""
+
+    quiet = True

@@ -228,7 +228,7 @@ def in_place(tmp: Path, folder: Path) -> None:
 def sharded_fault(err: BaseException, folder: Path, is_main: bool) -> Exception:
     """The error a failed sharded save raises on this rank: the first rank's storage fault naming `folder`
     (rank 0; the others echo it quietly), else a plain RuntimeError with torch's account of every rank."""
-    from sekd.distributed.process_group import EchoedFault
+    from sekd.core.errors import EchoedFault
 
     failures = getattr(err, "failures", {})
     for rank in sorted(failures):

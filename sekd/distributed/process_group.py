@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, ov
 import torch
 from torch import Tensor
 
-from sekd.core.errors import RunFault
+from sekd.core.errors import EchoedFault, RunFault
 from sekd.core.files import storage_error
 
 if TYPE_CHECKING:
@@ -29,13 +29,6 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 T = TypeVar("T")
 WROTE, FAULT, FAILED = 0, 1, 2  # what rank 0 tells the others after a write only it makes
-
-
-class EchoedFault(RunFault):
-    """Rank 0's run fault as another rank raises it: every rank stops with exit status 3, and rank 0 alone
-    prints the line (sekd/app/faults.py reads `quiet`)."""
-
-    quiet = True
 
 
 @dataclass

@@ -18,13 +18,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sekd.core.artifacts import content_key, lock
+from sekd.core.errors import EchoedFault
 from sekd.data.packing import PackedData
 from sekd.core.files import atomic_write_json
 from sekd.selection.samples import (
@@ -239,9 +240,25 @@ def sample_importance(
             raise ValueError(error)
         missing = [i for i, sid in enumerate(data.sample_ids) if sid not in stored]
         out = _score_missing(selector, data, missing, stored, student, teacher, dist=ranks, **run)
-        if missing and main:
-            save_importance(path, fields, stored)
+        if missing:
+            main_saves(ranks, lambda: save_importance(path, fields, stored))
     return out
+
+
+def main_saves(ranks: Ranks, save: Callable[[], None]) -> None:
+    """Rank 0 stores the scores and every rank learns how it went: a full disk stops all ranks at once, rank 0
+    with its own error (the one line names the file), the others quietly, rather than at their next collective."""
+    failure: OSError | None = None
+    if ranks.rank == 0:
+        try:
+            save()
+        except OSError as err:
+            failure = err
+    told = from_main(ranks, None if failure is None else f"rank 0 stopped: {failure}")
+    if failure is not None:
+        raise failure
+    if told is not None:
+        raise EchoedFault(told)
 
 
 def shard_batches(missing: list[int], batch_size: int, rank: int, world_size: int) -> list[int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sekd.distributed.fsdp import sharded_fault
-from sekd.distributed.process_group import EchoedFault
+from sekd.core.errors import EchoedFault
 
 
 def test_a_full_disk_under_any_rank_names_the_checkpoint_folder():

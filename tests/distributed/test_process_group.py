@@ -1,5 +1,5 @@
 """sekd.distributed.process_group's Dist.main_writes between two real gloo processes: rank 0 writes, every rank
-learns how it went; one process runs the write as it is."""
+learns how it went (and likewise for the sample scores rank 0 stores); one process runs the write as it is."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sekd.core.errors import RunFault
-from sekd.distributed.process_group import Dist, EchoedFault
+from sekd.core.errors import EchoedFault, RunFault
+from sekd.distributed.process_group import Dist
 
 
 def _outcomes(rank: int, port: int, out: str) -> None:
@@ -27,9 +27,11 @@ def _outcomes(rank: int, port: int, out: str) -> None:
     def full() -> None:
         raise OSError(errno.ENOSPC, "No space left on device", f"{out}/checkpoint.pt")
 
-    for write in (full, lambda: int("not a number")):
+    from sekd.stores.sample_importance import main_saves
+
+    for call, write in ((dist.main_writes, full), (dist.main_writes, lambda: int("not a number")), (main_saves, full)):
         try:
-            dist.main_writes(write)
+            call(dist, write) if call is main_saves else call(write)
             got.append(None)
         except BaseException as err:
             got.append([type(err).__name__, str(err), getattr(err, "quiet", False)])
@@ -49,11 +51,12 @@ def test_every_rank_learns_how_rank_0s_write_went(tmp_path):
     mp.spawn(_outcomes, args=(port, str(tmp_path)), nprocs=2, join=True)
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     full = f"[Errno 28] No space left on device: '{tmp_path}/checkpoint.pt'"
-    assert zero == ["written", ["OSError", full, False], ["ValueError", zero[2][1], False]]
+    assert zero == ["written", ["OSError", full, False], ["ValueError", zero[2][1], False], ["OSError", full, False]]
     assert one == [
         None,
         ["EchoedFault", f"rank 0 stopped: OSError: {full}", True],
         ["RuntimeError", f"rank 0 stopped: ValueError: {zero[2][1]}", False],
+        ["EchoedFault", f"rank 0 stopped: {full}", True],  # the sample scores' store (stores/sample_importance.py)
     ]
 
 
