@@ -126,7 +126,25 @@ def sekd_train_killed(
     """Run the real CLI until `ready()` holds (polled every 10 ms; e.g. a checkpoint is written), then
     SIGKILL it, as a crash or a lost node would: `victims(pid)` names the processes to kill (default: the
     CLI itself). Returns the ended process (returncode -9 when killed; its own code when it ended first)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block it
+
+    def kill(proc: subprocess.Popen, deadline: float) -> None:
+        if proc.poll() is None:
+            for pid in victims(proc.pid) if victims else [proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+
+    return cli_until(args, ready, kill, env, timeout)
+
+
+def cli_until(
+    args: list[str],
+    ready: Callable[[], bool],
+    then: Callable[[subprocess.Popen, float], None],
+    env: dict[str, str] | None,
+    timeout: int,
+) -> subprocess.CompletedProcess:
+    """Start the real CLI, poll `ready()` every 10 ms, then do `then(proc, deadline)` to it and wait for it to
+    end; its output goes through files (pipes could fill and block it)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sekd.train", *args],
             cwd=ROOT,
@@ -140,9 +158,7 @@ def sekd_train_killed(
             while proc.poll() is None and not ready():
                 assert time.time() < deadline, "the run never got there"
                 time.sleep(0.01)
-            if proc.poll() is None:
-                for pid in victims(proc.pid) if victims else [proc.pid]:
-                    os.kill(pid, signal.SIGKILL)
+            then(proc, deadline)
             proc.wait(timeout=max(1, deadline - time.time()))
         finally:
             if proc.poll() is None:
@@ -199,33 +215,15 @@ def sekd_train_paused(
     """Run the real CLI until `ready()` holds, then stop it (SIGSTOP), do `action()` to the world under it
     (fill its disk, remount it read-only, delete its folder), and let it go on (SIGCONT) to meet the fault.
     An action that returns False could not act yet (a file open for writing): retried a moment later."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sekd.train", *args],
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=err,
-            text=True,
-        )
-        try:
-            deadline = time.time() + timeout
-            while proc.poll() is None and not ready():
-                assert time.time() < deadline, "the run never got there"
-                time.sleep(0.01)
-            assert proc.poll() is None, "the run ended before the fault"
-            acted = False
-            while not acted:
-                assert time.time() < deadline, "the action never took"
-                os.kill(proc.pid, signal.SIGSTOP)
-                acted = action()
-                os.kill(proc.pid, signal.SIGCONT)
-                time.sleep(0 if acted else 0.02)
-            proc.wait(timeout=max(1, deadline - time.time()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+
+    def pause_and_act(proc: subprocess.Popen, deadline: float) -> None:
+        assert proc.poll() is None, "the run ended before the fault"
+        acted = False
+        while not acted:
+            assert time.time() < deadline, "the action never took"
+            os.kill(proc.pid, signal.SIGSTOP)
+            acted = action()
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0 if acted else 0.02)
+
+    return cli_until(args, ready, pause_and_act, env, timeout)
