@@ -199,15 +199,13 @@ class SekdSweeper(BasicSweeper):
                 CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()),
             ):
                 return self.launcher.launch(batch, initial_job_idx=start)
-        except (Exception, KeyboardInterrupt) as err:
+        except Exception as err:
             silence = (watch.silence if watch else None) or submission_silence(err, time.monotonic() - tic)
             if silence is not None:
                 new = {i: job for job, i in job_folders(jobs_dir).items() if job not in before}
                 self.controller_fault(
                     silence, todo, {tuple(batch[i]): job for i, job in new.items() if i < len(batch)}, failed
                 )
-            if isinstance(err, KeyboardInterrupt):
-                raise
             print(  # a job killed outright (OOM, scancel): submitit has no result for it
                 f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "

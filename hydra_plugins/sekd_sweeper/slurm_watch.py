@@ -9,7 +9,6 @@ submission) or interrupts the wait, and the sweeper prints one line saying which
 
 from __future__ import annotations
 
-import _thread
 import getpass
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Optional
 
 TIMEOUT_ENV, TIMEOUT_S = "SEKD_SLURM_TIMEOUT_S", 120.0  # a controller restart usually takes well under this
 POLL_ENV, POLL_S = "SEKD_SLURM_POLL_S", 10.0
+WAKE = signal.SIGUSR1  # to the sweep's own main thread only; Slurm's jobs are other processes
 # what Slurm's clients print when the controller is down, hung or refusing work for now
 SILENT = re.compile(
     r"unable to contact slurm controller|socket timed out|temporarily unable|connection refused|"
@@ -98,6 +98,10 @@ def end_children(name: str) -> bool:
     return found
 
 
+class ControllerSilent(RuntimeError):
+    """Raised in the main thread (from a signal handler) to end a launch the controller left waiting."""
+
+
 class ControllerWatch:
     """Asks the controller every `poll_s` while a batch is launched; after `timeout_s` without an answer it
     records the silence and stops the launch: a hung sbatch is killed, a wait for results interrupted."""
@@ -108,26 +112,38 @@ class ControllerWatch:
         self.silence: Optional[Silence] = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.main = threading.get_ident()  # made in the main thread, where submitit waits and signals land
 
     def __enter__(self) -> "ControllerWatch":
+        # a real signal, sent to the main thread: it wakes a sleep or a wait that Python's
+        # interrupt_main would not (and that would do nothing where SIGINT is ignored, as under `nohup ... &`)
+        self.previous = signal.signal(WAKE, self.wake)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+        try:
+            self.stop.set()
+            self.thread.join()
+        finally:
+            signal.signal(WAKE, self.previous)
+
+    def wake(self, signum: int, frame: object) -> None:
+        if self.silence is not None:
+            raise ControllerSilent(str(self.silence))
 
     def watch(self) -> None:
-        answered = time.monotonic()
+        answered, worst = time.monotonic(), ""
         while not self.stop.wait(self.poll_s):
             said = ask_controller(max(1.0, self.timeout_s - (time.monotonic() - answered)))
             if self.stop.is_set():
                 return
             if said is None:
-                answered = time.monotonic()
+                answered, worst = time.monotonic(), ""
                 continue
+            worst = said if not (worst and said.startswith("no answer")) else worst  # Slurm's own words first
             if time.monotonic() - answered >= self.timeout_s:
-                self.silence = Silence("squeue", time.monotonic() - answered, said)
+                self.silence = Silence("squeue", time.monotonic() - answered, worst)
                 if not end_children("sbatch"):  # a killed sbatch fails the submission by itself
-                    _thread.interrupt_main()
+                    signal.pthread_kill(self.main, WAKE)
                 return
