@@ -242,12 +242,13 @@ class SekdSweeper(BasicSweeper):
 
 
 def job_folders(jobs_dir: Optional[Path]) -> Dict[str, int]:
-    """submitit's job folders under `jobs_dir`: `<job id>_<i>` (array task i of a batch) or `<job id>` (a
-    batch of one), each with the index of its cell in its batch."""
+    """submitit's job folders under `jobs_dir`, each with the index of its cell in its batch: `<job id>_<i>`
+    (array task i) or `<job id>` (a batch of one; an array's own folder, beside its tasks', is no cell)."""
     if jobs_dir is None or not jobs_dir.is_dir():
         return {}
-    found = (re.fullmatch(r"(\d+)(?:_(\d+))?", p.name) for p in jobs_dir.iterdir() if p.is_dir())
-    return {m.group(0): int(m.group(2) or 0) for m in found if m}
+    found = [m for m in (re.fullmatch(r"(\d+)(?:_(\d+))?", p.name) for p in jobs_dir.iterdir() if p.is_dir()) if m]
+    arrays = {m.group(1) for m in found if m.group(2) is not None}
+    return {m.group(0): int(m.group(2) or 0) for m in found if m.group(2) is not None or m.group(1) not in arrays}
 
 
 def why_failed(err: BaseException) -> str:
