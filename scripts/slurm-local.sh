@@ -4,6 +4,7 @@
 #
 #   scripts/slurm-local.sh install   apt-install slurmctld slurmd slurm-client munge (if missing)
 #   scripts/slurm-local.sh start     write slurm.conf, start munged, slurmctld, slurmd; wait for `idle`
+#                                    (also: start a stopped slurmctld again; resume a node Slurm drained)
 #   scripts/slurm-local.sh stop      stop only the daemons this script started (by recorded pid)
 #   scripts/slurm-local.sh status    sinfo, squeue, and which daemons this script owns
 #

@@ -1,15 +1,13 @@
 """`hydra/sweeper=sekd`: Hydra's grid sweeper that looks at every cell before any job starts.
 
-Before the launcher (local, or Slurm through submitit) sees a job, each cell's config is composed
-and validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before
-anything is submitted; and cells that have nothing left to do for their stage (record.json exists,
-or the trained model for stage=train) are dropped, so re-running a finished sweep submits nothing
-and says so. A cell that died midway is resubmitted and resumes from its checkpoint. With a local
-launcher each cell's environment is checked too (CUDA, models on local disk); with Slurm, that
-`sbatch` exists.
-
-A cell whose job has several tasks (one run over several ranks, docs/slurm.md) is still one cell: submitit
-returns one result per task, and hydra-submitit's launcher hands this sweeper rank 0's, the cell's result.
+Before the launcher (local, or Slurm through submitit) sees a job, each cell's config is composed and
+validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before anything
+is submitted; cells with nothing left to do for their stage are dropped, so re-running a finished sweep
+submits nothing. A cell that died midway is resubmitted and resumes from its checkpoint; a failed cell is
+one line and the others finish. Locally each cell's environment is checked too; with Slurm, that `sbatch`
+exists, and a controller that does not answer while a batch is submitted or waited for ends the sweep in
+one line, exit 3, with each cell's state (slurm_watch.py). A job of several tasks is still one cell:
+hydra-submitit's launcher hands this sweeper rank 0's result, the cell's.
 """
 
 from __future__ import annotations
