@@ -28,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf, open_dict
 
-from .slurm_watch import ControllerWatch, Silence, submission_silence
+from .slurm_watch import ControllerSilent, ControllerWatch, Silence, submission_silence
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class SekdSweeper(BasicSweeper):
                 CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()),
             ):
                 return self.launcher.launch(batch, initial_job_idx=start)
-        except Exception as err:
+        except (Exception, ControllerSilent) as err:
             silence = (watch.silence if watch else None) or submission_silence(err, time.monotonic() - tic)
             if silence is not None:
                 new = {i: job for job, i in job_folders(jobs_dir).items() if job not in before}

@@ -98,8 +98,9 @@ def end_children(name: str) -> bool:
     return found
 
 
-class ControllerSilent(RuntimeError):
-    """Raised in the main thread (from a signal handler) to end a launch the controller left waiting."""
+class ControllerSilent(BaseException):
+    """Raised in the main thread (from a signal handler) to end a launch the controller left waiting; not an
+    Exception, so that submitit's `except Exception` around its sacct calls cannot swallow it."""
 
 
 class ControllerWatch:
@@ -110,6 +111,7 @@ class ControllerWatch:
         self.timeout_s = timeout_s or setting(TIMEOUT_ENV, TIMEOUT_S)
         self.poll_s = min(poll_s or setting(POLL_ENV, POLL_S), self.timeout_s)
         self.silence: Optional[Silence] = None
+        self.woken = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
         self.main = threading.get_ident()  # made in the main thread, where submitit waits and signals land
@@ -122,14 +124,16 @@ class ControllerWatch:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop.set()
         try:
-            self.stop.set()
             self.thread.join()
-        finally:
+        finally:  # a wake may cut the first join short; the thread sends nothing once the handler is gone
+            self.thread.join()
             signal.signal(WAKE, self.previous)
 
     def wake(self, signum: int, frame: object) -> None:
-        if self.silence is not None:
+        if self.silence is not None and not self.woken:  # once: a second wake must not cut __exit__ short
+            self.woken = True
             raise ControllerSilent(str(self.silence))
 
     def watch(self) -> None:
@@ -144,6 +148,9 @@ class ControllerWatch:
             worst = said if not (worst and said.startswith("no answer")) else worst  # Slurm's own words first
             if time.monotonic() - answered >= self.timeout_s:
                 self.silence = Silence("squeue", time.monotonic() - answered, worst)
-                if not end_children("sbatch"):  # a killed sbatch fails the submission by itself
+                if end_children("sbatch"):  # a killed sbatch fails the submission by itself
+                    return
+                while not self.stop.is_set():  # again, until the launch has ended
                     signal.pthread_kill(self.main, WAKE)
+                    self.stop.wait(1)
                 return
