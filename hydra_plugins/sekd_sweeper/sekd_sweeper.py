@@ -28,7 +28,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf, open_dict
 
-from .slurm_watch import ControllerSilent, ControllerWatch, Silence, submission_silence
+from . import slurm_watch  # its classes looked up at use: Hydra's plugin scan executes the module again
+from .slurm_watch import Silence
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class SekdSweeper(BasicSweeper):
         assert self.launcher is not None
         jobs_dir = self.jobs_dir()
         before = job_folders(jobs_dir)
-        watch = ControllerWatch() if self.on_slurm() else None
+        watch = slurm_watch.ControllerWatch() if self.on_slurm() else None
         tic = time.monotonic()
         try:
             with (
@@ -197,8 +198,8 @@ class SekdSweeper(BasicSweeper):
                 CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()),
             ):
                 return self.launcher.launch(batch, initial_job_idx=start)
-        except (Exception, ControllerSilent) as err:
-            silence = (watch.silence if watch else None) or submission_silence(err, time.monotonic() - tic)
+        except (Exception, slurm_watch.ControllerSilent) as err:
+            silence = (watch.silence if watch else None) or slurm_watch.submission_silence(err, time.monotonic() - tic)
             if silence is not None:
                 new = {i: job for job, i in job_folders(jobs_dir).items() if job not in before}
                 self.controller_fault(
