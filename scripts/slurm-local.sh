@@ -4,6 +4,7 @@
 #
 #   scripts/slurm-local.sh install   apt-install slurmctld slurmd slurm-client munge (if missing)
 #   scripts/slurm-local.sh start     write slurm.conf, start munged, slurmctld, slurmd; wait for `idle`
+#                                    (also: start a stopped slurmctld again; resume a node Slurm drained)
 #   scripts/slurm-local.sh stop      stop only the daemons this script started (by recorded pid)
 #   scripts/slurm-local.sh status    sinfo, squeue, and which daemons this script owns
 #
@@ -157,10 +158,16 @@ cmd_start() {
     for i in $(seq "$WAIT_S"); do controller_up && break; sleep 1; done
     controller_up || die "slurmctld did not answer within ${WAIT_S}s; see $STATE/slurmctld.log and /var/log/slurm/slurmctld.log"
     start_daemon slurmd
-    local state=""
+    local state="" resumed=0
     for i in $(seq "$WAIT_S"); do
         state=$(node_state)
         [[ $state == idle* || $state == mix* || $state == alloc* ]] && break
+        if [[ $resumed -eq 0 && ( $state == drain* || $state == down* ) ]]; then
+            # e.g. "Kill task failed" after the controller was stopped under a running job: this node is ours
+            say "node $(hostname) is $state ($(timeout 10 sinfo -h -N -n "$(hostname)" -o %E 2>/dev/null)); resuming it"
+            timeout 10 scontrol update nodename="$(hostname)" state=resume >/dev/null 2>&1 || true
+            resumed=1
+        fi
         sleep 1
     done
     if [[ $state != idle* && $state != mix* && $state != alloc* ]]; then

@@ -1,31 +1,35 @@
 """`hydra/sweeper=sekd`: Hydra's grid sweeper that looks at every cell before any job starts.
 
-Before the launcher (local, or Slurm through submitit) sees a job, each cell's config is composed
-and validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before
-anything is submitted; and cells that have nothing left to do for their stage (record.json exists,
-or the trained model for stage=train) are dropped, so re-running a finished sweep submits nothing
-and says so. A cell that died midway is resubmitted and resumes from its checkpoint. With a local
-launcher each cell's environment is checked too (CUDA, models on local disk); with Slurm, that
-`sbatch` exists.
-
-A cell whose job has several tasks (one run over several ranks, docs/slurm.md) is still one cell: submitit
-returns one result per task, and hydra-submitit's launcher hands this sweeper rank 0's, the cell's result.
+Before the launcher (local, or Slurm through submitit) sees a job, each cell's config is composed and
+validated, so one bad cell stops the sweep with a one-line error naming the cell and key, before anything
+is submitted; cells with nothing left to do for their stage are dropped, so re-running a finished sweep
+submits nothing. A cell that died midway is resubmitted and resumes from its checkpoint; a failed cell is
+one line and the others finish. Locally each cell's environment is checked too; with Slurm, that `sbatch`
+exists, and a controller that does not answer while a batch is submitted or waited for ends the sweep in
+one line, exit 3, with each cell's state (slurm_watch.py). A job of several tasks is still one cell:
+hydra-submitit's launcher hands this sweeper rank 0's result, the cell's.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf, open_dict
+
+from . import slurm_watch  # its classes looked up at use: Hydra's plugin scan executes the module again
+from .slurm_watch import Silence
 
 log = logging.getLogger(__name__)
 
@@ -160,22 +164,12 @@ class SekdSweeper(BasicSweeper):
         failed: List[str] = []
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
-            try:
-                with CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()):
-                    results = self.launcher.launch(batch, initial_job_idx=start)
-            except Exception as err:  # a job killed outright (OOM, scancel): submitit has no result for it
-                print(
-                    f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
-                    "write their own records. Re-run the sweep to retry the unfinished cells.",
-                    file=sys.stderr,
-                )
-                sys.exit(1)
+            results = self.launch_batch(batch, start, todo, len(failed))
             for cell, r in zip(batch, results):
                 try:
                     _ = r.return_value  # raises the job's exception if it failed
                 except BaseException as err:  # noqa: BLE001 - one cell's failure must not hide the others
-                    failed.append(f"[{' '.join(cell)}]: {type(err).__name__}: {err}")
+                    failed.append(f"[{' '.join(cell)}]: {why_failed(err)}")
             returns.append(results)
         if failed:
             for line in failed:
@@ -187,6 +181,90 @@ class SekdSweeper(BasicSweeper):
             )
             sys.exit(1)
         return returns
+
+    def launch_batch(
+        self, batch: List[List[str]], start: int, todo: List[List[str]], failed: int
+    ) -> Sequence[JobReturn]:
+        """The launcher's results for a batch; on Slurm, a controller that does not answer while the batch is
+        submitted or waited for ends the sweep in one line (exit 3) saying which cells are in which state."""
+        assert self.launcher is not None
+        jobs_dir = self.jobs_dir()
+        before = job_folders(jobs_dir)
+        watch = slurm_watch.ControllerWatch() if self.on_slurm() else None
+        tic = time.monotonic()
+        try:
+            with (
+                watch or nullcontext(),
+                CellProgress([self.done_checks.get(tuple(c)) for c in batch], self.runs_elsewhere()),
+            ):
+                return self.launcher.launch(batch, initial_job_idx=start)
+        except (Exception, slurm_watch.ControllerSilent) as err:
+            silence = (watch.silence if watch else None) or slurm_watch.submission_silence(err, time.monotonic() - tic)
+            if silence is not None:
+                new = {i: job for job, i in job_folders(jobs_dir).items() if job not in before}
+                self.controller_fault(
+                    silence, todo, {tuple(batch[i]): job for i, job in new.items() if i < len(batch)}, failed
+                )
+            print(  # a job killed outright (OOM, scancel): submitit has no result for it
+                f"sekd: a job of this sweep died without a result ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); jobs already submitted keep running and "
+                "write their own records. Re-run the sweep to retry the unfinished cells.",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+
+    def jobs_dir(self) -> Optional[Path]:
+        """submitit's folder of job folders (`<job id>[_<array index>]`), on Slurm; None elsewhere."""
+        folder = str(getattr(self.launcher, "params", {}).get("submitit_folder") or "")
+        if not self.on_slurm() or not folder:
+            return None
+        return Path(*itertools.takewhile(lambda part: "%j" not in part, Path(folder).parts))
+
+    def controller_fault(
+        self, silence: Silence, todo: List[List[str]], held: Dict[tuple, str], failed: int
+    ) -> NoReturn:
+        from sekd.core.errors import FAULT_EXIT
+
+        done = [c for c in todo if self.done_checks[tuple(c)]()]
+        held = {cell: job for cell, job in held.items() if not self.done_checks[cell]()}
+        waiting = len(todo) - len(done) - len(held) - failed
+        ids = f"job ids {' '.join(sorted(held.values()))}" if held else "no job ids"
+        print(
+            f"sekd: run fault: the Slurm controller does not answer ({silence}); {len(done)} cells done, "
+            + (f"{failed} failed, " if failed else "")
+            + f"{len(held)} submitted ({ids}) still in Slurm's hands, {waiting} not submitted; start the controller "
+            "(or wait for it) and re-run the same sweep: finished cells are skipped, a cell whose job ran on "
+            "meanwhile is not trained twice, the rest are submitted",
+            file=sys.stderr,
+        )
+        sys.exit(FAULT_EXIT)
+
+
+def job_folders(jobs_dir: Optional[Path]) -> Dict[str, int]:
+    """submitit's job folders under `jobs_dir`, each with the index of its cell in its batch: `<job id>_<i>`
+    (array task i) or `<job id>` (a batch of one; an array's own folder, beside its tasks', is no cell)."""
+    if jobs_dir is None or not jobs_dir.is_dir():
+        return {}
+    found = [m for m in (re.fullmatch(r"(\d+)(?:_(\d+))?", p.name) for p in jobs_dir.iterdir() if p.is_dir()) if m]
+    arrays = {m.group(1) for m in found if m.group(2) is not None}
+    return {m.group(0): int(m.group(2) or 0) for m in found if m.group(2) is not None or m.group(1) not in arrays}
+
+
+def why_failed(err: BaseException) -> str:
+    """A failed cell's cause in one line: a run fault or a bad input as the app words it, else the error's
+    first line (a job's traceback stays in its log)."""
+    from sekd.app.faults import CAUSES, as_fault
+    from sekd.core.errors import ConfigError, RunFault
+
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    fault = as_fault(err) if isinstance(err, Exception) else None
+    if isinstance(fault, RunFault):
+        return f"run fault: {fault}"
+    if isinstance(fault, OSError):
+        return f"run fault: {fault.filename}: {CAUSES.get(fault.errno or 0, fault.strerror)}"
+    first = (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}"
 
 
 def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
