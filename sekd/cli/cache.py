@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sekd.core.errors import FAULT_EXIT
+
 from sekd.stores.teacher_cache.store import (
     CacheError,
     TeacherCache,
@@ -229,6 +231,29 @@ def main(argv: list[str] | None = None) -> int:
     except CacheError as e:
         print(f"sekd-cache {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        line = fault_line(e)
+        if line is None or os.environ.get("SEKD_TRACEBACK", "") not in ("", "0"):
+            raise  # a bug (or a traceback asked for): the traceback
+        print(f"sekd-cache {args.cmd}: run fault: {line}", file=sys.stderr)
+        return FAULT_EXIT
+
+
+def fault_line(err: BaseException) -> str | None:
+    """A full, read-only or vanished disk under the cache as one line (sekd-train's words), or None for a bug.
+    The manifest enters a shard only once it is whole, so the same command keeps those and builds the rest."""
+    from sekd.app.faults import CAUSES, REMEDIES, free_space
+    from sekd.core.files import storage_error
+
+    fault = storage_error(err)
+    if fault is None or fault.errno not in CAUSES:
+        return None
+    free = free_space(fault.filename, fault.errno)
+    cause = CAUSES[fault.errno] + (f" ({free})" if free else "")
+    return (
+        f"{fault.filename or 'the cache'}: {cause}; {REMEDIES[fault.errno]} and re-run the same command: "
+        "the shards already whole are kept, the rest are built"
+    )
 
 
 if __name__ == "__main__":

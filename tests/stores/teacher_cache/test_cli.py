@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from sekd.stores.teacher_cache.store import MANIFEST, TeacherCache, shard_name
+from tests.disks import fill, mount_tmpfs
 from tests.stores.teacher_cache.helpers import ROOT, edit_manifest
 
 
@@ -25,23 +26,47 @@ def cli_cache(teacher_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "cache"
     base = ["build", "--out", str(out), "--num-shards", "2", "--num-workers", "2", "--quiet"]
-    run = [
-        "model.source=pretrained",
-        f"model.teacher={teacher_dir}",
-        f"model.student={teacher_dir}",
-        "data.seq_len=32",
-        "data.token_budget=640",
-        f"paths.cache={tmp / 'harness'}",
-        "classes.options.n_draws=16",
-        "train.device=cpu",
-        "train.threads=1",
-        "seed=5",
-    ]
+    run = build_overrides(teacher_dir, tmp / "harness")
     first = sekd_cache(*base, "--worker", "0", *run)
     half_verify = sekd_cache("verify", str(out))
     second = sekd_cache(*base, "--worker", "1", *run)
     assert second.returncode == 0, second.stderr
     return out, first, half_verify, second
+
+
+def build_overrides(teacher_dir, harness) -> list[str]:
+    """sekd-train's overrides of a tiny cache: the tiny teacher as both models, 20 sequences of 32 tokens."""
+    return [
+        "model.source=pretrained",
+        f"model.teacher={teacher_dir}",
+        f"model.student={teacher_dir}",
+        "data.seq_len=32",
+        "data.token_budget=640",
+        f"paths.cache={harness}",
+        "classes.options.n_draws=16",
+        "train.device=cpu",
+        "train.threads=1",
+        "seed=5",
+    ]
+
+
+def test_build_on_a_full_disk_is_one_line_and_the_rerun_finishes(teacher_dir, tmp_path):
+    """--out on a real tmpfs with not one byte free: one line naming the file, exit status 3, no temporary
+    left; once space is freed the same command builds the cache whole."""
+    with mount_tmpfs(tmp_path / "disk", "1m") as disk:
+        build = ["build", "--out", str(disk / "cache"), "--num-shards", "2", "--quiet"]
+        build += build_overrides(teacher_dir, tmp_path / "harness")
+        filler = fill(disk)
+        res = sekd_cache(*build)
+        assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        (line,) = res.stderr.strip().splitlines()
+        assert line.startswith(f"sekd-cache build: run fault: {disk / 'cache'}/")
+        assert "no space left on device (0 B free); free space on that disk and re-run the same command" in line
+        assert list(disk.rglob("*.tmp")) == []
+        filler.unlink()
+        again = sekd_cache(*build)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert sekd_cache("verify", str(disk / "cache")).returncode == 0
 
 
 def test_build_by_two_workers(cli_cache, teacher_dir):
