@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 import sekd.config.schema  # noqa: F401  (registers the config schema conf/config.yaml composes against)
 
 ROOT = Path(__file__).resolve().parents[1]
+INJECT = Path(__file__).parent / "inject"
 CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -227,3 +228,8 @@ def sekd_train_paused(
             time.sleep(0 if acted else 0.02)
 
     return cli_until(args, ready, pause_and_act, env, timeout)
+
+
+def injected(**env: str) -> dict[str, str]:
+    """The environment that puts tests/inject/sitecustomize.py into the CLI, with its `env` (SEKD_TEST_*)."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(INJECT), os.environ.get("PYTHONPATH", "")])}

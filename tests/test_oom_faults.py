@@ -6,24 +6,17 @@ the weights of an uninterrupted run (or only scores)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, checkpoint_step, logged_steps, sekd_train, tiny_cache
+from tests.helpers import TINY, checkpoint_step, injected, logged_steps, sekd_train, tiny_cache
 from tests.test_faults import fault_line, run_folder, weights
 
 STEPS = 4
 # on the CPU even where there is a card: a card's OOM is simulated, and CUDA's address space would swamp RLIMIT_AS
 RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none", "train.device=cpu", "eval.device=cpu"]
-INJECT = Path(__file__).parent / "inject"
-
-
-def injected(**env: str) -> dict[str, str]:
-    """The environment that puts tests/inject/sitecustomize.py into the CLI, with its `env` (SEKD_TEST_*)."""
-    return {**env, "PYTHONPATH": os.pathsep.join([str(INJECT), os.environ.get("PYTHONPATH", "")])}
 
 
 def args(root: Path, cache: Path, hydra: Path, *more: str) -> list[str]:

@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.disks import fill, mount_tmpfs
-from tests.helpers import TINY, checkpoint_step, descendants, logged_steps, sekd_train, sekd_train_paused, tiny_cache
+from tests.helpers import (
+    TINY,
+    checkpoint_step,
+    descendants,
+    injected,
+    logged_steps,
+    sekd_train,
+    sekd_train_paused,
+    tiny_cache,
+)
 
 STEPS = 4
 RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval.limit=8"]
@@ -198,9 +207,21 @@ def test_a_disk_that_fills_while_the_model_is_saved_stops_in_one_line_and_the_re
     assert reference.returncode == 0, reference.stderr[-3000:]
     with mount_tmpfs(tmp_path / "disk", "16m") as disk:
         run_args = args(disk, cache, *plain)
+        hold = tmp_path / "hold"  # the run waits there just before the model's save: no race with a fast run
+        hold.mkdir()
+
+        def fill_then_go() -> bool:
+            fill(disk)
+            (hold / "go").touch()
+            return True
+
         res = sekd_train_paused(
-            run_args, ready=lambda: checkpoint_step(disk) == STEPS - 1, action=lambda: bool(fill(disk))
+            run_args,
+            ready=lambda: (hold / "held").exists(),
+            action=fill_then_go,
+            env=injected(SEKD_TEST_HOLD=f"{hold}:sekd.app.training:save_student"),
         )
+        assert checkpoint_step(disk) == STEPS - 1
         line = fault_line(res)
         run = run_folder(disk)
         assert line.startswith(f"sekd: run fault: {run}/model: no space left on device (paths.root={disk}, "), line

@@ -12,6 +12,7 @@ Teacher: inference only, its layers and decoder resharded after each forward, it
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -232,10 +233,21 @@ def sharded_fault(err: BaseException, folder: Path, is_main: bool) -> Exception:
 
     failures = getattr(err, "failures", {})
     for rank in sorted(failures):
-        fault = storage_error(failures[rank][0], folder)
+        fault = storage_error(failures[rank][0], folder) or lost_write(failures[rank][0], folder)
         if fault is not None:
             return fault if is_main else EchoedFault(f"rank {rank}: {fault}")
     return RuntimeError(f"{folder}: the sharded checkpoint failed: {err}")
+
+
+def lost_write(err: BaseException, folder: Path) -> OSError | None:
+    """torch's zip writer, writing a shard to a file name, reports a write the disk refused as "unexpected pos"
+    and drops the OSError: on a disk with (almost) nothing left, that was no space left."""
+    if not (isinstance(err, RuntimeError) and "unexpected pos" in str(err)):
+        return None
+    disk = next(p for p in (folder, *folder.parents) if p.exists())
+    if shutil.disk_usage(disk).free >= 2**20:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
 
 
 def load_sharded(module: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:

@@ -37,3 +37,19 @@ def test_an_unfinished_sharded_folder_is_removed_and_the_named_one_kept(tmp_path
         (tmp_path / name / "__0_0.distcp").write_bytes(b"shard")
     remove_unfinished(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4.dcp"]
+
+
+def test_torchs_lost_write_on_a_full_disk_is_no_space_left(tmp_path):
+    """DCP writes each shard with torch.save to a file name: its zip writer reports the write a full disk
+    refused as "unexpected pos", without the OSError. On a real full tmpfs that is ENOSPC; elsewhere not."""
+    from tests.disks import fill, mount_tmpfs
+
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with mount_tmpfs(tmp_path / "disk", "1m") as disk:
+        folder = disk / "run" / "checkpoint-1.dcp"  # not made yet: its disk is that of the nearest folder
+        fill(disk)
+        err = CheckpointException("save", {1: (lost, None)})
+        got = sharded_fault(err, folder, is_main=True)
+        assert isinstance(got, OSError) and got.errno == errno.ENOSPC and got.filename == str(folder)
+    roomy = sharded_fault(CheckpointException("save", {1: (lost, None)}), tmp_path / "c.dcp", is_main=True)
+    assert type(roomy) is RuntimeError  # a disk with room: torch's own failure, shown as it is

@@ -1,7 +1,9 @@
 """Test-only (tests/test_oom_faults.py): with this folder on PYTHONPATH and SEKD_TEST_OOM set, the CLI runs
 as it always does until a card's out of memory, which a CPU cannot make, is raised where a card would raise it:
 SEKD_TEST_OOM=step:<n> in the second micro-batch of optimizer step n (1-based), SEKD_TEST_OOM=scoring at
-lm-eval's call. SEKD_TEST_VMPEAK=<file>: the process's peak address space (VmPeak, bytes) is written there at
+lm-eval's call. SEKD_TEST_HOLD=<folder>:<module>:<function>: before each call of that function the CLI
+writes <folder>/held and waits for <folder>/go, so a test acts on the world (fills a disk) at that very
+point rather than racing a fast run. SEKD_TEST_VMPEAK=<file>: the process's peak address space (VmPeak, bytes) is written there at
 exit, to set a host's memory limit (RLIMIT_AS) above it. Python imports this module at start-up (`site`)."""
 
 from __future__ import annotations
@@ -45,9 +47,33 @@ def write_vm_peak(path: str) -> None:
         out.write(str(int(kib) * 1024))
 
 
+def hold(spec: str) -> None:
+    import functools
+    import importlib
+    import time
+    from pathlib import Path
+
+    folder, module, name = spec.split(":")
+    owner = importlib.import_module(module)
+    real = getattr(owner, name)
+
+    @functools.wraps(real)
+    def held(*args, **kwargs):
+        Path(folder, "held").touch()
+        deadline = time.time() + 300
+        while not Path(folder, "go").exists():
+            assert time.time() < deadline, "the test never said go"
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, held)
+
+
 if os.environ.get("SEKD_TEST_VMPEAK"):
     import atexit
 
     atexit.register(write_vm_peak, os.environ["SEKD_TEST_VMPEAK"])
 if os.environ.get("SEKD_TEST_OOM"):
     inject(os.environ["SEKD_TEST_OOM"])
+if os.environ.get("SEKD_TEST_HOLD"):
+    hold(os.environ["SEKD_TEST_HOLD"])
