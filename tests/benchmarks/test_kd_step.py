@@ -16,36 +16,32 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import kd_step  # noqa: E402
 
 
-def test_tiny_runs_every_variant_interleaved_with_fresh_process_peaks(tmp_path):
+def kd_step_cli(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "tiny.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/kd_step.py",
-            "--shape",
-            "tiny",
-            "--rounds",
-            "2",
-            "--threads",
-            "1",
-            "--fresh-process",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv = [sys.executable, "benchmarks/kd_step.py", "--shape", "tiny", "--threads", "1", "--json", str(out), *options]
+    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    report = json.loads(out.read_text())
+    return res, json.loads(out.read_text())
+
+
+def test_tiny_runs_every_variant_interleaved(tmp_path):
+    res, report = kd_step_cli(tmp_path, "--rounds", "2")
     rows = {r["variant"]: r for r in report["results"]}
     assert list(rows) == list(kd_step.VARIANTS)  # trl is installed with the bench extra
     assert all(r["tokens_per_s"] > 0 and len(r["step_s"]) == 2 and r["min_s"] <= r["median_s"] for r in rows.values())
-    assert all(r["peak_above_gib"] >= 0 and r["baseline_gib"] > 0 for r in rows.values())
     assert rows["plain_torch_full_kd"]["time_vs_plain"] == 1.0 and rows["cache_build"]["vs_teacher_forward"] > 0
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["threads"] == 1
     assert "dense_full_kd" in res.stdout and "x plain time" in res.stdout  # the table
+
+
+def test_fresh_process_peaks_of_a_step_a_chunked_step_and_the_cache_build(tmp_path):
+    """--fresh-process measures each variant's peak in a process of its own (the same path for every variant:
+    three of them here, a fresh process each)."""
+    variants = ("plain_torch_full_kd", "chunked_full_kd", "cache_build")
+    _, report = kd_step_cli(tmp_path, "--rounds", "1", "--fresh-process", "--variants", ",".join(variants))
+    rows = {r["variant"]: r for r in report["results"]}
+    assert tuple(rows) == variants
+    assert all(r["peak_above_gib"] >= 0 and r["baseline_gib"] > 0 for r in rows.values())
 
 
 def test_cache_se_kd_reads_a_real_cache_folder(tmp_path):
