@@ -17,6 +17,10 @@ def test_a_test_that_starts_none_is_not():
     assert not _spawns("test_launch", "test_each_rank_takes_a_card_it_can_see")
     assert not _spawns("test_config_hashes", "test_every_hash_is_what_it_was")  # slow, in-process: marked slow
     assert not _spawns("test_tiers", "test_a_test_that_starts_none_is_not")
+    # the dense == chunked contracts and the pieces' fixtures, reached by name: a helper of tests/ with a common
+    # name that starts a process (a `trainer`, a `run`) once moved ~300 of them out of the fast tier
+    assert not _spawns("test_protocols", "test_chunked_equals_dense_for_every_combination")
+    assert not _spawns("conftest", "tiny_tokenizer") and not _spawns("conftest", "data")
 
 
 def test_a_test_is_e2e_through_its_fixtures(request):

@@ -29,7 +29,7 @@ CARD_OOM = (
 )
 
 
-def trainer(tmp_path, steps: int = 4) -> Trainer:
+def oom_trainer(tmp_path, steps: int = 4) -> Trainer:
     """A real run folder (checkpoint.pt, metrics.jsonl, the selection trace of every step), 2 micro-batches of 2
     a step, a checkpoint every step."""
     t = TrainConfig(flow="chunked", lr=1e-3, steps=steps, micro_batch_size=2, grad_accum=2, log_every=1, ckpt_every=1)
@@ -86,9 +86,9 @@ def card_oom() -> None:
 
 
 def test_a_card_out_of_memory_names_the_step_the_micro_batch_and_the_remedy_and_saves_nothing(tmp_path, monkeypatch):
-    reference = trainer(tmp_path / "reference")
+    reference = oom_trainer(tmp_path / "reference")
     reference.fit()
-    tr = trainer(tmp_path / "faulted")
+    tr = oom_trainer(tmp_path / "faulted")
     fail_at(tr, monkeypatch, 3, "micro-batch 2 of 2", card_oom)
     with pytest.raises(RunFault) as err:
         tr.fit()
@@ -107,7 +107,7 @@ def test_a_card_out_of_memory_names_the_step_the_micro_batch_and_the_remedy_and_
     assert traced(tr) == [r for r in traced(reference) if json.loads(r)["step"] < 2]  # micro-batch 1's rows gone
     assert [p.name for p in tr.run.path.rglob("*.tmp")] == []
     monkeypatch.undo()
-    again = trainer(tmp_path / "faulted")  # the same command, run again: from step 2 to the end
+    again = oom_trainer(tmp_path / "faulted")  # the same command, run again: from step 2 to the end
     again.fit()
     assert logged(again) == [1, 2, 3, 4] and traced(again) == traced(reference)
     want = reference.student.state_dict()
@@ -117,12 +117,12 @@ def test_a_card_out_of_memory_names_the_step_the_micro_batch_and_the_remedy_and_
 def test_the_optimizer_step_and_the_host_allocator_are_named_too(tmp_path, monkeypatch):
     """AdamW makes its state on the first optimizer step; torch's CPU allocator refusing a real allocation is
     host memory (a 1 PiB tensor: no machine has it)."""
-    tr = trainer(tmp_path / "a")
+    tr = oom_trainer(tmp_path / "a")
     fail_at(tr, monkeypatch, 1, "the optimizer step", card_oom)
     with pytest.raises(RunFault, match="^out of card memory on cuda:0 at step 1, the optimizer step "):
         tr.fit()
     assert not tr.run.checkpoint.exists() and not tr.run.metrics.exists()
-    tr = trainer(tmp_path / "b")
+    tr = oom_trainer(tmp_path / "b")
     fail_at(tr, monkeypatch, 2, "micro-batch 1 of 2", lambda: torch.empty(2**50, dtype=torch.uint8))
     with pytest.raises(RunFault) as err:
         tr.fit()
@@ -137,7 +137,7 @@ def test_the_optimizer_step_and_the_host_allocator_are_named_too(tmp_path, monke
 
 
 def test_other_errors_of_the_step_stay_bugs_with_their_traceback(tmp_path, monkeypatch):
-    tr = trainer(tmp_path)
+    tr = oom_trainer(tmp_path)
 
     def bug() -> None:
         raise RuntimeError("shape mismatch")
