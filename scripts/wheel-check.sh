@@ -43,7 +43,7 @@ say "a shipped sweep by name (sekd-train --config-name demo)"
 "$V/sekd-train" --config-name demo --cfg hydra | grep -q "experiment: student,teacher,full_kd" \
   || { say "the demo sweep was not found by name"; exit 1; }
 say "one tiny run from an empty folder, then sekd-report"
-"$V/sekd-train" model=tiny train.steps=2 train.threads=1 data.seq_len=64 eval=none logging=disabled
+"$V/sekd-train" experiment=se_kd model=tiny train.steps=2 train.threads=1 data.seq_len=64 eval=none logging=disabled
 record=$(ls outputs/runs/*/eval-*/record.json)
 "$V/python" -c "import json, sekd, sys; r = json.load(open(sys.argv[1])); assert r['sekd_version'] == sekd.__version__, r" "$record"
 "$V/sekd-report" outputs/runs --out outputs/report >/dev/null
