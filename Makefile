@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint clean-demo slurm slurm-install
+.PHONY: install demo test test-fast lint wheel-check clean-demo slurm slurm-install
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ lint: install
 	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests
 	$(BIN)/ruff format --check sekd hydra_plugins analysis benchmarks tests
 	$(BIN)/mypy
+
+# The package as a user installs it (not editable, outside the checkout, from an empty folder): its wheel, a
+# fresh environment, --version, a shipped sweep by name, a tiny run and sekd-report (scripts/wheel-check.sh)
+wheel-check: install
+	bash scripts/wheel-check.sh
 
 # What tests/test_slurm.py needs: Slurm installed (its fixture starts and stops the one-node cluster).
 # Installed where this can (root with apt-get); elsewhere those tests skip and say how to run them

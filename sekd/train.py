@@ -3,6 +3,8 @@
 sekd-train experiment=se_kd seed=1338
 sekd-train -m experiment=full_kd,random_pos,se_kd seed=1337,1338,1339
 sekd-train experiment=se_kd model=qwen3_8b_to_1.7b train=paper --plan --card 80GB   # will it fit?
+sekd-train --config-name demo          # a sweep of sweeps/ (shipped in the package), from any folder
+sekd-train --version
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sekd.app import execute
-from sekd.app.compose import CONF, fail
+from sekd.app.compose import fail
+from sekd.config.folders import CONF
 from sekd.core.errors import ConfigError
 
 
@@ -35,6 +38,11 @@ def main() -> None:
     sees argv: Hydra refuses flags it does not know."""
     from sekd.app.checks import check_command_line
 
+    if "--version" in sys.argv[1:]:  # sekd's own (Hydra's --version would print Hydra's)
+        from sekd import __version__
+
+        print(f"sekd {__version__}")
+        return
     if "--plan" in sys.argv[1:]:
         from sekd.app.plan import main as plan
 

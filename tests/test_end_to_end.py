@@ -6,6 +6,7 @@ import math
 import pandas as pd
 import pytest
 
+import sekd
 from sekd.report.results import main as report_main
 from tests.helpers import TINY, sekd_train, tiny_cache
 
@@ -51,6 +52,7 @@ def test_record_holds_what_the_issue_lists(runs):
         assert 0 <= m["acc"] <= 100 and 0 <= m["ece"] <= 100 and m["ppl"] > 1
         assert all(math.isfinite(v) for v in m.values())
     assert full[0]["config_hash"] != full[1]["config_hash"]  # the seed is part of the result
+    assert {r["sekd_version"] for r in recs} == {sekd.__version__}  # which sekd made it
 
 
 def test_run_folder_has_checkpoint_lm_eval_output_and_wandb_files(runs):

@@ -192,15 +192,15 @@ def test_sekd_require_slurm_turns_the_skip_into_a_failure(tmp_path):
 
 def test_make_test_installs_slurm_where_it_can_and_ci_requires_it():
     """`make test` runs scripts/slurm-local.sh install as root with apt-get; .ci/run is `make lint`, then
-    `make test` with SEKD_REQUIRE_SLURM=1 (and SEKD_REQUIRE_MOUNT=1: the storage faults' tmpfs)."""
+    `make test` with SEKD_REQUIRE_SLURM=1 (and SEKD_REQUIRE_MOUNT=1: the storage faults' tmpfs), then the wheel."""
     dry = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "bash scripts/slurm-local.sh install" in dry.stdout and 'id -u)" = 0' in dry.stdout
     ci = [
         ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))
     ]
-    assert ci[-1] == f"{REQUIRE}=1 SEKD_REQUIRE_MOUNT=1 make test" and ci[-2] == "make lint"
-    assert all(ln.startswith("export ") for ln in ci[:-2])
+    assert ci[-3:] == ["make lint", f"{REQUIRE}=1 SEKD_REQUIRE_MOUNT=1 make test", "make wheel-check"]
+    assert all(ln.startswith("export ") for ln in ci[:-3])
 
 
 def test_the_cli_finds_the_launcher_configs_beside_a_sweep_dir():

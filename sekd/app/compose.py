@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from sekd.distributed.process_group import Dist
     from sekd.stores.runs import RunDir
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's conf/ (editable install)
-
 
 def fail(err: Exception) -> NoReturn:
     """A single run stops with one line and exit status 2. In a multirun the error is raised instead:

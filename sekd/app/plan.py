@@ -569,7 +569,8 @@ def compose_run(overrides: list[str]) -> RunConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sekd.app.compose import CONF, check_fsdp
+    from sekd.app.compose import check_fsdp
+    from sekd.config.folders import CONF
     from sekd.app.checks import check_command_line, validate, without_hydra
 
     check_command_line(list(overrides), CONF, "config")

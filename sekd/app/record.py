@@ -8,6 +8,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from sekd import __version__
 from sekd.app.scoring import scored_model
 from sekd.stores.runs import resolved
 
@@ -37,6 +38,7 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
         "wall_time_s": round(time.time() - job.started, 2),
         "peak_memory_mb": stats.get("peak_memory_mb")
         or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux reports KiB
+        "sekd_version": __version__,
         "git_commit": git_commit(),
         "overrides": list(job.overrides),
         "config": kept,

@@ -46,7 +46,7 @@ def run_config(overrides: list[str]):
     from sekd.core.errors import ConfigError
 
     from sekd.app.checks import check_command_line, typed
-    from sekd.app.compose import CONF
+    from sekd.config.folders import CONF
 
     if not any(o.lstrip("+~").startswith("classes=") for o in overrides):
         overrides = ["classes=rs_kd", *overrides]  # before the run's own, so it may still set classes.options

@@ -337,7 +337,7 @@ def preset_axes(presets: list[str]) -> pd.DataFrame:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from sekd.app.compose import CONF
+    from sekd.config.folders import CONF
 
     rows = {}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
