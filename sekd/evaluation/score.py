@@ -99,44 +99,30 @@ def run_lm_eval(
 ) -> dict | None:
     """lm-eval over suite `s`; a failure one of our tasks' files in `folders` explains is a TaskDataError
     naming the task, any other stays lm-eval's own error."""
+    import lm_eval
+
     try:
-        return simple_evaluate(model_dir, s, folders, batch_size, device, limit, seed, dtype, bootstrap_iters)
+        tm = task_manager(s, folders)
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
+            tasks=lm_eval_tasks(s, tm),
+            task_manager=tm,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except Exception as err:
         broken = broken_task(folders)
         if broken is None:
             raise
         raise broken from err
-
-
-def simple_evaluate(
-    model_dir: str | os.PathLike,
-    s: Suite,
-    folders: list[Path],
-    batch_size: int,
-    device: str,
-    limit: int | float | None,
-    seed: int,
-    dtype: str,
-    bootstrap_iters: int,
-) -> dict | None:
-    import lm_eval
-
-    tm = task_manager(s, folders)
-    return lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},  # a dict: a path may hold commas
-        tasks=lm_eval_tasks(s, tm),
-        task_manager=tm,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=bootstrap_iters,  # lm-eval's 100000 bootstraps perplexity in a process pool
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
 
 
 def task_folders(
