@@ -1,6 +1,6 @@
 """Figures over the results table: budget curves (k, l), accuracy-vs-cost Pareto plots, the signal-overlap heatmap.
 
-Plain functions: a DataFrame in (one row per run, as `analysis.results_io.load_results` gives), a
+Plain functions: a DataFrame in (one row per run, as `sekd.report.loading.load_results` gives), a
 matplotlib Figure out; `save` writes it as a PNG atomically. Figures are built without pyplot (no global
 state, no backend to choose, nothing left open); no training, no models.
 
@@ -64,7 +64,7 @@ def _one_setting(df: pd.DataFrame) -> None:
     if "setting" in df.columns and df["setting"].dropna().nunique() > 1:
         raise ValueError(
             f"runs from several settings ({', '.join(sorted(df['setting'].dropna().unique()))}): "
-            "keep one, e.g. with analysis.results_io.one_setting"
+            "keep one, e.g. with sekd.report.loading.one_setting"
         )
 
 

@@ -37,6 +37,7 @@ LADDER: list[tuple[str, list[list[str]]]] = [
             ["sekd.data.*"],
             ["sekd.embedded.*"],
             ["sekd.models.*", "sekd.evaluation.*"],
+            ["sekd.plugins"],
         ],
     ),
     (

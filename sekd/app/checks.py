@@ -104,7 +104,10 @@ def _fields_at(path: str) -> list[str]:
 def validate(cfg: DictConfig) -> RunConfig:
     """Every check that needs no model: the schema's (keys, types, each node's values), then the checks
     that span nodes or ask a registry. Returns the typed config; raises ConfigError."""
+    from sekd.plugins import load
+
     run = typed(cfg)
+    load(run.plugins)  # a plugin's names are valid below, as a built-in's are
     for check in (
         check_data,
         check_position,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sekd import __version__
 from sekd.app.scoring import scored_model
+from sekd.plugins import used
 from sekd.stores.runs import resolved
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
         "peak_memory_mb": stats.get("peak_memory_mb")
         or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux reports KiB
         "sekd_version": __version__,
+        "plugins": used(kept),
         "git_commit": git_commit(),
         "overrides": list(job.overrides),
         "config": kept,

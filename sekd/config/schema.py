@@ -390,6 +390,7 @@ class RunConfig:
     stage: str = "all"  # train and score in one job, or as two
     seed: int = 1337
     force: bool = False  # re-run even when this config's record already exists
+    plugins: List[str] = field(default_factory=list)  # a researcher's modules of pieces, imported first (sekd.plugins)
     resources: Resources = field(default_factory=Resources)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

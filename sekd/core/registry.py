@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 import types
 import typing
 from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar, cast, runtime_checkable
@@ -91,6 +92,34 @@ def _typed(option: str, hint: Any, value: Any) -> Any:
     return value
 
 
+def registering_module() -> str:
+    """The module being imported when a piece registers: the nearest module-level frame up the stack
+    (a decorator applied in a plugin's body, or a built-in's module), else the nearest caller outside
+    the registration helpers (a piece registered inside a function: a test's)."""
+    frame = sys._getframe(1)
+    caller = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "?")
+        if frame.f_code.co_name == "<module>":
+            return module
+        if caller is None and module not in _HELPERS:
+            caller = module
+        frame = frame.f_back  # type: ignore[assignment]
+    return caller or "?"
+
+
+# the modules whose functions register on a caller's behalf (the decorators of each kind)
+_HELPERS = {
+    __name__,
+    "sekd.selection.signals",
+    "sekd.selection.policies",
+    "sekd.selection.criteria",
+    "sekd.selection.classes",
+    "sekd.selection.samples",
+    "sekd.data.sources",
+}
+
+
 class Registry(Generic[E]):
     """Entries of one kind E by name (`SIGNALS: Registry[Signal]`). An entry that is a class is its own
     factory: `build` constructs it, and its instances are the E (the GLS policy)."""
@@ -100,6 +129,7 @@ class Registry(Generic[E]):
         self.call_time = set(call_time)  # keywords supplied at call time, not options
         self._entries: dict[str, Any] = {}  # an E, or a class whose instances are
         self._declared: dict[str, type] = {}  # name -> its options dataclass
+        self._origin: dict[str, str] = {}  # name -> the module that registered it (sekd's, or a plugin's)
 
     def register(self, name: str, options: type | None = None) -> Callable[[F], F]:
         """Add an entry; `options` is the dataclass declaring its options (None: read the signature)."""
@@ -108,8 +138,9 @@ class Registry(Generic[E]):
 
         def add(fn: F) -> F:
             if name in self._entries:
-                raise RegistryError(f"{self.kind} {name!r} is registered twice")
+                raise RegistryError(f"{self.kind} {name!r} is already registered by {self._origin[name]}")
             self._entries[name] = fn
+            self._origin[name] = registering_module()
             if options is not None:
                 self._declared[name] = options
             return fn
@@ -135,6 +166,11 @@ class Registry(Generic[E]):
             if (p.kind is p.KEYWORD_ONLY or (positional and p.kind is p.POSITIONAL_OR_KEYWORD))
             and n not in self.call_time
         ]
+
+    def origin(self, name: str) -> str:
+        """The module whose import registered the entry: `sekd.selection.signals`, or a plugin's module."""
+        self.get(name)
+        return self._origin[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

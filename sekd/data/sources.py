@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from sekd.core.registry import Registry
 
-SOURCES: Registry[Callable[..., Iterable[str]]] = Registry("data source")  # (split, **options) -> documents
+Source = Callable[..., Iterable[str]]  # (split, **options) -> the split's documents
+SOURCES: Registry[Source] = Registry("data source")  # (split, **options) -> documents
 SPLITS = ("train", "validation", "test")
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 
@@ -24,12 +25,19 @@ class DataError(ValueError):
     """A data option or input file that cannot work; the message names the key or file:line."""
 
 
+def data_source(name: str, options: type | None = None) -> Callable[[Source], Source]:
+    """Register `fn(split, **options)`, yielding the document strings of one split, as the data source
+    `name` (`data.name=<name>`; the data group's other keys are its options, checked against its signature
+    or the `options` dataclass)."""
+    return SOURCES.register(name, options=options)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
 
 
-@SOURCES.register("embedded")
+@data_source("embedded")
 def embedded(split: str) -> Iterator[str]:
     """Python's own pydoc prose, split by document (sekd.data.corpus)."""
     from sekd.data import corpus
@@ -38,7 +46,7 @@ def embedded(split: str) -> Iterator[str]:
     yield from corpus.load_split(split)
 
 
-@SOURCES.register("jsonl")
+@data_source("jsonl")
 def jsonl(
     split: str,
     *,
@@ -112,7 +120,7 @@ def _jsonl_file(
     return path
 
 
-@SOURCES.register("fineweb_edu")
+@data_source("fineweb_edu")
 def fineweb_edu(
     split: str,
     *,

@@ -43,6 +43,7 @@ UNHASHED = (
     "eval.batch_size",
     "eval.device",
     "label",
+    "plugins",  # which modules are imported moves nothing; a plugin piece the run uses does (`_hash`)
 )
 # Keys the schema (sekd/config/schema.py) declares that some group's YAML leaves out (model.task: only the embedded
 # pair has one): null there means what the key's absence meant, so it is left out of the hash too, and the
@@ -153,6 +154,11 @@ def _compute(tree: dict, cuda: bool | None) -> dict:
 
 
 def _hash(tree: dict) -> str:
+    from sekd.plugins import used
+
+    pieces = used(tree)
+    if pieces:  # a plugin's piece: its source is part of the run (a run of built-ins keeps its hash)
+        tree["plugin_pieces"] = [{k: p[k] for k in ("key", "module", "source")} for p in pieces]
     _seedless(tree)
     for key in UNHASHED:
         _drop(tree, key)

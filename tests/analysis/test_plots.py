@@ -1,4 +1,4 @@
-"""analysis/plots.py and analysis/results_io.py: line and point counts on small synthetic tables, the Pareto
+"""analysis/plots.py and sekd/report/loading.py (load_results): line and point counts on small synthetic tables, the Pareto
 front against a hand example and a brute-force reference, atomic PNG writes, and record flattening."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import plots
-from analysis.results_io import load_results, load_runs, one_setting
+from sekd.report.loading import load_results, load_runs, one_setting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -401,7 +401,7 @@ def test_limited_evaluations_are_another_setting_and_the_figure_says_so(tmp_path
 
 
 def test_env_path_takes_a_relative_path_from_where_the_command_ran(tmp_path, monkeypatch):
-    from analysis.results_io import env_path
+    from sekd.report.loading import env_path
 
     monkeypatch.setenv("PWD", str(tmp_path))
     monkeypatch.chdir("/")  # as a Jupyter kernel started in analysis/

@@ -1,18 +1,12 @@
-"""Results as one pandas table for the notebooks: `sekd.report.results` rows plus short names for the budgets and costs.
+"""`sekd.load_results`: every run as one pandas row, for notebooks and your own plots.
 
-`sekd.report.results.load_table_records` gives one row per run with its metrics and, flattened, its resolved config
-(`config.*`) and costs (`costs.*`). The figures need a few of those under short names: the budgets
-`k` and `l`, the costs, and the `setting` a run was scored in (model, evaluation split and eval.limit: a
-curve must not average test and validation accuracies, nor a 50-example score with a full one).
-`load_results` accepts run folders or a results CSV.
-
-    from analysis.results_io import load_results
+    from sekd import load_results
     df = load_results("outputs/embedded")      # record.json files below it, else its results.csv
 
-Costs, per run: `train_wall_s` (sample selection, cache build and distillation; not pretraining the embedded
-pair, not scoring: sekd.report.tables.training_costs), `tokens_per_s_device` and `devices` (training throughput per
-device, and how many devices the run spanned), `pretrain_seconds`, `cache_build_seconds`, and `cache_role`
-('built' or 'reused' for a run with an offline teacher cache), which keeps the run that built the cache apart.
+A row is `sekd.report.results.load_records`' (metrics, the resolved config flattened as `config.*`, costs as
+`costs.*`) plus short names (ALIASES: the budgets `k` and `l`, the pieces, the costs) and the `setting` a
+run was scored in (model, evaluation suite/split and eval.limit: a curve must not average a test and a
+validation score, nor a 50-example score with a full one). docs/api.md lists every column.
 """
 
 from __future__ import annotations
@@ -128,7 +122,7 @@ def load_results(source: str | Path) -> pd.DataFrame:
     elif (source / "results.csv").is_file():
         df = pd.read_csv(source / "results.csv")
     else:
-        print(f"results_io: nothing to read at {source} (no CSV, no record.json below it)", file=sys.stderr)
+        print(f"sekd: load_results: nothing to read at {source} (no CSV, no record.json below it)", file=sys.stderr)
         return pd.DataFrame()
     return _with_aliases(df)
 
