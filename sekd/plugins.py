@@ -50,6 +50,23 @@ def entry_point_modules() -> tuple[str, ...]:
     return tuple(sorted({ep.module for ep in entry_points(group=ENTRY_POINTS)}))
 
 
+def config_folders() -> list[Path]:
+    """The `conf/` folder of each installed plugin's top-level package, found without importing it: its
+    config groups (conf/position/my_policy.yaml, conf/experiment/my_row.yaml) join Hydra's search path."""
+    from importlib.util import find_spec
+
+    found = []
+    for module in entry_point_modules():
+        try:
+            spec = find_spec(module.partition(".")[0])
+        except (ImportError, ValueError):
+            continue  # importing it names the fault, in one line, when a config is checked
+        for location in (spec and spec.submodule_search_locations) or []:
+            if (Path(location) / "conf").is_dir():
+                found.append(Path(location) / "conf")
+    return found
+
+
 def import_plugin(module: str, key: str = "plugins") -> None:
     """Import one plugin module; a failure or a name registered twice is one line naming the module."""
     from sekd.core.registry import RegistryError

@@ -130,17 +130,35 @@ def installed(site: Path, lab: Path) -> None:
     (site / "lab_pieces").symlink_to(lab / "lab_pieces")
 
 
+ROW = """
+# @package _global_
+defaults:
+  - override /position: lab_stride
+preset: lab_row
+label: Lab row
+"""
+
+
 def test_an_installed_entry_point_is_loaded_without_naming_it(lab, tmp_path):
     site = tmp_path / "site"
     installed(site, lab)
+    conf = lab / "lab_pieces" / "conf"  # the package's own config groups, on Hydra's search path once installed
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "position").mkdir()
+    (conf / "experiment" / "lab_row.yaml").write_text(ROW)
+    (conf / "position" / "lab_stride.yaml").write_text(
+        "signal: student_entropy\npolicy: stride\noptions: {stride: 3}\n"
+    )
     code = "from sekd.plugins import load, used; load(); print(used({'position': {'policy': 'stride'}})[0]['version'])"
     found = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **on_path(site)}, capture_output=True, text=True, timeout=120
     )
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip() == "1.2.3"  # the distribution's version, recorded with the run
-    plan = sekd_train([*FAST, "position.policy=stride", "--plan"], env=on_path(site))
+    plan = sekd_train([*FAST, "experiment=lab_row", "--plan"], env=on_path(site))
     assert plan.returncode == 0, plan.stderr[-2000:]
+    shown = sekd_train([*FAST, "experiment=lab_row", "--cfg", "job"], env=on_path(site))
+    assert "policy: stride" in shown.stdout and "stride: 3" in shown.stdout, shown.stderr[-2000:]
     bare = sekd_train([*FAST, "position.policy=stride", "--plan"], env=OFFLINE)
     assert bare.returncode == 2 and "position.policy='stride' is not allowed" in bare.stderr
 
