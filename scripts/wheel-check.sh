@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The package as a user installs it: sekd's wheel built from this checkout's files, installed (not editable)
 # with its dependencies into a fresh virtual environment outside the checkout, then used from an empty folder:
-# `sekd-train --version`, a shipped sweep found by name, one tiny run on the embedded default (its record
-# carries the version) and sekd-report over it. `make wheel-check`; CI runs it after `make test`.
+# `sekd-train --version`, a shipped sweep found by name, one tiny run (its record carries the version), the
+# demo grid on the embedded default and sekd-report over it; then the example plugin (examples/sekd_lab)
+# installed beside it: its tests on sekd.testing, its sweep and its report. `make wheel-check`; CI runs it
+# after `make test` (about 15 minutes on 2 cores, most of it the demo grid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -48,4 +50,26 @@ record=$(ls outputs/runs/*/eval-*/record.json)
 "$V/python" -c "import json, sekd, sys; r = json.load(open(sys.argv[1])); assert r['sekd_version'] == sekd.__version__, r" "$record"
 "$V/sekd-report" outputs/runs --out outputs/report >/dev/null
 ls outputs/report/*.csv >/dev/null
-say "ok: the installed package runs, finds its configs and sweeps, and records its version"
+say "the demo grid by name, on the embedded default (sekd-train --config-name demo), then sekd-report"
+"$V/sekd-train" --config-name demo
+"$V/sekd-report" outputs/demo --out outputs/demo >/dev/null
+for row in "Full KD" "SE-KD3X" "Teacher"; do
+  grep -q "$row" outputs/demo/table.md || { say "the demo's table has no '$row' row"; exit 1; }
+done
+say "the example plugin (examples/sekd_lab): installed, its tests on sekd.testing, its sweep, its report"
+"$V/pip" install -q "$WORK/src/examples/sekd_lab[test]"
+"$V/python" -m pytest -q -p no:cacheprovider "$WORK/src/examples/sekd_lab/tests"
+"$V/sekd-train" --config-name lab_sweep
+"$V/sekd-report" outputs/lab --out outputs/lab >/dev/null
+for row in "Full KD" "Disagreement margin, top-p 50%"; do
+  grep -q "$row" outputs/lab/table.md || { say "the lab's table has no '$row' row"; exit 1; }
+done
+"$V/python" - <<'PY'
+import json
+from pathlib import Path
+
+[rec] = [json.loads(p.read_text()) for p in Path("outputs/lab/runs").glob("lab_margin*/eval-*/record.json")]
+modules = {p["key"]: (p["module"], p["version"]) for p in rec["plugins"]}
+assert modules == {"position.signal": ("sekd_lab.pieces", "0.1.0"), "position.policy": ("sekd_lab.pieces", "0.1.0")}, rec["plugins"]
+PY
+say "ok: the installed package runs, finds its configs and sweeps, records its version, and runs a plugin's pieces"
