@@ -138,7 +138,7 @@ def policy(
     return add
 
 
-def _register_class(name: str, cls: type, options: type, **declared: Any) -> type:
+def _register_class(name: str, cls: Any, options: type, **declared: Any) -> Any:
     """A stateful policy class: its traits are its own; what the decorator adds must agree with them."""
     for trait in ("random", "stepped", "stateful"):
         if not isinstance(getattr(cls, trait, None), bool):

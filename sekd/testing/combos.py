@@ -41,13 +41,20 @@ class Combo:
     def opts(self, kind: str) -> dict[str, Any]:
         if kind in self.options:
             return dict(self.options[kind])
-        reg = {"policy": POLICIES, "criterion": CRITERIA, "classes": CLASSES}[kind]
+        reg: Any = {"policy": POLICIES, "criterion": CRITERIA, "classes": CLASSES}[kind]
         name = {"policy": self.policy, "criterion": self.criterion, "classes": self.classes}[kind]
         return dict(getattr(reg.get(name), "example", None) or {})
 
     def key(self) -> tuple:
+        """Names, options and the registered objects (a piece registered anew is checked anew)."""
         frozen = tuple(sorted((k, tuple(sorted(v.items()))) for k, v in self.options.items()))
-        return (self.signal, self.policy, self.criterion, self.classes, frozen)
+        pieces = (
+            SIGNALS.get(self.signal) if self.signal else None,
+            POLICIES.get(self.policy),
+            CRITERIA.get(self.criterion),
+        )
+        sampler = CLASSES.get(self.classes) if self.classes in CLASSES else None
+        return (self.signal, self.policy, self.criterion, self.classes, frozen, *map(id, (*pieces, sampler)))
 
     def label(self) -> str:
         return f"signal={self.signal} policy={self.policy} criterion={self.criterion} classes={self.classes}"
@@ -107,7 +114,9 @@ def check_combo(c: Combo) -> None:
         return
     random_classes = c.classes in CLASSES and CLASSES.get(c.classes).random
     cached = cached_targets() if c.classes == "cached" else None
-    kw = dict(step=STEP, seed=3, cached=cached, teacher=cached is None, lam=LAM, temperature=TEMPERATURE)
+    kw: dict[str, Any] = dict(
+        step=STEP, seed=3, cached=cached, teacher=cached is None, lam=LAM, temperature=TEMPERATURE
+    )
     for chunk_size in [CHUNK, 1000] if random_classes else [CHUNK]:
         try:
             d, ch = both(lambda: selector(c), chunk_size=chunk_size, **kw)
@@ -139,7 +148,9 @@ def _assert_refused(c: Combo) -> None:
             _assert_refusal_message(c, str(err), "the selector")
             return
         raise AssertionError(f"{c.label()}: a criterion without a sparse form accepted class sampler {c.classes}")
-    kw = dict(step=STEP, seed=3, cached=cached_targets(), teacher=False, lam=LAM, temperature=TEMPERATURE)
+    kw: dict[str, Any] = dict(
+        step=STEP, seed=3, cached=cached_targets(), teacher=False, lam=LAM, temperature=TEMPERATURE
+    )
     for flow in ("dense", "chunked"):
         try:
             both(lambda: selector(c), chunk_size=CHUNK, flows=(flow,), **kw)

@@ -22,7 +22,7 @@ from sekd.testing import ranks as RK
 from sekd.testing import references as RF
 from sekd.testing.combos import STEP, check_combo, combos
 
-REGISTRIES = {"signal": SIGNALS, "policy": POLICIES, "criterion": CRITERIA, "class_sampler": CLASSES}
+REGISTRIES: dict[str, Any] = {"signal": SIGNALS, "policy": POLICIES, "criterion": CRITERIA, "class_sampler": CLASSES}
 
 
 def _options(kind: str, name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -71,9 +71,9 @@ def _policy_resume(name: str, opts: dict[str, Any], seed: int) -> None:
     """Fresh pieces with the same keys draw the same (a resumed run's draws); another seed draws anew; a
     stateful policy's state_dict through torch.save/load continues exactly as the uninterrupted one."""
     u, valid = RF.scores(seed=seed)
-    first = POLICIES.build(name, **opts)
+    first: Any = POLICIES.build(name, **opts)
     a = _policy_draws(first, u, valid, seed)
-    resumed = POLICIES.build(name, **opts)
+    resumed: Any = POLICIES.build(name, **opts)
     if first.stateful:
         buf = io.BytesIO()
         torch.save(first.state_dict(), buf)
@@ -102,7 +102,9 @@ def check_signal(name: str, *, seed: int = 0, ranks: bool = True) -> None:
     if sig.random:
         y = torch.randint(0, 5, (4, 9), generator=torch.Generator().manual_seed(seed))
         valid = torch.ones(4, 9, dtype=torch.bool)
-        run = lambda s, rows: importance(sig, None, None, y[rows], valid[rows], keys=RowKeys.of_samples(s, STEP, rows))  # noqa: E731
+        run = lambda s, rows: importance(
+            sig, y[rows, :, None].float(), None, y[rows], valid[rows], keys=RowKeys.of_samples(s, STEP, rows)
+        )  # noqa: E731
         rows = list(range(4))
         assert torch.equal(run(seed, rows), run(seed, rows)), f"signal {name!r}: the same keys draw differently"
         assert not torch.equal(run(seed, rows), run(seed + 1, rows)), f"signal {name!r}: another seed draws the same"
@@ -118,8 +120,8 @@ def check_policy(name: str, options: Mapping[str, Any] | None = None, *, seed: i
     """Expected weights against its reference (random: unbiased over keyed draws); options; reproducible per
     seed, resumable (state_dict); dense == chunked under every signal, criterion and class axis; 2 ranks."""
     opts = _options("policy", name, options)
-    RF.policy_reference(name, opts, seed)
     O.check_options(POLICIES, name, opts, O.call_policy)
+    RF.policy_reference(name, opts, seed)
     _policy_resume(name, opts, seed)
     _flows("policy", name, options)
     if ranks:
@@ -130,8 +132,8 @@ def check_criterion(name: str, options: Mapping[str, Any] | None = None, *, seed
     """D and dD/ds against its reference in float64; options; deterministic; dense == chunked (value and
     gradient) under every signal, policy and class axis (a dense-only criterion refuses sparse targets); 2 ranks."""
     opts = _options("criterion", name, options)
-    RF.criterion_reference(name, opts)
     O.check_options(CRITERIA, name, opts, O.call_criterion)
+    RF.criterion_reference(name, opts)
     s, t, y, row, u = RF.flat(seed=seed)
     crit = CRITERIA.build(name, **opts)
     D = [crit(s, t, y, temperature=1.5, row=row, u=u) for _ in range(2)]
@@ -148,8 +150,8 @@ def check_class_sampler(
     reproducible per seed and per position key; dense == chunked under every signal, policy and sparse-capable
     criterion; 2 ranks."""
     opts = _options("class_sampler", name, options)
-    RF.class_sampler_reference(name, opts, seed)
     O.check_options(CLASSES, name, opts, O.call_class_sampler)
+    RF.class_sampler_reference(name, opts, seed)
     sampler, t = CLASSES.build(name, **opts), RF.flat(seed=seed)[1]
     draw = lambda s: sampler(t, temperature=1.0, generator=torch.Generator().manual_seed(s))  # noqa: E731
     a, b = draw(seed), draw(seed)

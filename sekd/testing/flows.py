@@ -73,7 +73,7 @@ def both(
     head_s, head_t = heads(seed)
     h_s, h_t_all, y = batch(seed)
     h_t = h_t_all if teacher else None
-    results = []
+    results: list[tuple[Any, tuple[torch.Tensor, ...]]] = []
     for flow in flows:
         head_s.zero_grad()
         h = h_s.clone().requires_grad_()
@@ -88,8 +88,11 @@ def both(
             teacher_head = head_t if h_t is not None else None
             out = chunked_kd_loss(h, head_s, h_t, teacher_head, y, inputs, vocab=V, chunk_size=chunk_size)
         (out.loss_sum / max(out.weight, 1e-12)).backward()
-        assert h.grad is not None and head_s.weight.grad is not None and head_s.bias is not None
-        results.append((out, (h.grad, head_s.weight.grad.clone(), head_s.bias.grad.clone())))
+        assert h.grad is not None and head_s.weight.grad is not None
+        b_grad = head_s.bias.grad if head_s.bias is not None else None
+        results.append(
+            (out, (h.grad, head_s.weight.grad.clone(), b_grad.clone() if b_grad is not None else h.new_zeros(0)))
+        )
     return results
 
 

@@ -16,8 +16,8 @@ import torch
 from sekd.core.registry import Registry, RegistryError
 from sekd.testing.references import flat, scores
 
-WRONG = {bool: ["yes", 1], int: ["abc", 1.5, True], float: ["abc", True, float("nan")], str: [1]}
-PROBES = {int: [-1, 0, 1, 1000], float: [-1.0, 0.0, 0.5, 1.5, 1e6], bool: [True, False], str: []}
+WRONG: dict[Any, list[Any]] = {bool: ["yes", 1], int: ["abc", 1.5, True], float: ["abc", True, float("nan")], str: [1]}
+PROBES: dict[Any, list[Any]] = {int: [-1, 0, 1, 1000], float: [-1.0, 0.0, 0.5, 1.5, 1e6], bool: [True, False], str: []}
 
 
 def _plain(hint: Any) -> Any:

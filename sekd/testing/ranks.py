@@ -42,7 +42,7 @@ def run_rows(c: Combo, part: slice, gather: Callable | None) -> list[dict[str, A
     out = []
     for step in (STEP, STEP + 1):
         head_s.zero_grad()
-        kw = dict(lam=LAM, temperature=TEMPERATURE, step=step, rows=IDX[part], gather=gather)
+        kw: dict[str, Any] = dict(lam=LAM, temperature=TEMPERATURE, step=step, rows=IDX[part], gather=gather)
         inputs = LossInputs(sel, generator=torch.Generator().manual_seed(5), **kw)
         res = chunked_kd_loss(h_s.clone().requires_grad_(), head_s, h_t, head_t, y, inputs, vocab=V, chunk_size=3)
         res.loss_sum.backward()
