@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from sekd.core.rng import RowKeys
+from sekd.core.rng import PositionKeys, RowKeys
 from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
@@ -158,7 +158,15 @@ def check_class_sampler(
     assert torch.equal(a.ids, b.ids) and torch.equal(a.probs, b.probs), (
         f"class sampler {name!r}: the same seed draws differently"
     )
-    if sampler.random:
+    if sampler.random:  # a resumed run's fresh sampler, given the same per-sample keys, draws the same
+        n = t.shape[0]
+        keys = lambda: PositionKeys(
+            RowKeys.of_samples(seed, STEP, [0, 1]), torch.arange(n) % 2, torch.arange(n) // 2, n
+        )  # noqa: E731
+        k1, k2 = (CLASSES.build(name, **opts)(t, temperature=1.0, keys=keys()) for _ in range(2))
+        assert torch.equal(k1.ids, k2.ids) and torch.equal(k1.probs, k2.probs), (
+            f"class sampler {name!r}: the same position keys draw differently"
+        )
         c = draw(seed + 1)
         differs = a.ids.shape != c.ids.shape or not (torch.equal(a.ids, c.ids) and torch.equal(a.probs, c.probs))
         assert differs, f"class sampler {name!r} is declared random but another seed draws the same"

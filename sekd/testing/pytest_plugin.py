@@ -14,17 +14,21 @@ from typing import Any, Callable
 
 import pytest
 
-from sekd.testing.contracts import check_piece, pieces_of
+# sekd.testing (torch, the registries) is imported when a test asks for it, not when pytest loads the plugin
 
 
 @pytest.fixture
 def sekd_check() -> Callable[..., None]:
     """check_piece(kind, name, options=None): the conformance check of one registered piece."""
+    from sekd.testing.contracts import check_piece
+
     return check_piece
 
 
 def conformance_tests(module: str, **options: Any) -> Callable[..., None]:
     """A test function parametrized over every piece `module` registers (options: {name: {...}})."""
+    from sekd.testing.contracts import check_piece, pieces_of
+
     pieces = list(pieces_of(module))
     if not pieces:
         raise ValueError(f"sekd.testing: module {module!r} registers no signal, policy, criterion or class sampler")

@@ -55,6 +55,21 @@ def test_a_signal_that_reads_an_undeclared_teacher_is_caught(scratch):
         check_signal("kit_sneaky", ranks=False)
 
 
+def test_a_teacher_signal_that_couples_positions_is_caught_on_its_chunked_path(scratch):
+    """KL_t minus the mean KL over the positions passed in: right on one batch, wrong chunk by chunk."""
+
+    def reference(s, t, y, *, temperature=1.0):
+        kl = R.kl64(t, s, temperature)
+        return kl - kl.mean()
+
+    @signal("kit_centered", needs_teacher=True, reference=reference)
+    def centered(s, t, y, *, temperature=1.0):
+        return reference(s, t, y, temperature=temperature).float()
+
+    with pytest.raises(AssertionError, match=r"chunked flow != dense flow in u \(signal=kit_centered policy="):
+        check_signal("kit_centered", ranks=False)
+
+
 def test_a_criterion_whose_chunked_form_is_wrong_is_caught(scratch):
     """D_t = KL_t (1 + mean p_t(y) over the batch); the prepare step takes the mean per chunk instead."""
 
