@@ -40,8 +40,13 @@ def _flows(kind: str, name: str, options: Mapping[str, Any] | None) -> None:
 def module_of(kind: str, name: str) -> str:
     """The module that defines the piece, which a spawned rank imports to register it."""
     piece = REGISTRIES[kind].get(name)
-    fn = piece if isinstance(piece, type) else (piece.terms or (piece.reference,))[0] if kind == "signal" else piece.fn
-    module = getattr(fn, "__module__", None) or "sekd.selection.signals"
+    if isinstance(piece, type):  # a stateful policy class
+        defined = piece
+    elif kind == "signal":  # its first term (a random signal: its reference, if any)
+        defined = piece.terms[0] if piece.terms else piece.reference
+    else:
+        defined = piece.fn
+    module = getattr(defined, "__module__", None) or "sekd.selection.signals"
     assert module != "__main__", f"{kind} {name!r} is defined in __main__; a spawned rank cannot import it"
     return module
 
@@ -93,24 +98,31 @@ def _policy_resume(name: str, opts: dict[str, Any], seed: int) -> None:
         assert not _same_draws(a, other), f"policy {name!r} is declared random but another seed draws the same"
 
 
+def _random_signal_draws(name: str, seed: int) -> None:
+    """Drawn scores: in [0, 1), the same for the same per-sample keys (a resume), new for another seed, and a
+    row's the same whatever the batch holds."""
+    sig = SIGNALS.get(name)
+    y = torch.randint(0, 5, (4, 9), generator=torch.Generator().manual_seed(seed))
+    valid = torch.ones(4, 9, dtype=torch.bool)
+
+    def run(s: int, rows: list[int]) -> torch.Tensor:
+        keys = RowKeys.of_samples(s, STEP, rows)
+        return importance(sig, y[rows, :, None].float(), None, y[rows], valid[rows], keys=keys)
+
+    rows = list(range(4))
+    u = run(seed, rows)
+    assert bool(((u >= 0) & (u < 1)).all()), f"signal {name!r}: drawn scores outside [0, 1)"
+    assert torch.equal(u, run(seed, rows)), f"signal {name!r}: the same keys draw differently"
+    assert not torch.equal(u, run(seed + 1, rows)), f"signal {name!r}: another seed draws the same"
+    assert torch.equal(u[2:], run(seed, rows[2:])), f"signal {name!r}: a row's draws depend on the batch"
+
+
 def check_signal(name: str, *, seed: int = 0, ranks: bool = True) -> None:
     """u(t) against its reference (and its needs_teacher declaration); a random signal reproducible per seed
     and keyed per sample; dense == chunked under every policy, criterion and class axis; 2 ranks."""
-    SIGNALS.get(name)
     RF.signal_reference(name)
-    sig = SIGNALS.get(name)
-    if sig.random:
-        y = torch.randint(0, 5, (4, 9), generator=torch.Generator().manual_seed(seed))
-        valid = torch.ones(4, 9, dtype=torch.bool)
-        run = lambda s, rows: importance(
-            sig, y[rows, :, None].float(), None, y[rows], valid[rows], keys=RowKeys.of_samples(s, STEP, rows)
-        )  # noqa: E731
-        rows = list(range(4))
-        assert torch.equal(run(seed, rows), run(seed, rows)), f"signal {name!r}: the same keys draw differently"
-        assert not torch.equal(run(seed, rows), run(seed + 1, rows)), f"signal {name!r}: another seed draws the same"
-        assert torch.equal(run(seed, rows)[2:], run(seed, rows[2:])), (
-            f"signal {name!r}: a row's draws depend on the batch"
-        )
+    if SIGNALS.get(name).random:
+        _random_signal_draws(name, seed)
     _flows("signal", name, None)
     if ranks:
         check_ranks("signal", [name])

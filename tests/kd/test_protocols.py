@@ -35,6 +35,7 @@ def test_every_registered_piece_passes_the_kit(kind, name):
     check_piece(kind, name, ranks=False)
 
 
+@pytest.mark.e2e  # sekd.testing spawns the two gloo ranks, out of tests/conftest.py's sight
 def test_two_ranks_equal_one_process_for_the_whole_registry():
     check_ranks_of(PIECES)
 
