@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from sekd.core.registry import Registry, at_least
+from sekd.core.registry import NoOptions, Registry, at_least
+from sekd.selection import references as R
 from sekd.core.rng import PositionKeys
 from sekd.core.tensors import upcast
 
@@ -78,6 +79,8 @@ class ClassSampler:
     fn: Callable[..., SparseTarget]
     random: bool  # draws from the generator on each call
     options: Mapping[str, Any] = field(default_factory=dict)
+    reference: Callable[..., Tensor] | None = None  # E[p~] dense [N,V] in float64 (sekd.testing)
+    example: Mapping[str, Any] = field(default_factory=dict)  # options the conformance kit runs it with
 
     def __call__(self, t: Tensor, **kw: Any) -> SparseTarget:
         return self.fn(t, **{**self.options, **kw})
@@ -86,18 +89,26 @@ class ClassSampler:
         return replace(self, options=dict(options))
 
 
-def class_sampler(name: str, options: type, *, random: bool) -> Callable[[Callable], ClassSampler]:
-    """Register `fn` as the class selector `name`, with what it declares (see `ClassSampler`)."""
+def class_sampler(
+    name: str,
+    options: type = NoOptions,
+    *,
+    random: bool,
+    reference: Callable[..., Tensor] | None = None,
+    example: Mapping[str, Any] | None = None,
+) -> Callable[[Callable], ClassSampler]:
+    """Register `fn` as the class selector `name`, with what it declares (see `ClassSampler`); `reference`:
+    the target distribution in expectation, (t [N,V] float64, *, temperature, **options) -> [N,V]."""
 
     def add(fn: Callable[..., SparseTarget]) -> ClassSampler:
-        piece = ClassSampler(name, fn, random)
+        piece = ClassSampler(name, fn, random, reference=reference, example=dict(example or {}))
         CLASSES.register(name, options=options)(piece)
         return piece
 
     return add
 
 
-@class_sampler("rs_kd", RSKDOptions, random=True)
+@class_sampler("rs_kd", RSKDOptions, random=True, reference=R.teacher_distribution, example={"n_draws": 8})
 def rs_kd(
     t: Tensor,
     *,
@@ -116,7 +127,9 @@ def rs_kd(
     return SparseTarget(ids_pad.to(t.device), probs_pad.to(t.device), mask.to(t.device))
 
 
-@class_sampler("top_k_truncation", TruncationOptions, random=False)
+@class_sampler(
+    "top_k_truncation", TruncationOptions, random=False, reference=R.truncated_distribution, example={"top": 5}
+)
 def top_k_truncation(
     t: Tensor,
     *,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_range
+from sekd.selection import references as R
 from sekd.selection.classes import sparse_forward_kl
 from sekd.core.tensors import upcast
 
@@ -66,6 +67,8 @@ class Criterion:
     sparse: Callable[..., Tensor] | None = None
     closed_form: Callable[..., tuple[Tensor, Tensor]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    reference: Callable[..., Tensor] | None = None  # the dense D per position in float64 (sekd.testing)
+    example: Mapping[str, Any] = field(default_factory=dict)  # options the conformance kit runs it with
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
@@ -102,11 +105,20 @@ class Criterion:
         )
 
 
-def criterion(name: str, options: type = NoOptions, **declared: Any) -> Callable[[Callable], Criterion]:
-    """Register `fn` as the criterion `name`, with what it declares (see `Criterion`)."""
+def criterion(
+    name: str,
+    options: type = NoOptions,
+    *,
+    reference: Callable[..., Tensor] | None = None,
+    example: Mapping[str, Any] | None = None,
+    **declared: Any,
+) -> Callable[[Callable], Criterion]:
+    """Register `fn` as the criterion `name`, with what it declares (see `Criterion`); `reference`: the
+    dense D per position in float64, (s, t, y, *, temperature, row, u, **options) -> [N]; `example`:
+    options the conformance kit runs it with."""
 
     def add(fn: Callable[..., Tensor]) -> Criterion:
-        piece = Criterion(name, fn, **declared)
+        piece = Criterion(name, fn, **declared, reference=reference, example=dict(example or {}))
         CRITERIA.register(name, options=options)(piece)
         return piece
 
@@ -224,7 +236,7 @@ def _kl(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
     return _ClosedFormKL.apply(s, t, temperature, reverse)
 
 
-@criterion("forward_kl", sparse=sparse_forward_kl, closed_form=forward_kl_with_grad)
+@criterion("forward_kl", reference=R.forward_kl_d, sparse=sparse_forward_kl, closed_form=forward_kl_with_grad)
 def forward_kl(
     s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
 ) -> Tensor:
@@ -232,7 +244,7 @@ def forward_kl(
     return _kl(s, t, temperature, reverse=False)
 
 
-@criterion("reverse_kl", closed_form=reverse_kl_with_grad)
+@criterion("reverse_kl", reference=R.reverse_kl_d, closed_form=reverse_kl_with_grad)
 def reverse_kl(
     s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
 ) -> Tensor:
@@ -282,7 +294,7 @@ class DKDOptions:
             raise OptionError("beta", self.beta, "> 0 when alpha=0 (the loss would be 0)")
 
 
-@criterion("dkd", options=DKDOptions)
+@criterion("dkd", options=DKDOptions, reference=R.dkd_d, example={"alpha": 1.0, "beta": 2.0})
 def dkd(
     s: Tensor,
     t: Tensor,
@@ -334,7 +346,14 @@ def atkd_prepare(sel: Selected, *, hard_fraction: float, easy_weight: float) -> 
     return d_atkd
 
 
-@criterion("atkd", options=ATKDOptions, coupling="batch", needs=frozenset({"teacher"}), prepare=atkd_prepare)
+@criterion(
+    "atkd",
+    options=ATKDOptions,
+    reference=R.atkd_d,
+    coupling="batch",
+    needs=frozenset({"teacher"}),
+    prepare=atkd_prepare,
+)
 def atkd(
     s: Tensor,
     t: Tensor,
@@ -391,7 +410,7 @@ def weighted_prepare(sel: Selected) -> ChunkD:
     return d_weighted
 
 
-@criterion("weighted", coupling="batch", needs=frozenset({"u"}), prepare=weighted_prepare)
+@criterion("weighted", reference=R.weighted_d, coupling="batch", needs=frozenset({"u"}), prepare=weighted_prepare)
 def weighted(
     s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
 ) -> Tensor:

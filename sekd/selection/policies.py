@@ -20,6 +20,7 @@ from torch import Tensor
 
 from sekd.core.registry import NoOptions, Registry, at_least, in_range, positive
 from sekd.core.rng import RowKeys, categorical, row_keys
+from sekd.selection import references as R
 
 POLICIES: Registry[PolicyPiece] = Registry("policy", call_time=("generator", "step", "keys", "gather"))
 
@@ -100,6 +101,8 @@ class Policy:
     random: bool = False
     stepped: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    reference: Callable[..., Tensor] | None = None  # E[m_t w_t] in float64 (sekd/selection/references.py)
+    example: Mapping[str, Any] = field(default_factory=dict)  # options the conformance kit runs it with
     stateful: ClassVar[bool] = False
 
     def __call__(self, u: Tensor, valid: Tensor, **kw: Any) -> Draws:
@@ -109,15 +112,49 @@ class Policy:
         return replace(self, options=dict(options))
 
 
-def policy(name: str, options: type, *, random: bool = False, stepped: bool = False) -> Callable[[Callable], Policy]:
-    """Register the function as the stateless policy `name`, with what it declares."""
+def policy(
+    name: str,
+    options: type = NoOptions,
+    *,
+    random: bool = False,
+    stepped: bool = False,
+    reference: Callable[..., Tensor] | None = None,
+    example: Mapping[str, Any] | None = None,
+) -> Callable[[Any], Any]:
+    """Register a function as the stateless policy `name` (returns the `Policy`), or a class as a stateful
+    one (returned as it is; the class declares random/stepped/stateful, and state_dict/load_state_dict).
+    `reference`: the expected weight per position in float64 (sekd/selection/references.py); `example`:
+    options the conformance kit runs it with (required options need one)."""
 
-    def add(fn: Callable[..., Draws]) -> Policy:
-        piece = Policy(name, fn, random=random, stepped=stepped)
+    def add(fn: Any) -> Any:
+        if isinstance(fn, type):
+            return _register_class(
+                name, fn, options, random=random, stepped=stepped, reference=reference, example=example
+            )
+        piece = Policy(name, fn, random=random, stepped=stepped, reference=reference, example=dict(example or {}))
         POLICIES.register(name, options=options)(piece)
         return piece
 
     return add
+
+
+def _register_class(name: str, cls: Any, options: type, **declared: Any) -> Any:
+    """A stateful policy class: its traits are its own; what the decorator adds must agree with them."""
+    for trait in ("random", "stepped", "stateful"):
+        if not isinstance(getattr(cls, trait, None), bool):
+            raise ValueError(f"policy {name!r}: class {cls.__name__} must declare `{trait}: ClassVar[bool]`")
+        if trait in declared and declared[trait] and not getattr(cls, trait):
+            raise ValueError(f"policy {name!r}: @policy says {trait}=True, class {cls.__name__} says False")
+    if cls.stateful and not (
+        callable(getattr(cls, "state_dict", None)) and callable(getattr(cls, "load_state_dict", None))
+    ):
+        raise ValueError(f"policy {name!r}: a stateful class needs state_dict and load_state_dict")
+    cls.name = name
+    reference = declared["reference"] if declared["reference"] is not None else getattr(cls, "reference", None)
+    cls.reference = staticmethod(reference) if reference is not None else None  # a function, not a method
+    cls.example = dict(declared["example"] or getattr(cls, "example", None) or {})
+    POLICIES.register(name, options=options)(cls)
+    return cls
 
 
 def as_policy(fn: Callable[..., Draws]) -> PolicyPiece:
@@ -235,13 +272,13 @@ def nonneg_scores(u: Tensor, valid: Tensor, who: str) -> Tensor:
 # ---- deterministic policies -----------------------------------------------------------------
 
 
-@policy("all", NoOptions)
+@policy("all", NoOptions, reference=R.all_positions)
 def all_positions(u: Tensor, valid: Tensor, *, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = valid(t): Full KD."""
     return Draws.from_mask(valid)
 
 
-@policy("top_k", BudgetOptions)
+@policy("top_k", BudgetOptions, reference=R.top_k, example={"k": 0.4})
 def top_k(u: Tensor, valid: Tensor, *, k: float, generator: torch.Generator | None = None, step: int = 0) -> Draws:
     """m_t = 1 for the ceil(k * n_valid) largest u(t) of each sequence (ties: lower position)."""
     rank = masked_rank(u, valid)
@@ -249,7 +286,7 @@ def top_k(u: Tensor, valid: Tensor, *, k: float, generator: torch.Generator | No
     return Draws.from_mask(m, order=rank)
 
 
-@policy("random", BudgetOptions, random=True)
+@policy("random", BudgetOptions, random=True, reference=R.uniform_k, example={"k": 0.4})
 def random_positions(
     u: Tensor,
     valid: Tensor,
@@ -268,7 +305,7 @@ def random_positions(
     return Draws.from_mask(m, order=rank)
 
 
-@policy("curriculum", CurriculumOptions, stepped=True)
+@policy("curriculum", CurriculumOptions, stepped=True, reference=R.curriculum_window, example={"k": 0.4, "S": 2000})
 def curriculum(
     u: Tensor, valid: Tensor, *, k: float, S: int = 4000, generator: torch.Generator | None = None, step: int = 0
 ) -> Draws:
@@ -288,7 +325,7 @@ def curriculum(
     return Draws.from_mask(m, order=rank)
 
 
-@POLICIES.register("gls", options=GLSOptions)
+@policy("gls", GLSOptions, reference=R.gls_first_call, example={"k": 0.4, "Q": 40})
 class GLS:
     """Global-level selection: m_t = 1[u(t) >= tau], tau = the (1 - k) quantile of a FIFO queue of the
     last Q valid scores (numpy's default 'linear' quantile).
@@ -302,6 +339,8 @@ class GLS:
     random: ClassVar[bool] = False
     stepped: ClassVar[bool] = False
     stateful: ClassVar[bool] = True  # the queue goes into the checkpoint
+    reference: ClassVar[Callable[..., Tensor] | None]  # a fresh GLS's first call: top_k (set by @policy)
+    example: ClassVar[dict[str, Any]]
 
     def __init__(self, *, k: float, Q: int = 30_000):
         if int(Q) < 1:
@@ -411,7 +450,9 @@ def _pos_rs(
     return Draws.cat(det, sampled)
 
 
-@policy("pos_rs", PosRSOptions, random=True)
+@policy(
+    "pos_rs", PosRSOptions, random=True, reference=R.pos_rs_expected, example={"k": 0.4, "tau": 0.7, "coverage": 0.3}
+)
 def pos_rs(
     u: Tensor,
     valid: Tensor,
@@ -434,7 +475,13 @@ def pos_rs(
     return _pos_rs(u, valid, k=k, tau=tau, coverage=coverage, keys=keys, star=False, who="pos_rs")
 
 
-@policy("pos_rs_star", PosRSOptions, random=True)
+@policy(
+    "pos_rs_star",
+    PosRSOptions,
+    random=True,
+    reference=R.pos_rs_star_expected,
+    example={"k": 0.4, "tau": 2.0, "coverage": 0.5},
+)
 def pos_rs_star(
     u: Tensor,
     valid: Tensor,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,8 +35,18 @@ class SampleSelector:
     uses_temperature: bool = False  # entropies use raw logits (T = 1), so T stays out of their key
 
 
-def sample_selector(name: str, **kw: Any) -> SampleSelector:
-    selector = SampleSelector(name, **kw)
+def sample_selector(
+    name: str,
+    *,
+    signal: str | None,
+    needs_student: bool,
+    needs_teacher: bool,
+    random: bool = False,
+    uses_temperature: bool = False,
+) -> SampleSelector:
+    """Register the sample selector `name`: U_i = the mean of `signal` over a sample (None: no pre-pass), the
+    models its pre-pass runs, whether it draws, and whether T enters its scores (and their store key)."""
+    selector = SampleSelector(name, signal, needs_student, needs_teacher, random, uses_temperature)
     SAMPLE_SELECTORS.register(name)(selector)
     return selector
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sekd.core.registry import Registry
 from sekd.core.rng import RowKeys, row_keys
+from sekd.selection import references as R
 
 SIGNALS: Registry[Signal] = Registry("signal")
 CE_RATIO_EPS = 1e-6
@@ -32,18 +33,42 @@ class Signal:
     (any chunking of positions gives the same terms; only the per-sequence normalization, `normalize`,
     needs the whole row); `needs_teacher`: the teacher's logits at every valid position, not only the
     selected ones; `random`: u(t) is drawn (T uniforms per row from its per-sample key, sekd/core/rng.py
-    `RowKeys`, or from keys drawn from the generator), not computed from logits."""
+    `RowKeys`, or from keys drawn from the generator), not computed from logits; `reference`: u(t) in
+    float64 written plainly, (s [N,V], t [N,V] | None, y [N], *, temperature) -> [N] (sekd.testing)."""
 
     name: str
     terms: tuple[Callable[..., Tensor], ...]  # (s [N,V], t [N,V] | None, y [N], *, temperature) -> [N]
     needs_teacher: bool
     random: bool = False
+    reference: Callable[..., Tensor] | None = None
 
 
-def signal(name: str, *terms: Callable[..., Tensor], needs_teacher: bool, random: bool = False) -> Signal:
-    sig = Signal(name, terms, needs_teacher, random)
+def combined_signal(
+    name: str,
+    *terms: Callable[..., Tensor],
+    needs_teacher: bool,
+    random: bool = False,
+    reference: Callable[..., Tensor] | None = None,
+) -> Signal:
+    """Register u(t) = the sum of `terms` as the signal `name` (no terms and random=True: drawn scores)."""
+    if random == bool(terms):
+        raise ValueError(f"signal {name!r}: a signal has terms, or is random with none")
+    sig = Signal(name, terms, needs_teacher, random, reference)
     SIGNALS.register(name)(sig)
     return sig
+
+
+def signal(
+    name: str, *, needs_teacher: bool, reference: Callable[..., Tensor] | None = None
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: register one term (s, t, y, *, temperature) -> [N] as the signal `name`; the term is
+    returned unchanged, so `combined_signal` can sum it with others."""
+
+    def add(term: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        combined_signal(name, term, needs_teacher=needs_teacher, reference=reference)
+        return term
+
+    return add
 
 
 # ---- per-row quantities ---------------------------------------------------------------------
@@ -77,6 +102,7 @@ def _teacher(t: Tensor | None) -> Tensor:
 # ---- terms: (s, t, y, *, temperature) -> [N] ------------------------------------------------
 
 
+@signal("student_entropy", needs_teacher=False, reference=R.student_entropy)
 def student_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """H(q_t), raw logits (T = 1)."""
     return entropy(s)
@@ -87,47 +113,60 @@ def student_entropy_per_log_v_term(s: Tensor, t: Tensor | None, y: Tensor, *, te
     return entropy(s) / math.log(s.shape[-1])
 
 
+@signal("teacher_entropy", needs_teacher=True, reference=R.teacher_entropy)
 def teacher_entropy_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """H(p_t), raw logits (T = 1)."""
     return entropy(_teacher(t))
 
 
+@signal("student_ce", needs_teacher=False, reference=R.student_ce)
 def student_ce_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """CE_s = -log q_t(x_{t+1}) at temperature T."""
     return cross_entropy(s, y, temperature)
 
 
+@signal("teacher_ce", needs_teacher=True, reference=R.teacher_ce)
 def teacher_ce_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """CE_t = -log p_t(x_{t+1}) at temperature T."""
     return cross_entropy(_teacher(t), y, temperature)
 
 
+@signal("kl", needs_teacher=True, reference=R.kl)
 def kl_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(p_t || q_t) at temperature T."""
     return kl_div(_teacher(t), s, temperature)
 
 
+@signal("reverse_kl", needs_teacher=True, reference=R.reverse_kl)
 def reverse_kl_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(q_t || p_t) at temperature T."""
     return kl_div(s, _teacher(t), temperature)
 
 
+@signal("ce_ratio", needs_teacher=True, reference=R.ce_ratio)
 def ce_ratio_term(s: Tensor, t: Tensor | None, y: Tensor, *, temperature: float = 1.0) -> Tensor:
     """CE_s / (CE_t + 1e-6) at temperature T."""
     return cross_entropy(s, y, temperature) / (cross_entropy(_teacher(t), y, temperature) + CE_RATIO_EPS)
 
 
-signal("student_entropy", student_entropy_term, needs_teacher=False)
-signal("teacher_entropy", teacher_entropy_term, needs_teacher=True)
-signal("student_ce", student_ce_term, needs_teacher=False)
-signal("teacher_ce", teacher_ce_term, needs_teacher=True)
-signal("kl", kl_term, needs_teacher=True)
-signal("reverse_kl", reverse_kl_term, needs_teacher=True)
-signal("kl_plus_student_entropy", kl_term, student_entropy_term, needs_teacher=True)
-signal("ce_ratio", ce_ratio_term, needs_teacher=True)
-signal("ce_ratio_plus_student_entropy", ce_ratio_term, student_entropy_per_log_v_term, needs_teacher=True)
-signal("ce_ratio_plus_student_entropy_unscaled", ce_ratio_term, student_entropy_term, needs_teacher=True)
-signal("random", needs_teacher=False, random=True)
+combined_signal(
+    "kl_plus_student_entropy", kl_term, student_entropy_term, needs_teacher=True, reference=R.kl_plus_student_entropy
+)
+combined_signal(
+    "ce_ratio_plus_student_entropy",
+    ce_ratio_term,
+    student_entropy_per_log_v_term,
+    needs_teacher=True,
+    reference=R.ce_ratio_plus_student_entropy,
+)
+combined_signal(
+    "ce_ratio_plus_student_entropy_unscaled",
+    ce_ratio_term,
+    student_entropy_term,
+    needs_teacher=True,
+    reference=R.ce_ratio_plus_student_entropy_unscaled,
+)
+combined_signal("random", needs_teacher=False, random=True)
 
 # ---- laying scores on [B,T] -----------------------------------------------------------------
 

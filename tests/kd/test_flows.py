@@ -15,32 +15,12 @@ import torch.nn.functional as F
 
 from sekd.kd.flows import chunked_kd_loss
 from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
-from sekd.selection.classes import CLASSES, SparseTarget
+from sekd.selection.classes import CLASSES
 from sekd.selection.criteria import CRITERIA
 from sekd.selection.policies import POLICIES
 from sekd.selection.signals import SIGNALS
 
-B, T, D_S, D_T, V, PAD = 3, 13, 6, 8, 17, 3  # heads have V + PAD rows (Qwen-style padding), cut to V
-
-
-def heads(seed: int = 0, bias: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    head_s = torch.nn.Linear(D_S, V + PAD, bias=bias, dtype=torch.float64)
-    head_t = torch.nn.Linear(D_T, V + PAD, bias=bias, dtype=torch.float64).requires_grad_(False)
-    with torch.no_grad():
-        for p in [*head_s.parameters(), *head_t.parameters()]:
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 1.5)
-    return head_s, head_t
-
-
-def batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed + 100)
-    h_s = torch.randn(B, T, D_S, generator=g, dtype=torch.float64)
-    h_t = torch.randn(B, T, D_T, generator=g, dtype=torch.float64)
-    y = torch.randint(0, V, (B, T), generator=g)
-    y[torch.rand(B, T, generator=g) < 0.25] = IGNORE
-    y[1, :4] = IGNORE
-    return h_s, h_t, y
+from sekd.testing.flows import D_S, PAD, V, assert_same, batch, both, cached_targets, heads  # noqa: F401  shared with users
 
 
 def sel(policy="all", signal=None, criterion="forward_kl", classes=None, normalization="sum", crit_opts=None, **opts):
@@ -51,71 +31,6 @@ def sel(policy="all", signal=None, criterion="forward_kl", classes=None, normali
         signal_normalization=normalization,
         classes=classes,
     )
-
-
-def both(
-    selector_fn,
-    *,
-    lam=1.0,
-    temperature=1.0,
-    normalization="per_sequence",
-    chunk_size=7,
-    seed=0,
-    cached=None,
-    gen_seed=5,
-    teacher=True,
-    step=0,
-):
-    """(dense, chunked): StepOut and grads (h_s, W, b) of loss_sum / weight for each flow."""
-    head_s, head_t = heads(seed)
-    h_s, h_t, y = batch(seed)
-    h_t = h_t if teacher else None
-    results = []
-    for flow in ("dense", "chunked"):
-        head_s.zero_grad()
-        h = h_s.clone().requires_grad_()
-        kw = dict(
-            lam=lam,
-            temperature=temperature,
-            normalization=normalization,
-            cached=cached,
-            generator=torch.Generator().manual_seed(gen_seed),
-            step=step,
-        )
-        if flow == "dense":
-            s_logits = F.linear(h, head_s.weight, head_s.bias)[..., :V]
-            t_logits = F.linear(h_t, head_t.weight, head_t.bias)[..., :V] if h_t is not None else None
-            out = selective_kd_loss(s_logits, t_logits, y, LossInputs(selector_fn(), **kw))
-        else:
-            out = chunked_kd_loss(
-                h,
-                head_s,
-                h_t,
-                head_t if h_t is not None else None,
-                y,
-                LossInputs(selector_fn(), **kw),
-                vocab=V,
-                chunk_size=chunk_size,
-            )
-        (out.loss_sum / max(out.weight, 1e-12)).backward()
-        results.append((out, (h.grad, head_s.weight.grad.clone(), head_s.bias.grad.clone())))
-    return results
-
-
-def assert_same(dense, chunked, exact_draws=True):
-    (d, d_grads), (c, c_grads) = dense, chunked
-    assert c.loss_sum.dtype == torch.float64
-    assert c.weight == d.weight
-    assert c.metrics["positions_valid"] == d.metrics["positions_valid"]
-    assert c.metrics["positions_selected"] == d.metrics["positions_selected"]
-    if exact_draws:
-        torch.testing.assert_close(c.draws.index, d.draws.index, rtol=0, atol=0)
-        torch.testing.assert_close(c.draws.weight, d.draws.weight, rtol=0, atol=0)
-    if d.u is not None:
-        torch.testing.assert_close(c.u, d.u, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(c.loss_sum, d.loss_sum, rtol=1e-10, atol=1e-12)
-    for name, gc, gd in zip(("h_s", "W", "b"), c_grads, d_grads):
-        torch.testing.assert_close(gc, gd, rtol=1e-9, atol=1e-12, msg=name)
 
 
 CASES = {
@@ -162,18 +77,6 @@ def test_lam_and_temperature(lam, temperature, case):
 
 def test_pure_ce_needs_no_teacher():
     assert_same(*both(CASES["se_kd"], lam=0.0, teacher=False))
-
-
-def cached_targets(seed=3, K=6):
-    """Sparse targets for every valid position of `batch(seed)`, row-major; with padded slots."""
-    _, _, y = batch(seed)
-    P = int((y != IGNORE).sum())
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(P)])
-    mask = torch.rand(P, K, generator=g) < 0.7
-    mask[:, 0] = True
-    probs = torch.rand(P, K, generator=g).masked_fill(~mask, 0.0)
-    return SparseTarget(ids, probs / probs.sum(-1, keepdim=True), mask)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])

@@ -1,21 +1,14 @@
 """Every kind of selection piece declares its protocol where it is registered, and the flows dispatch on
-it: the chunked flow equals the dense reference for EVERY registered criterion x policy x class selector
-(and the cached sparse target), generated from the registries, in float64 (loss, weight, draws, u and
-every gradient; tests/kd/test_flows.py `assert_same`), with a student-entropy signal and k = 0.4.
-
-What each combination checks:
-- deterministic pieces: 3 positions per chunk, so scoring, a batch-level criterion's prepare pass and
-  the selective heads all run over several chunks;
-- random policies (declared `random`): both flows key every row's draws the same way (sekd/core/rng.py
-  `RowKeys`), so the draws are equal whatever the chunking: compared over split chunks too;
-- random class selectors (declared `random`: `rs_kd`): the chunked flow draws chunk by chunk, the dense
-  flow for all selected positions at once. Compared with every position in one chunk (the same call), and
-  over split chunks too: position (r, c) draws from row r's key (sekd/core/rng.py `PositionKeys`), so any
-  chunking gives the dense flow's draws;
-- stateful policies (GLS): each flow's policy first sees the same warm-up batch, so the threshold comes
-  from the queue, not the top_k fallback; every call passes step 1000, inside curriculum's move;
-- a sparse class target (a selector or the cache) with a criterion that declares no sparse form:
-  the protocol refuses it, as config.validate refuses that config; the test asserts the refusal.
+it. The conformance kit (sekd.testing) runs over the WHOLE registry: every signal, policy, criterion and
+class sampler against its declared float64 reference, its options, its reproducibility and resume, and the
+chunked flow == the dense flow (float64: loss, weight, draws, u and every gradient; sekd/testing/flows.py
+`assert_same`) under every compatible piece of every other kind, teacher-needing signals included (each
+takes its own chunked scoring path); 2 ranks == 1 process once for the whole registry (one spawn).
+The full criterion x policy x class axis product (the cached sparse target too) is run as well, with a
+student-entropy signal: a sparse target with a criterion without a sparse form is refused, as
+config.validate refuses that config. What each run uses (sekd/testing/combos.py): 3 positions a chunk
+(random class samplers also one chunk), step 1000 (inside curriculum's move), a stateful policy warmed up
+on one earlier batch, T = 1.5, lambda = 0.7.
 """
 
 from __future__ import annotations
@@ -23,77 +16,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sekd.kd.flows import chunked_kd_loss
-from sekd.kd.objective import LossInputs, Selector, selective_kd_loss
+from sekd.kd.objective import Selector
 from sekd.selection.classes import CLASSES, ClassSampler
 from sekd.selection.criteria import COUPLINGS, CRITERIA, NEEDS, Criterion, criterion, forward_kl, sparse_capable
 from sekd.selection.policies import POLICIES, PolicyPiece
 from sekd.selection.signals import SIGNALS
-from tests.kd.test_flows import B, T, V, assert_same, batch, both, cached_targets, heads
+from sekd.testing import assert_same, both, check_piece
+from sekd.testing.combos import Combo, build_policy, check_combo, class_axis
+from sekd.testing.contracts import REGISTRIES, check_ranks_of
 
-SIGNAL, K, STEP = "student_entropy", 0.4, 1000  # u >= 0: what weighted KD and Pos RS-KD need
-CLASS_AXIS = ["full", *CLASSES.names(), "cached"]
-PRODUCT = [(c, p, a) for c in CRITERIA.names() for p in POLICIES.names() for a in CLASS_AXIS]
-
-
-def build_policy(name: str):
-    """The policy with k where it takes one and its declared defaults; a stateful one warmed up."""
-    policy = POLICIES.build(name, **({"k": K} if "k" in POLICIES.options(name) else {}))
-    if policy.stateful:  # GLS: fill the queue from one earlier batch, the same for both flows
-        g = torch.Generator().manual_seed(11)
-        valid = torch.rand(B, T, generator=g) < 0.8
-        policy(torch.rand(B, T, generator=g).masked_fill(~valid, float("-inf")), valid, generator=g)
-    return policy
+SIGNAL = "student_entropy"  # u >= 0: what weighted KD and Pos RS-KD need
+PRODUCT = [(c, p, a) for c in CRITERIA.names() for p in POLICIES.names() for a in class_axis()]
+PIECES = [(kind, name) for kind, reg in REGISTRIES.items() for name in reg.names()]
 
 
-def selector(crit: str, policy: str, classes: str) -> Selector:
-    sampler = CLASSES.build(classes) if classes in CLASSES else None
-    return Selector(SIGNALS.get(SIGNAL), build_policy(policy), CRITERIA.build(crit), classes=sampler)
+@pytest.mark.parametrize("kind,name", PIECES, ids=[f"{k}-{n}" for k, n in PIECES])
+def test_every_registered_piece_passes_the_kit(kind, name):
+    check_piece(kind, name, ranks=False)
 
 
-def refused(crit: str, policy: str, classes: str) -> bool:
-    return classes != "full" and CRITERIA.get(crit).sparse is None
+@pytest.mark.e2e  # sekd.testing spawns the two gloo ranks, out of tests/conftest.py's sight
+def test_two_ranks_equal_one_process_for_the_whole_registry():
+    check_ranks_of(PIECES)
 
 
 @pytest.mark.parametrize("crit,policy,classes", PRODUCT, ids=["-".join(c) for c in PRODUCT])
 def test_chunked_equals_dense_for_every_combination(crit, policy, classes):
-    if refused(crit, policy, classes):
-        assert_refused(crit, policy, classes)
-        return
-    random_classes = classes in CLASSES and CLASSES.get(classes).random
-    cached = cached_targets() if classes == "cached" else None
-    for chunk_size in [3, 1000] if random_classes else [3]:
-        d, c = both(
-            lambda: selector(crit, policy, classes),
-            chunk_size=chunk_size,
-            step=STEP,
-            seed=3,
-            cached=cached,
-            teacher=cached is None,
-            lam=0.7,
-        )
-        assert_same(d, c)
-        assert c[0].metrics["positions_selected"] > 3, "3 positions a chunk must split the selected positions"
-
-
-def assert_refused(crit: str, policy: str, classes: str) -> None:
-    """A sparse target for a criterion without a sparse form: refused in the harness's words, when the
-    selector is put together (a class selector) or by both flows (the cache's targets come per step)."""
-    message = f"criterion {crit!r} cannot use a sparse class target .* choose one of: {', '.join(sparse_capable())}$"
-    if classes in CLASSES:
-        with pytest.raises(ValueError, match=message):
-            selector(crit, policy, classes)
-        return
-    h_s, h_t, y = batch(3)
-    head_s, _ = heads(3)
-    sel = Selector(SIGNALS.get(SIGNAL), build_policy(policy), CRITERIA.build(crit))
-    s_logits = torch.nn.functional.linear(h_s, head_s.weight, head_s.bias)[..., :V]
-    with pytest.raises(ValueError, match=message):
-        selective_kd_loss(s_logits, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached_targets()))
-    with pytest.raises(ValueError, match=message):
-        chunked_kd_loss(
-            h_s, head_s, None, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached_targets()), vocab=V
-        )
+    check_combo(Combo(SIGNAL, policy, crit, classes))
 
 
 def test_sparse_capable_criteria_are_the_ones_config_allows():
@@ -121,7 +70,7 @@ def test_every_criterion_declares_how_it_may_be_chunked(name):
     assert isinstance(crit, Criterion) and crit.coupling in ("pointwise", "batch")  # "all": undeclared only
     assert (crit.coupling == "batch") == (crit.prepare is not None)
     assert set(crit.needs) <= set(NEEDS)
-    built = CRITERIA.build(name, **({"beta": 2.0} if name == "dkd" else {}))
+    built = CRITERIA.build(name, **CRITERIA.get(name).example)
     assert (built.coupling, built.prepare, built.sparse) == (crit.coupling, crit.prepare, crit.sparse)
 
 
@@ -138,8 +87,9 @@ def test_declarations_of_the_registered_pieces():
     assert sparse_capable() == ["forward_kl"]
     assert all(isinstance(CLASSES.get(n), ClassSampler) for n in CLASSES.names())
     assert {n: CLASSES.get(n).random for n in CLASSES.names()} == {"rs_kd": True, "top_k_truncation": False}
-    traits = {n: (p.random, p.stepped, p.stateful) for n in POLICIES.names() for p in [build_policy(n)]}
-    assert all(isinstance(build_policy(n), PolicyPiece) for n in POLICIES.names())
+    built = {n: build_policy(n, POLICIES.get(n).example) for n in POLICIES.names()}
+    traits = {n: (p.random, p.stepped, p.stateful) for n, p in built.items()}
+    assert all(isinstance(p, PolicyPiece) for p in built.values())
     assert traits == {
         "all": (False, False, False),
         "top_k": (False, False, False),
@@ -149,11 +99,22 @@ def test_declarations_of_the_registered_pieces():
         "pos_rs": (True, False, False),
         "pos_rs_star": (True, False, False),
     }
-    assert {n: (SIGNALS.get(n).random, SIGNALS.get(n).needs_teacher) for n in ("random", "kl", SIGNAL)} == {
-        "random": (True, False),
-        "kl": (False, True),
-        SIGNAL: (False, False),
+    needs_teacher = {  # docs/method.md §4's table
+        "student_entropy": False,
+        "teacher_entropy": True,
+        "student_ce": False,
+        "teacher_ce": True,
+        "kl": True,
+        "reverse_kl": True,
+        "kl_plus_student_entropy": True,
+        "ce_ratio": True,
+        "ce_ratio_plus_student_entropy": True,
+        "ce_ratio_plus_student_entropy_unscaled": True,
+        "random": False,
     }
+    assert {n: SIGNALS.get(n).needs_teacher for n in SIGNALS.names()} == needs_teacher
+    assert [n for n in SIGNALS.names() if SIGNALS.get(n).random] == ["random"]
+    assert all(SIGNALS.get(n).reference is not None for n in SIGNALS.names() if n != "random")
 
 
 def test_a_batch_level_criterion_without_a_prepare_step_is_refused():

@@ -14,15 +14,7 @@ import torch
 from sekd.core.registry import RegistryError
 from sekd.selection.policies import GLS, POLICIES, Draws, n_select
 
-OPTIONS = {  # build-time options for the contract tests; every registered policy must appear here
-    "all": {},
-    "top_k": {"k": 0.3},
-    "random": {"k": 0.3},
-    "gls": {"k": 0.3, "Q": 40},
-    "curriculum": {"k": 0.3, "S": 10},
-    "pos_rs": {"k": 0.3},
-    "pos_rs_star": {"k": 0.3, "tau": 2.0, "coverage": 0.5},
-}
+OPTIONS = {n: dict(POLICIES.get(n).example) for n in POLICIES.names()}  # declared where each is registered
 
 
 def scores(B=4, T=20, seed=0, invalid=((0, slice(0, 5)), (1, slice(10, 20)), (3, slice(0, 20)))):
@@ -48,8 +40,9 @@ def expected_n(k: float, n_valid: int) -> int:
 # ---- contract over every registry entry -----------------------------------------------------
 
 
-def test_every_policy_has_contract_options():
-    assert set(POLICIES.names()) == set(OPTIONS)
+def test_every_policy_declares_example_options_that_build():
+    for name, options in OPTIONS.items():  # a policy with required options must declare an example
+        assert POLICIES.build(name, **options).name == name
 
 
 @pytest.mark.parametrize("name", POLICIES.names())

@@ -14,6 +14,7 @@ import torch
 from sekd.data.packing import IGNORE, PackedData, sample_id
 from sekd.stores.sample_importance import select_samples, store_fields, store_path
 from sekd.selection.samples import SAMPLE_SELECTORS, sample_budget, top_samples
+from sekd.selection.signals import SIGNALS
 
 N, L, V, V_HEAD = 12, 10, 37, 40  # the heads carry 3 padding rows that `vocab` cuts away
 SPEC = {"hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64}
@@ -71,30 +72,7 @@ def run(name, data, models, **kw):
     return select_samples(name, data, **kw)
 
 
-# ---- float64 references, one sample at a time -------------------------------------------------
-
-
-def log_softmax64(z: np.ndarray, T: float = 1.0) -> np.ndarray:
-    z = z / T
-    z = z - z.max()
-    return z - math.log(np.exp(z).sum())
-
-
-def H(s, t, y, T):
-    lp = log_softmax64(s)
-    return float(-(np.exp(lp) * lp).sum())
-
-
-def KL(s, t, y, T):
-    lp, lq = log_softmax64(t, T), log_softmax64(s, T)
-    return float((np.exp(lp) * (lp - lq)).sum())
-
-
-def CE_RATIO(s, t, y, T):
-    return float(-log_softmax64(s, T)[y] / (-log_softmax64(t, T)[y] + 1e-6))
-
-
-REFERENCE = {"top_student_entropy": H, "kl": KL, "ce_ratio": CE_RATIO}
+# ---- float64 references: the selector's signal's, declared where it is registered -------------
 
 
 def reference_U(name, data, models, T=1.0) -> np.ndarray:
@@ -104,11 +82,12 @@ def reference_U(name, data, models, T=1.0) -> np.ndarray:
     with torch.no_grad():
         for i in range(len(data)):
             x = data.input_ids[i : i + 1]
-            zs = s64(input_ids=x).logits[0, :, :V].numpy()
-            zt = t64(input_ids=x).logits[0, :, :V].numpy()
-            u = [REFERENCE[name](zs[p], zt[p], int(y), T) for p, y in enumerate(data.labels[i]) if y != IGNORE]
-            if u:
-                U[i] = np.mean(u)
+            valid = data.labels[i] != IGNORE
+            zs = s64(input_ids=x).logits[0, :, :V][valid]
+            zt = t64(input_ids=x).logits[0, :, :V][valid]
+            u = SIGNALS.get(SAMPLE_SELECTORS.get(name).signal).reference(zs, zt, data.labels[i][valid], temperature=T)
+            if u.numel():
+                U[i] = float(u.mean())
     return U
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sekd.selection import references as R
 from sekd.selection.signals import SIGNALS, importance, importance_terms
 
 IGNORE = -100
@@ -26,82 +27,41 @@ def batch(seed: int = 0):
     return s, t, y, y != IGNORE
 
 
-# ---- float64 references, one position at a time ---------------------------------------------
+# ---- float64 references: each signal declares its own where it is registered (sekd/selection/references.py)
 
-
-def log_softmax64(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = z.astype(np.float64) / temperature
-    z = z - z.max()
-    return z - math.log(np.exp(z).sum())
-
-
-def H(z):
-    lp = log_softmax64(z)
-    return float(-(np.exp(lp) * lp).sum())
-
-
-def CE(z, y, T):
-    return float(-log_softmax64(z, T)[y])
-
-
-def KL(za, zb, T):
-    la, lb = log_softmax64(za, T), log_softmax64(zb, T)
-    return float((np.exp(la) * (la - lb)).sum())
-
-
-REFERENCE = {  # (s [V], t [V], y, T) -> u(t), written the obvious way
-    "student_entropy": lambda s, t, y, T: H(s),
-    "teacher_entropy": lambda s, t, y, T: H(t),
-    "student_ce": lambda s, t, y, T: CE(s, y, T),
-    "teacher_ce": lambda s, t, y, T: CE(t, y, T),
-    "kl": lambda s, t, y, T: KL(t, s, T),
-    "reverse_kl": lambda s, t, y, T: KL(s, t, T),
-    "kl_plus_student_entropy": lambda s, t, y, T: KL(t, s, T) + H(s),
-    "ce_ratio": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6),
-    # the paper's runs: entropy over ln|V|; the plain sum is the _unscaled variant
-    "ce_ratio_plus_student_entropy": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s) / math.log(len(s)),
-    "ce_ratio_plus_student_entropy_unscaled": lambda s, t, y, T: CE(s, y, T) / (CE(t, y, T) + 1e-6) + H(s),
-}
-TERMS = {  # the per-term references, for normalization
-    "kl_plus_student_entropy": (REFERENCE["kl"], REFERENCE["student_entropy"]),
-    "ce_ratio_plus_student_entropy": (REFERENCE["ce_ratio"], lambda s, t, y, T: H(s) / math.log(len(s))),
-    "ce_ratio_plus_student_entropy_unscaled": (REFERENCE["ce_ratio"], REFERENCE["student_entropy"]),
-}
-NEEDS_TEACHER = {  # docs/method.md §4's table
-    "student_entropy": False,
-    "teacher_entropy": True,
-    "student_ce": False,
-    "teacher_ce": True,
-    "kl": True,
-    "reverse_kl": True,
-    "kl_plus_student_entropy": True,
-    "ce_ratio": True,
-    "ce_ratio_plus_student_entropy": True,
-    "ce_ratio_plus_student_entropy_unscaled": True,
-    "random": False,
+REFERENCE = [n for n in SIGNALS.names() if not SIGNALS.get(n).random]  # the signals computed from logits
+TERMS = {  # the per-term references of combined signals, for per-term normalization
+    name: tuple(
+        SIGNALS.get(n).reference if n else lambda s, t, y, *, temperature: R.entropy64(s) / math.log(s.shape[-1])
+        for n in parts
+    )
+    for name, parts in {
+        "kl_plus_student_entropy": ("kl", "student_entropy"),
+        "ce_ratio_plus_student_entropy": ("ce_ratio", None),  # H(q_t) / ln|V|
+        "ce_ratio_plus_student_entropy_unscaled": ("ce_ratio", "student_entropy"),
+    }.items()
 }
 
 
 def reference_u(fn, s, t, y, valid, temperature):
-    out = np.full((B, T), -np.inf)
-    for b in range(B):
-        for i in range(T):
-            if valid[b, i]:
-                out[b, i] = fn(s[b, i].numpy(), t[b, i].numpy(), int(y[b, i]), temperature)
-    return out
+    """fn's u(t) in float64 at the valid positions, -inf elsewhere.  [B,T]"""
+    out = torch.full((B, T), -math.inf, dtype=torch.float64)
+    out[valid] = fn(s[valid].double(), t[valid].double(), y[valid], temperature=temperature)
+    return out.numpy()
 
 
-def test_every_signal_has_a_reference_and_the_spec_flags():
-    assert set(SIGNALS.names()) == set(REFERENCE) | {"random"}
-    assert {n: SIGNALS.get(n).needs_teacher for n in SIGNALS} == NEEDS_TEACHER
+def test_every_signal_declares_a_reference_and_its_terms_are_registered_pieces():
+    assert set(TERMS) == {n for n in REFERENCE if len(SIGNALS.get(n).terms) > 1}
+    assert all(callable(SIGNALS.get(n).reference) for n in REFERENCE)
+    assert SIGNALS.get("random").reference is None and SIGNALS.get("random").terms == ()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("name", sorted(REFERENCE))
+@pytest.mark.parametrize("name", REFERENCE)
 def test_signal_matches_float64_reference(name, temperature):
     s, t, y, valid = batch()
     u = importance(SIGNALS.get(name), s, t, y, valid, temperature=temperature)
-    ref = reference_u(REFERENCE[name], s, t, y, valid, temperature)
+    ref = reference_u(SIGNALS.get(name).reference, s, t, y, valid, temperature)
     assert u.dtype == torch.float32 and u.shape == (B, T)
     assert torch.isneginf(u[~valid]).all()
     np.testing.assert_allclose(u[valid].double().numpy(), ref[valid.numpy()], rtol=1e-5, atol=1e-5)
@@ -182,7 +142,7 @@ def test_ce_ratio_plus_entropy_chunked_equals_dense(name, chunk_size):
         sel, h_s, student, h_t, teacher, y, valid, generator=None, temperature=1.0, chunk_size=chunk_size
     )
     dense = importance(SIGNALS.get(name), student(h_s), teacher(h_t), y, valid)
-    ref = reference_u(REFERENCE[name], student(h_s).detach(), teacher(h_t), y, valid, 1.0)
+    ref = reference_u(SIGNALS.get(name).reference, student(h_s).detach(), teacher(h_t), y, valid, 1.0)
     torch.testing.assert_close(chunked, dense)
     np.testing.assert_allclose(chunked[valid].double().numpy(), ref[valid.numpy()], rtol=1e-5, atol=1e-5)
 
@@ -193,14 +153,14 @@ def test_unknown_normalization_fails():
         importance(SIGNALS.get("student_entropy"), s, t, y, valid, normalization="softmax")
 
 
-@pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if need])
+@pytest.mark.parametrize("name", [n for n in SIGNALS.names() if SIGNALS.get(n).needs_teacher])
 def test_teacher_signals_need_teacher_logits(name):
     s, t, y, valid = batch()
     with pytest.raises(ValueError, match="teacher"):
         importance(SIGNALS.get(name), s, None, y, valid)
 
 
-@pytest.mark.parametrize("name", [n for n, need in NEEDS_TEACHER.items() if not need])
+@pytest.mark.parametrize("name", [n for n in SIGNALS.names() if not SIGNALS.get(n).needs_teacher])
 def test_teacher_free_signals_run_without_teacher(name):
     s, t, y, valid = batch()
     g = torch.Generator().manual_seed(0)
