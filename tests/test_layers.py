@@ -61,7 +61,7 @@ LADDER: list[tuple[str, list[list[str]]]] = [
     (
         "tools",
         [
-            ["sekd.report.*"],
+            ["sekd.report.*", "sekd.testing.*"],
             ["sekd.cli.*", "sekd.train", "hydra_plugins.*"],
         ],
     ),

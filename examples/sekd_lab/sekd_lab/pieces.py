@@ -69,12 +69,12 @@ def top_p_reference(u: Tensor, valid: Tensor, *, step: int = 0, p: float = 0.5) 
 
 
 @sekd.policy("top_p", CoverageOptions, reference=top_p_reference)
-def top_p(
-    u: Tensor, valid: Tensor, *, p: float, generator: torch.Generator | None = None, step: int = 0
-) -> sekd.Draws:
+def top_p(u: Tensor, valid: Tensor, *, p: float, generator: torch.Generator | None = None, step: int = 0) -> sekd.Draws:
     """m_t = 1 for the highest-u positions of each sequence until they cover p of its total u (at least one)."""
     x = u.double().masked_fill(~valid, 0.0).clamp_min(0.0)
-    order = x.masked_fill(~valid, -1.0).argsort(-1, descending=True, stable=True)  # valid first; ties: lower position
+    order = x.masked_fill(~valid, -1.0).argsort(
+        dim=-1, descending=True, stable=True
+    )  # valid first; ties: lower position
     ranked = x.gather(-1, order)
     before = ranked.cumsum(-1) - ranked  # what the higher-ranked positions already cover
     first = torch.zeros_like(valid)
