@@ -50,7 +50,7 @@ from sekd.selection.criteria import forward_kl
 
 
 @sekd.criterion("half_kl")
-def half_kl(s, t, y, *, temperature=1.0):
+def half_kl(s, t, y, *, temperature=1.0, row=None, u=None):
     return 0.5 * forward_kl(s, t, y, temperature=temperature)
 '''
 

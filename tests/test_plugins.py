@@ -20,7 +20,7 @@ from sekd.selection.criteria import forward_kl
 
 
 @sekd.criterion("{name}")
-def scaled(s, t, y, *, temperature=1.0):
+def scaled(s, t, y, *, temperature=1.0, row=None, u=None):
     return {scale} * forward_kl(s, t, y, temperature=temperature)
 """
 
