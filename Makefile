@@ -45,8 +45,8 @@ test-fast: install
 # ruff's lint and format check (pyproject.toml [tool.ruff]), then mypy over the folders [tool.mypy] names;
 # CI runs it before the tests, and `pre-commit install` runs the same on every commit (.pre-commit-config.yaml)
 lint: install
-	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests
-	$(BIN)/ruff format --check sekd hydra_plugins analysis benchmarks tests
+	$(BIN)/ruff check sekd hydra_plugins analysis benchmarks tests examples
+	$(BIN)/ruff format --check sekd hydra_plugins analysis benchmarks tests examples
 	$(BIN)/mypy
 
 # The package as a user installs it (not editable, outside the checkout, from an empty folder): its wheel, a
