@@ -186,3 +186,21 @@ def test_a_bad_plugin_is_one_line_naming_the_module(case, tmp_path):
         assert len(refusals) == (2 if args else 1), res.stderr  # one line per cell
         assert all(line in shown for shown in refusals) and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_plugin_named_in_the_config_runs_on_both_torchrun_ranks(lab, tmp_path):
+    """Each rank is its own `sekd-train`: each imports the config's plugins before it checks the config."""
+    from tests.test_distributed import TORCHRUN, args
+
+    argv = args(tmp_path / "two", "se_kd", 2, "plugins=[lab_pieces]", "position.policy=stride", steps=1)
+    two = subprocess.run(
+        [*TORCHRUN, *argv, "train.distributed=ddp"],
+        cwd=ROOT,
+        env={**os.environ, **on_path(lab), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    [stats] = (tmp_path / "two").glob("runs/*/train_stats.json")
+    assert json.loads(stats.read_text())["steps"] == 1
