@@ -29,7 +29,11 @@ class PluginError(ConfigError):
 def load(modules: Iterable[str] = ()) -> list[str]:
     """Import the installed entry points, the parent's plugins and `modules` (each once); returns every
     plugin module now imported. Raises PluginError, one line naming the module."""
-    for module in [*entry_point_modules(), *_inherited(), *modules]:
+    for module in entry_point_modules():
+        import_plugin(module, key=f"the {ENTRY_POINTS} entry points")
+    for module in _inherited():
+        import_plugin(module, key=ENV)
+    for module in modules:
         import_plugin(module)
     imported = plugin_modules()
     importable = sorted(m for m in imported if m != "__main__")

@@ -53,5 +53,7 @@ def test_make_lint_checks_style_format_and_types():
     assert "ruff check" in lines and "ruff format --check" in lines and "$(BIN)/mypy" in lines, lines
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(
-        r'^\[tool\.mypy\]\n(?:.*\n)*?files = \["sekd", "hydra_plugins", "analysis", "benchmarks"\]', pyproject, re.M
+        r'^\[tool\.mypy\]\n(?:.*\n)*?files = \["sekd", "hydra_plugins", "analysis", "benchmarks", "examples/sekd_lab/sekd_lab"\]',
+        pyproject,
+        re.M,
     )

@@ -34,7 +34,7 @@ def lab(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("__version__ = '0.3'\n")
     (package / "pieces.py").write_text(PIECE.format(name=f"kl_{tmp_path.name}", scale=2.0))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(plugins.ENV, raising=False)
+    monkeypatch.setenv(plugins.ENV, "")  # restored at teardown: load() passes its modules on through it
     yield package
     for name in [m for m in sys.modules if m.startswith(package.name)]:
         del sys.modules[name]
@@ -94,3 +94,9 @@ def test_a_plugin_that_takes_a_registered_name_is_refused_naming_both_modules(la
 def test_a_plugin_entry_must_be_a_module_name(bad):
     with pytest.raises(plugins.PluginError, match="must be a module name"):
         plugins.import_plugin(bad)
+
+
+def test_a_module_a_parent_passed_on_that_is_gone_names_the_variable(monkeypatch):
+    monkeypatch.setenv(plugins.ENV, "lab_gone.pieces")
+    with pytest.raises(plugins.PluginError, match=r"^SEKD_PLUGINS: plugin 'lab_gone.pieces' failed to import"):
+        plugins.load()
