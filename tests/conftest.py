@@ -205,3 +205,12 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return GroupScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The local Slurm cluster, started once for tests/test_slurm.py and tests/test_slurm_faults.py (their
+    `cluster` fixtures put both in the slurm unit, one worker) and stopped at the session's end."""
+    from tests.test_slurm import started_cluster
+
+    yield from started_cluster(tmp_path_factory)
