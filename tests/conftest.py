@@ -156,8 +156,9 @@ def xdist_group(nodeid: str) -> str:
     """The work unit a test goes in, whole, to one worker:
 
     - the group its xdist_group mark names (tests that read runs another builds once: tests/helpers.built_once);
-    - "slurm": tests/test_slurm.py, whose module fixture `cluster` starts the one-node cluster and stops it (two
-      workers would start and stop it under each other), and any test asking for a fixture of that name;
+    - "slurm": tests/test_slurm.py, and any test asking for a fixture named `cluster` (tests/test_slurm_faults.py):
+      their session's one-node cluster (`slurm_cluster`) is started once and stopped by that worker (two workers
+      would start and stop it under each other);
     - its module: a test using a module-scoped fixture of its module (a run, a built cache: split over two
       workers, each would build it, module fixtures being per process);
     - else the test alone."""
@@ -205,3 +206,12 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return GroupScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The local Slurm cluster, started once for tests/test_slurm.py and tests/test_slurm_faults.py (their
+    `cluster` fixtures put both in the slurm unit, one worker) and stopped at the session's end."""
+    from tests.test_slurm import started_cluster
+
+    yield from started_cluster(tmp_path_factory)

@@ -13,19 +13,42 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.disks import fill, mount_tmpfs, remount
-from tests.helpers import TINY, checkpoint_step, logged_steps, sekd_train, sekd_train_paused
+from tests.helpers import (
+    TINY,
+    built_once,
+    checkpoint_step,
+    injected,
+    logged_steps,
+    sekd_train,
+    sekd_train_paused,
+    tiny_cache,
+)
 
 STEPS = 6
-RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none"]
+# on the CPU even where there is a card, as tests/test_oom_faults.py's runs, which read the same reference run
+RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none", "train.device=cpu", "eval.device=cpu"]
+
+
+def uninterrupted_fault_run(tmp_path_factory) -> Path:
+    """<folder>/reference, an uninterrupted run of RUN; <folder>/cache, the tiny pair it ran on (copied, not
+    built); <folder>/vm_peak, its peak address space (tests/test_oom_faults.py's host limit). Built once a
+    session for this module and tests/test_oom_faults.py (tests/helpers.built_once): copy to modify."""
+
+    def train_reference(folder: Path) -> None:
+        tiny_cache(tmp_path_factory, folder / "cache")
+        peak = injected(SEKD_TEST_VMPEAK=str(folder / "vm_peak"))
+        res = sekd_train(args(folder / "reference", folder / "cache", folder), env=peak)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "faults-reference", train_reference)
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The build artifacts (the embedded pair, built once) and an uninterrupted run's weights."""
-    base = tmp_path_factory.mktemp("faults")
-    res = sekd_train(args(base / "reference", base / "cache", base))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return base / "cache", weights(base / "reference")
+    """The build artifacts (a copy of the reference's cache: the tiny pair) and an uninterrupted run's weights."""
+    built = uninterrupted_fault_run(tmp_path_factory)
+    cache = shutil.copytree(built / "cache", tmp_path_factory.mktemp("faults") / "cache")
+    return cache, weights(built / "reference")
 
 
 def args(root: Path, cache: Path, hydra: Path) -> list[str]:

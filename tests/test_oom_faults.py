@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, checkpoint_step, injected, logged_steps, sekd_train, tiny_cache
-from tests.test_faults import fault_line, run_folder, weights
+from tests.helpers import checkpoint_step, injected, logged_steps, sekd_train
+from tests.test_faults import RUN, STEPS, fault_line, run_folder, uninterrupted_fault_run, weights
 
-STEPS = 4
-# on the CPU even where there is a card: a card's OOM is simulated, and CUDA's address space would swamp RLIMIT_AS
-RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval=none", "train.device=cpu", "eval.device=cpu"]
+# RUN is on the CPU even where there is a card: a card's OOM is simulated, and CUDA's address space would swamp
+# RLIMIT_AS; its uninterrupted run is tests/test_faults.py's, built once a session for both modules
 
 
 def args(root: Path, cache: Path, hydra: Path, *more: str) -> list[str]:
@@ -25,13 +24,11 @@ def args(root: Path, cache: Path, hydra: Path, *more: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The tiny pair (copied, not built), an uninterrupted run's folder and weights, and its peak address space
-    (vm_peak, for the host's limit)."""
-    base = tmp_path_factory.mktemp("oom")
-    cache = tiny_cache(tmp_path_factory, base / "cache")
-    res = sekd_train(args(base / "reference", cache, base), env=injected(SEKD_TEST_VMPEAK=str(base / "vm_peak")))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return cache, base / "reference", weights(base / "reference"), int((base / "vm_peak").read_text())
+    """The tiny pair (a copy of the reference's cache), an uninterrupted run's folder (read-only: copy it) and
+    weights, and its peak address space (vm_peak, for the host's limit)."""
+    built = uninterrupted_fault_run(tmp_path_factory)
+    cache = shutil.copytree(built / "cache", tmp_path_factory.mktemp("oom") / "cache")
+    return cache, built / "reference", weights(built / "reference"), int((built / "vm_peak").read_text())
 
 
 def test_a_card_out_of_memory_in_a_step_stops_in_one_line_and_the_rerun_resumes(shared, tmp_path):

@@ -25,6 +25,9 @@ from tests.helpers import (
     sekd_train_paused,
     tiny_cache,
 )
+from tests.test_faults import STEPS as FAULTS_STEPS
+from tests.test_faults import args as faults_args
+from tests.test_faults import uninterrupted_fault_run
 
 STEPS = 4
 RUN = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=1", "eval.limit=8"]
@@ -196,17 +199,18 @@ def test_a_cache_disk_that_fills_while_the_sample_scores_are_stored_stops_in_one
         assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
 
 
-def test_a_disk_that_fills_while_the_model_is_saved_stops_in_one_line_and_the_rerun_resumes(cache, tmp_path):
-    """Full after the last checkpoint (step 3 of 4; no metrics line after it, train.log_every=3): the model's
-    save is one line naming run/model, no half model or model.tmp is left, and the re-run resumes from step 3
-    to the weights of a run that met no fault."""
+def test_a_disk_that_fills_while_the_model_is_saved_stops_in_one_line_and_the_rerun_resumes(
+    cache, tmp_path_factory, tmp_path
+):
+    """Full after the last checkpoint (step 5 of 6; no metrics line after it, train.log_every=5): the model's
+    save is one line naming run/model, no half model or model.tmp is left, and the re-run resumes from step 5
+    to the weights of a run that met no fault: tests/test_faults.py's, of the same run (train.log_every, which
+    is no part of a run's identity, aside), built once a session."""
     from safetensors.torch import load_file
 
-    plain = ["eval=none", "train.log_every=3"]
-    reference = sekd_train(args(tmp_path / "reference", cache, *plain))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = uninterrupted_fault_run(tmp_path_factory) / "reference"
     with mount_tmpfs(tmp_path / "disk", "16m") as disk:
-        run_args = args(disk, cache, *plain)
+        run_args = [*faults_args(disk, cache, tmp_path), "train.log_every=5"]
         hold = tmp_path / "hold"  # the run waits there just before the model's save: no race with a fast run
         hold.mkdir()
 
@@ -221,17 +225,18 @@ def test_a_disk_that_fills_while_the_model_is_saved_stops_in_one_line_and_the_re
             action=fill_then_go,
             env=injected(SEKD_TEST_HOLD=f"{hold}:sekd.app.training:save_student"),
         )
-        assert checkpoint_step(disk) == STEPS - 1
+        assert checkpoint_step(disk) == FAULTS_STEPS - 1
         line = fault_line(res)
         run = run_folder(disk)
         assert line.startswith(f"sekd: run fault: {run}/model: no space left on device (paths.root={disk}, "), line
-        assert line.endswith(f"re-run the same command: it resumes from step {STEPS - 1} (checkpoint.pt)"), line
+        assert line.endswith(f"re-run the same command: it resumes from step {FAULTS_STEPS - 1} (checkpoint.pt)"), line
         assert not (run / "model").exists() and not (run / "model.tmp").exists()
         assert [p.name for p in disk.rglob("*.tmp")] == []
         (disk / "filler.bin").unlink()
         again = sekd_train(run_args)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert f"resumed from step {STEPS - 1}" in again.stdout + again.stderr
+        assert f"resumed from step {FAULTS_STEPS - 1}" in again.stdout + again.stderr
+        assert run_folder(reference).name == run.name  # the same run (sekd.stores.runs.train_hash)
         got = load_file(run / "model" / "model.safetensors")
-        want = load_file(run_folder(tmp_path / "reference") / "model" / "model.safetensors")
+        want = load_file(run_folder(reference) / "model" / "model.safetensors")
         assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)

@@ -6,8 +6,10 @@ cluster skip, loudly, saying how to run them; SEKD_REQUIRE_SLURM=1 (CI sets it) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from sekd.stores.runs import config_hash
 
 from sekd.app.checks import typed, validate
 from sekd.app.compose import job_threads
-from tests.helpers import ROOT, compose_cfg, sekd_train
+from tests.helpers import ROOT, compose_cfg, sekd_train, tiny_cache
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 REQUIRE = "SEKD_REQUIRE_SLURM"  # =1: a machine that cannot run the cluster fails these tests
@@ -241,38 +243,95 @@ def why_no_cluster() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Starts the local cluster (or finds one running); stops only the daemons it started, and cancels
-    the jobs its tests submitted. Skips (fails with SEKD_REQUIRE_SLURM=1) where it cannot run."""
+CONTROLLER_PID = Path("/run/slurmctld.pid")  # SlurmctldPidFile in the slurm.conf the script writes
+
+
+class Cluster:
+    """The local cluster of scripts/slurm-local.sh (its pid files and logs under `state`), with its controller
+    stopped and started again on demand; `roots`: the paths.root of every test that submitted to it."""
+
+    def __init__(self, state: Path) -> None:
+        self.env = {**os.environ, "SEKD_SLURM_STATE": str(state)}
+        self.roots: list[Path] = []
+
+    def script(self, action: str) -> None:
+        res = subprocess.run(["bash", str(SCRIPT), action], env=self.env, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, f"scripts/slurm-local.sh {action} failed:\n{res.stdout}{res.stderr}"
+
+    def cancel(self, roots: list[Path]) -> None:
+        """Cancel whatever the sweeps under `roots` left in the queue."""
+        jobs = [j for r in roots for j in submitted_jobs(r)]
+        if jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+
+    @contextlib.contextmanager
+    def controller_stopped(self):
+        """slurmctld alone is stopped (slurmd and the jobs it runs go on), then started again, always."""
+        pid = int(CONTROLLER_PID.read_text())
+        os.kill(pid, signal.SIGTERM)
+        try:
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and "Z" not in proc_state(pid):
+                assert time.monotonic() < deadline, "slurmctld did not stop"
+                time.sleep(0.1)
+            yield
+        finally:
+            self.script("start")  # the controller again, and the node idle (resumed if Slurm drained it)
+
+    def settle(self, root: Path, timeout: float = 90) -> None:
+        """Wait until the jobs of root's sweeps have left the queue (an old array's cell, finished meanwhile,
+        only skips), so the next test finds an idle node; cancel what is left after `timeout`."""
+        jobs = set(submitted_jobs(root))
+        deadline = time.monotonic() + timeout
+        while jobs and time.monotonic() < deadline:
+            queued = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, timeout=30)
+            if not jobs & set(queued.stdout.split()):
+                return
+            time.sleep(1)
+        if jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def started_cluster(tmp_path_factory):
+    """tests/conftest.slurm_cluster: starts the local cluster (or finds one running), yields it, then cancels
+    the jobs its tests submitted and stops only the daemons it started. Skips (fails with
+    SEKD_REQUIRE_SLURM=1) where it cannot run."""
     why = why_no_cluster()
     if why:
         message = f"{NOT_RUN}: {why}; {HOW}"
         if os.environ.get(REQUIRE) == "1":
             pytest.fail(f"{message} ({REQUIRE}=1 requires them)")
         pytest.skip(message)
-    env = {**os.environ, "SEKD_SLURM_STATE": str(tmp_path_factory.mktemp("slurm-state"))}
-    roots: list[Path] = []
+    running = Cluster(tmp_path_factory.mktemp("slurm-state"))
     try:
-        start = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
-        assert start.returncode == 0, f"scripts/slurm-local.sh start failed:\n{start.stdout}{start.stderr}"
-        yield roots
+        running.script("start")
+        yield running
     finally:
-        jobs = [j for r in roots for j in submitted_jobs(r)]
-        if jobs:
-            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
-        stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
+        running.cancel(running.roots)
+        running.script("stop")
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster):
+    """The session's one cluster (started once for this module and tests/test_slurm_faults.py: both in the
+    slurm unit, one worker); the jobs this module's tests submitted are cancelled at its end."""
+    first = len(slurm_cluster.roots)
+    yield slurm_cluster
+    slurm_cluster.cancel(slurm_cluster.roots[first:])
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One artifact cache for every job; the tiny pair is built here once, before any job starts."""
-    from sekd.models.loading import resolve_pair
-
-    path = tmp_path_factory.mktemp("slurm-cache")
-    resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={path}"])))
-    return path
+    """One artifact cache for every job; the tiny pair copied into it (tests/helpers.tiny_cache), before any job
+    starts."""
+    return tiny_cache(tmp_path_factory, tmp_path_factory.mktemp("slurm") / "cache")
 
 
 def sweep(root: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -287,7 +346,7 @@ def job_logs(root: Path, sweep_dir: Path | None = None) -> str:
 
 
 def test_train_and_score_run_as_separate_slurm_jobs_and_a_finished_sweep_submits_nothing(cluster, cache, tmp_path):
-    cluster.append(tmp_path)
+    cluster.roots.append(tmp_path)
     trained = sweep(tmp_path, cache, "stage=train")
     assert "2 cells: 0 already finished, 2 to run" in trained.stdout
     assert len(list(tmp_path.glob("runs/*/model/config.json"))) == 2
@@ -373,7 +432,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, ca
     """USR2 is the job's --signal (sent before a time-out, and on preemption with a grace time): submitit
     checkpoints the launcher's call and requeues the job; the requeued job runs the same cell and resumes
     from checkpoint.pt."""
-    cluster.append(tmp_path)
+    cluster.roots.append(tmp_path)
     _, job = preempt_mid_run(tmp_path, cache, "train.steps=150")
     assert_resumed_once(tmp_path, job, 150)
 
@@ -382,7 +441,7 @@ def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, c
     """Every task of a 2-task job gets USR2: rank 0 checkpoints the call and requeues the job, rank 1 only
     logs that it does not (submitit); Slurm then ends both tasks. The requeued job keeps its id, so its ranks
     meet again at the same derived port (sekd.distributed.launch.job_port) and resume from rank 0's checkpoint.pt."""
-    cluster.append(tmp_path)
+    cluster.roots.append(tmp_path)
     _, job = preempt_mid_run(
         tmp_path, cache, "train.steps=40", "resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp"
     )
@@ -401,7 +460,7 @@ def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them
 ):
     """resources.tasks_per_node=2: each cell is one Slurm job of 2 one-CPU tasks; each task is a rank that
     reads its place from Slurm's environment (sekd.distributed.launch) and joins the gloo process group."""
-    cluster.append(tmp_path)
+    cluster.roots.append(tmp_path)
     two_ranks = ["resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp", "train.log_every=1"]
     first = sweep(tmp_path, cache, *two_ranks)
     assert "2 cells: 0 already finished, 2 to run" in first.stdout

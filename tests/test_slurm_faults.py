@@ -5,7 +5,6 @@ controller is started again whatever happens, and re-running the same command fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,89 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from sekd.models.loading import resolve_pair
-from sekd.app.checks import typed
-from tests.helpers import ROOT, compose_cfg, sekd_train
-from tests.test_slurm import HOW, NOT_RUN, OFFLINE, REQUIRE, SCRIPT, SMOKE, submitted_jobs, why_no_cluster
+from tests.helpers import ROOT, sekd_train, tiny_cache
+from tests.test_slurm import CONTROLLER_PID, OFFLINE, SMOKE, submitted_jobs
 
 # the controller may be silent 15 s (its clients give up after about 10 s), asked every second, before the sweep gives up (default 120 s, 10 s)
 QUICK = {**OFFLINE, "SEKD_SLURM_TIMEOUT_S": "15", "SEKD_SLURM_POLL_S": "1"}
-CONTROLLER_PID = Path("/run/slurmctld.pid")  # SlurmctldPidFile in the slurm.conf the script writes
-
-
-class Cluster:
-    """The local cluster of scripts/slurm-local.sh, with its controller stopped and started again on demand."""
-
-    def __init__(self, state: Path) -> None:
-        self.env = {**os.environ, "SEKD_SLURM_STATE": str(state)}
-        self.roots: list[Path] = []
-
-    def script(self, action: str) -> None:
-        res = subprocess.run(["bash", str(SCRIPT), action], env=self.env, capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, f"scripts/slurm-local.sh {action} failed:\n{res.stdout}{res.stderr}"
-
-    @contextlib.contextmanager
-    def controller_stopped(self):
-        """slurmctld alone is stopped (slurmd and the jobs it runs go on), then started again, always."""
-        pid = int(CONTROLLER_PID.read_text())
-        os.kill(pid, signal.SIGTERM)
-        try:
-            deadline = time.monotonic() + 30
-            while Path(f"/proc/{pid}").exists() and "Z" not in proc_state(pid):
-                assert time.monotonic() < deadline, "slurmctld did not stop"
-                time.sleep(0.1)
-            yield
-        finally:
-            self.script("start")  # the controller again, and the node idle (resumed if Slurm drained it)
-
-    def settle(self, root: Path, timeout: float = 90) -> None:
-        """Wait until the jobs of root's sweeps have left the queue (an old array's cell, finished meanwhile,
-        only skips), so the next test finds an idle node; cancel what is left after `timeout`."""
-        jobs = set(submitted_jobs(root))
-        deadline = time.monotonic() + timeout
-        while jobs and time.monotonic() < deadline:
-            queued = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, timeout=30)
-            if not jobs & set(queued.stdout.split()):
-                return
-            time.sleep(1)
-        if jobs:
-            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
-
-
-def proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Starts the local cluster (or finds one running) and stops only the daemons it started; skips (fails
-    with SEKD_REQUIRE_SLURM=1) where it cannot run. Named `cluster`: tests/conftest.py runs these tests in
-    the slurm unit, never beside other Slurm tests."""
-    why = why_no_cluster()
-    if why:
-        message = f"{NOT_RUN}: {why}; {HOW}"
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{message} ({REQUIRE}=1 requires them)")
-        pytest.skip(message)
-    running = Cluster(tmp_path_factory.mktemp("slurm-state"))
-    try:
-        running.script("start")
-        yield running
-    finally:
-        jobs = [j for r in running.roots for j in submitted_jobs(r)]
-        if jobs:
-            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
-        running.script("stop")
+def cluster(slurm_cluster):
+    """The session's one cluster (tests/conftest.slurm_cluster, shared with tests/test_slurm.py: named `cluster`,
+    so tests/conftest.py runs these tests in the slurm unit); the jobs submitted here are cancelled at the end."""
+    first = len(slurm_cluster.roots)
+    yield slurm_cluster
+    slurm_cluster.cancel(slurm_cluster.roots[first:])
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("slurm-faults-cache")
-    resolve_pair(typed(compose_cfg(["model=tiny", f"paths.cache={path}"])))
-    return path
+    return tiny_cache(tmp_path_factory, tmp_path_factory.mktemp("slurm-faults") / "cache")
 
 
 def args(root: Path, cache: Path, *overrides: str) -> list[str]:
