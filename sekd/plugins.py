@@ -114,11 +114,9 @@ def _registries() -> dict[str, Any]:
 
 def plugin_modules() -> list[str]:
     """Every module outside sekd that registered a piece in this process."""
-    found: set[str] = set()
-    for registries in _registries().values():
-        for registry in registries if isinstance(registries, tuple) else (registries,):
-            found |= {registry.origin(n) for n in registry.names()}
-    return sorted(m for m in found if not _ours(m))
+    from sekd.core.registry import PLUGIN_MODULES
+
+    return sorted(PLUGIN_MODULES)
 
 
 def _ours(module: str) -> bool:
@@ -132,7 +130,9 @@ def used(tree: dict[str, Any]) -> list[dict[str, Any]]:
     """The plugin pieces a resolved config names: key, name, module, version and source hash. Built-in
     pieces are left out, so a run of sekd's own pieces keeps its identity whatever plugins are loaded;
     a changed plugin source gives a run of its pieces a new identity (a new run, not a skipped one)."""
-    out = []
+    out: list[dict[str, Any]] = []
+    if not plugin_modules():
+        return out  # nothing but sekd's own pieces (and no registry imported to find that out)
     for key, registries in _registries().items():
         group, _, leaf = key.partition(".")
         name = (tree.get(group) or {}).get(leaf)

@@ -108,6 +108,8 @@ def registering_module() -> str:
     return caller or "?"
 
 
+PLUGIN_MODULES: set[str] = set()  # every module outside sekd that registered a piece in this process
+
 # the modules whose functions register on a caller's behalf (the decorators of each kind)
 _HELPERS = {
     __name__,
@@ -140,7 +142,9 @@ class Registry(Generic[E]):
             if name in self._entries:
                 raise RegistryError(f"{self.kind} {name!r} is already registered by {self._origin[name]}")
             self._entries[name] = fn
-            self._origin[name] = registering_module()
+            self._origin[name] = origin = registering_module()
+            if not (origin == "sekd" or origin.startswith("sekd.")):
+                PLUGIN_MODULES.add(origin)
             if options is not None:
                 self._declared[name] = options
             return fn
