@@ -1,7 +1,8 @@
 """`sekd-report`: gather every run's record.json into one pandas table; mean ± std over seeds per configuration.
 
 Runs that differ in anything but the seed and the keys that cannot change a result (sekd.stores.runs.UNHASHED)
-are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`).
+are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`) and
+by what the run's own overrides changed (`... (position.signal=kl)`), each key once.
 
     sekd-report outputs/demo --out outputs/demo
     sekd-report outputs/embedded --table T2 --table T7 --out outputs/embedded/tables   # the paper's layout
@@ -19,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sekd.report import tables
-from sekd.stores.runs import UNHASHED
+from sekd.stores.runs import UNHASHED, covers, override_key
 from sekd.core.files import atomic_write_text
 
 HEADLINE = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K"}
@@ -43,6 +44,7 @@ SHAPE: dict[str, tuple[type, ...]] = {
 }
 REQUIRED = ("preset", "mode", "seed")
 RECORD_FIELDS = (
+    "name",
     "preset",
     "label",
     "mode",
@@ -105,6 +107,7 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
     rows = []
     for rec in read_records(folders) if recs is None else recs:
         row = {k: rec.get(k) for k in RECORD_FIELDS}
+        row["changes"] = tuple(rec.get("changes") or ())  # the overrides that changed the preset (sekd-train's)
         row.update(
             {
                 k: v
@@ -191,9 +194,19 @@ def _shown(canonical: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def what_changed(own: Any, differing: list[tuple[str, str]]) -> str:
+    """A run's own changes as typed (`position.signal=kl`; eval.limit is the 'limit=N' mark), then the keys
+    that differ among its preset's configurations that no change of its own already names."""
+    typed = [o for o in (own if isinstance(own, (list, tuple)) else ()) if override_key(o) != "eval.limit"]
+    keys = [override_key(o) for o in typed]
+    rest = [f"{k}={v}" for k, v in differing if not any(covers(t, k) for t in keys)]
+    return ", ".join([*typed, *rest])
+
+
 def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     """Add `_group` (the run's configuration minus NOT_GROUPED, one string) and `method`: its label, plus
-    `key=value` for each key whose value differs among the configurations of its preset, plus 'limit=N'."""
+    `key=value` for each key whose value differs among the configurations of its preset and for each override
+    of the run's own that changed its preset (each key once, `what_changed`), plus 'limit=N'."""
     df = df.copy()
     df["label"] = df["label"].fillna(df["preset"]) if "label" in df.columns else df["preset"]
     cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config.") :])]
@@ -202,17 +215,17 @@ def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     bare = ~df[cols].notna().any(axis=1) if cols else pd.Series(True, index=df.index)
     df.loc[bare, "_group"] = "label:" + df.loc[bare, "label"].astype(str)  # a record without its config
     label = df.groupby(["preset", "_group"], sort=False)["label"].transform("first").astype(str)
-    suffix = pd.Series("", index=df.index)
+    differing: dict[Any, list[tuple[str, str]]] = {}  # per run: (key, value shown) differing in its preset
     for _, part in df[~bare].groupby("preset", sort=False):
         configs = canon.loc[part.index].drop_duplicates()
-        keys = [k for k in differing_keys(configs) if k != "config.eval.limit"]
+        keys = [k[len("config.") :] for k in differing_keys(configs) if k != "config.eval.limit"]
         if keys:
-            suffix[part.index] = [
-                ", ".join(f"{k[len('config.') :]}={_shown(v)}" for k, v in zip(keys, vals))
-                for vals in canon.loc[part.index, keys].itertuples(index=False)
-            ]
+            rows = canon.loc[part.index, [f"config.{k}" for k in keys]].itertuples(index=False)
+            differing.update({i: [(k, _shown(v)) for k, v in zip(keys, vals)] for i, vals in zip(part.index, rows)})
+    own = df["changes"] if "changes" in df.columns else pd.Series([()] * len(df), index=df.index)
     limit = df["config.eval.limit"] if "config.eval.limit" in df.columns else pd.Series(None, index=df.index)
-    marks = [", ".join(m for m in (s, limit_mark(lim)) if m) for s, lim in zip(suffix, limit)]
+    changed = [what_changed(o, differing.get(i, [])) for i, o in zip(df.index, own)]
+    marks = [", ".join(m for m in (c, limit_mark(lim)) if m) for c, lim in zip(changed, limit)]
     df["method"] = [f"{lab} ({m})" if m else lab for lab, m in zip(label, marks)]
     return df
 
