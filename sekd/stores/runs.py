@@ -190,13 +190,19 @@ def run_dir(
 ) -> Path:
     """The run's folder, found by its identity: an existing `*-s<seed>-<train hash>` (`*-<hash>` for a run
     that trains nothing, `_seedless`) whatever route named it; else a new `<run name>-s<seed>-<train hash>`.
-    `overrides`: the run's, as typed (None: those Hydra's node of `cfg` holds, if any), which name it."""
-    identity = (f"-s{cfg.seed}" if trains(cfg) else "") + f"-{train_hash(cfg, world, cuda)}"
+    `overrides`: the run's, as typed, which name a new folder (None: unknown, the preset names it)."""
+    identity = run_identity(cfg, world, cuda)
     runs = Path(cfg.paths.root) / "runs"
     found = existing_run(runs, identity)
     if found is not None:
         return found
-    return runs / f"{file_safe(run_name(cfg.preset, typed_overrides(cfg, overrides)))}{identity}"
+    return runs / f"{file_safe(run_name(cfg.preset, overrides or []))}{identity}"
+
+
+def run_identity(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:
+    """What ends the run's folder name and makes it that run: `-s<seed>-<train hash>`, or `-<train hash>` for a
+    run that trains nothing. Two routes (presets, overrides) to the same settings have one identity."""
+    return (f"-s{cfg.seed}" if trains(cfg) else "") + f"-{train_hash(cfg, world, cuda)}"
 
 
 def existing_run(runs: Path, identity: str) -> Path | None:
@@ -264,20 +270,12 @@ def file_safe(name: str, limit: int = 80) -> str:
     return safe[:limit].rstrip("_.")
 
 
-def typed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
-    """`overrides`, or the task overrides Hydra's node of `cfg` holds (a sweep cell's composed config)."""
-    if overrides is not None:
-        return list(overrides)
-    task = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
-    return [str(o) for o in cast(list, OmegaConf.to_container(task, resolve=False))] if task is not None else []
-
-
 class RunDir:
     def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
         self.path = run_dir(cfg, overrides=overrides)
         self.eval_dir = self.path / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
         self.hash = config_hash(cfg)
-        self.name = run_name(cfg.preset, typed_overrides(cfg, overrides))  # the console's, wandb's, the record's
+        self.name = run_name(cfg.preset, overrides or [])  # the console's, wandb's, the record's
         # nothing is created yet: write_config makes the folders once the run's checks have passed
 
     record = property(lambda self: self.eval_dir / "record.json")
@@ -345,15 +343,17 @@ def trained(path: Path) -> bool:
     return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
 
 
-def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> bool:
+def is_finished(
+    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
+) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
     Reads only the file system: creates nothing. `world`, `cuda`: the ranks the cell's job will run on,
     and whether its node has a GPU."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda))
-    return (eval_dir(cfg, world, cuda) / "record.json").exists()
+        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda, overrides))
+    return (eval_dir(cfg, world, cuda, overrides) / "record.json").exists()
 
 
 def git_commit() -> str | None:
