@@ -266,8 +266,8 @@ def run_name(preset: str, overrides: list[str]) -> str:
 def file_safe(name: str, limit: int = 80) -> str:
     """`name` as a folder name: `se_kd (position.signal=kl)` -> `se_kd_position.signal=kl`; at most `limit`
     characters (the identity that follows it keeps it unique)."""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", name).strip("_.") or "run"
-    return safe[:limit].rstrip("_.")
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", name).strip("_.,=+-") or "run"
+    return safe[:limit].rstrip("_.,=+-")  # no separator left before the identity that follows
 
 
 class RunDir:
