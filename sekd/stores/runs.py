@@ -7,9 +7,8 @@
         eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
 
 One trained student is scored by as many eval configs as ask for it (Table 2 on test, V1 on
-validation) without training it again; each scoring writes its own record. The folder names come
-from the run's identity, defined here too: its resolved config and the hashes of that config. A run is
-found by its identity (seed and hash), whatever the name of the route that made its folder (`run_name`).
+validation) without training it again; each scoring writes its own record. A run is its identity
+(its seed and config hashes, defined here), found whatever route's name (`run_name`) made its folder.
 """
 
 from __future__ import annotations
