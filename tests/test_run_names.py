@@ -35,7 +35,7 @@ def two_routes(tmp_path_factory):
 def test_the_first_route_is_named_by_what_it_changes(two_routes):
     root, first, _ = two_routes
     [folder] = (root / "runs").iterdir()
-    assert folder.name.startswith("se_kd_position.signal=kl,_model=tiny,_data.seq_len=64,")
+    assert folder.name.startswith("se_kd_position.signal=kl_model=tiny_data.seq_len=64_")
     assert len(folder.name) <= 80 + len("-s1337-") + 12 and folder.name.endswith(f"_size=4-s1337-{folder.name[-12:]}")
     [rec] = [json.loads(p.read_text()) for p in folder.glob("eval-*/record.json")]
     assert rec["preset"] == "se_kd" and rec["label"] == "Student entropy (SE-KD)"  # kept, as they were

@@ -263,10 +263,14 @@ def run_name(preset: str, overrides: list[str]) -> str:
 
 
 def file_safe(name: str, limit: int = 80) -> str:
-    """`name` as a folder name: `se_kd (position.signal=kl)` -> `se_kd_position.signal=kl`; at most `limit`
-    characters (the identity that follows it keeps it unique)."""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", name).strip("_.,=+-") or "run"
-    return safe[:limit].rstrip("_.,=+-")  # no separator left before the identity that follows
+    """`name` as a folder name and a wandb run id (which refuses `,:;#?/'`): `se_kd (position.signal=kl,
+    train.steps=2)` -> `se_kd_position.signal=kl_train.steps=2`; at most `limit` characters (the identity
+    that follows it keeps it unique)."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("_.=+-") or "run"
+    if len(safe) > limit:  # whole overrides only, where one ends in the second half
+        cut = safe[: limit + 1].rfind("_")
+        safe = safe[: cut if cut > limit // 2 else limit]
+    return safe.rstrip("_.=+-")  # no separator left before the identity that follows
 
 
 class RunDir:

@@ -75,7 +75,8 @@ def test_a_key_typed_twice_is_named_once_by_its_last_value():
     [
         ("se_kd", "se_kd"),
         ("se_kd (position.signal=kl)", "se_kd_position.signal=kl"),
-        ("se_kd (data=gsm8k, data.train_file=/data/x y.jsonl)", "se_kd_data=gsm8k,_data.train_file=_data_x_y.jsonl"),
+        ("se_kd (data=gsm8k, data.train_file=/data/x y.jsonl)", "se_kd_data=gsm8k_data.train_file=_data_x_y.jsonl"),
+        ("a:b;c#d?e'f", "a_b_c_d_e_f"),
         ("(())", "run"),
     ],
 )
@@ -86,7 +87,8 @@ def test_a_name_becomes_a_folder_name(name, safe):
 def test_a_long_name_is_cut_and_never_ends_in_a_separator():
     long = "se_kd (" + ", ".join(f"position.options.key{i}=value" for i in range(20)) + ")"
     assert len(file_safe(long)) <= 80 and not file_safe(long).endswith(("_", ".", ",", "=", "-"))
-    assert len(file_safe(long, 40)) <= 40
+    assert len(file_safe(long, 40)) <= 40 and file_safe(long, 40) == "se_kd_position.options.key0=value"
+    assert file_safe("x" * 100, 10) == "x" * 10
 
 
 def test_a_new_folder_is_named_by_the_run_and_an_existing_one_is_found_by_its_identity(tmp_path):
