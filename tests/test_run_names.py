@@ -11,9 +11,9 @@ import pytest
 
 from sekd.report.results import assign_methods, load_records
 from sekd.report.results import main as report_main
-from sekd.stores.runs import resolved
+from sekd.stores.runs import file_safe, resolved
 from tests.helpers import TINY, compose_cfg, sekd_train, tiny_cache
-from tests.test_report_tables import record
+from tests.test_report_tables import record as fake_record  # its name: no process (tests/conftest.py)
 
 ROUTE_A = ["experiment=se_kd", "position.signal=kl"]
 ROUTE_B = ["experiment=top_kl"]
@@ -25,7 +25,7 @@ def two_routes(tmp_path_factory):
     root = tmp_path_factory.mktemp("names")
     tiny_cache(tmp_path_factory, root / "cache")
     common = [*TINY, "train.steps=2", "eval.limit=8", f"paths.root={root}", f"paths.cache={root}/cache"]
-    first = sekd_train([*ROUTE_A, *common])
+    first = sekd_train([*ROUTE_A, *common, "logging=offline"])  # wandb offline: its run id and group
     assert first.returncode == 0, first.stderr[-3000:]
     second = sekd_train([*ROUTE_B, *common])
     assert second.returncode == 0, second.stderr[-3000:]
@@ -44,6 +44,10 @@ def test_the_first_route_is_named_by_what_it_changes(two_routes):
     assert "train.threads" not in rec["name"] and "logging" not in rec["name"] and "paths" not in rec["name"]
     assert rec["changes"][0] == "position.signal=kl" and "experiment=se_kd" not in rec["changes"]
     assert f"sekd: {rec['name']} seed=1337 -> {folder}" in first.stdout, first.stdout[-2000:]
+    [wandb_run] = folder.glob("wandb/offline-run-*")  # wandb's id: the safe name, the seed, the config hash
+    assert wandb_run.name.endswith(f"-{file_safe(rec['name'], 40)}-s1337-{rec['config_hash']}")
+    assert rec["name"].encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()  # its group
+    assert "logging=offline" not in rec["name"]
 
 
 def test_the_second_route_finds_the_run_finished_and_makes_no_folder(two_routes):
@@ -79,15 +83,15 @@ def methods(recs) -> list[str]:
 
 
 def test_a_lone_run_with_overrides_shows_what_they_change(configs, tmp_path):
-    rec = record(configs["se_kd_kl"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path)
+    rec = fake_record(configs["se_kd_kl"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path)
     assert methods([rec]) == ["Student entropy (SE-KD)"]  # a record from before names: as it was
     rec["changes"] = ["position.signal=kl"]
     assert methods([rec]) == ["Student entropy (SE-KD) (position.signal=kl)"]
 
 
 def test_a_key_the_run_changed_and_its_preset_differs_in_is_shown_once(configs, tmp_path):
-    plain = record(configs["se_kd"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path / "a")
-    changed = {**record(configs["se_kd_kl"], "se_kd", 1, (51.0, 19.0, 5.0), tmp_path / "b")}
+    plain = fake_record(configs["se_kd"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path / "a")
+    changed = {**fake_record(configs["se_kd_kl"], "se_kd", 1, (51.0, 19.0, 5.0), tmp_path / "b")}
     changed["changes"] = ["position.signal=kl"]
     assert methods([plain, changed]) == [
         "Student entropy (SE-KD) (position.signal=student_entropy)",
@@ -96,8 +100,8 @@ def test_a_key_the_run_changed_and_its_preset_differs_in_is_shown_once(configs, 
 
 
 def test_a_group_override_stands_for_its_keys_and_the_limit_is_marked_once(configs, tmp_path):
-    plain = record(configs["se_kd"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path / "a")
-    tiny = record(configs["se_kd_tiny"], "se_kd", 1, (30.0, 9e7, 40.0), tmp_path / "b")
+    plain = fake_record(configs["se_kd"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path / "a")
+    tiny = fake_record(configs["se_kd_tiny"], "se_kd", 1, (30.0, 9e7, 40.0), tmp_path / "b")
     tiny["changes"] = ["model=tiny", "eval.limit=5"]
     plain_method, tiny_method = methods([plain, tiny])
     assert plain_method == "Student entropy (SE-KD) (model.name=embedded)"

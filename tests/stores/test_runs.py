@@ -107,22 +107,22 @@ def test_a_new_folder_is_named_by_the_run_and_an_existing_one_is_found_by_its_id
 
 
 def test_two_folders_of_one_identity_resolve_to_the_trained_one_then_the_first(tmp_path):
-    runs = tmp_path / "runs"
-    a, b = runs / "b_route-s1-abc123", runs / "a_route-s1-abc123"
+    under = tmp_path / "under"
+    a, b = under / "b_route-s1-abc123", under / "a_route-s1-abc123"
     a.mkdir(parents=True), b.mkdir()
-    assert existing_run(runs, "-s1-abc123") == b
+    assert existing_run(under, "-s1-abc123") == b
     (a / "model").mkdir()
     (a / "model" / "config.json").write_text("{}"), (a / "train_stats.json").write_text("{}")
-    assert existing_run(runs, "-s1-abc123") == a
-    assert existing_run(runs, "-s1-fff") is None and existing_run(tmp_path / "none", "-s1-abc123") is None
+    assert existing_run(under, "-s1-abc123") == a
+    assert existing_run(under, "-s1-fff") is None and existing_run(tmp_path / "none", "-s1-abc123") is None
 
 
 def test_a_seedless_identity_never_takes_a_seeded_folder(tmp_path):
-    runs = tmp_path / "runs"
-    (runs / "se_kd-s1-abc123").mkdir(parents=True)
-    assert existing_run(runs, "-abc123") is None
-    (runs / "student-abc123").mkdir()
-    assert existing_run(runs, "-abc123") == runs / "student-abc123"
+    under = tmp_path / "under"
+    (under / "se_kd-s1-abc123").mkdir(parents=True)
+    assert existing_run(under, "-abc123") is None
+    (under / "student-abc123").mkdir()
+    assert existing_run(under, "-abc123") == under / "student-abc123"
 
 
 def test_a_seedless_run_is_found_whatever_its_seed_and_name(tmp_path):
