@@ -188,14 +188,17 @@ def run_dir(
     cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
 ) -> Path:
     """The run's folder, found by its identity: an existing `*-s<seed>-<train hash>` (`*-<hash>` for a run
-    that trains nothing, `_seedless`) whatever route named it; else a new `<run name>-s<seed>-<train hash>`.
+    that trains nothing, `_seedless`) whatever route named it; else a new `<run name>-s<seed>-<train hash>`
+    (the name without eval's overrides: `eval` is not in the train hash).
     `overrides`: the run's, as typed, which name a new folder (None: unknown, the preset names it)."""
     identity = run_identity(cfg, world, cuda)
     runs = Path(cfg.paths.root) / "runs"
     found = existing_run(runs, identity)
     if found is not None:
         return found
-    return runs / f"{file_safe(run_name(cfg.preset, overrides or []))}{identity}"
+    # the folder is the trained student's, which every scoring shares: eval's overrides name records, not it
+    trains_as = [o for o in overrides or [] if not covers("eval", override_key(o))]
+    return runs / f"{file_safe(run_name(cfg.preset, trains_as))}{identity}"
 
 
 def run_identity(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:

@@ -102,6 +102,8 @@ def test_a_new_folder_is_named_by_the_run_and_an_existing_one_is_found_by_its_id
     assert run_dir(by_preset, overrides=["experiment=top_kl", root]) == tmp_path / "runs" / f"top_kl-s1337-{h}"
     fresh.mkdir(parents=True)  # route A made its folder: route B, another name, finds it
     assert run_dir(by_preset, overrides=["experiment=top_kl", root]) == fresh
+    scored_apart = ["experiment=top_kl", "seed=5", "eval=none", "eval.limit=3", "train.steps=2", root]
+    assert run_dir(compose_cfg(scored_apart), overrides=scored_apart).name.startswith("top_kl_train.steps=2-s5-")
     other_seed = compose_cfg(["experiment=top_kl", "seed=7", root])
     assert run_dir(other_seed, overrides=[]).name == f"top_kl-s7-{train_hash(other_seed)}"
 
