@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from sekd.report.results import assign_methods, load_records
+from sekd.report.results import assign_methods, load_records, summarize
 from sekd.report.results import main as report_main
 from sekd.stores.runs import file_safe, resolved
 from tests.helpers import TINY, compose_cfg, sekd_train, tiny_cache
@@ -74,6 +74,7 @@ def configs():
     return {
         "se_kd": resolved(compose_cfg(["experiment=se_kd"])),
         "se_kd_kl": resolved(compose_cfg(["experiment=se_kd", "position.signal=kl"])),
+        "top_kl": resolved(compose_cfg(["experiment=top_kl"])),
         "se_kd_tiny": resolved(compose_cfg(["experiment=se_kd", "model=tiny", "eval.limit=5"])),
     }
 
@@ -106,3 +107,14 @@ def test_a_group_override_stands_for_its_keys_and_the_limit_is_marked_once(confi
     plain_method, tiny_method = methods([plain, tiny])
     assert plain_method == "Student entropy (SE-KD) (model.name=embedded)"
     assert tiny_method == "Student entropy (SE-KD) (model=tiny, limit=5)"
+
+
+def test_seeds_of_one_configuration_through_two_presets_are_one_row(configs, tmp_path):
+    first = fake_record(configs["se_kd_kl"], "se_kd", 1, (50.0, 20.0, 5.0), tmp_path / "a")
+    first["changes"] = ["position.signal=kl"]
+    second = fake_record(configs["top_kl"], "top_kl", 2, (52.0, 18.0, 5.0), tmp_path / "b")
+    rows = summarize(load_records([], [first, second]))
+    assert list(rows[("method", "")]) == ["Student entropy (SE-KD) (position.signal=kl)"]
+    assert list(rows[("seeds", "n")]) == [2] and list(rows[("acc", "mean")]) == [51.0]
+    alone = load_records([], [second])  # the preset's own run, alone: its own name, no change
+    assert list(summarize(alone)[("method", "")]) == ["KL"]

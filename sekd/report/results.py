@@ -230,10 +230,21 @@ def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def one_row_per_configuration(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one configuration reached through two presets (`experiment=se_kd position.signal=kl` on one
+    seed, `experiment=top_kl` on another) are one row: each takes the preset, label and method of the first
+    run of its configuration. Records without their config keep their own."""
+    df = df.copy()
+    has = ~df["_group"].astype(str).str.startswith("label:")
+    for col in ("preset", "label", "method"):
+        df.loc[has, col] = df[has].groupby("_group", sort=False)[col].transform("first")
+    return df
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per configuration (runs differing only in the seed and NOT_GROUPED keys): mean and std over seeds of
     every metric and cost, its `method` label, and the number of seeds that were scored."""
-    df = assign_methods(df)
+    df = one_row_per_configuration(assign_methods(df))
     numeric = [
         c
         for c in df.columns
@@ -313,7 +324,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     s = summarize(df)
     metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
     tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
-    assigned = assign_methods(df)
+    assigned = one_row_per_configuration(assign_methods(df))
     versus = {
         (m, name): versus_reference(assigned, m, preset)
         for name, preset in REFERENCES.items()
