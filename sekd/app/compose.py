@@ -308,5 +308,5 @@ def open_tracker(job: Job) -> Tracker:
         project=cfg.logging.project,
         entity=cfg.logging.entity,
         group=cfg.logging.group or run.name,  # a preset with overrides is its own group: named by what it changes
-        run_id=f"{file_safe(run.name, 40)}-s{cfg.seed}-{run.hash}",  # wandb's ids: no '/', at most 64 characters
+        run_id=f"{file_safe(run.name, 40)}-s{cfg.seed}-{run.hash}",  # wandb refuses ,:;#?/' in ids
     )
