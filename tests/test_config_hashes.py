@@ -124,6 +124,34 @@ def test_a_run_on_several_ranks_is_named_by_its_global_micro_batch(monkeypatch):
     assert run_dir(two) == run_dir(four, world=1)
 
 
+ROUTES = [  # two routes to the same settings: one run, whatever the preset's name (names are not hashed)
+    (["experiment=se_kd", "position.signal=kl"], ["experiment=top_kl"]),
+    (["experiment=se_kd", "samples=top_student_entropy"], ["experiment=se_kd_top_smp"]),
+    (["experiment=full_kd"], []),  # Full KD is the preset-less default
+    (["experiment=top_kl", "position.signal=student_entropy", "label=Mine"], ["experiment=se_kd"]),
+]
+
+
+@pytest.mark.parametrize("route_a, route_b", ROUTES)
+def test_two_routes_to_the_same_settings_are_one_run(route_a, route_b):
+    a, b = composed(CONF, "config", route_a), composed(CONF, "config", route_b)
+    assert a.preset != b.preset
+    for hashed in (config_hash, train_hash, eval_hash):
+        assert hashed(a, cuda=False) == hashed(b, cuda=False)
+    b.position.k = 0.3  # a setting, not a name: another run
+    assert train_hash(a, cuda=False) != train_hash(b, cuda=False)
+
+
+def test_no_two_presets_are_one_run():
+    """Each preset trains something of its own: two presets with one identity would fill one paper row and
+    leave the other's empty (its run found the first's folder)."""
+    table = json.loads(FIXTURE.read_text())
+    by_hash: dict[str, list[str]] = {}
+    for preset in PRESETS:
+        by_hash.setdefault(table[f"config experiment={preset}"]["config_hash"], []).append(preset)
+    assert [names for names in by_hash.values() if len(names) > 1] == []
+
+
 def write() -> None:
     FIXTURE.parent.mkdir(exist_ok=True)
     table = all_hashes()

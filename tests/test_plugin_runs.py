@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sekd.report.results import load_records, summarize
 from tests.helpers import ROOT, TINY, sekd_train
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -117,6 +118,9 @@ def test_plugins_run_in_every_local_job_and_a_changed_source_is_a_new_run(lab, t
     assert len(after) == 3  # trained again: the plugin's source is part of the run
     sources = {p["source"] for r in after for p in r["plugins"] if p["key"] == "position.policy"}
     assert len(sources) == 2
+    table = summarize(load_records([root]))  # the two sources of one configuration: two rows, not two seeds
+    assert len(table) == 3 and list(table[("seeds", "n")]) == [1, 1, 1]
+    assert load_records([root])["plugins"].str.contains("position.policy=stride (lab_pieces None, ", regex=False).all()
 
 
 def installed(site: Path, lab: Path) -> None:

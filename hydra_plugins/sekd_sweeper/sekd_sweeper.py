@@ -82,13 +82,13 @@ class SekdSweeper(BasicSweeper):
         from sekd.core.errors import ConfigError
         from sekd.app.checks import validate
         from sekd.models.loading import check_environment
-        from sekd.stores.runs import is_finished, run_dir, eval_dir, trained
+        from sekd.stores.runs import is_finished, run_dir, run_identity, eval_dir, trained
 
         assert self.hydra_context is not None and self.config is not None
         todo, finished, same, errors = [], [], [], []
-        first: dict[Path, str] = {}  # a run's folder -> the cell that runs it
+        first: dict[str, tuple[str, Path]] = {}  # a run's identity -> the cell that runs it, its folder
         for cell in cells:
-            where = " ".join(cell) or "(no overrides)"
+            where, typed = " ".join(cell) or "(no overrides)", list(cell)  # the job's overrides: they name its run
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
                 world, cuda = self.job_world_size(cfg), self.job_cuda(cfg)
@@ -96,9 +96,9 @@ class SekdSweeper(BasicSweeper):
                     del cfg["hydra"]
                 run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
-                    if not trained(run_dir(cfg, world, cuda)):
+                    if not trained(run_dir(cfg, world, cuda, typed)):
                         raise ConfigError(
-                            f"stage=score: {run_dir(cfg, world, cuda)} holds no trained student yet; "
+                            f"stage=score: {run_dir(cfg, world, cuda, typed)} holds no trained student yet; "
                             "run the sweep with stage=train first"
                         )
             except ConfigError as err:
@@ -107,14 +107,16 @@ class SekdSweeper(BasicSweeper):
             except Exception as err:  # composition: an unknown preset, a missing group option
                 errors.append(f"cell [{where}]: {type(err).__name__}: {str(err).splitlines()[0]}")
                 continue
-            if self.skip_finished and is_finished(cfg, world, cuda):
-                finished.append(f"{where} -> {run_dir(cfg, world, cuda)}")
+            if self.skip_finished and is_finished(cfg, world, cuda, typed):
+                finished.append(f"{where} -> {run_dir(cfg, world, cuda, typed)}")
                 continue
-            folder = run_dir(cfg, world, cuda) if cfg.stage == "train" else eval_dir(cfg, world, cuda)
-            if folder in first:  # e.g. the undistilled student under two seeds: its identity holds no seed
-                same.append(f"{where} is [{first[folder]}] -> {folder}")
+            folder = run_dir(cfg, world, cuda, typed) if cfg.stage == "train" else eval_dir(cfg, world, cuda, typed)
+            # one run, by its identity: the student under two seeds (no seed in it), two presets of one setting
+            identity = run_identity(cfg, world, cuda) + ("" if cfg.stage == "train" else "/" + folder.name)
+            if identity in first:
+                same.append(f"{where} is [{first[identity][0]}] -> {first[identity][1]}")
                 continue
-            first[folder] = where
+            first[identity] = (where, folder)
             if not self.on_slurm():  # the job runs on this machine: it must have what the job needs
                 try:
                     check_environment(run)
@@ -122,7 +124,7 @@ class SekdSweeper(BasicSweeper):
                     errors.append(f"cell [{where}]: {err}")
                     continue
             todo.append(cell)
-            self.done_checks[tuple(cell)] = finished_since(cfg, world, cuda, time.time())
+            self.done_checks[tuple(cell)] = finished_since(cfg, world, cuda, time.time(), typed)
         return todo, finished, same, errors
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -267,14 +269,16 @@ def why_failed(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
+def finished_since(
+    cfg, world: Optional[int], cuda: Optional[bool], since: float, overrides: Optional[List[str]] = None
+) -> Callable[[], bool]:
     """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
     from sekd.stores.runs import run_dir, eval_dir, trained
 
     if cfg.stage == "train":
-        folder = run_dir(cfg, world, cuda)
+        folder = run_dir(cfg, world, cuda, overrides)
         return lambda: cfg.mode != "distill" or trained(folder)
-    record = eval_dir(cfg, world, cuda) / "record.json"
+    record = eval_dir(cfg, world, cuda, overrides) / "record.json"
     return lambda: record.exists() and record.stat().st_mtime >= since - 1
 
 

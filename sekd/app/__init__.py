@@ -65,7 +65,7 @@ def run_job(tree: DictConfig, overrides: list[str], at: Stage) -> dict[str, Any]
             return None
         if job.cfg.stage == "train" and job.cfg.mode == "distill":
             print(
-                f"sekd: {job.cfg.preset} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
+                f"sekd: {job.run.name} seed={job.cfg.seed} trained -> {job.run.model} (stage=train: scoring left "
                 "to a stage=score job)"
             )
             return None

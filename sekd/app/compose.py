@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from sekd.app.training import cache_expectation, training_data
 from sekd.app.checks import validate
 from sekd.core.errors import ConfigError
-from sekd.stores.runs import resolved, run_dir
+from sekd.stores.runs import file_safe, resolved, run_dir
 from sekd.config.schema import RunConfig
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def compose(tree: DictConfig, overrides: list[str]) -> Job | None:
     launch = check_launch(cfg)
     if already_finished(tree):
         return None
-    run = RunDir(tree)
+    run = RunDir(tree, overrides)
     check_stage(cfg, run)
     check_environment(cfg)  # CUDA, and models on local disk when offline: before anything loads
     preflight(cfg, run)  # every folder the run writes: writable, with room for what it will write
@@ -307,6 +307,6 @@ def open_tracker(job: Job) -> Tracker:
         config=resolved(job.tree, keep_env=True),
         project=cfg.logging.project,
         entity=cfg.logging.entity,
-        group=cfg.logging.group or cfg.preset,
-        run_id=f"{cfg.preset}-s{cfg.seed}-{run.hash}",
+        group=cfg.logging.group or run.name,  # a preset with overrides is its own group: named by what it changes
+        run_id=f"{file_safe(run.name, 40)}-s{cfg.seed}-{run.hash}",  # wandb refuses ,:;#?/' in ids
     )

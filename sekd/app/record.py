@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sekd import __version__
 from sekd.app.scoring import scored_model
 from sekd.plugins import used
-from sekd.stores.runs import resolved
+from sekd.stores.runs import changes, resolved
 
 if TYPE_CHECKING:
     from sekd.app.compose import Job
@@ -25,6 +25,8 @@ def build_record(job: Job, stats: dict[str, Any], metrics: dict[str, Any]) -> di
     cfg, run = job.cfg, job.run
     kept = resolved(job.tree, keep_env=True)
     return {
+        "name": run.name,  # the preset, and the overrides that change its settings (sekd.stores.runs.run_name)
+        "changes": changes(job.overrides),
         "preset": kept["preset"],
         "label": kept["label"],
         "mode": kept["mode"],
@@ -90,6 +92,6 @@ def throughput(stats: dict[str, Any]) -> dict[str, Any]:
 
 def summary_line(job: Job, record: dict[str, Any]) -> str:
     """What the run prints last: where its record went and its headline metrics."""
-    return f"sekd: {job.cfg.preset} seed={job.cfg.seed} -> {job.run.record}  " + "  ".join(
+    return f"sekd: {job.run.name} seed={job.cfg.seed} -> {job.run.record}  " + "  ".join(
         f"{k}={v:.3g}" for k, v in record["metrics"].items() if k in ("acc", "ppl", "ece")
     )

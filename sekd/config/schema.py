@@ -85,7 +85,7 @@ def mapping(key: str, value: Any) -> None:
 
 @dataclass
 class PathsConfig:
-    root: str = "outputs"  # run folders: <root>/runs/<preset>-s<seed>-<train hash>
+    root: str = "outputs"  # run folders: <root>/runs/<run name>-s<seed>-<train hash>
     cache: str = ".sekd_cache"  # built tokenizers, models, packed data, eval tasks
 
 
@@ -384,8 +384,8 @@ class LoggingConfig:
 class RunConfig:
     """One run: a teacher/student pair x data x the three selection axes x a criterion x training x scoring."""
 
-    preset: str = "custom"  # short name of the preset; results are grouped by it
-    label: str = "Custom"  # the method's name as in the paper's tables
+    preset: str = "custom"  # short name of the preset; results are grouped by it; a name, not hashed
+    label: str = "Custom"  # the method's name as in the paper's tables; a name, not hashed
     mode: str = "distill"
     stage: str = "all"  # train and score in one job, or as two
     seed: int = 1337

@@ -1,7 +1,8 @@
 """`sekd-report`: gather every run's record.json into one pandas table; mean ± std over seeds per configuration.
 
 Runs that differ in anything but the seed and the keys that cannot change a result (sekd.stores.runs.UNHASHED)
-are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`).
+are separate rows, named by what differs (`Student entropy (SE-KD) (model.name=tiny)`, `... (limit=50)`) and
+by what the run's own overrides changed (`... (position.signal=kl)`), each key once.
 
     sekd-report outputs/demo --out outputs/demo
     sekd-report outputs/embedded --table T2 --table T7 --out outputs/embedded/tables   # the paper's layout
@@ -19,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sekd.report import tables
-from sekd.stores.runs import UNHASHED
+from sekd.stores.runs import UNHASHED, covers, override_key
 from sekd.core.files import atomic_write_text
 
 HEADLINE = {"acc": "Acc.", "ifeval": "IFEval", "ppl": "PPL", "ece": "ECE", "gsm8k": "GSM8K"}
@@ -43,6 +44,7 @@ SHAPE: dict[str, tuple[type, ...]] = {
 }
 REQUIRED = ("preset", "mode", "seed")
 RECORD_FIELDS = (
+    "name",
     "preset",
     "label",
     "mode",
@@ -55,6 +57,7 @@ RECORD_FIELDS = (
     "wall_time_s",
     "peak_memory_mb",
     "git_commit",
+    "sekd_version",
     "run_dir",
     "finished_at",
     "train_samples",
@@ -105,6 +108,8 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
     rows = []
     for rec in read_records(folders) if recs is None else recs:
         row = {k: rec.get(k) for k in RECORD_FIELDS}
+        row["changes"] = tuple(rec.get("changes") or ())  # the overrides that changed the preset (sekd-train's)
+        row["plugins"] = plugins_used(rec)
         row.update(
             {
                 k: v
@@ -114,6 +119,8 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
         )
         row.update(flatten(rec.get("costs") or {}, "costs"))
         row.update(flatten(rec.get("config") or {}, "config"))
+        for piece in rec.get("plugins") or []:  # a plugin's source is part of the configuration, as of the run
+            row[f"config.plugin_source.{piece.get('key')}"] = f"{piece.get('module')}@{piece.get('source')}"
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -132,6 +139,15 @@ def load_records(folders: list[Path], recs: list[dict] | None = None) -> pd.Data
 
 
 load_table_records = load_records  # the paper-layout tables read the same rows
+
+
+def plugins_used(rec: dict) -> str | None:
+    """The plugin pieces a run used, one string: `position.signal=margin (sekd_lab.pieces 0.1.0, <source hash>)`."""
+    pieces = [p for p in rec.get("plugins") or [] if isinstance(p, dict)]
+    shown = [
+        f"{p.get('key')}={p.get('name')} ({p.get('module')} {p.get('version')}, {p.get('source')})" for p in pieces
+    ]
+    return "; ".join(shown) or None
 
 
 def flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -191,9 +207,19 @@ def _shown(canonical: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def what_changed(own: Any, differing: list[tuple[str, str]]) -> str:
+    """A run's own changes as typed (`position.signal=kl`; eval.limit is the 'limit=N' mark), then the keys
+    that differ among its preset's configurations that no change of its own already names."""
+    typed = [o for o in (own if isinstance(own, (list, tuple)) else ()) if override_key(o) != "eval.limit"]
+    keys = [override_key(o) for o in typed]
+    rest = [f"{k}={v}" for k, v in differing if not any(covers(t, k) for t in keys)]
+    return ", ".join([*typed, *rest])
+
+
 def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     """Add `_group` (the run's configuration minus NOT_GROUPED, one string) and `method`: its label, plus
-    `key=value` for each key whose value differs among the configurations of its preset, plus 'limit=N'."""
+    `key=value` for each key whose value differs among the configurations of its preset and for each override
+    of the run's own that changed its preset (each key once, `what_changed`), plus 'limit=N'."""
     df = df.copy()
     df["label"] = df["label"].fillna(df["preset"]) if "label" in df.columns else df["preset"]
     cols = [c for c in df.columns if c.startswith("config.") and grouped_key(c[len("config.") :])]
@@ -202,25 +228,36 @@ def assign_methods(df: pd.DataFrame) -> pd.DataFrame:
     bare = ~df[cols].notna().any(axis=1) if cols else pd.Series(True, index=df.index)
     df.loc[bare, "_group"] = "label:" + df.loc[bare, "label"].astype(str)  # a record without its config
     label = df.groupby(["preset", "_group"], sort=False)["label"].transform("first").astype(str)
-    suffix = pd.Series("", index=df.index)
+    differing: dict[Any, list[tuple[str, str]]] = {}  # per run: (key, value shown) differing in its preset
     for _, part in df[~bare].groupby("preset", sort=False):
         configs = canon.loc[part.index].drop_duplicates()
-        keys = [k for k in differing_keys(configs) if k != "config.eval.limit"]
+        keys = [k[len("config.") :] for k in differing_keys(configs) if k != "config.eval.limit"]
         if keys:
-            suffix[part.index] = [
-                ", ".join(f"{k[len('config.') :]}={_shown(v)}" for k, v in zip(keys, vals))
-                for vals in canon.loc[part.index, keys].itertuples(index=False)
-            ]
+            rows = canon.loc[part.index, [f"config.{k}" for k in keys]].itertuples(index=False)
+            differing.update({i: [(k, _shown(v)) for k, v in zip(keys, vals)] for i, vals in zip(part.index, rows)})
+    own = df["changes"] if "changes" in df.columns else pd.Series([()] * len(df), index=df.index)
     limit = df["config.eval.limit"] if "config.eval.limit" in df.columns else pd.Series(None, index=df.index)
-    marks = [", ".join(m for m in (s, limit_mark(lim)) if m) for s, lim in zip(suffix, limit)]
+    changed = [what_changed(o, differing.get(i, [])) for i, o in zip(df.index, own)]
+    marks = [", ".join(m for m in (c, limit_mark(lim)) if m) for c, lim in zip(changed, limit)]
     df["method"] = [f"{lab} ({m})" if m else lab for lab, m in zip(label, marks)]
+    return df
+
+
+def one_row_per_configuration(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one configuration reached through two presets (`experiment=se_kd position.signal=kl` on one
+    seed, `experiment=top_kl` on another) are one row: each takes the preset, label and method of the first
+    run of its configuration. Records without their config keep their own."""
+    df = df.copy()
+    has = ~df["_group"].astype(str).str.startswith("label:")
+    for col in ("preset", "label", "method"):
+        df.loc[has, col] = df[has].groupby("_group", sort=False)[col].transform("first")
     return df
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per configuration (runs differing only in the seed and NOT_GROUPED keys): mean and std over seeds of
     every metric and cost, its `method` label, and the number of seeds that were scored."""
-    df = assign_methods(df)
+    df = one_row_per_configuration(assign_methods(df))
     numeric = [
         c
         for c in df.columns
@@ -300,7 +337,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     s = summarize(df)
     metrics = [m for m in HEADLINE if (m, "mean") in s.columns]
     tasks = sorted(c[0] for c in s.columns if c[1] == "mean" and c[0].endswith("/acc"))
-    assigned = assign_methods(df)
+    assigned = one_row_per_configuration(assign_methods(df))
     versus = {
         (m, name): versus_reference(assigned, m, preset)
         for name, preset in REFERENCES.items()

@@ -1,19 +1,20 @@
 """The run folder: the one place that writes a run's config, metrics, checkpoints, model and record.
 
-    <paths.root>/runs/<preset>-s<seed>-<train hash>/          (everything but `eval` is hashed;
-                                                               a run that trains nothing: <preset>-<hash>)
+    <paths.root>/runs/<name>-s<seed>-<train hash>/            (everything but `eval` is hashed, names
+                                                               not; a run that trains nothing: <name>-<hash>)
         metrics.jsonl  checkpoint.pt  selection_trace.jsonl  train_stats.json  .train.lock
         model/  (Hugging Face checkpoint)   wandb/
         eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
 
 One trained student is scored by as many eval configs as ask for it (Table 2 on test, V1 on
-validation) without training it again; each scoring writes its own record. The folder names come
-from the run's identity, defined here too: its resolved config and the hashes of that config.
+validation) without training it again; each scoring writes its own record. A run is its identity
+(its seed and config hashes, defined here), found whatever route's name (`run_name`) made its folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +43,7 @@ UNHASHED = (
     "train.chunk_size",
     "eval.batch_size",
     "eval.device",
+    "preset",
     "label",
     "plugins",  # which modules are imported moves nothing; a plugin piece the run uses does (`_hash`)
 )
@@ -188,21 +190,104 @@ def eval_hash(cfg: DictConfig, cuda: bool | None = None) -> str:
     return _hash(_compute({"eval": resolved(cfg).get("eval", {})}, cuda))[:8]
 
 
-def run_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
-    """<preset>-s<seed>-<train hash>; a run that trains nothing has no seed in its name (`_seedless`)."""
-    seed = f"-s{cfg.seed}" if trains(cfg) else ""
-    return Path(cfg.paths.root) / "runs" / f"{cfg.preset}{seed}-{train_hash(cfg, world, cuda)}"
+def run_dir(
+    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
+) -> Path:
+    """The run's folder, found by its identity: an existing `*-s<seed>-<train hash>` (`*-<hash>` for a run
+    that trains nothing, `_seedless`) whatever route named it; else a new `<run name>-s<seed>-<train hash>`
+    (the name without eval's overrides: `eval` is not in the train hash).
+    `overrides`: the run's, as typed, which name a new folder (None: unknown, the preset names it)."""
+    identity = run_identity(cfg, world, cuda)
+    runs = Path(cfg.paths.root) / "runs"
+    found = existing_run(runs, identity)
+    if found is not None:
+        return found
+    # the folder is the trained student's, which every scoring shares: eval's overrides name records, not it
+    trains_as = [o for o in overrides or [] if not covers("eval", override_key(o))]
+    return runs / f"{file_safe(run_name(cfg.preset, trains_as))}{identity}"
 
 
-def eval_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
-    return run_dir(cfg, world, cuda) / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg, cuda)}"
+def run_identity(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:
+    """What ends the run's folder name and makes it that run: `-s<seed>-<train hash>`, or `-<train hash>` for a
+    run that trains nothing. Two routes (presets, overrides) to the same settings have one identity."""
+    return (f"-s{cfg.seed}" if trains(cfg) else "") + f"-{train_hash(cfg, world, cuda)}"
+
+
+def existing_run(runs: Path, identity: str) -> Path | None:
+    """The folder under `runs` whose name ends in `identity` (`-s<seed>-<hash>` or `-<hash>`); a seedless
+    identity never takes a seeded folder. Several (routes that started at once): the trained one, then the
+    first by name, so every route and the sweeper pick the same."""
+    if not runs.is_dir():
+        return None
+    seeded = re.compile(r"-s-?\d+-[0-9a-f]+$")
+    found = sorted(
+        p for p in runs.glob(f"*{identity}") if p.is_dir() and (identity.startswith("-s") or not seeded.search(p.name))
+    )
+    return next((p for p in found if trained(p)), found[0] if found else None)
+
+
+def eval_dir(
+    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
+) -> Path:
+    folder = run_dir(cfg, world, cuda, overrides)
+    return folder / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg, cuda)}"
+
+
+# ---- a run's name: its preset and what its overrides change -------------------------------------------
+
+# Overrides that choose, not change: the preset itself, the seed a row averages over, and the profile (the
+# scale a sweep runs every row at: the report tells profiles apart by model.name).
+NOT_NAMING = ("experiment", "seed", "profile")
+
+
+def override_key(override: str) -> str:
+    """'+position.options.tau=2' -> 'position.options.tau'; 'hydra/launcher=local' -> 'hydra.launcher';
+    '~train.lr' -> 'train.lr'."""
+    return override.split("=", 1)[0].lstrip("+~").strip().replace("/", ".")
+
+
+def covers(key: str, other: str) -> bool:
+    """Does setting `key` (a value or a whole group) set `other`? `model` covers `model.name`."""
+    return other == key or other.startswith(key + ".")
+
+
+def changes(overrides: list[str]) -> list[str]:
+    """The overrides, as typed, that change a hashed key (`UNHASHED`, `NOT_NAMING` and Hydra's own do not),
+    each key once (the last one typed wins, as in Hydra)."""
+    kept: dict[str, str] = {}
+    for override in overrides:
+        key = override_key(override)
+        if any(covers(k, key) for k in (*UNHASHED, *NOT_NAMING)):
+            continue
+        kept.pop(key, None)
+        kept[key] = override.strip()
+    return list(kept.values())
+
+
+def run_name(preset: str, overrides: list[str]) -> str:
+    """`se_kd` for the preset as it is; `se_kd (position.signal=kl, train.steps=2)` for a run whose
+    overrides change its settings."""
+    changed = changes(overrides)
+    return f"{preset} ({', '.join(changed)})" if changed else preset
+
+
+def file_safe(name: str, limit: int = 80) -> str:
+    """`name` as a folder name and a wandb run id (which refuses `,:;#?/'`): `se_kd (position.signal=kl,
+    train.steps=2)` -> `se_kd_position.signal=kl_train.steps=2`; at most `limit` characters (the identity
+    that follows it keeps it unique)."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("_.=+-") or "run"
+    if len(safe) > limit:  # whole overrides only, where one ends in the second half
+        cut = safe[: limit + 1].rfind("_")
+        safe = safe[: cut if cut > limit // 2 else limit]
+    return safe.rstrip("_.=+-")  # no separator left before the identity that follows
 
 
 class RunDir:
-    def __init__(self, cfg: DictConfig):
-        self.path = run_dir(cfg)
-        self.eval_dir = eval_dir(cfg)
+    def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
+        self.path = run_dir(cfg, overrides=overrides)
+        self.eval_dir = self.path / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
         self.hash = config_hash(cfg)
+        self.name = run_name(cfg.preset, overrides or [])  # the console's, wandb's, the record's
         # nothing is created yet: write_config makes the folders once the run's checks have passed
 
     record = property(lambda self: self.eval_dir / "record.json")
@@ -270,15 +355,17 @@ def trained(path: Path) -> bool:
     return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
 
 
-def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> bool:
+def is_finished(
+    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
+) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
     Reads only the file system: creates nothing. `world`, `cuda`: the ranks the cell's job will run on,
     and whether its node has a GPU."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda))
-    return (eval_dir(cfg, world, cuda) / "record.json").exists()
+        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda, overrides))
+    return (eval_dir(cfg, world, cuda, overrides) / "record.json").exists()
 
 
 def git_commit() -> str | None:
