@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sekd import load_results
 from sekd.report.results import load_records, summarize
 from tests.helpers import ROOT, TINY, sekd_train
 
@@ -121,6 +123,16 @@ def test_plugins_run_in_every_local_job_and_a_changed_source_is_a_new_run(lab, t
     table = summarize(load_records([root]))  # the two sources of one configuration: two rows, not two seeds
     assert len(table) == 3 and list(table[("seeds", "n")]) == [1, 1, 1]
     assert load_records([root])["plugins"].str.contains("position.policy=stride (lab_pieces None, ", regex=False).all()
+    assert documented_columns() <= set(load_results(root).columns)  # docs/api.md's table of load_results
+
+
+def documented_columns() -> set[str]:
+    """The column names docs/api.md lists for `sekd.load_results` (patterns like `config.*` left out)."""
+    page = (ROOT / "docs" / "api.md").read_text()
+    table = page[page.index("| column | what |") :].split("\n\n")[0]
+    cells = [line.split("|")[1] for line in table.splitlines()[2:]]
+    names = {n for cell in cells for n in re.findall(r"`([^`]+)`", cell)}
+    return {n for n in names if "*" not in n and "<" not in n}
 
 
 def installed(site: Path, lab: Path) -> None:

@@ -334,8 +334,10 @@ def cache(tmp_path_factory):
     return tiny_cache(tmp_path_factory, tmp_path_factory.mktemp("slurm") / "cache")
 
 
-def sweep(root: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    res = sekd_train([*SMOKE, f"paths.root={root}", f"paths.cache={cache}", *overrides], env=OFFLINE, timeout=240)
+def sweep(root: Path, cache: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    res = sekd_train(
+        [*SMOKE, f"paths.root={root}", f"paths.cache={cache}", *overrides], env={**OFFLINE, **(env or {})}, timeout=240
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
@@ -455,14 +457,29 @@ def test_a_preempted_two_task_job_requeues_once_and_both_ranks_resume(cluster, c
     assert "Traceback" not in rank1 + errors  # rank 1 left without a crash, though rank 0 left mid-step
 
 
+LAB_CRITERION = """
+import sekd
+from sekd.selection.criteria import forward_kl
+
+
+@sekd.criterion("lab_half_kl")
+def lab_half_kl(s, t, y, *, temperature=1.0, row=None, u=None):
+    return 0.5 * forward_kl(s, t, y, temperature=temperature)
+"""
+
+
 def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them_submits_nothing(
     cluster, cache, tmp_path
 ):
     """resources.tasks_per_node=2: each cell is one Slurm job of 2 one-CPU tasks; each task is a rank that
-    reads its place from Slurm's environment (sekd.distributed.launch) and joins the gloo process group."""
+    reads its place from Slurm's environment (sekd.distributed.launch) and joins the gloo process group. Its
+    criterion is a researcher's (`plugins`): every task imports the plugin before it checks the config."""
     cluster.roots.append(tmp_path)
+    (tmp_path / "lab_slurm.py").write_text(LAB_CRITERION)
+    lab = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     two_ranks = ["resources.tasks_per_node=2", "resources.cpus=1", "train.distributed=ddp", "train.log_every=1"]
-    first = sweep(tmp_path, cache, *two_ranks)
+    two_ranks += ["plugins=[lab_slurm]", "criterion.name=lab_half_kl"]
+    first = sweep(tmp_path, cache, *two_ranks, env=lab)
     assert "2 cells: 0 already finished, 2 to run" in first.stdout
     jobs = submitted_jobs(tmp_path)
     logs = sorted(p.name for p in tmp_path.glob("hydra/*/.submitit/*/*_log.out"))
@@ -473,11 +490,12 @@ def test_a_two_task_job_trains_one_run_on_two_ranks_and_a_finished_sweep_of_them
     for run in runs:
         [record] = [json.loads(p.read_text()) for p in run.glob("eval-*/record.json")]
         assert record["world_size"] == 2 and record["steps"] == 2
+        assert [(p["key"], p["module"]) for p in record["plugins"]] == [("criterion.name", "lab_slurm")]
         steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)) and steps[-1] == 2  # logged by rank 0 alone
     before = {p: p.read_bytes() for p in tmp_path.glob("runs/*/eval-*/record.json")}
 
-    again = sweep(tmp_path, cache, *two_ranks)
+    again = sweep(tmp_path, cache, *two_ranks, env=lab)
     assert "2 already finished, 0 to run" in again.stdout and "nothing to do" in again.stdout
     assert submitted_jobs(tmp_path) == jobs  # no new Slurm job
     assert all(p.read_bytes() == b for p, b in before.items())

@@ -88,7 +88,7 @@ class SekdSweeper(BasicSweeper):
         todo, finished, same, errors = [], [], [], []
         first: dict[str, tuple[str, Path]] = {}  # a run's identity -> the cell that runs it, its folder
         for cell in cells:
-            where, typed = " ".join(cell) or "(no overrides)", list(cell)  # the job's overrides: they name its run
+            where = " ".join(cell) or "(no overrides)"
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
                 world, cuda = self.job_world_size(cfg), self.job_cuda(cfg)
@@ -96,9 +96,9 @@ class SekdSweeper(BasicSweeper):
                     del cfg["hydra"]
                 run = validate(cfg)  # the typed config; cfg, Hydra's tree, names the run's folders
                 if cfg.stage == "score" and cfg.mode == "distill" and not cfg.force:
-                    if not trained(run_dir(cfg, world, cuda, typed)):
+                    if not trained(run_dir(cfg, world, cuda)):
                         raise ConfigError(
-                            f"stage=score: {run_dir(cfg, world, cuda, typed)} holds no trained student yet; "
+                            f"stage=score: {run_dir(cfg, world, cuda)} holds no trained student yet; "
                             "run the sweep with stage=train first"
                         )
             except ConfigError as err:
@@ -107,10 +107,10 @@ class SekdSweeper(BasicSweeper):
             except Exception as err:  # composition: an unknown preset, a missing group option
                 errors.append(f"cell [{where}]: {type(err).__name__}: {str(err).splitlines()[0]}")
                 continue
-            if self.skip_finished and is_finished(cfg, world, cuda, typed):
-                finished.append(f"{where} -> {run_dir(cfg, world, cuda, typed)}")
+            if self.skip_finished and is_finished(cfg, world, cuda):
+                finished.append(f"{where} -> {run_dir(cfg, world, cuda)}")
                 continue
-            folder = run_dir(cfg, world, cuda, typed) if cfg.stage == "train" else eval_dir(cfg, world, cuda, typed)
+            folder = run_dir(cfg, world, cuda) if cfg.stage == "train" else eval_dir(cfg, world, cuda)
             # one run, by its identity: the student under two seeds (no seed in it), two presets of one setting
             identity = run_identity(cfg, world, cuda) + ("" if cfg.stage == "train" else "/" + folder.name)
             if identity in first:
@@ -124,7 +124,7 @@ class SekdSweeper(BasicSweeper):
                     errors.append(f"cell [{where}]: {err}")
                     continue
             todo.append(cell)
-            self.done_checks[tuple(cell)] = finished_since(cfg, world, cuda, time.time(), typed)
+            self.done_checks[tuple(cell)] = finished_since(cfg, world, cuda, time.time())
         return todo, finished, same, errors
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -269,16 +269,14 @@ def why_failed(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-def finished_since(
-    cfg, world: Optional[int], cuda: Optional[bool], since: float, overrides: Optional[List[str]] = None
-) -> Callable[[], bool]:
+def finished_since(cfg, world: Optional[int], cuda: Optional[bool], since: float) -> Callable[[], bool]:
     """Whether this cell's run has written what ends its stage since `since` (a forced re-run rewrites it)."""
     from sekd.stores.runs import run_dir, eval_dir, trained
 
     if cfg.stage == "train":
-        folder = run_dir(cfg, world, cuda, overrides)
+        folder = run_dir(cfg, world, cuda)
         return lambda: cfg.mode != "distill" or trained(folder)
-    record = eval_dir(cfg, world, cuda, overrides) / "record.json"
+    record = eval_dir(cfg, world, cuda) / "record.json"
     return lambda: record.exists() and record.stat().st_mtime >= since - 1
 
 

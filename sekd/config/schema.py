@@ -85,7 +85,7 @@ def mapping(key: str, value: Any) -> None:
 
 @dataclass
 class PathsConfig:
-    root: str = "outputs"  # run folders: <root>/runs/<run name>-s<seed>-<train hash>
+    root: str = "outputs"  # run folders: <root>/runs/<preset>-s<seed>-<train hash>
     cache: str = ".sekd_cache"  # built tokenizers, models, packed data, eval tasks
 
 

@@ -1,14 +1,14 @@
 """The run folder: the one place that writes a run's config, metrics, checkpoints, model and record.
 
-    <paths.root>/runs/<name>-s<seed>-<train hash>/            (everything but `eval` is hashed, names
-                                                               not; a run that trains nothing: <name>-<hash>)
+    <paths.root>/runs/<preset>-s<seed>-<train hash>/          (everything but `eval` is hashed, names
+                                                               not; a run that trains nothing: <preset>-<hash>)
         metrics.jsonl  checkpoint.pt  selection_trace.jsonl  train_stats.json  .train.lock
         model/  (Hugging Face checkpoint)   wandb/
         eval-<suite>-<split>-<eval hash>/   config.yaml  overrides.yaml  record.json  lm_eval/ (raw output)
 
 One trained student is scored by as many eval configs as ask for it (Table 2 on test, V1 on
 validation) without training it again; each scoring writes its own record. A run is its identity
-(its seed and config hashes, defined here), found whatever route's name (`run_name`) made its folder.
+(its seed and config hashes, defined here), found whatever route's preset named its folder.
 """
 
 from __future__ import annotations
@@ -190,21 +190,14 @@ def eval_hash(cfg: DictConfig, cuda: bool | None = None) -> str:
     return _hash(_compute({"eval": resolved(cfg).get("eval", {})}, cuda))[:8]
 
 
-def run_dir(
-    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
-) -> Path:
+def run_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
     """The run's folder, found by its identity: an existing `*-s<seed>-<train hash>` (`*-<hash>` for a run
-    that trains nothing, `_seedless`) whatever route named it; else a new `<run name>-s<seed>-<train hash>`
-    (the name without eval's overrides: `eval` is not in the train hash).
-    `overrides`: the run's, as typed, which name a new folder (None: unknown, the preset names it)."""
+    that trains nothing, `_seedless`) whatever route made it; else a new `<preset>-s<seed>-<train hash>`.
+    The run's name (`run_name`: the preset and what its overrides change) is the console's, the record's
+    and the report's; the folder keeps its preset's, short and the same whatever was overridden."""
     identity = run_identity(cfg, world, cuda)
     runs = Path(cfg.paths.root) / "runs"
-    found = existing_run(runs, identity)
-    if found is not None:
-        return found
-    # the folder is the trained student's, which every scoring shares: eval's overrides name records, not it
-    trains_as = [o for o in overrides or [] if not covers("eval", override_key(o))]
-    return runs / f"{file_safe(run_name(cfg.preset, trains_as))}{identity}"
+    return existing_run(runs, identity) or runs / f"{cfg.preset}{identity}"
 
 
 def run_identity(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> str:
@@ -226,10 +219,8 @@ def existing_run(runs: Path, identity: str) -> Path | None:
     return next((p for p in found if trained(p)), found[0] if found else None)
 
 
-def eval_dir(
-    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
-) -> Path:
-    folder = run_dir(cfg, world, cuda, overrides)
+def eval_dir(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> Path:
+    folder = run_dir(cfg, world, cuda)
     return folder / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg, cuda)}"
 
 
@@ -272,7 +263,7 @@ def run_name(preset: str, overrides: list[str]) -> str:
 
 
 def file_safe(name: str, limit: int = 80) -> str:
-    """`name` as a folder name and a wandb run id (which refuses `,:;#?/'`): `se_kd (position.signal=kl,
+    """`name` as a wandb run id (which refuses `,:;#?/'`) or a file name: `se_kd (position.signal=kl,
     train.steps=2)` -> `se_kd_position.signal=kl_train.steps=2`; at most `limit` characters (the identity
     that follows it keeps it unique)."""
     safe = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("_.=+-") or "run"
@@ -284,7 +275,7 @@ def file_safe(name: str, limit: int = 80) -> str:
 
 class RunDir:
     def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
-        self.path = run_dir(cfg, overrides=overrides)
+        self.path = run_dir(cfg)
         self.eval_dir = self.path / f"eval-{cfg.eval.suite}-{cfg.eval.split}-{eval_hash(cfg)}"
         self.hash = config_hash(cfg)
         self.name = run_name(cfg.preset, overrides or [])  # the console's, wandb's, the record's
@@ -355,17 +346,15 @@ def trained(path: Path) -> bool:
     return (path / "model" / "config.json").exists() and (path / "train_stats.json").exists()
 
 
-def is_finished(
-    cfg: DictConfig, world: int | None = None, cuda: bool | None = None, overrides: list[str] | None = None
-) -> bool:
+def is_finished(cfg: DictConfig, world: int | None = None, cuda: bool | None = None) -> bool:
     """Whether this cell has nothing left to do for its stage (a sweep skips it before submitting).
     Reads only the file system: creates nothing. `world`, `cuda`: the ranks the cell's job will run on,
     and whether its node has a GPU."""
     if cfg.force:
         return False
     if cfg.stage == "train":
-        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda, overrides))
-    return (eval_dir(cfg, world, cuda, overrides) / "record.json").exists()
+        return cfg.mode != "distill" or trained(run_dir(cfg, world, cuda))
+    return (eval_dir(cfg, world, cuda) / "record.json").exists()
 
 
 def git_commit() -> str | None:

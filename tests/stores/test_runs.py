@@ -91,21 +91,19 @@ def test_a_long_name_is_cut_and_never_ends_in_a_separator():
     assert file_safe("x" * 100, 10) == "x" * 10
 
 
-def test_a_new_folder_is_named_by_the_run_and_an_existing_one_is_found_by_its_identity(tmp_path):
+def test_a_new_folder_is_named_by_its_preset_and_an_existing_one_is_found_by_its_identity(tmp_path):
     root = f"paths.root={tmp_path}"
     by_overrides = compose_cfg(["experiment=se_kd", "position.signal=kl", root])
     by_preset = compose_cfg(["experiment=top_kl", root])
     h = train_hash(by_preset)
     assert train_hash(by_overrides) == h
-    fresh = run_dir(by_overrides, overrides=["experiment=se_kd", "position.signal=kl", root])
-    assert fresh == tmp_path / "runs" / f"se_kd_position.signal=kl-s1337-{h}"
-    assert run_dir(by_preset, overrides=["experiment=top_kl", root]) == tmp_path / "runs" / f"top_kl-s1337-{h}"
-    fresh.mkdir(parents=True)  # route A made its folder: route B, another name, finds it
-    assert run_dir(by_preset, overrides=["experiment=top_kl", root]) == fresh
-    scored_apart = ["experiment=top_kl", "seed=5", "eval=none", "eval.limit=3", "train.steps=2", root]
-    assert run_dir(compose_cfg(scored_apart), overrides=scored_apart).name.startswith("top_kl_train.steps=2-s5-")
+    fresh = run_dir(by_overrides)
+    assert fresh == tmp_path / "runs" / f"se_kd-s1337-{h}"
+    assert run_dir(by_preset) == tmp_path / "runs" / f"top_kl-s1337-{h}"
+    fresh.mkdir(parents=True)  # route A made its folder: route B, another preset, finds it
+    assert run_dir(by_preset) == fresh
     other_seed = compose_cfg(["experiment=top_kl", "seed=7", root])
-    assert run_dir(other_seed, overrides=[]).name == f"top_kl-s7-{train_hash(other_seed)}"
+    assert run_dir(other_seed).name == f"top_kl-s7-{train_hash(other_seed)}"
 
 
 def test_two_folders_of_one_identity_resolve_to_the_trained_one_then_the_first(tmp_path):
@@ -130,22 +128,20 @@ def test_a_seedless_identity_never_takes_a_seeded_folder(tmp_path):
 def test_a_seedless_run_is_found_whatever_its_seed_and_name(tmp_path):
     root = f"paths.root={tmp_path}"
     first = compose_cfg(["experiment=student", "seed=1", root])
-    folder = run_dir(first, overrides=[])
+    folder = run_dir(first)
     assert folder.name == f"student-{train_hash(first)}"
     folder.mkdir(parents=True)
-    assert run_dir(compose_cfg(["mode=score_student", "seed=2", root]), overrides=[]) == folder
+    assert run_dir(compose_cfg(["mode=score_student", "seed=2", root])) == folder
 
 
 def test_a_finished_run_is_finished_for_every_route_to_it(tmp_path):
     root = f"paths.root={tmp_path}"
     route_a, route_b = ["experiment=full_kd", "stage=train", root], ["stage=train", root]  # full_kd is the default
     a, b = compose_cfg(route_a), compose_cfg(route_b)
-    assert run_identity(a) == run_identity(b) and not is_finished(a, overrides=route_a)
-    folder = run_dir(a, overrides=route_a)
-    assert (
-        folder.name == f"full_kd{run_identity(a)}" and run_dir(b, overrides=route_b).name == f"custom{run_identity(a)}"
-    )
+    assert run_identity(a) == run_identity(b) and not is_finished(a)
+    folder = run_dir(a)
+    assert folder.name == f"full_kd{run_identity(a)}" and run_dir(b).name == f"custom{run_identity(a)}"
     (folder / "model").mkdir(parents=True)
     (folder / "model" / "config.json").write_text("{}"), (folder / "train_stats.json").write_text("{}")
-    assert is_finished(b, overrides=route_b) and run_dir(b, overrides=route_b) == folder
+    assert is_finished(b) and run_dir(b) == folder
     assert not is_finished(compose_cfg([*route_b, "force=true"]))
