@@ -35,11 +35,16 @@ def load(modules: Iterable[str] = ()) -> list[str]:
         import_plugin(module, key=ENV)
     for module in modules:
         import_plugin(module)
-    imported = plugin_modules()
-    importable = sorted(m for m in imported if m != "__main__")
-    if importable:
-        os.environ[ENV] = ",".join(importable)  # a launcher's jobs and ranks start from this environment
-    return imported
+    return plugin_modules()
+
+
+def pass_on() -> None:
+    """What a wrapper script imported before `sekd.train.main()` (modules that registered pieces) reaches
+    the processes it starts: a launcher's jobs and torchrun's ranks start from this environment. A piece
+    the script itself defines (`__main__`) cannot be imported by them."""
+    found = [m for m in plugin_modules() if m != "__main__" and getattr(sys.modules.get(m), "__file__", None)]
+    if found:
+        os.environ[ENV] = ",".join(sorted({*_inherited(), *found}))
 
 
 def _inherited() -> list[str]:

@@ -37,7 +37,9 @@ def main() -> None:
     (and --card, --world) it prints the run's memory per device instead (sekd/app/plan.py), before Hydra
     sees argv: Hydra refuses flags it does not know."""
     from sekd.app.checks import check_command_line
+    from sekd.plugins import pass_on
 
+    pass_on()  # a wrapper's own modules of pieces, to every process this command starts
     if "--version" in sys.argv[1:]:  # sekd's own (Hydra's --version would print Hydra's)
         from sekd import __version__
 

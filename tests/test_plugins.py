@@ -46,7 +46,21 @@ def test_a_loaded_plugin_names_its_module_and_passes_it_to_child_processes(lab):
     assert module in plugins.load([module])
     assert CRITERIA.origin(f"kl_{lab.parent.name}") == module
     assert CRITERIA.origin("forward_kl") == "sekd.selection.criteria"  # the built-ins' own modules
+    assert os.environ[plugins.ENV] == ""  # loading passes nothing on: a config's plugins reach a job by its config
+    plugins.pass_on()  # what sekd.train.main() does first: a wrapper's imports reach the processes it starts
     assert module in os.environ[plugins.ENV].split(",")
+
+
+def test_a_piece_registered_inside_a_function_is_that_module_s(monkeypatch):
+    """As under pytest-xdist, whose main module (execnet's) no child process can import."""
+    from sekd.selection.criteria import criterion, forward_kl
+
+    monkeypatch.setenv(plugins.ENV, "")
+    criterion("kl_inside_a_test")(forward_kl.fn)
+    try:
+        assert CRITERIA.origin("kl_inside_a_test") == __name__
+    finally:
+        CRITERIA._entries.pop("kl_inside_a_test")
 
 
 def test_a_run_of_a_plugin_piece_holds_its_module_version_and_source(lab):

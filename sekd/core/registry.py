@@ -93,19 +93,16 @@ def _typed(option: str, hint: Any, value: Any) -> Any:
 
 
 def registering_module() -> str:
-    """The module being imported when a piece registers: the nearest module-level frame up the stack
-    (a decorator applied in a plugin's body, or a built-in's module), else the nearest caller outside
-    the registration helpers (a piece registered inside a function: a test's)."""
+    """The module that registers a piece: the nearest frame that is a module's body (a plugin's applying a
+    decorator, a built-in's) or that lies outside the registration helpers (a function that registers one:
+    a test's, a notebook's)."""
     frame = sys._getframe(1)
-    caller = None
     while frame is not None:
         module = frame.f_globals.get("__name__", "?")
-        if frame.f_code.co_name == "<module>":
+        if frame.f_code.co_name == "<module>" or module not in _HELPERS:
             return module
-        if caller is None and module not in _HELPERS:
-            caller = module
         frame = frame.f_back  # type: ignore[assignment]
-    return caller or "?"
+    return "?"
 
 
 PLUGIN_MODULES: set[str] = set()  # every module outside sekd that registered a piece in this process
