@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from sekd.core.registry import NoOptions, Registry, at_least
+from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_range
 from sekd.selection import references as R
 from sekd.core.rng import PositionKeys
 from sekd.core.tensors import upcast
@@ -61,14 +61,34 @@ class RSKDOptions:
         at_least("n_draws", self.n_draws, 1)
 
 
+NORMALIZATIONS = ("renormalized", "raw")
+
+
 @dataclass(frozen=True)
 class TruncationOptions:
-    """top: how many of the teacher's most likely classes to keep, >= 1 (0 would train on nothing)."""
+    """top: how many of the teacher's most likely classes to keep, >= 1 (0 would train on nothing);
+    normalization: `renormalized` (p_t over the support, summing to 1) or `raw` (p_t as it is, the missing
+    mass dropped: the two readings frameworks give a stored top-k)."""
 
     top: int = 64
+    normalization: str = "renormalized"
 
     def __post_init__(self):
         at_least("top", self.top, 1)
+        if self.normalization not in NORMALIZATIONS:
+            raise OptionError("normalization", self.normalization, f"one of: {', '.join(NORMALIZATIONS)}")
+
+
+@dataclass(frozen=True)
+class TopPOptions:
+    """p: the teacher's mass the support must hold, in (0, 1]; max_k: the most classes it may take, >= 1."""
+
+    p: float = 0.9
+    max_k: int = 64
+
+    def __post_init__(self):
+        in_range("p", self.p, 0, 1, open_lo=True)
+        at_least("max_k", self.max_k, 1)
 
 
 @dataclass(frozen=True)
@@ -134,14 +154,37 @@ def top_k_truncation(
     t: Tensor,
     *,
     top: int = 64,
+    normalization: str = "renormalized",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     keys: PositionKeys | None = None,
 ) -> SparseTarget:
-    """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them.  [N,V] -> [N,K]"""
-    t = upcast(t)
-    vals, ids = (t / temperature).topk(min(top, t.shape[-1]), dim=-1)
-    return SparseTarget(ids, torch.softmax(vals, dim=-1), torch.ones_like(ids, dtype=torch.bool))
+    """C_t = the teacher's `top` most likely classes; p~ = p_t renormalized over them, or p_t itself
+    (`raw`: the missing mass dropped).  [N,V] -> [N,K]"""
+    t = upcast(t) / temperature
+    vals, ids = t.topk(min(top, t.shape[-1]), dim=-1)
+    probs = torch.softmax(vals, -1) if normalization == "renormalized" else (vals - t.logsumexp(-1, keepdim=True)).exp()
+    return SparseTarget(ids, probs, torch.ones_like(ids, dtype=torch.bool))
+
+
+@class_sampler("top_p", TopPOptions, random=False, reference=R.nucleus_distribution, example={"p": 0.5, "max_k": 6})
+def top_p(
+    t: Tensor,
+    *,
+    p: float = 0.9,
+    max_k: int = 64,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    keys: PositionKeys | None = None,
+) -> SparseTarget:
+    """C_t = the fewest most likely classes holding `p` of p_t (at most `max_k`: a per-position size);
+    p~ = p_t renormalized over them.  [N,V] -> [N,K], padded where the support is smaller"""
+    t = upcast(t) / temperature
+    vals, ids = t.topk(min(max_k, t.shape[-1]), dim=-1)
+    probs = (vals - t.logsumexp(-1, keepdim=True)).exp()
+    mask = probs.cumsum(-1) - probs < p  # every class the ones before it leave short of p; the first always
+    kept = probs.masked_fill(~mask, 0.0)
+    return SparseTarget(ids, kept / kept.sum(-1, keepdim=True), mask)
 
 
 def build_classes(name: str, **opts: Any) -> ClassSampler | None:

@@ -147,15 +147,29 @@ def teacher_distribution(t, *, temperature=1.0, n_draws=64):
     return log_softmax64(t, temperature).exp()
 
 
-def truncated_distribution(t, *, temperature=1.0, top=64):
-    """top_k_truncation: p_t renormalized over its `top` largest classes (a biased baseline)."""
+def truncated_distribution(t, *, temperature=1.0, top=64, normalization="renormalized"):
+    """top_k_truncation: p_t on its `top` largest classes, renormalized over them, or as it is (`raw`)."""
     p = log_softmax64(t, temperature).exp()
     keep = torch.zeros_like(p, dtype=torch.bool)
     for n in range(p.shape[0]):
         for v in sorted(range(p.shape[1]), key=lambda v: -float(p[n, v]))[: min(top, p.shape[1])]:
             keep[n, v] = True
     p = p.masked_fill(~keep, 0.0)
-    return p / p.sum(-1, keepdim=True)
+    return p / p.sum(-1, keepdim=True) if normalization == "renormalized" else p
+
+
+def nucleus_distribution(t, *, temperature=1.0, p=0.9, max_k=64):
+    """top_p: p_t renormalized over the fewest most likely classes holding `p` of it, at most `max_k`."""
+    probs = log_softmax64(t, temperature).exp()
+    out = torch.zeros_like(probs)
+    for n in range(probs.shape[0]):
+        covered = 0.0
+        for v in sorted(range(probs.shape[1]), key=lambda v: -float(probs[n, v]))[: min(max_k, probs.shape[1])]:
+            out[n, v] = probs[n, v]
+            covered += float(probs[n, v])
+            if covered >= p:
+                break
+    return out / out.sum(-1, keepdim=True)
 
 
 # ---- policies: (u [B,T], valid, *, step, **options) -> E[m_t w_t] [B,T] ---------------------------

@@ -86,7 +86,11 @@ def test_declarations_of_the_registered_pieces():
     assert CRITERIA.get("atkd").needs == {"teacher"} and CRITERIA.get("weighted").needs == {"u"}
     assert sparse_capable() == ["forward_kl"]
     assert all(isinstance(CLASSES.get(n), ClassSampler) for n in CLASSES.names())
-    assert {n: CLASSES.get(n).random for n in CLASSES.names()} == {"rs_kd": True, "top_k_truncation": False}
+    assert {n: CLASSES.get(n).random for n in CLASSES.names()} == {
+        "rs_kd": True,
+        "top_k_truncation": False,
+        "top_p": False,
+    }
     built = {n: build_policy(n, POLICIES.get(n).example) for n in POLICIES.names()}
     traits = {n: (p.random, p.stepped, p.stateful) for n, p in built.items()}
     assert all(isinstance(p, PolicyPiece) for p in built.values())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sekd.core.registry import RegistryError
 from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss
 from sekd.selection.classes import CLASSES, SparseTarget, build_classes, rs_kd, sparse_forward_kl, top_k_truncation
 from sekd.selection.criteria import forward_kl
@@ -75,7 +76,7 @@ def test_top_k_truncation_renormalizes_the_teachers_top_classes():
 
 
 def test_registry_and_full():
-    assert set(CLASSES.names()) == {"rs_kd", "top_k_truncation"}
+    assert set(CLASSES.names()) == {"rs_kd", "top_k_truncation", "top_p"}
     assert build_classes("full") is None
     with pytest.raises(ValueError, match="n_draw"):
         build_classes("rs_kd", n_draw=3)
@@ -97,3 +98,26 @@ def test_objective_with_cached_targets_equals_online_targets():
     cached = truncation(t[valid])  # row-major valid positions, as TeacherCache.targets returns them
     offline = selective_kd_loss(s, None, y, LossInputs(sel, lam=1.0, temperature=1.0, cached=cached))
     torch.testing.assert_close(online.loss_sum, offline.loss_sum)
+
+
+def test_raw_truncation_keeps_the_teachers_probabilities_and_drops_the_rest():
+    t = logits(5, 11, seed=4)
+    raw = CLASSES.build("top_k_truncation", top=3, normalization="raw")(t, temperature=2.0)
+    renormalized = CLASSES.build("top_k_truncation", top=3)(t, temperature=2.0)
+    p = torch.softmax(t / 2.0, -1)
+    assert torch.equal(raw.ids, renormalized.ids)
+    torch.testing.assert_close(raw.probs, p.gather(1, raw.ids), rtol=0, atol=1e-12)
+    assert (raw.probs.sum(-1) < 1).all() and torch.allclose(renormalized.probs.sum(-1), torch.ones(5, dtype=t.dtype))
+    with pytest.raises(RegistryError, match="normalization='sum' must be one of: renormalized, raw"):
+        CLASSES.build("top_k_truncation", normalization="sum")
+
+
+def test_top_p_takes_the_fewest_classes_holding_p_and_is_capped():
+    probs = torch.tensor(
+        [[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64
+    )
+    t = probs.log()
+    target = CLASSES.build("top_p", p=0.8, max_k=3)(t)
+    assert target.mask.sum(-1).tolist() == [2, 1, 3]  # 0.5 + 0.3 reaches 0.8; 0.97 alone; the cap at 3
+    torch.testing.assert_close(target.probs[0, :2], torch.tensor([0.625, 0.375], dtype=torch.float64))
+    assert target.probs.masked_fill(~target.mask, 0).sum(-1).allclose(torch.ones(3, dtype=torch.float64))
