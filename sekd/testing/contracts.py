@@ -83,7 +83,7 @@ def _policy_resume(name: str, opts: dict[str, Any], seed: int) -> None:
         buf = io.BytesIO()
         torch.save(first.state_dict(), buf)
         buf.seek(0)
-        resumed.load_state_dict(torch.load(buf, weights_only=False))
+        resumed.load_state_dict(torch.load(buf, weights_only=True))  # as the checkpoint reads it
         u2, valid2 = RF.scores(seed=seed + 1)
         after = [_policy_draws(p, u2, valid2, seed, STEP + 1) for p in (first, resumed)]
         assert _same_draws(*after), f"policy {name!r}: after a state_dict round trip it selects differently"

@@ -85,7 +85,7 @@ def spawn(modules: Sequence[str], jobs: Sequence[Job]) -> list[list[list[dict[st
             raise AssertionError(f"2 ranks: a rank failed running {[j[:2] for j in jobs]}: {last}") from None
         finally:
             os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
-        return [torch.load(Path(root) / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+        return [torch.load(Path(root) / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def compare(job: Job, ranks: Sequence[list[dict[str, Any]]]) -> None:
