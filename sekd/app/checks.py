@@ -157,16 +157,18 @@ def check_classes(run: RunConfig) -> None:
     """The class sampler exists and takes classes.options; a sparse target needs a criterion that can
     take it; a cache folder holds a teacher cache."""
     from sekd.selection.classes import CLASSES
+    from sekd.selection.criteria import CRITERIA, sparse_divergence
 
     c = run.classes
     choice("classes.name", c.name, ["full", *CLASSES.names()])
     if c.name != "full":
         _registry_check(CLASSES.check_kwargs, c.name, dict(c.options), key="classes.options")
-        if run.criterion.name != "forward_kl":
-            raise ConfigError(
-                f"criterion.name={run.criterion.name!r} cannot use a sparse class target "
-                f"(classes.name={c.name}); choose one of: forward_kl"
-            )
+        if run.criterion.name in CRITERIA:
+            form = CLASSES.get(c.name).form_of(dict(c.options))
+            try:
+                sparse_divergence(CRITERIA.get(run.criterion.name), f"classes.name={c.name}", form)
+            except ValueError as err:
+                raise ConfigError(f"criterion.name={run.criterion.name!r}: {err}") from None
     if c.cache not in (None, "auto") and not (Path(c.cache) / "manifest.json").exists():
         raise ConfigError(
             f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "

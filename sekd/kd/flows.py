@@ -435,7 +435,7 @@ class DrawnDivergence:
     def __call__(self, s: Tensor, sl: slice) -> Tensor:
         keys = self.keys.take(sl) if self.keys is not None else None
         target = draw_classes(
-            self.sel, self.teacher_at(sl), temperature=self.temperature, generator=self.generator, keys=keys
+            self.sel, self.teacher_at(sl), s, temperature=self.temperature, generator=self.generator, keys=keys
         )
         return self.D(s, target, self.temperature)
 
@@ -565,9 +565,10 @@ def chunk_divergence(
     crit = sel.criterion
     if inputs.cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
         order = valid_order(at.labels)[at.rows, at.cols]  #                          [N]
-        return CachedDivergence(sparse_divergence(crit, "the teacher cache"), inputs.cached, order, temperature), False
+        D = sparse_divergence(crit, "the teacher cache", inputs.cached.form)
+        return CachedDivergence(D, inputs.cached, order, temperature), False
     if sel.classes is not None:  # C_t subset of V, drawn from the teacher's logits at the chunk
-        D = sparse_divergence(crit, f"classes {sel.classes.name!r}")
+        D = sparse_divergence(crit, f"classes {sel.classes.name!r}", sel.classes.form_of())
         keys = PositionKeys(at.keys, at.rows, at.cols, at.labels.shape[1]) if at.keys is not None else None
         return DrawnDivergence(sel, D, teacher_at, temperature, inputs.generator, keys), False
     u_sel = at.u[at.rows, at.cols] if at.u is not None else None

@@ -67,7 +67,7 @@ class Selector:
         self.policy = as_policy(self.policy)
         self.criterion = as_criterion(self.criterion)
         if self.classes is not None:
-            sparse_divergence(self.criterion, f"classes {self.classes.name!r}")
+            sparse_divergence(self.criterion, f"classes {self.classes.name!r}", self.classes.form_of())
         elif "u" in self.criterion.needs and self.signal is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs a signal: it reads u(t)")
 
@@ -261,14 +261,14 @@ def divergence(
     sel, temperature = inputs.selector, inputs.temperature
     crit = sel.criterion
     if inputs.cached is not None:  # C_t and p~ from the offline cache, indexed by valid-position order
-        D = sparse_divergence(crit, "the teacher cache")
+        D = sparse_divergence(crit, "the teacher cache", inputs.cached.form)
         return D(s_sel, inputs.cached.take(valid_order(labels)[rows, cols]).to(s_sel.device), temperature)
     if t_logits is None:
         raise ValueError("lam > 0 needs teacher logits or cached class targets")
     t_sel = at_positions(t_logits, rows, cols)  #                                 [N,V]
     if sel.classes is not None:  # C_t subset of V: the criterion's sparse form (Selector checked it has one)
-        D = sparse_divergence(crit, f"classes {sel.classes.name!r}")
-        target = draw_classes(sel, t_sel, temperature=temperature, generator=inputs.generator, keys=keys)
+        D = sparse_divergence(crit, f"classes {sel.classes.name!r}", sel.classes.form_of())
+        target = draw_classes(sel, t_sel, s_sel, temperature=temperature, generator=inputs.generator, keys=keys)
         return D(s_sel, target, temperature)
     u_sel = u[rows, cols] if u is not None else None
     return crit(s_sel, t_sel, labels[rows, cols], temperature=temperature, row=rows, u=u_sel)
@@ -299,12 +299,21 @@ def covering_positions(
 
 
 def draw_classes(
-    sel: Selector, t_sel: Tensor, *, temperature: float, generator: torch.Generator | None, keys: PositionKeys | None
+    sel: Selector,
+    t_sel: Tensor,
+    s_sel: Tensor,
+    *,
+    temperature: float,
+    generator: torch.Generator | None,
+    keys: PositionKeys | None,
 ) -> SparseTarget:
-    """The class selector's targets at positions t_sel [N,V]; a random one draws from the positions' keys."""
+    """The class selector's targets at positions t_sel [N,V] (the student's logits there, s_sel, detached, for a
+    selector that chooses by them); a random one draws from the positions' keys."""
     if sel.classes is None:
         raise ValueError("no class selector: C_t = V takes no class draws")
-    kw = {"keys": keys} if sel.classes.random and keys is not None else {}
+    kw: dict = {"keys": keys} if sel.classes.random and keys is not None else {}
+    if sel.classes.needs_student:
+        kw["student"] = s_sel.detach()
     return sel.classes(t_sel, temperature=temperature, generator=generator, **kw)
 
 

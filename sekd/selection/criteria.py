@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sekd.core.registry import NoOptions, OptionError, Registry, at_least, in_range
 from sekd.selection import references as R
-from sekd.selection.classes import sparse_forward_kl
+from sekd.selection.classes import FORMS, sparse_forward_kl, sparse_reverse_kl
 from sekd.core.tensors import upcast
 
 CRITERIA: Registry[Criterion] = Registry("criterion", call_time=("temperature", "row", "u"))
@@ -54,6 +54,7 @@ class Criterion:
       (must see every selected position at once: only what `as_criterion` makes of an undeclared callable).
     sparse: D against a sparse class target p~ over C_t, (s [N,V], SparseTarget, temperature) -> [N];
       None: the criterion cannot use one (classes other than full, or the teacher cache, are refused).
+    sparse_forms: the forms of p~ (classes.FORMS) its sparse D is right for; the others are refused.
     closed_form: D and its gradient in the student's logits written out, (s [C,V], t [C,V], temperature,
       scratch [C,V]) -> (D [C], dD/ds [C,V]); it may overwrite s, t and scratch (the chunked flow's reused
       blocks) and returns the gradient in s's storage. None: the flow takes the gradient from autograd.
@@ -65,6 +66,7 @@ class Criterion:
     needs: frozenset[str] = frozenset()
     prepare: Callable[..., ChunkD] | None = None  # (Selected, **options) -> ChunkD
     sparse: Callable[..., Tensor] | None = None
+    sparse_forms: frozenset[str] = frozenset(FORMS)
     closed_form: Callable[..., tuple[Tensor, Tensor]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     reference: Callable[..., Tensor] | None = None  # the dense D per position in float64 (sekd.testing)
@@ -80,6 +82,10 @@ class Criterion:
             )
         if self.coupling != "batch" and (self.prepare is not None or self.needs):
             raise ValueError(f"criterion {self.name!r}: only a batch-level criterion has a prepare step and needs")
+        if set(self.sparse_forms) - set(FORMS):
+            raise ValueError(
+                f"criterion {self.name!r}: sparse_forms {sorted(self.sparse_forms)}; known: {', '.join(FORMS)}"
+            )
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"criterion {self.name!r} needs {sorted(unknown)}; known: {', '.join(NEEDS)}")
@@ -138,12 +144,18 @@ def sparse_capable() -> list[str]:
     return [n for n in CRITERIA.names() if CRITERIA.get(n).sparse is not None]
 
 
-def sparse_divergence(crit: Criterion, source: str) -> Callable[..., Tensor]:
-    """crit's D against a sparse class target from `source`; refused where it declares none."""
+def sparse_divergence(crit: Criterion, source: str, form: str | None = None) -> Callable[..., Tensor]:
+    """crit's D against a sparse class target from `source` (of `form`); refused where it declares none,
+    or none right for that form."""
     if crit.sparse is None:
         raise ValueError(
             f"criterion {crit.name!r} cannot use a sparse class target ({source}); "
             f"choose one of: {', '.join(sparse_capable())}"
+        )
+    if form is not None and form not in crit.sparse_forms:
+        raise ValueError(
+            f"criterion {crit.name!r} cannot use {form} targets ({source}: {FORMS[form]}); "
+            f"it takes: {', '.join(f for f in FORMS if f in crit.sparse_forms)}"
         )
     return crit.sparse
 
@@ -244,7 +256,13 @@ def forward_kl(
     return _kl(s, t, temperature, reverse=False)
 
 
-@criterion("reverse_kl", reference=R.reverse_kl_d, closed_form=reverse_kl_with_grad)
+@criterion(
+    "reverse_kl",
+    reference=R.reverse_kl_d,
+    closed_form=reverse_kl_with_grad,
+    sparse=sparse_reverse_kl,
+    sparse_forms=frozenset({"renormalized", "tail"}),  # random zeros give log 0; a raw sum below 1 goes negative
+)
 def reverse_kl(
     s: Tensor, t: Tensor, y: Tensor, *, temperature: float = 1.0, row: Tensor | None = None, u: Tensor | None = None
 ) -> Tensor:

@@ -158,6 +158,51 @@ def truncated_distribution(t, *, temperature=1.0, top=64, normalization="renorma
     return p / p.sum(-1, keepdim=True) if normalization == "renormalized" else p
 
 
+def _largest(x: Tensor, n: int, k: int) -> list[int]:
+    """Row n's k largest classes, by a plain sort."""
+    return sorted(range(x.shape[1]), key=lambda v: -float(x[n, v]))[: min(k, x.shape[1])]
+
+
+def _on(p: Tensor, keep: Tensor, normalization: str) -> Tensor:
+    """p on the kept classes: renormalized, raw, or raw with the rest's mass as one more column."""
+    kept = p.masked_fill(~keep, 0.0)
+    if normalization == "renormalized":
+        return kept / kept.sum(-1, keepdim=True)
+    if normalization == "raw":
+        return kept
+    return torch.cat([kept, p.masked_fill(keep, 0.0).sum(-1, keepdim=True)], 1)
+
+
+def head_and_tail_draws(t, *, temperature=1.0, top=8, n_draws=16):
+    """rs_kd_tail: p_t exactly on the head, and p_tail c_v / N on the tail draws, whose expectation is p_t."""
+    return log_softmax64(t, temperature).exp()
+
+
+def tail_distribution(t, *, temperature=1.0, top=64):
+    """top_k_tail: p_t on its `top` largest classes, and the tail column 1 - their sum."""
+    p = log_softmax64(t, temperature).exp()
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    for n in range(p.shape[0]):
+        keep[n, _largest(p, n, top)] = True
+    return _on(p, keep, "tail")
+
+
+def student_top_distribution(t, *, student, temperature=1.0, top=64, normalization="renormalized"):
+    """student_top_k: p_t on the student's `top` largest classes (renormalized, raw, or with the tail)."""
+    keep = torch.zeros_like(t, dtype=torch.bool)
+    for n in range(t.shape[0]):
+        keep[n, _largest(student, n, top)] = True
+    return _on(log_softmax64(t, temperature).exp(), keep, normalization)
+
+
+def union_top_distribution(t, *, student, temperature=1.0, top=64, normalization="renormalized"):
+    """union_top_k: p_t on the union of the teacher's and the student's `top` largest classes."""
+    keep = torch.zeros_like(t, dtype=torch.bool)
+    for n in range(t.shape[0]):
+        keep[n, _largest(t, n, top) + _largest(student, n, top)] = True
+    return _on(log_softmax64(t, temperature).exp(), keep, normalization)
+
+
 def nucleus_distribution(t, *, temperature=1.0, p=0.9, max_k=64):
     """top_p: p_t renormalized over the fewest most likely classes holding `p` of it, at most `max_k`."""
     probs = log_softmax64(t, temperature).exp()

@@ -107,8 +107,7 @@ def check_combo(c: Combo) -> None:
     """Dense == chunked for one combination (random class samplers: one chunk and split chunks)."""
     if c.key() in _PASSED:
         return
-    sparse = c.classes != "full"
-    if sparse and CRITERIA.get(c.criterion).sparse is None:
+    if c.classes != "full" and not accepts(c):
         _assert_refused(c)
         _PASSED.add(c.key())
         return
@@ -127,6 +126,15 @@ def check_combo(c: Combo) -> None:
         n = ch[0].metrics["positions_selected"]
         assert n > CHUNK, f"{c.label()}: {n} positions selected; the check needs more than one chunk's {CHUNK}"
     _PASSED.add(c.key())
+
+
+def accepts(c: Combo) -> bool:
+    """Whether c's criterion takes c's sparse target: it has a sparse form, right for the target's form."""
+    crit = CRITERIA.get(c.criterion)
+    if crit.sparse is None:
+        return False
+    sampler = CLASSES.build(c.classes, **c.opts("classes")) if c.classes in CLASSES else None
+    return (sampler.form_of() if sampler is not None else cached_targets().form) in crit.sparse_forms
 
 
 def _assert_chunked_refuses(c: Combo, err: ValueError, chunk_size: int, kw: dict[str, Any]) -> None:
@@ -162,5 +170,8 @@ def _assert_refused(c: Combo) -> None:
 
 def _assert_refusal_message(c: Combo, msg: str, who: str) -> None:
     capable = ", ".join(n for n in CRITERIA.names() if CRITERIA.get(n).sparse is not None)
-    pattern = f"criterion {re.escape(repr(c.criterion))} cannot use a sparse class target .* choose one of: {re.escape(capable)}$"
+    pattern = (
+        f"criterion {re.escape(repr(c.criterion))} cannot use "
+        f"(a sparse class target .* choose one of: {re.escape(capable)}|[a-z]+ targets .*; it takes: [a-z, ]+)$"
+    )
     assert re.fullmatch(pattern, msg), f"{c.label()}: {who} refuses a sparse target in other words: {msg}"

@@ -164,8 +164,8 @@ def check_class_sampler(
     opts = _options("class_sampler", name, options)
     O.check_options(CLASSES, name, opts, O.call_class_sampler)
     RF.class_sampler_reference(name, opts, seed)
-    sampler, t = CLASSES.build(name, **opts), RF.flat(seed=seed)[1]
-    draw = lambda s: sampler(t, temperature=1.0, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    sampler, (s, t) = CLASSES.build(name, **opts), RF.flat(seed=seed)[:2]
+    draw = lambda k: sampler(t, temperature=1.0, generator=torch.Generator().manual_seed(k), student=s)  # noqa: E731
     a, b = draw(seed), draw(seed)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.probs, b.probs), (
         f"class sampler {name!r}: the same seed draws differently"
@@ -175,7 +175,7 @@ def check_class_sampler(
         keys = lambda: PositionKeys(
             RowKeys.of_samples(seed, STEP, [0, 1]), torch.arange(n) % 2, torch.arange(n) // 2, n
         )  # noqa: E731
-        k1, k2 = (CLASSES.build(name, **opts)(t, temperature=1.0, keys=keys()) for _ in range(2))
+        k1, k2 = (CLASSES.build(name, **opts)(t, temperature=1.0, keys=keys(), student=s) for _ in range(2))
         assert torch.equal(k1.ids, k2.ids) and torch.equal(k1.probs, k2.probs), (
             f"class sampler {name!r}: the same position keys draw differently"
         )

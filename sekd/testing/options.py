@@ -80,4 +80,5 @@ def call_criterion(piece: Any) -> None:
 
 
 def call_class_sampler(piece: Any) -> None:
-    piece(flat()[1], temperature=1.0, generator=torch.Generator().manual_seed(0))
+    s, t = flat()[:2]
+    piece(t, temperature=1.0, generator=torch.Generator().manual_seed(0), student=s)

@@ -109,17 +109,26 @@ def criterion_reference(name: str, options: Mapping[str, Any]) -> None:
 
 
 def class_sampler_reference(name: str, options: Mapping[str, Any], seed: int = 0) -> None:
-    """The dense target p~ [N,V] equals the reference (random: in expectation over DRAWS draws)."""
+    """The dense target p~ [N,V] (a tail target: and its tail column) equals the reference (random: in
+    expectation over DRAWS draws)."""
     sampler = CLASSES.build(name, **options)
     ref = _need(sampler, "class sampler", name)
-    _, t, _, _, _ = flat(N=6, seed=3)
-    want = ref(t, temperature=1.5, **options)
+    s, t, _, _, _ = flat(N=6, seed=3)
+    student = {"student": s} if sampler.needs_student else {}
+    want = ref(t, temperature=1.5, **student, **options)
     R = DRAWS if sampler.random else 1
     g = torch.Generator().manual_seed(seed)
-    target = sampler(t.repeat(R, 1), temperature=1.5, generator=g)
-    dense = torch.zeros(R * t.shape[0], t.shape[1], dtype=torch.float64)
+    many = {k: v.repeat(R, 1) for k, v in student.items()}
+    target = sampler(t.repeat(R, 1), temperature=1.5, generator=g, **many)
+    dense = torch.zeros(R * t.shape[0], t.shape[1] + (target.tail is not None), dtype=torch.float64)
     dense.scatter_add_(1, target.ids, target.probs.double().masked_fill(~target.mask, 0.0))
-    dense = dense.view(R, *t.shape)
+    if target.tail is not None:
+        dense[:, -1] = target.tail.double()
+    dense = dense.view(R, t.shape[0], -1)
+    assert dense.shape[1:] == want.shape, (
+        f"class sampler {name!r}: target {tuple(dense.shape[1:])} (tail: {target.tail is not None}), "
+        f"reference {tuple(want.shape)}; a tail target's reference has one more column, the tail"
+    )
     if sampler.random:
         _estimate(dense, want, f"class sampler {name!r}", 1e-6)
     else:

@@ -53,12 +53,14 @@ def test_sparse_capable_criteria_are_the_ones_config_allows():
     from sekd.app.checks import validate
 
     for name in CRITERIA.names():
-        cfg = compose_cfg(["classes=rs_kd", f"criterion={name}"])
-        if name in sparse_capable():
-            validate(cfg)
-        else:
-            with pytest.raises(ConfigError, match="cannot use a sparse class target"):
+        for classes, form in [("rs_kd", "draws"), ("top_k_tail", "tail"), ("top_p", "renormalized")]:
+            cfg = compose_cfg([f"classes={classes}", f"criterion={name}"])
+            crit = CRITERIA.get(name)
+            if crit.sparse is not None and form in crit.sparse_forms:
                 validate(cfg)
+            else:
+                with pytest.raises(ConfigError, match=f"cannot use (a sparse class target|{form} targets)"):
+                    validate(cfg)
 
 
 # ---- what each registered piece declares -------------------------------------------------------
@@ -84,12 +86,18 @@ def test_declarations_of_the_registered_pieces():
         "weighted": "batch",
     }
     assert CRITERIA.get("atkd").needs == {"teacher"} and CRITERIA.get("weighted").needs == {"u"}
-    assert sparse_capable() == ["forward_kl"]
+    assert sparse_capable() == ["forward_kl", "reverse_kl"]
+    assert CRITERIA.get("reverse_kl").sparse_forms == {"renormalized", "tail"}
     assert all(isinstance(CLASSES.get(n), ClassSampler) for n in CLASSES.names())
-    assert {n: CLASSES.get(n).random for n in CLASSES.names()} == {
-        "rs_kd": True,
-        "top_k_truncation": False,
-        "top_p": False,
+    declared = {n: (CLASSES.get(n).random, CLASSES.get(n).form, CLASSES.get(n).needs_student) for n in CLASSES.names()}
+    assert declared == {
+        "rs_kd": (True, "draws", False),
+        "rs_kd_tail": (True, "draws", False),
+        "top_k_truncation": (False, "renormalized", False),
+        "top_k_tail": (False, "tail", False),
+        "top_p": (False, "renormalized", False),
+        "student_top_k": (False, "renormalized", True),
+        "union_top_k": (False, "renormalized", True),
     }
     built = {n: build_policy(n, POLICIES.get(n).example) for n in POLICIES.names()}
     traits = {n: (p.random, p.stepped, p.stateful) for n, p in built.items()}
