@@ -17,6 +17,9 @@ Variants (forward KL at T = 1, averaged over the positions with a target):
   sekd_chunked_full_kd  sekd.kd.flows.chunked_kd_loss, policy all
   plain_chunked_full_kd the obvious chunked loss: per chunk of positions, logits, F.kl_div, backward
   sekd_selective_se_kd  sekd.kd.flows.chunked_kd_loss, SE-KD: top 20% of positions by student entropy
+  sekd_sparse_<sampler> sekd.kd.flows.chunked_kd_loss, policy all, against a sparse target drawn from the
+                        teacher's logits at each chunk (the selective head: no [B,L,V] teacher logits), one row
+                        per class sampler at about 32 classes a position (SPARSE)
 
 Time: --rounds rounds after one warm-up round; each round runs every variant once, in turn, in this one
 process (what moves the machine moves every variant alike); the table gives min and median. Memory: each
@@ -53,6 +56,8 @@ from kd_step import SHAPES, full_kd, machine, se_kd  # noqa: E402
 from reference_losses import plain_full_kd  # noqa: E402
 from sekd.kd.flows import auto_chunk_size, chunked_kd_loss  # noqa: E402
 from sekd.kd.objective import IGNORE, LossInputs, Selector, selective_kd_loss  # noqa: E402
+from sekd.selection.criteria import forward_kl  # noqa: E402
+from sekd.selection.policies import POLICIES  # noqa: E402
 
 GIB = 2**30
 
@@ -154,6 +159,28 @@ def sekd_selective_se_kd(inp: Inputs) -> None:
     _chunked(inp, se_kd())
 
 
+# each class sampler at about 32 classes a position (a budget of records, as a cache would store)
+SPARSE = {
+    "rs_kd": {"n_draws": 32},
+    "rs_kd_tail": {"top": 16, "n_draws": 16},
+    "top_k_truncation": {"top": 32},
+    "top_k_tail": {"top": 32},
+    "top_p": {"p": 0.9, "max_k": 32},
+    "student_top_k": {"top": 32},
+    "union_top_k": {"top": 16},
+}
+
+
+def sparse_variant(name: str, options: dict[str, Any]) -> Callable[[Inputs], None]:
+    def run(inp: Inputs) -> None:
+        from sekd.selection.classes import CLASSES
+
+        _chunked(inp, Selector.of(None, POLICIES.build("all"), forward_kl, classes=CLASSES.build(name, **options)))
+
+    run.__name__ = f"sekd_sparse_{name}"
+    return run
+
+
 def plain_chunked_full_kd(inp: Inputs) -> None:
     """Per chunk of C positions: logits, F.kl_div, backward at once (the gradients accumulate in .grad)."""
     h_s, h_t = inp.h_s[:, :-1].flatten(0, 1), inp.h_t[:, :-1].flatten(0, 1)  # positions with a target
@@ -176,6 +203,7 @@ VARIANTS: dict[str, Callable[[Inputs], None]] = {
         sekd_chunked_full_kd,
         plain_chunked_full_kd,
         sekd_selective_se_kd,
+        *(sparse_variant(name, options) for name, options in SPARSE.items()),
     )
 }
 NEEDS_TRL = ("trl_gkd_full_kd", "trl_chunked_full_kd")
