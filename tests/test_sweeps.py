@@ -20,7 +20,7 @@ NAMES = sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem not in OTHERS and
 # measurements of the embedded miniature itself (docs/miniature.md), not paper grids: one seed, their own axes
 MINIATURE = sorted(p.stem for p in SWEEPS.glob("miniature_*.yaml"))
 VALIDATION = {"v1", "v2", "k_budget", "l_budget"}  # scored on validation data, as the paper chooses k and l
-GRID_KEYS = {"experiment", "seed", "position.k", "samples.l"}  # presets and the few values that vary
+GRID_KEYS = {"experiment", "seed", "position.k", "samples.l", "classes"}  # presets and the few values that vary
 MODELS = {"embedded": "embedded", "paper": "qwen3_8b_to_1.7b"}
 
 
@@ -42,7 +42,7 @@ def grid(name):
 
 
 def test_there_is_a_sweep_per_table_and_figure():
-    assert set(NAMES) == {"t2", "t3", "t4", "t5", "t7", "v1", "v2", "k_budget", "l_budget"}
+    assert set(NAMES) == {"t2", "t3", "t4", "t5", "t7", "v1", "v2", "k_budget", "l_budget", "sparse_targets"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -90,7 +90,11 @@ def test_every_cell_composes_and_validates(name, profile):
         for override in method:  # the grid's values reach the config
             key, value = override.split("=", 1)
             got = cfg.preset if key == "experiment" else OmegaConf.select(cfg, key)
-            assert str(got) == value, (override, got)
+            if (ROOT / "conf" / key).is_dir() and key != "experiment":  # a group: its option's file
+                option = yaml.safe_load((ROOT / "conf" / key / f"{value}.yaml").read_text())
+                assert OmegaConf.to_container(got) == option, (override, got)
+            else:
+                assert str(got) == value, (override, got)
         for cell in seeded:
             (seed,) = [int(o.split("=")[1]) for o in cell if o.startswith("seed=")]
             OmegaConf.update(cfg, "seed", seed)

@@ -167,8 +167,9 @@ def check_classes(run: RunConfig) -> None:
             form = CLASSES.get(c.name).form_of(dict(c.options))
             try:
                 sparse_divergence(CRITERIA.get(run.criterion.name), f"classes.name={c.name}", form)
-            except ValueError as err:
-                raise ConfigError(f"criterion.name={run.criterion.name!r}: {err}") from None
+            except ValueError as err:  # its words, keyed by the config's names
+                why = str(err).removeprefix(f"criterion {run.criterion.name!r}")
+                raise ConfigError(f"criterion.name={run.criterion.name!r}{why}") from None
     if c.cache not in (None, "auto") and not (Path(c.cache) / "manifest.json").exists():
         raise ConfigError(
             f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "
