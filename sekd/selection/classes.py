@@ -210,7 +210,8 @@ class ClassSampler:
             kw.pop("student", None)
         elif kw.get("student") is None:
             raise ValueError(f"class sampler {self.name!r} chooses classes by the student: it needs its logits")
-        return self.fn(t, **{**self.options, **kw})
+        target = self.fn(t, **{**self.options, **kw})
+        return target if target.form == self.form_of() else replace(target, form=self.form_of())  # as declared
 
     def bind(self, **options: Any) -> "ClassSampler":
         return replace(self, options=dict(options))
