@@ -65,6 +65,22 @@ ROWS = [
     (["position.options.S=4000"], "position.options.S: policy 'all' takes no option 'S'; allowed: none", False),
     (["position.options=5"], "position.options=5 must be a mapping of option: value ({} for none)", False),
     (["classes=rs_kd", "classes.options=null"], "classes.options=None must be a mapping of option: value", False),
+    (
+        ["classes=student_top_k", "classes.options.normalization=ghost"],
+        "classes.options.normalization='ghost' must be one of: renormalized, raw, tail",
+        False,
+    ),
+    # a sparse target a criterion cannot read
+    (
+        ["classes=rs_kd", "criterion=reverse_kl"],
+        "criterion.name='reverse_kl' cannot use draws targets (classes.name=rs_kd",
+        CLI,
+    ),
+    (
+        ["classes=top_p", "criterion=dkd"],
+        "criterion.name='dkd' cannot use a sparse class target (classes.name=top_p); choose one of: forward_kl, reverse_kl",
+        False,
+    ),
     # values of plain keys
     (["train.betas=[2.0,3.0]"], "train.betas=[2.0, 3.0] must be two numbers [beta1, beta2], each in [0, 1)", False),
     (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers", False),
