@@ -39,16 +39,16 @@ from sekd.selection.classes import CLASSES, ClassSampler, SparseTarget
 from sekd.selection.criteria import CRITERIA, Criterion, sparse_capable, sparse_divergence
 from sekd.stores.teacher_cache import format as cache_format
 
-K_GRID = (1, 2, 4, 8, 16, 32, 64)
+K_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 P_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-N_GRID = (1, 2, 4, 8, 16, 32, 64)
+N_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TAIL_SPLITS = ((1, 4), (1, 16), (1, 64), (4, 4), (4, 16), (4, 64), (16, 16), (16, 64))  # rs_kd_tail (top, N)
 TOP_P_MAX_K = 256
 SAMPLERS = ("rs_kd", "rs_kd_tail", "top_k_truncation", "top_k_tail", "top_p", "student_top_k", "union_top_k")
 # how the cache stores a sampler's target: RS-KD's draws as (id, count) records, rs_kd_tail's head as (id,
 # probability) records and its draws as (id, count) ones; every other kind as (id, probability) records
 COUNTED = {"rs_kd": "counts", "rs_kd_tail": "head+counts"}
-BIAS_FLOOR = 1e-4  # the plot's floor for a relative bias at or below the estimate's noise
+BIAS_FLOOR = 1e-4  # the plot's floor for a relative bias
 
 
 # ---- bytes ------------------------------------------------------------------------------------
@@ -269,6 +269,12 @@ def summarize(stats: dict[str, Tensor], setting: Setting, criterion: str, *, voc
     g_rms = math.sqrt(float(stats["g2"].mean()))
     bias2 = float(stats["bias2"].mean())  # unbiased for mean ||E[g] - g*||^2: near 0, either sign, if unbiased
     bias = math.sqrt(max(bias2, 0.0))
+    # the draws' noise in that mean: its standard error over positions (0 for a deterministic sampler)
+    se = (
+        float(stats["bias2"].std()) / math.sqrt(stats["bias2"].numel())
+        if piece.random and len(stats["bias2"]) > 1
+        else 0.0
+    )
     loss_full = float(stats["d_full"].mean())
     prob_rec, count_rec = float(stats["prob_records"].mean()), float(stats["count_records"].mean())
     form = piece.form_of(opts)
@@ -296,6 +302,7 @@ def summarize(stats: dict[str, Tensor], setting: Setting, criterion: str, *, voc
         "bias": bias,
         "bias_rel": bias / g_rms if g_rms > 0 else math.nan,
         "bias2_rel": bias2 / g_rms**2 if g_rms > 0 else math.nan,
+        "bias_rel_upper": math.sqrt(max(bias2 + 2 * se, 0.0)) / g_rms if g_rms > 0 else math.nan,  # ~95% bound
         "variance": float(stats["variance"].mean()),
         "std_rel": math.sqrt(float(stats["variance"].mean())) / g_rms if g_rms > 0 else math.nan,
         "error_rel": math.sqrt(float(stats["mse"].mean())) / g_rms if g_rms > 0 else math.nan,
@@ -323,7 +330,9 @@ def full_rows(full: dict[str, tuple[Tensor, Tensor]], vocab_size: int) -> list[d
             "support": float(vocab_size),
             "bytes_per_position": 2.0 * vocab_size,
             "grad_norm": float(g.pow(2).sum(-1).sqrt().mean()),
-            **dict.fromkeys(("bias", "bias_rel", "bias2_rel", "variance", "std_rel", "error_rel"), 0.0),
+            **dict.fromkeys(
+                ("bias", "bias_rel", "bias2_rel", "bias_rel_upper", "variance", "std_rel", "error_rel"), 0.0
+            ),
             "loss_full": float(d.mean()),
             "loss_gap": 0.0,
             "loss_gap_rel": 0.0,
@@ -447,28 +456,32 @@ def summary(df: pd.DataFrame, about: str) -> str:
 
 def plot(df: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:
     """Error (one draw), bias and loss gap against bytes per position, log-log; one line per family and
-    criterion (colour: sampler, dashes: criterion), Full KD's bytes as a vertical line. Written atomically."""
+    criterion (colour: family, dashes: criterion; o: cacheable, x: needs the student), a random sampler's
+    bias as its ~95% upper bound (v), Full KD's bytes as a vertical line. Written atomically."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     from analysis.plots import save
 
     d = df[df["sampler"] != "full"].sort_values("bytes_per_position")
-    fig = Figure(figsize=(16.0, 6.2), dpi=110)
+    fig = Figure(figsize=(16.0, 6.4), dpi=100)
     axes = fig.subplots(1, 3)
-    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(d["sampler"]))}
+    palette = colormaps["tab20"]
+    colors = {name: palette(i % 20) for i, name in enumerate(dict.fromkeys(d["family"]))}
     dashes = {c: ls for c, ls in zip(dict.fromkeys(d["criterion"]), ("-", "--", ":", "-."))}
     panels = (
         ("error_rel", "gradient error sqrt(E||g - g*||²) / rms ||g*||", "log"),
-        ("bias_rel", f"bias ||E[g] - g*|| / ||g*|| (floor {BIAS_FLOOR:g})", "log"),
+        ("bias_rel", f"bias ||E[g] - g*|| / rms ||g*||  (v: upper bound; floor {BIAS_FLOOR:g})", "log"),
         ("loss_gap", "loss gap E[D_sparse] - D_full (nats)", "symlog"),
     )
     for ax, (col, ylabel, yscale) in zip(axes, panels):
         for (family, crit), g in d.groupby(["family", "criterion"], sort=False):
-            y = g[col].to_numpy(float)
+            bound = col == "bias_rel" and bool(g["random"].iloc[0])
+            y = g["bias_rel_upper" if bound else col].to_numpy(float)
             y = np.maximum(y, BIAS_FLOOR) if col == "bias_rel" else y
-            marker = "o" if bool(g["cacheable"].iloc[0]) else "x"
+            marker = "v" if bound else "o" if bool(g["cacheable"].iloc[0]) else "x"
             ax.plot(
-                g["bytes_per_position"], y, marker=marker, ms=3.5, lw=1.2, color=colors[g["sampler"].iloc[0]],
+                g["bytes_per_position"], y, marker=marker, ms=3.5, lw=1.2, color=colors[family],
                 ls=dashes[crit], label=f"{family} · {crit}", gid="family",
             )  # fmt: skip
         full = df.loc[df["sampler"] == "full", "bytes_per_position"]
@@ -477,11 +490,11 @@ def plot(df: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Pat
         ax.set_xscale("log")
         ax.set_yscale(yscale, **({"linthresh": 1e-3} if yscale == "symlog" else {}))
         ax.set_xlabel("bytes per position")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=6.5, frameon=False)
-    fig.suptitle(title or "Sparse teacher targets against Full KD (o: cacheable, x: needs the student)")
+    fig.suptitle(title or "Sparse teacher targets against Full KD")
     fig.tight_layout(rect=(0, 0.22, 1, 0.96))
     return save(fig, Path(path))
 

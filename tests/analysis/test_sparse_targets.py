@@ -119,6 +119,7 @@ def test_a_deterministic_target_is_measured_as_its_slow_reference(name, budget, 
         row = st.summarize(got, spec, crit, vocab_size=t.shape[1], draws=1)
         assert row["bias_rel"] == pytest.approx(math.sqrt(sum(err2) / sum(g2)), rel=1e-9)
         assert row["error_rel"] == pytest.approx(row["bias_rel"], rel=1e-12) and row["std_rel"] == 0
+        assert row["bias_rel_upper"] == row["bias_rel"]  # exact on these positions: no draws to bound
 
 
 def test_the_criteria_of_each_form():
@@ -158,7 +159,7 @@ def test_draws_are_unbiased_and_their_variance_is_the_multinomials(name, opts):
         var = p_tail**2 * (1 - (rest / p_tail[:, None]).pow(2).sum(-1)) / opts["n_draws"]
     assert row["variance"] == pytest.approx(float(var.mean()) / T**2, rel=0.1)
     assert abs(row["bias2_rel"]) < 3 * row["std_rel"] ** 2 / math.sqrt(R)  # noise of the debiased estimate
-    assert row["bias_rel"] < 0.05
+    assert row["bias_rel"] <= row["bias_rel_upper"] < 0.1  # the ~95% bound the plot draws (3 positions: loose)
     assert row["error_rel"] ** 2 == pytest.approx(max(row["bias2_rel"], 0) + row["std_rel"] ** 2, rel=1e-3, abs=1e-4)
     truncated = st.summarize(
         st.measure(s, t, setting("top_k_truncation", "top", top=2), temperature=T)["forward_kl"],
