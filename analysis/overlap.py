@@ -190,18 +190,21 @@ def plot_overlap(df: pd.DataFrame, path: str | Path, *, title: str | None = None
 # ---- CLI ------------------------------------------------------------------------------------
 
 
-def load_setup(model: str, split: str, *, cache: str | None, seq_len: int | None, device: str) -> dict[str, Any]:
-    """Compose conf/ for model=<model>; load the pair, the tokenizer and the held-out split."""
+def load_setup(
+    model: str, split: str, *, cache: str | None, seq_len: int | None, device: str, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Compose conf/ for model=<model> (and `overrides`: a pretrained pair's); load the pair, the tokenizer and
+    the held-out split."""
     from hydra import compose, initialize_config_dir
 
     from sekd.app.checks import source_options, typed
     from sekd.data.dataset import build_packed
     from sekd.models.loading import check_same_tokenizer, load_model, resolve_pair, shared_vocab
 
-    overrides = [f"model={model}"] + ([f"paths.cache={cache}"] if cache else [])
-    overrides += [f"data.seq_len={seq_len}"] if seq_len else []
+    given = [f"model={model}", *overrides] + ([f"paths.cache={cache}"] if cache else [])
+    given += [f"data.seq_len={seq_len}"] if seq_len else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=given)
     teacher_path, student_path, tok_path = resolve_pair(typed(cfg))
     trc = cfg.model.trust_remote_code
     tok = check_same_tokenizer(teacher_path, student_path, tok_path, trc)

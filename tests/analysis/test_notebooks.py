@@ -395,3 +395,37 @@ def test_notebooks_are_stored_without_outputs():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+
+
+def test_sparse_targets_notebook(tmp_path, python3_kernel, monkeypatch):
+    """The table analysis.sparse_targets writes (here from random logits): the headline and the plot."""
+    import torch
+
+    from analysis import sparse_targets as st
+
+    g = torch.Generator().manual_seed(0)
+    t = 2 * torch.randn(16, 40, generator=g, dtype=torch.float64)
+    grid = st.settings(["rs_kd", "top_k_truncation", "top_p"], k=[1, 4, 16], p=[0.5, 0.9], n=[2, 8])
+    csv = tmp_path / "sparse_targets.csv"
+    st.sweep_targets(t + torch.randn(16, 40, generator=g, dtype=torch.float64), t, grid, draws=3).to_csv(
+        csv, index=False
+    )
+    figs = tmp_path / "figs"
+    out = execute(
+        "sparse_targets", python3_kernel, {"SEKD_SPARSE_CSV": str(csv), "SEKD_FIGURES": str(figs)}, monkeypatch
+    )
+    assert_png(figs / "sparse_targets.png")
+    text = "\n".join(out)
+    assert "16 positions" in text and "top_k_truncation normalization=raw" in text
+
+
+def test_sparse_targets_notebook_without_a_table_says_so(tmp_path, python3_kernel, monkeypatch):
+    figs = tmp_path / "figs"
+    out = execute(
+        "sparse_targets",
+        python3_kernel,
+        {"SEKD_SPARSE_CSV": str(tmp_path / "missing.csv"), "SEKD_FIGURES": str(figs)},
+        monkeypatch,
+    )
+    assert "no table at" in "\n".join(out)
+    assert not (figs / "sparse_targets.png").exists()
