@@ -155,7 +155,7 @@ def check_position(run: RunConfig) -> None:
 
 def check_classes(run: RunConfig) -> None:
     """The class sampler exists and takes classes.options; a sparse target needs a criterion that can
-    take it; a cache folder holds a teacher cache."""
+    take it; a cache holds only a sampler that reads the teacher alone; a cache folder holds a teacher cache."""
     from sekd.selection.classes import CLASSES
     from sekd.selection.criteria import CRITERIA, sparse_divergence
 
@@ -169,6 +169,10 @@ def check_classes(run: RunConfig) -> None:
                 sparse_divergence(CRITERIA.get(run.criterion.name), f"classes.name={c.name}", form)
             except ValueError as err:
                 raise ConfigError(f"criterion.name={run.criterion.name!r}: {err}") from None
+    if c.cache is not None and c.name in CLASSES and CLASSES.get(c.name).needs_student:
+        from sekd.stores.teacher_cache.kinds import student_refusal
+
+        raise ConfigError(student_refusal(c.name))
     if c.cache not in (None, "auto") and not (Path(c.cache) / "manifest.json").exists():
         raise ConfigError(
             f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "

@@ -8,6 +8,7 @@ import torch
 
 from sekd.selection.draws import rs_kd_draws, sample_generator, to_sparse
 from sekd.stores.teacher_cache.store import (
+    FORMAT,
     MANIFEST,
     PAPER_TABLE6_TB,
     CacheError,
@@ -22,9 +23,10 @@ from tests.stores.teacher_cache.helpers import BUILD, edit_manifest
 N = BUILD["n_draws"]
 
 
-def dense(ids_pad, probs_pad, mask, V):
+def dense(target, V):
     """p~ as a dense [P,V] float64 matrix (padding-independent, for comparisons)."""
-    return torch.zeros(ids_pad.shape[0], V, dtype=torch.float64).scatter_add_(1, ids_pad, (probs_pad * mask).double())
+    p = (target.probs * target.mask).double()
+    return torch.zeros(target.ids.shape[0], V, dtype=torch.float64).scatter_add_(1, target.ids, p)
 
 
 def one_line_error(excinfo, *names):
@@ -45,8 +47,9 @@ def test_targets_equal_fresh_draws_exactly(built, teacher, data, vocab):
         ref = rs_kd_draws(z[labels[0] != -100], N, 1.0, sample_generator(sid, BUILD["seed"]))
         got = cache.targets([sid], labels)
         want = to_sparse(*ref, N)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), sid
-        assert (got[0] < vocab).all()  # the head's padding rows were cut
+        assert all(torch.equal(a, b) for a, b in zip((got.ids, got.probs, got.mask), want)), sid
+        assert got.tail is None and got.form == "draws"
+        assert (got.ids < vocab).all()  # the head's padding rows were cut
     assert cache.bytes_read > 0
 
 
@@ -60,14 +63,14 @@ def test_counts_repeat(built):
 def test_batch_size_and_order_do_not_matter(built, data, vocab, batch_size):
     cache = TeacherCache.open(built)
     per_sample = {
-        sid: dense(*cache.targets([sid], data.labels[r : r + 1]), vocab) for r, sid in enumerate(data.sample_ids)
+        sid: dense(cache.targets([sid], data.labels[r : r + 1]), vocab) for r, sid in enumerate(data.sample_ids)
     }
     order = list(range(len(data)))
     random.Random(batch_size).shuffle(order)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         labels = data.labels[idx]
-        got = dense(*cache.targets([data.sample_ids[r] for r in idx], labels), vocab)
+        got = dense(cache.targets([data.sample_ids[r] for r in idx], labels), vocab)
         want = torch.cat([per_sample[data.sample_ids[r]] for r in idx])  # row-major over [B,T] valid positions
         assert got.shape[0] == int((labels != -100).sum())
         assert torch.equal(got, want)
@@ -277,7 +280,7 @@ def test_a_cache_of_the_previous_format_is_refused(cache_copy):
     edit_manifest(cache_copy, to_format_1, reseal=False)
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy)
-    one_line_error(e, cache_copy / MANIFEST, "manifest format 1", "reads 2")
+    one_line_error(e, cache_copy / MANIFEST, "manifest format 1", f"reads {FORMAT}")
 
 
 def test_the_built_manifest_is_sealed(built):
