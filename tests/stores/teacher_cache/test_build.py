@@ -158,3 +158,42 @@ def test_a_shard_held_by_another_builder_is_deferred_then_awaited(built, teacher
         held.release()
     worker.join(timeout=60)
     assert folder_bytes(out) == folder_bytes(built)
+
+
+# ---------------------------------------------------------------- several kinds in one teacher pass
+
+ONE_PASS = {**{k: v for k, v in BUILD.items() if k != "n_draws"}, "num_shards": 2}
+
+
+def test_one_pass_of_every_kind_is_each_kind_built_alone(every_kind, teacher, data, vocab, tmp_path):
+    """Byte for byte: each folder of the one-pass build is its kind's own build (its own manifest)."""
+    for out, kind in every_kind.items():
+        build_cache(teacher, data, tmp_path / out.name, kind=kind, vocab_size=vocab, **ONE_PASS)
+        assert folder_bytes(tmp_path / out.name) == folder_bytes(out), kind
+
+
+def test_a_one_pass_build_resumes_each_folder_where_it_stopped(every_kind, teacher, data, vocab, tmp_path):
+    """One folder finished alone, another half built: the pass builds only what each lacks."""
+    from sekd.stores.teacher_cache.build import build_caches
+
+    outs = {tmp_path / out.name: kind for out, kind in list(every_kind.items())[:3]}
+    first, second, third = outs
+    build_cache(teacher, data, first, kind=outs[first], vocab_size=vocab, **ONE_PASS)
+    build_cache(teacher, data, second, kind=outs[second], vocab_size=vocab, shards=[1], **ONE_PASS)
+    before = (first / shard_name(0, 2)).stat().st_mtime_ns
+    mans = build_caches(teacher, data, outs, vocab_size=vocab, **ONE_PASS)
+    assert all(m["complete"] for m in mans.values()) and (first / shard_name(0, 2)).stat().st_mtime_ns == before
+    for out in outs:
+        assert folder_bytes(out) == folder_bytes(next(o for o in every_kind if o.name == out.name))
+
+
+def test_refuses_a_folder_of_another_kind(every_kind, teacher, data, vocab, tmp_path):
+    import shutil
+
+    (tail,) = [out for out, kind in every_kind.items() if kind.form == "tail"]
+    top_p = next(kind for kind in every_kind.values() if kind.name == "top_p")
+    shutil.copytree(tail, tmp_path / "c")
+    with pytest.raises(CacheError) as e:
+        build_cache(teacher, data, tmp_path / "c", kind=top_p, vocab_size=vocab, **ONE_PASS)
+    assert "\n" not in str(e.value) and "kind expected 'top_p', found 'top_k_tail'" in str(e.value)
+    assert folder_bytes(tmp_path / "c") == folder_bytes(tail)
