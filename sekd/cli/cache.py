@@ -3,7 +3,7 @@
 sekd-cache build --out <dir> [--kind NAME[:K=V,...] ...] [--num-shards 8 --worker I --num-workers W] [OVERRIDE ...]
     OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): teacher, tokenizer, data,
     T, seed, device and precision are the run's; the kind is the run's classes (default rs_kd), or each
-    --kind (one teacher pass; several kinds go to <dir>/<name>-<k>=<v>..., one cache each)
+    --kind (one teacher pass; several kinds go to <dir>/<name>.<k>-<v>..., one cache each)
 sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
 sekd-cache ls <dir>              kind, signature and shards table
 sekd-cache stats <dir> [<dir> ...] [--tokens 100e9]   kind and bytes per position of each; the paper's Table 6

@@ -39,8 +39,8 @@ class CacheKind:
         return {"kind": self.name, "form": self.form, "records": self.records, **self.options}
 
     def label(self) -> str:
-        """A folder name: `top_k_tail-top=20`."""
-        return "-".join([self.name, *(f"{k}={v}" for k, v in sorted(self.options.items()))])
+        """A folder name a command line takes as it is (no `=`): `top_p.max_k-64.p-0.9`."""
+        return ".".join([self.name, *(f"{k}-{v}" for k, v in sorted(self.options.items()))])
 
     def overrides(self) -> str:
         """The sekd-train overrides of a run that reads this kind."""

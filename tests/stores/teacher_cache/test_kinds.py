@@ -46,7 +46,7 @@ def test_full_has_no_cache():
 def test_parse_kind():
     kind = parse_kind("top_k_truncation:top=20,normalization=raw")
     assert (kind.name, kind.options, kind.form) == ("top_k_truncation", {"top": 20, "normalization": "raw"}, "raw")
-    assert kind.label() == "top_k_truncation-normalization=raw-top=20"
+    assert kind.label() == "top_k_truncation.normalization-raw.top-20"
     assert parse_kind("top_p:p=0.5").options == {"p": 0.5, "max_k": 64}
     for bad, words in (("top_p:p", "key=value"), ("top_p:p=2", "classes.options.p=2"), ("nope", "no cacheable")):
         with pytest.raises(KindError, match=words):

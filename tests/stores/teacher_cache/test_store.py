@@ -415,11 +415,11 @@ def test_verify_refuses_a_resealed_edit_of_a_probability_block(every_kind, tmp_p
 def test_a_cache_of_another_kind_is_refused_by_its_kind(every_kind):
     sigs = {kind.label(): json.loads((out / MANIFEST).read_text())["signature"] for out, kind in every_kind.items()}
     (tail,) = [out for out, kind in every_kind.items() if kind.form == "tail"]
-    raw = sigs["top_k_truncation-normalization=raw-top=5"]
+    raw = sigs["top_k_truncation.normalization-raw.top-5"]
     with pytest.raises(CacheError) as e:
         TeacherCache.open(tail, expect={k: raw[k] for k in ("kind", "top", "form", "seed")})
     one_line_error(e, tail / MANIFEST, "kind expected 'top_k_truncation', found 'top_k_tail'", "another class sampler")
-    renorm = [out for out, kind in every_kind.items() if kind.label().startswith("top_k_truncation-normalization=ren")]
+    renorm = [out for out, kind in every_kind.items() if kind.label().startswith("top_k_truncation.normalization-ren")]
     with pytest.raises(CacheError) as e:
         TeacherCache.open(renorm[0], expect={k: raw[k] for k in ("kind", "top", "normalization", "form")})
     one_line_error(e, "form expected 'raw', found 'renormalized'")
