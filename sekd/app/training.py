@@ -545,7 +545,7 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
     dist = dist or Dist.single()
     from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
-    from sekd.stores.teacher_cache.kinds import cache_kind
+    from sekd.stores.teacher_cache.kinds import CacheKind
 
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "teacher_cache" / key
@@ -563,7 +563,7 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
             path,
             teacher_name=expect["teacher"],
             tokenizer_sig=expect["tokenizer"],
-            kind=cache_kind(cfg.classes.name, dict(cfg.classes.options)),
+            kind=CacheKind.from_signature(expect),
             temperature=expect["temperature"],
             seed=expect["seed"],
             vocab_size=parts.vocab,

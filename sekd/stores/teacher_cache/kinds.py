@@ -30,6 +30,11 @@ class CacheKind:
     options: dict[str, Any] = field(default_factory=dict)
     form: str = "draws"
 
+    @classmethod
+    def from_signature(cls, sig: dict[str, Any]) -> "CacheKind":
+        """The kind a signature (or a run's expectation of one) records."""
+        return cls(str(sig["kind"]), {k: v for k, v in sig.items() if k not in BASE_KEYS}, str(sig["form"]))
+
     @property
     def records(self) -> str:
         return "counts" if self.name in COUNT_KINDS else "probs"
