@@ -166,8 +166,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     man = read_manifest(Path(args.dir))
     sig = man["signature"]
-    print(f"# {args.dir}  ({'complete' if man.get('complete') else 'INCOMPLETE'}, {man.get('samples')} samples)")
-    print(f"{'kind':>14}: {sig.get('kind')} ({sig.get('records')} records, form {sig.get('form')})")
+    state = "complete" if man.get("complete") else "INCOMPLETE"
+    holds = f"{sig.get('kind')}: {sig.get('records')} records, form {sig.get('form')}"
+    print(f"# {args.dir}  ({state}, {man.get('samples')} samples; {holds})")
     for key in sorted(sig):
         print(f"{key:>14}: {sig[key]}")
     print("\n| shard | file | samples | positions | records | bytes | sha256 |")

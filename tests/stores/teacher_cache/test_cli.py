@@ -113,7 +113,7 @@ def test_ls(cli_cache):
     assert (
         "complete" in res.stdout
         and "n_draws: 16" in res.stdout
-        and "kind: rs_kd (counts records, form draws)" in res.stdout
+        and "; rs_kd: counts records, form draws)" in res.stdout
     )
     assert shard_name(0, 2) in res.stdout and shard_name(1, 2) in res.stdout
     assert "| shard | file | samples |" in res.stdout
