@@ -321,7 +321,7 @@ class Bench:
         h_s = self.hidden(self.student)
         h_t, head_t, cached = None, None, None
         if self.cache is not None and variant == "cache_se_kd":
-            cached = SparseTarget(*self.cache.targets(self.sample_ids, self.y.cpu())).to(self.device)
+            cached = self.cache.targets(self.sample_ids, self.y.cpu()).to(self.device)
         elif self.teacher is not None:
             with torch.no_grad():
                 h_t, head_t = self.hidden(self.teacher), self.teacher.get_output_embeddings()
@@ -339,6 +339,7 @@ class Bench:
                 self.the_teacher()(input_ids=self.x, use_cache=False).logits[..., : self.V].float().sum().item()
                 return
         from sekd.stores.teacher_cache.build import shard_bytes
+        from sekd.stores.teacher_cache.kinds import cache_kind
         from sekd.data.packing import PackedData
 
         data = PackedData(self.x.cpu(), self.y.cpu(), self.sample_ids)
@@ -346,7 +347,7 @@ class Bench:
             self.teacher,
             data,
             list(range(len(self.sample_ids))),
-            n_draws=N_DRAWS,
+            kinds=[cache_kind("rs_kd", {"n_draws": N_DRAWS})],
             temperature=1.0,
             seed=0,
             vocab_size=self.V,

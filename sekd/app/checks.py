@@ -155,7 +155,7 @@ def check_position(run: RunConfig) -> None:
 
 def check_classes(run: RunConfig) -> None:
     """The class sampler exists and takes classes.options; a sparse target needs a criterion that can
-    take it; a cache folder holds a teacher cache."""
+    take it; a cache holds only a sampler that reads the teacher alone; a cache folder holds a teacher cache."""
     from sekd.selection.classes import CLASSES
     from sekd.selection.criteria import CRITERIA, sparse_divergence
 
@@ -170,6 +170,10 @@ def check_classes(run: RunConfig) -> None:
             except ValueError as err:  # its words, keyed by the config's names
                 why = str(err).removeprefix(f"criterion {run.criterion.name!r}")
                 raise ConfigError(f"criterion.name={run.criterion.name!r}{why}") from None
+    if c.cache is not None and c.name in CLASSES and CLASSES.get(c.name).needs_student:
+        from sekd.stores.teacher_cache.kinds import student_refusal
+
+        raise ConfigError(student_refusal(c.name))
     if c.cache not in (None, "auto") and not (Path(c.cache) / "manifest.json").exists():
         raise ConfigError(
             f"classes.cache={c.cache!r}: no teacher cache there (no manifest.json); "

@@ -133,16 +133,14 @@ def data_tokens(cfg: RunConfig) -> int:
 
 
 def teacher_cache_bytes(cfg: RunConfig, vocab: int) -> int:
-    """classes.cache=auto: per position its valid bit, its count of distinct draws and at most n_draws
-    records (sekd/stores/teacher_cache/format.py); 0 for another cache setting."""
+    """classes.cache=auto: per position its valid bit, its count of classes, its records and a tail form's
+    tail mass (sekd/stores/teacher_cache/format.py); 0 for another cache setting."""
     if cfg.classes.cache != "auto" or cfg.mode != "distill":
         return 0
-    from sekd.stores.teacher_cache.format import bytes_per_record
-    from sekd.stores.teacher_cache.store import lens_dtype
+    from sekd.stores.teacher_cache.kinds import bytes_per_position_bound, cache_kind
 
-    n_draws = int(cfg.classes.options.get("n_draws", 64))
-    per_position = 1 / 8 + lens_dtype(n_draws).itemsize + min(n_draws, vocab) * bytes_per_record(vocab, n_draws)
-    return int(data_tokens(cfg) * per_position)
+    kind = cache_kind(cfg.classes.name, dict(cfg.classes.options))
+    return int(data_tokens(cfg) * bytes_per_position_bound(kind, vocab))
 
 
 SCORE_ENTRY_BYTES = 48  # one `"<16 hex>": <float>,` line of the sample-score store's JSON

@@ -480,20 +480,26 @@ def on_policy(cfg: RunConfig, data: PackedData, tok: Any) -> OnPolicy | None:
 
 
 def cache_expectation(cfg: RunConfig, teacher_path: str | None, tok, data=None) -> dict[str, Any]:
-    """Every signature field that changes the draws, as this run would build them (docs/method.md §9):
-    format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, N, the draw seed
-    (the run's own, so seeds do not share draws) and, given the data the cache must cover, its identity
-    and sequence length. Not the builder's dtype or device, nor the number of shards."""
+    """Every signature field that changes the targets, as this run would build them (docs/method.md §9):
+    format, teacher (None: not resolved yet, checked later), tokenizer, vocabulary, T, the kind (class
+    sampler, its options, its form), the seed (the run's own, so seeds do not share draws) and, given the
+    data the cache must cover, its identity and sequence length. Not the builder's dtype or device, nor the
+    number of shards."""
+    from sekd.stores.teacher_cache.kinds import KindError, cache_kind
     from sekd.stores.teacher_cache.store import FORMAT, data_signature
     from sekd.data.dataset import tokenizer_signature
     from sekd.models.loading import model_signature
 
+    try:
+        kind = cache_kind(cfg.classes.name, dict(cfg.classes.options))
+    except KindError as err:
+        raise ConfigError(str(err) if str(err).startswith("classes.cache") else f"classes.cache: {err}") from None
     expect = {
         "format": FORMAT,
         "tokenizer": tokenizer_signature(tok),
         "vocab_size": len(tok),
         "temperature": float(cfg.train.temperature),
-        "n_draws": int(cfg.classes.options.get("n_draws", 64)),
+        **kind.signature(),
         "seed": int(cfg.seed),
     }
     if teacher_path is not None:
@@ -539,6 +545,8 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
     dist = dist or Dist.single()
     from sekd.stores.teacher_cache.store import CacheError, TeacherCache
 
+    from sekd.stores.teacher_cache.kinds import CacheKind
+
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "teacher_cache" / key
     try:
@@ -555,7 +563,7 @@ def auto_cache(cfg: RunConfig, expect: dict[str, Any], parts: Parts, dist=None) 
             path,
             teacher_name=expect["teacher"],
             tokenizer_sig=expect["tokenizer"],
-            n_draws=expect["n_draws"],
+            kind=CacheKind.from_signature(expect),
             temperature=expect["temperature"],
             seed=expect["seed"],
             vocab_size=parts.vocab,

@@ -1,12 +1,12 @@
 """sekd-cache: build, verify, list and measure an offline teacher cache (docs/method.md §9).
 
-sekd-cache build --out <dir> [--num-shards 8 --worker I --num-workers W --batch-size B] [OVERRIDE ...]
-    OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): the teacher,
-    tokenizer, data (packed by the trainer's own code), N (classes.options.n_draws), T (train.temperature),
-    the draw seed (seed), device and precision are the run's, so the cache serves exactly that run
+sekd-cache build --out <dir> [--kind NAME[:K=V,...] ...] [--num-shards 8 --worker I --num-workers W] [OVERRIDE ...]
+    OVERRIDEs are sekd-train's (e.g. experiment=se_kd3x data=fineweb_edu seed=1338): teacher, tokenizer, data,
+    T, seed, device and precision are the run's; the kind is the run's classes (default rs_kd), or each
+    --kind (one teacher pass; several kinds go to <dir>/<name>.<k>-<v>..., one cache each)
 sekd-cache verify <dir>          exit 0 and one OK line, or exit 1 and the one-line reason
-sekd-cache ls <dir>              signature and shards table
-sekd-cache stats <dir> [--tokens 100e9] [--sample-fraction 0.2]   the paper's Table 6, measured
+sekd-cache ls <dir>              kind, signature and shards table
+sekd-cache stats <dir> [<dir> ...] [--tokens 100e9]   kind and bytes per position of each; the paper's Table 6
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from sekd.core.errors import FAULT_EXIT
 
 from sekd.stores.teacher_cache.store import (
+    MANIFEST,
     CacheError,
     TeacherCache,
     read_manifest,
@@ -31,6 +32,8 @@ from sekd.stores.teacher_cache.store import (
 if TYPE_CHECKING:
     import torch
 
+    from sekd.stores.teacher_cache.kinds import CacheKind
+
 
 class BuildConfigError(ValueError):
     """A build refused before any work: bad overrides or a bad config (exit 2, as sekd-train's)."""
@@ -38,7 +41,7 @@ class BuildConfigError(ValueError):
 
 def run_config(overrides: list[str]):
     """The run's config composed and validated exactly as sekd-train does, with classes=rs_kd unless the
-    overrides choose the classes group themselves (a cache holds RS-KD draws)."""
+    overrides choose the classes group themselves."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -56,18 +59,33 @@ def run_config(overrides: list[str]):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
         raise BuildConfigError(" ".join(str(err).split()) or type(err).__name__) from None
-    if cfg.classes.name != "rs_kd":
-        raise BuildConfigError(f"classes={cfg.classes.name}: a teacher cache holds RS-KD draws; use classes=rs_kd")
     return typed(cfg)  # validated above: the typed config the build reads, as training does
+
+
+def build_kinds(cfg, specs: list[str], out: Path) -> dict[Path, CacheKind]:
+    """folder -> kind: the run's classes in `out`, one --kind in `out`, several each in out/<label>."""
+    from sekd.stores.teacher_cache.kinds import KindError, cache_kind, parse_kind
+
+    try:
+        kinds = [parse_kind(s) for s in specs] or [cache_kind(cfg.classes.name, dict(cfg.classes.options))]
+    except KindError as err:
+        raise BuildConfigError(str(err)) from None
+    if len(kinds) == 1:
+        return {out: kinds[0]}
+    folders = {out / k.label(): k for k in kinds}
+    if len(folders) < len(kinds):
+        raise BuildConfigError(f"--kind: a kind is named twice ({', '.join(k.label() for k in kinds)})")
+    return folders
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # the packer's and the model loader's bars too
     cfg = run_config(args.overrides)
+    outs = build_kinds(cfg, args.kind, args.out)
     import torch
 
-    from sekd.stores.teacher_cache.build import build_cache, worker_shards
+    from sekd.stores.teacher_cache.build import build_caches, worker_shards
     from sekd.core.errors import ConfigError
     from sekd.models.loading import (
         check_same_tokenizer,
@@ -78,7 +96,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         shared_vocab,
     )
     from sekd.app.compose import job_threads
-    from sekd.app.training import cache_expectation, training_data
+    from sekd.app.training import training_data
+    from sekd.data.dataset import tokenizer_signature
+    from sekd.models.loading import model_signature
 
     threads = job_threads(cfg)
     if threads:
@@ -92,16 +112,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as err:
         raise BuildConfigError(str(err)) from None
     teacher = load_model(teacher_path, device, pick_dtype(cfg.train.precision, device), cfg.model.trust_remote_code)
-    expect = cache_expectation(cfg, teacher_path, tok, data)
-    man = build_cache(
+    mans = build_caches(  # the signature fields as training's cache_expectation gives them
         teacher,
         data,
-        args.out,
-        teacher_name=expect["teacher"],
-        tokenizer_sig=expect["tokenizer"],
-        n_draws=expect["n_draws"],
-        temperature=expect["temperature"],
-        seed=expect["seed"],
+        outs,
+        teacher_name=model_signature(teacher_path),
+        tokenizer_sig=tokenizer_signature(tok),
+        temperature=float(cfg.train.temperature),
+        seed=int(cfg.seed),
         num_shards=args.num_shards,
         batch_size=args.batch_size or int(cfg.samples.batch_size),
         device=device,
@@ -109,15 +127,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         shards=shards,
         progress=not args.quiet,
     )
-    done = len(man["shards"])
-    print(
-        f"{args.out}: {done}/{args.num_shards} shards built"
-        + (
-            f"; train with classes.cache={args.out} and the same overrides"
-            if man["complete"]
-            else " (other workers' shards still missing)"
+    for out, man in mans.items():
+        print(
+            f"{out}: {len(man['shards'])}/{args.num_shards} shards built"
+            + (
+                f"; train with {outs[out].overrides()} classes.cache={out} and the same overrides"
+                if man["complete"]
+                else " (other workers' shards still missing)"
+            )
         )
-    )
     return 0
 
 
@@ -148,7 +166,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     man = read_manifest(Path(args.dir))
     sig = man["signature"]
-    print(f"# {args.dir}  ({'complete' if man.get('complete') else 'INCOMPLETE'}, {man.get('samples')} samples)")
+    state = "complete" if man.get("complete") else "INCOMPLETE"
+    holds = f"{sig.get('kind')}: {sig.get('records')} records, form {sig.get('form')}"
+    print(f"# {args.dir}  ({state}, {man.get('samples')} samples; {holds})")
     for key in sorted(sig):
         print(f"{key:>14}: {sig[key]}")
     print("\n| shard | file | samples | positions | records | bytes | sha256 |")
@@ -165,17 +185,37 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_folders(dirs: list[Path]) -> list[Path]:
+    """Each folder that is a cache; a folder without a manifest whose subfolders are caches (a multi-kind
+    build's) stands for them."""
+    out = []
+    for d in dirs:
+        inner = sorted(p.parent for p in Path(d).glob(f"*/{MANIFEST}"))
+        out += [d] if (Path(d) / MANIFEST).exists() or not inner else inner
+    return out
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    cache = TeacherCache.open(args.dir)
-    s = cache.stats()
+    caches = [(d, TeacherCache.open(d)) for d in cache_folders(args.dir)]
+    print("| cache | kind | form | B / record | classes / position | B / position (files) | B / position (records) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    measured = []
+    for d, cache in caches:
+        s = cache.stats()
+        measured.append(s)
+        print(
+            f"| {d} | {s['kind']} | {s['form']} | {s['bytes_per_record']} | {s['distinct_per_position']:.2f} | "
+            f"{s['bytes_per_position']:.2f} | {s['record_bytes_per_position']:.2f} |"
+        )
     print(
-        f"# {args.dir}: {s['positions']} positions, {s['records']} records ({s['bytes_per_record']} B each), "
-        f"{s['bytes']} bytes; {s['distinct_per_position']:.2f} distinct classes per position of N={s['n_draws']}; "
-        f"{s['bytes_per_position']:.2f} B/position (records alone {s['record_bytes_per_position']:.2f})\n"
+        f"\n{measured[0]['positions']} positions; files: shards whole (records, lens, tails, valid bits, index); "
+        "records: the records and a tail form's tail masses alone\n"
     )
     rows = storage_rows(
-        args.vocab_size or s["vocab_size"], tokens=args.tokens, sample_fraction=args.sample_fraction, measured=s
+        args.vocab_size or measured[0]["vocab_size"], tokens=args.tokens, sample_fraction=args.sample_fraction
     )
+    for s in measured:
+        rows += storage_rows(s["vocab_size"], tokens=args.tokens, measured=s)[-2:]
     print(storage_markdown(rows, args.tokens))
     return 0
 
@@ -186,11 +226,19 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "build",
-        help="run the teacher once and write the RS-KD draws of a run's training data",
+        help="run the teacher once and write the class targets of a run's training data",
         description="Build (or resume) the cache a sekd-train run with the same OVERRIDEs reads "
-        "with classes.cache=<out>: same teacher, tokenizer, packed data, N, T and seed.",
+        "with classes.cache=<out>: same teacher, tokenizer, packed data, class sampler, T and seed.",
     )
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="NAME[:K=V,...]",
+        help="a class sampler to cache, e.g. top_k_tail:top=20 (repeat for several, one teacher pass; "
+        "default: the run's classes)",
+    )
     b.add_argument("--num-shards", type=int, default=8)
     b.add_argument("--worker", type=int, default=0, help="this worker's index (builds shards I, I+W, ...)")
     b.add_argument("--num-workers", type=int, default=1)
@@ -212,8 +260,8 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("dir", type=Path)
     ls.set_defaults(fn=cmd_ls)
 
-    st = sub.add_parser("stats", help="bytes per position and the paper's Table 6 projection")
-    st.add_argument("dir", type=Path)
+    st = sub.add_parser("stats", help="kind and bytes per position of each cache; the paper's Table 6 projection")
+    st.add_argument("dir", type=Path, nargs="+", help="cache folders (a multi-kind build's folder: its kinds)")
     st.add_argument("--tokens", type=float, default=100e9)
     st.add_argument("--sample-fraction", type=float, default=0.2, help="SE-KD3X sample budget l")
     st.add_argument("--vocab-size", type=int, default=None, help="|V| of the Full KD row (default: the cache's)")

@@ -199,14 +199,14 @@ class ClassesConfig:
 
     name: str = "full"
     options: Dict[str, Any] = field(default_factory=dict)  # the class sampler's own (sekd.selection.classes)
-    cache: Optional[str] = None  # rs_kd: None (online draws), auto, or a `sekd-cache build` folder
+    cache: Optional[str] = None  # a sparse sampler's: None (online), auto, or a `sekd-cache build` folder
 
     def __post_init__(self) -> None:
         mapping("classes.options", self.options)
         if self.name == "full" and self.options:
             raise ConfigError(f"classes.options={self.options} given, but classes.name=full takes none")
-        if self.cache is not None and self.name != "rs_kd":
-            raise ConfigError(f"classes.cache is only for classes.name=rs_kd (got {self.name!r})")
+        if self.cache is not None and self.name == "full":
+            raise ConfigError("classes.cache holds a sparse target: it needs a class sampler, not classes.name=full")
 
 
 @dataclass

@@ -25,7 +25,6 @@ from sekd.distributed.fsdp import full_state_dict, full_value, shard_student, sh
 from sekd.distributed.process_group import Dist, GradBuckets, broadcast_params
 from sekd.kd.flows import LinearLike, auto_chunk_size, chunked_kd_loss
 from sekd.kd.objective import LossInputs, Selector, StepOut, selective_kd_loss
-from sekd.selection.classes import SparseTarget
 from sekd.training.batches import StandIn, micro_batches
 from sekd.training.checkpoint import Progress, resume, save_checkpoint
 from sekd.training.on_policy import OnPolicy
@@ -203,7 +202,7 @@ class Trainer:
         cached = None
         if self.cache is not None:  # p~ over C_t at every valid position, row-major, from the offline cache
             samples = [self.data.sample_ids[i] for i in idx]
-            cached = SparseTarget(*self.cache.targets(samples, y.cpu())).to(self.device)
+            cached = self.cache.targets(samples, y.cpu()).to(self.device)
         return LossInputs(
             self.sel,
             lam=self.t.lam,

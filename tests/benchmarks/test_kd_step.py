@@ -61,8 +61,9 @@ def test_cache_se_kd_reads_a_real_cache_folder(tmp_path):
     )
     assert bench.teacher is None and isinstance(bench.cache, TeacherCache)  # the student alone trains
     assert (Path(bench.cache.root) / "manifest.json").exists()
-    ids, probs, mask = bench.cache.targets(bench.sample_ids, bench.y)
-    assert ids.shape[0] == int((bench.y != kd_step.IGNORE).sum()) and torch.allclose(probs.sum(-1), torch.ones(1))
+    target = bench.cache.targets(bench.sample_ids, bench.y)
+    assert target.ids.shape[0] == int((bench.y != kd_step.IGNORE).sum())
+    assert torch.allclose(target.probs.sum(-1), torch.ones(1))
     assert bench.step("cache_se_kd") > 0
 
 

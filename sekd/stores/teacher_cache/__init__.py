@@ -1,4 +1,4 @@
-"""Offline teacher cache: RS-KD class draws per sample and position, content-keyed and verifiable.
+"""Offline teacher cache: a class sampler's targets per sample and position, content-keyed and verifiable.
 
 Re-exports are lazy (PEP 562) so `sekd-cache verify | ls | stats` start without importing torch.
 """
@@ -11,6 +11,10 @@ _EXPORTS = {
     "data_signature": "store",
     "shard_of": "store",
     "build_cache": "build",
+    "build_caches": "build",
+    "CacheKind": "kinds",
+    "cache_kind": "kinds",
+    "parse_kind": "kinds",
     "worker_shards": "build",
     "rs_kd_draws": "draws",
     "sample_generator": "draws",

@@ -1,15 +1,17 @@
-"""Build the offline teacher cache (docs/method.md §9): one teacher pass, RS-KD draws per sample, shard by shard.
+"""Build the offline teacher cache (docs/method.md §9): one teacher pass, shard by shard, writing the targets of
+one or several kinds (class samplers, kinds.py), each into its own folder.
 
 Resumable and shareable between workers: a shard is written whole and atomically, then entered in
 manifest.json with its sha256, and one already entered intact is skipped, so a killed build resumes to
 byte-identical files; the manifest is merged and rewritten atomically under a file lock and sealed with its
 own checksum; each shard is built under its own lock, so two builders given the same shards split them; a
-folder holding another signature is refused, never overwritten. Draws use a generator seeded by (sample id,
-seed) only; shard membership is int(sample_id, 16) % S.
+folder holding another signature is refused, never overwritten. Random kinds draw from a generator seeded by
+(sample id, seed) only; shard membership is int(sample_id, 16) % S.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,13 +21,16 @@ from tqdm.auto import tqdm
 
 from sekd.stores.teacher_cache import format as fmt
 from sekd.selection.draws import rs_kd_draws, sample_generator
+from sekd.stores.teacher_cache.kinds import CacheKind
 from sekd.stores.teacher_cache.store import (
     FORMAT,
     MANIFEST,
+    Block,
+    Layout,
     check_signature,
     data_signature,
-    encode_block,
     encode_shard,
+    make_block,
     file_sha256,
     read_manifest,
     shard_name,
@@ -53,7 +58,7 @@ def make_signature(
     tokenizer_sig: str,
     vocab_size: int,
     temperature: float,
-    n_draws: int,
+    kind: CacheKind,
     seed: int,
     sample_ids: list[str],
     seq_len: int,
@@ -61,16 +66,18 @@ def make_signature(
     teacher_dtype: str,
     device_type: str,
 ) -> dict[str, Any]:
-    """Everything the cached bytes depend on. dtype and device type change the draws (logit rounding,
-    and CPU and CUDA generators differ), so a resumed build must use the same ones."""
-    fmt.bytes_per_record(vocab_size, n_draws)  # validates n_draws
+    """Everything the cached bytes depend on, the kind (sampler, options, form) included. dtype and device
+    type change the targets (logit rounding, and CPU and CUDA generators differ), so a resumed build must
+    use the same ones."""
+    if kind.records == "counts":
+        fmt.bytes_per_record(vocab_size, int(kind.options["n_draws"]))  # validates n_draws
     return {
         "format": FORMAT,
         "teacher": teacher_name,
         "tokenizer": tokenizer_sig,
         "vocab_size": int(vocab_size),
         "temperature": float(temperature),
-        "n_draws": int(n_draws),
+        **kind.signature(),
         "seed": int(seed),
         "data": data_signature(sample_ids),
         "seq_len": int(seq_len),
@@ -119,41 +126,76 @@ def _done(out: Path, i: int, num_shards: int) -> bool:
     )
 
 
+def layout_of(kind: CacheKind, vocab_size: int) -> Layout:
+    n_draws = int(kind.options["n_draws"]) if kind.records == "counts" else 0
+    return Layout(kind.records, vocab_size, n_draws, kind.form == "tail")
+
+
+def sample_block(kind: CacheKind, sampler, z: torch.Tensor, valid: torch.Tensor, sid: str, **draw: Any) -> Block:
+    """One sample's block of `kind` from its teacher logits z [L,V]: the sampler at the valid positions,
+    a random one drawing from the sample's own generator (sample id, seed)."""
+    g = sample_generator(sid, draw["seed"])  # a CPU generator: the same draws on every device
+    at = valid.to(z.device).nonzero().squeeze(1)  # the valid positions                              [P]
+    layout, valid_np = draw["layout"], valid.numpy()
+    if kind.records == "counts":  # rs_kd's own draws, read in place; the sampler draws exactly these
+        ids, counts, offsets = rs_kd_draws(z, layout.n_draws, draw["temperature"], g, rows=at)
+        return make_block(sid, valid_np, ids.cpu().numpy(), counts.cpu().numpy(), offsets.cpu().numpy(), layout)
+    t = sampler(z[at], temperature=draw["temperature"], generator=g)  # [P,K]
+    lens = t.mask.sum(-1).cpu()
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
+    offsets[1:] = lens.cumsum(0)
+    ids, probs = t.ids[t.mask].cpu().numpy(), t.probs[t.mask].double().cpu().numpy()  # row-major: K order kept
+    tail = t.tail.double().cpu().numpy() if t.tail is not None else None
+    return make_block(sid, valid_np, ids, probs, offsets.numpy(), layout, tail)
+
+
 @torch.inference_mode()
 def shard_bytes(
     teacher,
     data: PackedData,
     rows: list[int],
     *,
-    n_draws: int,
+    kinds: list[CacheKind],
     temperature: float,
     seed: int,
     vocab_size: int,
     batch_size: int,
     device: torch.device,
     bar: tqdm | None = None,
-) -> tuple[bytes, dict[str, int]]:
-    """Run the teacher over `rows` (sorted by sample id) and encode their draws as one shard file."""
-    blocks, positions, records = [], 0, 0
+) -> list[tuple[bytes, dict[str, int]]]:
+    """Run the teacher once over `rows` (sorted by sample id) and encode each kind's targets as one shard
+    file. -> per kind: (the file's bytes, its samples / positions / records)"""
+    layouts = [layout_of(k, vocab_size) for k in kinds]
+    samplers = [k.sampler() for k in kinds]
+    blocks: list[list[Block]] = [[] for _ in kinds]
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
         x = data.input_ids[idx].to(device)  # [B,L]
         z = teacher(input_ids=x).logits[..., :vocab_size]  # cut padding rows of the head      [B,L,V]
         for b, r in enumerate(idx):
-            sid = data.sample_ids[r]
             valid = data.labels[r] != IGNORE  # [L]
-            g = sample_generator(sid, seed)  # a CPU generator: the same draws on every device
-            at = valid.to(device).nonzero().squeeze(1)  # the valid positions, read in place       [P]
-            ids, counts, offsets = rs_kd_draws(z[b], n_draws, temperature, g, rows=at)  # [R],[R],[P+1]
-            body, n_pos, n_rec = encode_block(
-                valid.numpy(), ids.cpu().numpy(), counts.cpu().numpy(), offsets.cpu().numpy(), n_draws, vocab_size
-            )
-            blocks.append((sid, body, n_pos, n_rec))
-            positions, records = positions + n_pos, records + n_rec
+            for j, kind in enumerate(kinds):
+                blocks[j].append(
+                    sample_block(
+                        kind,
+                        samplers[j],
+                        z[b],
+                        valid,
+                        data.sample_ids[r],
+                        seed=seed,
+                        temperature=temperature,
+                        layout=layouts[j],
+                    )  # fmt: skip
+                )
         if bar is not None:
             bar.update(len(idx))
-    blob = encode_shard(blocks, n_draws=n_draws, seq_len=data.seq_len, vocab_size=vocab_size)
-    return blob, {"samples": len(rows), "positions": positions, "records": records}
+    return [
+        (
+            encode_shard(blks, layout=lay, seq_len=data.seq_len),
+            {"samples": len(rows), "positions": sum(b.n_pos for b in blks), "records": sum(b.n_rec for b in blks)},
+        )
+        for blks, lay in zip(blocks, layouts)
+    ]
 
 
 def build_cache(
@@ -161,9 +203,23 @@ def build_cache(
     data: PackedData,
     out: str | Path,
     *,
+    n_draws: int = 64,
+    kind: CacheKind | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Build (or resume) the cache of one kind (default: rs_kd with `n_draws`) at `out`; returns its manifest.
+    `options`: those of `build_caches`."""
+    kind = kind or CacheKind("rs_kd", {"n_draws": int(n_draws)}, "draws")
+    return build_caches(teacher, data, {Path(out): kind}, **options)[Path(out)]
+
+
+def build_caches(
+    teacher,
+    data: PackedData,
+    outs: dict[Path, CacheKind],
+    *,
     teacher_name: str,
     tokenizer_sig: str,
-    n_draws: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
     num_shards: int = NUM_SHARDS,
@@ -172,49 +228,44 @@ def build_cache(
     vocab_size: int | None = None,
     shards: list[int] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Build (or resume) the shards `shards` (default all) of the cache at `out`; returns the manifest."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+) -> dict[Path, dict[str, Any]]:
+    """Build (or resume) the shards `shards` (default all) of one cache per kind, folder -> kind, in one
+    teacher pass: each folder is byte for byte the one a build of its kind alone writes. -> folder -> manifest"""
+    outs = {Path(o): k for o, k in outs.items()}
     device = torch.device(device)
     teacher, vocab_size = _ready_teacher(teacher, device, vocab_size)
     first = first_rows(data)
-    sig = make_signature(
-        teacher_name=teacher_name,
-        tokenizer_sig=tokenizer_sig,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        n_draws=n_draws,
-        seed=seed,
-        sample_ids=list(first),
-        seq_len=data.seq_len,
-        num_shards=num_shards,
-        teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
-        device_type=device.type,
-    )
-    _merge_manifest(out, sig, len(first), None)  # refuses a folder of another signature before any work
-    members = shard_members(first, _checked_shards(shards, num_shards), num_shards)
-    draw = {
-        "n_draws": n_draws,
-        "temperature": temperature,
-        "seed": seed,
-        "vocab_size": vocab_size,
-        "batch_size": batch_size,
-        "device": device,
+    dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.")
+    sigs = {
+        out: make_signature(
+            teacher_name=teacher_name,
+            tokenizer_sig=tokenizer_sig,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            kind=kind,
+            seed=seed,
+            sample_ids=list(first),
+            seq_len=data.seq_len,
+            num_shards=num_shards,
+            teacher_dtype=dtype,
+            device_type=device.type,
+        )  # fmt: skip
+        for out, kind in outs.items()
     }
-    with tqdm(
-        total=sum(len(m) for m in members.values()),
-        unit="sample",
-        desc=f"cache {out.name}",
-        disable=not progress,
-        leave=False,
-    ) as bar:
+    for out, sig in sigs.items():
+        out.mkdir(parents=True, exist_ok=True)
+        _merge_manifest(out, sig, len(first), None)  # refuses a folder of another signature before any work
+    members = shard_members(first, _checked_shards(shards, num_shards), num_shards)
+    draw = dict(temperature=temperature, seed=seed, vocab_size=vocab_size, batch_size=batch_size, device=device)
+    name = next(iter(outs)).name if len(outs) == 1 else f"{len(outs)} kinds"
+    total = sum(len(m) for m in members.values())
+    with tqdm(total=total, unit="sample", desc=f"cache {name}", disable=not progress, leave=False) as bar:
         _each_shard_once(
-            out,
+            sorted(outs),
             sorted(members),
-            lambda i: _build_shard(out, i, members[i], sig, len(first), teacher, data, bar, **draw),
+            lambda i: _build_shard(outs, sigs, i, members[i], len(first), teacher, data, bar, **draw),
         )
-    return read_manifest(out)
+    return {out: read_manifest(out) for out in outs}
 
 
 def _ready_teacher(teacher, device: torch.device, vocab_size: int | None):
@@ -253,35 +304,47 @@ def shard_members(first: dict[str, int], todo: list[int], num_shards: int) -> di
 
 
 def _build_shard(
-    out: Path, i: int, rows: list[int], sig: dict[str, Any], n_samples: int, teacher, data: PackedData, bar, **draw: Any
+    outs: dict[Path, CacheKind],
+    sigs: dict[Path, dict[str, Any]],
+    i: int,
+    rows: list[int],
+    n_samples: int,
+    teacher,
+    data: PackedData,
+    bar,
+    **draw: Any,
 ) -> None:
-    """Shard i, unless the manifest already holds it intact: encoded, written atomically, then entered."""
-    num_shards = sig["num_shards"]
-    if _done(out, i, num_shards):
+    """Shard i of every folder whose manifest does not already hold it intact: encoded, written atomically,
+    then entered."""
+    num_shards = next(iter(sigs.values()))["num_shards"]
+    todo = [out for out in sorted(outs) if not _done(out, i, num_shards)]
+    if not todo:
         bar.update(len(rows))
         return
-    blob, counts = shard_bytes(teacher, data, rows, bar=bar, **draw)
-    path = out / shard_name(i, num_shards)
-    atomic_write_bytes(path, blob)
-    entry = {"index": i, "file": path.name, "sha256": file_sha256(path), "bytes": len(blob), **counts}
-    _merge_manifest(out, sig, n_samples, entry)
+    built = shard_bytes(teacher, data, rows, kinds=[outs[o] for o in todo], bar=bar, **draw)
+    for out, (blob, counts) in zip(todo, built):
+        path = out / shard_name(i, num_shards)
+        atomic_write_bytes(path, blob)
+        entry = {"index": i, "file": path.name, "sha256": file_sha256(path), "bytes": len(blob), **counts}
+        _merge_manifest(out, sigs[out], n_samples, entry)
 
 
-def _each_shard_once(out: Path, todo: list[int], build: Callable[[int], None]) -> None:
-    """build(i) for every shard, each under its lock: first the shards no other builder holds, then
-    (waiting for their locks) the others, so a shard whose builder died is built here."""
+def _each_shard_once(outs: list[Path], todo: list[int], build: Callable[[int], None]) -> None:
+    """build(i) for every shard, under its lock in every folder (taken in the folders' order, so two builders
+    never deadlock): first the shards no other builder holds, then (waiting for their locks) the others, so
+    a shard whose builder died is built here."""
     deferred = []
     for i in todo:
-        lock = _shard_lock(out, i)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            deferred.append(i)
-            continue
-        try:
+        with contextlib.ExitStack() as held:
+            try:
+                for out in outs:
+                    held.enter_context(_shard_lock(out, i).acquire(timeout=0))
+            except Timeout:
+                deferred.append(i)
+                continue
             build(i)
-        finally:
-            lock.release()
     for i in deferred:
-        with _shard_lock(out, i):
+        with contextlib.ExitStack() as held:
+            for out in outs:
+                held.enter_context(_shard_lock(out, i))
             build(i)

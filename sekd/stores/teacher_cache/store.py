@@ -1,11 +1,12 @@
 """The cache on disk (docs/method.md §9, with its files' byte layout): a manifest plus shard files, and the
 reader the trainer uses.
 
-`manifest.json` holds the signature, num_shards, one entry per finished shard (sha256, bytes, counts) and a
-`checksum` over the rest; `shard-<i>-of-<S>.bin` holds the samples with int(sample_id, 16) % S == i: a
-header, an index by sample id, and one block per sample (its valid mask, the distinct classes at each valid
-position, their records of format.py). A shard is keyed by content (sample id), never by batch, step or
-position in the dataset (docs/method.md §13).
+`manifest.json` holds the signature (the kind: class sampler, options, form), num_shards, one entry per
+finished shard (sha256, bytes, counts) and a `checksum` over the rest; `shard-<i>-of-<S>.bin` holds the
+samples with int(sample_id, 16) % S == i: a header, an index by sample id, and one block per sample (its
+valid mask, the number of classes at each valid position, a tail form's tail masses, then the records of
+format.py: (id, count) for rs_kd, (id, float16 probability) otherwise). A shard is keyed by content
+(sample id), never by batch, step or position in the dataset (docs/method.md §13).
 """
 
 from __future__ import annotations
@@ -26,11 +27,23 @@ from sekd.core.tensors import IGNORE
 if TYPE_CHECKING:
     from torch import Tensor
 
-FORMAT = 2  # bump when the manifest or shard layout changes (2: the manifest carries its own checksum)
+    from sekd.selection.classes import SparseTarget
+
+FORMAT = 3  # bump when the manifest or shard layout changes (2: a sealed manifest; 3: a kind per class sampler)
 MAGIC = b"SEKDRSKD"
-HEADER = struct.Struct("<8sHHIIIII")  # 32 bytes
+# magic, format, records (0 counts, 1 probabilities), wide, bytes per len, tail, n_draws, seq_len, samples, V
+HEADER = struct.Struct("<8sHBBBB2xIIII")  # 32 bytes
+RECORDS = ("counts", "probs")
 INDEX = np.dtype([("sid", "<u8"), ("offset", "<u8"), ("nbytes", "<u8"), ("n_pos", "<u4"), ("n_rec", "<u4")])
 MANIFEST = "manifest.json"
+TAIL = np.dtype("<f2")  # a tail form's mass outside C_t, one per valid position
+SUM_SLACK = 2e-3  # float16 rounding of a position's probabilities (2^-11 relative each) stays well inside
+SUMS_TO_ONE = ("draws", "renormalized", "tail")  # forms whose p~ (with its tail) is a distribution
+# the signature's own fields (build.make_signature); a kind's options sit beside them under their own names
+BASE_KEYS = frozenset(
+    "format teacher tokenizer vocab_size temperature seed data seq_len num_shards teacher_dtype device_type "
+    "kind form records".split()
+)
 
 
 class CacheError(ValueError):
@@ -68,44 +81,111 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def lens_dtype(n_draws: int) -> np.dtype:
-    """Distinct classes per position <= n_draws: one byte while N <= 255."""
-    return np.dtype("u1") if n_draws <= 255 else np.dtype("<u2")
+def lens_dtype(most: int) -> np.dtype:
+    """Classes per position <= most: one byte while most <= 255, two while <= 65,535, else four."""
+    return np.dtype("u1") if most <= 0xFF else np.dtype("<u2") if most <= 0xFFFF else np.dtype("<u4")
 
 
 def valid_bytes(seq_len: int) -> int:
     return (seq_len + 7) // 8
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a cache's records are stored: counts (rs_kd) or probabilities, their width, a tail per position."""
+
+    records: str
+    vocab_size: int
+    n_draws: int = 0  # counts only
+    tail: bool = False
+
+    @classmethod
+    def of(cls, sig: dict[str, Any]) -> "Layout":
+        records = sig.get("records", "counts")
+        n = int(sig.get("n_draws", 0)) if records == "counts" else 0
+        return cls(records, int(sig["vocab_size"]), n, sig.get("form") == "tail")
+
+    @property
+    def wide(self) -> bool:
+        if self.records == "counts":
+            return fmt.is_wide(self.vocab_size, self.n_draws)
+        return fmt.ids_wide(self.vocab_size)
+
+    @property
+    def record_bytes(self) -> int:
+        if self.records == "counts":
+            return fmt.bytes_per_record(self.vocab_size, self.n_draws)
+        return fmt.prob_record_bytes(self.vocab_size)
+
+    def pack(self, ids, values) -> bytes:
+        if self.records == "counts":
+            return fmt.pack(ids, values, self.n_draws, self.vocab_size)
+        return fmt.pack_probs(ids, values, self.vocab_size)
+
+    def unpack(self, buf, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.records == "counts":
+            return fmt.unpack(buf, n, self.wide)
+        return fmt.unpack_probs(buf, n, self.wide)
+
+
 # ---------------------------------------------------------------- writing
 
 
-def encode_block(valid: np.ndarray, ids, counts, offsets, n_draws: int, vocab_size: int) -> tuple[bytes, int, int]:
-    """One sample's block: valid [L] bool, flat draws of its valid positions -> (bytes, n_pos, n_rec)."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    lens = np.diff(offsets)
+@dataclass
+class Block:
+    """One sample's target before encoding: valid [L] bool, the classes per valid position (lens [P]),
+    their records' bytes, the tail mass per valid position (a tail form) or None."""
+
+    sample_id: str
+    valid: np.ndarray
+    lens: np.ndarray
+    records: bytes
+    tail: np.ndarray | None = None
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.lens)
+
+    @property
+    def n_rec(self) -> int:
+        return int(self.lens.sum())
+
+
+def make_block(sample_id: str, valid: np.ndarray, ids, values, offsets, layout: Layout, tail=None) -> Block:
+    """A sample's flat target (ids/values [R], offsets [P+1] over its valid positions) as a Block."""
+    lens = np.diff(np.asarray(offsets, dtype=np.int64))
     if len(lens) != int(valid.sum()):
-        raise ValueError(f"{len(lens)} positions of draws for {int(valid.sum())} valid positions")
-    body = (
-        np.packbits(valid.astype(bool), bitorder="little").tobytes()
-        + lens.astype(lens_dtype(n_draws)).tobytes()
-        + fmt.pack(ids, counts, n_draws, vocab_size)
-    )
-    return body, len(lens), int(offsets[-1])
+        raise ValueError(f"{len(lens)} positions of classes for {int(valid.sum())} valid positions")
+    if layout.tail != (tail is not None):
+        raise ValueError(f"a {'tail' if layout.tail else 'tail-less'} cache, given tail={tail is not None}")
+    half = None if tail is None else fmt.half_codes(tail).view(np.float16).astype(TAIL)
+    return Block(sample_id, valid.astype(bool), lens, layout.pack(ids, values), half)
 
 
-def encode_shard(blocks: list[tuple[str, bytes, int, int]], *, n_draws: int, seq_len: int, vocab_size: int) -> bytes:
-    """(sample_id, block, n_pos, n_rec) per sample, any order -> the shard file's bytes (samples sorted by id)."""
-    blocks = sorted(blocks, key=lambda b: sid_int(b[0]))
+def encode_shard(blocks: list[Block], *, layout: Layout, seq_len: int) -> bytes:
+    """The shard file's bytes: samples sorted by id; each len stored in the fewest bytes the shard's widest
+    position needs (so the bytes follow from the content alone)."""
+    blocks = sorted(blocks, key=lambda b: sid_int(b.sample_id))
+    widest = max((int(b.lens.max()) for b in blocks if b.n_pos), default=0)
+    lens_t = lens_dtype(widest)
+    bodies = [
+        np.packbits(b.valid, bitorder="little").tobytes()
+        + b.lens.astype(lens_t).tobytes()
+        + (b.tail.tobytes() if b.tail is not None else b"")
+        + b.records
+        for b in blocks
+    ]
     index = np.zeros(len(blocks), dtype=INDEX)
     offset = HEADER.size + INDEX.itemsize * len(blocks)
-    for i, (sid, body, n_pos, n_rec) in enumerate(blocks):
-        index[i] = (sid_int(sid), offset, len(body), n_pos, n_rec)
+    for i, (b, body) in enumerate(zip(blocks, bodies)):
+        index[i] = (sid_int(b.sample_id), offset, len(body), b.n_pos, b.n_rec)
         offset += len(body)
+    code = RECORDS.index(layout.records)
     header = HEADER.pack(
-        MAGIC, FORMAT, int(fmt.is_wide(vocab_size, n_draws)), n_draws, seq_len, len(blocks), vocab_size, 0
-    )
-    return b"".join([header, index.tobytes(), *(b[1] for b in blocks)])
+        MAGIC, FORMAT, code, int(layout.wide), lens_t.itemsize, int(layout.tail), layout.n_draws, seq_len,
+        len(blocks), layout.vocab_size,
+    )  # fmt: skip
+    return b"".join([header, index.tobytes(), *bodies])
 
 
 # ---------------------------------------------------------------- reading
@@ -113,17 +193,20 @@ def encode_shard(blocks: list[tuple[str, bytes, int, int]], *, n_draws: int, seq
 
 @dataclass
 class SampleDraws:
-    """One sample's cached draws: valid [L] bool, ids/counts [R] int64, offsets [n_pos+1] int64."""
+    """One sample's cached target: valid [L] bool, ids [R] int64 with counts [R] int64 (counts records) or
+    probs [R] float32 (probability records), offsets [n_pos+1] int64, tail [n_pos] float32 or None."""
 
     valid: np.ndarray
     ids: np.ndarray
-    counts: np.ndarray
+    counts: np.ndarray | None
     offsets: np.ndarray
     nbytes: int
+    probs: np.ndarray | None = None
+    tail: np.ndarray | None = None
 
 
 class Shard:
-    """A shard file, memory-mapped; its index parsed and checked against the file's size."""
+    """A shard file, memory-mapped; its header checked against the manifest, its index against the file's size."""
 
     def __init__(self, path: Path, sig: dict[str, Any]):
         self.path = path
@@ -132,27 +215,46 @@ class Shard:
             self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         if size < HEADER.size:
             raise CacheError(f"{path}: truncated: {size} bytes, shorter than the {HEADER.size}-byte header")
-        magic, version, wide, n_draws, seq_len, n, vocab, _ = HEADER.unpack_from(self.buf, 0)
+        magic, version, code, wide, lens_bytes, tail, n_draws, seq_len, n, vocab = HEADER.unpack_from(self.buf, 0)
         if magic != MAGIC:
             raise CacheError(f"{path}: not a sekd cache shard (magic {magic!r})")
         if version != FORMAT:
             raise CacheError(f"{path}: shard format {version}, this sekd reads {FORMAT}")
-        for key, found in (("n_draws", n_draws), ("seq_len", seq_len), ("vocab_size", vocab)):
-            if sig.get(key) != found:
-                raise CacheError(f"{path}: header {key}={found} disagrees with the manifest's {sig.get(key)}")
-        self.wide, self.n_draws, self.seq_len, self.vocab = bool(wide), n_draws, seq_len, vocab
-        if self.wide != fmt.is_wide(vocab, n_draws):
-            raise CacheError(f"{path}: header record kind wide={self.wide} is wrong for V={vocab}, N={n_draws}")
+        self.layout = Layout.of(sig)
+        self.seq_len, self.vocab = seq_len, vocab
+        self._check_header(sig, code, wide, lens_bytes, tail, n_draws)
+        self.lens_dtype = lens_dtype({1: 0xFF, 2: 0xFFFF, 4: 0xFFFF + 1}[lens_bytes])
         end_index = HEADER.size + INDEX.itemsize * n
         if size < end_index:
             raise CacheError(f"{path}: truncated: {size} bytes, the index of {n} samples ends at {end_index}")
         self.index = np.frombuffer(self.buf, dtype=INDEX, count=n, offset=HEADER.size)
-        self.rec = fmt.WIDE.itemsize if self.wide else fmt.NARROW_BYTES
-        self.lens_dtype = lens_dtype(n_draws)
+        self._check_index(size, end_index)
+
+    def _check_header(self, sig: dict[str, Any], code: int, wide: int, lens_bytes: int, tail: int, n_draws: int):
+        path, lay = self.path, self.layout
+        found = {"seq_len": self.seq_len, "vocab_size": self.vocab}
+        if lay.records == "counts":
+            found["n_draws"] = n_draws
+        for key, value in found.items():
+            if sig.get(key) != value:
+                raise CacheError(f"{path}: header {key}={value} disagrees with the manifest's {sig.get(key)}")
+        if code >= len(RECORDS) or RECORDS[code] != lay.records or bool(tail) != lay.tail:
+            shown = RECORDS[code] if code < len(RECORDS) else code
+            raise CacheError(
+                f"{path}: header records={shown}, tail={bool(tail)} disagree with the manifest's kind "
+                f"{sig.get('kind')!r} (records={lay.records}, form={sig.get('form')})"
+            )
+        if bool(wide) != lay.wide or lens_bytes not in (1, 2, 4):
+            raise CacheError(
+                f"{path}: header record width wide={bool(wide)}, lens {lens_bytes} B are wrong for V={self.vocab}"
+            )
+
+    def _check_index(self, size: int, end_index: int) -> None:
+        n, path = len(self.index), self.path
         expect = (
-            valid_bytes(seq_len)
-            + self.index["n_pos"].astype(np.int64) * self.lens_dtype.itemsize
-            + self.index["n_rec"].astype(np.int64) * self.rec
+            valid_bytes(self.seq_len)
+            + self.index["n_pos"].astype(np.int64) * (self.lens_dtype.itemsize + TAIL.itemsize * self.layout.tail)
+            + self.index["n_rec"].astype(np.int64) * self.layout.record_bytes
         )
         ends = self.index["offset"].astype(np.int64) + self.index["nbytes"].astype(np.int64)
         starts = np.concatenate([[end_index], ends[:-1]]).astype(np.int64)
@@ -185,29 +287,59 @@ class Shard:
             bool
         )
         lens = np.frombuffer(self.buf, self.lens_dtype, n_pos, off + vb).astype(np.int64)
-        rec_off = off + vb + n_pos * self.lens_dtype.itemsize
-        ids, counts = fmt.unpack(memoryview(self.buf)[rec_off : rec_off + n_rec * self.rec], n_rec, self.wide)
+        at = off + vb + n_pos * self.lens_dtype.itemsize
+        tail = None
+        if self.layout.tail:
+            tail = np.frombuffer(self.buf, TAIL, n_pos, at).astype(np.float32)
+            at += n_pos * TAIL.itemsize
+        ids, values = self.layout.unpack(memoryview(self.buf)[at : at + n_rec * self.layout.record_bytes], n_rec)
         offsets = np.zeros(n_pos + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        return SampleDraws(valid, ids, counts, offsets, nbytes)
+        if self.layout.records == "counts":
+            return SampleDraws(valid, ids, values, offsets, nbytes)
+        return SampleDraws(valid, ids, None, offsets, nbytes, probs=values, tail=tail)
 
-    def check_block(self, i: int) -> None:
-        """Decodable: valid bits match n_pos, lens sum to n_rec, ids in [0,V) ascending per position, counts sum to N."""
+    def check_block(self, i: int, form: str | None = None) -> None:
+        """Decodable: valid bits match n_pos, lens sum to n_rec, ids in [0,V); counts: >= 1, summing to N,
+        ids ascending per position; probabilities (and tails): in [0, 1], each position's sum <= 1 (a form
+        that is a distribution: = 1), up to float16 rounding."""
         d, sid = self.read(i), f"{int(self.index['sid'][i]):016x}"
+        where = f"{self.path}: sample {sid}"
         n_pos = int(self.index["n_pos"][i])
         if int(d.valid.sum()) != n_pos or d.offsets[-1] != len(d.ids):
-            raise CacheError(f"{self.path}: sample {sid}: block does not decode (positions or lengths inconsistent)")
+            raise CacheError(f"{where}: block does not decode (positions or lengths inconsistent)")
+        if len(d.ids) and d.ids.max() >= self.vocab:
+            raise CacheError(f"{where}: block does not decode (class id {int(d.ids.max())} >= V={self.vocab})")
         lens = np.diff(d.offsets)
-        if n_pos and (lens.min() < 1 or d.ids.max() >= self.vocab or d.counts.min() < 1):
-            raise CacheError(
-                f"{self.path}: sample {sid}: block does not decode (empty position, id or count out of range)"
-            )
         row = np.repeat(np.arange(n_pos), lens)
-        if np.any(np.bincount(row, weights=d.counts, minlength=n_pos) != self.n_draws):
-            raise CacheError(f"{self.path}: sample {sid}: counts do not sum to n_draws={self.n_draws}")
-        same_row = row[1:] == row[:-1]
-        if np.any(same_row & (d.ids[1:] <= d.ids[:-1])):
-            raise CacheError(f"{self.path}: sample {sid}: ids not ascending within a position")
+        if d.counts is not None:
+            check_counts(where, d.ids, d.counts, lens, row, self.layout.n_draws)
+        else:
+            assert d.probs is not None
+            check_probs(where, d.probs, d.tail, row, n_pos, form)
+
+
+def check_counts(where: str, ids, counts, lens, row, n_draws: int) -> None:
+    if len(lens) and (lens.min() < 1 or counts.min() < 1):
+        raise CacheError(f"{where}: block does not decode (empty position, or a count < 1)")
+    if np.any(np.bincount(row, weights=counts, minlength=len(lens)) != n_draws):
+        raise CacheError(f"{where}: counts do not sum to n_draws={n_draws}")
+    if np.any((row[1:] == row[:-1]) & (ids[1:] <= ids[:-1])):
+        raise CacheError(f"{where}: ids not ascending within a position")
+
+
+def check_probs(where: str, probs, tail, row, n_pos: int, form: str | None) -> None:
+    for name, v in (("probability", probs), ("tail mass", tail)):
+        if v is not None and len(v) and not (np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1):
+            raise CacheError(f"{where}: a {name} outside [0, 1] ({float(np.nanmax(np.abs(v)))})")
+    total = np.bincount(row, weights=probs, minlength=n_pos) + (tail if tail is not None else 0)
+    lens = np.bincount(row, minlength=n_pos)
+    slack = SUM_SLACK + (lens + 1) * 2.0**-25  # float16 rounds a value below 2^-14 to within 2^-25 absolute
+    if n_pos and np.any(total > 1 + slack):
+        raise CacheError(f"{where}: a position's probabilities sum to {total.max():.6f} > 1")
+    held = lens > 0 if tail is None else np.ones(n_pos, bool)
+    if form in SUMS_TO_ONE and np.any(held & (total < 1 - slack)):
+        raise CacheError(f"{where}: a position's probabilities sum to {total[held].min():.6f}, not 1 (form {form})")
 
 
 def manifest_checksum(man: dict[str, Any]) -> str:
@@ -254,12 +386,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
 HINTS = {
     "data": " (the cache was built on other data: build it with the run's data settings)",
     "seed": " (the draws follow the run's seed: build one cache per seed)",
+    "kind": " (the cache holds another class sampler's targets: build one for the run's classes)",
 }
 
 
 def check_signature(mpath: Path, found: dict[str, Any], expect: dict[str, Any]) -> None:
-    """Every key of `expect` must equal the cache's; the first that differs is named."""
-    for key in sorted(expect):
+    """Every key of `expect` must equal the cache's; the first that differs is named (the kind first)."""
+    for key in sorted(expect, key=lambda k: (k != "kind", k)):
         if key not in found or found[key] != expect[key]:
             raise CacheError(
                 f"{mpath}: signature mismatch: {key} expected {expect[key]!r}, "
@@ -321,8 +454,22 @@ class TeacherCache:
         return cache
 
     @property
-    def n_draws(self) -> int:
-        return self.signature["n_draws"]
+    def n_draws(self) -> int | None:
+        """N of a counts (rs_kd) cache, else None."""
+        return self.signature.get("n_draws") if self.layout.records == "counts" else None
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.of(self.signature)
+
+    @property
+    def form(self) -> str:
+        return str(self.signature.get("form", "draws"))
+
+    def kind_label(self) -> str:
+        """`top_k_tail(top=20)`: the sampler and its options, as the signature records them."""
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.signature.items()) if k not in BASE_KEYS)
+        return f"{self.signature.get('kind', 'rs_kd')}({opts})"
 
     def shard(self, i: int) -> Shard:
         if i not in self._shards:
@@ -356,7 +503,7 @@ class TeacherCache:
                     f"{MANIFEST} says {(entry['samples'], entry['positions'], entry['records'])}"
                 )
             for j in range(len(shard)):
-                shard.check_block(j)
+                shard.check_block(j, self.form)
             ids += shard.sample_ids()
         mpath = self.root / MANIFEST
         if self.signature.get("format") != FORMAT:
@@ -390,36 +537,49 @@ class TeacherCache:
         self.bytes_read += d.nbytes
         return d
 
-    def targets(self, sample_ids: list[str], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """p~ at the valid positions (labels != -100) of the batch, row-major over [B,T].
-        -> ids_pad [P,K] long, probs_pad [P,K] float32, mask [P,K] bool (CPU), P = valid positions."""
+    def targets(self, sample_ids: list[str], labels: Tensor) -> SparseTarget:
+        """p~ at the valid positions (labels != -100) of the batch, row-major over [B,T], as the class
+        sampler gives it: ids/probs/mask [P,K] (CPU), the tail [P] of a tail form, the cache's form.
+        Probabilities stored in float16 are renormalized where the form is a distribution."""
         import torch  # here, so verify / ls / stats start without torch
 
+        from sekd.selection.classes import SparseTarget
         from sekd.selection.draws import to_sparse
 
         if len(sample_ids) != labels.shape[0]:
             raise ValueError(f"{len(sample_ids)} sample ids for {labels.shape[0]} rows of labels")
         valid = (labels != IGNORE).cpu().numpy()  # [B,T]
-        lens, ids, counts = [], [], []
-        for b, sid in enumerate(sample_ids):
-            d = self.read(sid)
-            if d.valid.shape != valid[b].shape or not np.array_equal(d.valid, valid[b]):
-                raise CacheError(
-                    f"{self.locate(sid)[0].path}: sample {sid}: cached valid positions differ from the "
-                    f"batch's labels != -100 ({int(d.valid.sum())} cached, {int(valid[b].sum())} in the batch)"
-                )
-            lens.append(np.diff(d.offsets))
-            ids.append(d.ids)
-            counts.append(d.counts)
-        lens_all = torch.from_numpy(np.concatenate(lens) if lens else np.zeros(0, np.int64))
-        offsets = torch.zeros(len(lens_all) + 1, dtype=torch.long)
-        offsets[1:] = lens_all.cumsum(0)
-        return to_sparse(
-            torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)),
-            torch.from_numpy(np.concatenate(counts) if counts else np.zeros(0, np.int64)),
-            offsets,
-            self.n_draws,
-        )
+        parts = [self._checked(sid, valid[b]) for b, sid in enumerate(sample_ids)]
+
+        def cat(get, dtype) -> Tensor:
+            return torch.from_numpy(np.concatenate([get(d) for d in parts]) if parts else np.zeros(0, dtype))
+
+        lens = cat(lambda d: np.diff(d.offsets), np.int64)
+        offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
+        offsets[1:] = lens.cumsum(0)
+        if self.layout.records == "counts":
+            ids, probs, mask = to_sparse(
+                cat(lambda d: d.ids, np.int64), cat(lambda d: d.counts, np.int64), offsets, self.n_draws or 1
+            )
+            return SparseTarget(ids, probs, mask, None, self.form)
+        # probabilities are padded as the counts of a single draw would be
+        ids, probs, mask = to_sparse(cat(lambda d: d.ids, np.int64), cat(lambda d: d.probs, np.float32), offsets, 1)
+        tail = cat(lambda d: d.tail, np.float32) if self.layout.tail else None
+        if self.form in SUMS_TO_ONE:
+            total = probs.sum(-1) + (tail if tail is not None else 0)  # [P]
+            scale = torch.where(total > 0, 1 / total, torch.ones_like(total))
+            probs, tail = probs * scale[:, None], (tail * scale if tail is not None else None)
+        return SparseTarget(ids, probs, mask, tail, self.form)
+
+    def _checked(self, sid: str, valid: np.ndarray) -> SampleDraws:
+        """The sample's records, refused when its valid positions are not the batch's."""
+        d = self.read(sid)
+        if d.valid.shape != valid.shape or not np.array_equal(d.valid, valid):
+            raise CacheError(
+                f"{self.locate(sid)[0].path}: sample {sid}: cached valid positions differ from the "
+                f"batch's labels != -100 ({int(d.valid.sum())} cached, {int(valid.sum())} in the batch)"
+            )
+        return d
 
     def stats(self) -> dict[str, Any]:
         """Totals from the manifest: positions, records, bytes; bytes and distinct classes per position."""
@@ -428,18 +588,21 @@ class TeacherCache:
         positions = sum(e["positions"] for e in self.entries.values())
         records = sum(e["records"] for e in self.entries.values())
         nbytes = sum(e["bytes"] for e in self.entries.values())
-        rec = fmt.bytes_per_record(sig["vocab_size"], sig["n_draws"])
+        lay = self.layout
         per = max(positions, 1)
+        payload = records * lay.record_bytes + positions * TAIL.itemsize * lay.tail
         return {
+            "kind": self.kind_label(),
+            "form": self.form,
             "samples": samples,
             "positions": positions,
             "records": records,
             "bytes": nbytes,
-            "bytes_per_record": rec,
+            "bytes_per_record": lay.record_bytes,
             "bytes_per_position": nbytes / per,  # whole shard files: records + lens + valid bits + index
-            "record_bytes_per_position": records * rec / per,  # the draws alone
+            "record_bytes_per_position": payload / per,  # the records alone (and a tail form's tail mass)
             "distinct_per_position": records / per,
-            "n_draws": sig["n_draws"],
+            "n_draws": self.n_draws,
             "vocab_size": sig["vocab_size"],
         }
 
@@ -470,11 +633,12 @@ def storage_rows(
         rows.append(
             (
                 "measured_records",
-                f"this cache, records only (measured, N={measured['n_draws']})",
+                f"this cache, records only (measured, {measured.get('kind', 'rs_kd')})",
                 measured["record_bytes_per_position"],
             )
         )
-        rows.append(("measured_files", "this cache, whole files (measured)", measured["bytes_per_position"]))
+        files = f"this cache, whole files (measured, {measured.get('kind', 'rs_kd')})"
+        rows.append(("measured_files", files, measured["bytes_per_position"]))
     return [{"key": k, "method": name, "bytes_per_position": bpp, "tb": bpp * tokens / 1e12} for k, name, bpp in rows]
 
 

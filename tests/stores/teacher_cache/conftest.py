@@ -97,3 +97,16 @@ def cache_copy(built, tmp_path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(built, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def every_kind(teacher, data, vocab, tmp_path_factory) -> dict[Path, object]:
+    """One cache per cacheable kind, all built in one teacher pass (folder -> kind; read-only for tests)."""
+    from sekd.stores.teacher_cache.build import build_caches
+    from tests.stores.teacher_cache.helpers import cacheable_kinds
+
+    root = tmp_path_factory.mktemp("kinds")
+    outs = {root / k.label(): k for k in cacheable_kinds()}
+    opts = {k: v for k, v in BUILD.items() if k != "n_draws"}
+    build_caches(teacher, data, outs, vocab_size=vocab, **{**opts, "num_shards": 2})
+    return outs

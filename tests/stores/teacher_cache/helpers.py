@@ -47,3 +47,13 @@ def edit_manifest(root: Path, edit, reseal: bool) -> None:
         write_manifest(root, man)
     else:
         (root / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+
+
+def cacheable_kinds():
+    """Every registered class sampler a cache can hold, with the options its conformance example gives it
+    (plugins' too), and top_k_truncation's raw reading besides."""
+    from sekd.selection.classes import CLASSES
+    from sekd.stores.teacher_cache.kinds import cache_kind
+
+    kinds = [cache_kind(n, dict(CLASSES.get(n).example)) for n in CLASSES.names() if not CLASSES.get(n).needs_student]
+    return [*kinds, cache_kind("top_k_truncation", {"top": 5, "normalization": "raw"})]

@@ -116,7 +116,8 @@ def test_wide_records_lossless(teacher, data, vocab, tmp_path):
     with torch.no_grad():
         z = teacher(input_ids=data.input_ids[1:2]).logits[0, :, :vocab]
     want = to_sparse(*rs_kd_draws(z[labels[0] != -100], 100, 1.0, sample_generator(sid, 0)), 100)
-    assert all(torch.equal(a, b) for a, b in zip(cache.targets([sid], labels), want))
+    got = cache.targets([sid], labels)
+    assert all(torch.equal(a, b) for a, b in zip((got.ids, got.probs, got.mask), want))
 
 
 def test_vocab_cut_and_batch_size_independence(built, teacher, data, vocab, tmp_path):
@@ -125,8 +126,8 @@ def test_vocab_cut_and_batch_size_independence(built, teacher, data, vocab, tmp_
     a, b = TeacherCache.open(built), TeacherCache.open(tmp_path / "c")
     for r, sid in enumerate(data.sample_ids):
         ta, tb = a.targets([sid], data.labels[r : r + 1]), b.targets([sid], data.labels[r : r + 1])
-        assert all(torch.equal(x, y) for x, y in zip(ta, tb))
-        assert int(ta[0].max()) < vocab
+        assert all(torch.equal(x, y) for x, y in zip((ta.ids, ta.probs, ta.mask), (tb.ids, tb.probs, tb.mask)))
+        assert int(ta.ids.max()) < vocab
     with pytest.raises(ValueError, match="vocab_size"):
         build_cache(teacher, data, tmp_path / "d", vocab_size=10**6, **BUILD)
 
@@ -157,3 +158,42 @@ def test_a_shard_held_by_another_builder_is_deferred_then_awaited(built, teacher
         held.release()
     worker.join(timeout=60)
     assert folder_bytes(out) == folder_bytes(built)
+
+
+# ---------------------------------------------------------------- several kinds in one teacher pass
+
+ONE_PASS = {**{k: v for k, v in BUILD.items() if k != "n_draws"}, "num_shards": 2}
+
+
+def test_one_pass_of_every_kind_is_each_kind_built_alone(every_kind, teacher, data, vocab, tmp_path):
+    """Byte for byte: each folder of the one-pass build is its kind's own build (its own manifest)."""
+    for out, kind in every_kind.items():
+        build_cache(teacher, data, tmp_path / out.name, kind=kind, vocab_size=vocab, **ONE_PASS)
+        assert folder_bytes(tmp_path / out.name) == folder_bytes(out), kind
+
+
+def test_a_one_pass_build_resumes_each_folder_where_it_stopped(every_kind, teacher, data, vocab, tmp_path):
+    """One folder finished alone, another half built: the pass builds only what each lacks."""
+    from sekd.stores.teacher_cache.build import build_caches
+
+    outs = {tmp_path / out.name: kind for out, kind in list(every_kind.items())[:3]}
+    first, second, third = outs
+    build_cache(teacher, data, first, kind=outs[first], vocab_size=vocab, **ONE_PASS)
+    build_cache(teacher, data, second, kind=outs[second], vocab_size=vocab, shards=[1], **ONE_PASS)
+    before = (first / shard_name(0, 2)).stat().st_mtime_ns
+    mans = build_caches(teacher, data, outs, vocab_size=vocab, **ONE_PASS)
+    assert all(m["complete"] for m in mans.values()) and (first / shard_name(0, 2)).stat().st_mtime_ns == before
+    for out in outs:
+        assert folder_bytes(out) == folder_bytes(next(o for o in every_kind if o.name == out.name))
+
+
+def test_refuses_a_folder_of_another_kind(every_kind, teacher, data, vocab, tmp_path):
+    import shutil
+
+    (tail,) = [out for out, kind in every_kind.items() if kind.form == "tail"]
+    top_p = next(kind for kind in every_kind.values() if kind.name == "top_p")
+    shutil.copytree(tail, tmp_path / "c")
+    with pytest.raises(CacheError) as e:
+        build_cache(teacher, data, tmp_path / "c", kind=top_p, vocab_size=vocab, **ONE_PASS)
+    assert "\n" not in str(e.value) and "kind expected 'top_p', found 'top_k_tail'" in str(e.value)
+    assert folder_bytes(tmp_path / "c") == folder_bytes(tail)

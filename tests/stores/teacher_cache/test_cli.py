@@ -110,7 +110,11 @@ def test_verify_ok_then_refuses_a_flipped_byte(cli_cache, tmp_path):
 def test_ls(cli_cache):
     res = sekd_cache("ls", str(cli_cache[0]))
     assert res.returncode == 0, res.stderr
-    assert "complete" in res.stdout and "n_draws: 16" in res.stdout
+    assert (
+        "complete" in res.stdout
+        and "n_draws: 16" in res.stdout
+        and "; rs_kd: counts records, form draws)" in res.stdout
+    )
     assert shard_name(0, 2) in res.stdout and shard_name(1, 2) in res.stdout
     assert "| shard | file | samples |" in res.stdout
 
@@ -147,6 +151,25 @@ def test_build_refuses_a_bad_override_in_one_line(tmp_path):
     assert (
         len(lines) == 1 and lines[0].startswith("sekd-cache build: config error:") and "train.temperature" in lines[0]
     )
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (
+            ["--kind", "student_top_k:top=4"],
+            "classes.cache: classes.name=student_top_k chooses its classes by the student",
+        ),
+        (["classes=union_top_k"], "classes.cache: classes.name=union_top_k chooses its classes by the student"),
+        (["--kind", "top_p:p=2"], "classes.options.p=2 must be in (0, 1]"),
+    ],
+)
+def test_build_refuses_a_kind_no_cache_can_hold_in_one_line(tmp_path, args, words):
+    """Refused before the pair, the data or the teacher is touched: exit 2, nothing written."""
+    res = sekd_cache("build", "--out", str(tmp_path / "c"), "--quiet", *args)
+    assert res.returncode == 2 and not (tmp_path / "c").exists(), res.stderr[-2000:]
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("sekd-cache build: config error:") and words in line, line
 
 
 TAMPER = {  # signature field -> an edited value

@@ -82,3 +82,38 @@ def test_pack_rejects_out_of_range():
         fmt.pack(np.array([3]), np.array([0]), 64, 1000)
     with pytest.raises(ValueError, match="bytes"):
         fmt.unpack(b"\x00\x00", 1, wide=False)
+
+
+# ---------------------------------------------------------------- probability records
+
+
+def test_every_float16_probability_round_trips_in_14_bits():
+    """All 15,361 float16 values in [0, 1] (codes 0 .. 0x3C00), with ids at both ends of 18 bits."""
+    codes = np.arange(fmt.ONE_CODE + 1, dtype=np.uint16)
+    probs = codes.view(np.float16).astype(np.float64)
+    ids = np.where(codes % 2 == 0, 2**18 - 1 - codes.astype(np.int64), codes)
+    buf = fmt.pack_probs(ids, probs, 2**18)
+    assert len(buf) == fmt.PROB_NARROW_BYTES * len(ids)
+    i2, p2 = fmt.unpack_probs(buf, len(ids), wide=False)
+    assert np.array_equal(i2, ids) and np.array_equal(p2, probs.astype(np.float32))
+
+
+@pytest.mark.parametrize("V", [QWEN3_V, 2**18, 2**18 + 1, 2**32 - 1])
+def test_probability_ids_above_2_17_and_2_18_survive(V):
+    """Narrow (V <= 2^18: 4 bytes) keeps Qwen3's ids >= 2^17; wide (6 bytes) ids >= 2^18."""
+    ids = np.array([0, 131_071, 131_072, min(2**18 - 1, V - 1), V - 1])
+    probs = np.array([1.0, 0.5, 1 / 3, 1e-5, 0.0])
+    buf = fmt.pack_probs(ids, probs, V)
+    assert len(buf) == len(ids) * fmt.prob_record_bytes(V) == len(ids) * (6 if V > 2**18 else 4)
+    i2, p2 = fmt.unpack_probs(buf, len(ids), fmt.ids_wide(V))
+    assert i2.tolist() == ids.tolist() and np.array_equal(p2, probs.astype(np.float16).astype(np.float32))
+
+
+def test_pack_probs_rejects_out_of_range():
+    with pytest.raises(ValueError, match="ids"):
+        fmt.pack_probs(np.array([1000]), np.array([0.5]), 1000)
+    for bad in (1.5, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="probabilities"):
+            fmt.pack_probs(np.array([3]), np.array([bad]), 1000)
+    with pytest.raises(ValueError, match="bytes"):
+        fmt.unpack_probs(b"\x00\x00", 1, wide=False)

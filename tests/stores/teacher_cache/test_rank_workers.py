@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from sekd.app.training import auto_cache
 from sekd.stores.teacher_cache.build import NUM_SHARDS, build_cache
+from sekd.stores.teacher_cache.kinds import cache_kind
 from sekd.stores.teacher_cache.store import read_manifest
 from sekd.distributed.process_group import Dist
 from tests.stores.teacher_cache.helpers import BUILD, folder_bytes
@@ -18,7 +19,7 @@ from tests.test_distributed import args, torchrun
 EXPECT = {
     "teacher": BUILD["teacher_name"],
     "tokenizer": BUILD["tokenizer_sig"],
-    "n_draws": BUILD["n_draws"],
+    **cache_kind("rs_kd", {"n_draws": BUILD["n_draws"]}).signature(),
     "temperature": BUILD["temperature"],
     "seed": BUILD["seed"],
 }

@@ -8,6 +8,7 @@ import torch
 
 from sekd.selection.draws import rs_kd_draws, sample_generator, to_sparse
 from sekd.stores.teacher_cache.store import (
+    FORMAT,
     MANIFEST,
     PAPER_TABLE6_TB,
     CacheError,
@@ -22,9 +23,10 @@ from tests.stores.teacher_cache.helpers import BUILD, edit_manifest
 N = BUILD["n_draws"]
 
 
-def dense(ids_pad, probs_pad, mask, V):
+def dense(target, V):
     """p~ as a dense [P,V] float64 matrix (padding-independent, for comparisons)."""
-    return torch.zeros(ids_pad.shape[0], V, dtype=torch.float64).scatter_add_(1, ids_pad, (probs_pad * mask).double())
+    p = (target.probs * target.mask).double()
+    return torch.zeros(target.ids.shape[0], V, dtype=torch.float64).scatter_add_(1, target.ids, p)
 
 
 def one_line_error(excinfo, *names):
@@ -45,8 +47,9 @@ def test_targets_equal_fresh_draws_exactly(built, teacher, data, vocab):
         ref = rs_kd_draws(z[labels[0] != -100], N, 1.0, sample_generator(sid, BUILD["seed"]))
         got = cache.targets([sid], labels)
         want = to_sparse(*ref, N)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), sid
-        assert (got[0] < vocab).all()  # the head's padding rows were cut
+        assert all(torch.equal(a, b) for a, b in zip((got.ids, got.probs, got.mask), want)), sid
+        assert got.tail is None and got.form == "draws"
+        assert (got.ids < vocab).all()  # the head's padding rows were cut
     assert cache.bytes_read > 0
 
 
@@ -60,14 +63,14 @@ def test_counts_repeat(built):
 def test_batch_size_and_order_do_not_matter(built, data, vocab, batch_size):
     cache = TeacherCache.open(built)
     per_sample = {
-        sid: dense(*cache.targets([sid], data.labels[r : r + 1]), vocab) for r, sid in enumerate(data.sample_ids)
+        sid: dense(cache.targets([sid], data.labels[r : r + 1]), vocab) for r, sid in enumerate(data.sample_ids)
     }
     order = list(range(len(data)))
     random.Random(batch_size).shuffle(order)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         labels = data.labels[idx]
-        got = dense(*cache.targets([data.sample_ids[r] for r in idx], labels), vocab)
+        got = dense(cache.targets([data.sample_ids[r] for r in idx], labels), vocab)
         want = torch.cat([per_sample[data.sample_ids[r]] for r in idx])  # row-major over [B,T] valid positions
         assert got.shape[0] == int((labels != -100).sum())
         assert torch.equal(got, want)
@@ -277,7 +280,7 @@ def test_a_cache_of_the_previous_format_is_refused(cache_copy):
     edit_manifest(cache_copy, to_format_1, reseal=False)
     with pytest.raises(CacheError) as e:
         TeacherCache.open(cache_copy)
-    one_line_error(e, cache_copy / MANIFEST, "manifest format 1", "reads 2")
+    one_line_error(e, cache_copy / MANIFEST, "manifest format 1", f"reads {FORMAT}")
 
 
 def test_the_built_manifest_is_sealed(built):
@@ -285,3 +288,138 @@ def test_the_built_manifest_is_sealed(built):
 
     man = json.loads((built / MANIFEST).read_text())
     assert man["checksum"] == manifest_checksum(man) and len(man["checksum"]) == 64
+
+
+# ---------------------------------------------------------------- every kind of target
+
+
+def valid_logits(teacher, data, vocab):
+    """Each sample's teacher logits at its valid positions, as the builder computes them.  r -> [P,V]"""
+    with torch.no_grad():
+        z = teacher(input_ids=data.input_ids).logits[..., :vocab]
+    return [z[r][data.labels[r] != -100] for r in range(len(data))]
+
+
+def test_every_kind_reads_back_its_samplers_target(every_kind, teacher, data, vocab):
+    """The cached target is the online sampler's on the same logits (a random one: from the same generator,
+    the same draws): the same classes exactly, the same tail and form, probabilities equal up to float16
+    rounding (exact for rs_kd's counts); the forward KL it gives moves by less than 1e-3 of itself."""
+    from sekd.selection.classes import in_support, sparse_forward_kl
+
+    z = valid_logits(teacher, data, vocab)
+    s = torch.randn(max(len(x) for x in z), vocab, generator=torch.Generator().manual_seed(3))
+    for out, kind in every_kind.items():
+        cache, sampler = TeacherCache.open(out, verify=True), kind.sampler()
+        for r, sid in enumerate(data.sample_ids):
+            want = sampler(z[r], temperature=1.0, generator=sample_generator(sid, BUILD["seed"]))
+            got = cache.targets([sid], data.labels[r : r + 1])
+            assert got.form == want.form == kind.form and (got.tail is None) == (want.tail is None), kind
+            assert torch.equal(in_support(got, vocab), in_support(want, vocab)), (kind, sid)
+            tol = {"rtol": 0, "atol": 0} if kind.records == "counts" else {"rtol": 2e-3, "atol": 1e-7}
+            torch.testing.assert_close(dense(got, vocab), dense(want, vocab).to(torch.float64), **tol)
+            if want.tail is not None:
+                torch.testing.assert_close(got.tail, want.tail.float(), **tol)
+            kl_got, kl_want = sparse_forward_kl(s[: len(z[r])], got), sparse_forward_kl(s[: len(z[r])], want)
+            torch.testing.assert_close(kl_got, kl_want.to(kl_got.dtype), rtol=1e-3, atol=1e-6)
+
+
+def test_each_kind_stores_its_records(every_kind):
+    """rs_kd: 3-byte counts; the others 4-byte (id, float16) records, a tail form 2 bytes more a position."""
+    for out, kind in every_kind.items():
+        s = TeacherCache.open(out).stats()
+        assert s["bytes_per_record"] == (3 if kind.records == "counts" else 4) and s["form"] == kind.form
+        tail = 2 if kind.form == "tail" else 0
+        assert s["record_bytes_per_position"] == pytest.approx(
+            s["bytes_per_record"] * s["distinct_per_position"] + tail
+        )
+        assert s["kind"].startswith(f"{kind.name}(")
+        assert s["n_draws"] == (kind.options["n_draws"] if kind.records == "counts" else None)  # counts only
+
+
+@pytest.mark.parametrize("vocab,form", [(151_936, "tail"), (2**18 + 7, "tail"), (2**18 + 7, "raw")])
+def test_probability_blocks_keep_ids_above_2_17_and_2_18(tmp_path, vocab, form):
+    """Qwen3's ids >= 2^17 in narrow records, ids >= 2^18 in wide ones: read back exactly."""
+    import numpy as np
+
+    from sekd.stores.teacher_cache.store import Layout, Shard, encode_shard, make_block
+
+    layout = Layout("probs", vocab, 0, form == "tail")
+    ids = np.array([0, 131_071, 131_072, min(2**18 - 1, vocab - 2), vocab - 1])
+    probs = np.array([0.5, 0.25, 0.125, 0.0625, 1 / 3])
+    tail = np.array([0.25, 0.4]) if form == "tail" else None
+    valid = np.array([True, False, True, False, False])
+    block = make_block("00000000000000ab", valid, ids, probs, [0, 2, 5], layout, tail)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(encode_shard([block], layout=layout, seq_len=5))
+    shard = Shard(path, {"seq_len": 5, "vocab_size": vocab, "records": "probs", "form": form})
+    assert shard.layout.wide == (vocab > 2**18) and shard.layout.record_bytes == (6 if vocab > 2**18 else 4)
+    d = shard.read(0)
+    shard.check_block(0)
+    assert d.ids.tolist() == ids.tolist() and np.array_equal(d.probs, probs.astype(np.float16).astype(np.float32))
+    assert d.offsets.tolist() == [0, 2, 5] and np.array_equal(d.valid, valid)
+    assert (d.tail is None) if tail is None else np.array_equal(d.tail, tail.astype(np.float16).astype(np.float32))
+
+
+def first_block(path, sig):
+    """(byte offset of the lens, of the tails, of the records) in the first sample with a valid position."""
+    from sekd.stores.teacher_cache.store import Shard, valid_bytes
+
+    shard = Shard(path, sig)
+    i = int((shard.index["n_pos"] > 0).argmax())
+    lens = int(shard.index["offset"][i]) + valid_bytes(shard.seq_len)
+    tails = lens + int(shard.index["n_pos"][i]) * shard.lens_dtype.itemsize
+    return lens, tails, tails + 2 * int(shard.index["n_pos"][i]) * shard.layout.tail
+
+
+def record(raw, at, ident=None, code=None):
+    """Rewrite the narrow probability record at `at`: its id and/or its float16 bits."""
+    r = int.from_bytes(raw[at : at + 4], "little")
+    r = ((r & 0x3FFFF) if ident is None else ident) | ((r >> 18) if code is None else code) << 18
+    raw[at : at + 4] = r.to_bytes(4, "little")
+
+
+# tampering of a tail kind's (top_k_tail, top 4) first block -> what verify's one line names
+BLOCK_EDITS = {
+    "probability_above_1": (lambda raw, o: record(raw, o[2], code=0x3FFF), "a probability outside [0, 1]"),
+    "sum_above_1": (lambda raw, o: [record(raw, o[2] + 4 * j, code=0x3C00) for j in range(4)], "> 1"),
+    "sum_below_1": (lambda raw, o: record(raw, o[2], code=0), "not 1 (form tail)"),
+    "tail_nan": (lambda raw, o: raw.__setitem__(slice(o[1], o[1] + 2), b"\x00\x7e"), "tail mass outside [0, 1]"),
+    "id_out_of_range": (lambda raw, o: record(raw, o[2], ident=0x3FFFF), "class id 262143 >= V"),
+    "header_records": (lambda raw, o: raw.__setitem__(10, 0), "header records=counts"),
+    "header_tail": (lambda raw, o: raw.__setitem__(13, 0), "tail=False disagree"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCK_EDITS))
+def test_verify_refuses_a_resealed_edit_of_a_probability_block(every_kind, tmp_path, case):
+    """Each edit with the shard's checksum and size resealed in the manifest, so only the checks of the
+    blocks themselves can see it: one line naming the shard."""
+    import shutil
+
+    from sekd.stores.teacher_cache.store import file_sha256
+
+    (src,) = [out for out, kind in every_kind.items() if kind.form == "tail"]
+    shutil.copytree(src, tmp_path / "c")
+    man = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    path = tmp_path / "c" / shard_name(0, 2)
+    raw = bytearray(path.read_bytes())
+    edit, words = BLOCK_EDITS[case]
+    edit(raw, first_block(path, man["signature"]))
+    path.write_bytes(bytes(raw))
+    edit_manifest(tmp_path / "c", lambda m: m["shards"][0].update(sha256=file_sha256(path)), reseal=True)
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(tmp_path / "c", verify=True)
+    one_line_error(e, path, words)
+
+
+def test_a_cache_of_another_kind_is_refused_by_its_kind(every_kind):
+    sigs = {kind.label(): json.loads((out / MANIFEST).read_text())["signature"] for out, kind in every_kind.items()}
+    (tail,) = [out for out, kind in every_kind.items() if kind.form == "tail"]
+    raw = sigs["top_k_truncation.normalization-raw.top-5"]
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(tail, expect={k: raw[k] for k in ("kind", "top", "form", "seed")})
+    one_line_error(e, tail / MANIFEST, "kind expected 'top_k_truncation', found 'top_k_tail'", "another class sampler")
+    renorm = [out for out, kind in every_kind.items() if kind.label().startswith("top_k_truncation.normalization-ren")]
+    with pytest.raises(CacheError) as e:
+        TeacherCache.open(renorm[0], expect={k: raw[k] for k in ("kind", "top", "normalization", "form")})
+    one_line_error(e, "form expected 'raw', found 'renormalized'")

@@ -163,3 +163,40 @@ def test_a_cli_cache_serves_jsonl_data_with_its_separator_and_options(root, tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     c = record(tmp_path, "run")["costs"]
     assert not c["teacher_loaded"] and c["cache_bytes_read"] > 0
+
+
+# ---------------------------------------------------------------- kinds other than rs_kd
+
+KINDS = ["--kind", "top_k_tail:top=8", "--kind", "top_p:p=0.9,max_k=8"]
+
+
+def test_one_cli_pass_of_two_kinds_serves_a_run_of_each_kind(root, tmp_path):
+    """`sekd-cache build` with two --kind: one folder each, `stats` reports both; a top_k_tail run trains from
+    its folder with no teacher (a run pointed at a cache of another kind: tests/app/test_training.py)."""
+    out = tmp_path / "kinds"
+    res = sekd_cache(
+        "build", "--out", str(out), "--num-shards", "2", "--quiet", *KINDS, *TINY, *DATA, f"paths.cache={root}/cache"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    tail, top_p = out / "top_k_tail.top-8", out / "top_p.max_k-8.p-0.9"
+    assert TeacherCache.open(top_p, verify=True).signature["kind"] == "top_p"
+    assert f"train with classes=top_k_tail classes.options.top=8 classes.cache={tail}" in res.stdout
+    stats = sekd_cache("stats", str(out))
+    assert stats.returncode == 0 and "| top_k_tail(top=8) | tail | 4 |" in stats.stdout, stats.stdout + stats.stderr
+    assert "top_p(max_k=8, p=0.9) | renormalized | 4 |" in stats.stdout
+    run = ["classes=top_k_tail", "classes.options.top=8", f"paths.cache={root}/cache"]
+    res = train(tmp_path, "tail", *run, f"classes.cache={tail}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = record(tmp_path, "tail")["costs"]
+    assert not c["teacher_loaded"] and c["cache_bytes_read"] > 0 and c["cache"] == str(tail)
+
+
+def test_an_auto_cache_of_another_kind_trains(root, tmp_path):
+    res = train(
+        tmp_path, "auto", "classes=top_p", "classes.options.max_k=8", "classes.cache=auto", f"paths.cache={root}/cache"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = record(tmp_path, "auto")["costs"]
+    cache = TeacherCache.open(c["cache"], verify=True)
+    assert (cache.signature["kind"], cache.signature["max_k"], cache.form) == ("top_p", 8, "renormalized")
+    assert c["cache_bytes_read"] > 0 and c["cache_build_seconds"] > 0
