@@ -47,7 +47,7 @@ TOP_P_MAX_K = 256
 SAMPLERS = ("rs_kd", "rs_kd_tail", "top_k_truncation", "top_k_tail", "top_p", "student_top_k", "union_top_k")
 # how the cache stores a sampler's target: RS-KD's draws as (id, count) records, rs_kd_tail's head as (id,
 # probability) records and its draws as (id, count) ones; every other kind as (id, probability) records
-COUNTED = {"rs_kd": "counts", "rs_kd_tail": "head+counts"}
+COUNTED = {"rs_kd": "counts"}  # the cache's (id, count) kind; every other kind stores (id, probability)
 BIAS_FLOOR = 1e-4  # the plot's floor for a relative bias
 
 
@@ -57,21 +57,19 @@ BIAS_FLOOR = 1e-4  # the plot's floor for a relative bias
 def bytes_per_position(
     vocab_size: int, *, prob_records: float = 0.0, count_records: float = 0.0, n_draws: int = 1, tail: bool = False
 ) -> float:
-    """One position's sparse target in the teacher cache, in bytes:
+    """One position's sparse target in the teacher cache, in bytes, by the cache's own record sizes
+    (sekd/stores/teacher_cache/format.py):
 
-    - a (class id, count) record of RS-KD draws: the cache's own `format.bytes_per_record(V, N)` (3 bytes
-      while V <= 2^18 and N <= 64, else 6);
-    - a (class id, probability) record: the id in 3 bytes (4 above 2^18 classes) and a float16, 2 bytes;
-    - a tail target's tail mass: one more float16, 2 bytes (rs_kd_tail's draw weight, 1 - the head's
-      mass, is not stored);
-    - the support's length: 1 byte per position, every kind (as the cache's per-position `lens`).
+    - a (class id, count) record of RS-KD draws: `bytes_per_record(V, N)` (3 bytes while V <= 2^18 and
+      N <= 64, else 6);
+    - a (class id, float16 probability) record, every other kind: `prob_record_bytes(V)` (4, 6 above 2^18);
+    - a tail target's tail mass: one more float16, 2 bytes;
+    - the support's length: 1 byte per position (while no position holds more than 255 classes).
 
-    prob_records, count_records: the mean records per position, measured on the data. Meant to be switched
-    to sekd/stores/teacher_cache/format.py's accounting once it holds every kind of target.
+    prob_records, count_records: the mean records per position, measured on the data.
     """
-    id_bytes = 3 if vocab_size <= cache_format.MAX_NARROW_VOCAB else 4
     counted = count_records * cache_format.bytes_per_record(vocab_size, n_draws) if count_records else 0.0
-    return 1.0 + prob_records * (id_bytes + 2) + counted + (2.0 if tail else 0.0)
+    return 1.0 + prob_records * cache_format.prob_record_bytes(vocab_size) + counted + (2.0 if tail else 0.0)
 
 
 def target_records(name: str, options: dict[str, Any], target: SparseTarget) -> tuple[Tensor, Tensor]:
@@ -80,9 +78,6 @@ def target_records(name: str, options: dict[str, Any], target: SparseTarget) -> 
     kind = COUNTED.get(name, "probs")
     if kind == "counts":
         return torch.zeros_like(kept[:, 0]), kept.sum(-1)
-    if kind == "head+counts":
-        head = int(options.get("top", 0))
-        return kept[:, :head].sum(-1), kept[:, head:].sum(-1)
     return kept.sum(-1), torch.zeros_like(kept[:, 0])
 
 

@@ -193,13 +193,13 @@ def test_a_random_sampler_needs_two_draws():
 
 def test_bytes_per_position():
     """3-byte (id, count) records while V <= 2^18 and N <= 64 (the cache's own), 6 beyond; (id, float16)
-    records 5 bytes (6 above 2^18 ids); +2 for a tail; +1 length byte per position."""
+    records 4 bytes (6 above 2^18 ids); +2 for a tail; +1 length byte per position."""
     assert st.bytes_per_position(2048, count_records=10, n_draws=64) == 1 + 30
     assert st.bytes_per_position(2048, count_records=10, n_draws=65) == 1 + 60
-    assert st.bytes_per_position(151_936, prob_records=8) == 1 + 40
-    assert st.bytes_per_position(151_936, prob_records=8, tail=True) == 1 + 40 + 2
+    assert st.bytes_per_position(151_936, prob_records=8) == 1 + 32
+    assert st.bytes_per_position(151_936, prob_records=8, tail=True) == 1 + 32 + 2
     assert st.bytes_per_position(cache_format.MAX_NARROW_VOCAB + 1, prob_records=8) == 1 + 48
-    assert st.bytes_per_position(2048, prob_records=4, count_records=5, n_draws=16) == 1 + 20 + 15
+    assert st.bytes_per_position(2048, prob_records=4, count_records=5, n_draws=16) == 1 + 16 + 15
 
 
 def test_records_of_each_kind():
@@ -209,7 +209,7 @@ def test_records_of_each_kind():
     probs, counts = st.target_records("rs_kd", {"n_draws": 4}, target)
     assert probs.tolist() == [0, 0] and counts.tolist() == [3, 2]
     probs, counts = st.target_records("rs_kd_tail", {"top": 1, "n_draws": 3}, target)
-    assert probs.tolist() == [1, 1] and counts.tolist() == [2, 1]
+    assert probs.tolist() == [3, 2] and counts.tolist() == [0, 0]  # head and draws: (id, probability) records
     probs, counts = st.target_records("top_p", {"p": 0.9}, target)
     assert probs.tolist() == [3, 2] and counts.tolist() == [0, 0]
 
