@@ -70,6 +70,13 @@ ROWS = [
         "classes.options.normalization='ghost' must be one of: renormalized, raw, tail",
         False,
     ),
+    # a teacher cache of what no cache can hold
+    (
+        ["classes=student_top_k", "classes.cache=auto"],
+        "classes.cache: classes.name=student_top_k chooses its classes by the student's logits",
+        False,
+    ),
+    (["classes=full", "classes.cache=auto"], "classes.cache holds a sparse target: it needs a class sampler", False),
     # a sparse target a criterion cannot read
     (
         ["classes=rs_kd", "criterion=reverse_kl"],
