@@ -222,7 +222,7 @@ def test_rows_carry_the_measured_support_and_bytes():
     rs = df[df["sampler"] == "rs_kd"].iloc[0]
     assert 1 <= rs["support"] <= 8 and rs["bytes_per_position"] == pytest.approx(1 + 3 * rs["support"])
     union = df[(df["sampler"] == "union_top_k") & (df["form"] == "tail")].iloc[0]
-    assert 2 <= union["support"] <= 4 and union["bytes_per_position"] == pytest.approx(3 + 5 * union["support"])
+    assert 2 <= union["support"] <= 4 and union["bytes_per_position"] == pytest.approx(3 + 4 * union["support"])
     assert not union["cacheable"] and df[df["sampler"] == "top_p"]["cacheable"].all()
 
 
