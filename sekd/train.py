@@ -39,6 +39,7 @@ def main() -> None:
     from sekd.app.checks import check_command_line
     from sekd.plugins import pass_on
 
+    skip_exit_collection()
     pass_on()  # a wrapper's own modules of pieces, to every process this command starts
     if "--version" in sys.argv[1:]:  # sekd's own (Hydra's --version would print Hydra's)
         from sekd import __version__
@@ -55,6 +56,17 @@ def main() -> None:
         fail(err)
     sys.argv += other_rank_overrides(sys.argv[1:])
     app()
+
+
+def skip_exit_collection() -> None:
+    """At exit, the interpreter's own garbage collections walk every object the libraries made (half a million
+    once torch, transformers and lm-eval are in): 1-3 s a process. Frozen by an exit handler (gc.freeze),
+    they are skipped. A run has written and closed its files by then, the other exit handlers (logging's,
+    wandb's) still run, and Python never promised an object alive at exit its finalizer."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)
 
 
 def other_rank_overrides(args: list[str]) -> list[str]:
