@@ -9,6 +9,7 @@ sekd-train --version
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import cast
 
@@ -23,9 +24,10 @@ from sekd.core.errors import ConfigError
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def app(cfg: DictConfig) -> None:
-    """The Hydra app: one job, or one cell of a multirun."""
+    """The Hydra app: one job, or one cell of a multirun (in this process, or in a Slurm job's)."""
     from hydra.core.hydra_config import HydraConfig
 
+    skip_exit_collection()  # a Slurm job's process calls the app without main()
     # as typed: reading the items would resolve an ${oc.env:...} in them, and the records must not hold it
     overrides = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     execute(cfg, overrides)
@@ -58,6 +60,7 @@ def main() -> None:
     app()
 
 
+@functools.cache  # once, as early as it can: the exit handlers added later run before it
 def skip_exit_collection() -> None:
     """At exit, the interpreter's own garbage collections walk every object the libraries made (half a million
     once torch, transformers and lm-eval are in): 1-3 s a process. Frozen by an exit handler (gc.freeze),
