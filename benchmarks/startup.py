@@ -9,6 +9,7 @@ overrides and one torch thread; the child wraps the app's phases with a timer (n
   refused    a bad value the command-line check refuses (train.lr=-1)
   skipped    a finished run started again ("already done; skipping"): composing and checks only
   run        a fresh full_kd run of 3 steps: compose, train, score (eval.limit=24), record
+  plan       `--plan`: the run's memory per device, nothing built or loaded (sekd/app/plan.py)
 The table gives each phase's median over the rounds (wall seconds); `total` is the process's wall time seen from
 outside, `cpu` its user + system CPU time (steadier on a shared machine), from its start to its exit.
 """
@@ -34,6 +35,7 @@ CASES = {
     "refused": [*TINY.split(), "train.lr=-1"],
     "skipped": [*TINY.split(), "experiment=full_kd", "train.steps=3", "eval.limit=24"],
     "run": [*TINY.split(), "experiment=full_kd", "train.steps=3", "eval.limit=24"],
+    "plan": [*TINY.split(), "experiment=full_kd", "--plan"],
 }
 # (label, module, attribute): the phases the child times, in the order a run meets them
 PHASES = [
