@@ -9,14 +9,13 @@ sekd-train --version
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.app import execute
+from sekd.app import execute, skip_exit_collection
 from sekd.app.compose import fail
 from sekd.config.folders import CONF
 from sekd.core.errors import ConfigError
@@ -27,7 +26,7 @@ def app(cfg: DictConfig) -> None:
     """The Hydra app: one job, or one cell of a multirun (in this process, or in a Slurm job's)."""
     from hydra.core.hydra_config import HydraConfig
 
-    skip_exit_collection()  # a Slurm job's process calls the app without main()
+    skip_exit_collection()  # a submitit job's process (Slurm, hydra/launcher=local) runs the app without main()
     # as typed: reading the items would resolve an ${oc.env:...} in them, and the records must not hold it
     overrides = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     execute(cfg, overrides)
@@ -58,18 +57,6 @@ def main() -> None:
         fail(err)
     sys.argv += other_rank_overrides(sys.argv[1:])
     app()
-
-
-@functools.cache  # once, as early as it can: the exit handlers added later run before it
-def skip_exit_collection() -> None:
-    """At exit, the interpreter's own garbage collections walk every object the libraries made (half a million
-    once torch, transformers and lm-eval are in): 1-3 s a process. Frozen by an exit handler (gc.freeze),
-    they are skipped. A run has written and closed its files by then, the other exit handlers (logging's,
-    wandb's) still run, and Python never promised an object alive at exit its finalizer."""
-    import atexit
-    import gc
-
-    atexit.register(gc.freeze)
 
 
 def other_rank_overrides(args: list[str]) -> list[str]:
