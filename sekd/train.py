@@ -15,7 +15,7 @@ from typing import cast
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sekd.app import execute
+from sekd.app import execute, skip_exit_collection
 from sekd.app.compose import fail
 from sekd.config.folders import CONF
 from sekd.core.errors import ConfigError
@@ -23,9 +23,10 @@ from sekd.core.errors import ConfigError
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def app(cfg: DictConfig) -> None:
-    """The Hydra app: one job, or one cell of a multirun."""
+    """The Hydra app: one job, or one cell of a multirun (in this process, or in a Slurm job's)."""
     from hydra.core.hydra_config import HydraConfig
 
+    skip_exit_collection()  # a submitit job's process (Slurm, hydra/launcher=local) runs the app without main()
     # as typed: reading the items would resolve an ${oc.env:...} in them, and the records must not hold it
     overrides = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     execute(cfg, overrides)
@@ -39,6 +40,7 @@ def main() -> None:
     from sekd.app.checks import check_command_line
     from sekd.plugins import pass_on
 
+    skip_exit_collection()
     pass_on()  # a wrapper's own modules of pieces, to every process this command starts
     if "--version" in sys.argv[1:]:  # sekd's own (Hydra's --version would print Hydra's)
         from sekd import __version__

@@ -78,6 +78,67 @@ def test_the_plan_loads_no_weights(monkeypatch, capsys):
     assert "each of 8 ranks" in out and "fsdp gathered units" in out and "largest train.micro_batch_size" in out
 
 
+def embedded_specs() -> list[dict]:
+    """The embedded pairs' models as conf/model/ gives them (the default and the tiny one)."""
+    import yaml
+
+    out = []
+    for name in ("embedded", "tiny"):
+        emb = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())["embedded"]
+        out += [(emb[role], emb["vocab_size"]) for role in ("teacher", "student")]
+    return out
+
+
+def qwen3_cases() -> list[dict]:
+    from sekd.embedded.build import qwen3_fields
+
+    cases = [qwen3_fields(spec, vocab, 0) for spec, vocab in embedded_specs()] + [dict(P.KNOWN[n]) for n in P.KNOWN]
+    small = dict(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6)
+    cases += [  # biases, an untied head, a head_dim that is not hidden / heads, kv heads = heads (None)
+        dict(small, num_key_value_heads=2, head_dim=16, attention_bias=True, tie_word_embeddings=False),
+        dict(small, num_key_value_heads=3, head_dim=8, attention_bias=False, tie_word_embeddings=True),
+        dict(small, num_key_value_heads=None, head_dim=8, attention_bias=True, tie_word_embeddings=True),
+    ]
+    return [{k: v for k, v in c.items() if k != "model_type"} for c in cases]
+
+
+@pytest.mark.parametrize("fields", qwen3_cases())
+def test_a_qwen3_is_counted_from_its_config_as_on_the_meta_device(fields):
+    """The plan (and preflight's estimate) count a Qwen3's parameters without transformers' modeling: the
+    same numbers as the model built on the meta device, the whole Shape alike."""
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(**fields)
+    shape = P.Shape.of_config(cfg, "x")
+    assert (shape.params, shape.layer_params) == P.meta_params(cfg)
+    as_read = {key: getattr(cfg, key) for key in P.FIELDS if hasattr(cfg, key)}
+    assert P.Shape.of_fields({**as_read, "model_type": "other"}, "x", lambda: P.meta_params(cfg)) == shape
+
+
+@pytest.mark.parametrize("spec, vocab", embedded_specs())
+def test_the_embedded_pair_is_read_from_its_fields_as_from_its_config(spec, vocab):
+    from sekd.embedded.build import qwen3_config, qwen3_fields
+
+    fields = {"model_type": "qwen3", **qwen3_fields(spec, vocab, 0)}
+    assert P.Shape.of_fields(fields, "x") == P.Shape.of_config(qwen3_config(spec, vocab, 0), "x")
+
+
+def test_the_embedded_pair_is_planned_without_transformers_modeling(tmp_path):
+    """pair_shapes (the plan's, and every run's preflight) imports no model code: seconds a process."""
+    code = (
+        "import sys; from sekd.app.checks import typed; from sekd.app.plan import pair_shapes; "
+        "from tests.helpers import TINY, compose_cfg; "
+        f"t, s = pair_shapes(typed(compose_cfg([*TINY, 'paths.root={tmp_path}']))); "
+        "print(t.params, s.params, sorted(m for m in sys.modules if m.startswith('transformers.models')))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE}
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    teacher, student, models = res.stdout.split(maxsplit=2)
+    assert int(teacher) > int(student) > 0 and models.strip() == "[]", models
+
+
 def test_sekd_plan_script_is_declared():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'sekd-plan = "sekd.app.plan:main_exit"' in text

@@ -6,6 +6,7 @@ config, in a Hydra job or called directly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,3 +80,16 @@ def run_job(tree: DictConfig, overrides: list[str], at: Stage) -> dict[str, Any]
     job.run.write_record(record)
     print(summary_line(job, record))
     return record
+
+
+@functools.cache  # once, as early as it can: the exit handlers added later run before it
+def skip_exit_collection() -> None:
+    """At exit, the interpreter's own garbage collections walk every object the libraries made (half a million
+    once torch, transformers and lm-eval are in): 1-3 s a process. Frozen by an exit handler (gc.freeze),
+    they are skipped. A run has written and closed its files by then, the other exit handlers (logging's,
+    wandb's) still run, and Python never promised an object alive at exit its finalizer. Here, not in
+    sekd/train.py: submitit pickles the app from `__main__`, and finds what it calls by its module."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)

@@ -6,8 +6,9 @@
 The run is composed from the real Hydra config (a bad override is refused in one line, as a run's is), but no
 weights load and the hub is never asked: a model's shape comes from its config.json (a local folder or the
 local Hugging Face cache), the embedded pair's own config, or the built-in table KNOWN (the output says which);
-parameters are counted on the meta device. What each row holds and why the peak is not their sum (the step's
-PHASES): docs/method.md §9, "Will it fit?". `benchmarks/plan_check.py` checks it against measured CPU peaks.
+a Qwen3's parameters are counted from its config, any other model's on the meta device. What each row holds
+and why the peak is not their sum (the step's PHASES): docs/method.md §9, "Will it fit?".
+`benchmarks/plan_check.py` checks it against measured CPU peaks.
 """
 
 from __future__ import annotations
@@ -95,30 +96,75 @@ class Shape:
 
     @staticmethod
     def of_config(cfg: PretrainedConfig, source: str) -> "Shape":
-        """From a transformers config; parameters counted on the meta device (nothing allocated)."""
-        import torch
-        from transformers import AutoModelForCausalLM
+        """From a transformers config (nothing allocated, see of_fields)."""
+        fields = {key: getattr(cfg, key) for key in FIELDS if hasattr(cfg, key)}
+        return Shape.of_fields(fields, source, lambda: meta_params(cfg))
 
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-        params = sum(p.numel() for p in model.parameters())
-        layers = model.get_decoder().layers
-        layer_params = sum(p.numel() for p in layers.parameters())
+    @staticmethod
+    def of_fields(c: dict[str, Any], source: str, count: Callable[[], tuple[int, int]] | None = None) -> "Shape":
+        """From a model config's fields (FIELDS). A Qwen3's parameters are counted from them (qwen3_params: no
+        import of transformers' modeling, which costs a process seconds); any other model's by `count`."""
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        if c.get("model_type") == "qwen3":
+            params, layer_params = qwen3_params(c)
+        else:
+            assert count is not None, f"no parameter count for model_type={c.get('model_type')!r}"
+            params, layer_params = count()
         return Shape(
-            vocab=cfg.vocab_size,
-            hidden=cfg.hidden_size,
-            intermediate=cfg.intermediate_size,
-            layers=cfg.num_hidden_layers,
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            intermediate=c["intermediate_size"],
+            layers=c["num_hidden_layers"],
             heads=heads,
-            kv_heads=getattr(cfg, "num_key_value_heads", heads),
+            kv_heads=c.get("num_key_value_heads", heads),
             head_dim=head_dim,
-            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+            tied=bool(c.get("tie_word_embeddings", False)),
             params=params,
             layer_params=layer_params,
             source=source,
         )
+
+
+# What Shape reads of a model's config (a transformers config's attributes, or the embedded pair's fields)
+FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "attention_bias",
+)
+
+
+def qwen3_params(c: dict[str, Any]) -> tuple[int, int]:
+    """(every parameter once, the decoder layers') of the Qwen3ForCausalLM transformers builds from these
+    fields, as nn.Module.parameters() counts them (a tied head once): tests/test_plan.py holds it to the
+    count on the meta device."""
+    d, inter, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or d // heads
+    q, kv = heads * head_dim, (c.get("num_key_value_heads") or heads) * head_dim
+    biases = q + 2 * kv + d if c.get("attention_bias") else 0
+    attention = 2 * d * q + 2 * d * kv + biases + 2 * head_dim  # q, k, v, o projections; q and k RMSNorms
+    layer = attention + 3 * d * inter + 2 * d  # the MLP's gate, up and down; two RMSNorms
+    layers = c["num_hidden_layers"] * layer
+    embed = c["vocab_size"] * d
+    return embed + layers + d + (0 if c.get("tie_word_embeddings") else embed), layers  # + the final RMSNorm
+
+
+def meta_params(cfg: PretrainedConfig) -> tuple[int, int]:
+    """(every parameter once, the decoder layers') of the model built from `cfg` on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    layers = model.get_decoder().layers
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in layers.parameters())
 
 
 def model_config(key: str, name: str, trust_remote_code: bool = False) -> tuple[PretrainedConfig, str]:
@@ -148,14 +194,15 @@ def pair_shapes(cfg: RunConfig) -> tuple[Shape, Shape]:
     m = cfg.model
     if m.source == "embedded":
         from sekd.data.qa import is_task_source
-        from sekd.embedded.build import qwen3_config
+        from sekd.embedded.build import qwen3_fields
 
         emb = m.embedded
         assert emb is not None  # ModelConfig requires it for source=embedded
         vocab = int(emb["vocab_size"])
         where = "embedded pair's config" + (" (task fine-tuned)" if is_task_source(cfg.data.name) and m.task else "")
         teacher, student = (
-            Shape.of_config(qwen3_config(emb[role], vocab, 0), where) for role in ("teacher", "student")
+            Shape.of_fields({"model_type": "qwen3", **qwen3_fields(emb[role], vocab, 0)}, where)
+            for role in ("teacher", "student")
         )
         return teacher, student
     out = []

@@ -71,7 +71,13 @@ def tokenizer(artifacts_dir: Path, vocab_size: int) -> Path:
 def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int) -> Qwen3Config:
     from transformers import Qwen3Config
 
-    return Qwen3Config(
+    return Qwen3Config(**qwen3_fields(spec, vocab_size, eos_id))
+
+
+def qwen3_fields(spec: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """The Qwen3Config of an embedded model as its fields: the memory plan reads the shape from these
+    without importing transformers' modeling (sekd/app/plan.py)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
@@ -85,7 +91,7 @@ def qwen3_config(spec: dict[str, Any], vocab_size: int, eos_id: int) -> Qwen3Con
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         attention_dropout=0.0,
-        torch_dtype="float32",  # type: ignore[call-arg]  # 4.x's name (pyproject allows >= 4.51): 5's stub omits it
+        torch_dtype="float32",  # 4.x's name (pyproject allows >= 4.51): 5's stub omits it
     )
 
 
