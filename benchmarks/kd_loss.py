@@ -160,7 +160,7 @@ def sekd_selective_se_kd(inp: Inputs) -> None:
 
 
 # each class sampler at about 32 classes a position (a budget of records, as a cache would store)
-SPARSE = {
+SPARSE: dict[str, dict[str, Any]] = {
     "rs_kd": {"n_draws": 32},
     "rs_kd_tail": {"top": 16, "n_draws": 16},
     "top_k_truncation": {"top": 32},
