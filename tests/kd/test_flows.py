@@ -339,3 +339,35 @@ def test_scratch_blocks_are_reused_across_chunks_and_steps():
     scratch.release(torch.device("cpu"))  # kept on the CPU for the next step
     assert scratch.blocks(1, 16, 100, torch.float32, "cpu")[0].data_ptr() == bigger[0].data_ptr()
     assert scratch.blocks(1, 4, 4, torch.float64, "cpu")[0].dtype == torch.float64  # per dtype
+
+
+@pytest.mark.parametrize("name", CLASSES.names())
+def test_every_class_sampler_runs_the_teacher_head_at_the_selected_positions_a_chunk_at_a_time(name, monkeypatch):
+    """No [B,T,V] teacher logits under any sparse target: the teacher's head runs at the selected
+    positions only, at most chunk_size of them a call (the selective head), counted where it runs."""
+    from sekd.kd import flows
+
+    h_s, h_t, y = batch(2)
+    head_s, head_t = heads()
+    calls: list[int] = []
+    run = flows.Head.__call__
+
+    def counted(self, h):
+        if self.weight.shape[1] == head_t.in_features and self.weight.shape[1] != head_s.in_features:
+            calls.append(h.shape[0])
+        return run(self, h)
+
+    monkeypatch.setattr(flows.Head, "__call__", counted)
+    sampler = CLASSES.build(name, **CLASSES.get(name).example)
+    out = chunked_kd_loss(
+        h_s.clone().requires_grad_(),
+        head_s,
+        h_t,
+        head_t,
+        y,
+        LossInputs(sel("top_k", "student_entropy", k=0.5, classes=sampler), lam=1.0, temperature=1.0),
+        vocab=V,
+        chunk_size=4,
+    )
+    n = out.metrics["positions_selected"]
+    assert calls and max(calls) <= 4 and sum(calls) == n == out.metrics["head_positions_teacher"]
