@@ -86,3 +86,27 @@ def test_a_cache_from_sekd_cache_build_serves_training(shared, tmp_path):
     )
     assert bad.returncode == 2
     assert "classes.cache" in bad.stderr.strip().splitlines()[-1] and "n_draws" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_a_target_chosen_by_the_student_trains_online_with_reverse_kl(shared):
+    """The union of the teacher's and the student's top-k, with a tail class, read by reverse KL: online
+    through the real CLI (the student's logits reach the sampler at every step), named by its overrides."""
+    rec = run(
+        "full_kd",
+        shared,
+        "union",
+        "classes=union_top_k",
+        "classes.options.top=4",
+        "classes.options.normalization=tail",
+        "criterion=reverse_kl",
+    )
+    assert rec["config"]["classes"] == {
+        "name": "union_top_k",
+        "options": {"top": 4, "normalization": "tail"},
+        "cache": None,
+    }
+    assert "classes=union_top_k" in rec["changes"] and rec["costs"]["teacher_loaded"]
+    assert rec["steps"] == 3 and rec["tokens_supervised"] > 0
+    (metrics,) = list((shared / "union").glob("runs/*/metrics.jsonl"))
+    losses = [json.loads(ln).get("loss") for ln in metrics.read_text().splitlines()]
+    assert any(x is not None and 0 < x < float("inf") for x in losses)
