@@ -95,3 +95,21 @@ def test_the_report_marks_each_method_against_the_undistilled_student(configs, t
     assert t.loc["RandomPos 20%", "PPL vs Student"].startswith("+0.00 within noise")
     assert t.loc["Student (no distillation)", "Acc. vs Student"] == "ref."
     assert t.loc["Student (no distillation)", "Acc. vs Full KD"] == tables.MISSING
+
+
+def test_the_full_kd_preset_with_another_class_axis_is_a_method_not_a_second_reference(configs, tmp_path, capsys):
+    """sweeps/sparse_targets.yaml runs `experiment=full_kd classes=...`: those rows are compared with Full KD
+    as it is (its own selection axes), and only that row is the reference."""
+    runs = tmp_path / "runs"
+    sparse = deep_update(copy.deepcopy(configs["full_kd"]), {"classes": {"name": "top_k_tail", "options": {"top": 14}}})
+    full = {1337: 17.0, 1338: 18.0, 1339: 17.1}
+    for seed in SEEDS:
+        record(configs["full_kd"], "full_kd", seed, (full[seed], 7000.0 + seed, 50.0), runs)
+        record(sparse, "full_kd", seed, (full[seed] - 2.0, 9000.0 + seed, 55.0), runs)
+    assert report_main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    t = table(tmp_path / "out")
+    refs = t.index[t["Acc. vs Full KD"].eq("ref.")].tolist()
+    assert len(refs) == 1 and "top_k_tail" not in refs[0]
+    (other,) = [i for i in t.index if i != refs[0]]
+    assert t.loc[other, "Acc. vs Full KD"].startswith("-2.0 beyond noise (p=")

@@ -11,6 +11,7 @@ by what the run's own overrides changed (`... (position.signal=kl)`), each key o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -311,16 +312,17 @@ def versus_reference(df: pd.DataFrame, metric: str, reference: str = REFERENCE_P
     df = df.assign(_context=method_context(df))
     df = df[scored(df) & df[metric].notna()] if metric in df.columns else df.iloc[0:0]
     per_seed = df.groupby(["preset", "_group", "_context", "seed"], sort=False)[metric].mean()
+    is_ref = reference_groups(df, reference)
     refs = {}
     for (preset, group, ctx), s in per_seed.groupby(level=[0, 1, 2], sort=False):
-        if preset == reference:
+        if (preset, group) in is_ref:
             trains = df.loc[df["_group"].eq(group) & df["preset"].eq(preset), "mode"].eq("distill").all()
             refs[ctx] = s.droplevel([0, 1, 2]) if trains else float(s.mean())
     out = {}
     for (preset, group, ctx), s in per_seed.groupby(level=[0, 1, 2], sort=False):
         distilled = df.loc[df["_group"].eq(group) & df["preset"].eq(preset), "mode"].eq("distill").all()
         ours = s.droplevel([0, 1, 2])
-        if preset == reference:
+        if (preset, group) in is_ref:
             out[(preset, group)] = "ref."
         elif distilled and ctx in refs:
             ref = refs[ctx]
@@ -328,6 +330,33 @@ def versus_reference(df: pd.DataFrame, metric: str, reference: str = REFERENCE_P
             d = tables.paired_difference(ours, ref)
             out[(preset, group)] = tables.fmt_difference(d, 2 if metric == "ppl" else 1)
     return out
+
+
+def reference_groups(df: pd.DataFrame, reference: str) -> set[tuple[str, str]]:
+    """The configurations that are the `reference` preset as it is: its runs whose selection axes are the
+    preset's own. A run of the preset with another axis (`experiment=full_kd classes=top_k_tail`, a sweep over
+    sparse targets) is a method compared with it, not a second reference. A preset this checkout cannot
+    compose: every configuration of it."""
+    groups = df.loc[df["preset"].eq(reference), "_group"].unique()
+    own = own_axes(reference)
+    if own is None:
+        return {(reference, g) for g in groups}
+    keep = set()
+    for g in groups:
+        row = df[df["_group"].eq(g) & df["preset"].eq(reference)].iloc[0]
+        cols = [k for k in own if f"config.{k}" in df.columns]
+        if all(tables.canon(row[f"config.{k}"]) == own[k] for k in cols):
+            keep.add((reference, g))
+    return keep
+
+
+@functools.lru_cache(maxsize=None)
+def own_axes(preset: str) -> dict[str, str] | None:
+    """The preset's selection axes as composed (canonical strings); None where it does not compose."""
+    axes = preset_axes([preset])
+    if preset not in axes.index:
+        return None
+    return {k: v for k, v in axes.loc[preset].items() if isinstance(v, str) or pd.notna(v)}
 
 
 def markdown_table(df: pd.DataFrame) -> str:
