@@ -403,11 +403,12 @@ def preempt_mid_run(root: Path, cache: Path, *overrides: str) -> tuple[str, str]
             time.sleep(0.05)
         [job] = submitted_jobs(root)
         slurm_cli("scancel", "--signal=USR2", job)
-        # Slurm holds a requeued job for about two minutes (BeginTime); let it start now
+        # Slurm holds a requeued job for about two minutes (BeginTime); let it start in a few seconds: started
+        # at once, it can race the old allocation's teardown and die "non-startable: Job credential revoked"
         while slurm_cli("squeue", "-h", "-j", job, "-o", "%T").strip() != "PENDING":
             assert time.time() < deadline, "the job was not requeued"
             time.sleep(0.2)
-        slurm_cli("scontrol", "update", f"JobId={job}", "StartTime=now")
+        slurm_cli("scontrol", "update", f"JobId={job}", "StartTime=now+5")
         out, _ = proc.communicate(timeout=420)
     finally:
         if proc.poll() is None:
