@@ -267,26 +267,26 @@ def test_the_cli_writes_the_table_summary_and_plot(tiny_run):
     assert "model=tiny, validation split, 40 positions, V = 512" in stdout
 
 
-def test_the_cli_reads_a_pair_given_as_folders(tiny_run, tmp_path):
-    """--teacher/--student (hub names or folders; here the tiny pair's folders): the pretrained route."""
+def test_the_cli_reads_a_pair_given_as_folders(tiny_run, tmp_path, capsys):
+    """--teacher/--student (hub names or folders; here the tiny pair's folders): the pretrained route. In this
+    process (the subprocess route is the fixture's): the same main()."""
     cache = tiny_run[0].parent / "cache"
     (teacher,), (student,) = (sorted((cache / "embedded").glob(f"model-{who}-*")) for who in ("teacher", "student"))
-    res = subprocess.run(
-        [sys.executable, "-m", "analysis.sparse_targets", "--teacher", str(teacher), "--student", str(student),
-         "--seq-len", "64", "--cache", str(cache), "--samplers", "top_k_tail", "--k", "2", "--positions", "16",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        st.main(
+            ["--teacher", str(teacher), "--student", str(student), "--seq-len", "64", "--cache", str(cache),
+             "--samplers", "top_k_tail", "--k", "2", "--positions", "16", "--out", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     df = pd.read_csv(tmp_path / "sparse_targets.csv")
     assert set(df["sampler"]) == {"full", "top_k_tail"} and (df["positions"] == 16).all()
-    assert f"{teacher} -> {student}, validation split, 16 positions, V = 512" in res.stdout
+    assert f"{teacher} -> {student}, validation split, 16 positions, V = 512" in capsys.readouterr().out
 
 
-def test_the_cli_refuses_half_a_pair(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "analysis.sparse_targets", "--teacher", "x", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert res.returncode != 0 and "--teacher and --student go together" in res.stderr
+def test_the_cli_refuses_half_a_pair(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        st.main(["--teacher", "x", "--out", str(tmp_path)])
+    assert "--teacher and --student go together" in str(exit_.value.code)  # SystemExit(str): one line, exit 1
     assert not list(Path(tmp_path).iterdir())
